@@ -28,8 +28,8 @@
 
 use abi_stable::{
     declare_root_module_statics,
-    erased_types::ErasedObject,
     library::RootModule,
+    marker_type::ErasedObject,
     package_version_strings,
     sabi_types::VersionStrings,
     std_types::{ROption, RResult, RStr, RString},

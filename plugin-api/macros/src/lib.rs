@@ -1,1 +1,330 @@
+//! `#[service]`: turns an `impl` block's `on_<method>` functions into a
+//! commissaire-host plugin. See `commissaire-plugin-api` for the guide.
 
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{
+    Attribute, Expr, ExprLit, FnArg, GenericArgument, ImplItem, ImplItemFn, ItemImpl, Lit, LitStr,
+    Meta, Pat, PathArguments, ReturnType, Type,
+};
+
+/// Exposes every `fn on_<name>(&self, msg: &Message, args…) -> Result<T, RpcError>`
+/// of the `impl` block as bus method `<name>` of service `name`, and exports
+/// the plugin's root module.
+///
+/// ```ignore
+/// #[service(name = "simple")]
+/// impl Simple {
+///     /// Adds two integers.
+///     fn on_add(&self, _msg: &Message, x: i64, y: i64) -> Result<i64, RpcError> {
+///         Ok(x + y)
+///     }
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match expand(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+struct Param {
+    ident: syn::Ident,
+    ty: Type,
+    optional: bool,
+}
+
+struct Method {
+    bus_name: String,
+    fn_ident: syn::Ident,
+    doc: String,
+    params: Vec<Param>,
+    returns: String,
+}
+
+fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
+    let mut name: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            name = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error("unknown argument; expected `name = \"…\"`"))
+        }
+    });
+    syn::parse::Parser::parse2(parser, attr)?;
+    let Some(name) = name else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "#[service] needs the bus name of the service: #[service(name = \"simple\")]",
+        ));
+    };
+    if name.value().is_empty() || name.value().contains(['.', '*', '#', ' ']) {
+        return Err(syn::Error::new(
+            name.span(),
+            "a service name must be non-empty and contain no `.`, `*`, `#` or spaces",
+        ));
+    }
+
+    let block: ItemImpl = syn::parse2(item)?;
+    if let Some((_, path, _)) = &block.trait_ {
+        return Err(syn::Error::new(
+            path.span(),
+            "#[service] goes on an inherent `impl`, not a trait impl",
+        ));
+    }
+    if !block.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            block.generics.span(),
+            "#[service] does not support generic service types",
+        ));
+    }
+    let self_ty = &block.self_ty;
+
+    let mut methods = Vec::new();
+    let mut has_init = false;
+    for item in &block.items {
+        let ImplItem::Fn(f) = item else { continue };
+        let ident = f.sig.ident.to_string();
+        if ident == "init" {
+            has_init = true;
+        } else if let Some(bus_name) = ident.strip_prefix("on_") {
+            methods.push(parse_method(f, bus_name)?);
+        }
+    }
+    if methods.is_empty() {
+        return Err(syn::Error::new(
+            self_ty.span(),
+            "#[service] found no `fn on_<method>(&self, msg: &Message, …)` to expose",
+        ));
+    }
+
+    let construct = if has_init {
+        quote!(Self::init(config))
+    } else {
+        quote!({
+            let _ = config;
+            ::core::result::Result::Ok(<Self as ::core::default::Default>::default())
+        })
+    };
+
+    let arms = methods.iter().map(|m| {
+        let bus_name = &m.bus_name;
+        let fn_ident = &m.fn_ident;
+        let names = m.params.iter().map(|p| p.ident.to_string());
+        let gets = m.params.iter().enumerate().map(|(i, p)| {
+            let ty = &p.ty;
+            let pname = p.ident.to_string();
+            let optional = p.optional;
+            quote_spanned!(ty.span()=> __args.get::<#ty>(#i, #pname, #optional)?)
+        });
+        quote! {
+            #bus_name => {
+                let __args = ::commissaire_plugin_api::__private::ParsedArgs::parse(
+                    method, params, &[#(#names),*],
+                )?;
+                let __result = self.#fn_ident(msg, #(#gets),*)?;
+                ::commissaire_plugin_api::__private::encode_result(method, &__result)
+            }
+        }
+    });
+
+    let methods_json = serde_json::Value::Array(
+        methods
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.bus_name,
+                    "doc": m.doc,
+                    "params": m.params.iter().map(|p| serde_json::json!({
+                        "name": p.ident.to_string(),
+                        "type": type_text(&p.ty),
+                        "optional": p.optional,
+                    })).collect::<Vec<_>>(),
+                    "returns": m.returns,
+                })
+            })
+            .collect(),
+    )
+    .to_string();
+    let description = doc_text(&block.attrs);
+    let export_name = syn::Ident::new(
+        &abi_stable_shared::mangled_root_module_loader_name(),
+        Span::call_site(),
+    );
+
+    Ok(quote! {
+        #block
+
+        impl ::commissaire_plugin_api::__private::ServiceImpl for #self_ty {
+            const NAME: &'static str = #name;
+            const VERSION: &'static str = ::core::env!("CARGO_PKG_VERSION");
+            const DESCRIPTION: &'static str = #description;
+            const METHODS_JSON: &'static str = #methods_json;
+
+            fn construct(
+                config: ::commissaire_plugin_api::serde_json::Value,
+            ) -> ::core::result::Result<Self, ::commissaire_plugin_api::RpcError> {
+                #construct
+            }
+
+            fn dispatch(
+                &self,
+                msg: &::commissaire_plugin_api::Message<'_>,
+                method: &str,
+                params: &str,
+            ) -> ::core::result::Result<::std::string::String, ::commissaire_plugin_api::RpcError> {
+                match method {
+                    #(#arms)*
+                    _ => ::core::result::Result::Err(
+                        ::commissaire_plugin_api::RpcError::method_not_found(method),
+                    ),
+                }
+            }
+        }
+
+        const _: () = {
+            use ::commissaire_plugin_api::__private::abi_stable;
+
+            fn __commissaire_root() -> ::commissaire_plugin_api::abi::PluginRootRef {
+                ::commissaire_plugin_api::__private::Exports::<#self_ty>::root_module(
+                    ::core::cfg!(panic = "unwind"),
+                )
+            }
+
+            extern "C" fn __commissaire_loader() -> abi_stable::library::RootModuleResult {
+                abi_stable::library::__call_root_module_loader(__commissaire_root)
+            }
+
+            #[no_mangle]
+            pub static #export_name: abi_stable::library::LibHeader =
+                ::commissaire_plugin_api::__private::lib_header(__commissaire_loader);
+        };
+    })
+}
+
+fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
+    let sig = &f.sig;
+    let shape = "expected `fn on_<method>(&self, msg: &Message, args…) -> Result<T, RpcError>`";
+    if bus_name.is_empty() {
+        return Err(syn::Error::new(
+            sig.ident.span(),
+            "`on_` needs a method name after it",
+        ));
+    }
+    let mut inputs = sig.inputs.iter();
+    match inputs.next() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => {}
+        _ => {
+            return Err(syn::Error::new(
+                sig.span(),
+                format!("a handler takes `&self` first: {shape}"),
+            ))
+        }
+    }
+    match inputs.next() {
+        Some(FnArg::Typed(t)) if matches!(&*t.ty, Type::Reference(_)) => {}
+        _ => {
+            return Err(syn::Error::new(
+                sig.span(),
+                format!("a handler takes `msg: &Message` after `&self`: {shape}"),
+            ))
+        }
+    }
+    let mut params = Vec::new();
+    for input in inputs {
+        let FnArg::Typed(t) = input else {
+            return Err(syn::Error::new(input.span(), shape));
+        };
+        let Pat::Ident(pat) = &*t.pat else {
+            return Err(syn::Error::new(
+                t.pat.span(),
+                "handler arguments must be plain names: they are the bus argument names",
+            ));
+        };
+        params.push(Param {
+            ident: pat.ident.clone(),
+            ty: (*t.ty).clone(),
+            optional: is_option(&t.ty),
+        });
+    }
+    let returns = match &sig.output {
+        ReturnType::Type(_, ty) => result_ok_type(ty).map(type_text).ok_or_else(|| {
+            syn::Error::new(ty.span(), format!("a handler returns a `Result`: {shape}"))
+        })?,
+        ReturnType::Default => {
+            return Err(syn::Error::new(
+                sig.span(),
+                format!("a handler returns a `Result`: {shape}"),
+            ))
+        }
+    };
+    Ok(Method {
+        bus_name: bus_name.to_owned(),
+        fn_ident: sig.ident.clone(),
+        doc: doc_text(&f.attrs),
+        params,
+        returns,
+    })
+}
+
+fn is_option(ty: &Type) -> bool {
+    match ty {
+        Type::Path(p) => p.path.segments.last().is_some_and(|s| s.ident == "Option"),
+        _ => false,
+    }
+}
+
+fn result_ok_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    args.args.iter().find_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })
+}
+
+/// A type as a person writes it: `Option<Vec<String>>`.
+fn type_text(ty: &Type) -> String {
+    let raw = quote!(#ty).to_string();
+    let mut out = String::with_capacity(raw.len());
+    for token in raw.split(' ') {
+        let glue = matches!(token, "<" | ">" | "::" | "," | ")" | "]")
+            || out.ends_with(['<', '(', '[', '&'])
+            || out.ends_with("::");
+        if !glue && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(token);
+        if token == "," {
+            out.push(' ');
+        }
+    }
+    out.replace(",  ", ", ").replace(", >", ",>")
+}
+
+fn doc_text(attrs: &[Attribute]) -> String {
+    let lines: Vec<String> = attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .filter_map(|a| match &a.meta {
+            Meta::NameValue(nv) => match &nv.value {
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(s), ..
+                }) => Some(s.value().trim().to_owned()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    lines.join("\n").trim().to_owned()
+}

@@ -1,0 +1,149 @@
+//! The plugin half of the ABI, instantiated by `#[service]` for one type.
+//!
+//! Plugin authors do not use this module directly.
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::marker_type::ErasedObject;
+use abi_stable::prefix_type::{PrefixTypeTrait, WithMetadata};
+use abi_stable::std_types::{RResult, RStr, RString};
+
+use crate::abi::{
+    CallCtx, CallResult, PluginRoot, PluginRootRef, PluginVTable, PluginVTableRef, RpcErrorAbi,
+    ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
+};
+use crate::params::Args;
+use crate::{Message, RpcError};
+
+/// Implemented by `#[service]` for the service type.
+pub trait ServiceImpl: Sized + Send + Sync + 'static {
+    /// The bus name of the service.
+    const NAME: &'static str;
+    /// The plugin crate's version.
+    const VERSION: &'static str;
+    /// The service description (doc comment of the `impl`).
+    const DESCRIPTION: &'static str;
+    /// JSON array describing the methods.
+    const METHODS_JSON: &'static str;
+
+    /// Builds the service from its config section (`init` or `Default`).
+    fn construct(config: serde_json::Value) -> Result<Self, RpcError>;
+
+    /// Decodes `params` for `method`, calls the handler, encodes its result.
+    fn dispatch(&self, msg: &Message<'_>, method: &str, params: &str) -> Result<String, RpcError>;
+}
+
+/// Encodes a handler's result.
+pub fn encode_result<T: serde::Serialize>(method: &str, value: &T) -> Result<String, RpcError> {
+    serde_json::to_string(value).map_err(|e| {
+        RpcError::internal_error(format!("cannot encode the result of `{method}`: {e}"))
+    })
+}
+
+/// Re-exported for the generated code.
+pub type ParsedArgs<'p> = Args<'p>;
+
+/// The exported entry points for service type `S`.
+pub struct Exports<S>(PhantomData<S>);
+
+impl<S: ServiceImpl> Exports<S> {
+    const VTABLE_WM: &'static WithMetadata<PluginVTable> = &WithMetadata::new(PluginVTable {
+        api_version: RStr::from_str(API_VERSION),
+        service_name: RStr::from_str(S::NAME),
+        plugin_version: RStr::from_str(S::VERSION),
+        methods_json: RStr::from_str(S::METHODS_JSON),
+        new_service: Self::new_service,
+        drop_service: Self::drop_service,
+        call: Self::call,
+        description: RStr::from_str(S::DESCRIPTION),
+    });
+
+    /// The plugin vtable of `S`.
+    pub const VTABLE: PluginVTableRef = PluginVTableRef(Self::VTABLE_WM.static_as_prefix());
+
+    /// Builds the root module. `panic_unwind` must be `cfg!(panic =
+    /// "unwind")` evaluated in the plugin crate.
+    pub fn root_module(panic_unwind: bool) -> PluginRootRef {
+        PluginRoot {
+            panic_unwind,
+            host_vtable_layout: HOST_VTABLE_LAYOUT,
+            plugin_vtable_layout: PLUGIN_VTABLE_LAYOUT,
+            plugin: Self::VTABLE,
+        }
+        .leak_into_prefix()
+    }
+
+    extern "C" fn new_service(config_json: RStr<'_>) -> RResult<ServiceHandle, RpcErrorAbi> {
+        let built = catch_unwind(|| {
+            let text = config_json.as_str();
+            let config = if text.trim().is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(text).map_err(|e| {
+                    RpcError::invalid_params(format!("the config of `{}`: {e}", S::NAME))
+                })?
+            };
+            S::construct(config)
+        });
+        match built {
+            Ok(Ok(service)) => {
+                let ptr = Box::into_raw(Box::new(service)).cast::<ErasedObject>();
+                RResult::ROk(ServiceHandle(ptr))
+            }
+            Ok(Err(e)) => RResult::RErr(e.into_abi()),
+            Err(panic) => RResult::RErr(
+                RpcError::internal_error(format!(
+                    "`{}` panicked while starting: {}",
+                    S::NAME,
+                    panic_text(panic.as_ref())
+                ))
+                .into_abi(),
+            ),
+        }
+    }
+
+    extern "C" fn drop_service(service: ServiceHandle) {
+        // SAFETY: `service` was made by `new_service` from a `Box<S>` and the
+        // host drops it once.
+        let boxed = unsafe { Box::from_raw(service.0.cast::<S>().cast_mut()) };
+        // A panicking Drop must not unwind into the host.
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    }
+
+    extern "C" fn call<'a>(
+        service: ServiceHandle,
+        ctx: &CallCtx<'a>,
+        method: RStr<'a>,
+        params: RStr<'a>,
+    ) -> CallResult {
+        // SAFETY: `service` was made by `new_service` from a `Box<S>` and the
+        // host keeps it alive for as long as it calls.
+        let service = unsafe { &*service.0.cast::<S>() };
+        let msg = Message::from_ctx(ctx);
+        let method = method.as_str();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            service.dispatch(&msg, method, params.as_str())
+        }));
+        match outcome {
+            Ok(Ok(json)) => RResult::ROk(RString::from(json)),
+            Ok(Err(e)) => RResult::RErr(e.into_abi()),
+            Err(panic) => RResult::RErr(
+                RpcError::internal_error(format!(
+                    "the handler of `{method}` panicked: {}",
+                    panic_text(panic.as_ref())
+                ))
+                .into_abi(),
+            ),
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}

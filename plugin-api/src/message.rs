@@ -1,0 +1,207 @@
+//! [`Message`] and [`Bus`]: what a handler knows about its request, and its
+//! way back onto the bus.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::abi::{log_level, CallCtx};
+use crate::RpcError;
+
+/// The request a handler is answering. Passed as the first argument of every
+/// `on_<method>`, like `message` in a Python `CommissaireService`.
+pub struct Message<'a> {
+    ctx: &'a CallCtx<'a>,
+}
+
+impl<'a> Message<'a> {
+    /// Wraps the context the host passed to the plugin.
+    #[doc(hidden)]
+    pub fn from_ctx(ctx: &'a CallCtx<'a>) -> Self {
+        Self { ctx }
+    }
+
+    /// The routing key the request was published with, e.g. `simple.add`.
+    pub fn routing_key(&self) -> &'a str {
+        (self.ctx.host.routing_key())(self.ctx.data).as_str()
+    }
+
+    /// The method, e.g. `add`.
+    pub fn method(&self) -> &'a str {
+        (self.ctx.host.method())(self.ctx.data).as_str()
+    }
+
+    /// The request's `id` as JSON text (`null` for none); Commissaire sends a
+    /// quoted uuid4 string.
+    pub fn id_json(&self) -> &'a str {
+        (self.ctx.host.id_json())(self.ctx.data).as_str()
+    }
+
+    /// The request's `id`, decoded.
+    pub fn id(&self) -> serde_json::Value {
+        serde_json::from_str(self.id_json()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The queue the caller waits on; `None` for a notification.
+    pub fn reply_to(&self) -> Option<&'a str> {
+        (self.ctx.host.reply_to())(self.ctx.data)
+            .into_option()
+            .map(|s| s.as_str())
+    }
+
+    /// The request's AMQP `correlation_id`, if the caller set one.
+    pub fn correlation_id(&self) -> Option<&'a str> {
+        (self.ctx.host.correlation_id())(self.ctx.data)
+            .into_option()
+            .map(|s| s.as_str())
+    }
+
+    /// Whether the broker delivered this request before (to a worker that
+    /// did not acknowledge it).
+    pub fn redelivered(&self) -> bool {
+        (self.ctx.host.redelivered())(self.ctx.data)
+    }
+
+    /// The exchange the request came through; `None` on hosts older than
+    /// plugin-api 1.1.
+    pub fn exchange(&self) -> Option<&'a str> {
+        self.ctx.host.exchange().map(|f| f(self.ctx.data).as_str())
+    }
+
+    /// Whether this is a notification (no reply will be sent).
+    pub fn is_notification(&self) -> bool {
+        self.reply_to().is_none()
+    }
+
+    /// The host's bus, to call other services from inside a handler.
+    pub fn bus(&self) -> Bus<'a> {
+        Bus { ctx: self.ctx }
+    }
+
+    /// Logs `message` through the host's logger at info level, tagged with
+    /// the service, method and request id. Does nothing on hosts older than
+    /// plugin-api 1.1.
+    pub fn log_info(&self, message: &str) {
+        self.log(log_level::INFO, message);
+    }
+
+    /// Like [`Message::log_info`], at warning level.
+    pub fn log_warn(&self, message: &str) {
+        self.log(log_level::WARN, message);
+    }
+
+    /// Like [`Message::log_info`], at error level.
+    pub fn log_error(&self, message: &str) {
+        self.log(log_level::ERROR, message);
+    }
+
+    /// Like [`Message::log_info`], at debug level.
+    pub fn log_debug(&self, message: &str) {
+        self.log(log_level::DEBUG, message);
+    }
+
+    fn log(&self, level: u8, message: &str) {
+        if let Some(log) = self.ctx.host.log() {
+            log(self.ctx.data, level, message.into());
+        }
+    }
+}
+
+impl fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("routing_key", &self.routing_key())
+            .field("id", &self.id_json())
+            .field("reply_to", &self.reply_to())
+            .field("correlation_id", &self.correlation_id())
+            .field("redelivered", &self.redelivered())
+            .finish()
+    }
+}
+
+/// The host's bus as seen from a handler: `request`, `notify` and
+/// `respond`, like Commissaire's `BusMixin`.
+#[derive(Clone, Copy)]
+pub struct Bus<'a> {
+    ctx: &'a CallCtx<'a>,
+}
+
+impl Bus<'_> {
+    /// Sends a request to `routing_key` (e.g. `simple.add`) and waits for its
+    /// reply, up to the host's default timeout (10 s). Returns the decoded
+    /// result, or the error the other service answered with.
+    pub fn request<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: impl Serialize,
+    ) -> Result<R, RpcError> {
+        self.request_with_timeout(routing_key, params, Duration::ZERO)
+    }
+
+    /// Like [`Bus::request`] with an explicit timeout (`Duration::ZERO`
+    /// means the host's default).
+    pub fn request_with_timeout<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: impl Serialize,
+        timeout: Duration,
+    ) -> Result<R, RpcError> {
+        let params = encode("params", &params)?;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let reply = (self.ctx.host.request())(
+            self.ctx.data,
+            routing_key.into(),
+            params.as_str().into(),
+            timeout_ms,
+        )
+        .into_result()
+        .map_err(RpcError::from_abi)?;
+        serde_json::from_str(reply.as_str()).map_err(|e| {
+            RpcError::internal_error(format!(
+                "the reply of `{routing_key}` does not fit the expected type: {e}"
+            ))
+        })
+    }
+
+    /// Sends a notification: the other service runs its handler and sends
+    /// nothing back.
+    pub fn notify(&self, routing_key: &str, params: impl Serialize) -> Result<(), RpcError> {
+        let params = encode("params", &params)?;
+        (self.ctx.host.notify())(self.ctx.data, routing_key.into(), params.as_str().into())
+            .into_result()
+            .map_err(RpcError::from_abi)
+    }
+
+    /// Sends `result` as the reply to request `id` on `queue`, outside the
+    /// request/reply cycle (for work that finishes later).
+    pub fn respond(
+        &self,
+        queue: &str,
+        id: &RawValue,
+        result: impl Serialize,
+    ) -> Result<(), RpcError> {
+        let result = encode("result", &result)?;
+        (self.ctx.host.respond())(
+            self.ctx.data,
+            queue.into(),
+            id.get().into(),
+            result.as_str().into(),
+        )
+        .into_result()
+        .map_err(RpcError::from_abi)
+    }
+}
+
+impl fmt::Debug for Bus<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Bus")
+    }
+}
+
+fn encode(what: &str, value: &impl Serialize) -> Result<String, RpcError> {
+    serde_json::to_string(value)
+        .map_err(|e| RpcError::internal_error(format!("cannot encode {what}: {e}")))
+}
