@@ -1,1 +1,12 @@
+//! commissaire-host: serves Commissaire bus services from plugin libraries.
+//!
+//! - [`plugin`] loads and checks plugin libraries.
+//! - [`dispatch`] turns a delivered message into the reply PROTOCOL.md asks
+//!   for.
+//! - [`listing`] renders what `commissaire-host plugins` prints.
 
+#![forbid(unsafe_code)]
+
+pub mod dispatch;
+pub mod listing;
+pub mod plugin;

@@ -73,7 +73,7 @@ impl Demo {
         }))
     }
 
-    /// Sends `message` as a notification to `routing_key`.
+    /// Sends `params` as a notification to `routing_key`.
     fn on_relay(&self, msg: &Message, routing_key: String, params: Value) -> Result<(), RpcError> {
         msg.bus().notify(&routing_key, params)
     }

@@ -1,0 +1,384 @@
+//! Loading plugin libraries and checking that they speak our ABI.
+//!
+//! Every file is loaded on its own with `lib_header_from_path` (abi_stable's
+//! `RootModule::load_from_*` would cache one module per type for the whole
+//! process). Libraries are never unloaded.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use abi_stable::abi_stability::abi_checking::{check_layout_compatibility, AbiInstabilityErrors};
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use abi_stable::sabi_types::VersionNumber;
+use abi_stable::std_types::RString;
+use abi_stable::type_layout::{TLData, TLFieldOrFunction, TypeLayout};
+use commissaire_plugin_api::abi::{
+    PluginRootRef, PluginVTableRef, ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT,
+    PLUGIN_VTABLE_LAYOUT,
+};
+use commissaire_plugin_api::host::{with_call_ctx, HostBus, RequestMeta};
+use commissaire_plugin_api::RpcError;
+use serde::{Deserialize, Serialize};
+
+/// Why a file was not accepted as a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadErrorKind {
+    /// The dynamic loader refused the file.
+    #[error("not a loadable library: {0}")]
+    NotALibrary(String),
+    /// A library without our root module.
+    #[error("not a commissaire plugin: no root module")]
+    NoRootModule,
+    /// Another major version of plugin-api.
+    #[error("built against plugin-api {plugin}, this host speaks {host_major}.x")]
+    IncompatibleApi {
+        /// The plugin's plugin-api version.
+        plugin: String,
+        /// The host's major version.
+        host_major: u32,
+    },
+    /// Another version of abi_stable or of the C ABI.
+    #[error("built with an incompatible abi_stable or compiler ABI: {0}")]
+    IncompatibleAbiStable(String),
+    /// The root module's layout differs.
+    #[error("root module mismatch: {0}")]
+    RootMismatch(String),
+    /// Built with `panic = "abort"`.
+    #[error("built with panic=abort; build it with panic=unwind (the default) so that a panic in a handler cannot kill the worker")]
+    PanicAbort,
+    /// The plugin's view of the host callbacks differs from ours.
+    #[error("host interface mismatch: {0}")]
+    HostInterface(String),
+    /// The plugin's entry points differ from ours.
+    #[error("plugin interface mismatch: {0}")]
+    PluginInterface(String),
+    /// The plugin's method list is unreadable.
+    #[error("unreadable method list: {0}")]
+    BadMethods(String),
+    /// The root module failed to initialise.
+    #[error("failed to initialise: {0}")]
+    Init(String),
+    /// Two plugins export the same service.
+    #[error("service `{service}` is also exported by {other}")]
+    DuplicateService {
+        /// The service name.
+        service: String,
+        /// The file that exported it first.
+        other: String,
+    },
+}
+
+/// A file that was refused, and why: one line.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load plugin {}: {kind}", path.display())]
+pub struct LoadError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub kind: LoadErrorKind,
+}
+
+/// One parameter of a method, as recorded by `#[service]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamInfo {
+    /// The argument name.
+    pub name: String,
+    /// The Rust type, as written.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Whether it may be left out.
+    pub optional: bool,
+}
+
+/// One method of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MethodInfo {
+    /// The bus method name.
+    pub name: String,
+    /// The handler's doc comment.
+    pub doc: String,
+    /// Its parameters, in order.
+    pub params: Vec<ParamInfo>,
+    /// The result type.
+    pub returns: String,
+}
+
+impl MethodInfo {
+    /// `add(x: i64, y: i64) -> i64`.
+    pub fn signature(&self) -> String {
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|p| format!("{}: {}", p.name, p.ty))
+            .collect();
+        format!("{}({}) -> {}", self.name, params.join(", "), self.returns)
+    }
+}
+
+/// A loaded, checked plugin library.
+#[derive(Clone)]
+pub struct PluginLibrary {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The service it exports.
+    pub service_name: String,
+    /// The plugin crate's version.
+    pub plugin_version: String,
+    /// The plugin-api version it was built against.
+    pub api_version: String,
+    /// The service's description (plugin-api ≥ 1.1).
+    pub description: Option<String>,
+    /// Its methods.
+    pub methods: Vec<MethodInfo>,
+    vtable: PluginVTableRef,
+}
+
+impl fmt::Debug for PluginLibrary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginLibrary")
+            .field("path", &self.path)
+            .field("service_name", &self.service_name)
+            .field("plugin_version", &self.plugin_version)
+            .field("api_version", &self.api_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginLibrary {
+    /// Loads and checks the plugin at `path`.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        Self::load_inner(path).map_err(|kind| LoadError {
+            path: path.to_owned(),
+            kind,
+        })
+    }
+
+    fn load_inner(path: &Path) -> Result<Self, LoadErrorKind> {
+        let header = lib_header_from_path(path).map_err(|e| match e {
+            LibraryError::OpenError { err, .. } => LoadErrorKind::NotALibrary(err.to_string()),
+            LibraryError::GetSymbolError { .. } => LoadErrorKind::NoRootModule,
+            other => classify(other),
+        })?;
+        let root = header
+            .init_root_module::<PluginRootRef>()
+            .map_err(classify)?;
+
+        if !root.panic_unwind() {
+            return Err(LoadErrorKind::PanicAbort);
+        }
+        check_growable(HOST_VTABLE_LAYOUT, root.host_vtable_layout())
+            .map_err(LoadErrorKind::HostInterface)?;
+        check_growable(PLUGIN_VTABLE_LAYOUT, root.plugin_vtable_layout())
+            .map_err(LoadErrorKind::PluginInterface)?;
+
+        let vtable = root.plugin();
+        let methods: Vec<MethodInfo> = serde_json::from_str(vtable.methods_json().as_str())
+            .map_err(|e| LoadErrorKind::BadMethods(e.to_string()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            service_name: vtable.service_name().to_string(),
+            plugin_version: vtable.plugin_version().to_string(),
+            api_version: vtable.api_version().to_string(),
+            description: vtable
+                .description()
+                .map(|d| d.to_string())
+                .filter(|d| !d.is_empty()),
+            methods,
+            vtable,
+        })
+    }
+
+    /// Builds a service instance from its JSON config section.
+    pub fn instantiate(&self, config: &serde_json::Value) -> Result<ServiceInstance, RpcError> {
+        let text = config.to_string();
+        let handle = (self.vtable.new_service())(text.as_str().into())
+            .into_result()
+            .map_err(RpcError::from_abi)?;
+        Ok(ServiceInstance {
+            vtable: self.vtable,
+            handle,
+        })
+    }
+}
+
+/// One built service value inside a plugin, shared by concurrent calls.
+pub struct ServiceInstance {
+    vtable: PluginVTableRef,
+    handle: ServiceHandle,
+}
+
+impl fmt::Debug for ServiceInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceInstance")
+            .field("service", &self.vtable.service_name())
+            .finish()
+    }
+}
+
+impl ServiceInstance {
+    /// Calls `method` with raw `params` JSON text (empty for none); returns
+    /// the result's JSON text. Synchronous: run it where blocking is fine.
+    pub fn call(
+        &self,
+        meta: RequestMeta<'_>,
+        bus: &dyn HostBus,
+        params: &str,
+    ) -> Result<RString, RpcError> {
+        let method = meta.method;
+        with_call_ctx(meta, bus, |ctx| {
+            (self.vtable.call())(self.handle, ctx, method.into(), params.into())
+                .into_result()
+                .map_err(RpcError::from_abi)
+        })
+    }
+}
+
+impl Drop for ServiceInstance {
+    fn drop(&mut self) {
+        (self.vtable.drop_service())(self.handle);
+    }
+}
+
+/// Maps abi_stable's errors to one line; its layout dump goes to debug logs.
+fn classify(e: LibraryError) -> LoadErrorKind {
+    match e {
+        LibraryError::IncompatibleVersionNumber { actual_version, .. } => {
+            LoadErrorKind::IncompatibleApi {
+                plugin: format!("{}.{}", actual_version.major, actual_version.minor),
+                host_major: host_major(),
+            }
+        }
+        LibraryError::InvalidAbiHeader(h) => LoadErrorKind::IncompatibleAbiStable(format!(
+            "abi_stable {}.{}",
+            h.abi_major, h.abi_minor
+        )),
+        LibraryError::InvalidCAbi { .. } => {
+            LoadErrorKind::IncompatibleAbiStable("the C ABI check failed".into())
+        }
+        LibraryError::AbiInstability(details) => {
+            tracing::debug!(%details, "root module layout mismatch");
+            LoadErrorKind::RootMismatch(
+                "layout differs from this host's (details at debug level)".into(),
+            )
+        }
+        LibraryError::RootModule { err, .. } => LoadErrorKind::Init(err.to_string()),
+        LibraryError::Many(errs) => match errs.into_iter().next() {
+            Some(first) => classify(first),
+            None => LoadErrorKind::Init("unknown error".into()),
+        },
+        other => LoadErrorKind::Init(other.to_string()),
+    }
+}
+
+fn host_major() -> u32 {
+    VersionNumber::new(abi_stable::sabi_types::VersionStrings::new(API_VERSION))
+        .map(|v| v.major)
+        .unwrap_or(1)
+}
+
+/// Number of fields of the prefix type behind a prefix reference layout.
+fn prefix_fields(reference: &'static TypeLayout) -> Option<usize> {
+    let inner = reference.shared_vars().type_layouts().first()?();
+    match inner.data() {
+        TLData::PrefixType(p) => Some(p.fields.len()),
+        _ => None,
+    }
+}
+
+/// Checks a growable vtable: the side with fewer fields is the interface,
+/// so older and newer minor versions are both accepted while a field of
+/// another type is not.
+fn check_growable(ours: &'static TypeLayout, theirs: &'static TypeLayout) -> Result<(), String> {
+    let (interface, implementation) = match (prefix_fields(ours), prefix_fields(theirs)) {
+        (Some(a), Some(b)) if b < a => (theirs, ours),
+        (Some(_), Some(_)) => (ours, theirs),
+        _ => return Err("not a prefix-type vtable".into()),
+    };
+    check_layout_compatibility(interface, implementation).map_err(|e| describe(&e))
+}
+
+/// The first field whose type differs, in words.
+fn describe(errors: &AbiInstabilityErrors) -> String {
+    tracing::debug!(details = %errors, "layout mismatch");
+    let field = errors
+        .errors
+        .iter()
+        .flat_map(|e| e.stack_trace.iter())
+        .find_map(|ef| match &ef.expected {
+            TLFieldOrFunction::Field(f) if !f.name().is_empty() && f.name() != "0" => {
+                Some(f.name())
+            }
+            _ => None,
+        });
+    match field {
+        Some(name) => format!("field `{name}` has another type"),
+        None => "layouts differ (details at debug level)".into(),
+    }
+}
+
+/// The outcome of loading a plugin directory.
+#[derive(Debug, Default)]
+pub struct PluginSet {
+    /// Plugins that loaded, in file-name order.
+    pub plugins: Vec<PluginLibrary>,
+    /// Files that were refused.
+    pub refused: Vec<LoadError>,
+}
+
+/// Why a plugin directory could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read plugin directory {}: {source}", dir.display())]
+pub struct DirError {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PluginSet {
+    /// Loads every `*.so` (the platform's library extension) in `dir`. A
+    /// refused file is recorded with its reason; a second plugin with an
+    /// already-loaded service name is refused, naming the first file.
+    pub fn load_dir(dir: &Path) -> Result<Self, DirError> {
+        let dir_error = |source| DirError {
+            dir: dir.to_owned(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(dir_error)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == std::env::consts::DLL_EXTENSION)
+                    && p.is_file()
+            })
+            .collect();
+        files.sort();
+
+        let mut set = PluginSet::default();
+        let mut by_name: HashMap<String, PathBuf> = HashMap::new();
+        for path in files {
+            match PluginLibrary::load(&path) {
+                Ok(plugin) => {
+                    if let Some(first) = by_name.get(&plugin.service_name) {
+                        set.refused.push(LoadError {
+                            path,
+                            kind: LoadErrorKind::DuplicateService {
+                                service: plugin.service_name,
+                                other: first.display().to_string(),
+                            },
+                        });
+                    } else {
+                        by_name.insert(plugin.service_name.clone(), path);
+                        set.plugins.push(plugin);
+                    }
+                }
+                Err(e) => set.refused.push(e),
+            }
+        }
+        Ok(set)
+    }
+}
