@@ -156,7 +156,12 @@ impl PluginLibrary {
 
     fn load_inner(path: &Path) -> Result<Self, LoadErrorKind> {
         let header = lib_header_from_path(path).map_err(|e| match e {
-            LibraryError::OpenError { err, .. } => LoadErrorKind::NotALibrary(err.to_string()),
+            LibraryError::OpenError { err, .. } => {
+                // dlerror() starts with the path, which the line already names.
+                let text = err.to_string();
+                let prefix = format!("{}: ", path.display());
+                LoadErrorKind::NotALibrary(text.strip_prefix(&prefix).unwrap_or(&text).to_owned())
+            }
             LibraryError::GetSymbolError { .. } => LoadErrorKind::NoRootModule,
             other => classify(other),
         })?;

@@ -1,1 +1,222 @@
+//! Helpers for the end-to-end tests: build the host, our plugins and the
+//! ABI fixtures once per test process, and hand out plugin directories.
 
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use commissaire_host::dispatch::{Delivery, Service};
+use commissaire_host::plugin::PluginLibrary;
+use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::RpcError;
+use serde_json::{json, Value};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Where the debug artifacts land.
+pub fn artifact_dir() -> PathBuf {
+    target_dir().join("debug")
+}
+
+fn cargo(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
+    assert!(status.success(), "cargo {} failed", args.join(" "));
+}
+
+/// Builds the host binary, our plugins and every fixture plugin (once per
+/// process). Fixtures are separate workspaces (each holds its own frozen
+/// `commissaire-plugin-api`) sharing our target directory and lock file,
+/// so they reuse the dependencies already built.
+pub fn build_all() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = target_dir();
+        let target = target.to_str().unwrap_or("target");
+        cargo(&[
+            "build",
+            "-p",
+            "commissaire-host",
+            "-p",
+            "commissaire-plugin-simple",
+            "-p",
+            "commissaire-plugin-demo",
+        ]);
+        let fixtures = workspace_root().join("tests/fixtures");
+        for name in ["older", "newer", "mistyped", "major2", "panic-abort"] {
+            let dir = fixtures.join(format!("plugin-{name}"));
+            let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+            let manifest = dir.join("Cargo.toml");
+            let manifest = manifest.to_str().unwrap_or_default();
+            if name == "panic-abort" {
+                cargo(&[
+                    "rustc",
+                    "--lib",
+                    "--manifest-path",
+                    manifest,
+                    "--target-dir",
+                    target,
+                    "--",
+                    "-C",
+                    "panic=abort",
+                ]);
+            } else {
+                cargo(&["build", "--manifest-path", manifest, "--target-dir", target]);
+            }
+        }
+    });
+}
+
+/// The built host binary.
+pub fn host_bin() -> PathBuf {
+    build_all();
+    artifact_dir().join(format!("commissaire-host{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The built library of plugin crate `lib_name` (e.g. `simple`,
+/// `fixture_older`).
+pub fn library(lib_name: &str) -> PathBuf {
+    build_all();
+    artifact_dir().join(format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+/// A fresh directory holding copies of the given plugin libraries.
+pub fn plugin_dir(lib_names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot make a temp dir: {e}"));
+    for name in lib_names {
+        let from = library(name);
+        let to = dir.path().join(from.file_name().unwrap_or_default());
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
+    }
+    dir
+}
+
+/// Loads one built plugin library.
+pub fn load(lib_name: &str) -> PluginLibrary {
+    PluginLibrary::load(&library(lib_name)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// An in-process test bus: requests go to the service whose name is the
+/// routing key's prefix, through the real dispatcher; notifications are
+/// dispatched too (without reply) and recorded.
+#[derive(Default)]
+pub struct RoutingBus {
+    services: HashMap<String, Arc<Service>>,
+    notified: std::sync::Mutex<Vec<(String, Value)>>,
+}
+
+impl RoutingBus {
+    /// A bus serving the given plugins with empty configs.
+    pub fn serving(lib_names: &[&str]) -> Arc<Self> {
+        let mut bus = Self::default();
+        for name in lib_names {
+            let service = Service::start(load(name), &json!({}))
+                .unwrap_or_else(|e| panic!("{name} failed to start: {e}"));
+            bus.services.insert(service.name().to_owned(), service);
+        }
+        Arc::new(bus)
+    }
+
+    /// Delivers `body` on `routing_key` as a request with a reply queue,
+    /// returning the decoded reply.
+    pub fn deliver(&self, routing_key: &str, body: &[u8]) -> Option<Value> {
+        self.deliver_with(routing_key, body, Some("reply-queue"))
+    }
+
+    /// Delivers `body` with the given `reply_to` (None: a notification).
+    pub fn deliver_with(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        reply_to: Option<&str>,
+    ) -> Option<Value> {
+        let prefix = routing_key.split('.').next().unwrap_or(routing_key);
+        let service = self
+            .services
+            .get(prefix)
+            .unwrap_or_else(|| panic!("no service for {routing_key}"));
+        let delivery = Delivery {
+            exchange: "commissaire",
+            routing_key,
+            body,
+            reply_to,
+            correlation_id: Some("corr-1"),
+            redelivered: false,
+        };
+        let handled = service.handle(&delivery, self);
+        handled.reply.map(|r| {
+            assert_eq!(r.to, reply_to.unwrap_or_default());
+            assert_eq!(r.correlation_id.as_deref(), Some("corr-1"));
+            serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("reply is not JSON: {e}"))
+        })
+    }
+
+    /// Calls `routing_key` with `params`, returning the JSON-RPC reply.
+    pub fn call(&self, routing_key: &str, params: Value) -> Value {
+        let method = routing_key.rsplit('.').next().unwrap_or_default();
+        let body = json!({"jsonrpc": "2.0", "id": "t-1", "method": method, "params": params});
+        self.deliver(routing_key, body.to_string().as_bytes())
+            .unwrap_or_else(|| panic!("no reply from {routing_key}"))
+    }
+
+    /// Notifications handlers sent.
+    pub fn notified(&self) -> Vec<(String, Value)> {
+        self.notified.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+impl HostBus for RoutingBus {
+    fn request(
+        &self,
+        routing_key: &str,
+        params_json: &str,
+        _timeout: Option<Duration>,
+    ) -> Result<String, RpcError> {
+        let params: Value = serde_json::from_str(params_json)
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+        let reply = self.call(routing_key, params);
+        match reply.get("error") {
+            Some(e) => Err(serde_json::from_value(e.clone())
+                .map_err(|e| RpcError::internal_error(e.to_string()))?),
+            None => Ok(reply["result"].to_string()),
+        }
+    }
+
+    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+        let params: Value = serde_json::from_str(params_json)
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+        if let Ok(mut v) = self.notified.lock() {
+            v.push((routing_key.to_owned(), params));
+        }
+        Ok(())
+    }
+
+    fn respond(&self, _queue: &str, _id_json: &str, _result_json: &str) -> Result<(), RpcError> {
+        Ok(())
+    }
+}

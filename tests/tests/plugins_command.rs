@@ -1,0 +1,82 @@
+//! `commissaire-host plugins DIR`, the real binary.
+
+use std::process::Command;
+
+use commissaire_e2e::{host_bin, plugin_dir};
+
+#[test]
+fn lists_services_versions_methods_and_first_doc_lines() {
+    let dir = plugin_dir(&["simple", "demo"]);
+    let out = Command::new(host_bin())
+        .arg("plugins")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("libsimple.so\n  service simple 0.1.0 (plugin-api 1.1.0)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    add(x: i64, y: i64) -> i64           Adds two integers.\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wordy_add(x: i64, y: i64) -> String"),
+        "{text}"
+    );
+    assert!(
+        text.contains("greet(name: Option<String>) -> String"),
+        "{text}"
+    );
+    assert!(text.contains("ping() -> String"), "{text}");
+}
+
+#[test]
+fn refused_plugins_are_listed_with_their_reason_and_exit_non_zero() {
+    let dir = plugin_dir(&["simple", "fixture_major2"]);
+    let out = Command::new(host_bin())
+        .arg("plugins")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(
+            "libfixture_major2.so\n  refused: built against plugin-api 2.0, this host speaks 1.x\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("service simple"), "{text}");
+}
+
+#[test]
+fn json_output_for_scripts() {
+    let dir = plugin_dir(&["simple"]);
+    let out = Command::new(host_bin())
+        .args(["plugins", "--json"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plugins"][0]["service"], "simple");
+    assert_eq!(v["plugins"][0]["methods"][0]["params"][1]["name"], "y");
+}
+
+#[test]
+fn a_missing_directory_is_one_line_and_non_zero() {
+    let out = Command::new(host_bin())
+        .args(["plugins", "/nonexistent/dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/dir"), "{err}");
+}
