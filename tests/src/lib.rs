@@ -105,6 +105,18 @@ pub fn library(lib_name: &str) -> PathBuf {
     ))
 }
 
+/// Builds plugin package `package` with the release profile and returns its
+/// library (for benchmarks, which must not compare optimised code with
+/// debug code).
+pub fn release_library(package: &str, lib_name: &str) -> PathBuf {
+    cargo(&["build", "--release", "-p", package]);
+    target_dir().join("release").join(format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
 /// A fresh directory holding copies of the given plugin libraries.
 pub fn plugin_dir(lib_names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot make a temp dir: {e}"));

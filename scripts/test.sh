@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: brokers up, Python test client ready, then every test of
+# the workspace (unit tests, plugin tests, end-to-end tests against the real
+# RabbitMQ and the real binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/ensure-brokers.sh
+
+# kombu from PyPI, for the tests that play a Python Commissaire caller.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu' 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q 'kombu>=5.3,<6' 'redis>=4.5,<6'
+fi
+export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
+
+exec cargo test --workspace "$@"
