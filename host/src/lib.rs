@@ -7,6 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bus;
+pub mod config;
 pub mod dispatch;
 pub mod listing;
 pub mod plugin;
+pub mod redact;

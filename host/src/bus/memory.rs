@@ -1,0 +1,245 @@
+//! `memory://`: an embedded in-process bus with the broker's semantics
+//! (topic exchanges, competing consumers on shared queues, the default
+//! exchange routing by queue name, `reply_to`, requeue), so that the host
+//! runs with no broker and tests are fast. One process only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+
+use super::{topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Settle};
+
+type Queue = (
+    async_channel::Sender<Incoming>,
+    async_channel::Receiver<Incoming>,
+);
+
+#[derive(Default)]
+struct State {
+    bindings: Vec<(String, String, String)>,
+    queues: HashMap<String, Queue>,
+}
+
+/// The embedded bus.
+#[derive(Default, Clone)]
+pub struct MemoryBus {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryBus")
+    }
+}
+
+impl MemoryBus {
+    /// A new, empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self, name: &str) -> Queue {
+        self.state()
+            .queues
+            .entry(name.to_owned())
+            .or_insert_with(async_channel::unbounded)
+            .clone()
+    }
+}
+
+/// What a requeue puts back.
+struct Requeue {
+    queue: async_channel::Sender<Incoming>,
+    message: Incoming,
+}
+
+struct MemoryAcker(Mutex<Option<Requeue>>);
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn settle(&self, how: Settle) -> Result<(), BusError> {
+        let pending = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let (Settle::Requeue, Some(Requeue { queue, mut message })) = (how, pending) {
+            message.redelivered = true;
+            message.acker = None;
+            queue
+                .send(with_acker(&queue, message))
+                .await
+                .map_err(|_| BusError::Closed)?;
+        }
+        Ok(())
+    }
+}
+
+fn copy(m: &Incoming) -> Incoming {
+    Incoming {
+        exchange: m.exchange.clone(),
+        routing_key: m.routing_key.clone(),
+        body: m.body.clone(),
+        reply_to: m.reply_to.clone(),
+        correlation_id: m.correlation_id.clone(),
+        redelivered: m.redelivered,
+        acker: None,
+    }
+}
+
+fn with_acker(queue: &async_channel::Sender<Incoming>, mut message: Incoming) -> Incoming {
+    let requeue = Requeue {
+        queue: queue.clone(),
+        message: copy(&message),
+    };
+    message.acker = Some(Box::new(MemoryAcker(Mutex::new(Some(requeue)))));
+    message
+}
+
+#[async_trait]
+impl BusTransport for MemoryBus {
+    fn describe(&self) -> String {
+        "memory://".to_owned()
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    async fn declare_exchange(&self, _exchange: &str) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        exchange: &str,
+        queue: &str,
+        routing_key: &str,
+    ) -> Result<(), BusError> {
+        self.queue(queue);
+        let binding = (
+            exchange.to_owned(),
+            routing_key.to_owned(),
+            queue.to_owned(),
+        );
+        let mut state = self.state();
+        if !state.bindings.contains(&binding) {
+            state.bindings.push(binding);
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, queue: &str, _prefetch: u16) -> Result<Consumer, BusError> {
+        let (_, deliveries) = self.queue(queue);
+        Ok(Consumer {
+            deliveries,
+            stop: tokio_util::sync::CancellationToken::new(),
+        })
+    }
+
+    async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
+        let targets: Vec<async_channel::Sender<Incoming>> = {
+            let state = self.state();
+            if m.exchange.is_empty() {
+                state
+                    .queues
+                    .get(m.routing_key)
+                    .map(|q| q.0.clone())
+                    .into_iter()
+                    .collect()
+            } else {
+                let mut names: Vec<&str> = state
+                    .bindings
+                    .iter()
+                    .filter(|(ex, pattern, _)| {
+                        ex == m.exchange && topic::matches(pattern, m.routing_key)
+                    })
+                    .map(|(_, _, q)| q.as_str())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                names
+                    .iter()
+                    .filter_map(|n| state.queues.get(*n).map(|q| q.0.clone()))
+                    .collect()
+            }
+        };
+        for queue in targets {
+            let message = Incoming {
+                exchange: m.exchange.to_owned(),
+                routing_key: m.routing_key.to_owned(),
+                body: m.body.to_vec(),
+                reply_to: m.reply_to.map(str::to_owned),
+                correlation_id: m.correlation_id.map(str::to_owned),
+                redelivered: false,
+                acker: None,
+            };
+            // A queue nobody consumes any more still holds the message, as a
+            // durable queue would.
+            let _ = queue.send(with_acker(&queue, message)).await;
+        }
+        Ok(())
+    }
+
+    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+        let name = format!("amq.gen-{}", uuid::Uuid::new_v4());
+        let (_, rx) = self.queue(&name);
+        Ok((name, rx))
+    }
+
+    async fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out<'a>(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgoing<'a> {
+        Outgoing {
+            exchange,
+            routing_key,
+            body,
+            reply_to: Some("r"),
+            correlation_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn topic_routing_and_competing_consumers() {
+        let bus = MemoryBus::new();
+        bus.declare_queue("ex", "simple", "simple.*").await.unwrap();
+        let a = bus.consume("simple", 1).await.unwrap();
+        let b = bus.consume("simple", 1).await.unwrap();
+        bus.publish(out("ex", "simple.add", b"1")).await.unwrap();
+        bus.publish(out("ex", "simple.add", b"2")).await.unwrap();
+        bus.publish(out("ex", "other.add", b"lost")).await.unwrap();
+        let first = a.deliveries.recv().await.unwrap();
+        let second = b.deliveries.recv().await.unwrap();
+        assert_eq!((first.body, second.body), (b"1".to_vec(), b"2".to_vec()));
+        assert!(a.deliveries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn requeue_redelivers_and_ack_removes() {
+        let bus = MemoryBus::new();
+        bus.declare_queue("ex", "q", "k").await.unwrap();
+        let c = bus.consume("q", 1).await.unwrap();
+        bus.publish(out("ex", "k", b"x")).await.unwrap();
+        let m = c.deliveries.recv().await.unwrap();
+        assert!(!m.redelivered);
+        m.settle(Settle::Requeue).await.unwrap();
+        let again = c.deliveries.recv().await.unwrap();
+        assert!(again.redelivered);
+        again.settle(Settle::Ack).await.unwrap();
+        assert!(c.deliveries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn default_exchange_routes_by_queue_name() {
+        let bus = MemoryBus::new();
+        let (name, rx) = bus.reply_queue().await.unwrap();
+        bus.publish(out("", &name, b"reply")).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap().body, b"reply");
+    }
+}

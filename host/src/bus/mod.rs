@@ -1,0 +1,176 @@
+//! Bus transports: one trait, one implementation per URI scheme.
+//!
+//! The trait speaks of exchanges, queues, routing keys and acks: the
+//! Commissaire model, which kombu also maps onto Redis.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub mod amqp;
+pub mod memory;
+pub mod topic;
+
+/// A transport failure. Messages never contain a password.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The URI is not one we serve.
+    #[error("unsupported bus URI {0} (expected amqp://, amqps:// or memory://)")]
+    UnsupportedUri(String),
+    /// Could not connect.
+    #[error("cannot connect to {uri}: {reason}")]
+    Connect {
+        /// The redacted URI.
+        uri: String,
+        /// Why.
+        reason: String,
+    },
+    /// A broker operation failed.
+    #[error("{operation} failed: {reason}")]
+    Operation {
+        /// What was attempted.
+        operation: String,
+        /// Why.
+        reason: String,
+    },
+    /// The transport is closed.
+    #[error("the bus connection is closed")]
+    Closed,
+}
+
+impl BusError {
+    pub(crate) fn op(operation: impl Into<String>, reason: impl ToString) -> Self {
+        Self::Operation {
+            operation: operation.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The exchange; `""` is the default exchange, which routes to the
+    /// queue named by `routing_key`.
+    pub exchange: &'a str,
+    /// The routing key.
+    pub routing_key: &'a str,
+    /// The body (JSON).
+    pub body: &'a [u8],
+    /// Where replies go.
+    pub reply_to: Option<&'a str>,
+    /// The correlation id.
+    pub correlation_id: Option<&'a str>,
+}
+
+/// How to settle a delivery.
+#[derive(Debug)]
+pub enum Settle {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Not handled: give it back to the queue for another consumer.
+    Requeue,
+}
+
+/// Settles one delivery with its transport.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Acks or requeues.
+    async fn settle(&self, how: Settle) -> Result<(), BusError>;
+}
+
+/// A delivered message.
+pub struct Incoming {
+    /// The exchange it came through.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// `reply_to`.
+    pub reply_to: Option<String>,
+    /// `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// How to settle it; `None` for auto-acked deliveries (replies).
+    pub acker: Option<Box<dyn Acker>>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("routing_key", &self.routing_key)
+            .field("reply_to", &self.reply_to)
+            .field("correlation_id", &self.correlation_id)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// Acks or requeues (no-op for auto-acked deliveries).
+    pub async fn settle(&self, how: Settle) -> Result<(), BusError> {
+        match &self.acker {
+            Some(acker) => acker.settle(how).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Deliveries of one queue, until stopped.
+#[derive(Debug)]
+pub struct Consumer {
+    /// The deliveries.
+    pub deliveries: async_channel::Receiver<Incoming>,
+    /// Stops the consumer: no more deliveries arrive after it.
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
+/// A bus connection.
+#[async_trait]
+pub trait BusTransport: Send + Sync + 'static {
+    /// The URI, without password.
+    fn describe(&self) -> String;
+
+    /// Whether requests can come from another process (false for
+    /// `memory://`).
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    /// Declares the topic exchange (durable, not auto-delete).
+    async fn declare_exchange(&self, exchange: &str) -> Result<(), BusError>;
+
+    /// Declares a service queue (durable, not exclusive, not auto-delete)
+    /// and binds it to `exchange` with `routing_key`.
+    async fn declare_queue(
+        &self,
+        exchange: &str,
+        queue: &str,
+        routing_key: &str,
+    ) -> Result<(), BusError>;
+
+    /// Consumes `queue` with at most `prefetch` unsettled deliveries.
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError>;
+
+    /// Publishes a message.
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError>;
+
+    /// The connection's one reply queue: its name (for `reply_to`) and its
+    /// deliveries. Called once per connection.
+    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
+
+    /// Closes the connection; unsettled deliveries go back to their queues.
+    async fn close(&self);
+}
+
+/// Connects to the bus named by `uri`.
+pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
+    let scheme = uri.split("://").next().unwrap_or_default();
+    match scheme {
+        "memory" => Ok(Arc::new(memory::MemoryBus::new())),
+        "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(uri).await?)),
+        _ => Err(BusError::UnsupportedUri(crate::redact::redact_uri(uri))),
+    }
+}

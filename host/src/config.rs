@@ -1,0 +1,387 @@
+//! The host's TOML configuration, and how command-line flags and the
+//! environment override it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The exchange Commissaire uses unless told otherwise.
+pub const DEFAULT_EXCHANGE: &str = "commissaire";
+/// The bus when nothing names one: the embedded in-process bus.
+pub const DEFAULT_BUS_URI: &str = "memory://";
+/// Handlers in flight per service unless configured.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// How long a request waits for its reply (Commissaire's default).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Environment variable read for the bus URI when neither a flag nor the
+/// file gives one.
+pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
+
+/// A configuration error: where, and what is wrong, on one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ConfigError {
+    /// `file:line:column`, or the file alone.
+    pub location: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    bus: BusSection,
+    #[serde(default)]
+    plugins: PluginsSection,
+    http: Option<HttpSection>,
+    #[serde(default)]
+    service: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BusSection {
+    uri: Option<String>,
+    exchange: Option<String>,
+    /// Seconds a request waits for its reply.
+    request_timeout: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginsSection {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: Spanned<String>,
+    queues: Option<Vec<QueueConfig>>,
+    concurrency: Option<NonZeroU16>,
+    #[serde(default)]
+    config: toml::Table,
+}
+
+/// One queue a service consumes, bound with its routing key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The queue name, e.g. `simple`.
+    pub name: String,
+    /// The binding pattern, e.g. `simple.*`.
+    pub routing_key: String,
+}
+
+/// How one service is served.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Its queues.
+    pub queues: Vec<QueueConfig>,
+    /// Handlers in flight (and the broker prefetch).
+    pub concurrency: u16,
+    /// The section handed to the plugin's `init`.
+    pub config: serde_json::Value,
+    /// Where it was configured (`file:line`), for errors.
+    pub location: Option<String>,
+}
+
+impl ServiceSettings {
+    /// The defaults for a plugin dropped in with no `[[service]]` entry:
+    /// queue `<name>` bound with `<name>.*`.
+    pub fn defaults(name: &str) -> Self {
+        Self {
+            queues: vec![QueueConfig {
+                name: name.to_owned(),
+                routing_key: format!("{name}.*"),
+            }],
+            concurrency: DEFAULT_CONCURRENCY,
+            config: serde_json::Value::Object(serde_json::Map::new()),
+            location: None,
+        }
+    }
+}
+
+/// Command-line values that win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--bus-uri`.
+    pub bus_uri: Option<String>,
+    /// `--bus-exchange`.
+    pub bus_exchange: Option<String>,
+    /// `--plugins-dir`.
+    pub plugins_dir: Option<PathBuf>,
+    /// `--http-listen`.
+    pub http_listen: Option<SocketAddr>,
+}
+
+/// The configuration in effect.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The bus URI (may hold a password: print it with `redact_uri`).
+    pub bus_uri: String,
+    /// The topic exchange.
+    pub exchange: String,
+    /// How long a request waits for its reply.
+    pub request_timeout: Duration,
+    /// The plugin directory.
+    pub plugins_dir: PathBuf,
+    /// The HTTP endpoint's address, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// `[[service]]` entries by name.
+    pub services: HashMap<String, ServiceSettings>,
+}
+
+impl HostConfig {
+    /// Reads `path` (if given), then applies `overrides` and the
+    /// environment (`env` is `std::env::var` in production).
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let (file, base) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    location: path.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                let file: FileConfig = toml::from_str(&text).map_err(|e| {
+                    let location = match e.span() {
+                        Some(span) => {
+                            let (line, col) = line_col(&text, span.start);
+                            format!("{}:{line}:{col}", path.display())
+                        }
+                        None => path.display().to_string(),
+                    };
+                    ConfigError {
+                        location,
+                        message: e.message().trim().to_owned(),
+                    }
+                })?;
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                let services = file_services(&file, path, &text)?;
+                ((file, services), base)
+            }
+            None => ((FileConfig::default(), HashMap::new()), PathBuf::new()),
+        };
+        let (file, services) = file;
+        let bus_uri = overrides
+            .bus_uri
+            .clone()
+            .or(file.bus.uri)
+            .or_else(|| env(BUS_URI_ENV))
+            .unwrap_or_else(|| DEFAULT_BUS_URI.to_owned());
+        let exchange = overrides
+            .bus_exchange
+            .clone()
+            .or(file.bus.exchange)
+            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        let request_timeout =
+            match file.bus.request_timeout {
+                Some(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+                Some(secs) => return Err(ConfigError {
+                    location: path.map(|p| p.display().to_string()).unwrap_or_default(),
+                    message: format!(
+                        "[bus] request_timeout must be a positive number of seconds, not {secs}"
+                    ),
+                }),
+                None => DEFAULT_REQUEST_TIMEOUT,
+            };
+        let plugins_dir = match &overrides.plugins_dir {
+            Some(dir) => dir.clone(),
+            None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
+        };
+        Ok(Self {
+            bus_uri,
+            exchange,
+            request_timeout,
+            plugins_dir,
+            http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
+            services,
+        })
+    }
+
+    /// How service `name` is served: its `[[service]]` entry or defaults.
+    pub fn service(&self, name: &str) -> ServiceSettings {
+        self.services
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| ServiceSettings::defaults(name))
+    }
+}
+
+fn file_services(
+    file: &FileConfig,
+    path: &Path,
+    text: &str,
+) -> Result<HashMap<String, ServiceSettings>, ConfigError> {
+    let mut services = HashMap::new();
+    for section in &file.service {
+        let (line, col) = line_col(text, section.name.span().start);
+        let location = format!("{}:{line}:{col}", path.display());
+        let name = section.name.get_ref().clone();
+        let fail = |message: String| ConfigError {
+            location: location.clone(),
+            message,
+        };
+        let defaults = ServiceSettings::defaults(&name);
+        let queues = section.queues.clone().unwrap_or(defaults.queues);
+        if queues.is_empty() {
+            return Err(fail(format!("service `{name}` has an empty `queues` list")));
+        }
+        let config = serde_json::to_value(&section.config)
+            .map_err(|e| fail(format!("service `{name}`: config: {e}")))?;
+        let settings = ServiceSettings {
+            queues,
+            concurrency: section
+                .concurrency
+                .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get),
+            config,
+            location: Some(location.clone()),
+        };
+        if services.insert(name.clone(), settings).is_some() {
+            return Err(fail(format!("service `{name}` is configured twice")));
+        }
+    }
+    Ok(services)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(
+        text: &str,
+        overrides: &Overrides,
+        env: Option<&str>,
+    ) -> Result<HostConfig, String> {
+        let dir = std::env::temp_dir().join(format!("chcfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let path = dir.join("host.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        let r = HostConfig::load(Some(&path), overrides, |_| env.map(str::to_owned)).map_err(|e| {
+            e.to_string()
+                .replace(&path.display().to_string(), "host.toml")
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    const EXAMPLE: &str = r#"
+[bus]
+uri = "memory://"
+exchange = "commissaire"
+
+[plugins]
+dir = "plugins"
+
+[http]
+listen = "127.0.0.1:8080"
+
+[[service]]
+name = "simple"
+queues = [{ name = "simple", routing_key = "simple.*" }]
+concurrency = 16
+config = { greeting = "hi" }
+"#;
+
+    #[test]
+    fn the_example_parses() {
+        let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
+        assert_eq!(c.bus_uri, "memory://");
+        assert_eq!(c.http_listen, Some("127.0.0.1:8080".parse().unwrap()));
+        let s = c.service("simple");
+        assert_eq!(s.concurrency, 16);
+        assert_eq!(s.config, serde_json::json!({"greeting": "hi"}));
+        assert!(c.plugins_dir.ends_with("plugins"));
+        let d = c.service("demo");
+        assert_eq!(
+            d.queues,
+            vec![QueueConfig {
+                name: "demo".into(),
+                routing_key: "demo.*".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn flag_wins_over_file_which_wins_over_env() {
+        let flag = Overrides {
+            bus_uri: Some("amqp://flag".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            load_text(EXAMPLE, &flag, Some("amqp://env"))
+                .unwrap()
+                .bus_uri,
+            "amqp://flag"
+        );
+        assert_eq!(
+            load_text(EXAMPLE, &Overrides::default(), Some("amqp://env"))
+                .unwrap()
+                .bus_uri,
+            "memory://"
+        );
+        assert_eq!(
+            load_text("", &Overrides::default(), Some("amqp://env"))
+                .unwrap()
+                .bus_uri,
+            "amqp://env"
+        );
+        assert_eq!(
+            load_text("", &Overrides::default(), None).unwrap().bus_uri,
+            DEFAULT_BUS_URI
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        let cases = [
+            ("[bus]\nurl = \"x\"\n", "host.toml:2:1: unknown field `url`"),
+            (
+                "[http]\nlisten = \"nope\"\n",
+                "host.toml:2:10: invalid socket address syntax",
+            ),
+            (
+                "[[service]]\nname = \"s\"\nconcurrency = 0\n",
+                "host.toml:3:15:",
+            ),
+            ("[bus\n", "host.toml:1:5:"),
+            (
+                "[[service]]\nname = \"a\"\n[[service]]\nname = \"a\"\n",
+                "host.toml:4:8: service `a` is configured twice",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = load_text(text, &Overrides::default(), None).unwrap_err();
+            assert!(e.starts_with(expected), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn line_and_column() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab", 0), (1, 1));
+    }
+}
