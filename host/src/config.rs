@@ -189,17 +189,18 @@ impl HostConfig {
             .clone()
             .or(file.bus.exchange)
             .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
-        let request_timeout =
-            match file.bus.request_timeout {
-                Some(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
-                Some(secs) => return Err(ConfigError {
+        let request_timeout = match file.bus.request_timeout {
+            Some(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+            Some(secs) => {
+                return Err(ConfigError {
                     location: path.map(|p| p.display().to_string()).unwrap_or_default(),
                     message: format!(
                         "[bus] request_timeout must be a positive number of seconds, not {secs}"
                     ),
-                }),
-                None => DEFAULT_REQUEST_TIMEOUT,
-            };
+                })
+            }
+            None => DEFAULT_REQUEST_TIMEOUT,
+        };
         let plugins_dir = match &overrides.plugins_dir {
             Some(dir) => dir.clone(),
             None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),

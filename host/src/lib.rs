@@ -8,8 +8,11 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod client;
 pub mod config;
 pub mod dispatch;
+pub mod http;
 pub mod listing;
 pub mod plugin;
 pub mod redact;
+pub mod server;

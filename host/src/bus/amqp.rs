@@ -72,7 +72,7 @@ impl AmqpBus {
                 biased;
                 () = stop.cancelled() => {
                     if let Err(e) = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
-                        tracing::warn!(error = %e, "basic.cancel failed");
+                        tracing::debug!(error = %e, "basic.cancel failed (connection closing)");
                     }
                     break;
                 }

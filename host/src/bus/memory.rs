@@ -52,25 +52,30 @@ impl MemoryBus {
     }
 }
 
-/// What a requeue puts back.
-struct Requeue {
-    queue: async_channel::Sender<Incoming>,
-    message: Incoming,
+/// Settles one delivery: a requeue puts a copy back, marked redelivered;
+/// either way its prefetch slot is freed.
+struct MemoryAcker {
+    pending: Mutex<Option<(async_channel::Sender<Incoming>, Incoming)>>,
+    slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
-
-struct MemoryAcker(Mutex<Option<Requeue>>);
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn settle(&self, how: Settle) -> Result<(), BusError> {
-        let pending = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let (Settle::Requeue, Some(Requeue { queue, mut message })) = (how, pending) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(
+            self.slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let (Settle::Requeue, Some((queue, mut message))) = (how, pending) {
             message.redelivered = true;
-            message.acker = None;
-            queue
-                .send(with_acker(&queue, message))
-                .await
-                .map_err(|_| BusError::Closed)?;
+            queue.send(message).await.map_err(|_| BusError::Closed)?;
         }
         Ok(())
     }
@@ -86,15 +91,6 @@ fn copy(m: &Incoming) -> Incoming {
         redelivered: m.redelivered,
         acker: None,
     }
-}
-
-fn with_acker(queue: &async_channel::Sender<Incoming>, mut message: Incoming) -> Incoming {
-    let requeue = Requeue {
-        queue: queue.clone(),
-        message: copy(&message),
-    };
-    message.acker = Some(Box::new(MemoryAcker(Mutex::new(Some(requeue)))));
-    message
 }
 
 #[async_trait]
@@ -130,12 +126,37 @@ impl BusTransport for MemoryBus {
         Ok(())
     }
 
-    async fn consume(&self, queue: &str, _prefetch: u16) -> Result<Consumer, BusError> {
-        let (_, deliveries) = self.queue(queue);
-        Ok(Consumer {
-            deliveries,
-            stop: tokio_util::sync::CancellationToken::new(),
-        })
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError> {
+        // Like a broker: at most `prefetch` unsettled deliveries per
+        // consumer; the rest stay in the shared queue for other consumers.
+        let (shared_tx, shared) = self.queue(queue);
+        let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(prefetch.max(1))));
+        let (tx, deliveries) = async_channel::unbounded();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let slot = tokio::select! {
+                    biased;
+                    () = token.cancelled() => break,
+                    slot = slots.clone().acquire_owned() => match slot { Ok(s) => s, Err(_) => break },
+                };
+                let mut message = tokio::select! {
+                    biased;
+                    () = token.cancelled() => break,
+                    m = shared.recv() => match m { Ok(m) => m, Err(_) => break },
+                };
+                message.acker = Some(Box::new(MemoryAcker {
+                    pending: Mutex::new(Some((shared_tx.clone(), copy(&message)))),
+                    slot: Mutex::new(Some(slot)),
+                }));
+                if let Err(unsent) = tx.send(message).await {
+                    let _ = unsent.0.settle(Settle::Requeue).await;
+                    break;
+                }
+            }
+        });
+        Ok(Consumer { deliveries, stop })
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
@@ -177,7 +198,7 @@ impl BusTransport for MemoryBus {
             };
             // A queue nobody consumes any more still holds the message, as a
             // durable queue would.
-            let _ = queue.send(with_acker(&queue, message)).await;
+            let _ = queue.send(message).await;
         }
         Ok(())
     }
@@ -211,13 +232,22 @@ mod tests {
         bus.declare_queue("ex", "simple", "simple.*").await.unwrap();
         let a = bus.consume("simple", 1).await.unwrap();
         let b = bus.consume("simple", 1).await.unwrap();
+        bus.publish(out("ex", "other.add", b"lost")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"1")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"2")).await.unwrap();
-        bus.publish(out("ex", "other.add", b"lost")).await.unwrap();
         let first = a.deliveries.recv().await.unwrap();
-        let second = b.deliveries.recv().await.unwrap();
-        assert_eq!((first.body, second.body), (b"1".to_vec(), b"2".to_vec()));
-        assert!(a.deliveries.is_empty());
+        // `a` stops: what it holds goes back to the queue, for `b`.
+        a.stop.cancel();
+        while let Ok(m) = a.deliveries.try_recv() {
+            m.settle(Settle::Requeue).await.unwrap();
+        }
+        let second = tokio::time::timeout(std::time::Duration::from_secs(2), b.deliveries.recv())
+            .await
+            .expect("b gets the other message")
+            .unwrap();
+        let mut bodies = vec![first.body, second.body];
+        bodies.sort();
+        assert_eq!(bodies, vec![b"1".to_vec(), b"2".to_vec()]);
     }
 
     #[tokio::test]

@@ -1,0 +1,270 @@
+//! The host's own requests: from handlers, from `call`, from the HTTP
+//! endpoint. One reply queue per connection and a map of pending requests;
+//! never a queue per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use commissaire_plugin_api::RpcError;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use crate::bus::{BusError, BusTransport, Incoming, Outgoing};
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+/// Why a request got no usable reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No reply within the deadline.
+    #[error("no reply from `{routing_key}` within {timeout:?}")]
+    Timeout {
+        /// Where the request went.
+        routing_key: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The reply is not a JSON-RPC response.
+    #[error("unreadable reply from `{routing_key}`: {reason}")]
+    BadReply {
+        /// Where the request went.
+        routing_key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<RequestError> for RpcError {
+    fn from(e: RequestError) -> Self {
+        RpcError::internal_error(e.to_string())
+    }
+}
+
+/// A JSON-RPC response, decoded.
+#[derive(Debug, serde::Deserialize)]
+pub struct Response {
+    /// The result, when it succeeded.
+    pub result: Option<Box<RawValue>>,
+    /// The error, when it failed.
+    pub error: Option<RpcError>,
+}
+
+/// Sends requests and matches replies to them.
+pub struct RpcClient {
+    bus: Arc<dyn BusTransport>,
+    exchange: String,
+    reply_to: String,
+    pending: Pending,
+    default_timeout: Duration,
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("exchange", &self.exchange)
+            .field("reply_to", &self.reply_to)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RpcClient {
+    /// Opens the connection's reply queue and starts routing replies.
+    pub async fn start(
+        bus: Arc<dyn BusTransport>,
+        exchange: &str,
+        default_timeout: Duration,
+    ) -> Result<Arc<Self>, BusError> {
+        let (reply_to, replies) = bus.reply_queue().await?;
+        let pending: Pending = Arc::default();
+        tokio::spawn(route_replies(replies, pending.clone()));
+        Ok(Arc::new(Self {
+            bus,
+            exchange: exchange.to_owned(),
+            reply_to,
+            pending,
+            default_timeout,
+        }))
+    }
+
+    /// The bus this client uses.
+    pub fn bus(&self) -> &Arc<dyn BusTransport> {
+        &self.bus
+    }
+
+    /// The default deadline.
+    pub fn default_timeout(&self) -> Duration {
+        self.default_timeout
+    }
+
+    /// Sends a request with raw `params` JSON text (or none) and returns the
+    /// raw reply body. The request's id is a fresh uuid, also sent as the
+    /// correlation id.
+    pub async fn request_raw(
+        &self,
+        routing_key: &str,
+        params: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, RequestError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = request_body(routing_key, Some(&id), params);
+        let (tx, rx) = oneshot::channel();
+        self.pending_map().insert(id.clone(), tx);
+        let sent = self
+            .bus
+            .publish(Outgoing {
+                exchange: &self.exchange,
+                routing_key,
+                body: &body,
+                reply_to: Some(&self.reply_to),
+                correlation_id: Some(&id),
+            })
+            .await;
+        if let Err(e) = sent {
+            self.pending_map().remove(&id);
+            return Err(e.into());
+        }
+        let timeout = timeout.unwrap_or(self.default_timeout);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(BusError::Closed.into()),
+            Err(_) => {
+                self.pending_map().remove(&id);
+                Err(RequestError::Timeout {
+                    routing_key: routing_key.to_owned(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// Sends a request and returns its result's JSON text, or the error the
+    /// service answered with.
+    pub async fn request(
+        &self,
+        routing_key: &str,
+        params: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Result<Box<RawValue>, RpcError>, RequestError> {
+        let reply = self.request_raw(routing_key, params, timeout).await?;
+        let bad = |reason: String| RequestError::BadReply {
+            routing_key: routing_key.to_owned(),
+            reason,
+        };
+        let response: Response = serde_json::from_slice(&reply).map_err(|e| bad(e.to_string()))?;
+        match (response.result, response.error) {
+            (_, Some(error)) => Ok(Err(error)),
+            (Some(result), None) => Ok(Ok(result)),
+            (None, None) => Err(bad("neither `result` nor `error`".to_owned())),
+        }
+    }
+
+    /// Sends a notification (no `reply_to`, no `id`, as Commissaire's
+    /// `notify`).
+    pub async fn notify(&self, routing_key: &str, params: Option<&str>) -> Result<(), BusError> {
+        let body = request_body(routing_key, None, params);
+        self.bus
+            .publish(Outgoing {
+                exchange: &self.exchange,
+                routing_key,
+                body: &body,
+                reply_to: None,
+                correlation_id: None,
+            })
+            .await
+    }
+
+    /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`.
+    pub async fn respond(
+        &self,
+        queue: &str,
+        id_json: &str,
+        result_json: &str,
+    ) -> Result<(), BusError> {
+        let body = crate::dispatch::result_body(id_json, result_json);
+        self.bus
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: queue,
+                body: &body,
+                reply_to: None,
+                correlation_id: None,
+            })
+            .await
+    }
+
+    fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// `{"jsonrpc":"2.0","id":…,"method":…,"params":…}`; the method is the
+/// routing key's last segment.
+pub fn request_body(routing_key: &str, id: Option<&str>, params: Option<&str>) -> Vec<u8> {
+    let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned());
+    let mut body = format!(r#"{{"jsonrpc":"2.0","method":{}"#, quote(method));
+    if let Some(id) = id {
+        body.push_str(r#","id":"#);
+        body.push_str(&quote(id));
+    }
+    if let Some(params) = params {
+        body.push_str(r#","params":"#);
+        body.push_str(params);
+    }
+    body.push('}');
+    body.into_bytes()
+}
+
+/// Hands each reply to its waiting request: by correlation id, or by the
+/// JSON-RPC id for services that do not copy the correlation id (as the
+/// Python one did not).
+async fn route_replies(replies: async_channel::Receiver<Incoming>, pending: Pending) {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    while let Ok(reply) = replies.recv().await {
+        let key = reply.correlation_id.clone().or_else(|| {
+            serde_json::from_slice::<IdOnly>(&reply.body)
+                .ok()
+                .and_then(|r| r.id)
+        });
+        let waiter = key.and_then(|k| {
+            pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&k)
+        });
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(reply.body);
+            }
+            None => tracing::debug!(
+                correlation_id = reply.correlation_id.as_deref(),
+                "reply for no pending request (late, after its timeout?)"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bodies() {
+        let body = request_body("simple.add", Some("u"), Some("[1,2]"));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"jsonrpc":"2.0","method":"add","id":"u","params":[1,2]})
+        );
+        let body = request_body("simple.ping", None, None);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, serde_json::json!({"jsonrpc":"2.0","method":"ping"}));
+    }
+}

@@ -1,0 +1,384 @@
+//! `run`: load the plugins, connect, declare, consume every service with
+//! `concurrency` handlers in flight, answer, and stop cleanly.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use commissaire_plugin_api::host::{HostBus, RequestMeta};
+use commissaire_plugin_api::{abi::log_level, RpcError};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{self, BusError, BusTransport, Consumer, Incoming, Outgoing, Settle};
+use crate::client::RpcClient;
+use crate::config::HostConfig;
+use crate::dispatch::{Delivery, Service};
+use crate::plugin::{DirError, LoadErrorKind, PluginSet};
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The plugin directory is unreadable.
+    #[error(transparent)]
+    PluginDir(#[from] DirError),
+    /// Nothing to serve.
+    #[error("no plugin to serve in {0} (build them and copy the .so files there)")]
+    NoPlugins(String),
+    /// Two plugins export one service.
+    #[error("{0}")]
+    Duplicate(String),
+    /// A `[[service]]` entry names no loaded plugin.
+    #[error(
+        "{location}: [[service]] `{name}` is not exported by any loaded plugin (loaded: {loaded})"
+    )]
+    UnknownService {
+        /// `file:line:col`.
+        location: String,
+        /// The name.
+        name: String,
+        /// The services that did load.
+        loaded: String,
+    },
+    /// A service's `init` failed.
+    #[error("service `{service}` failed to start: {error}")]
+    ServiceInit {
+        /// The service.
+        service: String,
+        /// Its error.
+        error: RpcError,
+    },
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The HTTP endpoint could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Which services are consuming; what `/healthz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    services: RwLock<BTreeMap<String, bool>>,
+}
+
+impl Health {
+    fn set(&self, service: &str, consuming: bool) {
+        if let Ok(mut s) = self.services.write() {
+            s.insert(service.to_owned(), consuming);
+        }
+    }
+
+    /// Each service and whether it is consuming.
+    pub fn snapshot(&self) -> BTreeMap<String, bool> {
+        self.services.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// True when there is at least one service and all are consuming.
+    pub fn all_consuming(&self) -> bool {
+        let s = self.snapshot();
+        !s.is_empty() && s.values().all(|c| *c)
+    }
+}
+
+/// The bus as handlers see it: blocking calls on the host's client.
+struct HandlerBus {
+    client: Arc<RpcClient>,
+    runtime: tokio::runtime::Handle,
+    service: Arc<str>,
+}
+
+impl HostBus for HandlerBus {
+    fn request(
+        &self,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+    ) -> Result<String, RpcError> {
+        let reply =
+            self.runtime
+                .block_on(self.client.request(routing_key, Some(params_json), timeout))?;
+        reply.map(|raw| raw.get().to_owned())
+    }
+
+    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+        self.runtime
+            .block_on(self.client.notify(routing_key, Some(params_json)))
+            .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
+    fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError> {
+        self.runtime
+            .block_on(self.client.respond(queue, id_json, result_json))
+            .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
+    fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
+        let (service, method, id) = (&*self.service, meta.method, meta.id_json);
+        match level {
+            log_level::ERROR => tracing::error!(service, method, id, "{message}"),
+            log_level::WARN => tracing::warn!(service, method, id, "{message}"),
+            log_level::INFO => tracing::info!(service, method, id, "{message}"),
+            _ => tracing::debug!(service, method, id, "{message}"),
+        }
+    }
+}
+
+/// A running host.
+pub struct RunningHost {
+    /// What `/healthz` reports.
+    pub health: Arc<Health>,
+    /// The client the host's own requests use.
+    pub client: Arc<RpcClient>,
+    /// The HTTP endpoint's bound address.
+    pub http_addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for RunningHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningHost")
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads, connects, declares and starts consuming; returns once every
+/// service is consuming.
+pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
+    let set = PluginSet::load_dir(&config.plugins_dir)?;
+    for refused in &set.refused {
+        if let LoadErrorKind::DuplicateService { .. } = refused.kind {
+            return Err(HostError::Duplicate(refused.to_string()));
+        }
+        tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
+    }
+    if set.plugins.is_empty() {
+        return Err(HostError::NoPlugins(
+            config.plugins_dir.display().to_string(),
+        ));
+    }
+    let loaded: Vec<&str> = set
+        .plugins
+        .iter()
+        .map(|p| p.service_name.as_str())
+        .collect();
+    for (name, settings) in &config.services {
+        if !loaded.contains(&name.as_str()) {
+            return Err(HostError::UnknownService {
+                location: settings.location.clone().unwrap_or_default(),
+                name: name.clone(),
+                loaded: loaded.join(", "),
+            });
+        }
+    }
+
+    let bus = bus::connect(&config.bus_uri).await?;
+    tracing::info!(bus = %bus.describe(), exchange = %config.exchange, "connected");
+    let client = RpcClient::start(bus.clone(), &config.exchange, config.request_timeout).await?;
+    bus.declare_exchange(&config.exchange).await?;
+
+    let health = Arc::new(Health::default());
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let runtime = tokio::runtime::Handle::current();
+
+    for library in set.plugins {
+        let name = library.service_name.clone();
+        let settings = config.service(&name);
+        let service =
+            Service::start(library, &settings.config).map_err(|error| HostError::ServiceInit {
+                service: name.clone(),
+                error,
+            })?;
+        let handler_bus = Arc::new(HandlerBus {
+            client: client.clone(),
+            runtime: runtime.clone(),
+            service: Arc::from(name.as_str()),
+        });
+        let in_flight = Arc::new(Semaphore::new(usize::from(settings.concurrency)));
+        for queue in &settings.queues {
+            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
+                .await?;
+            let consumer = bus.consume(&queue.name, settings.concurrency).await?;
+            tracker.spawn(consume_loop(ConsumeLoop {
+                service: service.clone(),
+                consumer,
+                in_flight: in_flight.clone(),
+                bus: bus.clone(),
+                handler_bus: handler_bus.clone(),
+                tracker: tracker.clone(),
+                stop: stop.clone(),
+            }));
+        }
+        health.set(&name, true);
+        let queues: Vec<String> = settings
+            .queues
+            .iter()
+            .map(|q| format!("{} ({})", q.name, q.routing_key))
+            .collect();
+        tracing::info!(
+            service = %name,
+            queues = %queues.join(", "),
+            concurrency = settings.concurrency,
+            "ready"
+        );
+    }
+
+    let http_addr = match config.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| HostError::Http { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| HostError::Http { addr, source })?;
+            let app = crate::http::router(client.clone(), health.clone());
+            let http_stop = stop.clone();
+            tracker.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP endpoint failed");
+                }
+            });
+            tracing::info!(listen = %bound, "HTTP endpoint ready");
+            Some(bound)
+        }
+        None => None,
+    };
+
+    Ok(RunningHost {
+        health,
+        client,
+        http_addr,
+        stop,
+        tracker,
+    })
+}
+
+impl RunningHost {
+    /// Stops consuming, lets in-flight handlers finish and their replies go
+    /// out, hands unstarted deliveries back, and closes the connection.
+    pub async fn shutdown(self) {
+        tracing::info!("stopping: finishing in-flight requests");
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.client.bus().close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Runs the host until `signal` resolves, then stops cleanly.
+pub async fn run(config: &HostConfig, signal: impl Future<Output = ()>) -> Result<(), HostError> {
+    let host = start(config).await?;
+    signal.await;
+    host.shutdown().await;
+    Ok(())
+}
+
+struct ConsumeLoop {
+    service: Arc<Service>,
+    consumer: Consumer,
+    in_flight: Arc<Semaphore>,
+    bus: Arc<dyn BusTransport>,
+    handler_bus: Arc<HandlerBus>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// Takes deliveries while a handler slot is free; never blocks on a
+/// handler (they run on the blocking pool).
+async fn consume_loop(l: ConsumeLoop) {
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = l.stop.cancelled() => break,
+            permit = l.in_flight.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let incoming = tokio::select! {
+            biased;
+            () = l.stop.cancelled() => break,
+            m = l.consumer.deliveries.recv() => match m {
+                Ok(m) => m,
+                Err(_) => {
+                    tracing::warn!(service = l.service.name(), "consumer ended");
+                    break;
+                }
+            },
+        };
+        let service = l.service.clone();
+        let bus = l.bus.clone();
+        let handler_bus = l.handler_bus.clone();
+        l.tracker.spawn(async move {
+            answer(service, bus, handler_bus, incoming).await;
+            drop(permit);
+        });
+    }
+    l.consumer.stop.cancel();
+    // Prefetched but never started: back to the queue for another worker.
+    while let Ok(m) = l.consumer.deliveries.try_recv() {
+        if let Err(e) = m.settle(Settle::Requeue).await {
+            tracing::warn!(error = %e, "could not hand a delivery back");
+        }
+    }
+}
+
+/// Handles one delivery, publishes its reply, then acks it.
+async fn answer(
+    service: Arc<Service>,
+    bus: Arc<dyn BusTransport>,
+    handler_bus: Arc<HandlerBus>,
+    incoming: Incoming,
+) {
+    let handled = tokio::task::spawn_blocking(move || {
+        let delivery = Delivery {
+            exchange: &incoming.exchange,
+            routing_key: &incoming.routing_key,
+            body: &incoming.body,
+            reply_to: incoming.reply_to.as_deref(),
+            correlation_id: incoming.correlation_id.as_deref(),
+            redelivered: incoming.redelivered,
+        };
+        let handled = service.handle(&delivery, &*handler_bus);
+        (incoming, handled)
+    })
+    .await;
+    let Ok((incoming, handled)) = handled else {
+        tracing::error!("a handler task failed; its request stays unacked for redelivery");
+        return;
+    };
+    if let Some(reply) = &handled.reply {
+        let published = bus
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: &reply.to,
+                body: &reply.body,
+                reply_to: None,
+                correlation_id: reply.correlation_id.as_deref(),
+            })
+            .await;
+        if let Err(e) = published {
+            tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
+            let _ = incoming.settle(Settle::Requeue).await;
+            return;
+        }
+    }
+    if let Err(e) = incoming.settle(Settle::Ack).await {
+        tracing::warn!(error = %e, "ack failed; the request may be delivered again");
+    }
+}
