@@ -9,6 +9,8 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub mod host;
+
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
 use commissaire_plugin_api::host::HostBus;

@@ -1,0 +1,456 @@
+//! Running the real `commissaire-host` binary against a real broker, with
+//! names of its own so that tests run in parallel and leave nothing behind.
+
+use std::io::Read as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+
+use crate::{host_bin, plugin_dir};
+
+/// The broker the tests use (`COMMISSAIRE_TEST_AMQP` overrides).
+pub fn amqp_uri() -> String {
+    std::env::var("COMMISSAIRE_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A fresh name: `prefix-<uuid>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A free local TCP port.
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr")
+}
+
+/// How to start a host.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// The bus URI.
+    pub bus_uri: String,
+    /// Plugin libraries to serve (`simple`, `demo`, …).
+    pub plugins: Vec<&'static str>,
+    /// Extra TOML appended to the generated config.
+    pub extra_toml: String,
+    /// Queue-name suffix shared by hosts that must share queues.
+    pub suffix: String,
+    /// The exchange.
+    pub exchange: String,
+    /// `COMMISSAIRE_LOG` for the host process.
+    pub log: String,
+}
+
+impl HostSpec {
+    /// `simple` and `demo` on RabbitMQ, with fresh exchange and queue names.
+    pub fn amqp() -> Self {
+        Self {
+            bus_uri: amqp_uri(),
+            plugins: vec!["simple", "demo"],
+            extra_toml: String::new(),
+            suffix: unique("q"),
+            exchange: unique("test-ex"),
+            log: "info".to_owned(),
+        }
+    }
+
+    /// The same on the embedded bus.
+    pub fn memory() -> Self {
+        Self {
+            bus_uri: "memory://".to_owned(),
+            ..Self::amqp()
+        }
+    }
+
+    /// The queue name of `service` in this spec.
+    pub fn queue(&self, service: &str) -> String {
+        format!("{service}-{}", self.suffix)
+    }
+
+    fn toml(&self, http: SocketAddr, plugins_dir: &std::path::Path) -> String {
+        let mut t = format!(
+            "[bus]\nexchange = \"{}\"\n\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n",
+            self.exchange,
+            plugins_dir.display()
+        );
+        for service in ["simple", "demo"] {
+            if self.plugins.contains(&service) {
+                t.push_str(&format!(
+                    "\n[[service]]\nname = \"{service}\"\nqueues = [{{ name = \"{}\", routing_key = \"{service}.*\" }}]\n",
+                    self.queue(service)
+                ));
+            }
+        }
+        t.push_str(&self.extra_toml);
+        t
+    }
+}
+
+/// A running host process; killed and its broker objects deleted on drop.
+#[derive(Debug)]
+pub struct TestHost {
+    child: Option<Child>,
+    /// What it was started with.
+    pub spec: HostSpec,
+    /// Its HTTP endpoint.
+    pub http: SocketAddr,
+    /// Its config file.
+    pub config: PathBuf,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+    _plugins: tempfile::TempDir,
+}
+
+impl TestHost {
+    /// Starts the host and waits until `/healthz` says every service is
+    /// consuming.
+    pub fn start(spec: HostSpec) -> Self {
+        let plugins = plugin_dir(&spec.plugins);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http = free_addr();
+        let config = dir.path().join("host.toml");
+        std::fs::write(&config, spec.toml(http, plugins.path())).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let child = Command::new(host_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--bus-uri", &spec.bus_uri])
+            .env("COMMISSAIRE_LOG", &spec.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn commissaire-host");
+        let mut host = Self {
+            child: Some(child),
+            spec,
+            http,
+            config,
+            stderr_path,
+            _dir: dir,
+            _plugins: plugins,
+        };
+        host.wait_healthy(Duration::from_secs(20));
+        host
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("host exited with {status}:\n{}", self.stderr());
+            }
+            if let Ok((200, _)) = http_get(self.http, "/healthz") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("host not healthy within {limit:?}:\n{}", self.stderr());
+    }
+
+    /// What the host logged.
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit (at most `limit`).
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "host did not exit within {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `POST /rpc/{routing_key}` with `body`: (status, JSON body).
+    pub fn http_call(&self, routing_key: &str, body: &Value) -> (u16, Value) {
+        http_post(self.http, &format!("/rpc/{routing_key}"), body).expect("HTTP request")
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.spec.bus_uri.starts_with("amqp") {
+            let spec = self.spec.clone();
+            cleanup_broker(&spec.exchange, &[spec.queue("simple"), spec.queue("demo")]);
+        }
+    }
+}
+
+/// Deletes the test's exchange and queues.
+pub fn cleanup_broker(exchange: &str, queues: &[String]) {
+    let exchange = exchange.to_owned();
+    let queues = queues.to_vec();
+    let cleanup = async move {
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        for q in &queues {
+            // A queue that was never declared closes the channel: use one each.
+            let ch = conn.create_channel().await?;
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        conn.close(200, "bye".into()).await
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    // In a test that is itself async, this runs on a thread of its own.
+    let _ = std::thread::spawn(move || rt.map(|rt| rt.block_on(cleanup))).join();
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn read(mut response: ureq::http::Response<ureq::Body>) -> Result<(u16, Value), ureq::Error> {
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string()?;
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Ok((status, value))
+}
+
+/// `GET http://addr/path`.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Value), ureq::Error> {
+    read(agent().get(&format!("http://{addr}{path}")).call()?)
+}
+
+/// `POST http://addr/path` with a JSON body.
+pub fn http_post(addr: SocketAddr, path: &str, body: &Value) -> Result<(u16, Value), ureq::Error> {
+    read(
+        agent()
+            .post(&format!("http://{addr}{path}"))
+            .send_json(body)?,
+    )
+}
+
+/// The kinds of reply queue a caller may wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyQueue {
+    /// kombu's `SimpleQueue('response-<uuid>')` with its defaults: durable.
+    KombuDurable,
+    /// Commissaire's `BusMixin.request`: auto-delete, not durable.
+    AutoDelete,
+    /// An exclusive, server-named queue.
+    ExclusiveServerNamed,
+    /// RabbitMQ's direct reply-to.
+    DirectReplyTo,
+}
+
+/// A raw AMQP caller, like the Python clients: publishes to the exchange
+/// and waits on the reply queue of its choice.
+pub struct AmqpCaller {
+    conn: Connection,
+    channel: Channel,
+    exchange: String,
+}
+
+impl std::fmt::Debug for AmqpCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpCaller")
+            .field("exchange", &self.exchange)
+            .finish()
+    }
+}
+
+/// A reply as received.
+#[derive(Debug)]
+pub struct ReceivedReply {
+    /// The body, decoded.
+    pub body: Value,
+    /// Its correlation id.
+    pub correlation_id: Option<String>,
+    /// Its content type.
+    pub content_type: Option<String>,
+}
+
+impl AmqpCaller {
+    /// Connects to the test broker.
+    pub async fn connect(exchange: &str) -> Self {
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.expect("channel");
+        Self {
+            conn,
+            channel,
+            exchange: exchange.to_owned(),
+        }
+    }
+
+    /// Publishes raw `body` on `routing_key` (no reply wanted).
+    pub async fn publish(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish");
+    }
+
+    /// Sends `body` with a reply queue of `kind` and waits for the reply.
+    pub async fn call(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        kind: ReplyQueue,
+        correlation_id: Option<&str>,
+    ) -> ReceivedReply {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let (queue, no_ack) = match kind {
+            ReplyQueue::DirectReplyTo => ("amq.rabbitmq.reply-to".to_owned(), true),
+            ReplyQueue::ExclusiveServerNamed => {
+                let q = ch
+                    .queue_declare(
+                        "".into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .expect("declare");
+                (q.name().to_string(), false)
+            }
+            ReplyQueue::KombuDurable | ReplyQueue::AutoDelete => {
+                let name = unique("response");
+                let options = if kind == ReplyQueue::KombuDurable {
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    }
+                } else {
+                    QueueDeclareOptions {
+                        auto_delete: true,
+                        ..Default::default()
+                    }
+                };
+                ch.queue_declare(name.as_str().into(), options, FieldTable::default())
+                    .await
+                    .expect("declare");
+                (name, false)
+            }
+        };
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(queue.as_str().into());
+        if let Some(c) = correlation_id {
+            properties = properties.with_correlation_id(c.into());
+        }
+        ch.basic_publish(
+            self.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a reply within 10 s")
+            .expect("consumer open")
+            .expect("delivery");
+        if !no_ack {
+            let _ = delivery.acker.ack(Default::default()).await;
+        }
+        if kind == ReplyQueue::KombuDurable {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = ch.close(200, "bye".into()).await;
+        ReceivedReply {
+            body: serde_json::from_slice(&delivery.data).expect("reply is JSON"),
+            correlation_id: delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.to_string()),
+            content_type: delivery
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|s| s.to_string()),
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}

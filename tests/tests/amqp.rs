@@ -1,0 +1,372 @@
+//! The host on the real RabbitMQ, through the real binary: PROTOCOL.md over
+//! the wire.
+
+use std::time::Duration;
+
+use commissaire_e2e::host::{AmqpCaller, HostSpec, ReplyQueue, TestHost};
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+fn request(method: &str, params: Value) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": "req-1", "method": method, "params": params})
+        .to_string()
+        .into_bytes()
+}
+
+async fn call(host: &TestHost, routing_key: &str, body: &[u8]) -> Value {
+    let caller = AmqpCaller::connect(&host.spec.exchange).await;
+    let reply = caller
+        .call(routing_key, body, ReplyQueue::AutoDelete, None)
+        .await;
+    caller.close().await;
+    reply.body
+}
+
+fn code(reply: &Value) -> i64 {
+    reply["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error: {reply}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_positional_and_named() {
+    let host = TestHost::start(HostSpec::amqp());
+    let reply = call(&host, "simple.add", &request("add", json!([1, 2]))).await;
+    assert_eq!(reply, json!({"jsonrpc": "2.0", "id": "req-1", "result": 3}));
+    let reply = call(
+        &host,
+        "simple.add",
+        &request("add", json!({"x": 40, "y": 2})),
+    )
+    .await;
+    assert_eq!(reply["result"], 42);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wordy_add_goes_handler_bus_handler() {
+    let host = TestHost::start(HostSpec::amqp());
+    let reply = call(
+        &host,
+        "simple.wordy_add",
+        &request("wordy_add", json!([1, 2])),
+    )
+    .await;
+    assert_eq!(reply["result"], "Adding 1 plus 2 results in 3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_reach_every_kind_of_reply_queue_with_correlation_id_copied() {
+    let host = TestHost::start(HostSpec::amqp());
+    let caller = AmqpCaller::connect(&host.spec.exchange).await;
+    for kind in [
+        ReplyQueue::KombuDurable,
+        ReplyQueue::AutoDelete,
+        ReplyQueue::ExclusiveServerNamed,
+        ReplyQueue::DirectReplyTo,
+    ] {
+        let reply = caller
+            .call(
+                "simple.add",
+                &request("add", json!([2, 2])),
+                kind,
+                Some("corr-42"),
+            )
+            .await;
+        assert_eq!(reply.body["result"], 4, "{kind:?}");
+        assert_eq!(reply.correlation_id.as_deref(), Some("corr-42"), "{kind:?}");
+        assert_eq!(
+            reply.content_type.as_deref(),
+            Some("application/json"),
+            "{kind:?}"
+        );
+    }
+    // Commissaire's callers set no correlation id: the reply has none either.
+    let reply = caller
+        .call(
+            "simple.add",
+            &request("add", json!([2, 3])),
+            ReplyQueue::AutoDelete,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (reply.body["result"].clone(), reply.correlation_id),
+        (json!(5), None)
+    );
+    caller.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_row_over_the_wire() {
+    let host = TestHost::start(HostSpec::amqp());
+    let cases: Vec<(&str, Vec<u8>, i64, Value)> = vec![
+        ("simple.add", b"{not json".to_vec(), -32700, Value::Null),
+        ("simple.add", b"[1,2]".to_vec(), -32600, Value::Null),
+        (
+            "simple.add",
+            request("wordy_add", json!([1, 2])),
+            -32600,
+            json!("req-1"),
+        ),
+        (
+            "simple.add",
+            br#"{"jsonrpc":"2.0","id":"req-1","method":"add","params":7}"#.to_vec(),
+            -32600,
+            json!("req-1"),
+        ),
+        (
+            "simple.sub",
+            request("sub", json!([1, 2])),
+            -32601,
+            json!("req-1"),
+        ),
+        (
+            "simple.add",
+            request("add", json!([1])),
+            -32602,
+            json!("req-1"),
+        ),
+        (
+            "simple.add",
+            request("add", json!(["one", 2])),
+            -32602,
+            json!("req-1"),
+        ),
+        (
+            "simple.add",
+            request("add", json!({"x": 1, "y": 2, "z": 3})),
+            -32602,
+            json!("req-1"),
+        ),
+        (
+            "demo.panic",
+            request("panic", json!([])),
+            -32603,
+            json!("req-1"),
+        ),
+        (
+            "demo.fail",
+            request("fail", json!([])),
+            -20000,
+            json!("req-1"),
+        ),
+        (
+            "demo.raise",
+            request("raise", json!([409, "conflict"])),
+            409,
+            json!("req-1"),
+        ),
+    ];
+    let caller = AmqpCaller::connect(&host.spec.exchange).await;
+    for (routing_key, body, expected, id) in cases {
+        let reply = caller
+            .call(routing_key, &body, ReplyQueue::AutoDelete, None)
+            .await
+            .body;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(code(&reply), expected, "{routing_key} {text}: {reply}");
+        assert_eq!(reply["id"], id, "{routing_key} {text}");
+        assert_eq!(reply["jsonrpc"], "2.0");
+    }
+    // The host is still answering after all that.
+    let reply = caller
+        .call(
+            "simple.add",
+            &request("add", json!([1, 1])),
+            ReplyQueue::DirectReplyTo,
+            None,
+        )
+        .await;
+    assert_eq!(reply.body["result"], 2);
+    caller.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn double_encoded_and_text_plain_bodies() {
+    let host = TestHost::start(HostSpec::amqp());
+    let inner = r#"{"jsonrpc":"2.0","id":"d","method":"add","params":[20,22]}"#;
+    let body = serde_json::to_vec(inner).unwrap();
+    let reply = call(&host, "simple.add", &body).await;
+    assert_eq!(reply, json!({"jsonrpc": "2.0", "id": "d", "result": 42}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notification_runs_its_handler_and_gets_no_reply() {
+    let host = TestHost::start(HostSpec::amqp());
+    // Watch what the handler sends: demo.relay notifies `observe.seen`.
+    let caller = AmqpCaller::connect(&host.spec.exchange).await;
+    let observer = commissaire_host::bus::connect(&commissaire_e2e::host::amqp_uri())
+        .await
+        .unwrap();
+    let watch = commissaire_e2e::host::unique("observe");
+    observer
+        .declare_queue(&host.spec.exchange, &watch, "observe.*")
+        .await
+        .unwrap();
+    let seen = observer.consume(&watch, 1).await.unwrap();
+
+    let body = json!({"jsonrpc": "2.0", "method": "relay", "params": ["observe.seen", {"k": 1}]});
+    caller
+        .publish(
+            "demo.relay",
+            body.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let notified = tokio::time::timeout(Duration::from_secs(10), seen.deliveries.recv())
+        .await
+        .expect("the handler ran")
+        .unwrap();
+    let notified: Value = serde_json::from_slice(&notified.body).unwrap();
+    assert_eq!(
+        notified,
+        json!({"jsonrpc": "2.0", "method": "seen", "params": {"k": 1}})
+    );
+    observer.close().await;
+    commissaire_e2e::host::cleanup_broker("", &[watch]);
+    caller.close().await;
+}
+
+#[test]
+fn call_and_notify_commands() {
+    let host = TestHost::start(HostSpec::amqp());
+    let run = |args: &[&str]| {
+        std::process::Command::new(commissaire_e2e::host_bin())
+            .args(args)
+            .args([
+                "--bus-uri",
+                &host.spec.bus_uri,
+                "--bus-exchange",
+                &host.spec.exchange,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run(&["call", "simple.add", "[1, 2]"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3\n");
+    let out = run(&["call", "simple.wordy_add", r#"{"x": 1, "y": 2}"#]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "\"Adding 1 plus 2 results in 3\"\n"
+    );
+    let out = run(&["call", "demo.fail"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error -20000: I was never created {\"exception\":\"NotImplementedError\"}\n"
+    );
+    let out = run(&["call", "nobody.home", "[]", "--timeout", "0.5"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no reply from `nobody.home`"));
+    let out = run(&["call", "simple.add", "[1,"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PARAMS_JSON is not JSON"));
+    let out = run(&["notify", "demo.ping"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn http_endpoint_on_rabbitmq() {
+    let host = TestHost::start(HostSpec::amqp());
+    let (status, reply) = host.http_call(
+        "simple.add",
+        &json!({"jsonrpc": "2.0", "id": 9, "method": "add", "params": [1, 2]}),
+    );
+    assert_eq!(
+        (status, reply),
+        (200, json!({"jsonrpc": "2.0", "id": 9, "result": 3}))
+    );
+    let (status, reply) = host.http_call(
+        "simple.wordy_add",
+        &json!({"id": "w", "params": {"x": 1, "y": 2}}),
+    );
+    assert_eq!(
+        (status, reply["result"].clone()),
+        (200, json!("Adding 1 plus 2 results in 3"))
+    );
+    let (status, reply) = host.http_call("demo.fail", &json!({"id": 1}));
+    assert_eq!((status, code(&reply)), (200, -20000));
+    let (status, reply) = host.http_call("simple.add", &json!({"id": 1, "method": "sub"}));
+    assert_eq!((status, code(&reply)), (400, -32600));
+    let (status, _) = host.http_call("demo.ping", &json!({"params": []}));
+    assert_eq!(status, 202, "a request without id is a notification");
+    let (status, health) = commissaire_e2e::host::http_get(host.http, "/healthz").unwrap();
+    assert_eq!(
+        (status, health),
+        (
+            200,
+            json!({"services": {"demo": "consuming", "simple": "consuming"}})
+        )
+    );
+}
+
+#[test]
+fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    // Each answered request is logged at debug level: count them per host.
+    spec.log = "info,commissaire_host::dispatch=debug".to_owned();
+    let mut first = TestHost::start(spec.clone());
+    let second = TestHost::start(spec.clone());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let total = 600usize;
+    let answered = rt.block_on(async {
+        let bus = commissaire_host::bus::connect(&spec.bus_uri).await.unwrap();
+        let client = commissaire_host::client::RpcClient::start(
+            bus,
+            &spec.exchange,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..total {
+            let client = client.clone();
+            tasks.spawn(async move {
+                let params = format!("[{i}, 1]");
+                let r = client.request("simple.add", Some(&params), None).await;
+                (i, r.map(|r| r.map(|v| v.get().to_owned())))
+            });
+            if i == total / 3 {
+                // Stop one host while requests are in flight.
+                first.signal("TERM");
+            }
+            if i % 32 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let mut answered = 0;
+        while let Some(done) = tasks.join_next().await {
+            let (i, r) = done.unwrap();
+            match r {
+                Ok(Ok(v)) => {
+                    assert_eq!(v, (i + 1).to_string());
+                    answered += 1;
+                }
+                other => panic!("request {i} was not answered: {other:?}"),
+            }
+        }
+        answered
+    });
+    assert_eq!(answered, total);
+    let status = first.wait(Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status}\n{}",
+        first.stderr()
+    );
+    let handled = |h: &TestHost| h.stderr().matches("handled").count();
+    assert!(handled(&first) > 0, "the first host answered some");
+    assert!(handled(&second) > 0, "the second host answered some");
+    assert!(first.stderr().contains("stopped"));
+}
