@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::{abi::log_level, RpcError};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{self, BusError, BusTransport, Consumer, Incoming, Outgoing, Settle};
+use crate::bus::{self, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
 use crate::client::RpcClient;
 use crate::config::HostConfig;
 use crate::dispatch::{Delivery, Service};
@@ -94,6 +93,41 @@ struct HandlerBus {
     client: Arc<RpcClient>,
     runtime: tokio::runtime::Handle,
     service: Arc<str>,
+    /// The service's consumers and their configured prefetch.
+    prefetch: Vec<Arc<dyn Prefetch>>,
+    concurrency: u16,
+    /// Handlers now waiting in a bus request, and the limit last set.
+    waiting: tokio::sync::Mutex<(u16, u16)>,
+}
+
+impl HandlerBus {
+    /// While a handler waits for a reply, its slot does not count: the
+    /// consumers may take one more delivery each (it may be the very request
+    /// the handler waits for). The limit is raised ahead (twice what is
+    /// needed) and lowered lazily, so that a busy service does not change
+    /// it on every call.
+    async fn waiting(&self, delta: i32) {
+        let mut state = self.waiting.lock().await;
+        let (waiting, limit) = &mut *state;
+        *waiting = u16::try_from(i32::from(*waiting) + delta).unwrap_or(0);
+        let needed = self.concurrency.saturating_add(*waiting);
+        let new_limit = if needed > *limit {
+            self.concurrency.saturating_add(waiting.saturating_mul(2))
+        } else if *waiting == 0 || needed.saturating_add(self.concurrency) < *limit {
+            needed
+        } else {
+            return;
+        };
+        if new_limit == *limit {
+            return;
+        }
+        *limit = new_limit;
+        for p in &self.prefetch {
+            if let Err(e) = p.set(new_limit).await {
+                tracing::warn!(service = &*self.service, error = %e, "cannot change the prefetch");
+            }
+        }
+    }
 }
 
 impl HostBus for HandlerBus {
@@ -103,9 +137,15 @@ impl HostBus for HandlerBus {
         params_json: &str,
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
-        let reply =
-            self.runtime
-                .block_on(self.client.request(routing_key, Some(params_json), timeout))?;
+        let reply = self.runtime.block_on(async {
+            self.waiting(1).await;
+            let reply = self
+                .client
+                .request(routing_key, Some(params_json), timeout)
+                .await;
+            self.waiting(-1).await;
+            reply
+        })?;
         reply.map(|raw| raw.get().to_owned())
     }
 
@@ -200,20 +240,24 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 service: name.clone(),
                 error,
             })?;
+        let mut consumers = Vec::new();
+        for queue in &settings.queues {
+            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
+                .await?;
+            consumers.push(bus.consume(&queue.name, settings.concurrency).await?);
+        }
         let handler_bus = Arc::new(HandlerBus {
             client: client.clone(),
             runtime: runtime.clone(),
             service: Arc::from(name.as_str()),
+            prefetch: consumers.iter().map(|c| c.prefetch.clone()).collect(),
+            concurrency: settings.concurrency,
+            waiting: tokio::sync::Mutex::new((0, settings.concurrency)),
         });
-        let in_flight = Arc::new(Semaphore::new(usize::from(settings.concurrency)));
-        for queue in &settings.queues {
-            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
-                .await?;
-            let consumer = bus.consume(&queue.name, settings.concurrency).await?;
+        for consumer in consumers {
             tracker.spawn(consume_loop(ConsumeLoop {
                 service: service.clone(),
                 consumer,
-                in_flight: in_flight.clone(),
                 bus: bus.clone(),
                 handler_bus: handler_bus.clone(),
                 tracker: tracker.clone(),
@@ -291,25 +335,17 @@ pub async fn run(config: &HostConfig, signal: impl Future<Output = ()>) -> Resul
 struct ConsumeLoop {
     service: Arc<Service>,
     consumer: Consumer,
-    in_flight: Arc<Semaphore>,
     bus: Arc<dyn BusTransport>,
     handler_bus: Arc<HandlerBus>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
 
-/// Takes deliveries while a handler slot is free; never blocks on a
-/// handler (they run on the blocking pool).
+/// Takes deliveries (the prefetch limit bounds how many are unsettled, so
+/// how many handlers are in flight); never blocks on a handler (they run on
+/// the blocking pool).
 async fn consume_loop(l: ConsumeLoop) {
     loop {
-        let permit = tokio::select! {
-            biased;
-            () = l.stop.cancelled() => break,
-            permit = l.in_flight.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let incoming = tokio::select! {
             biased;
             () = l.stop.cancelled() => break,
@@ -324,10 +360,7 @@ async fn consume_loop(l: ConsumeLoop) {
         let service = l.service.clone();
         let bus = l.bus.clone();
         let handler_bus = l.handler_bus.clone();
-        l.tracker.spawn(async move {
-            answer(service, bus, handler_bus, incoming).await;
-            drop(permit);
-        });
+        l.tracker.spawn(answer(service, bus, handler_bus, incoming));
     }
     l.consumer.stop.cancel();
     // Prefetched but never started: back to the queue for another worker.

@@ -66,9 +66,9 @@ fn sigterm_on_the_memory_bus_exits_zero() {
 }
 
 fn run_with_config(text: &str, extra: &[&str]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("host.toml");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, text).expect("write config");
     let out = Command::new(host_bin())
         .arg("run")
         .arg("--config")

@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Settle};
+use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
 use crate::redact::{redact_uri, scrub};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
@@ -103,6 +103,18 @@ impl AmqpBus {
     }
 }
 
+struct AmqpPrefetch(Channel);
+
+#[async_trait]
+impl Prefetch for AmqpPrefetch {
+    async fn set(&self, limit: u16) -> Result<(), BusError> {
+        self.0
+            .basic_qos(limit, BasicQosOptions { global: true })
+            .await
+            .map_err(|e| BusError::op("basic.qos", e))
+    }
+}
+
 struct AmqpAcker(lapin::Acker);
 
 #[async_trait]
@@ -176,10 +188,14 @@ impl BusTransport for AmqpBus {
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError> {
         let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
         let channel = self.connection.create_channel().await.map_err(fail)?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+        // One consumer per channel, with a channel-wide (global) limit:
+        // RabbitMQ applies a new channel limit at once, a per-consumer one
+        // only to later consumers.
+        let limit = AmqpPrefetch(channel.clone());
+        limit
+            .set(prefetch)
             .await
-            .map_err(fail)?;
+            .map_err(|e| BusError::op(format!("consuming `{queue}`"), e))?;
         let consumer = channel
             .basic_consume(
                 queue.into(),
@@ -189,10 +205,14 @@ impl BusTransport for AmqpBus {
             )
             .await
             .map_err(fail)?;
-        let (tx, deliveries) = async_channel::bounded(usize::from(prefetch.max(1)));
+        let (tx, deliveries) = async_channel::unbounded();
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(Self::forward(channel, consumer, tx, stop.clone(), true));
-        Ok(Consumer { deliveries, stop })
+        Ok(Consumer {
+            deliveries,
+            stop,
+            prefetch: std::sync::Arc::new(limit),
+        })
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {

@@ -118,13 +118,31 @@ impl Incoming {
     }
 }
 
+/// Changes how many unsettled deliveries a consumer may hold.
+///
+/// A handler blocked in a bus request raises it by one while it waits, so
+/// that a service calling itself (`wordy_add` → `simple.add`) can never
+/// fill every slot with callers waiting on requests stuck behind them.
+#[async_trait]
+pub trait Prefetch: Send + Sync {
+    /// Sets the limit.
+    async fn set(&self, limit: u16) -> Result<(), BusError>;
+}
+
 /// Deliveries of one queue, until stopped.
-#[derive(Debug)]
 pub struct Consumer {
     /// The deliveries.
     pub deliveries: async_channel::Receiver<Incoming>,
     /// Stops the consumer: no more deliveries arrive after it.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Its prefetch limit.
+    pub prefetch: std::sync::Arc<dyn Prefetch>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").finish_non_exhaustive()
+    }
 }
 
 /// A bus connection.

@@ -1,0 +1,130 @@
+//! Closed-loop load generator: keeps `--concurrency` requests in flight
+//! through one reply queue (correlation by id), warms up, then measures
+//! `--requests` calls of `simple.add` and checks every result.
+//!
+//! `cargo run --release -p commissaire-bench --bin loadgen -- --concurrency 32`
+
+#![allow(clippy::print_stdout)] // the report is this program's output
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use commissaire_host::client::RpcClient;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The bus.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    bus_uri: String,
+    /// The exchange.
+    #[arg(long, default_value = "commissaire")]
+    exchange: String,
+    /// The routing key to call; params are `[i, 1]` and the result must be
+    /// `i + 1` (for `wordy_add`, the sentence saying so).
+    #[arg(long, default_value = "simple.add")]
+    routing_key: String,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured requests.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// Unmeasured requests first.
+    #[arg(long, default_value_t = 2_000)]
+    warmup: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn run_window(client: &Arc<RpcClient>, args: &Args, count: usize) -> (Vec<Duration>, usize) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let routing_key = args.routing_key.clone();
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let params = format!("[{i},1]");
+                let started = Instant::now();
+                let reply = client.request(&routing_key, Some(&params), None).await;
+                latencies.push(started.elapsed());
+                let expected = if routing_key.ends_with(".wordy_add") {
+                    format!("\"Adding {i} plus 1 results in {}\"", i + 1)
+                } else {
+                    (i + 1).to_string()
+                };
+                match reply {
+                    Ok(Ok(result)) if result.get() == expected => {}
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut all = Vec::with_capacity(count);
+    let mut errors = 0;
+    while let Some(done) = workers.join_next().await {
+        if let Ok((l, e)) = done {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    (all, errors)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let bus = commissaire_host::bus::connect(&args.bus_uri).await?;
+        let client = RpcClient::start(bus, &args.exchange, Duration::from_secs(10))
+            .await
+            .context("reply queue")?;
+        run_window(&client, &args, args.warmup).await;
+        let started = Instant::now();
+        let (mut latencies, errors) = run_window(&client, &args, args.requests).await;
+        let elapsed = started.elapsed();
+        latencies.sort_unstable();
+        let rate = args.requests as f64 / elapsed.as_secs_f64();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (p50, p90, p99) = (
+            percentile(&latencies, 50.0),
+            percentile(&latencies, 90.0),
+            percentile(&latencies, 99.0),
+        );
+        let max = latencies.last().copied().unwrap_or_default();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"concurrency": args.concurrency, "requests": args.requests,
+                    "rps": rate, "p50_ms": ms(p50), "p90_ms": ms(p90), "p99_ms": ms(p99),
+                    "max_ms": ms(max), "errors": errors})
+            );
+        } else {
+            println!(
+                "c={:<3} n={} {:>8.0} req/s  p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  errors {}",
+                args.concurrency, args.requests, rate, ms(p50), ms(p90), ms(p99), ms(max), errors
+            );
+        }
+        anyhow::ensure!(errors == 0, "{errors} requests failed or had a wrong result");
+        Ok(())
+    })
+}
