@@ -76,7 +76,7 @@ fn run_with_config(text: &str, extra: &[&str]) -> (Option<i32>, String) {
         .args(extra)
         .env("COMMISSAIRE_LOG", "error")
         .output()
-        .unwrap();
+        .expect("run commissaire-host");
     let err =
         String::from_utf8_lossy(&out.stderr).replace(&config.display().to_string(), "host.toml");
     (out.status.code(), err)
@@ -137,7 +137,7 @@ fn bus_uri_from_the_environment_when_no_flag_or_file_gives_one() {
         )
         .env("COMMISSAIRE_LOG", "error")
         .output()
-        .unwrap();
+        .expect("run commissaire-host");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot connect to amqp://guest:***@127.0.0.1:1/%2f"),
