@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A/B benchmark on RabbitMQ: the reference lapin service (bench/src/reference.rs)
+# and commissaire-host serving libsimple.so, alternately, ROUNDS rounds, each
+# measured by loadgen at concurrency 1 and 32 on the same broker. Prints every
+# figure, the ratio host/reference per round, and the median ratios.
+#   scripts/bench.sh [ROUNDS] [REQUESTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+requests=${2:-20000}
+uri=${COMMISSAIRE_BENCH_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}
+exchange=bench
+queue=bench-simple
+
+scripts/ensure-brokers.sh
+cargo build -q --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-bench
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir -p "$work/plugins"
+cp target/release/libsimple.so "$work/plugins/"
+cat > "$work/host.toml" <<TOML
+[bus]
+exchange = "$exchange"
+[plugins]
+dir = "$work/plugins"
+[[service]]
+name = "simple"
+queues = [{ name = "$queue", routing_key = "simple.*" }]
+concurrency = 64
+TOML
+
+wait_ready() { # log-file pattern
+  for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  echo "bench: server not ready: $(cat "$1")" >&2; return 1
+}
+
+measure() { # label
+  for c in 1 32; do
+    target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
+      --requests "$requests" --warmup 2000 --json | sed "s/^/$1 /"
+  done
+}
+
+results="$work/results"
+for r in $(seq 1 "$rounds"); do
+  target/release/reference --bus-uri "$uri" --exchange "$exchange" --queue "$queue" --prefetch 64 2> "$work/ref.log" &
+  pid=$!; wait_ready "$work/ref.log" "ready"
+  measure "$r reference" | tee -a "$results"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  COMMISSAIRE_LOG=warn,commissaire_host::server=info target/release/commissaire-host run \
+    --config "$work/host.toml" --bus-uri "$uri" 2> "$work/host.log" &
+  pid=$!; wait_ready "$work/host.log" "ready"
+  measure "$r host" | tee -a "$results"
+  kill -TERM "$pid"; wait "$pid" || true
+done
+
+python3 - "$results" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    rnd, who, js = line.split(" ", 2)
+    d = json.loads(js)
+    rows.setdefault((int(rnd), d["concurrency"]), {})[who] = d
+print()
+print("round  c   reference req/s  host req/s  ratio    ref p50 ms  host p50 ms  ratio")
+ratios = {1: ([], []), 32: ([], [])}
+for (rnd, c), d in sorted(rows.items()):
+    ref, host = d["reference"], d["host"]
+    t = host["rps"] / ref["rps"]; l = host["p50_ms"] / ref["p50_ms"]
+    ratios[c][0].append(t); ratios[c][1].append(l)
+    print(f"{rnd:>5}  {c:<3} {ref['rps']:>15.0f}  {host['rps']:>10.0f}  {t:>5.2f}    {ref['p50_ms']:>10.3f}  {host['p50_ms']:>11.3f}  {l:>5.2f}")
+for c, (t, l) in ratios.items():
+    print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}")
+PY
