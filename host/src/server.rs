@@ -53,6 +53,9 @@ pub enum HostError {
     /// The bus failed.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A consumer ended without being stopped: the broker connection is gone.
+    #[error("lost the bus connection ({0}); exiting so that a supervisor can restart the host")]
+    BusLost(String),
     /// The HTTP endpoint could not listen.
     #[error("cannot listen on {addr}: {source}")]
     Http {
@@ -181,6 +184,7 @@ pub struct RunningHost {
     /// The HTTP endpoint's bound address.
     pub http_addr: Option<SocketAddr>,
     stop: CancellationToken,
+    lost: CancellationToken,
     tracker: TaskTracker,
 }
 
@@ -229,6 +233,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
 
     let health = Arc::new(Health::default());
     let stop = CancellationToken::new();
+    let lost = CancellationToken::new();
     let tracker = TaskTracker::new();
     let runtime = tokio::runtime::Handle::current();
 
@@ -262,6 +267,8 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 handler_bus: handler_bus.clone(),
                 tracker: tracker.clone(),
                 stop: stop.clone(),
+                lost: lost.clone(),
+                health: health.clone(),
             }));
         }
         health.set(&name, true);
@@ -307,6 +314,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         client,
         http_addr,
         stop,
+        lost,
         tracker,
     })
 }
@@ -324,11 +332,26 @@ impl RunningHost {
     }
 }
 
-/// Runs the host until `signal` resolves, then stops cleanly.
+impl RunningHost {
+    /// Resolves when a consumer ended on its own (the connection is gone).
+    pub async fn lost(&self) {
+        self.lost.cancelled().await;
+    }
+}
+
+/// Runs the host until `signal` resolves, then stops cleanly. If the bus
+/// connection is lost first, stops and returns [`HostError::BusLost`].
 pub async fn run(config: &HostConfig, signal: impl Future<Output = ()>) -> Result<(), HostError> {
     let host = start(config).await?;
-    signal.await;
+    let lost = tokio::select! {
+        () = signal => false,
+        () = host.lost() => true,
+    };
+    let bus = host.client.bus().describe();
     host.shutdown().await;
+    if lost {
+        return Err(HostError::BusLost(bus));
+    }
     Ok(())
 }
 
@@ -339,6 +362,8 @@ struct ConsumeLoop {
     handler_bus: Arc<HandlerBus>,
     tracker: TaskTracker,
     stop: CancellationToken,
+    lost: CancellationToken,
+    health: Arc<Health>,
 }
 
 /// Takes deliveries (the prefetch limit bounds how many are unsettled, so
@@ -352,7 +377,9 @@ async fn consume_loop(l: ConsumeLoop) {
             m = l.consumer.deliveries.recv() => match m {
                 Ok(m) => m,
                 Err(_) => {
-                    tracing::warn!(service = l.service.name(), "consumer ended");
+                    tracing::error!(service = l.service.name(), "consumer ended: the bus connection is gone");
+                    l.health.set(l.service.name(), false);
+                    l.lost.cancel();
                     break;
                 }
             },

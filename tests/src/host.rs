@@ -173,6 +173,11 @@ impl TestHost {
         s
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {

@@ -370,3 +370,33 @@ fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
     assert!(handled(&second) > 0, "the second host answered some");
     assert!(first.stderr().contains("stopped"));
 }
+
+#[test]
+fn losing_the_broker_connection_exits_non_zero_for_a_supervisor_to_restart() {
+    let mut host = TestHost::start(HostSpec::amqp());
+    let wanted = format!("commissaire-host pid {}", host.pid().expect("running"));
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let names: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, properties)| properties.contains(&format!("\"connection_name\",\"{wanted}\"")))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(!names.is_empty(), "no connection named {wanted} in:\n{listed}");
+    for name in names {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", name, "test: broker connection lost"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(closed.success());
+    }
+    let status = host.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", host.stderr());
+    let log = host.stderr();
+    assert!(log.contains("lost the bus connection (amqp://guest:***@127.0.0.1:5672/%2f)"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -48,7 +48,9 @@ impl AmqpBus {
             reason: scrub(&e.to_string(), uri),
         };
         let properties =
-            ConnectionProperties::default().with_connection_name("commissaire-host".into());
+            ConnectionProperties::default().with_connection_name(
+                format!("commissaire-host pid {}", std::process::id()).into(),
+            );
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
         let publisher = connection.create_channel().await.map_err(fail)?;
         Ok(Self {
