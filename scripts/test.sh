@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/ensure-brokers.sh
 
 # kombu from PyPI, for the tests that play a Python Commissaire caller.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.redis, redis' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q 'kombu>=5.3,<6' 'redis>=4.5,<6'
+  .venv/bin/pip install -q 'kombu[redis]>=5.3,<6'
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 

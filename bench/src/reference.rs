@@ -36,9 +36,16 @@ fn answer(body: &[u8]) -> Vec<u8> {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let id = request.get("id").cloned().unwrap_or(Value::Null);
     let params = request.get("params").and_then(Value::as_array);
-    let reply = match params.map(|p| (p.first().and_then(Value::as_i64), p.get(1).and_then(Value::as_i64))) {
+    let reply = match params.map(|p| {
+        (
+            p.first().and_then(Value::as_i64),
+            p.get(1).and_then(Value::as_i64),
+        )
+    }) {
         Some((Some(x), Some(y))) => json!({"jsonrpc": "2.0", "id": id, "result": x + y}),
-        _ => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": "invalid params"}}),
+        _ => {
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": "invalid params"}})
+        }
     };
     reply.to_string().into_bytes()
 }
@@ -54,14 +61,20 @@ async fn main() -> anyhow::Result<()> {
         .exchange_declare(
             args.exchange.as_str().into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
     channel
         .queue_declare(
             args.queue.as_str().into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -74,7 +87,9 @@ async fn main() -> anyhow::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    channel.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
     let mut consumer = channel
         .basic_consume(
             args.queue.as_str().into(),
@@ -90,12 +105,19 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let reply = answer(&delivery.data);
             if let Some(reply_to) = delivery.properties.reply_to() {
-                let mut properties = BasicProperties::default().with_content_type("application/json".into());
+                let mut properties =
+                    BasicProperties::default().with_content_type("application/json".into());
                 if let Some(c) = delivery.properties.correlation_id() {
                     properties = properties.with_correlation_id(c.clone());
                 }
                 let published = channel
-                    .basic_publish("".into(), reply_to.clone(), BasicPublishOptions::default(), &reply, properties)
+                    .basic_publish(
+                        "".into(),
+                        reply_to.clone(),
+                        BasicPublishOptions::default(),
+                        &reply,
+                        properties,
+                    )
                     .await;
                 if published.is_err() {
                     return;

@@ -29,7 +29,7 @@ struct BusArgs {
     /// The host's TOML config file.
     #[arg(short = 'c', long = "config", visible_alias = "config-file")]
     config: Option<PathBuf>,
-    /// The bus URI: amqp://, amqps:// or memory:// [default: memory://].
+    /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory:// [default: memory://].
     #[arg(long)]
     bus_uri: Option<String>,
     /// The topic exchange [default: commissaire].

@@ -386,10 +386,18 @@ fn losing_the_broker_connection_exits_non_zero_for_a_supervisor_to_restart() {
         .filter(|(_, properties)| properties.contains(&format!("\"connection_name\",\"{wanted}\"")))
         .map(|(name, _)| name)
         .collect();
-    assert!(!names.is_empty(), "no connection named {wanted} in:\n{listed}");
+    assert!(
+        !names.is_empty(),
+        "no connection named {wanted} in:\n{listed}"
+    );
     for name in names {
         let closed = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", name, "test: broker connection lost"])
+            .args([
+                "-q",
+                "close_connection",
+                name,
+                "test: broker connection lost",
+            ])
             .status()
             .expect("rabbitmqctl");
         assert!(closed.success());
@@ -397,6 +405,9 @@ fn losing_the_broker_connection_exits_non_zero_for_a_supervisor_to_restart() {
     let status = host.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1), "{}", host.stderr());
     let log = host.stderr();
-    assert!(log.contains("lost the bus connection (amqp://guest:***@127.0.0.1:5672/%2f)"), "{log}");
+    assert!(
+        log.contains("lost the bus connection (amqp://guest:***@127.0.0.1:5672/%2f)"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -47,10 +47,8 @@ impl AmqpBus {
             uri: redacted.clone(),
             reason: scrub(&e.to_string(), uri),
         };
-        let properties =
-            ConnectionProperties::default().with_connection_name(
-                format!("commissaire-host pid {}", std::process::id()).into(),
-            );
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
         let publisher = connection.create_channel().await.map_err(fail)?;
         Ok(Self {

@@ -9,13 +9,16 @@ use async_trait::async_trait;
 
 pub mod amqp;
 pub mod memory;
+pub mod redis;
 pub mod topic;
 
 /// A transport failure. Messages never contain a password.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// The URI is not one we serve.
-    #[error("unsupported bus URI {0} (expected amqp://, amqps:// or memory://)")]
+    #[error(
+        "unsupported bus URI {0} (expected amqp://, amqps://, redis://, rediss:// or memory://)"
+    )]
     UnsupportedUri(String),
     /// Could not connect.
     #[error("cannot connect to {uri}: {reason}")]
@@ -189,6 +192,7 @@ pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
     match scheme {
         "memory" => Ok(Arc::new(memory::MemoryBus::new())),
         "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(uri).await?)),
+        "redis" | "rediss" => Ok(Arc::new(redis::RedisBus::connect(uri).await?)),
         _ => Err(BusError::UnsupportedUri(crate::redact::redact_uri(uri))),
     }
 }
