@@ -119,6 +119,21 @@ pub fn release_library(package: &str, lib_name: &str) -> PathBuf {
     ))
 }
 
+/// The Python interpreter with kombu: `COMMISSAIRE_TEST_PYTHON`, else the
+/// `.venv` that `scripts/test.sh` creates. Panics (never skips) without it.
+pub fn python_with_kombu() -> PathBuf {
+    let python = std::env::var_os("COMMISSAIRE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "no Python with kombu at {}: run scripts/test.sh (it creates .venv with kombu) \
+         or set COMMISSAIRE_TEST_PYTHON",
+        python.display()
+    );
+    python
+}
+
 /// A fresh directory holding copies of the given plugin libraries.
 pub fn plugin_dir(lib_names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("cannot make a temp dir: {e}"));

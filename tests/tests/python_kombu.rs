@@ -6,26 +6,11 @@
 //! Needs the Python of `COMMISSAIRE_TEST_PYTHON`, or `<workspace>/.venv`
 //! with kombu installed (`scripts/test.sh` creates it).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use commissaire_e2e::host::{HostSpec, TestHost};
 use commissaire_e2e::workspace_root;
 use serde_json::{json, Value};
-
-/// The Python interpreter with kombu.
-fn python() -> PathBuf {
-    let python = std::env::var_os("COMMISSAIRE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python with kombu at {}: run scripts/test.sh (it creates .venv with kombu) \
-         or set COMMISSAIRE_TEST_PYTHON",
-        python.display()
-    );
-    python
-}
 
 /// What the script printed: the reply's payload, and the request it sent.
 #[derive(Debug)]
@@ -45,7 +30,7 @@ fn kombu_call(
     raw_body: Option<&Value>,
 ) -> KombuReply {
     let script = workspace_root().join("tests/python/commissaire_request.py");
-    let mut command = Command::new(python());
+    let mut command = Command::new(commissaire_e2e::python_with_kombu());
     command
         .arg(&script)
         .arg(&host.spec.bus_uri)

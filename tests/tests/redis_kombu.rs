@@ -10,7 +10,6 @@
 
 use std::collections::BTreeSet;
 use std::io::BufRead as _;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,20 +18,6 @@ use commissaire_e2e::host::{redis_command, redis_keys, redis_uri, HostSpec, Test
 use commissaire_e2e::{host_bin, workspace_root};
 use commissaire_host::bus::redis::{binding_key, binding_member, binding_permanent_key};
 use serde_json::{json, Value};
-
-/// The Python interpreter with kombu.
-fn python() -> PathBuf {
-    let python = std::env::var_os("COMMISSAIRE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python with kombu at {}: run scripts/test.sh (it creates .venv with kombu) \
-         or set COMMISSAIRE_TEST_PYTHON",
-        python.display()
-    );
-    python
-}
 
 /// Asserts that the database holds no key it did not hold `before`.
 fn assert_nothing_left(uri: &str, before: &BTreeSet<String>) {
@@ -56,7 +41,7 @@ fn request_command(
     method: &str,
     params: &Value,
 ) -> Command {
-    let mut command = Command::new(python());
+    let mut command = Command::new(commissaire_e2e::python_with_kombu());
     command
         .arg(workspace_root().join("tests/python/commissaire_request.py"))
         .arg(uri)
@@ -243,7 +228,7 @@ struct PyService {
 
 impl PyService {
     fn start(uri: &str, exchange: &str, bindings: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(python());
+        let mut command = Command::new(commissaire_e2e::python_with_kombu());
         command
             .arg(workspace_root().join("tests/python/redis_service.py"))
             .args(["serve", uri, exchange]);
@@ -381,7 +366,7 @@ fn a_python_service_and_the_host_call_each_other_over_redis() {
 
         // A notification from Python reaches our handler (demo.relay), whose
         // own notification reaches the Python service.
-        let notified = Command::new(python())
+        let notified = Command::new(commissaire_e2e::python_with_kombu())
             .arg(workspace_root().join("tests/python/redis_service.py"))
             .args([
                 "notify",

@@ -8,11 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-
-use tokio::sync::Semaphore;
-
-use super::{topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
+use super::{
+    topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle,
+};
 
 type Queue = (
     async_channel::Sender<Incoming>,
@@ -53,54 +51,6 @@ impl MemoryBus {
             .entry(name.to_owned())
             .or_insert_with(async_channel::unbounded)
             .clone()
-    }
-}
-
-/// A consumer's prefetch slots. Lowering the limit while every slot is
-/// taken leaves a debt, paid by the next slots that come free.
-struct MemoryPrefetch {
-    slots: Arc<Semaphore>,
-    limit: AtomicU16,
-    debt: AtomicUsize,
-}
-
-impl MemoryPrefetch {
-    async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        loop {
-            let slot = self.slots.clone().acquire_owned().await.ok()?;
-            let owed = self
-                .debt
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
-            if owed.is_err() {
-                return Some(slot);
-            }
-            slot.forget();
-        }
-    }
-}
-
-#[async_trait]
-impl Prefetch for MemoryPrefetch {
-    async fn set(&self, limit: u16) -> Result<(), BusError> {
-        let old = self.limit.swap(limit, Ordering::SeqCst);
-        if limit > old {
-            let mut more = usize::from(limit - old);
-            // Cancel debt first, then add slots.
-            while more > 0
-                && self
-                    .debt
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
-                    .is_ok()
-            {
-                more -= 1;
-            }
-            self.slots.add_permits(more);
-        } else {
-            let fewer = usize::from(old - limit);
-            let removed = self.slots.forget_permits(fewer);
-            self.debt.fetch_add(fewer - removed, Ordering::SeqCst);
-        }
-        Ok(())
     }
 }
 
@@ -182,11 +132,7 @@ impl BusTransport for MemoryBus {
         // Like a broker: at most `prefetch` unsettled deliveries per
         // consumer; the rest stay in the shared queue for other consumers.
         let (shared_tx, shared) = self.queue(queue);
-        let limit = Arc::new(MemoryPrefetch {
-            slots: Arc::new(Semaphore::new(usize::from(prefetch))),
-            limit: AtomicU16::new(prefetch),
-            debt: AtomicUsize::new(0),
-        });
+        let limit = Arc::new(PrefetchSlots::new(prefetch));
         let slots = limit.clone();
         let (tx, deliveries) = async_channel::unbounded();
         let stop = tokio_util::sync::CancellationToken::new();

@@ -132,6 +132,68 @@ pub trait Prefetch: Send + Sync {
     async fn set(&self, limit: u16) -> Result<(), BusError>;
 }
 
+/// Prefetch kept by the host itself, for transports without a broker-side
+/// limit (memory, Redis): a consumer takes a slot before each delivery and
+/// the delivery's acker frees it. Lowering the limit while every slot is
+/// taken leaves a debt, paid by the next slots that come free.
+pub(crate) struct PrefetchSlots {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    limit: std::sync::atomic::AtomicU16,
+    debt: std::sync::atomic::AtomicUsize,
+}
+
+impl PrefetchSlots {
+    /// `limit` slots (at least one).
+    pub(crate) fn new(limit: u16) -> Self {
+        let limit = limit.max(1);
+        Self {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(limit))),
+            limit: std::sync::atomic::AtomicU16::new(limit),
+            debt: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn pay_debt(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.debt
+            .fetch_update(SeqCst, SeqCst, |d| d.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Waits for a free slot; `None` once the slots are closed.
+    pub(crate) async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        loop {
+            let slot = self.slots.clone().acquire_owned().await.ok()?;
+            if !self.pay_debt() {
+                return Some(slot);
+            }
+            slot.forget();
+        }
+    }
+}
+
+#[async_trait]
+impl Prefetch for PrefetchSlots {
+    async fn set(&self, limit: u16) -> Result<(), BusError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let limit = limit.max(1);
+        let old = self.limit.swap(limit, SeqCst);
+        if limit > old {
+            let mut more = usize::from(limit - old);
+            // Cancel debt first, then add slots.
+            while more > 0 && self.pay_debt() {
+                more -= 1;
+            }
+            self.slots.add_permits(more);
+        } else {
+            let fewer = usize::from(old - limit);
+            let removed = self.slots.forget_permits(fewer);
+            self.debt.fetch_add(fewer - removed, SeqCst);
+        }
+        Ok(())
+    }
+}
+
 /// Deliveries of one queue, until stopped.
 pub struct Consumer {
     /// The deliveries.

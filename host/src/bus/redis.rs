@@ -30,7 +30,7 @@
 //! half the visibility timeout, between 0.5 and 10 s).
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,10 +40,9 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
+use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle};
 use crate::redact::{redact_uri, scrub};
 
 /// kombu's separator inside binding members and priority queue names.
@@ -865,54 +864,6 @@ async fn reconnect(
     }
 }
 
-/// A consumer's prefetch slots. Lowering the limit while every slot is
-/// taken leaves a debt, paid by the next slots that come free.
-struct RedisPrefetch {
-    slots: Arc<Semaphore>,
-    limit: AtomicU16,
-    debt: AtomicUsize,
-}
-
-impl RedisPrefetch {
-    async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        loop {
-            let slot = self.slots.clone().acquire_owned().await.ok()?;
-            let owed = self
-                .debt
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1));
-            if owed.is_err() {
-                return Some(slot);
-            }
-            slot.forget();
-        }
-    }
-}
-
-#[async_trait]
-impl Prefetch for RedisPrefetch {
-    async fn set(&self, limit: u16) -> Result<(), BusError> {
-        let limit = limit.max(1);
-        let old = self.limit.swap(limit, Ordering::SeqCst);
-        if limit > old {
-            let mut more = usize::from(limit - old);
-            while more > 0
-                && self
-                    .debt
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
-                    .is_ok()
-            {
-                more -= 1;
-            }
-            self.slots.add_permits(more);
-        } else {
-            let fewer = usize::from(old - limit);
-            let removed = self.slots.forget_permits(fewer);
-            self.debt.fetch_add(fewer - removed, Ordering::SeqCst);
-        }
-        Ok(())
-    }
-}
-
 /// Settles one delivery: an ack removes it from the unacked hash and index,
 /// a requeue moves it back onto its queue (kombu's `basic_reject(requeue=True)`);
 /// either way its prefetch slot is freed.
@@ -997,7 +948,7 @@ async fn consume_queue(
     inner: Arc<Inner>,
     queue: String,
     mut conn: MultiplexedConnection,
-    limit: Arc<RedisPrefetch>,
+    limit: Arc<PrefetchSlots>,
     tx: async_channel::Sender<Incoming>,
     stop: CancellationToken,
 ) {
@@ -1097,12 +1048,7 @@ impl BusTransport for RedisBus {
             .await
             .map_err(|e| op(format!("consuming `{queue}`"), &e))?;
         // 0 would mean "no limit" to a broker; one slot at least here.
-        let prefetch = prefetch.max(1);
-        let limit = Arc::new(RedisPrefetch {
-            slots: Arc::new(Semaphore::new(usize::from(prefetch))),
-            limit: AtomicU16::new(prefetch),
-            debt: AtomicUsize::new(0),
-        });
+        let limit = Arc::new(PrefetchSlots::new(prefetch));
         let (tx, deliveries) = async_channel::unbounded();
         let stop = self.inner.closing.child_token();
         tokio::spawn(consume_queue(
