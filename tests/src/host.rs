@@ -116,11 +116,18 @@ impl TestHost {
     /// Starts the host and waits until `/healthz` says every service is
     /// consuming.
     pub fn start(spec: HostSpec) -> Self {
+        let config_spec = spec.clone();
+        Self::launch(spec, move |http, plugins| config_spec.toml(http, plugins))
+    }
+
+    /// Writes the config `toml(http address, plugin dir)` gives, starts the
+    /// host on it and waits until it is healthy.
+    fn launch(spec: HostSpec, toml: impl FnOnce(SocketAddr, &std::path::Path) -> String) -> Self {
         let plugins = plugin_dir(&spec.plugins);
         let dir = tempfile::tempdir().expect("temp dir");
         let http = free_addr();
         let config = dir.path().join("host.toml");
-        std::fs::write(&config, spec.toml(http, plugins.path())).expect("write config");
+        std::fs::write(&config, toml(http, plugins.path())).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let child = Command::new(host_bin())
@@ -497,40 +504,13 @@ impl TestHost {
     /// Starts the host with `services` (TOML `[[service]]` entries) instead
     /// of the generated ones.
     pub fn start_with_services(spec: HostSpec, services: &str) -> Self {
-        let plugins = plugin_dir(&spec.plugins);
-        let dir = tempfile::tempdir().expect("temp dir");
-        let http = free_addr();
-        let config = dir.path().join("host.toml");
-        let toml = format!(
-            "[bus]\nexchange = \"{}\"\n\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{}",
-            spec.exchange,
-            plugins.path().display(),
-            spec.extra_toml
-        );
-        std::fs::write(&config, toml).expect("write config");
-        let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let child = Command::new(host_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--bus-uri", &spec.bus_uri])
-            .env("COMMISSAIRE_LOG", &spec.log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn commissaire-host");
-        let mut host = Self {
-            child: Some(child),
-            spec,
-            http,
-            config,
-            stderr_path,
-            _dir: dir,
-            _plugins: plugins,
-        };
-        host.wait_healthy(Duration::from_secs(20));
-        host
+        let (exchange, extra) = (spec.exchange.clone(), spec.extra_toml.clone());
+        Self::launch(spec, |http, plugins| {
+            format!(
+                "[bus]\nexchange = \"{exchange}\"\n\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{extra}",
+                plugins.display(),
+            )
+        })
     }
 }
 
