@@ -60,6 +60,7 @@ pub struct RpcClient {
     reply_to: String,
     pending: Pending,
     default_timeout: Duration,
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -80,14 +81,26 @@ impl RpcClient {
     ) -> Result<Arc<Self>, BusError> {
         let (reply_to, replies) = bus.reply_queue().await?;
         let pending: Pending = Arc::default();
-        tokio::spawn(route_replies(replies, pending.clone()));
+        let closed = tokio_util::sync::CancellationToken::new();
+        let routed = route_replies(replies, pending.clone());
+        let done = closed.clone();
+        tokio::spawn(async move {
+            routed.await;
+            done.cancel();
+        });
         Ok(Arc::new(Self {
             bus,
             exchange: exchange.to_owned(),
             reply_to,
             pending,
             default_timeout,
+            closed,
         }))
+    }
+
+    /// Whether its reply queue is gone (the connection was lost or closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
     }
 
     /// The bus this client uses.
@@ -266,5 +279,61 @@ mod tests {
         let body = request_body("simple.ping", None, None);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v, serde_json::json!({"jsonrpc":"2.0","method":"ping"}));
+    }
+}
+
+/// A client that reconnects: the supervisor's HTTP endpoint keeps serving
+/// across a broker restart.
+#[derive(Debug)]
+pub struct SharedClient {
+    uri: Option<String>,
+    exchange: String,
+    timeout: Duration,
+    current: tokio::sync::Mutex<Option<Arc<RpcClient>>>,
+}
+
+impl SharedClient {
+    /// Always `client`.
+    pub fn fixed(client: Arc<RpcClient>) -> Self {
+        Self {
+            uri: None,
+            exchange: String::new(),
+            timeout: client.default_timeout,
+            current: tokio::sync::Mutex::new(Some(client)),
+        }
+    }
+
+    /// Connects to `uri` when first needed, and again after a loss.
+    pub fn reconnecting(uri: &str, exchange: &str, timeout: Duration) -> Self {
+        Self {
+            uri: Some(uri.to_owned()),
+            exchange: exchange.to_owned(),
+            timeout,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A usable client.
+    pub async fn get(&self) -> Result<Arc<RpcClient>, BusError> {
+        let mut current = self.current.lock().await;
+        if let Some(client) = &*current {
+            if !client.is_closed() || self.uri.is_none() {
+                return Ok(client.clone());
+            }
+        }
+        let Some(uri) = &self.uri else {
+            return Err(BusError::Closed);
+        };
+        let bus = crate::bus::connect(uri).await?;
+        let client = RpcClient::start(bus, &self.exchange, self.timeout).await?;
+        *current = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Closes the connection, if any.
+    pub async fn close(&self) {
+        if let Some(client) = self.current.lock().await.take() {
+            client.bus().close().await;
+        }
     }
 }

@@ -18,6 +18,15 @@ pub const DEFAULT_BUS_URI: &str = "memory://";
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// How long a request waits for its reply (Commissaire's default).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handler may run before its caller gets a timeout reply.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer a timed-out handler may run before its worker is
+/// recycled.
+pub const DEFAULT_HANDLER_GRACE: Duration = Duration::from_secs(10);
+/// How long stopping waits for in-flight handlers and their replies.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many worker crashes a request may cause before it is refused.
+pub const DEFAULT_CRASH_LIMIT: u32 = 3;
 /// Environment variable read for the bus URI when neither a flag nor the
 /// file gives one.
 pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
@@ -41,7 +50,19 @@ struct FileConfig {
     plugins: PluginsSection,
     http: Option<HttpSection>,
     #[serde(default)]
+    host: HostSection,
+    #[serde(default)]
     service: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostSection {
+    /// Seconds stopping waits for in-flight handlers.
+    shutdown_timeout: Option<Spanned<f64>>,
+    /// Seconds a timed-out handler may still run before its worker is
+    /// recycled.
+    handler_grace: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +92,9 @@ struct ServiceSection {
     name: Spanned<String>,
     queues: Option<Vec<QueueConfig>>,
     concurrency: Option<NonZeroU16>,
+    workers: Option<Spanned<NonZeroU16>>,
+    handler_timeout: Option<Spanned<f64>>,
+    crash_limit: Option<std::num::NonZeroU32>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -90,12 +114,20 @@ pub struct QueueConfig {
 pub struct ServiceSettings {
     /// Its queues.
     pub queues: Vec<QueueConfig>,
-    /// Handlers in flight (and the broker prefetch).
+    /// Handlers in flight (and the broker prefetch), per worker.
     pub concurrency: u16,
+    /// Worker processes.
+    pub workers: u16,
+    /// How long a handler may run before its caller gets a timeout reply.
+    pub handler_timeout: Duration,
+    /// Worker crashes a request may cause before it is refused.
+    pub crash_limit: u32,
     /// The section handed to the plugin's `init`.
     pub config: serde_json::Value,
     /// Where it was configured (`file:line`), for errors.
     pub location: Option<String>,
+    /// Where `workers` was set, for errors.
+    pub workers_location: Option<String>,
 }
 
 impl ServiceSettings {
@@ -108,8 +140,12 @@ impl ServiceSettings {
                 routing_key: format!("{name}.*"),
             }],
             concurrency: DEFAULT_CONCURRENCY,
+            workers: 1,
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+            crash_limit: DEFAULT_CRASH_LIMIT,
             config: serde_json::Value::Object(serde_json::Map::new()),
             location: None,
+            workers_location: None,
         }
     }
 }
@@ -142,6 +178,11 @@ pub struct HostConfig {
     pub http_listen: Option<SocketAddr>,
     /// `[[service]]` entries by name.
     pub services: HashMap<String, ServiceSettings>,
+    /// How long stopping waits for in-flight handlers and their replies.
+    pub shutdown_timeout: Duration,
+    /// How long a timed-out handler may still run before its worker is
+    /// recycled.
+    pub handler_grace: Duration,
 }
 
 impl HostConfig {
@@ -152,7 +193,7 @@ impl HostConfig {
         overrides: &Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let (file, base) = match path {
+        let (file, base, text) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
                     location: path.display().to_string(),
@@ -173,11 +214,16 @@ impl HostConfig {
                 })?;
                 let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
                 let services = file_services(&file, path, &text)?;
-                ((file, services), base)
+                ((file, services), base, Some(text))
             }
-            None => ((FileConfig::default(), HashMap::new()), PathBuf::new()),
+            None => ((FileConfig::default(), HashMap::new()), PathBuf::new(), None),
         };
         let (file, services) = file;
+        let worker_processes: Vec<(&String, &String)> = services
+            .iter()
+            .filter(|(_, s)| s.workers > 1)
+            .filter_map(|(name, s)| s.workers_location.as_ref().map(|l| (name, l)))
+            .collect();
         let bus_uri = overrides
             .bus_uri
             .clone()
@@ -189,11 +235,12 @@ impl HostConfig {
             .clone()
             .or(file.bus.exchange)
             .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
         let request_timeout = match file.bus.request_timeout {
             Some(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
             Some(secs) => {
                 return Err(ConfigError {
-                    location: path.map(|p| p.display().to_string()).unwrap_or_default(),
+                    location: file_name,
                     message: format!(
                         "[bus] request_timeout must be a positive number of seconds, not {secs}"
                     ),
@@ -201,6 +248,33 @@ impl HostConfig {
             }
             None => DEFAULT_REQUEST_TIMEOUT,
         };
+        let text = text.unwrap_or_default();
+        let shutdown_timeout = seconds(
+            file.host.shutdown_timeout.as_ref(),
+            "[host] shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            &file_name,
+            &text,
+        )?;
+        let handler_grace = seconds(
+            file.host.handler_grace.as_ref(),
+            "[host] handler_grace",
+            DEFAULT_HANDLER_GRACE,
+            &file_name,
+            &text,
+        )?;
+        if !bus_uri.starts_with("amqp") && !bus_uri.starts_with("redis") {
+            if let Some((name, location)) = worker_processes.iter().next() {
+                return Err(ConfigError {
+                    location: (*location).clone(),
+                    message: format!(
+                        "service `{name}`: `workers` above 1 needs a shared bus (amqp:// or redis://); \
+                         {} is inside one process",
+                        crate::redact::redact_uri(&bus_uri)
+                    ),
+                });
+            }
+        }
         let plugins_dir = match &overrides.plugins_dir {
             Some(dir) => dir.clone(),
             None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
@@ -212,6 +286,8 @@ impl HostConfig {
             plugins_dir,
             http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
             services,
+            shutdown_timeout,
+            handler_grace,
         })
     }
 
@@ -245,19 +321,58 @@ fn file_services(
         }
         let config = serde_json::to_value(&section.config)
             .map_err(|e| fail(format!("service `{name}`: config: {e}")))?;
+        let workers_location = section.workers.as_ref().map(|w| {
+            let (line, col) = line_col(text, w.span().start);
+            format!("{}:{line}:{col}", path.display())
+        });
+        let handler_timeout = seconds(
+            section.handler_timeout.as_ref(),
+            "handler_timeout",
+            DEFAULT_HANDLER_TIMEOUT,
+            &path.display().to_string(),
+            text,
+        )?;
         let settings = ServiceSettings {
             queues,
             concurrency: section
                 .concurrency
                 .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get),
+            workers: section.workers.as_ref().map_or(1, |w| w.get_ref().get()),
+            handler_timeout,
+            crash_limit: section
+                .crash_limit
+                .map_or(DEFAULT_CRASH_LIMIT, std::num::NonZeroU32::get),
             config,
             location: Some(location.clone()),
+            workers_location,
         };
         if services.insert(name.clone(), settings).is_some() {
             return Err(fail(format!("service `{name}` is configured twice")));
         }
     }
     Ok(services)
+}
+
+/// A positive number of seconds from the file, or `default`.
+fn seconds(
+    value: Option<&Spanned<f64>>,
+    key: &str,
+    default: Duration,
+    file: &str,
+    text: &str,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let secs = *value.get_ref();
+    if secs.is_finite() && secs > 0.0 && secs < 1e9 {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    let (line, col) = line_col(text, value.span().start);
+    Err(ConfigError {
+        location: format!("{file}:{line}:{col}"),
+        message: format!("{key} must be a positive number of seconds, not {secs}"),
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -271,6 +271,23 @@ pub fn error_body(id_json: &str, error: &RpcError) -> Vec<u8> {
     envelope(id_json, "error", &error)
 }
 
+/// The reply answering `delivery` with `error` without running a handler
+/// (a refused poison request, a timed-out handler); `None` for a
+/// notification.
+pub fn error_reply(delivery: &Delivery<'_>, error: &RpcError) -> Option<Reply> {
+    let to = delivery.reply_to?;
+    let mut holder = None;
+    let id_json = match parse_request(delivery.body, delivery.routing_key, &mut holder) {
+        Ok(request) => request.id_json,
+        Err(rejected) => rejected.id_json,
+    };
+    Some(Reply {
+        to: to.to_owned(),
+        correlation_id: delivery.correlation_id.map(str::to_owned),
+        body: error_body(id_json, error),
+    })
+}
+
 fn envelope(id_json: &str, member: &str, value: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(32 + id_json.len() + member.len() + value.len());
     body.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);

@@ -13,17 +13,17 @@ use axum::{Json, Router};
 use commissaire_plugin_api::RpcError;
 use serde_json::{json, Value};
 
-use crate::client::{RequestError, RpcClient};
-use crate::server::Health;
+use crate::client::{RequestError, SharedClient};
+use crate::health::Health;
 
 #[derive(Clone)]
 struct AppState {
-    client: Arc<RpcClient>,
+    client: Arc<SharedClient>,
     health: Arc<Health>,
 }
 
 /// The endpoint's routes.
-pub fn router(client: Arc<RpcClient>, health: Arc<Health>) -> Router {
+pub fn router(client: Arc<SharedClient>, health: Arc<Health>) -> Router {
     Router::new()
         .route("/rpc/{routing_key}", post(rpc))
         .route("/healthz", get(healthz))
@@ -92,9 +92,19 @@ async fn rpc(
             )
         }
     };
+    let client = match state.client.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id.as_ref().unwrap_or(&null),
+                RpcError::internal_error(format!("the bus is unreachable: {e}")),
+            )
+        }
+    };
     let Some(id) = id else {
         // A notification: sent, nothing to wait for.
-        return match state.client.notify(&routing_key, params.as_deref()).await {
+        return match client.notify(&routing_key, params.as_deref()).await {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
@@ -107,8 +117,7 @@ async fn rpc(
         .timeout
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(Duration::from_secs_f64);
-    match state
-        .client
+    match client
         .request_raw(&routing_key, params.as_deref(), timeout)
         .await
     {
@@ -140,22 +149,10 @@ async fn rpc(
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    let services = state.health.snapshot();
     let status = if state.health.all_consuming() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let services: serde_json::Map<String, Value> = services
-        .into_iter()
-        .map(|(name, consuming)| {
-            let state = if consuming {
-                "consuming"
-            } else {
-                "not consuming"
-            };
-            (name, Value::from(state))
-        })
-        .collect();
-    (status, Json(json!({"services": services}))).into_response()
+    (status, Json(state.health.to_json())).into_response()
 }

@@ -10,9 +10,13 @@
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod dispatch;
+pub mod health;
 pub mod http;
+pub mod inflight;
 pub mod listing;
 pub mod plugin;
 pub mod redact;
 pub mod server;
+pub mod supervisor;

@@ -12,7 +12,8 @@ use commissaire_host::client::RpcClient;
 use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::PluginSet;
 use commissaire_host::redact::redact_uri;
-use commissaire_host::{bus, listing, server};
+use commissaire_host::supervisor::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
+use commissaire_host::{bus, control, listing, server};
 
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
@@ -40,7 +41,9 @@ struct BusArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serves every plugin of the plugin directory on the bus until
-    /// SIGINT/SIGTERM.
+    /// SIGINT/SIGTERM. On a broker, each service runs in `workers` worker
+    /// processes that are restarted when they die; SIGHUP restarts them one
+    /// at a time to pick up new or replaced plugins.
     Run {
         #[command(flatten)]
         bus: BusArgs,
@@ -50,6 +53,28 @@ enum Command {
         /// Serve the HTTP endpoint here (overrides [http] listen).
         #[arg(long)]
         http_listen: Option<SocketAddr>,
+        /// Exit at once if the broker is unreachable at startup, instead of
+        /// retrying.
+        #[arg(long)]
+        fail_fast: bool,
+    },
+    /// Internal: one worker process of `run`.
+    #[command(hide = true)]
+    Worker {
+        #[command(flatten)]
+        bus: BusArgs,
+        /// The plugin directory.
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+        /// The service this worker serves.
+        #[arg(long)]
+        service: String,
+        /// Where it records the requests it is running.
+        #[arg(long)]
+        slot_file: Option<PathBuf>,
+        /// Exit if the broker is unreachable.
+        #[arg(long)]
+        fail_fast: bool,
     },
     /// Sends a request and prints its result as JSON. A JSON-RPC error goes
     /// to stderr and exits 2; no reply or no bus exits 1.
@@ -122,17 +147,88 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bus,
             plugins_dir,
             http_listen,
+            fail_fast,
         } => {
             let config = load_config(
                 &bus,
                 Overrides {
-                    plugins_dir,
+                    plugins_dir: plugins_dir.clone(),
                     http_listen,
                     ..Overrides::default()
                 },
             )?;
-            runtime()?.block_on(server::run(&config, shutdown_signal()))?;
+            if !config.bus_uri.starts_with("amqp") && !config.bus_uri.starts_with("redis") {
+                // The embedded bus lives in this process: serve here.
+                runtime()?.block_on(server::run(&config, shutdown_signal()))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut worker_args: Vec<std::ffi::OsString> = Vec::new();
+            if let Some(path) = &bus.config {
+                worker_args.push("--config".into());
+                worker_args.push(absolute(path)?.into());
+            }
+            if let Some(exchange) = &bus.bus_exchange {
+                worker_args.push("--bus-exchange".into());
+                worker_args.push(exchange.into());
+            }
+            worker_args.push("--plugins-dir".into());
+            worker_args.push(absolute(&config.plugins_dir)?.into());
+            let options = SupervisorOptions {
+                exe: std::env::current_exe().context("cannot find the commissaire-host binary")?,
+                worker_args,
+                fail_fast,
+            };
+            runtime()?.block_on(supervisor::supervise(config, options))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            bus,
+            plugins_dir,
+            service,
+            slot_file,
+            fail_fast,
+        } => {
+            let overrides = Overrides {
+                bus_uri: std::env::var(WORKER_BUS_URI_ENV).ok(),
+                plugins_dir,
+                ..Overrides::default()
+            };
+            let config = HostConfig::load(
+                bus.config.as_deref(),
+                &Overrides {
+                    bus_exchange: bus.bus_exchange.clone(),
+                    ..overrides
+                },
+                |name| std::env::var(name).ok(),
+            );
+            let options = server::WorkerOptions {
+                service: service.clone(),
+                slot_file,
+                controlled: true,
+                fail_fast,
+            };
+            let ended = config.map_err(anyhow::Error::from).and_then(|config| {
+                let span = tracing::info_span!("worker", service = %service, pid = std::process::id());
+                let _entered = span.enter();
+                let rt = runtime()?;
+                let ended = rt.block_on(server::run_worker(&config, &options, shutdown_signal()));
+                // Do not wait for handlers still running (a hung one would
+                // hold the process forever).
+                rt.shutdown_background();
+                Ok(ended?)
+            });
+            // Exit without waiting for handlers still running (a hung one
+            // would hold the process forever): the broker requeues what
+            // this worker did not settle.
+            let code = match ended {
+                Ok(server::WorkerEnd::Stopped) => control::EXIT_STOPPED,
+                Ok(server::WorkerEnd::Recycle) => control::EXIT_RECYCLE,
+                Err(e) => {
+                    eprintln!("commissaire-host worker ({service}): {e:#}");
+                    control::EXIT_FATAL
+                }
+            };
+            std::process::exit(code)
         }
         Command::Call {
             routing_key,
@@ -214,6 +310,10 @@ async fn connect_client(config: &HostConfig) -> anyhow::Result<std::sync::Arc<Rp
     let bus = bus::connect(&config.bus_uri).await?;
     tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
     Ok(RpcClient::start(bus, &config.exchange, config.request_timeout).await?)
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 /// PARAMS_JSON must be a JSON array or object.

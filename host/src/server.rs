@@ -1,10 +1,15 @@
-//! `run`: load the plugins, connect, declare, consume every service with
+//! Serving: load the plugins, connect, declare, consume every service with
 //! `concurrency` handlers in flight, answer, and stop cleanly.
+//!
+//! Two ways to run: [`start`]/[`run`] serve every service in this process
+//! (the embedded `memory://` bus); [`run_worker`] serves one service in a
+//! worker process of the [`supervisor`](crate::supervisor), reconnecting
+//! when the broker goes away.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
@@ -13,9 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
-use crate::client::RpcClient;
-use crate::config::HostConfig;
-use crate::dispatch::{Delivery, Service};
+use crate::client::{RpcClient, SharedClient};
+use crate::config::{HostConfig, ServiceSettings};
+use crate::control::Control;
+use crate::dispatch::{error_reply, Delivery, Service};
+use crate::health::Health;
+use crate::inflight::{request_key, InFlight, Running};
 use crate::plugin::{DirError, LoadErrorKind, PluginSet};
 
 /// Why the host could not start.
@@ -53,9 +61,22 @@ pub enum HostError {
     /// The bus failed.
     #[error(transparent)]
     Bus(#[from] BusError),
-    /// A consumer ended without being stopped: the broker connection is gone.
-    #[error("lost the bus connection ({0}); exiting so that a supervisor can restart the host")]
-    BusLost(String),
+    /// The slot file cannot be written.
+    #[error("cannot open the slot file {path}: {source}")]
+    SlotFile {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--service` names no loaded plugin.
+    #[error("no plugin in {dir} exports service `{service}`")]
+    NoSuchService {
+        /// The plugin directory.
+        dir: String,
+        /// The service.
+        service: String,
+    },
     /// The HTTP endpoint could not listen.
     #[error("cannot listen on {addr}: {source}")]
     Http {
@@ -64,31 +85,6 @@ pub enum HostError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// Which services are consuming; what `/healthz` reports.
-#[derive(Debug, Default)]
-pub struct Health {
-    services: RwLock<BTreeMap<String, bool>>,
-}
-
-impl Health {
-    fn set(&self, service: &str, consuming: bool) {
-        if let Ok(mut s) = self.services.write() {
-            s.insert(service.to_owned(), consuming);
-        }
-    }
-
-    /// Each service and whether it is consuming.
-    pub fn snapshot(&self) -> BTreeMap<String, bool> {
-        self.services.read().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    /// True when there is at least one service and all are consuming.
-    pub fn all_consuming(&self) -> bool {
-        let s = self.snapshot();
-        !s.is_empty() && s.values().all(|c| *c)
-    }
 }
 
 /// The bus as handlers see it: blocking calls on the host's client.
@@ -175,36 +171,23 @@ impl HostBus for HandlerBus {
     }
 }
 
-/// A running host.
-pub struct RunningHost {
-    /// What `/healthz` reports.
-    pub health: Arc<Health>,
-    /// The client the host's own requests use.
-    pub client: Arc<RpcClient>,
-    /// The HTTP endpoint's bound address.
-    pub http_addr: Option<SocketAddr>,
-    stop: CancellationToken,
-    lost: CancellationToken,
-    tracker: TaskTracker,
+/// A service ready to serve: its plugin initialised, its settings.
+struct Prepared {
+    service: Arc<Service>,
+    settings: ServiceSettings,
 }
 
-impl std::fmt::Debug for RunningHost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningHost")
-            .field("http_addr", &self.http_addr)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Loads, connects, declares and starts consuming; returns once every
-/// service is consuming.
-pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
+/// Loads the plugin directory, checks the config against it and starts
+/// the services (all, or only `only`).
+fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>, HostError> {
     let set = PluginSet::load_dir(&config.plugins_dir)?;
     for refused in &set.refused {
         if let LoadErrorKind::DuplicateService { .. } = refused.kind {
             return Err(HostError::Duplicate(refused.to_string()));
         }
-        tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
+        if only.is_none() {
+            tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
+        }
     }
     if set.plugins.is_empty() {
         return Err(HostError::NoPlugins(
@@ -225,26 +208,64 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
             });
         }
     }
-
-    let bus = bus::connect(&config.bus_uri).await?;
-    tracing::info!(bus = %bus.describe(), exchange = %config.exchange, "connected");
-    let client = RpcClient::start(bus.clone(), &config.exchange, config.request_timeout).await?;
-    bus.declare_exchange(&config.exchange).await?;
-
-    let health = Arc::new(Health::default());
-    let stop = CancellationToken::new();
-    let lost = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let runtime = tokio::runtime::Handle::current();
-
+    if let Some(service) = only {
+        if !loaded.contains(&service) {
+            return Err(HostError::NoSuchService {
+                dir: config.plugins_dir.display().to_string(),
+                service: service.to_owned(),
+            });
+        }
+    }
+    let mut prepared = Vec::new();
     for library in set.plugins {
         let name = library.service_name.clone();
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
         let settings = config.service(&name);
         let service =
             Service::start(library, &settings.config).map_err(|error| HostError::ServiceInit {
                 service: name.clone(),
                 error,
             })?;
+        prepared.push(Prepared { service, settings });
+    }
+    Ok(prepared)
+}
+
+/// What lives as long as the process, across connections.
+#[derive(Clone)]
+struct Process {
+    inflight: Arc<InFlight>,
+    /// The supervisor, in a worker process.
+    control: Option<Arc<Control>>,
+    health: Arc<Health>,
+}
+
+/// One connection's consumers and client.
+struct Session {
+    client: Arc<RpcClient>,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Declares and starts consuming every service on `bus`.
+async fn open_session(
+    config: &HostConfig,
+    bus: Arc<dyn BusTransport>,
+    services: &[Prepared],
+    process: &Process,
+) -> Result<Session, HostError> {
+    let client = RpcClient::start(bus.clone(), &config.exchange, config.request_timeout).await?;
+    bus.declare_exchange(&config.exchange).await?;
+    let stop = CancellationToken::new();
+    let lost = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let runtime = tokio::runtime::Handle::current();
+
+    for Prepared { service, settings } in services {
+        let name = service.name();
         let mut consumers = Vec::new();
         for queue in &settings.queues {
             bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
@@ -254,24 +275,34 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         let handler_bus = Arc::new(HandlerBus {
             client: client.clone(),
             runtime: runtime.clone(),
-            service: Arc::from(name.as_str()),
+            service: Arc::from(name),
             prefetch: consumers.iter().map(|c| c.prefetch.clone()).collect(),
             concurrency: settings.concurrency,
             waiting: tokio::sync::Mutex::new((0, settings.concurrency)),
         });
+        let answering = Arc::new(Answering {
+            service: service.clone(),
+            name: Arc::from(name),
+            bus: bus.clone(),
+            handler_bus,
+            handler_timeout: settings.handler_timeout,
+            crash_limit: settings.crash_limit,
+            process: process.clone(),
+        });
         for consumer in consumers {
             tracker.spawn(consume_loop(ConsumeLoop {
-                service: service.clone(),
+                answering: answering.clone(),
                 consumer,
-                bus: bus.clone(),
-                handler_bus: handler_bus.clone(),
                 tracker: tracker.clone(),
                 stop: stop.clone(),
                 lost: lost.clone(),
-                health: health.clone(),
             }));
         }
-        health.set(&name, true);
+        process.health.update(name, |h| {
+            h.workers = 1;
+            h.consuming = 1;
+            h.pids = vec![std::process::id()];
+        });
         let queues: Vec<String> = settings
             .queues
             .iter()
@@ -284,38 +315,221 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
             "ready"
         );
     }
-
-    let http_addr = match config.http_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| HostError::Http { addr, source })?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| HostError::Http { addr, source })?;
-            let app = crate::http::router(client.clone(), health.clone());
-            let http_stop = stop.clone();
-            tracker.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP endpoint failed");
-                }
-            });
-            tracing::info!(listen = %bound, "HTTP endpoint ready");
-            Some(bound)
-        }
-        None => None,
-    };
-
-    Ok(RunningHost {
-        health,
+    Ok(Session {
         client,
-        http_addr,
         stop,
         lost,
         tracker,
+    })
+}
+
+impl Session {
+    /// Stops consuming, lets in-flight handlers finish and their replies go
+    /// out (at most `timeout`), hands unstarted deliveries back, and closes
+    /// the connection.
+    async fn shutdown(self, timeout: Duration) {
+        tracing::info!("stopping: finishing in-flight requests");
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout_s = timeout.as_secs_f64(),
+                "handlers still running at the shutdown timeout; their requests go back to the queue"
+            );
+        }
+        self.client.bus().close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Answers requests past their handler timeout, and reports handlers still
+/// running past the grace period: `hung` is cancelled (a worker recycles
+/// itself), or, in a single process, they are logged.
+async fn watchdog(inflight: Arc<InFlight>, grace: Duration, hung: Option<CancellationToken>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut logged_hung = 0;
+    loop {
+        tick.tick().await;
+        let overdue = inflight.overdue(grace);
+        for running in overdue.timed_out {
+            if running.claim() {
+                answer_timed_out(&running).await;
+            }
+        }
+        if overdue.hung.is_empty() {
+            logged_hung = 0;
+            continue;
+        }
+        let first = &overdue.hung[0];
+        match &hung {
+            Some(recycle) => {
+                tracing::error!(
+                    service = &*first.service,
+                    hung = overdue.hung.len(),
+                    running_s = first.elapsed().as_secs(),
+                    "a handler is still running past its timeout and grace period: recycling this worker \
+                     (its other unanswered requests go back to the queue)"
+                );
+                recycle.cancel();
+                return;
+            }
+            None if overdue.hung.len() != logged_hung => {
+                logged_hung = overdue.hung.len();
+                tracing::error!(
+                    service = &*first.service,
+                    hung = logged_hung,
+                    running_s = first.elapsed().as_secs(),
+                    "handlers still running past their timeout and grace period; \
+                     run on a broker with worker processes to recycle them"
+                );
+            }
+            None => {}
+        }
+    }
+}
+
+fn delivery(incoming: &Incoming) -> Delivery<'_> {
+    Delivery {
+        exchange: &incoming.exchange,
+        routing_key: &incoming.routing_key,
+        body: &incoming.body,
+        reply_to: incoming.reply_to.as_deref(),
+        correlation_id: incoming.correlation_id.as_deref(),
+        redelivered: incoming.redelivered,
+    }
+}
+
+async fn answer_timed_out(running: &Running) {
+    let timeout = running.timeout();
+    tracing::error!(
+        service = &*running.service,
+        routing_key = %running.incoming.routing_key,
+        timeout_s = timeout.as_secs_f64(),
+        "handler timed out: answering -32603"
+    );
+    let error = RpcError::internal_error(format!(
+        "the handler did not return within {}s",
+        timeout.as_secs_f64()
+    ));
+    refuse(&*running.bus, &running.incoming, &error).await;
+}
+
+/// Answers `incoming` with `error` and acks it.
+async fn refuse(bus: &dyn BusTransport, incoming: &Incoming, error: &RpcError) {
+    if let Some(reply) = error_reply(&delivery(incoming), error) {
+        if let Err(e) = publish_reply(bus, &reply).await {
+            tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
+            let _ = incoming.settle(Settle::Requeue).await;
+            return;
+        }
+    }
+    if let Err(e) = incoming.settle(Settle::Ack).await {
+        tracing::warn!(error = %e, "ack failed; the request may be delivered again");
+    }
+}
+
+async fn publish_reply(
+    bus: &dyn BusTransport,
+    reply: &crate::dispatch::Reply,
+) -> Result<(), BusError> {
+    bus.publish(Outgoing {
+        exchange: "",
+        routing_key: &reply.to,
+        body: &reply.body,
+        reply_to: None,
+        correlation_id: reply.correlation_id.as_deref(),
+    })
+    .await
+}
+
+/// A host serving every service in this process.
+pub struct RunningHost {
+    /// What `/healthz` reports.
+    pub health: Arc<Health>,
+    /// The client the host's own requests use.
+    pub client: Arc<RpcClient>,
+    /// The HTTP endpoint's bound address.
+    pub http_addr: Option<SocketAddr>,
+    session: Session,
+    http_stop: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for RunningHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningHost")
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the HTTP endpoint until `stop`; returns its bound address.
+pub async fn serve_http(
+    addr: SocketAddr,
+    client: Arc<SharedClient>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> Result<SocketAddr, HostError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| HostError::Http { addr, source })?;
+    let app = crate::http::router(client, health);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    });
+    tracing::info!(listen = %bound, "HTTP endpoint ready");
+    Ok(bound)
+}
+
+/// Loads, connects, declares and starts consuming every service in this
+/// process; returns once every service is consuming.
+pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
+    let services = prepare(config, None)?;
+    let bus = bus::connect(&config.bus_uri).await?;
+    tracing::info!(bus = %bus.describe(), exchange = %config.exchange, "connected");
+    let process = Process {
+        inflight: Arc::new(InFlight::default()),
+        control: None,
+        health: Arc::new(Health::default()),
+    };
+    let session = open_session(config, bus, &services, &process).await?;
+    tokio::spawn(watchdog(
+        process.inflight.clone(),
+        config.handler_grace,
+        None,
+    ));
+    let http_stop = CancellationToken::new();
+    let http_addr = match config.http_listen {
+        Some(addr) => Some(
+            serve_http(
+                addr,
+                Arc::new(SharedClient::fixed(session.client.clone())),
+                process.health.clone(),
+                http_stop.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    Ok(RunningHost {
+        health: process.health,
+        client: session.client.clone(),
+        http_addr,
+        session,
+        http_stop,
+        shutdown_timeout: config.shutdown_timeout,
     })
 }
 
@@ -323,52 +537,183 @@ impl RunningHost {
     /// Stops consuming, lets in-flight handlers finish and their replies go
     /// out, hands unstarted deliveries back, and closes the connection.
     pub async fn shutdown(self) {
-        tracing::info!("stopping: finishing in-flight requests");
-        self.stop.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        self.client.bus().close().await;
-        tracing::info!("stopped");
+        self.http_stop.cancel();
+        self.session.shutdown(self.shutdown_timeout).await;
     }
 }
 
-impl RunningHost {
-    /// Resolves when a consumer ended on its own (the connection is gone).
-    pub async fn lost(&self) {
-        self.lost.cancelled().await;
-    }
-}
-
-/// Runs the host until `signal` resolves, then stops cleanly. If the bus
-/// connection is lost first, stops and returns [`HostError::BusLost`].
+/// Serves every service in this process until `signal` resolves, then
+/// stops cleanly.
 pub async fn run(config: &HostConfig, signal: impl Future<Output = ()>) -> Result<(), HostError> {
     let host = start(config).await?;
-    let lost = tokio::select! {
-        () = signal => false,
-        () = host.lost() => true,
-    };
-    let bus = host.client.bus().describe();
+    signal.await;
     host.shutdown().await;
-    if lost {
-        return Err(HostError::BusLost(bus));
-    }
     Ok(())
 }
 
-struct ConsumeLoop {
+/// How a worker process runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The one service it serves.
+    pub service: String,
+    /// Where it records running requests for the supervisor.
+    pub slot_file: Option<PathBuf>,
+    /// Whether the supervisor talks to it on stdin/stdout.
+    pub controlled: bool,
+    /// Give up when the broker is unreachable instead of retrying.
+    pub fail_fast: bool,
+}
+
+/// Why a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// Asked to stop; it finished its in-flight requests.
+    Stopped,
+    /// A handler hung: its other requests go back to the queue, and the
+    /// supervisor starts a fresh worker.
+    Recycle,
+}
+
+/// Waits `delay` unless `stop` comes first; true if stopped.
+async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// The delay before reconnect attempt `attempt` (1-based): 100 ms,
+/// doubling, at most 5 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
+    Duration::from_millis(ms.min(5000))
+}
+
+/// Serves one service in a worker process until `signal` or the
+/// supervisor says stop: connects (retrying with backoff unless
+/// `fail_fast`), and reconnects whenever the connection is lost.
+pub async fn run_worker(
+    config: &HostConfig,
+    options: &WorkerOptions,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<WorkerEnd, HostError> {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        signal.await;
+        on_signal.cancel();
+    });
+    let control = options.controlled.then(|| Control::start(stop.clone()));
+    let services = prepare(config, Some(&options.service))?;
+    let inflight = match &options.slot_file {
+        Some(path) => InFlight::with_slot_file(path).map_err(|source| HostError::SlotFile {
+            path: path.clone(),
+            source,
+        })?,
+        None => InFlight::default(),
+    };
+    let process = Process {
+        inflight: Arc::new(inflight),
+        control: control.clone(),
+        health: Arc::new(Health::default()),
+    };
+    let recycle = CancellationToken::new();
+    tokio::spawn(watchdog(
+        process.inflight.clone(),
+        config.handler_grace,
+        Some(recycle.clone()),
+    ));
+    let uri = crate::redact::redact_uri(&config.bus_uri);
+    let mut attempt = 0u32;
+    loop {
+        if stop.is_cancelled() {
+            return Ok(WorkerEnd::Stopped);
+        }
+        let connected = tokio::select! {
+            () = stop.cancelled() => return Ok(WorkerEnd::Stopped),
+            c = bus::connect(&config.bus_uri) => c,
+        };
+        let session = match connected {
+            Ok(bus) => {
+                let opened = open_session(config, bus.clone(), &services, &process).await;
+                if opened.is_err() {
+                    bus.close().await;
+                }
+                opened
+            }
+            Err(e) => Err(e.into()),
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) if options.fail_fast => return Err(e),
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                let delay = backoff(attempt);
+                tracing::warn!(
+                    service = %options.service, bus = %uri, attempt,
+                    retry_in_ms = delay.as_millis() as u64, error = %e,
+                    "cannot serve on the bus yet; retrying"
+                );
+                if sleep_or_stop(delay, &stop).await {
+                    return Ok(WorkerEnd::Stopped);
+                }
+                continue;
+            }
+        };
+        if attempt > 0 {
+            tracing::info!(service = %options.service, bus = %uri, attempts = attempt, "connected again");
+        }
+        attempt = 0;
+        if let Some(c) = &control {
+            c.status(true);
+        }
+        tokio::select! {
+            () = stop.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                session.shutdown(config.shutdown_timeout).await;
+                return Ok(WorkerEnd::Stopped);
+            }
+            () = recycle.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                session.stop.cancel();
+                return Ok(WorkerEnd::Recycle);
+            }
+            () = session.lost.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                tracing::error!(service = %options.service, bus = %uri, "lost the bus connection; reconnecting");
+                session.stop.cancel();
+                session.client.bus().close().await;
+            }
+        }
+    }
+}
+
+struct Answering {
     service: Arc<Service>,
-    consumer: Consumer,
+    name: Arc<str>,
     bus: Arc<dyn BusTransport>,
     handler_bus: Arc<HandlerBus>,
+    handler_timeout: Duration,
+    crash_limit: u32,
+    process: Process,
+}
+
+struct ConsumeLoop {
+    answering: Arc<Answering>,
+    consumer: Consumer,
     tracker: TaskTracker,
     stop: CancellationToken,
     lost: CancellationToken,
-    health: Arc<Health>,
 }
 
 /// Takes deliveries (the prefetch limit bounds how many are unsettled, so
-/// how many handlers are in flight); never blocks on a handler (they run on
-/// the blocking pool).
+/// how many handlers are in flight) and answers each in a task of its own.
 async fn consume_loop(l: ConsumeLoop) {
     loop {
         let incoming = tokio::select! {
@@ -377,17 +722,14 @@ async fn consume_loop(l: ConsumeLoop) {
             m = l.consumer.deliveries.recv() => match m {
                 Ok(m) => m,
                 Err(_) => {
-                    tracing::error!(service = l.service.name(), "consumer ended: the bus connection is gone");
-                    l.health.set(l.service.name(), false);
+                    tracing::error!(service = &*l.answering.name, "consumer ended: the bus connection is gone");
+                    l.answering.process.health.update(&l.answering.name, |h| h.consuming = 0);
                     l.lost.cancel();
                     break;
                 }
             },
         };
-        let service = l.service.clone();
-        let bus = l.bus.clone();
-        let handler_bus = l.handler_bus.clone();
-        l.tracker.spawn(answer(service, bus, handler_bus, incoming));
+        l.tracker.spawn(answer(l.answering.clone(), incoming));
     }
     l.consumer.stop.cancel();
     // Prefetched but never started: back to the queue for another worker.
@@ -399,23 +741,44 @@ async fn consume_loop(l: ConsumeLoop) {
 }
 
 /// Handles one delivery, publishes its reply, then acks it.
-async fn answer(
-    service: Arc<Service>,
-    bus: Arc<dyn BusTransport>,
-    handler_bus: Arc<HandlerBus>,
-    incoming: Incoming,
-) {
+async fn answer(a: Arc<Answering>, incoming: Incoming) {
+    let inflight = &a.process.inflight;
+    let key = if inflight.wants_keys() {
+        request_key(&incoming)
+    } else {
+        0
+    };
+    // A redelivered request may be the one that killed the last workers.
+    if incoming.redelivered {
+        if let Some(control) = &a.process.control {
+            let crashes = control.crashes(key).await;
+            if crashes >= a.crash_limit {
+                tracing::error!(
+                    service = &*a.name, routing_key = %incoming.routing_key, crashes,
+                    "refusing a request that crashed the worker {crashes} times"
+                );
+                let error = RpcError::internal_error(format!(
+                    "request crashed the worker {crashes} times"
+                ));
+                refuse(&*a.bus, &incoming, &error).await;
+                return;
+            }
+        }
+    }
+    let running = Arc::new(Running::new(
+        incoming,
+        key,
+        a.name.clone(),
+        a.bus.clone(),
+        a.handler_timeout,
+    ));
+    let slot = inflight.enter(running.clone());
+    let handler = a.clone();
+    let run_running = running.clone();
     let run = move || {
-        let delivery = Delivery {
-            exchange: &incoming.exchange,
-            routing_key: &incoming.routing_key,
-            body: &incoming.body,
-            reply_to: incoming.reply_to.as_deref(),
-            correlation_id: incoming.correlation_id.as_deref(),
-            redelivered: incoming.redelivered,
-        };
-        let handled = service.handle(&delivery, &*handler_bus);
-        (incoming, handled)
+        handler
+            .service
+            .handle(&delivery(&run_running.incoming), &*handler.handler_bus)
     };
     // Handlers are synchronous and may block. On the multi-threaded runtime
     // the handler runs right here and the runtime moves its other work to
@@ -429,21 +792,22 @@ async fn answer(
     } else {
         tokio::task::spawn_blocking(run).await
     };
-    let Ok((incoming, handled)) = handled else {
+    inflight.leave(slot);
+    let Ok(handled) = handled else {
         tracing::error!("a handler task failed; its request stays unacked for redelivery");
         return;
     };
+    if !running.claim() {
+        tracing::warn!(
+            service = &*a.name, routing_key = %running.incoming.routing_key,
+            elapsed_s = running.elapsed().as_secs_f64(),
+            "a handler returned after its timeout; its result is dropped (the caller had a timeout reply)"
+        );
+        return;
+    }
+    let incoming = &running.incoming;
     if let Some(reply) = &handled.reply {
-        let published = bus
-            .publish(Outgoing {
-                exchange: "",
-                routing_key: &reply.to,
-                body: &reply.body,
-                reply_to: None,
-                correlation_id: reply.correlation_id.as_deref(),
-            })
-            .await;
-        if let Err(e) = published {
+        if let Err(e) = publish_reply(&*a.bus, reply).await {
             tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
             let _ = incoming.settle(Settle::Requeue).await;
             return;

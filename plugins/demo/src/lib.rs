@@ -60,6 +60,20 @@ impl Demo {
         panic!("demo panic on request")
     }
 
+    /// Aborts the whole process, as a segfault in native code would: on a
+    /// broker only this worker dies, its requests go to another worker,
+    /// and after `crash_limit` crashes the request is refused with -32603.
+    fn on_abort(&self, _msg: &Message) -> Result<(), RpcError> {
+        std::process::abort()
+    }
+
+    /// Sleeps `ms` milliseconds, then answers "slept": a slow or hung
+    /// handler, for `handler_timeout`.
+    fn on_sleep(&self, _msg: &Message, ms: u64) -> Result<String, RpcError> {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        Ok("slept".to_owned())
+    }
+
     /// Tells what the handler sees of its message.
     fn on_whoami(&self, msg: &Message) -> Result<Value, RpcError> {
         Ok(json!({

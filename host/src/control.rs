@@ -1,0 +1,188 @@
+//! The line protocol between the supervisor and its worker processes.
+//!
+//! Worker → supervisor, on the worker's stdout, each line starting with
+//! [`PREFIX`] (anything else a plugin prints there is passed through):
+//! `consuming`, `idle` (not consuming: connecting or reconnecting), and
+//! `check <key>` for a redelivered request, answered with its crash count.
+//!
+//! Supervisor → worker, on the worker's stdin: `verdict <key> <crashes>`
+//! and `stop`. End of input means the supervisor is gone: stop too.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, Write as _};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Marks a control line on a worker's stdout.
+pub const PREFIX: &str = "@commissaire ";
+
+/// Exit status of a worker that stopped because it was asked to.
+pub const EXIT_STOPPED: i32 = 0;
+/// Exit status of a worker that recycled itself (a handler hung): restart
+/// it at once; not a crash.
+pub const EXIT_RECYCLE: i32 = 75;
+/// Exit status of a worker that cannot start (bad plugin, bad config,
+/// broker unreachable with `--fail-fast`): restarting will not help.
+pub const EXIT_FATAL: i32 = 78;
+
+/// A message from a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// Its consumers are up.
+    Consuming,
+    /// It is not consuming (connecting, or the connection was lost).
+    Idle,
+    /// How many workers has this request killed?
+    Check(u64),
+}
+
+impl WorkerEvent {
+    /// Parses a line of the worker's stdout; `None` if it is not a control
+    /// line.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.strip_prefix(PREFIX)?;
+        let mut words = rest.split_whitespace();
+        match (words.next()?, words.next()) {
+            ("consuming", None) => Some(Self::Consuming),
+            ("idle", None) => Some(Self::Idle),
+            ("check", Some(key)) => u64::from_str_radix(key, 16).ok().map(Self::Check),
+            _ => None,
+        }
+    }
+
+    /// The line for it.
+    pub fn line(&self) -> String {
+        match self {
+            Self::Consuming => format!("{PREFIX}consuming\n"),
+            Self::Idle => format!("{PREFIX}idle\n"),
+            Self::Check(key) => format!("{PREFIX}check {key:x}\n"),
+        }
+    }
+}
+
+/// The line answering `check <key>`.
+pub fn verdict_line(key: u64, crashes: u32) -> String {
+    format!("verdict {key:x} {crashes}\n")
+}
+
+/// The line asking a worker to stop.
+pub const STOP_LINE: &str = "stop\n";
+
+type Waiting = Arc<Mutex<HashMap<u64, Vec<oneshot::Sender<u32>>>>>;
+
+/// The worker's end.
+#[derive(Debug)]
+pub struct Control {
+    waiting: Waiting,
+    stop: CancellationToken,
+}
+
+impl Control {
+    /// Reads the supervisor's lines on a thread of its own; `stop` is
+    /// cancelled on `stop` or end of input.
+    pub fn start(stop: CancellationToken) -> Arc<Self> {
+        let waiting: Waiting = Arc::default();
+        let control = Arc::new(Self {
+            waiting: waiting.clone(),
+            stop: stop.clone(),
+        });
+        let reader = move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                let mut words = line.split_whitespace();
+                match (words.next(), words.next(), words.next()) {
+                    (Some("stop"), _, _) => break,
+                    (Some("verdict"), Some(key), Some(crashes)) => {
+                        let (Ok(key), Ok(crashes)) =
+                            (u64::from_str_radix(key, 16), crashes.parse::<u32>())
+                        else {
+                            continue;
+                        };
+                        let senders = waiting
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&key)
+                            .unwrap_or_default();
+                        for s in senders {
+                            let _ = s.send(crashes);
+                        }
+                    }
+                    _ => tracing::warn!(line, "unknown line from the supervisor"),
+                }
+            }
+            stop.cancel();
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(reader)
+        {
+            tracing::error!(error = %e, "cannot read the supervisor's input; stopping");
+            control.stop.cancel();
+        }
+        control
+    }
+
+    fn send(&self, event: &WorkerEvent) {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out
+            .write_all(event.line().as_bytes())
+            .and_then(|()| out.flush())
+        {
+            tracing::debug!(error = %e, "cannot write to the supervisor");
+        }
+    }
+
+    /// Tells the supervisor whether this worker consumes.
+    pub fn status(&self, consuming: bool) {
+        self.send(if consuming {
+            &WorkerEvent::Consuming
+        } else {
+            &WorkerEvent::Idle
+        });
+    }
+
+    /// How many workers the request `key` has killed, as the supervisor
+    /// counts; 0 if it does not answer within a few seconds.
+    pub async fn crashes(&self, key: u64) -> u32 {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .push(tx);
+        self.send(&WorkerEvent::Check(key));
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(n)) => n,
+            _ => {
+                tracing::warn!(
+                    key = format!("{key:x}"),
+                    "no crash count from the supervisor; running the request"
+                );
+                0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_and_other_output_is_not_an_event() {
+        for e in [
+            WorkerEvent::Consuming,
+            WorkerEvent::Idle,
+            WorkerEvent::Check(0xdead_beef_0123),
+        ] {
+            assert_eq!(WorkerEvent::parse(e.line().trim_end()), Some(e));
+        }
+        assert_eq!(WorkerEvent::parse("consuming"), None);
+        assert_eq!(WorkerEvent::parse("@commissaire check zz"), None);
+        assert_eq!(WorkerEvent::parse("hello from a plugin"), None);
+    }
+}
