@@ -37,6 +37,8 @@ pub enum WorkerEvent {
     Idle,
     /// How many workers has this request killed?
     Check(u64),
+    /// It cannot start, and why (its last words).
+    Fatal(String),
 }
 
 impl WorkerEvent {
@@ -44,6 +46,9 @@ impl WorkerEvent {
     /// line.
     pub fn parse(line: &str) -> Option<Self> {
         let rest = line.strip_prefix(PREFIX)?;
+        if let Some(why) = rest.strip_prefix("fatal ") {
+            return Some(Self::Fatal(why.to_owned()));
+        }
         let mut words = rest.split_whitespace();
         match (words.next()?, words.next()) {
             ("consuming", None) => Some(Self::Consuming),
@@ -59,6 +64,7 @@ impl WorkerEvent {
             Self::Consuming => format!("{PREFIX}consuming\n"),
             Self::Idle => format!("{PREFIX}idle\n"),
             Self::Check(key) => format!("{PREFIX}check {key:x}\n"),
+            Self::Fatal(why) => format!("{PREFIX}fatal {}\n", why.replace('\n', " ")),
         }
     }
 }
@@ -125,7 +131,16 @@ impl Control {
         control
     }
 
+    /// Tells the supervisor why this worker cannot start.
+    pub fn fatal(why: &str) {
+        Self::write(&WorkerEvent::Fatal(why.to_owned()));
+    }
+
     fn send(&self, event: &WorkerEvent) {
+        Self::write(event);
+    }
+
+    fn write(event: &WorkerEvent) {
         let mut out = std::io::stdout().lock();
         if let Err(e) = out
             .write_all(event.line().as_bytes())
@@ -178,6 +193,7 @@ mod tests {
             WorkerEvent::Consuming,
             WorkerEvent::Idle,
             WorkerEvent::Check(0xdead_beef_0123),
+            WorkerEvent::Fatal("service `demo` failed to start: no".into()),
         ] {
             assert_eq!(WorkerEvent::parse(e.line().trim_end()), Some(e));
         }

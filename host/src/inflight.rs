@@ -222,8 +222,7 @@ mod tests {
 
     #[test]
     fn the_slot_file_holds_exactly_the_running_requests() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.slots");
+        let path = std::env::temp_dir().join(format!("slots-{}", uuid::Uuid::new_v4()));
         let table = InFlight::with_slot_file(&path).unwrap();
         let bus: Arc<dyn BusTransport> = Arc::new(MemoryBus::new());
         let run = |body: &str| {
@@ -255,6 +254,7 @@ mod tests {
         assert_eq!(keys, expected);
         table.leave(s2);
         assert_eq!(running_keys(&path).unwrap(), vec![k3]);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -224,7 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(server::WorkerEnd::Stopped) => control::EXIT_STOPPED,
                 Ok(server::WorkerEnd::Recycle) => control::EXIT_RECYCLE,
                 Err(e) => {
-                    eprintln!("commissaire-host worker ({service}): {e:#}");
+                    // The supervisor reports it (once, not once per worker).
+                    control::Control::fatal(&format!("{e:#}"));
                     control::EXIT_FATAL
                 }
             };
@@ -364,5 +365,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colours for a terminal only, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

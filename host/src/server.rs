@@ -582,11 +582,11 @@ async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> bool {
     }
 }
 
-/// The delay before reconnect attempt `attempt` (1-based): 100 ms,
-/// doubling, at most 5 s.
+/// The delay before retry `attempt` (1-based): 100 ms, doubling, at most
+/// 2 s.
 pub fn backoff(attempt: u32) -> Duration {
     let ms = 100u64.saturating_mul(1 << attempt.saturating_sub(1).min(6));
-    Duration::from_millis(ms.min(5000))
+    Duration::from_millis(ms.min(2000))
 }
 
 /// Serves one service in a worker process until `signal` or the
@@ -625,6 +625,7 @@ pub async fn run_worker(
     ));
     let uri = crate::redact::redact_uri(&config.bus_uri);
     let mut attempt = 0u32;
+    let mut lost_once = false;
     loop {
         if stop.is_cancelled() {
             return Ok(WorkerEnd::Stopped);
@@ -660,8 +661,8 @@ pub async fn run_worker(
                 continue;
             }
         };
-        if attempt > 0 {
-            tracing::info!(service = %options.service, bus = %uri, attempts = attempt, "connected again");
+        if lost_once {
+            tracing::info!(service = %options.service, bus = %uri, attempts = attempt + 1, "connected again");
         }
         attempt = 0;
         if let Some(c) = &control {
@@ -687,6 +688,7 @@ pub async fn run_worker(
                     c.status(false);
                 }
                 tracing::error!(service = %options.service, bus = %uri, "lost the bus connection; reconnecting");
+                lost_once = true;
                 session.stop.cancel();
                 session.client.bus().close().await;
             }

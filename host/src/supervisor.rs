@@ -53,12 +53,10 @@ pub enum SupervisorError {
         reason: String,
     },
     /// A worker could not start.
-    #[error("the worker for service `{service}` could not start ({status}); see its message above")]
+    #[error("{why}")]
     WorkerFailed {
-        /// The service.
-        service: String,
-        /// How it exited.
-        status: String,
+        /// What the worker said, or how it exited.
+        why: String,
     },
     /// A signal handler could not be installed.
     #[error("cannot listen for {0}: {1}")]
@@ -127,6 +125,8 @@ struct Worker {
     ever_consumed: bool,
     /// Asked to stop: its exit is not a crash.
     retiring: bool,
+    /// Why it cannot start, as it said.
+    fatal: Option<String>,
 }
 
 impl Worker {
@@ -339,6 +339,7 @@ impl Supervisor {
                 consuming: false,
                 ever_consumed: false,
                 retiring: false,
+                fatal: None,
             },
         );
         Some(id)
@@ -453,14 +454,17 @@ impl Supervisor {
             tracing::warn!(service, pid = worker.pid, status = %what, "worker ended while stopping");
             return;
         }
-        if status.code() == Some(EXIT_FATAL) && !self.started {
-            tracing::error!(service, pid = worker.pid, status = %what, "worker could not start");
-            self.failure = Some(SupervisorError::WorkerFailed {
-                service,
-                status: what,
-            });
-            self.begin_stop();
-            return;
+        if status.code() == Some(EXIT_FATAL) {
+            let why = worker
+                .fatal
+                .clone()
+                .unwrap_or_else(|| format!("the worker for service `{service}` could not start ({what})"));
+            if !self.started {
+                self.failure = Some(SupervisorError::WorkerFailed { why });
+                self.begin_stop();
+                return;
+            }
+            tracing::error!(service, pid = worker.pid, error = %why, "worker could not start");
         }
         if status.code() == Some(EXIT_RECYCLE) {
             let restarts = self.services.get(&service).map_or(0, |s| s.restarts) + 1;
@@ -498,6 +502,11 @@ impl Supervisor {
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.consuming = consuming;
                     w.ever_consumed |= consuming;
+                }
+            }
+            WorkerEvent::Fatal(why) => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.fatal = Some(why);
                 }
             }
             WorkerEvent::Check(key) => {
@@ -686,6 +695,27 @@ async fn run_loop(
         &s.config.exchange,
         s.config.request_timeout,
     ));
+    // Wait for the broker here, once, rather than in every worker.
+    let mut attempt = 0u32;
+    loop {
+        match client.get().await {
+            Ok(_) => break,
+            Err(e) if s.options.fail_fast => return Err(HostError::Bus(e).into()),
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                let delay = backoff(attempt);
+                tracing::warn!(
+                    attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
+                    "cannot connect to the bus; retrying (--fail-fast exits instead)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+            }
+        }
+    }
     if let Some(addr) = s.config.http_listen {
         serve_http(addr, client.clone(), s.health.clone(), http_stop.clone()).await?;
     }

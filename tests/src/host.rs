@@ -44,6 +44,8 @@ pub struct HostSpec {
     pub plugins: Vec<&'static str>,
     /// Extra TOML appended to the generated config.
     pub extra_toml: String,
+    /// Extra TOML for every `[[service]]` entry (`workers = 2`, …).
+    pub service_toml: String,
     /// Queue-name suffix shared by hosts that must share queues.
     pub suffix: String,
     /// The exchange.
@@ -59,6 +61,7 @@ impl HostSpec {
             bus_uri: amqp_uri(),
             plugins: vec!["simple", "demo"],
             extra_toml: String::new(),
+            service_toml: String::new(),
             suffix: unique("q"),
             exchange: unique("test-ex"),
             log: "info".to_owned(),
@@ -84,11 +87,12 @@ impl HostSpec {
             self.exchange,
             plugins_dir.display()
         );
-        for service in ["simple", "demo"] {
-            if self.plugins.contains(&service) {
+        for (lib, service) in SERVICES {
+            if self.plugins.contains(&lib) {
                 t.push_str(&format!(
-                    "\n[[service]]\nname = \"{service}\"\nqueues = [{{ name = \"{}\", routing_key = \"{service}.*\" }}]\n",
-                    self.queue(service)
+                    "\n[[service]]\nname = \"{service}\"\nqueues = [{{ name = \"{}\", routing_key = \"{service}.*\" }}]\n{}",
+                    self.queue(service),
+                    self.service_toml
                 ));
             }
         }
@@ -96,6 +100,13 @@ impl HostSpec {
         t
     }
 }
+
+/// Plugin libraries the generated config knows, and their services.
+const SERVICES: [(&str, &str); 3] = [
+    ("simple", "simple"),
+    ("demo", "demo"),
+    ("fixture_older", "older"),
+];
 
 /// A running host process; killed and its broker objects deleted on drop.
 #[derive(Debug)]
@@ -109,7 +120,7 @@ pub struct TestHost {
     pub config: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
-    _plugins: tempfile::TempDir,
+    plugins: tempfile::TempDir,
 }
 
 impl TestHost {
@@ -147,7 +158,7 @@ impl TestHost {
             config,
             stderr_path,
             _dir: dir,
-            _plugins: plugins,
+            plugins,
         };
         host.wait_healthy(Duration::from_secs(20));
         host
@@ -215,6 +226,29 @@ impl TestHost {
         }
     }
 
+    /// The plugin directory it serves.
+    pub fn plugins_dir(&self) -> &std::path::Path {
+        self.plugins.path()
+    }
+
+    /// What `/healthz` says (status, body).
+    pub fn health(&self) -> (u16, Value) {
+        http_get(self.http, "/healthz").expect("GET /healthz")
+    }
+
+    /// The process ids of `service`'s workers, as `/healthz` lists them.
+    pub fn worker_pids(&self, service: &str) -> Vec<u32> {
+        let (_, health) = self.health();
+        health["services"][service]["pids"]
+            .as_array()
+            .map(|pids| {
+                pids.iter()
+                    .filter_map(|p| p.as_u64().and_then(|p| u32::try_from(p).ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `POST /rpc/{routing_key}` with `body`: (status, JSON body).
     pub fn http_call(&self, routing_key: &str, body: &Value) -> (u16, Value) {
         http_post(self.http, &format!("/rpc/{routing_key}"), body).expect("HTTP request")
@@ -229,7 +263,10 @@ impl Drop for TestHost {
         }
         if self.spec.bus_uri.starts_with("amqp") {
             let spec = self.spec.clone();
-            cleanup_broker(&spec.exchange, &[spec.queue("simple"), spec.queue("demo")]);
+            cleanup_broker(
+                &spec.exchange,
+                &SERVICES.map(|(_, service)| spec.queue(service)),
+            );
         } else if self.spec.bus_uri.starts_with("redis") {
             let spec = &self.spec;
             cleanup_redis(

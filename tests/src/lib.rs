@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub mod host;
+pub mod load;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
@@ -66,7 +67,14 @@ pub fn build_all() {
             "commissaire-plugin-demo",
         ]);
         let fixtures = workspace_root().join("tests/fixtures");
-        for name in ["older", "newer", "mistyped", "major2", "panic-abort"] {
+        for name in [
+            "older",
+            "older-next",
+            "newer",
+            "mistyped",
+            "major2",
+            "panic-abort",
+        ] {
             let dir = fixtures.join(format!("plugin-{name}"));
             let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
             let manifest = dir.join("Cargo.toml");

@@ -300,13 +300,13 @@ fn http_endpoint_on_rabbitmq() {
     let (status, _) = host.http_call("demo.ping", &json!({"params": []}));
     assert_eq!(status, 202, "a request without id is a notification");
     let (status, health) = commissaire_e2e::host::http_get(host.http, "/healthz").unwrap();
-    assert_eq!(
-        (status, health),
-        (
-            200,
-            json!({"services": {"demo": "consuming", "simple": "consuming"}})
-        )
-    );
+    assert_eq!(status, 200, "{health}");
+    for service in ["demo", "simple"] {
+        let h = &health["services"][service];
+        assert_eq!(h["status"], "consuming", "{health}");
+        assert_eq!((h["workers"].as_u64(), h["consuming"].as_u64()), (Some(1), Some(1)), "{health}");
+        assert_eq!(h["pids"].as_array().map(Vec::len), Some(1), "{health}");
+    }
 }
 
 #[test]
@@ -371,43 +371,48 @@ fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
     assert!(first.stderr().contains("stopped"));
 }
 
-#[test]
-fn losing_the_broker_connection_exits_non_zero_for_a_supervisor_to_restart() {
-    let mut host = TestHost::start(HostSpec::amqp());
-    let wanted = format!("commissaire-host pid {}", host.pid().expect("running"));
+/// The names RabbitMQ gives the connections of process `pid`.
+fn connections_of(pid: u32) -> Vec<String> {
+    let wanted = format!("commissaire-host pid {pid}");
     let listed = std::process::Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl");
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let names: Vec<&str> = listed
+    listed
         .lines()
         .filter_map(|l| l.split_once('\t'))
         .filter(|(_, properties)| properties.contains(&format!("\"connection_name\",\"{wanted}\"")))
-        .map(|(name, _)| name)
-        .collect();
-    assert!(
-        !names.is_empty(),
-        "no connection named {wanted} in:\n{listed}"
-    );
+        .map(|(name, _)| name.to_owned())
+        .collect()
+}
+
+#[test]
+fn a_lost_broker_connection_is_reestablished_by_the_worker() {
+    let host = TestHost::start(HostSpec::amqp());
+    let pid = host.worker_pids("simple")[0];
+    let names = connections_of(pid);
+    assert!(!names.is_empty(), "no connection of worker {pid}");
     for name in names {
         let closed = std::process::Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "close_connection",
-                name,
-                "test: broker connection lost",
-            ])
+            .args(["-q", "close_connection", &name, "test: broker connection lost"])
             .status()
             .expect("rabbitmqctl");
         assert!(closed.success());
     }
-    let status = host.wait(Duration::from_secs(20));
-    assert_eq!(status.code(), Some(1), "{}", host.stderr());
+    // The same worker reconnects, re-declares and answers again.
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let (status, reply) = host.http_call("simple.add", &json!({"id": 1, "params": [2, 2]}));
+        if status == 200 && host.stderr().contains("connected again") {
+            break reply;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no recovery:\n{}", host.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(answer["result"], 4);
+    assert_eq!(host.worker_pids("simple"), vec![pid], "the worker did not exit");
     let log = host.stderr();
-    assert!(
-        log.contains("lost the bus connection (amqp://guest:***@127.0.0.1:5672/%2f)"),
-        "{log}"
-    );
+    assert!(log.contains("lost the bus connection; reconnecting"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -114,7 +114,7 @@ fn unreachable_broker_is_a_clear_error_without_the_password() {
     let text = format!("[plugins]\ndir = \"{}\"\n", plugins.path().display());
     let (code, err) = run_with_config(
         &text,
-        &["--bus-uri", "amqp://guest:hunter2@127.0.0.1:1/%2f"],
+        &["--bus-uri", "amqp://guest:hunter2@127.0.0.1:1/%2f", "--fail-fast"],
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -129,7 +129,7 @@ fn unreachable_broker_is_a_clear_error_without_the_password() {
 fn bus_uri_from_the_environment_when_no_flag_or_file_gives_one() {
     let plugins = plugin_dir(&["simple"]);
     let out = Command::new(host_bin())
-        .args(["run", "--plugins-dir"])
+        .args(["run", "--fail-fast", "--plugins-dir"])
         .arg(plugins.path())
         .env(
             "COMMISSAIRE_BUS_URI",
@@ -144,4 +144,48 @@ fn bus_uri_from_the_environment_when_no_flag_or_file_gives_one() {
         "{err}"
     );
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn without_fail_fast_an_unreachable_broker_is_retried_until_stopped() {
+    let plugins = plugin_dir(&["simple"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr.log");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Command::new(host_bin())
+        .args(["run", "--plugins-dir"])
+        .arg(plugins.path())
+        .args(["--bus-uri", "amqp://guest:hunter2@127.0.0.1:1/%2f"])
+        .env("COMMISSAIRE_LOG", "warn")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run commissaire-host");
+    let mut child = KillOnDrop(child);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = std::time::Instant::now();
+    while read().matches("retrying").count() < 3 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no retries logged:\n{}",
+            read()
+        );
+        assert!(child.0.try_wait().expect("wait").is_none(), "exited:\n{}", read());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let text = read();
+    assert!(text.contains("attempt=3"), "{text}");
+    assert!(text.contains("amqp://guest:***@127.0.0.1:1/%2f"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let status = child.0.wait().expect("wait");
+    assert!(status.success(), "SIGTERM while waiting exits 0: {status}");
 }

@@ -216,8 +216,11 @@ impl BusTransport for AmqpBus {
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        let mut properties =
-            BasicProperties::default().with_content_type("application/json".into());
+        // Persistent, as kombu publishes: a request or reply waiting in a
+        // durable queue survives a broker restart.
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
         if let Some(reply_to) = m.reply_to {
             properties = properties.with_reply_to(reply_to.into());
         }

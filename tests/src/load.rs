@@ -1,0 +1,298 @@
+//! A closed-loop load client for the chaos tests: C requests in flight,
+//! every request numbered, every reply counted, through broker restarts.
+//!
+//! Requests are published persistent with publisher confirms to the
+//! exchange, as kombu does; replies come to a durable named reply queue
+//! (kombu's `SimpleQueue` style), so both survive a broker restart. A
+//! request counts as *sent* once the broker confirmed it: those are the
+//! ones that reached the queue and must be answered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+
+use crate::host::{amqp_uri, unique};
+
+/// The request number `i` is: its routing key and params.
+pub type RequestFn = Arc<dyn Fn(usize) -> (String, Value) + Send + Sync>;
+
+/// What to send.
+#[derive(Clone)]
+pub struct Load {
+    /// The exchange.
+    pub exchange: String,
+    /// How many requests.
+    pub total: usize,
+    /// How many in flight at most.
+    pub concurrency: usize,
+    /// Give up waiting after this long.
+    pub deadline: Duration,
+    /// Request number `i`.
+    pub request: RequestFn,
+}
+
+impl std::fmt::Debug for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Load")
+            .field("exchange", &self.exchange)
+            .field("total", &self.total)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replies so far, for a chaos driver to act at the right moment.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Distinct requests answered.
+    pub answered: AtomicUsize,
+}
+
+impl Progress {
+    /// Distinct requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
+/// What happened.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Requests the broker confirmed (they reached the queue).
+    pub sent: usize,
+    /// Requests whose publish was not confirmed (the connection went away
+    /// first); they may or may not have reached the queue.
+    pub unconfirmed: usize,
+    /// Distinct requests answered.
+    pub answered: usize,
+    /// Replies beyond the first for a request.
+    pub duplicates: usize,
+    /// Confirmed requests with no reply by the deadline.
+    pub unanswered: Vec<usize>,
+    /// The first reply to each request.
+    pub replies: HashMap<usize, Value>,
+    /// The longest time without any reply while requests were waiting.
+    pub max_gap: Duration,
+    /// How long it all took.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {} (unconfirmed {}), answered {}, duplicated {}, unanswered {}, \
+             longest gap {:.2}s, {:.1}s in all",
+            self.sent,
+            self.unconfirmed,
+            self.answered,
+            self.duplicates,
+            self.unanswered.len(),
+            self.max_gap.as_secs_f64(),
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next: usize,
+    /// Published, not answered, not given up.
+    waiting: HashSet<usize>,
+    confirmed: HashSet<usize>,
+    unconfirmed: HashSet<usize>,
+    replies: HashMap<usize, Value>,
+    duplicates: usize,
+    max_gap: Duration,
+}
+
+impl State {
+    fn reply(&mut self, body: &[u8], last: &mut Instant, progress: &Progress) {
+        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+            return;
+        };
+        let Some(i) = value["id"].as_u64().and_then(|i| usize::try_from(i).ok()) else {
+            return;
+        };
+        self.max_gap = self.max_gap.max(last.elapsed());
+        *last = Instant::now();
+        if self.replies.contains_key(&i) {
+            self.duplicates += 1;
+            return;
+        }
+        self.replies.insert(i, value);
+        self.waiting.remove(&i);
+        // An answer proves it reached the queue.
+        self.unconfirmed.remove(&i);
+        self.confirmed.insert(i);
+        progress.answered.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The connection is gone: requests it never confirmed stop holding
+    /// the window.
+    fn connection_lost(&mut self) {
+        let lost: Vec<usize> = self
+            .waiting
+            .iter()
+            .filter(|i| !self.confirmed.contains(i))
+            .copied()
+            .collect();
+        for i in lost {
+            self.waiting.remove(&i);
+            self.unconfirmed.insert(i);
+        }
+    }
+}
+
+impl Load {
+    /// Sends every request and waits for the replies (reconnecting when
+    /// the broker goes away), then reports.
+    pub async fn run(&self, progress: Arc<Progress>) -> Report {
+        let started = Instant::now();
+        let reply_queue = unique("chaos-reply");
+        let mut state = State::default();
+        let mut last_reply = Instant::now();
+        'connection: while started.elapsed() < self.deadline {
+            let conn = match Connection::connect(&amqp_uri(), ConnectionProperties::default())
+                .await
+            {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let setup = async {
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                let durable = QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                };
+                ch.queue_declare(reply_queue.as_str().into(), durable, FieldTable::default())
+                    .await?;
+                let consumer = ch
+                    .basic_consume(
+                        reply_queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, lapin::Error>((ch, consumer))
+            };
+            let (ch, mut consumer) = match setup.await {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = conn.close(200, "retry".into()).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut confirms = FuturesUnordered::new();
+            loop {
+                while state.waiting.len() < self.concurrency && state.next < self.total {
+                    let i = state.next;
+                    let (routing_key, params) = (self.request)(i);
+                    let method = routing_key.rsplit('.').next().unwrap_or_default().to_owned();
+                    let body = json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
+                        .to_string();
+                    let properties = BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2)
+                        .with_reply_to(reply_queue.as_str().into())
+                        .with_correlation_id(i.to_string().into());
+                    let published = ch
+                        .basic_publish(
+                            self.exchange.as_str().into(),
+                            routing_key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            properties,
+                        )
+                        .await;
+                    state.next += 1;
+                    state.waiting.insert(i);
+                    match published {
+                        Ok(confirm) => confirms.push(async move { (i, confirm.await) }),
+                        Err(_) => {
+                            state.connection_lost();
+                            continue 'connection;
+                        }
+                    }
+                }
+                if state.next >= self.total && state.waiting.is_empty() {
+                    break 'connection;
+                }
+                if started.elapsed() >= self.deadline {
+                    break 'connection;
+                }
+                tokio::select! {
+                    delivery = consumer.next() => match delivery {
+                        Some(Ok(d)) => state.reply(&d.data, &mut last_reply, &progress),
+                        _ => {
+                            state.connection_lost();
+                            continue 'connection;
+                        }
+                    },
+                    Some((i, confirmed)) = confirms.next(), if !confirms.is_empty() => {
+                        match confirmed {
+                            Ok(c) if c.is_ack() => {
+                                state.confirmed.insert(i);
+                            }
+                            _ => {
+                                if !state.replies.contains_key(&i) && state.waiting.remove(&i) {
+                                    state.unconfirmed.insert(i);
+                                }
+                            }
+                        }
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+        delete_queue(&reply_queue).await;
+        let mut unanswered: Vec<usize> = state
+            .confirmed
+            .iter()
+            .filter(|i| !state.replies.contains_key(i))
+            .copied()
+            .collect();
+        unanswered.sort_unstable();
+        Report {
+            sent: state.confirmed.len(),
+            unconfirmed: state.unconfirmed.len(),
+            answered: state.replies.len(),
+            duplicates: state.duplicates,
+            unanswered,
+            replies: state.replies,
+            max_gap: state.max_gap,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+async fn delete_queue(queue: &str) {
+    if let Ok(conn) = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+}

@@ -1,0 +1,304 @@
+//! The chaos suite: the real binary on the real broker, a few thousand
+//! requests at concurrency 32, and something going wrong in the middle.
+//! Every request that reached the queue must be answered; duplicates are
+//! counted and printed (the guarantee is at least once).
+//!
+//! The cases run one at a time: one of them restarts RabbitMQ.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use commissaire_e2e::host::{HostSpec, TestHost};
+use commissaire_e2e::load::{Load, Progress, Report};
+use serde_json::{json, Value};
+
+const TOTAL: usize = 3000;
+const CONCURRENCY: usize = 32;
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn load(host: &TestHost, total: usize, request: impl Fn(usize) -> (String, Value) + Send + Sync + 'static) -> Load {
+    Load {
+        exchange: host.spec.exchange.clone(),
+        total,
+        concurrency: CONCURRENCY,
+        deadline: Duration::from_secs(120),
+        request: Arc::new(request),
+    }
+}
+
+/// Runs `load` while `chaos` runs on a thread of its own (it gets the
+/// progress and a flag that turns true when the load is done).
+fn run_with_chaos(
+    load: Load,
+    chaos: impl FnOnce(Arc<Progress>, Arc<AtomicBool>) + Send + 'static,
+) -> Report {
+    let progress = Arc::new(Progress::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || chaos(progress, done))
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt.block_on(load.run(progress));
+    done.store(true, Ordering::SeqCst);
+    driver.join().expect("the chaos driver panicked");
+    eprintln!("{report}");
+    report
+}
+
+fn wait_for(progress: &Progress, answered: usize, done: &AtomicBool) {
+    while progress.answered() < answered && !done.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn random(n: usize) -> usize {
+    (uuid::Uuid::new_v4().as_u128() % n as u128) as usize
+}
+
+fn kill(signal: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status();
+}
+
+/// Every confirmed request answered; each reply as `expected(i)` says.
+fn assert_all_answered(report: &Report, host_log: &str, expected: impl Fn(usize, &Value) -> bool) {
+    assert!(report.sent > 0, "{report}");
+    assert!(
+        report.unanswered.is_empty(),
+        "{report}; unanswered: {:?}\n{host_log}",
+        &report.unanswered[..report.unanswered.len().min(20)]
+    );
+    for (i, reply) in &report.replies {
+        assert!(expected(*i, reply), "request {i}: unexpected reply {reply}");
+    }
+}
+
+fn add_result(i: usize, reply: &Value) -> bool {
+    reply["result"] == json!(i + 1)
+}
+
+fn wait_until(limit: Duration, what: &str, host: &TestHost, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what} within {limit:?}:\n{}", host.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn service_health(host: &TestHost, service: &str) -> Value {
+    host.health().1["services"][service].clone()
+}
+
+#[test]
+fn kill_9_of_random_workers_every_200ms_loses_nothing() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 3\nconcurrency = 32\n".to_owned();
+    let host = Arc::new(TestHost::start(spec));
+    let load = load(&host, TOTAL, |i| ("simple.add".to_owned(), json!([i, 1])));
+    let killer = host.clone();
+    let kills = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = kills.clone();
+    let started = Instant::now();
+    let report = run_with_chaos(load, move |_progress, done| {
+        while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(200));
+            let pids = killer.worker_pids("simple");
+            if !pids.is_empty() {
+                kill("KILL", pids[random(pids.len())]);
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let kills = kills.load(Ordering::SeqCst);
+    eprintln!("kill -9: {kills} workers killed");
+    assert!(kills >= 3, "the load ended before the chaos did anything");
+    assert_all_answered(&report, &host.stderr(), add_result);
+    // Every worker is back, and the restarts were counted.
+    wait_until(Duration::from_secs(30), "3 workers consuming again", &host, || {
+        let h = service_health(&host, "simple");
+        h["consuming"] == 3 && h["restarts"].as_u64().unwrap_or(0) >= kills as u64
+    });
+    let log = host.stderr();
+    assert!(log.contains("signal 9 (SIGKILL)"), "exits are logged with their signal");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_request_that_aborts_the_worker_is_refused_after_3_crashes() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["demo"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let poison = 500;
+    let load = load(&host, 2000, move |i| {
+        if i == poison {
+            ("demo.abort".to_owned(), json!([]))
+        } else {
+            ("demo.echo".to_owned(), json!([i]))
+        }
+    });
+    let report = run_with_chaos(load, |_, _| {});
+    assert_all_answered(&report, &host.stderr(), |i, reply| {
+        if i == poison {
+            reply["error"]["code"] == -32603
+                && reply["error"]["message"] == "request crashed the worker 3 times"
+        } else {
+            reply["result"] == json!(i)
+        }
+    });
+    let h = service_health(&host, "demo");
+    assert_eq!(h["restarts"], 3, "{h}");
+    wait_until(Duration::from_secs(20), "2 workers consuming", &host, || {
+        service_health(&host, "demo")["consuming"] == 2
+    });
+    let log = host.stderr();
+    assert_eq!(log.matches("signal 6 (SIGABRT)").count(), 3, "{log}");
+}
+
+#[test]
+fn a_hung_handler_gets_a_timeout_reply_and_its_worker_is_recycled() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["demo"];
+    spec.service_toml = "workers = 2\nhandler_timeout = 1\n".to_owned();
+    spec.extra_toml = "\n[host]\nhandler_grace = 1\n".to_owned();
+    let host = TestHost::start(spec);
+    let hung = 300;
+    let load = load(&host, 2000, move |i| {
+        if i == hung {
+            ("demo.sleep".to_owned(), json!([600_000]))
+        } else {
+            ("demo.echo".to_owned(), json!([i]))
+        }
+    });
+    let report = run_with_chaos(load, |_, _| {});
+    assert_all_answered(&report, &host.stderr(), |i, reply| {
+        if i == hung {
+            reply["error"]["code"] == -32603
+                && reply["error"]["message"] == "the handler did not return within 1s"
+        } else {
+            reply["result"] == json!(i)
+        }
+    });
+    wait_until(Duration::from_secs(20), "the hung worker recycled", &host, || {
+        let h = service_health(&host, "demo");
+        h["restarts"] == 1 && h["consuming"] == 2
+    });
+    let log = host.stderr();
+    assert!(log.contains("recycling this worker"), "{log}");
+    assert!(log.contains("exit status 75"), "{log}");
+}
+
+/// Starts the RabbitMQ application again if the test fails while it is
+/// stopped.
+struct BrokerBack;
+
+impl Drop for BrokerBack {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+    }
+}
+
+#[test]
+fn a_rabbitmq_restart_during_the_load_loses_nothing() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let load = load(&host, TOTAL, |i| ("simple.add".to_owned(), json!([i, 1])));
+    let report = run_with_chaos(load, |progress, done| {
+        wait_for(&progress, TOTAL / 5, &done);
+        let _back = BrokerBack;
+        let stopped = Command::new("rabbitmqctl").args(["-q", "stop_app"]).status();
+        assert!(stopped.is_ok_and(|s| s.success()), "rabbitmqctl stop_app");
+        std::thread::sleep(Duration::from_secs(1));
+        let started = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+        assert!(started.is_ok_and(|s| s.success()), "rabbitmqctl start_app");
+    });
+    eprintln!("broker restart: longest time without a reply {:.2}s", report.max_gap.as_secs_f64());
+    assert_all_answered(&report, &host.stderr(), add_result);
+    assert!(report.answered >= TOTAL / 5, "{report}");
+    wait_until(Duration::from_secs(30), "healthy again", &host, || host.health().0 == 200);
+    let log = host.stderr();
+    assert!(log.contains("lost the bus connection; reconnecting"), "{log}");
+    assert!(log.contains("connected again"), "{log}");
+}
+
+#[test]
+fn sigterm_during_the_load_with_a_second_host_loses_nothing() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let first = Arc::new(Mutex::new(TestHost::start(spec.clone())));
+    let second = TestHost::start(spec);
+    let load = load(&second, TOTAL, |i| ("simple.add".to_owned(), json!([i, 1])));
+    let stopping = first.clone();
+    let report = run_with_chaos(load, move |progress, done| {
+        wait_for(&progress, TOTAL / 3, &done);
+        let host = stopping.lock().expect("host");
+        host.signal("TERM");
+    });
+    let mut first = first.lock().expect("host");
+    let status = first.wait(Duration::from_secs(40));
+    assert!(status.success(), "SIGTERM exits 0: {status}\n{}", first.stderr());
+    assert_all_answered(&report, &second.stderr(), add_result);
+    assert_eq!(report.answered, TOTAL, "{report}");
+    let log = first.stderr();
+    assert_eq!(log.matches("worker stopped").count(), 2, "{log}");
+}
+
+#[test]
+fn sighup_with_a_replaced_plugin_rolls_the_workers_and_loses_nothing() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["fixture_older"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = Arc::new(TestHost::start(spec));
+    let before = host.worker_pids("older");
+    assert_eq!(before.len(), 2);
+    let load = load(&host, TOTAL, |_| ("older.version".to_owned(), json!([])));
+    let roller = host.clone();
+    let report = run_with_chaos(load, move |progress, done| {
+        wait_for(&progress, TOTAL / 5, &done);
+        // Install the new release as package managers do: write beside,
+        // rename over (the running workers keep the old file mapped).
+        let dir = roller.plugins_dir();
+        let installed = dir.join("libfixture_older.so");
+        let staged = dir.join(".libfixture_older.so.new");
+        std::fs::copy(commissaire_e2e::library("fixture_older_next"), &staged).expect("stage");
+        std::fs::rename(&staged, &installed).expect("install");
+        kill("HUP", roller.pid().expect("running"));
+        // Never a moment without a consuming worker.
+        let started = Instant::now();
+        loop {
+            let h = roller.health().1["services"]["older"].clone();
+            assert!(h["consuming"].as_u64().unwrap_or(0) >= 1, "no consuming worker during the roll: {h}");
+            let pids = roller.worker_pids("older");
+            if pids.len() == 2 && pids.iter().all(|p| !before.contains(p)) && h["consuming"] == 2 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "roll not done: {h}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    assert_all_answered(&report, &host.stderr(), |_, reply| {
+        reply["result"] == "0.9.0" || reply["result"] == "0.10.0"
+    });
+    let new = report.replies.values().filter(|r| r["result"] == "0.10.0").count();
+    assert!(new > 0, "the new version answered none of the load");
+    let (status, reply) = host.http_call("older.version", &json!({"id": 1}));
+    assert_eq!((status, reply["result"].clone()), (200, json!("0.10.0")));
+}
