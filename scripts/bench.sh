@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B benchmark on RabbitMQ: the reference lapin service (bench/src/reference.rs)
-# and commissaire-host serving libsimple.so, alternately, ROUNDS rounds, each
-# measured by loadgen at concurrency 1 and 32 on the same broker. Prints every
-# figure, the ratio host/reference per round, and the median ratios.
+# and commissaire-host serving libsimple.so (workers = 1, then workers = 2),
+# alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
+# on the same broker. Prints every figure, the ratio host/reference per round,
+# and the median ratios.
 #   scripts/bench.sh [ROUNDS] [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ name = "simple"
 queues = [{ name = "$queue", routing_key = "simple.*" }]
 concurrency = 64
 TOML
+sed 's/^concurrency = 64$/concurrency = 64\nworkers = 2/' "$work/host.toml" > "$work/host-w2.toml"
 
 wait_ready() { # log-file pattern
   for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
@@ -48,11 +50,13 @@ for r in $(seq 1 "$rounds"); do
   measure "$r reference" | tee -a "$results"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  COMMISSAIRE_LOG=warn,commissaire_host::server=info target/release/commissaire-host run \
-    --config "$work/host.toml" --bus-uri "$uri" 2> "$work/host.log" &
-  pid=$!; wait_ready "$work/host.log" "ready"
-  measure "$r host" | tee -a "$results"
-  kill -TERM "$pid"; wait "$pid" || true
+  for variant in host host-w2; do
+    COMMISSAIRE_LOG=warn,commissaire_host::supervisor=info target/release/commissaire-host run \
+      --config "$work/$variant.toml" --bus-uri "$uri" 2> "$work/host.log" &
+    pid=$!; wait_ready "$work/host.log" "every service is consuming"
+    measure "$r $variant" | tee -a "$results"
+    kill -TERM "$pid"; wait "$pid" || true
+  done
 done
 
 python3 - "$results" <<'PY'
@@ -62,14 +66,19 @@ for line in open(sys.argv[1]):
     rnd, who, js = line.split(" ", 2)
     d = json.loads(js)
     rows.setdefault((int(rnd), d["concurrency"]), {})[who] = d
-print()
-print("round  c   reference req/s  host req/s  ratio    ref p50 ms  host p50 ms  ratio")
-ratios = {1: ([], []), 32: ([], [])}
-for (rnd, c), d in sorted(rows.items()):
-    ref, host = d["reference"], d["host"]
-    t = host["rps"] / ref["rps"]; l = host["p50_ms"] / ref["p50_ms"]
-    ratios[c][0].append(t); ratios[c][1].append(l)
-    print(f"{rnd:>5}  {c:<3} {ref['rps']:>15.0f}  {host['rps']:>10.0f}  {t:>5.2f}    {ref['p50_ms']:>10.3f}  {host['p50_ms']:>11.3f}  {l:>5.2f}")
-for c, (t, l) in ratios.items():
-    print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}")
+for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2")):
+    print()
+    print(f"host with {label}")
+    print("round  c   reference req/s  host req/s  ratio    ref p50 ms  host p50 ms  ratio")
+    ratios = {1: ([], []), 32: ([], [])}
+    for (rnd, c), d in sorted(rows.items()):
+        if variant not in d:
+            continue
+        ref, host = d["reference"], d[variant]
+        t = host["rps"] / ref["rps"]; l = host["p50_ms"] / ref["p50_ms"]
+        ratios[c][0].append(t); ratios[c][1].append(l)
+        print(f"{rnd:>5}  {c:<3} {ref['rps']:>15.0f}  {host['rps']:>10.0f}  {t:>5.2f}    {ref['p50_ms']:>10.3f}  {host['p50_ms']:>11.3f}  {l:>5.2f}")
+    for c, (t, l) in ratios.items():
+        if t:
+            print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}")
 PY

@@ -216,7 +216,11 @@ impl HostConfig {
                 let services = file_services(&file, path, &text)?;
                 ((file, services), base, Some(text))
             }
-            None => ((FileConfig::default(), HashMap::new()), PathBuf::new(), None),
+            None => (
+                (FileConfig::default(), HashMap::new()),
+                PathBuf::new(),
+                None,
+            ),
         };
         let (file, services) = file;
         let worker_processes: Vec<(&String, &String)> = services
@@ -264,7 +268,7 @@ impl HostConfig {
             &text,
         )?;
         if !bus_uri.starts_with("amqp") && !bus_uri.starts_with("redis") {
-            if let Some((name, location)) = worker_processes.iter().next() {
+            if let Some((name, location)) = worker_processes.first() {
                 return Err(ConfigError {
                     location: (*location).clone(),
                     message: format!(
@@ -487,12 +491,50 @@ config = { greeting = "hi" }
                 "[[service]]\nname = \"a\"\n[[service]]\nname = \"a\"\n",
                 "host.toml:4:8: service `a` is configured twice",
             ),
+            (
+                "[[service]]\nname = \"s\"\nworkers = 2\n",
+                "host.toml:3:11: service `s`: `workers` above 1 needs a shared bus \
+                 (amqp:// or redis://); memory:// is inside one process",
+            ),
+            (
+                "[[service]]\nname = \"s\"\nhandler_timeout = -1\n",
+                "host.toml:3:19: handler_timeout must be a positive number of seconds, not -1",
+            ),
+            (
+                "[host]\nshutdown_timeout = 0\n",
+                "host.toml:2:20: [host] shutdown_timeout must be a positive number of seconds, not 0",
+            ),
         ];
         for (text, expected) in cases {
             let e = load_text(text, &Overrides::default(), None).unwrap_err();
             assert!(e.starts_with(expected), "{text:?}: {e}");
             assert_eq!(e.lines().count(), 1, "{e}");
         }
+    }
+
+    #[test]
+    fn worker_settings_and_their_defaults() {
+        let text = "[bus]\nuri = \"amqp://h\"\n[host]\nhandler_grace = 2.5\n\
+                    [[service]]\nname = \"s\"\nworkers = 3\nhandler_timeout = 5\ncrash_limit = 2\n";
+        let c = load_text(text, &Overrides::default(), None).unwrap();
+        let s = c.service("s");
+        assert_eq!((s.workers, s.crash_limit), (3, 2));
+        assert_eq!(s.handler_timeout, Duration::from_secs(5));
+        assert_eq!(c.handler_grace, Duration::from_millis(2500));
+        assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        let d = c.service("other");
+        assert_eq!((d.workers, d.crash_limit), (1, DEFAULT_CRASH_LIMIT));
+        assert_eq!(d.handler_timeout, DEFAULT_HANDLER_TIMEOUT);
+        // The bus given on the command line decides too.
+        let memory = Overrides {
+            bus_uri: Some("memory://".into()),
+            ..Overrides::default()
+        };
+        let e = load_text(text, &memory, None).unwrap_err();
+        assert!(
+            e.starts_with("host.toml:7:11: service `s`: `workers` above 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -159,7 +159,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             if !config.bus_uri.starts_with("amqp") && !config.bus_uri.starts_with("redis") {
                 // The embedded bus lives in this process: serve here.
-                runtime()?.block_on(server::run(&config, shutdown_signal()))?;
+                runtime()?.block_on(async {
+                    tokio::spawn(ignore_sighup());
+                    server::run(&config, shutdown_signal()).await
+                })?;
                 return Ok(ExitCode::SUCCESS);
             }
             let mut worker_args: Vec<std::ffi::OsString> = Vec::new();
@@ -208,7 +211,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fail_fast,
             };
             let ended = config.map_err(anyhow::Error::from).and_then(|config| {
-                let span = tracing::info_span!("worker", service = %service, pid = std::process::id());
+                let span =
+                    tracing::info_span!("worker", service = %service, pid = std::process::id());
                 let _entered = span.enter();
                 let rt = runtime()?;
                 let ended = rt.block_on(server::run_worker(&config, &options, shutdown_signal()));
@@ -326,6 +330,20 @@ fn checked_params(params: Option<String>) -> anyhow::Result<Option<String>> {
         bail!("PARAMS_JSON must be a JSON array or object, not {text}");
     }
     Ok(Some(value.to_string()))
+}
+
+/// On the embedded bus there are no worker processes to roll: SIGHUP is
+/// logged and ignored (rather than ending the process).
+async fn ignore_sighup() {
+    #[cfg(unix)]
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        while hup.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP ignored: reloading plugins restarts worker processes, \
+                 which need a broker bus (amqp:// or redis://)"
+            );
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -759,9 +759,8 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
                     service = &*a.name, routing_key = %incoming.routing_key, crashes,
                     "refusing a request that crashed the worker {crashes} times"
                 );
-                let error = RpcError::internal_error(format!(
-                    "request crashed the worker {crashes} times"
-                ));
+                let error =
+                    RpcError::internal_error(format!("request crashed the worker {crashes} times"));
                 refuse(&*a.bus, &incoming, &error).await;
                 return;
             }

@@ -320,7 +320,9 @@ impl Supervisor {
                             }
                         }
                         // A plugin printed to stdout.
-                        None => tracing::info!(service = %name, pid, output = %line, "worker output"),
+                        None => {
+                            tracing::info!(service = %name, pid, output = %line, "worker output")
+                        }
                     }
                 }
             });
@@ -455,10 +457,9 @@ impl Supervisor {
             return;
         }
         if status.code() == Some(EXIT_FATAL) {
-            let why = worker
-                .fatal
-                .clone()
-                .unwrap_or_else(|| format!("the worker for service `{service}` could not start ({what})"));
+            let why = worker.fatal.clone().unwrap_or_else(|| {
+                format!("the worker for service `{service}` could not start ({what})")
+            });
             if !self.started {
                 self.failure = Some(SupervisorError::WorkerFailed { why });
                 self.begin_stop();
@@ -472,7 +473,12 @@ impl Supervisor {
         } else {
             for key in &running {
                 let count = self.count_crash(*key);
-                tracing::warn!(service, key = format!("{key:x}"), crashes = count, "a request was running when the worker died");
+                tracing::warn!(
+                    service,
+                    key = format!("{key:x}"),
+                    crashes = count,
+                    "a request was running when the worker died"
+                );
             }
         }
         if replaced {
@@ -650,8 +656,7 @@ pub async fn supervise(
     let mut chld =
         signal(SignalKind::child()).map_err(|e| SupervisorError::Signal("SIGCHLD", e))?;
 
-    let work_dir =
-        std::env::temp_dir().join(format!("commissaire-host-{}", std::process::id()));
+    let work_dir = std::env::temp_dir().join(format!("commissaire-host-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir).map_err(|source| SupervisorError::WorkDir {
         path: work_dir.clone(),
         source,
@@ -674,7 +679,14 @@ pub async fn supervise(
         roll_queue: VecDeque::new(),
         roll: None,
     };
-    let result = run_loop(&mut s, &mut events, [&mut term, &mut int], &mut hup, &mut chld).await;
+    let result = run_loop(
+        &mut s,
+        &mut events,
+        [&mut term, &mut int],
+        &mut hup,
+        &mut chld,
+    )
+    .await;
     let _ = std::fs::remove_dir_all(&work_dir);
     result
 }

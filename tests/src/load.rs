@@ -3,7 +3,8 @@
 //!
 //! Requests are published persistent with publisher confirms to the
 //! exchange, as kombu does; replies come to a durable named reply queue
-//! (kombu's `SimpleQueue` style), so both survive a broker restart. A
+//! and are acked one by one (kombu's `SimpleQueue` style), so both survive
+//! a broker restart. A
 //! request counts as *sent* once the broker confirmed it: those are the
 //! ones that reached the queue and must be answered.
 
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -164,8 +165,7 @@ impl Load {
         let mut state = State::default();
         let mut last_reply = Instant::now();
         'connection: while started.elapsed() < self.deadline {
-            let conn = match Connection::connect(&amqp_uri(), ConnectionProperties::default())
-                .await
+            let conn = match Connection::connect(&amqp_uri(), ConnectionProperties::default()).await
             {
                 Ok(c) => c,
                 Err(_) => {
@@ -186,10 +186,10 @@ impl Load {
                     .basic_consume(
                         reply_queue.as_str().into(),
                         "".into(),
-                        BasicConsumeOptions {
-                            no_ack: true,
-                            ..BasicConsumeOptions::default()
-                        },
+                        // Acked one by one, as kombu's SimpleQueue does: a
+                        // reply on its way when the connection dies goes
+                        // back to the queue instead of being lost.
+                        BasicConsumeOptions::default(),
                         FieldTable::default(),
                     )
                     .await?;
@@ -208,9 +208,14 @@ impl Load {
                 while state.waiting.len() < self.concurrency && state.next < self.total {
                     let i = state.next;
                     let (routing_key, params) = (self.request)(i);
-                    let method = routing_key.rsplit('.').next().unwrap_or_default().to_owned();
-                    let body = json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
-                        .to_string();
+                    let method = routing_key
+                        .rsplit('.')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let body =
+                        json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params})
+                            .to_string();
                     let properties = BasicProperties::default()
                         .with_content_type("application/json".into())
                         .with_delivery_mode(2)
@@ -243,7 +248,13 @@ impl Load {
                 }
                 tokio::select! {
                     delivery = consumer.next() => match delivery {
-                        Some(Ok(d)) => state.reply(&d.data, &mut last_reply, &progress),
+                        Some(Ok(d)) => {
+                            state.reply(&d.data, &mut last_reply, &progress);
+                            if d.acker.ack(BasicAckOptions::default()).await.is_err() {
+                                state.connection_lost();
+                                continue 'connection;
+                            }
+                        }
                         _ => {
                             state.connection_lost();
                             continue 'connection;

@@ -304,7 +304,11 @@ fn http_endpoint_on_rabbitmq() {
     for service in ["demo", "simple"] {
         let h = &health["services"][service];
         assert_eq!(h["status"], "consuming", "{health}");
-        assert_eq!((h["workers"].as_u64(), h["consuming"].as_u64()), (Some(1), Some(1)), "{health}");
+        assert_eq!(
+            (h["workers"].as_u64(), h["consuming"].as_u64()),
+            (Some(1), Some(1)),
+            "{health}"
+        );
         assert_eq!(h["pids"].as_array().map(Vec::len), Some(1), "{health}");
     }
 }
@@ -395,7 +399,12 @@ fn a_lost_broker_connection_is_reestablished_by_the_worker() {
     assert!(!names.is_empty(), "no connection of worker {pid}");
     for name in names {
         let closed = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", &name, "test: broker connection lost"])
+            .args([
+                "-q",
+                "close_connection",
+                &name,
+                "test: broker connection lost",
+            ])
             .status()
             .expect("rabbitmqctl");
         assert!(closed.success());
@@ -407,12 +416,23 @@ fn a_lost_broker_connection_is_reestablished_by_the_worker() {
         if status == 200 && host.stderr().contains("connected again") {
             break reply;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no recovery:\n{}", host.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no recovery:\n{}",
+            host.stderr()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(answer["result"], 4);
-    assert_eq!(host.worker_pids("simple"), vec![pid], "the worker did not exit");
+    assert_eq!(
+        host.worker_pids("simple"),
+        vec![pid],
+        "the worker did not exit"
+    );
     let log = host.stderr();
-    assert!(log.contains("lost the bus connection; reconnecting"), "{log}");
+    assert!(
+        log.contains("lost the bus connection; reconnecting"),
+        "{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }

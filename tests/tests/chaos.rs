@@ -19,10 +19,15 @@ const CONCURRENCY: usize = 32;
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn load(host: &TestHost, total: usize, request: impl Fn(usize) -> (String, Value) + Send + Sync + 'static) -> Load {
+fn load(
+    host: &TestHost,
+    total: usize,
+    request: impl Fn(usize) -> (String, Value) + Send + Sync + 'static,
+) -> Load {
     Load {
         exchange: host.spec.exchange.clone(),
         total,
@@ -88,7 +93,11 @@ fn add_result(i: usize, reply: &Value) -> bool {
 fn wait_until(limit: Duration, what: &str, host: &TestHost, mut ok: impl FnMut() -> bool) {
     let started = Instant::now();
     while !ok() {
-        assert!(started.elapsed() < limit, "{what} within {limit:?}:\n{}", host.stderr());
+        assert!(
+            started.elapsed() < limit,
+            "{what} within {limit:?}:\n{}",
+            host.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -124,12 +133,20 @@ fn kill_9_of_random_workers_every_200ms_loses_nothing() {
     assert!(kills >= 3, "the load ended before the chaos did anything");
     assert_all_answered(&report, &host.stderr(), add_result);
     // Every worker is back, and the restarts were counted.
-    wait_until(Duration::from_secs(30), "3 workers consuming again", &host, || {
-        let h = service_health(&host, "simple");
-        h["consuming"] == 3 && h["restarts"].as_u64().unwrap_or(0) >= kills as u64
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "3 workers consuming again",
+        &host,
+        || {
+            let h = service_health(&host, "simple");
+            h["consuming"] == 3 && h["restarts"].as_u64().unwrap_or(0) >= kills as u64
+        },
+    );
     let log = host.stderr();
-    assert!(log.contains("signal 9 (SIGKILL)"), "exits are logged with their signal");
+    assert!(
+        log.contains("signal 9 (SIGKILL)"),
+        "exits are logged with their signal"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -159,9 +176,12 @@ fn a_request_that_aborts_the_worker_is_refused_after_3_crashes() {
     });
     let h = service_health(&host, "demo");
     assert_eq!(h["restarts"], 3, "{h}");
-    wait_until(Duration::from_secs(20), "2 workers consuming", &host, || {
-        service_health(&host, "demo")["consuming"] == 2
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "2 workers consuming",
+        &host,
+        || service_health(&host, "demo")["consuming"] == 2,
+    );
     let log = host.stderr();
     assert_eq!(log.matches("signal 6 (SIGABRT)").count(), 3, "{log}");
 }
@@ -191,10 +211,15 @@ fn a_hung_handler_gets_a_timeout_reply_and_its_worker_is_recycled() {
             reply["result"] == json!(i)
         }
     });
-    wait_until(Duration::from_secs(20), "the hung worker recycled", &host, || {
-        let h = service_health(&host, "demo");
-        h["restarts"] == 1 && h["consuming"] == 2
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "the hung worker recycled",
+        &host,
+        || {
+            let h = service_health(&host, "demo");
+            h["restarts"] == 1 && h["consuming"] == 2
+        },
+    );
     let log = host.stderr();
     assert!(log.contains("recycling this worker"), "{log}");
     assert!(log.contains("exit status 75"), "{log}");
@@ -206,7 +231,9 @@ struct BrokerBack;
 
 impl Drop for BrokerBack {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
     }
 }
 
@@ -221,18 +248,30 @@ fn a_rabbitmq_restart_during_the_load_loses_nothing() {
     let report = run_with_chaos(load, |progress, done| {
         wait_for(&progress, TOTAL / 5, &done);
         let _back = BrokerBack;
-        let stopped = Command::new("rabbitmqctl").args(["-q", "stop_app"]).status();
+        let stopped = Command::new("rabbitmqctl")
+            .args(["-q", "stop_app"])
+            .status();
         assert!(stopped.is_ok_and(|s| s.success()), "rabbitmqctl stop_app");
         std::thread::sleep(Duration::from_secs(1));
-        let started = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+        let started = Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
         assert!(started.is_ok_and(|s| s.success()), "rabbitmqctl start_app");
     });
-    eprintln!("broker restart: longest time without a reply {:.2}s", report.max_gap.as_secs_f64());
+    eprintln!(
+        "broker restart: longest time without a reply {:.2}s",
+        report.max_gap.as_secs_f64()
+    );
     assert_all_answered(&report, &host.stderr(), add_result);
     assert!(report.answered >= TOTAL / 5, "{report}");
-    wait_until(Duration::from_secs(30), "healthy again", &host, || host.health().0 == 200);
+    wait_until(Duration::from_secs(30), "healthy again", &host, || {
+        host.health().0 == 200
+    });
     let log = host.stderr();
-    assert!(log.contains("lost the bus connection; reconnecting"), "{log}");
+    assert!(
+        log.contains("lost the bus connection; reconnecting"),
+        "{log}"
+    );
     assert!(log.contains("connected again"), "{log}");
 }
 
@@ -253,7 +292,11 @@ fn sigterm_during_the_load_with_a_second_host_loses_nothing() {
     });
     let mut first = first.lock().expect("host");
     let status = first.wait(Duration::from_secs(40));
-    assert!(status.success(), "SIGTERM exits 0: {status}\n{}", first.stderr());
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status}\n{}",
+        first.stderr()
+    );
     assert_all_answered(&report, &second.stderr(), add_result);
     assert_eq!(report.answered, TOTAL, "{report}");
     let log = first.stderr();
@@ -285,19 +328,29 @@ fn sighup_with_a_replaced_plugin_rolls_the_workers_and_loses_nothing() {
         let started = Instant::now();
         loop {
             let h = roller.health().1["services"]["older"].clone();
-            assert!(h["consuming"].as_u64().unwrap_or(0) >= 1, "no consuming worker during the roll: {h}");
+            assert!(
+                h["consuming"].as_u64().unwrap_or(0) >= 1,
+                "no consuming worker during the roll: {h}"
+            );
             let pids = roller.worker_pids("older");
             if pids.len() == 2 && pids.iter().all(|p| !before.contains(p)) && h["consuming"] == 2 {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "roll not done: {h}");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "roll not done: {h}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     });
     assert_all_answered(&report, &host.stderr(), |_, reply| {
         reply["result"] == "0.9.0" || reply["result"] == "0.10.0"
     });
-    let new = report.replies.values().filter(|r| r["result"] == "0.10.0").count();
+    let new = report
+        .replies
+        .values()
+        .filter(|r| r["result"] == "0.10.0")
+        .count();
     assert!(new > 0, "the new version answered none of the load");
     let (status, reply) = host.http_call("older.version", &json!({"id": 1}));
     assert_eq!((status, reply["result"].clone()), (200, json!("0.10.0")));

@@ -114,7 +114,11 @@ fn unreachable_broker_is_a_clear_error_without_the_password() {
     let text = format!("[plugins]\ndir = \"{}\"\n", plugins.path().display());
     let (code, err) = run_with_config(
         &text,
-        &["--bus-uri", "amqp://guest:hunter2@127.0.0.1:1/%2f", "--fail-fast"],
+        &[
+            "--bus-uri",
+            "amqp://guest:hunter2@127.0.0.1:1/%2f",
+            "--fail-fast",
+        ],
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -176,7 +180,11 @@ fn without_fail_fast_an_unreachable_broker_is_retried_until_stopped() {
             "no retries logged:\n{}",
             read()
         );
-        assert!(child.0.try_wait().expect("wait").is_none(), "exited:\n{}", read());
+        assert!(
+            child.0.try_wait().expect("wait").is_none(),
+            "exited:\n{}",
+            read()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let text = read();

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -51,6 +51,13 @@ impl AmqpBus {
             .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
         let publisher = connection.create_channel().await.map_err(fail)?;
+        // Publisher confirms: a reply counts as sent (and its request is
+        // acked) only once the broker has taken it, so a broker that goes
+        // away in between cannot lose it.
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(fail)?;
         Ok(Self {
             uri: redacted,
             connection,
@@ -227,7 +234,9 @@ impl BusTransport for AmqpBus {
         if let Some(correlation_id) = m.correlation_id {
             properties = properties.with_correlation_id(correlation_id.into());
         }
-        self.publisher
+        let fail = |e| BusError::op(format!("publishing to `{}`", m.routing_key), e);
+        let confirm = self
+            .publisher
             .basic_publish(
                 m.exchange.into(),
                 m.routing_key.into(),
@@ -236,8 +245,14 @@ impl BusTransport for AmqpBus {
                 properties,
             )
             .await
-            .map(drop)
-            .map_err(|e| BusError::op(format!("publishing to `{}`", m.routing_key), e))
+            .map_err(fail)?;
+        match confirm.await.map_err(fail)? {
+            lapin::Confirmation::Nack(_) => Err(BusError::op(
+                format!("publishing to `{}`", m.routing_key),
+                "the broker refused the message (nack)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
