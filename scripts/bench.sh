@@ -4,7 +4,7 @@
 # alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
 # on the same broker. Prints every figure, the ratio host/reference per round,
 # and the median ratios.
-#   scripts/bench.sh [ROUNDS] [REQUESTS]
+#   scripts/bench.sh [ROUNDS] [REQUESTS]      (VARIANTS="host" skips workers = 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -50,7 +50,7 @@ for r in $(seq 1 "$rounds"); do
   measure "$r reference" | tee -a "$results"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  for variant in host host-w2; do
+  for variant in ${VARIANTS:-host host-w2}; do
     COMMISSAIRE_LOG=warn,commissaire_host::supervisor=info target/release/commissaire-host run \
       --config "$work/$variant.toml" --bus-uri "$uri" 2> "$work/host.log" &
     pid=$!; wait_ready "$work/host.log" "every service is consuming"

@@ -134,6 +134,7 @@ impl RpcClient {
                 body: &body,
                 reply_to: Some(&self.reply_to),
                 correlation_id: Some(&id),
+                durable: false,
             })
             .await;
         if let Err(e) = sent {
@@ -186,6 +187,7 @@ impl RpcClient {
                 body: &body,
                 reply_to: None,
                 correlation_id: None,
+                durable: false,
             })
             .await
     }
@@ -205,6 +207,7 @@ impl RpcClient {
                 body: &body,
                 reply_to: None,
                 correlation_id: None,
+                durable: true,
             })
             .await
     }

@@ -442,6 +442,7 @@ async fn publish_reply(
         body: &reply.body,
         reply_to: None,
         correlation_id: reply.correlation_id.as_deref(),
+        durable: true,
     })
     .await
 }

@@ -53,7 +53,7 @@ impl AmqpBus {
         let publisher = connection.create_channel().await.map_err(fail)?;
         // Publisher confirms: a reply counts as sent (and its request is
         // acked) only once the broker has taken it, so a broker that goes
-        // away in between cannot lose it.
+        // away in between cannot lose it (see `Outgoing::durable`).
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -223,11 +223,9 @@ impl BusTransport for AmqpBus {
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        // Persistent, as kombu publishes: a request or reply waiting in a
-        // durable queue survives a broker restart.
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_delivery_mode(2);
+            .with_delivery_mode(if m.durable { 2 } else { 1 });
         if let Some(reply_to) = m.reply_to {
             properties = properties.with_reply_to(reply_to.into());
         }
@@ -246,6 +244,9 @@ impl BusTransport for AmqpBus {
             )
             .await
             .map_err(fail)?;
+        if !m.durable {
+            return Ok(());
+        }
         match confirm.await.map_err(fail)? {
             lapin::Confirmation::Nack(_) => Err(BusError::op(
                 format!("publishing to `{}`", m.routing_key),

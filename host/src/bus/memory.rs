@@ -230,6 +230,7 @@ mod tests {
             body,
             reply_to: Some("r"),
             correlation_id: None,
+            durable: false,
         }
     }
 

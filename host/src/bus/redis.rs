@@ -1206,6 +1206,7 @@ mod tests {
             body: br#"{"r": 1}"#,
             reply_to: Some("response-x"),
             correlation_id: Some("cid"),
+            durable: false,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         let tag = v["properties"]["delivery_tag"].as_str().unwrap().to_owned();
