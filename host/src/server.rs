@@ -637,6 +637,7 @@ pub async fn run_worker(
         };
         let session = match connected {
             Ok(bus) => {
+                tracing::info!(service = %options.service, bus = %uri, "connected");
                 let opened = open_session(config, bus.clone(), &services, &process).await;
                 if opened.is_err() {
                     bus.close().await;
