@@ -135,6 +135,7 @@ impl RpcClient {
                 reply_to: Some(&self.reply_to),
                 correlation_id: Some(&id),
                 durable: false,
+                confirm: false,
             })
             .await;
         if let Err(e) = sent {
@@ -188,6 +189,7 @@ impl RpcClient {
                 reply_to: None,
                 correlation_id: None,
                 durable: false,
+                confirm: false,
             })
             .await
     }
@@ -208,6 +210,7 @@ impl RpcClient {
                 reply_to: None,
                 correlation_id: None,
                 durable: true,
+                confirm: true,
             })
             .await
     }

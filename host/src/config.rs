@@ -72,6 +72,8 @@ struct BusSection {
     exchange: Option<String>,
     /// Seconds a request waits for its reply.
     request_timeout: Option<f64>,
+    /// Ack a request only once the broker confirmed its reply.
+    confirm_replies: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +97,7 @@ struct ServiceSection {
     workers: Option<Spanned<NonZeroU16>>,
     handler_timeout: Option<Spanned<f64>>,
     crash_limit: Option<std::num::NonZeroU32>,
+    inline_handlers: Option<bool>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -122,6 +125,10 @@ pub struct ServiceSettings {
     pub handler_timeout: Duration,
     /// Worker crashes a request may cause before it is refused.
     pub crash_limit: u32,
+    /// Run handlers on the async runtime's threads, without handing the
+    /// thread over first: faster for handlers that return in microseconds,
+    /// wrong for any that block (sleep, I/O) other than bus calls.
+    pub inline_handlers: bool,
     /// The section handed to the plugin's `init`.
     pub config: serde_json::Value,
     /// Where it was configured (`file:line`), for errors.
@@ -143,6 +150,7 @@ impl ServiceSettings {
             workers: 1,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             crash_limit: DEFAULT_CRASH_LIMIT,
+            inline_handlers: false,
             config: serde_json::Value::Object(serde_json::Map::new()),
             location: None,
             workers_location: None,
@@ -172,6 +180,9 @@ pub struct HostConfig {
     pub exchange: String,
     /// How long a request waits for its reply.
     pub request_timeout: Duration,
+    /// Ack a request only once the broker confirmed its reply (publisher
+    /// confirms); off trades that guarantee for throughput.
+    pub confirm_replies: bool,
     /// The plugin directory.
     pub plugins_dir: PathBuf,
     /// The HTTP endpoint's address, if any.
@@ -287,6 +298,7 @@ impl HostConfig {
             bus_uri,
             exchange,
             request_timeout,
+            confirm_replies: file.bus.confirm_replies.unwrap_or(true),
             plugins_dir,
             http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
             services,
@@ -346,6 +358,7 @@ fn file_services(
             crash_limit: section
                 .crash_limit
                 .map_or(DEFAULT_CRASH_LIMIT, std::num::NonZeroU32::get),
+            inline_handlers: section.inline_handlers.unwrap_or(false),
             config,
             location: Some(location.clone()),
             workers_location,

@@ -97,9 +97,21 @@ struct HandlerBus {
     concurrency: u16,
     /// Handlers now waiting in a bus request, and the limit last set.
     waiting: tokio::sync::Mutex<(u16, u16)>,
+    /// Handlers run on the runtime's own threads (`inline_handlers`): a
+    /// bus call must first hand the thread's other work over.
+    inline: bool,
 }
 
 impl HandlerBus {
+    /// Runs `f`, which blocks on the runtime, from a handler.
+    fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.inline {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
+    }
+
     /// While a handler waits for a reply, its slot does not count: the
     /// consumers may take one more delivery each (it may be the very request
     /// the handler waits for). The limit is raised ahead (twice what is
@@ -136,28 +148,34 @@ impl HostBus for HandlerBus {
         params_json: &str,
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
-        let reply = self.runtime.block_on(async {
-            self.waiting(1).await;
-            let reply = self
-                .client
-                .request(routing_key, Some(params_json), timeout)
-                .await;
-            self.waiting(-1).await;
-            reply
+        let reply = self.blocking(|| {
+            self.runtime.block_on(async {
+                self.waiting(1).await;
+                let reply = self
+                    .client
+                    .request(routing_key, Some(params_json), timeout)
+                    .await;
+                self.waiting(-1).await;
+                reply
+            })
         })?;
         reply.map(|raw| raw.get().to_owned())
     }
 
     fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
-        self.runtime
-            .block_on(self.client.notify(routing_key, Some(params_json)))
-            .map_err(|e| RpcError::internal_error(e.to_string()))
+        self.blocking(|| {
+            self.runtime
+                .block_on(self.client.notify(routing_key, Some(params_json)))
+        })
+        .map_err(|e| RpcError::internal_error(e.to_string()))
     }
 
     fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError> {
-        self.runtime
-            .block_on(self.client.respond(queue, id_json, result_json))
-            .map_err(|e| RpcError::internal_error(e.to_string()))
+        self.blocking(|| {
+            self.runtime
+                .block_on(self.client.respond(queue, id_json, result_json))
+        })
+        .map_err(|e| RpcError::internal_error(e.to_string()))
     }
 
     fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
@@ -169,6 +187,14 @@ impl HostBus for HandlerBus {
             _ => tracing::debug!(service, method, id, "{message}"),
         }
     }
+}
+
+/// Whether `settings` run handlers inline: only on the multi-threaded
+/// runtime (where a bus call can hand the thread over).
+fn inline(settings: &ServiceSettings) -> bool {
+    settings.inline_handlers
+        && tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
 }
 
 /// A service ready to serve: its plugin initialised, its settings.
@@ -279,6 +305,7 @@ async fn open_session(
             prefetch: consumers.iter().map(|c| c.prefetch.clone()).collect(),
             concurrency: settings.concurrency,
             waiting: tokio::sync::Mutex::new((0, settings.concurrency)),
+            inline: inline(settings),
         });
         let answering = Arc::new(Answering {
             service: service.clone(),
@@ -287,6 +314,7 @@ async fn open_session(
             handler_bus,
             handler_timeout: settings.handler_timeout,
             crash_limit: settings.crash_limit,
+            confirm_replies: config.confirm_replies,
             process: process.clone(),
         });
         for consumer in consumers {
@@ -421,7 +449,7 @@ async fn answer_timed_out(running: &Running) {
 /// Answers `incoming` with `error` and acks it.
 async fn refuse(bus: &dyn BusTransport, incoming: &Incoming, error: &RpcError) {
     if let Some(reply) = error_reply(&delivery(incoming), error) {
-        if let Err(e) = publish_reply(bus, &reply).await {
+        if let Err(e) = publish_reply(bus, &reply, true).await {
             tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
             let _ = incoming.settle(Settle::Requeue).await;
             return;
@@ -435,6 +463,7 @@ async fn refuse(bus: &dyn BusTransport, incoming: &Incoming, error: &RpcError) {
 async fn publish_reply(
     bus: &dyn BusTransport,
     reply: &crate::dispatch::Reply,
+    confirm: bool,
 ) -> Result<(), BusError> {
     bus.publish(Outgoing {
         exchange: "",
@@ -443,6 +472,7 @@ async fn publish_reply(
         reply_to: None,
         correlation_id: reply.correlation_id.as_deref(),
         durable: true,
+        confirm,
     })
     .await
 }
@@ -705,6 +735,7 @@ struct Answering {
     handler_bus: Arc<HandlerBus>,
     handler_timeout: Duration,
     crash_limit: u32,
+    confirm_replies: bool,
     process: Process,
 }
 
@@ -788,7 +819,10 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
     // another thread while it does: no hand-off to the blocking pool and
     // back on the request's path (the A/B benchmark showed that hop cost
     // ~20% of throughput). Elsewhere, the blocking pool.
-    let handled = if tokio::runtime::Handle::current().runtime_flavor()
+    let handled = if a.handler_bus.inline {
+        // `inline_handlers`: the service promised its handlers never block.
+        Ok(run())
+    } else if tokio::runtime::Handle::current().runtime_flavor()
         == tokio::runtime::RuntimeFlavor::MultiThread
     {
         Ok(tokio::task::block_in_place(run))
@@ -810,7 +844,7 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
     }
     let incoming = &running.incoming;
     if let Some(reply) = &handled.reply {
-        if let Err(e) = publish_reply(&*a.bus, reply).await {
+        if let Err(e) = publish_reply(&*a.bus, reply, a.confirm_replies).await {
             tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
             let _ = incoming.settle(Settle::Requeue).await;
             return;

@@ -53,7 +53,7 @@ impl AmqpBus {
         let publisher = connection.create_channel().await.map_err(fail)?;
         // Publisher confirms: a reply counts as sent (and its request is
         // acked) only once the broker has taken it, so a broker that goes
-        // away in between cannot lose it (see `Outgoing::durable`).
+        // away in between cannot lose it (see `Outgoing::confirm`).
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -244,7 +244,7 @@ impl BusTransport for AmqpBus {
             )
             .await
             .map_err(fail)?;
-        if !m.durable {
+        if !m.confirm {
             return Ok(());
         }
         match confirm.await.map_err(fail)? {

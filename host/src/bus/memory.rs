@@ -231,6 +231,7 @@ mod tests {
             reply_to: Some("r"),
             correlation_id: None,
             durable: false,
+            confirm: false,
         }
     }
 

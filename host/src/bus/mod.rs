@@ -64,13 +64,15 @@ pub struct Outgoing<'a> {
     pub reply_to: Option<&'a str>,
     /// The correlation id.
     pub correlation_id: Option<&'a str>,
-    /// Persistent (delivery mode 2, as kombu publishes) and confirmed by
-    /// the broker before `publish` returns: replies, whose request is acked
-    /// right after, to reply queues that may be durable. The host's own
-    /// requests are neither: their replies come to a direct reply-to queue,
-    /// which does not outlive a broker restart anyway, and their caller
-    /// waits for the reply.
+    /// Persistent (delivery mode 2, as kombu publishes): replies, to reply
+    /// queues that may be durable. The host's own requests are transient:
+    /// their replies come to a direct reply-to queue, which does not
+    /// outlive a broker restart anyway.
     pub durable: bool,
+    /// `publish` returns once the broker has taken the message (publisher
+    /// confirms on RabbitMQ): replies, whose request is acked right after
+    /// (`[bus] confirm_replies`).
+    pub confirm: bool,
 }
 
 /// How to settle a delivery.

@@ -1207,6 +1207,7 @@ mod tests {
             reply_to: Some("response-x"),
             correlation_id: Some("cid"),
             durable: false,
+            confirm: false,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         let tag = v["properties"]["delivery_tag"].as_str().unwrap().to_owned();
