@@ -115,8 +115,9 @@ impl HandlerBus {
     /// While a handler waits for a reply, its slot does not count: the
     /// consumers may take one more delivery each (it may be the very request
     /// the handler waits for). The limit is raised ahead (twice what is
-    /// needed) and lowered lazily, so that a busy service does not change
-    /// it on every call.
+    /// needed) and lowered only once it is `concurrency` above what is
+    /// needed: a `basic.qos` is a broker round trip, which a service
+    /// calling the bus should not pay on every call.
     async fn waiting(&self, delta: i32) {
         let mut state = self.waiting.lock().await;
         let (waiting, limit) = &mut *state;
@@ -124,7 +125,7 @@ impl HandlerBus {
         let needed = self.concurrency.saturating_add(*waiting);
         let new_limit = if needed > *limit {
             self.concurrency.saturating_add(waiting.saturating_mul(2))
-        } else if *waiting == 0 || needed.saturating_add(self.concurrency) < *limit {
+        } else if needed.saturating_add(self.concurrency) < *limit {
             needed
         } else {
             return;
