@@ -71,7 +71,7 @@ struct BusSection {
     uri: Option<String>,
     exchange: Option<String>,
     /// Seconds a request waits for its reply.
-    request_timeout: Option<f64>,
+    request_timeout: Option<Spanned<f64>>,
     /// Ack a request only once the broker confirmed its reply.
     confirm_replies: Option<bool>,
 }
@@ -251,19 +251,14 @@ impl HostConfig {
             .or(file.bus.exchange)
             .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
         let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
-        let request_timeout = match file.bus.request_timeout {
-            Some(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
-            Some(secs) => {
-                return Err(ConfigError {
-                    location: file_name,
-                    message: format!(
-                        "[bus] request_timeout must be a positive number of seconds, not {secs}"
-                    ),
-                })
-            }
-            None => DEFAULT_REQUEST_TIMEOUT,
-        };
         let text = text.unwrap_or_default();
+        let request_timeout = seconds(
+            file.bus.request_timeout.as_ref(),
+            "[bus] request_timeout",
+            DEFAULT_REQUEST_TIMEOUT,
+            &file_name,
+            &text,
+        )?;
         let shutdown_timeout = seconds(
             file.host.shutdown_timeout.as_ref(),
             "[host] shutdown_timeout",
@@ -512,6 +507,14 @@ config = { greeting = "hi" }
             (
                 "[[service]]\nname = \"s\"\nhandler_timeout = -1\n",
                 "host.toml:3:19: handler_timeout must be a positive number of seconds, not -1",
+            ),
+            (
+                "[bus]\nrequest_timeout = \"x\"\n",
+                "host.toml:2:19: invalid type: string \"x\", expected f64",
+            ),
+            (
+                "[bus]\nrequest_timeout = -3\n",
+                "host.toml:2:19: [bus] request_timeout must be a positive number of seconds, not -3",
             ),
             (
                 "[host]\nshutdown_timeout = 0\n",

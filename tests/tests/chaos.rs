@@ -150,6 +150,28 @@ fn kill_9_of_random_workers_every_200ms_loses_nothing() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// Sends 2000 requests to `demo`: `demo.echo` but for one `odd` request in
+/// the middle; every echo must come back, the odd one as -32603 `message`.
+fn one_odd_request_among_echoes(host: &TestHost, odd: (&'static str, Value), message: &str) {
+    let at = 500;
+    let (odd_key, odd_params) = odd;
+    let load = load(host, 2000, move |i| {
+        if i == at {
+            (odd_key.to_owned(), odd_params.clone())
+        } else {
+            ("demo.echo".to_owned(), json!([i]))
+        }
+    });
+    let report = run_with_chaos(load, |_, _| {});
+    assert_all_answered(&report, &host.stderr(), |i, reply| {
+        if i == at {
+            reply["error"]["code"] == -32603 && reply["error"]["message"] == message
+        } else {
+            reply["result"] == json!(i)
+        }
+    });
+}
+
 #[test]
 fn a_request_that_aborts_the_worker_is_refused_after_3_crashes() {
     let _serial = one_at_a_time();
@@ -157,23 +179,11 @@ fn a_request_that_aborts_the_worker_is_refused_after_3_crashes() {
     spec.plugins = vec!["demo"];
     spec.service_toml = "workers = 2\n".to_owned();
     let host = TestHost::start(spec);
-    let poison = 500;
-    let load = load(&host, 2000, move |i| {
-        if i == poison {
-            ("demo.abort".to_owned(), json!([]))
-        } else {
-            ("demo.echo".to_owned(), json!([i]))
-        }
-    });
-    let report = run_with_chaos(load, |_, _| {});
-    assert_all_answered(&report, &host.stderr(), |i, reply| {
-        if i == poison {
-            reply["error"]["code"] == -32603
-                && reply["error"]["message"] == "request crashed the worker 3 times"
-        } else {
-            reply["result"] == json!(i)
-        }
-    });
+    one_odd_request_among_echoes(
+        &host,
+        ("demo.abort", json!([])),
+        "request crashed the worker 3 times",
+    );
     let h = service_health(&host, "demo");
     assert_eq!(h["restarts"], 3, "{h}");
     wait_until(
@@ -194,23 +204,11 @@ fn a_hung_handler_gets_a_timeout_reply_and_its_worker_is_recycled() {
     spec.service_toml = "workers = 2\nhandler_timeout = 1\n".to_owned();
     spec.extra_toml = "\n[host]\nhandler_grace = 1\n".to_owned();
     let host = TestHost::start(spec);
-    let hung = 300;
-    let load = load(&host, 2000, move |i| {
-        if i == hung {
-            ("demo.sleep".to_owned(), json!([600_000]))
-        } else {
-            ("demo.echo".to_owned(), json!([i]))
-        }
-    });
-    let report = run_with_chaos(load, |_, _| {});
-    assert_all_answered(&report, &host.stderr(), |i, reply| {
-        if i == hung {
-            reply["error"]["code"] == -32603
-                && reply["error"]["message"] == "the handler did not return within 1s"
-        } else {
-            reply["result"] == json!(i)
-        }
-    });
+    one_odd_request_among_echoes(
+        &host,
+        ("demo.sleep", json!([600_000])),
+        "the handler did not return within 1s",
+    );
     wait_until(
         Duration::from_secs(20),
         "the hung worker recycled",
