@@ -7,5 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-plugin-demo
 mkdir -p target/example-plugins
-cp target/release/libsimple.so target/release/libdemo.so target/example-plugins/
+# Copy beside, then rename over: a running host keeps the old file mapped
+# (see "Worker processes and reliability" in the README).
+for lib in libsimple.so libdemo.so; do
+  cp "target/release/$lib" "target/example-plugins/.$lib.new"
+  mv "target/example-plugins/.$lib.new" "target/example-plugins/$lib"
+done
 exec target/release/commissaire-host run --config examples/host.toml "$@"
