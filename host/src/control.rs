@@ -88,8 +88,10 @@ pub struct Control {
 
 impl Control {
     /// Reads the supervisor's lines on a thread of its own; `stop` is
-    /// cancelled on `stop` or end of input.
-    pub fn start(stop: CancellationToken) -> Arc<Self> {
+    /// cancelled on `stop` or end of input. If the process is still there
+    /// `deadline` after that, the thread ends it (exit status 0): a worker
+    /// must never outlive its supervisor, whatever it is stuck in.
+    pub fn start(stop: CancellationToken, deadline: Duration) -> Arc<Self> {
         let waiting: Waiting = Arc::default();
         let control = Arc::new(Self {
             waiting: waiting.clone(),
@@ -120,6 +122,12 @@ impl Control {
                 }
             }
             stop.cancel();
+            std::thread::sleep(deadline);
+            tracing::error!(
+                deadline_s = deadline.as_secs(),
+                "still running long after being told to stop; exiting"
+            );
+            std::process::exit(EXIT_STOPPED);
         };
         if let Err(e) = std::thread::Builder::new()
             .name("control".into())

@@ -635,7 +635,10 @@ pub async fn run_worker(
         signal.await;
         on_signal.cancel();
     });
-    let control = options.controlled.then(|| Control::start(stop.clone()));
+    let deadline = config.shutdown_timeout + Duration::from_secs(10);
+    let control = options
+        .controlled
+        .then(|| Control::start(stop.clone(), deadline));
     let services = prepare(config, Some(&options.service))?;
     let inflight = match &options.slot_file {
         Some(path) => InFlight::with_slot_file(path).map_err(|source| HostError::SlotFile {

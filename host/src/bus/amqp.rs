@@ -289,8 +289,13 @@ impl BusTransport for AmqpBus {
     }
 
     async fn close(&self) {
-        if let Err(e) = self.connection.close(200, "bye".into()).await {
-            tracing::debug!(error = %e, "closing the connection");
+        // A connection the broker already dropped may never answer
+        // close-ok: do not wait for it forever.
+        let closing = self.connection.close(200, "bye".into());
+        match tokio::time::timeout(std::time::Duration::from_secs(2), closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
+            Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
         }
     }
 }
