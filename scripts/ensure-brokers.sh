@@ -26,7 +26,10 @@ wait_for() { # port what seconds [check command...]
 if ! listening 5672; then
   command -v rabbitmq-server >/dev/null || install_pkg rabbitmq-server
   echo "ensure-brokers: starting RabbitMQ" >&2
-  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  # A node left with its application stopped (an interrupted
+  # `rabbitmqctl stop_app`, as the chaos tests do) only needs start_app.
+  as_root rabbitmqctl -q start_app >/dev/null 2>&1 ||
+    as_root rabbitmq-server -detached >/dev/null 2>&1 || true
   wait_for 5672 RabbitMQ 120 as_root rabbitmqctl -q await_startup
 fi
 

@@ -144,10 +144,6 @@ impl Control {
         Self::write(&WorkerEvent::Fatal(why.to_owned()));
     }
 
-    fn send(&self, event: &WorkerEvent) {
-        Self::write(event);
-    }
-
     fn write(event: &WorkerEvent) {
         let mut out = std::io::stdout().lock();
         if let Err(e) = out
@@ -160,7 +156,7 @@ impl Control {
 
     /// Tells the supervisor whether this worker consumes.
     pub fn status(&self, consuming: bool) {
-        self.send(if consuming {
+        Self::write(if consuming {
             &WorkerEvent::Consuming
         } else {
             &WorkerEvent::Idle
@@ -177,7 +173,7 @@ impl Control {
             .entry(key)
             .or_default()
             .push(tx);
-        self.send(&WorkerEvent::Check(key));
+        Self::write(&WorkerEvent::Check(key));
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
             Ok(Ok(n)) => n,
             _ => {

@@ -185,24 +185,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker {
-            bus,
+            mut bus,
             plugins_dir,
             service,
             slot_file,
             fail_fast,
         } => {
-            let overrides = Overrides {
-                bus_uri: std::env::var(WORKER_BUS_URI_ENV).ok(),
-                plugins_dir,
-                ..Overrides::default()
-            };
-            let config = HostConfig::load(
-                bus.config.as_deref(),
-                &Overrides {
-                    bus_exchange: bus.bus_exchange.clone(),
-                    ..overrides
+            // The supervisor's bus URI, as if given with --bus-uri.
+            bus.bus_uri = std::env::var(WORKER_BUS_URI_ENV).ok();
+            let config = load_config(
+                &bus,
+                Overrides {
+                    plugins_dir,
+                    ..Overrides::default()
                 },
-                |name| std::env::var(name).ok(),
             );
             let options = server::WorkerOptions {
                 service: service.clone(),
@@ -210,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 controlled: true,
                 fail_fast,
             };
-            let ended = config.map_err(anyhow::Error::from).and_then(|config| {
+            let ended = config.and_then(|config| {
                 let span =
                     tracing::info_span!("worker", service = %service, pid = std::process::id());
                 let _entered = span.enter();

@@ -190,6 +190,26 @@ impl HostBus for HandlerBus {
     }
 }
 
+/// Checks the services the plugin directory exports against the config:
+/// at least one, and every `[[service]]` entry among them.
+pub fn check_services(config: &HostConfig, loaded: &[&str]) -> Result<(), HostError> {
+    if loaded.is_empty() {
+        return Err(HostError::NoPlugins(
+            config.plugins_dir.display().to_string(),
+        ));
+    }
+    for (name, settings) in &config.services {
+        if !loaded.contains(&name.as_str()) {
+            return Err(HostError::UnknownService {
+                location: settings.location.clone().unwrap_or_default(),
+                name: name.clone(),
+                loaded: loaded.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether `settings` run handlers inline: only on the multi-threaded
 /// runtime (where a bus call can hand the thread over).
 fn inline(settings: &ServiceSettings) -> bool {
@@ -216,25 +236,12 @@ fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>, Hos
             tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
         }
     }
-    if set.plugins.is_empty() {
-        return Err(HostError::NoPlugins(
-            config.plugins_dir.display().to_string(),
-        ));
-    }
     let loaded: Vec<&str> = set
         .plugins
         .iter()
         .map(|p| p.service_name.as_str())
         .collect();
-    for (name, settings) in &config.services {
-        if !loaded.contains(&name.as_str()) {
-            return Err(HostError::UnknownService {
-                location: settings.location.clone().unwrap_or_default(),
-                name: name.clone(),
-                loaded: loaded.join(", "),
-            });
-        }
-    }
+    check_services(config, &loaded)?;
     if let Some(service) = only {
         if !loaded.contains(&service) {
             return Err(HostError::NoSuchService {

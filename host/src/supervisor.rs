@@ -26,7 +26,7 @@ use crate::control::{
     verdict_line, WorkerEvent, EXIT_FATAL, EXIT_RECYCLE, EXIT_STOPPED, STOP_LINE,
 };
 use crate::health::{Health, ServiceHealth};
-use crate::server::{backoff, serve_http, HostError};
+use crate::server::{backoff, check_services, serve_http, HostError};
 
 /// The environment variable that hands the bus URI to a worker (never on
 /// its command line, where `ps` would show the password).
@@ -230,19 +230,8 @@ impl Supervisor {
     /// The services to serve, checked against the config.
     async fn services(&self) -> Result<Vec<String>, SupervisorError> {
         let services = list_services(&self.options.exe, &self.config.plugins_dir).await?;
-        if services.is_empty() {
-            return Err(HostError::NoPlugins(self.config.plugins_dir.display().to_string()).into());
-        }
-        for (name, settings) in &self.config.services {
-            if !services.contains(name) {
-                return Err(HostError::UnknownService {
-                    location: settings.location.clone().unwrap_or_default(),
-                    name: name.clone(),
-                    loaded: services.join(", "),
-                }
-                .into());
-            }
-        }
+        let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
+        check_services(&self.config, &loaded)?;
         Ok(services)
     }
 
