@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::bus::{BusTransport, Incoming};
+use crate::placement::{Method, Placement, SLOW};
 
 const RECORD: u64 = 16;
 
@@ -30,6 +31,9 @@ pub struct Running {
     pub service: Arc<str>,
     /// The connection it came on (timeout replies go out through it).
     pub bus: Arc<dyn BusTransport>,
+    /// Set while its handler runs on the runtime thread: the method, for
+    /// the watchdog to move it off if it stalls there.
+    pub inline: Option<(Arc<Placement>, Arc<Method>)>,
     started: Instant,
     timeout: Duration,
     settled: AtomicBool,
@@ -49,6 +53,7 @@ impl Running {
             key,
             service,
             bus,
+            inline: None,
             started: Instant::now(),
             timeout,
             settled: AtomicBool::new(false),
@@ -110,6 +115,8 @@ pub struct Overdue {
     pub timed_out: Vec<Arc<Running>>,
     /// Still running past timeout + grace.
     pub hung: Vec<Arc<Running>>,
+    /// Running on the runtime thread for longer than [`SLOW`].
+    pub stalling: Vec<Arc<Running>>,
 }
 
 impl InFlight {
@@ -179,6 +186,9 @@ impl InFlight {
         let mut found = Overdue::default();
         for running in t.entries.iter().flatten() {
             let elapsed = running.elapsed();
+            if running.inline.is_some() && elapsed > SLOW {
+                found.stalling.push(running.clone());
+            }
             if elapsed >= running.timeout + grace {
                 found.hung.push(running.clone());
             } else if elapsed >= running.timeout && !running.settled.load(Ordering::Acquire) {

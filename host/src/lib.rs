@@ -16,6 +16,7 @@ pub mod health;
 pub mod http;
 pub mod inflight;
 pub mod listing;
+pub mod placement;
 pub mod plugin;
 pub mod redact;
 pub mod server;

@@ -17,13 +17,16 @@ use commissaire_plugin_api::{abi::log_level, RpcError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::{self, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle};
+use crate::bus::{
+    self, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle, Sink,
+};
 use crate::client::{RpcClient, SharedClient};
 use crate::config::{HostConfig, ServiceSettings};
 use crate::control::Control;
 use crate::dispatch::{error_reply, Delivery, Service};
 use crate::health::Health;
 use crate::inflight::{request_key, InFlight, Running};
+use crate::placement::Placement;
 use crate::plugin::{DirError, LoadErrorKind, PluginSet};
 
 /// Why the host could not start.
@@ -92,20 +95,21 @@ struct HandlerBus {
     client: Arc<RpcClient>,
     runtime: tokio::runtime::Handle,
     service: Arc<str>,
-    /// The service's consumers and their configured prefetch.
-    prefetch: Vec<Arc<dyn Prefetch>>,
+    /// The service's consumers' prefetch limits (set once they consume).
+    prefetch: std::sync::OnceLock<Vec<Arc<dyn Prefetch>>>,
     concurrency: u16,
     /// Handlers now waiting in a bus request, and the limit last set.
     waiting: tokio::sync::Mutex<(u16, u16)>,
-    /// Handlers run on the runtime's own threads (`inline_handlers`): a
-    /// bus call must first hand the thread's other work over.
-    inline: bool,
+    /// On the multi-threaded runtime, where a handler may be running on a
+    /// runtime thread (see [`crate::placement`]): a bus call first hands
+    /// the thread's other work over (a no-op if the handler already did).
+    multi_thread: bool,
 }
 
 impl HandlerBus {
     /// Runs `f`, which blocks on the runtime, from a handler.
     fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
-        if self.inline {
+        if self.multi_thread {
             tokio::task::block_in_place(f)
         } else {
             f()
@@ -134,7 +138,7 @@ impl HandlerBus {
             return;
         }
         *limit = new_limit;
-        for p in &self.prefetch {
+        for p in self.prefetch.get().into_iter().flatten() {
             if let Err(e) = p.set(new_limit).await {
                 tracing::warn!(service = &*self.service, error = %e, "cannot change the prefetch");
             }
@@ -210,12 +214,22 @@ pub fn check_services(config: &HostConfig, loaded: &[&str]) -> Result<(), HostEr
     Ok(())
 }
 
-/// Whether `settings` run handlers inline: only on the multi-threaded
-/// runtime (where a bus call can hand the thread over).
-fn inline(settings: &ServiceSettings) -> bool {
-    settings.inline_handlers
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread
+/// Whether this runs on the multi-threaded runtime, the only one where a
+/// handler may run on a runtime thread (a bus call can hand it over).
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+}
+
+/// Where `service`'s handlers run: as `inline_handlers` says, else learnt
+/// per method; never inline off the multi-threaded runtime.
+fn placement(service: &Service, settings: &ServiceSettings) -> Placement {
+    let forced = if multi_thread() {
+        settings.inline_handlers
+    } else {
+        Some(false)
+    };
+    let methods = service.library().methods.iter().map(|m| m.name.as_str());
+    Placement::new(Arc::from(service.name()), methods, forced)
 }
 
 /// A service ready to serve: its plugin initialised, its settings.
@@ -300,39 +314,45 @@ async fn open_session(
 
     for Prepared { service, settings } in services {
         let name = service.name();
-        let mut consumers = Vec::new();
-        for queue in &settings.queues {
-            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
-                .await?;
-            consumers.push(bus.consume(&queue.name, settings.concurrency).await?);
-        }
         let handler_bus = Arc::new(HandlerBus {
             client: client.clone(),
             runtime: runtime.clone(),
             service: Arc::from(name),
-            prefetch: consumers.iter().map(|c| c.prefetch.clone()).collect(),
+            prefetch: std::sync::OnceLock::new(),
             concurrency: settings.concurrency,
             waiting: tokio::sync::Mutex::new((0, settings.concurrency)),
-            inline: inline(settings),
+            multi_thread: multi_thread(),
         });
         let answering = Arc::new(Answering {
             service: service.clone(),
             name: Arc::from(name),
             bus: bus.clone(),
-            handler_bus,
+            handler_bus: handler_bus.clone(),
+            placement: Arc::new(placement(service, settings)),
             handler_timeout: settings.handler_timeout,
             crash_limit: settings.crash_limit,
             confirm_replies: config.confirm_replies,
             process: process.clone(),
         });
+        let mut consumers = Vec::new();
+        for queue in &settings.queues {
+            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
+                .await?;
+            let sink = answer_sink(answering.clone(), tracker.clone(), stop.clone());
+            consumers.push(bus.consume(&queue.name, settings.concurrency, sink).await?);
+        }
+        // Set once, here; a handler calling the bus before (deliveries
+        // start with the first consumer) raises no limit.
+        let _ = handler_bus
+            .prefetch
+            .set(consumers.iter().map(|c| c.prefetch.clone()).collect());
         for consumer in consumers {
-            tracker.spawn(consume_loop(ConsumeLoop {
-                answering: answering.clone(),
+            tracker.spawn(watch_consumer(
+                answering.clone(),
                 consumer,
-                tracker: tracker.clone(),
-                stop: stop.clone(),
-                lost: lost.clone(),
-            }));
+                stop.clone(),
+                lost.clone(),
+            ));
         }
         process.health.update(name, |h| {
             h.workers = 1;
@@ -391,6 +411,11 @@ async fn watchdog(inflight: Arc<InFlight>, grace: Duration, hung: Option<Cancell
     loop {
         tick.tick().await;
         let overdue = inflight.overdue(grace);
+        for running in &overdue.stalling {
+            if let Some((placement, method)) = &running.inline {
+                placement.demote(method, running.elapsed());
+            }
+        }
         for running in overdue.timed_out {
             if running.claim() {
                 answer_timed_out(&running).await;
@@ -457,7 +482,7 @@ async fn answer_timed_out(running: &Running) {
 /// Answers `incoming` with `error` and acks it.
 async fn refuse(bus: &dyn BusTransport, incoming: &Incoming, error: &RpcError) {
     if let Some(reply) = error_reply(&delivery(incoming), error) {
-        if let Err(e) = publish_reply(bus, &reply, true).await {
+        if let Err(e) = publish_reply(bus, incoming, &reply, true).await {
             tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
             let _ = incoming.settle(Settle::Requeue).await;
             return;
@@ -468,12 +493,14 @@ async fn refuse(bus: &dyn BusTransport, incoming: &Incoming, error: &RpcError) {
     }
 }
 
+/// Publishes the reply to `incoming`, ahead of its ack.
 async fn publish_reply(
     bus: &dyn BusTransport,
+    incoming: &Incoming,
     reply: &crate::dispatch::Reply,
     confirm: bool,
 ) -> Result<(), BusError> {
-    bus.publish(Outgoing {
+    let reply = Outgoing {
         exchange: "",
         routing_key: &reply.to,
         body: &reply.body,
@@ -481,8 +508,8 @@ async fn publish_reply(
         correlation_id: reply.correlation_id.as_deref(),
         durable: true,
         confirm,
-    })
-    .await
+    };
+    incoming.publish_reply(bus, reply).await
 }
 
 /// A host serving every service in this process.
@@ -741,6 +768,7 @@ pub async fn run_worker(
 
 struct Answering {
     service: Arc<Service>,
+    placement: Arc<Placement>,
     name: Arc<str>,
     bus: Arc<dyn BusTransport>,
     handler_bus: Arc<HandlerBus>,
@@ -750,38 +778,41 @@ struct Answering {
     process: Process,
 }
 
-struct ConsumeLoop {
-    answering: Arc<Answering>,
-    consumer: Consumer,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    lost: CancellationToken,
+/// The sink of a service's consumers: each delivery is answered in the
+/// task the transport spawns for it, tracked for shutdown. One that
+/// arrives after `stop` goes back to the queue for another worker.
+fn answer_sink(a: Arc<Answering>, tracker: TaskTracker, stop: CancellationToken) -> Sink {
+    Arc::new(move |incoming: Incoming| {
+        let a = a.clone();
+        let stop = stop.clone();
+        Box::pin(tracker.track_future(async move {
+            if stop.is_cancelled() {
+                if let Err(e) = incoming.settle(Settle::Requeue).await {
+                    tracing::warn!(error = %e, "could not hand a delivery back");
+                }
+                return;
+            }
+            answer(a, incoming).await;
+        }))
+    })
 }
 
-/// Takes deliveries (the prefetch limit bounds how many are unsettled, so
-/// how many handlers are in flight) and answers each in a task of its own.
-async fn consume_loop(l: ConsumeLoop) {
-    loop {
-        let incoming = tokio::select! {
-            biased;
-            () = l.stop.cancelled() => break,
-            m = l.consumer.deliveries.recv() => match m {
-                Ok(m) => m,
-                Err(_) => {
-                    tracing::error!(service = &*l.answering.name, "consumer ended: the bus connection is gone");
-                    l.answering.process.health.update(&l.answering.name, |h| h.consuming = 0);
-                    l.lost.cancel();
-                    break;
-                }
-            },
-        };
-        l.tracker.spawn(answer(l.answering.clone(), incoming));
-    }
-    l.consumer.stop.cancel();
-    // Prefetched but never started: back to the queue for another worker.
-    while let Ok(m) = l.consumer.deliveries.try_recv() {
-        if let Err(e) = m.settle(Settle::Requeue).await {
-            tracing::warn!(error = %e, "could not hand a delivery back");
+/// Stops `consumer` on `stop`; if its deliveries end otherwise, the bus
+/// connection is gone: `lost`.
+async fn watch_consumer(
+    a: Arc<Answering>,
+    consumer: Consumer,
+    stop: CancellationToken,
+    lost: CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => consumer.stop.cancel(),
+        () = consumer.ended.cancelled() => {
+            if !stop.is_cancelled() {
+                tracing::error!(service = &*a.name, "consumer ended: the bus connection is gone");
+                a.process.health.update(&a.name, |h| h.consuming = 0);
+                lost.cancel();
+            }
         }
     }
 }
@@ -810,13 +841,19 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
             }
         }
     }
-    let running = Arc::new(Running::new(
+    let method = a.placement.method(&incoming.routing_key);
+    let inline = a.placement.inline(method);
+    let mut running = Running::new(
         incoming,
         key,
         a.name.clone(),
         a.bus.clone(),
         a.handler_timeout,
-    ));
+    );
+    if inline {
+        running.inline = method.map(|m| (a.placement.clone(), m.clone()));
+    }
+    let running = Arc::new(running);
     let slot = inflight.enter(running.clone());
     let handler = a.clone();
     let run_running = running.clone();
@@ -825,21 +862,20 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
             .service
             .handle(&delivery(&run_running.incoming), &*handler.handler_bus)
     };
-    // Handlers are synchronous and may block. On the multi-threaded runtime
-    // the handler runs right here and the runtime moves its other work to
-    // another thread while it does: no hand-off to the blocking pool and
-    // back on the request's path (the A/B benchmark showed that hop cost
-    // ~20% of throughput). Elsewhere, the blocking pool.
-    let handled = if a.handler_bus.inline {
-        // `inline_handlers`: the service promised its handlers never block.
+    // Handlers are synchronous and may block. A method proven fast runs
+    // right here, on the runtime thread (see `crate::placement`); others
+    // hand the thread's other work over first (`block_in_place`), which
+    // costs a thread wake-up but no hop to the blocking pool and back.
+    // Off the multi-threaded runtime, the blocking pool.
+    let started = std::time::Instant::now();
+    let handled = if inline {
         Ok(run())
-    } else if tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::MultiThread
-    {
+    } else if a.handler_bus.multi_thread {
         Ok(tokio::task::block_in_place(run))
     } else {
         tokio::task::spawn_blocking(run).await
     };
+    a.placement.record(method, started.elapsed());
     inflight.leave(slot);
     let Ok(handled) = handled else {
         tracing::error!("a handler task failed; its request stays unacked for redelivery");
@@ -855,7 +891,7 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
     }
     let incoming = &running.incoming;
     if let Some(reply) = &handled.reply {
-        if let Err(e) = publish_reply(&*a.bus, reply, a.confirm_replies).await {
+        if let Err(e) = publish_reply(&*a.bus, incoming, reply, a.confirm_replies).await {
             tracing::error!(reply_to = %reply.to, error = %e, "reply not published; requeueing the request");
             let _ = incoming.settle(Settle::Requeue).await;
             return;

@@ -65,6 +65,9 @@ pub fn build_all() {
             "commissaire-plugin-simple",
             "-p",
             "commissaire-plugin-demo",
+            // A library that is not a plugin, for the loader's refusal.
+            "-p",
+            "commissaire-plugin-api-macros",
         ]);
         let fixtures = workspace_root().join("tests/fixtures");
         for name in [

@@ -203,7 +203,8 @@ async fn a_notification_runs_its_handler_and_gets_no_reply() {
         .declare_queue(&host.spec.exchange, &watch, "observe.*")
         .await
         .unwrap();
-    let seen = observer.consume(&watch, 1).await.unwrap();
+    let (sink, seen) = commissaire_host::bus::channel_sink();
+    let _consumer = observer.consume(&watch, 1, sink).await.unwrap();
 
     let body = json!({"jsonrpc": "2.0", "method": "relay", "params": ["observe.seen", {"k": 1}]});
     caller
@@ -213,7 +214,7 @@ async fn a_notification_runs_its_handler_and_gets_no_reply() {
             BasicProperties::default(),
         )
         .await;
-    let notified = tokio::time::timeout(Duration::from_secs(10), seen.deliveries.recv())
+    let notified = tokio::time::timeout(Duration::from_secs(10), seen.recv())
         .await
         .expect("the handler ran")
         .unwrap();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 
 use super::{
-    topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle,
+    topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Sink,
 };
 
 type Queue = (
@@ -128,16 +128,18 @@ impl BusTransport for MemoryBus {
         Ok(())
     }
 
-    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError> {
+    async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
         // Like a broker: at most `prefetch` unsettled deliveries per
         // consumer; the rest stay in the shared queue for other consumers.
         let (shared_tx, shared) = self.queue(queue);
         let limit = Arc::new(PrefetchSlots::new(prefetch));
         let slots = limit.clone();
-        let (tx, deliveries) = async_channel::unbounded();
         let stop = tokio_util::sync::CancellationToken::new();
+        let ended = tokio_util::sync::CancellationToken::new();
         let token = stop.clone();
+        let on_end = ended.clone();
         tokio::spawn(async move {
+            let _ended = on_end.drop_guard();
             loop {
                 let slot = tokio::select! {
                     biased;
@@ -153,15 +155,12 @@ impl BusTransport for MemoryBus {
                     pending: Mutex::new(Some((shared_tx.clone(), copy(&message)))),
                     slot: Mutex::new(Some(slot)),
                 }));
-                if let Err(unsent) = tx.send(message).await {
-                    let _ = unsent.0.settle(Settle::Requeue).await;
-                    break;
-                }
+                tokio::spawn(sink(message));
             }
         });
         Ok(Consumer {
-            deliveries,
             stop,
+            ended,
             prefetch: limit,
         })
     }
@@ -222,6 +221,7 @@ impl BusTransport for MemoryBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::channel_sink;
 
     fn out<'a>(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgoing<'a> {
         Outgoing {
@@ -239,18 +239,20 @@ mod tests {
     async fn topic_routing_and_competing_consumers() {
         let bus = MemoryBus::new();
         bus.declare_queue("ex", "simple", "simple.*").await.unwrap();
-        let a = bus.consume("simple", 1).await.unwrap();
-        let b = bus.consume("simple", 1).await.unwrap();
+        let (sink_a, a_deliveries) = channel_sink();
+        let (sink_b, b_deliveries) = channel_sink();
+        let a = bus.consume("simple", 1, sink_a).await.unwrap();
+        let _b = bus.consume("simple", 1, sink_b).await.unwrap();
         bus.publish(out("ex", "other.add", b"lost")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"1")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"2")).await.unwrap();
-        let first = a.deliveries.recv().await.unwrap();
+        let first = a_deliveries.recv().await.unwrap();
         // `a` stops: what it holds goes back to the queue, for `b`.
         a.stop.cancel();
-        while let Ok(m) = a.deliveries.try_recv() {
+        while let Ok(m) = a_deliveries.try_recv() {
             m.settle(Settle::Requeue).await.unwrap();
         }
-        let second = tokio::time::timeout(std::time::Duration::from_secs(2), b.deliveries.recv())
+        let second = tokio::time::timeout(std::time::Duration::from_secs(2), b_deliveries.recv())
             .await
             .expect("b gets the other message")
             .unwrap();
@@ -263,15 +265,16 @@ mod tests {
     async fn requeue_redelivers_and_ack_removes() {
         let bus = MemoryBus::new();
         bus.declare_queue("ex", "q", "k").await.unwrap();
-        let c = bus.consume("q", 1).await.unwrap();
+        let (sink, deliveries) = channel_sink();
+        let _c = bus.consume("q", 1, sink).await.unwrap();
         bus.publish(out("ex", "k", b"x")).await.unwrap();
-        let m = c.deliveries.recv().await.unwrap();
+        let m = deliveries.recv().await.unwrap();
         assert!(!m.redelivered);
         m.settle(Settle::Requeue).await.unwrap();
-        let again = c.deliveries.recv().await.unwrap();
+        let again = deliveries.recv().await.unwrap();
         assert!(again.redelivered);
         again.settle(Settle::Ack).await.unwrap();
-        assert!(c.deliveries.is_empty());
+        assert!(deliveries.is_empty());
     }
 
     #[tokio::test]

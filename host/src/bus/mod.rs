@@ -89,6 +89,13 @@ pub enum Settle {
 pub trait Acker: Send + Sync {
     /// Acks or requeues.
     async fn settle(&self, how: Settle) -> Result<(), BusError>;
+
+    /// Publishes `m` where the broker is sure to take it before this
+    /// delivery's settlement (on AMQP, the delivery's own channel). `None`:
+    /// the transport has no such path; publish on the bus.
+    async fn publish_before_ack(&self, _m: Outgoing<'_>) -> Option<Result<(), BusError>> {
+        None
+    }
 }
 
 /// A delivered message.
@@ -121,6 +128,24 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
+    /// Publishes the reply to this delivery, ahead of its ack: confirmed by
+    /// the broker if `m.confirm`, else on the delivery's own channel where
+    /// the transport has one (see [`Acker::publish_before_ack`]).
+    pub async fn publish_reply(
+        &self,
+        bus: &dyn BusTransport,
+        m: Outgoing<'_>,
+    ) -> Result<(), BusError> {
+        if !m.confirm {
+            if let Some(acker) = &self.acker {
+                if let Some(published) = acker.publish_before_ack(m).await {
+                    return published;
+                }
+            }
+        }
+        bus.publish(m).await
+    }
+
     /// Acks or requeues (no-op for auto-acked deliveries).
     pub async fn settle(&self, how: Settle) -> Result<(), BusError> {
         match &self.acker {
@@ -203,12 +228,22 @@ impl Prefetch for PrefetchSlots {
     }
 }
 
-/// Deliveries of one queue, until stopped.
+/// Where a consumer hands its deliveries: called once per delivery, it
+/// returns the future that answers it, which the transport runs as a task
+/// of its own. No queue or forwarding task in between: on RabbitMQ, lapin
+/// spawns that task straight from its I/O thread.
+pub type Sink = Arc<dyn Fn(Incoming) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// One queue's consumer, until stopped.
 pub struct Consumer {
-    /// The deliveries.
-    pub deliveries: async_channel::Receiver<Incoming>,
     /// Stops the consumer: no more deliveries arrive after it.
     pub stop: tokio_util::sync::CancellationToken,
+    /// Cancelled by the transport once deliveries have ended: after `stop`,
+    /// or when the connection is lost.
+    pub ended: tokio_util::sync::CancellationToken,
     /// Its prefetch limit.
     pub prefetch: std::sync::Arc<dyn Prefetch>,
 }
@@ -244,7 +279,7 @@ pub trait BusTransport: Send + Sync + 'static {
     ) -> Result<(), BusError>;
 
     /// Consumes `queue` with at most `prefetch` unsettled deliveries.
-    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError>;
+    async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError>;
 
     /// Publishes a message.
     async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError>;
@@ -255,6 +290,21 @@ pub trait BusTransport: Send + Sync + 'static {
 
     /// Closes the connection; unsettled deliveries go back to their queues.
     async fn close(&self);
+}
+
+/// A sink that queues deliveries on a channel, for tests and tools that
+/// pull them one by one.
+pub fn channel_sink() -> (Sink, async_channel::Receiver<Incoming>) {
+    let (tx, rx) = async_channel::unbounded();
+    let sink: Sink = Arc::new(move |incoming| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            if let Err(unsent) = tx.send(incoming).await {
+                let _ = unsent.0.settle(Settle::Requeue).await;
+            }
+        })
+    });
+    (sink, rx)
 }
 
 /// Connects to the bus named by `uri`.

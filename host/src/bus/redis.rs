@@ -42,7 +42,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle};
+use super::{
+    Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Sink,
+};
 use crate::redact::{redact_uri, scrub};
 
 /// kombu's separator inside binding members and priority queue names.
@@ -949,9 +951,11 @@ async fn consume_queue(
     queue: String,
     mut conn: MultiplexedConnection,
     limit: Arc<PrefetchSlots>,
-    tx: async_channel::Sender<Incoming>,
+    sink: Sink,
     stop: CancellationToken,
+    ended: CancellationToken,
 ) {
+    let _ended = ended.drop_guard();
     let lists = queue_lists(&queue);
     loop {
         let slot = tokio::select! {
@@ -986,10 +990,7 @@ async fn consume_queue(
             hand_back(&inner, &tag, incoming).await;
             break;
         }
-        if let Err(unsent) = tx.send(incoming).await {
-            hand_back(&inner, &tag, unsent.0).await;
-            break;
-        }
+        tokio::spawn(sink(incoming));
     }
 }
 
@@ -1043,26 +1044,27 @@ impl BusTransport for RedisBus {
             .await
     }
 
-    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, BusError> {
+    async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
         let conn = Self::blocking_connection(&self.inner)
             .await
             .map_err(|e| op(format!("consuming `{queue}`"), &e))?;
         // 0 would mean "no limit" to a broker; one slot at least here.
         let limit = Arc::new(PrefetchSlots::new(prefetch));
-        let (tx, deliveries) = async_channel::unbounded();
         let stop = self.inner.closing.child_token();
+        let ended = CancellationToken::new();
         tokio::spawn(consume_queue(
             self.inner.clone(),
             queue.to_owned(),
             conn,
             limit.clone(),
-            tx,
+            sink,
             stop.clone(),
+            ended.clone(),
         ));
         self.start_restorer();
         Ok(Consumer {
-            deliveries,
             stop,
+            ended,
             prefetch: limit,
         })
     }
