@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A/B benchmark on RabbitMQ: the reference lapin service (bench/src/reference.rs)
 # and commissaire-host serving libsimple.so (VARIANTS: host = the defaults,
-# workers = 1; host-w2 = workers = 2; host-nc = confirm_replies = false;
-# host-inline = inline_handlers = true; host-fast = both),
+# workers = 1; host-w2 = workers = 2; host-confirm = confirm_replies = true;
+# host-handover = inline_handlers = false; host-inline = inline_handlers =
+# true),
 # alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
 # on the same broker. Prints every figure, the ratio host/reference per round,
 # and the median ratios.
@@ -32,9 +33,9 @@ queues = [{ name = "$queue", routing_key = "simple.*" }]
 concurrency = 64
 TOML
 sed 's/^concurrency = 64$/concurrency = 64\nworkers = 2/' "$work/host.toml" > "$work/host-w2.toml"
-sed 's/^\[bus\]$/[bus]\nconfirm_replies = false/' "$work/host.toml" > "$work/host-nc.toml"
+sed 's/^\[bus\]$/[bus]\nconfirm_replies = true/' "$work/host.toml" > "$work/host-confirm.toml"
+sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = false/' "$work/host.toml" > "$work/host-handover.toml"
 sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = true/' "$work/host.toml" > "$work/host-inline.toml"
-sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = true/' "$work/host-nc.toml" > "$work/host-fast.toml"
 
 wait_ready() { # log-file pattern
   for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
@@ -72,9 +73,9 @@ for line in open(sys.argv[1]):
     d = json.loads(js)
     rows.setdefault((int(rnd), d["concurrency"]), {})[who] = d
 for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
-                       ("host-nc", "workers = 1, confirm_replies = false"),
-                       ("host-inline", "workers = 1, inline_handlers = true"),
-                       ("host-fast", "workers = 1, inline_handlers = true, confirm_replies = false")):
+                       ("host-confirm", "workers = 1, confirm_replies = true"),
+                       ("host-handover", "workers = 1, inline_handlers = false"),
+                       ("host-inline", "workers = 1, inline_handlers = true")):
     if not any(variant in d for d in rows.values()):
         continue
     print()
