@@ -31,9 +31,9 @@ pub struct Running {
     pub service: Arc<str>,
     /// The connection it came on (timeout replies go out through it).
     pub bus: Arc<dyn BusTransport>,
-    /// Set while its handler runs on the runtime thread: the method, for
-    /// the watchdog to move it off if it stalls there.
-    pub inline: Option<(Arc<Placement>, Arc<Method>)>,
+    /// Set while its handler runs on the runtime thread: the method and
+    /// the thread, for the watchdog to move it off if it stalls there.
+    pub inline: Option<InlineCall>,
     started: Instant,
     timeout: Duration,
     settled: AtomicBool,
@@ -75,6 +75,16 @@ impl Running {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+}
+
+/// A handler running on a runtime thread.
+pub struct InlineCall {
+    /// Its service's placement.
+    pub placement: Arc<Placement>,
+    /// Its method.
+    pub method: Arc<Method>,
+    /// The thread it runs on.
+    pub tid: Option<u32>,
 }
 
 /// A request's identity across redeliveries: routing key, `reply_to`,

@@ -10,9 +10,12 @@
 //! - a method starts on probation, handed over;
 //! - after [`PROMOTE_AFTER`] calls in a row that each returned within
 //!   [`FAST`], it runs inline;
-//! - a call that takes longer than [`SLOW`] (inline or not), or an inline
-//!   handler the watchdog finds still running past [`SLOW`], moves the
-//!   method off the runtime for good, with one warning.
+//! - an inline handler that the watchdog finds blocked (its thread asleep,
+//!   not running or waiting for a CPU) after [`SLOW`], or still running
+//!   after [`STUCK`], or a call that took longer than [`STUCK`], moves the
+//!   method off the runtime for good, with one warning. A handler merely
+//!   preempted by the OS on a busy machine is not mistaken for a blocking
+//!   one.
 //!
 //! Bus calls from a handler always hand the thread over while they wait,
 //! so a handler that calls the bus never stalls the runtime either.
@@ -26,8 +29,11 @@ use std::time::Duration;
 pub const PROMOTE_AFTER: u32 = 32;
 /// A call at most this long counts as fast.
 pub const FAST: Duration = Duration::from_micros(500);
-/// A call longer than this would stall the runtime: never inline again.
+/// An inline handler whose thread is asleep this long into the call is
+/// blocking: never inline again.
 pub const SLOW: Duration = Duration::from_millis(10);
+/// A call this long, asleep or not, stalls the runtime: never inline again.
+pub const STUCK: Duration = Duration::from_millis(100);
 
 const PROBATION: u8 = 0;
 const INLINE: u8 = 1;
@@ -109,7 +115,7 @@ impl Placement {
         if self.forced.is_some() {
             return;
         }
-        if took > SLOW {
+        if took > STUCK {
             self.demote(method, took);
             return;
         }
@@ -149,9 +155,8 @@ impl Placement {
                     service = &*self.service,
                     method = &*method.name,
                     took_ms,
-                    "an inline handler ran past {} ms: its calls now hand the runtime thread over first \
-                     (set inline_handlers = false to always do so)",
-                    SLOW.as_millis()
+                    "an inline handler blocked the runtime thread: its calls now hand the thread over first \
+                     (set inline_handlers = false to always do so)"
                 );
             } else {
                 tracing::debug!(
@@ -209,6 +214,11 @@ mod tests {
         }
         assert!(p.inline(add.as_ref()));
         p.record(add.as_ref(), SLOW + Duration::from_millis(1));
+        assert!(
+            p.inline(add.as_ref()),
+            "a preempted call is no proof of blocking"
+        );
+        p.record(add.as_ref(), STUCK + Duration::from_millis(1));
         assert!(!p.inline(add.as_ref()));
         for _ in 0..PROMOTE_AFTER * 2 {
             p.record(add.as_ref(), Duration::from_micros(20));
@@ -230,7 +240,7 @@ mod tests {
         assert!(always.inline(always.method("simple.add")));
         assert!(always.inline(None));
         let add = always.method("simple.add").cloned();
-        always.record(add.as_ref(), SLOW * 2);
+        always.record(add.as_ref(), STUCK * 2);
         assert!(always.inline(add.as_ref()), "a forced choice stays");
         let never = placement(Some(false));
         let add = never.method("simple.add").cloned();
@@ -238,5 +248,44 @@ mod tests {
             never.record(add.as_ref(), Duration::from_micros(20));
         }
         assert!(!never.inline(add.as_ref()));
+    }
+}
+
+/// The kernel id of the calling thread (cached per thread), for the
+/// watchdog to look at its state; `None` without `/proc`.
+pub fn current_tid() -> Option<u32> {
+    thread_local! {
+        static TID: Option<u32> = std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok());
+    }
+    TID.with(|tid| *tid)
+}
+
+/// Whether thread `tid` of this process is asleep (blocked in the kernel),
+/// rather than running or waiting for a CPU. `None` if unknown.
+pub fn thread_asleep(tid: u32) -> Option<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+    Some(state != 'R')
+}
+
+#[cfg(test)]
+mod thread_tests {
+    use super::*;
+
+    #[test]
+    fn a_sleeping_thread_is_seen_asleep_and_a_running_one_not() {
+        let me = current_tid().expect("/proc");
+        assert_eq!(thread_asleep(me), Some(false), "this thread is running");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sleeper = std::thread::spawn(move || {
+            tx.send(current_tid()).expect("send");
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let tid = rx.recv().expect("tid").expect("/proc");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(thread_asleep(tid), Some(true));
+        sleeper.join().expect("sleeper");
     }
 }

@@ -25,7 +25,7 @@ use crate::config::{HostConfig, ServiceSettings};
 use crate::control::Control;
 use crate::dispatch::{error_reply, Delivery, Service};
 use crate::health::Health;
-use crate::inflight::{request_key, InFlight, Running};
+use crate::inflight::{request_key, InFlight, InlineCall, Running};
 use crate::placement::Placement;
 use crate::plugin::{DirError, LoadErrorKind, PluginSet};
 
@@ -401,55 +401,100 @@ impl Session {
     }
 }
 
-/// Answers requests past their handler timeout, and reports handlers still
-/// running past the grace period: `hung` is cancelled (a worker recycles
-/// itself), or, in a single process, they are logged.
-async fn watchdog(inflight: Arc<InFlight>, grace: Duration, hung: Option<CancellationToken>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut logged_hung = 0;
-    loop {
-        tick.tick().await;
-        let overdue = inflight.overdue(grace);
-        for running in &overdue.stalling {
-            if let Some((placement, method)) = &running.inline {
-                placement.demote(method, running.elapsed());
+/// How often the watchdog looks.
+const WATCHDOG_TICK: Duration = Duration::from_millis(20);
+
+/// How long a worker may take to recycle itself before the watchdog ends
+/// the process (its runtime is stalled by handlers that never return).
+const RECYCLE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the watchdog does about hung handlers.
+enum OnHung {
+    /// Cancel this token (a worker recycles itself); exit with status 75
+    /// if the process is still there [`RECYCLE_DEADLINE`] later.
+    Recycle(CancellationToken),
+    /// Log them (a single process cannot recycle).
+    Log,
+}
+
+/// Starts the watchdog, until `stop`: it answers requests past their
+/// handler timeout (on `runtime`), moves methods whose inline handler
+/// stalls the runtime off it (see [`crate::placement`]), and acts on
+/// handlers still running past the grace period. A thread, not a task: it
+/// keeps watching when handlers stall every runtime thread.
+fn start_watchdog(
+    inflight: Arc<InFlight>,
+    grace: Duration,
+    on_hung: OnHung,
+    runtime: tokio::runtime::Handle,
+    stop: CancellationToken,
+) {
+    let watch = move || {
+        let mut logged_hung = 0;
+        let mut recycling_since: Option<std::time::Instant> = None;
+        while !stop.is_cancelled() {
+            std::thread::sleep(WATCHDOG_TICK);
+            let overdue = inflight.overdue(grace);
+            for running in &overdue.stalling {
+                let Some(call) = &running.inline else {
+                    continue;
+                };
+                let elapsed = running.elapsed();
+                let asleep = call.tid.and_then(crate::placement::thread_asleep);
+                if elapsed > crate::placement::STUCK || asleep == Some(true) {
+                    call.placement.demote(&call.method, elapsed);
+                }
+            }
+            for running in overdue.timed_out {
+                if running.claim() {
+                    runtime.spawn(async move { answer_timed_out(&running).await });
+                }
+            }
+            if let Some(since) = recycling_since {
+                if since.elapsed() > RECYCLE_DEADLINE {
+                    tracing::error!(
+                        "the worker did not recycle within {}s (its runtime is stalled); exiting",
+                        RECYCLE_DEADLINE.as_secs()
+                    );
+                    std::process::exit(crate::control::EXIT_RECYCLE);
+                }
+                continue;
+            }
+            let Some(first) = overdue.hung.first() else {
+                logged_hung = 0;
+                continue;
+            };
+            match &on_hung {
+                OnHung::Recycle(recycle) => {
+                    tracing::error!(
+                        service = &*first.service,
+                        hung = overdue.hung.len(),
+                        running_s = first.elapsed().as_secs(),
+                        "a handler is still running past its timeout and grace period: recycling this worker \
+                         (its other unanswered requests go back to the queue)"
+                    );
+                    recycle.cancel();
+                    recycling_since = Some(std::time::Instant::now());
+                }
+                OnHung::Log if overdue.hung.len() != logged_hung => {
+                    logged_hung = overdue.hung.len();
+                    tracing::error!(
+                        service = &*first.service,
+                        hung = logged_hung,
+                        running_s = first.elapsed().as_secs(),
+                        "handlers still running past their timeout and grace period; \
+                         run on a broker with worker processes to recycle them"
+                    );
+                }
+                OnHung::Log => {}
             }
         }
-        for running in overdue.timed_out {
-            if running.claim() {
-                answer_timed_out(&running).await;
-            }
-        }
-        if overdue.hung.is_empty() {
-            logged_hung = 0;
-            continue;
-        }
-        let first = &overdue.hung[0];
-        match &hung {
-            Some(recycle) => {
-                tracing::error!(
-                    service = &*first.service,
-                    hung = overdue.hung.len(),
-                    running_s = first.elapsed().as_secs(),
-                    "a handler is still running past its timeout and grace period: recycling this worker \
-                     (its other unanswered requests go back to the queue)"
-                );
-                recycle.cancel();
-                return;
-            }
-            None if overdue.hung.len() != logged_hung => {
-                logged_hung = overdue.hung.len();
-                tracing::error!(
-                    service = &*first.service,
-                    hung = logged_hung,
-                    running_s = first.elapsed().as_secs(),
-                    "handlers still running past their timeout and grace period; \
-                     run on a broker with worker processes to recycle them"
-                );
-            }
-            None => {}
-        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("commissaire-watchdog".into())
+        .spawn(watch)
+    {
+        tracing::error!(error = %e, "cannot start the watchdog thread: handler timeouts are not enforced");
     }
 }
 
@@ -522,6 +567,7 @@ pub struct RunningHost {
     pub http_addr: Option<SocketAddr>,
     session: Session,
     http_stop: CancellationToken,
+    watchdog_stop: CancellationToken,
     shutdown_timeout: Duration,
 }
 
@@ -571,11 +617,14 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         health: Arc::new(Health::default()),
     };
     let session = open_session(config, bus, &services, &process).await?;
-    tokio::spawn(watchdog(
+    let watchdog_stop = CancellationToken::new();
+    start_watchdog(
         process.inflight.clone(),
         config.handler_grace,
-        None,
-    ));
+        OnHung::Log,
+        tokio::runtime::Handle::current(),
+        watchdog_stop.clone(),
+    );
     let http_stop = CancellationToken::new();
     let http_addr = match config.http_listen {
         Some(addr) => Some(
@@ -595,6 +644,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         http_addr,
         session,
         http_stop,
+        watchdog_stop,
         shutdown_timeout: config.shutdown_timeout,
     })
 }
@@ -605,6 +655,7 @@ impl RunningHost {
     pub async fn shutdown(self) {
         self.http_stop.cancel();
         self.session.shutdown(self.shutdown_timeout).await;
+        self.watchdog_stop.cancel();
     }
 }
 
@@ -687,11 +738,14 @@ pub async fn run_worker(
         health: Arc::new(Health::default()),
     };
     let recycle = CancellationToken::new();
-    tokio::spawn(watchdog(
+    start_watchdog(
         process.inflight.clone(),
         config.handler_grace,
-        Some(recycle.clone()),
-    ));
+        OnHung::Recycle(recycle.clone()),
+        tokio::runtime::Handle::current(),
+        // The worker's process ends with it.
+        CancellationToken::new(),
+    );
     let uri = crate::redact::redact_uri(&config.bus_uri);
     let mut attempt = 0u32;
     let mut lost_once = false;
@@ -851,7 +905,11 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
         a.handler_timeout,
     );
     if inline {
-        running.inline = method.map(|m| (a.placement.clone(), m.clone()));
+        running.inline = method.map(|m| InlineCall {
+            placement: a.placement.clone(),
+            method: m.clone(),
+            tid: crate::placement::current_tid(),
+        });
     }
     let running = Arc::new(running);
     let slot = inflight.enter(running.clone());

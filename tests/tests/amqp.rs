@@ -54,6 +54,95 @@ async fn wordy_add_goes_handler_bus_handler() {
     assert_eq!(reply["result"], "Adding 1 plus 2 results in 3");
 }
 
+/// With one handler slot, a handler that calls its own service over the
+/// bus needs a second delivery while it waits: the host raises the
+/// broker's prefetch (an overflow consumer) instead of deadlocking until
+/// the request times out.
+#[tokio::test(flavor = "multi_thread")]
+async fn handlers_calling_their_own_service_do_not_deadlock_one_slot() {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "concurrency = 1\n".to_owned();
+    let host = TestHost::start(spec);
+    for round in 0..2 {
+        let calls = (0..4).map(|i| {
+            let exchange = host.spec.exchange.clone();
+            tokio::spawn(async move {
+                let caller = AmqpCaller::connect(&exchange).await;
+                let body = request("wordy_add", json!([i, round]));
+                let reply = caller
+                    .call("simple.wordy_add", &body, ReplyQueue::AutoDelete, None)
+                    .await;
+                caller.close().await;
+                (i, reply.body)
+            })
+        });
+        for call in calls {
+            let (i, reply) = call.await.expect("caller task");
+            assert_eq!(
+                reply["result"],
+                format!("Adding {i} plus {round} results in {}", i + round),
+                "{reply}"
+            );
+        }
+    }
+}
+
+/// A method that proved fast runs on the runtime thread. When it then
+/// blocks, it is moved off for good, with one warning, and its blocking
+/// calls no longer hold up other requests.
+#[test]
+fn a_fast_method_that_starts_blocking_stops_holding_up_the_others() {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["demo"];
+    spec.service_toml = "concurrency = 8\n".to_owned();
+    spec.log = "info,commissaire_host::placement=debug".to_owned();
+    let host = std::sync::Arc::new(TestHost::start(spec));
+    let sleep = |ms: u64| {
+        let (status, reply) = host.http_call("demo.sleep", &json!({"id": 1, "params": [ms]}));
+        assert_eq!(status, 200, "{reply}");
+    };
+    // Fast calls until the method runs inline (a busy machine may take
+    // more than the minimum of 32).
+    let mut calls = 0;
+    while !host.stderr().contains("now runs on the runtime thread") {
+        sleep(0);
+        calls += 1;
+        assert!(calls < 2000, "never promoted:\n{}", host.stderr());
+    }
+    assert!(!host.stderr().contains("an inline handler blocked"));
+    sleep(200);
+    assert!(
+        host.stderr()
+            .contains("an inline handler blocked the runtime thread"),
+        "{}",
+        host.stderr()
+    );
+    // Four long sleeps at once: more than the runtime has threads.
+    let sleepers: Vec<_> = (0..4)
+        .map(|_| {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                host.http_call("demo.sleep", &json!({"id": 2, "params": [1500]}));
+                std::time::Instant::now()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let (status, reply) = host.http_call("demo.greet", &json!({"id": 3, "params": ["x"]}));
+        assert_eq!(status, 200, "{reply}");
+    }
+    let greeted = std::time::Instant::now();
+    for sleeper in sleepers {
+        let slept = sleeper.join().expect("sleeper thread");
+        assert!(
+            greeted < slept,
+            "a greeting waited for the blocking handlers to return"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_reach_every_kind_of_reply_queue_with_correlation_id_copied() {
     let host = TestHost::start(HostSpec::amqp());
