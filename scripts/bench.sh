@@ -42,10 +42,20 @@ wait_ready() { # log-file pattern
   echo "bench: server not ready: $(cat "$1")" >&2; return 1
 }
 
-measure() { # label
+# CPU time (clock ticks) of process $1 and its children, and of the broker.
+ticks() { cat "/proc/$1/stat" $(pgrep -P "$1" | sed 's|.*|/proc/&/stat|') 2>/dev/null | awk '{t += $14 + $15} END {print t}'; }
+broker_ticks() { cat $(pgrep -f beam.smp | sed 's|.*|/proc/&/stat|') 2>/dev/null | awk '{t += $14 + $15} END {print t}'; }
+hz=$(getconf CLK_TCK)
+
+measure() { # label server-pid
   for c in 1 32; do
-    target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
-      --requests "$requests" --warmup 2000 --json | sed "s/^/$1 /"
+    local s0 b0 line s1 b1
+    s0=$(ticks "$2"); b0=$(broker_ticks)
+    line=$(target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
+      --requests "$requests" --warmup 2000 --json)
+    s1=$(ticks "$2"); b1=$(broker_ticks)
+    # CPU microseconds per request (warm-up included), server and broker.
+    echo "$1 ${line%\}},\"server_cpu_us\":$(( (s1 - s0) * 1000000 / hz / (requests + 2000) )),\"broker_cpu_us\":$(( (b1 - b0) * 1000000 / hz / (requests + 2000) ))}"
   done
 }
 
@@ -53,14 +63,14 @@ results="$work/results"
 for r in $(seq 1 "$rounds"); do
   target/release/reference --bus-uri "$uri" --exchange "$exchange" --queue "$queue" --prefetch 64 2> "$work/ref.log" &
   pid=$!; wait_ready "$work/ref.log" "ready"
-  measure "$r reference" | tee -a "$results"
+  measure "$r reference" "$pid" | tee -a "$results"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
   for variant in ${VARIANTS:-host host-w2}; do
     COMMISSAIRE_LOG=warn,commissaire_host::supervisor=info target/release/commissaire-host run \
       --config "$work/$variant.toml" --bus-uri "$uri" 2> "$work/host.log" &
     pid=$!; wait_ready "$work/host.log" "every service is consuming"
-    measure "$r $variant" | tee -a "$results"
+    measure "$r $variant" "$pid" | tee -a "$results"
     kill -TERM "$pid"; wait "$pid" || true
   done
 done
@@ -80,16 +90,19 @@ for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
         continue
     print()
     print(f"host with {label}")
-    print("round  c   reference req/s  host req/s  ratio    ref p50 ms  host p50 ms  ratio")
-    ratios = {1: ([], []), 32: ([], [])}
+    print("round  c   reference req/s  host req/s  ratio    ref p50 ms  host p50 ms  ratio    CPU µs/req server ref/host, broker ref/host")
+    ratios = {1: ([], [], []), 32: ([], [], [])}
     for (rnd, c), d in sorted(rows.items()):
         if variant not in d:
             continue
         ref, host = d["reference"], d[variant]
         t = host["rps"] / ref["rps"]; l = host["p50_ms"] / ref["p50_ms"]
-        ratios[c][0].append(t); ratios[c][1].append(l)
-        print(f"{rnd:>5}  {c:<3} {ref['rps']:>15.0f}  {host['rps']:>10.0f}  {t:>5.2f}    {ref['p50_ms']:>10.3f}  {host['p50_ms']:>11.3f}  {l:>5.2f}")
-    for c, (t, l) in ratios.items():
+        cpu = (host["server_cpu_us"] + host["broker_cpu_us"]) / max(1, ref["server_cpu_us"] + ref["broker_cpu_us"])
+        ratios[c][0].append(t); ratios[c][1].append(l); ratios[c][2].append(cpu)
+        print(f"{rnd:>5}  {c:<3} {ref['rps']:>15.0f}  {host['rps']:>10.0f}  {t:>5.2f}    {ref['p50_ms']:>10.3f}  {host['p50_ms']:>11.3f}  {l:>5.2f}"
+              f"    {ref['server_cpu_us']:>3}/{host['server_cpu_us']:<3}  {ref['broker_cpu_us']:>3}/{host['broker_cpu_us']:<3}")
+    for c, (t, l, cpu) in ratios.items():
         if t:
-            print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}")
+            print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}, "
+                  f"CPU per request (server + broker) host/reference {statistics.median(cpu):.2f}")
 PY

@@ -632,6 +632,19 @@ impl Supervisor {
     }
 }
 
+/// Where slot files go: `/dev/shm` (memory) where there is one, else the
+/// temporary directory. Workers write their slot file twice per request;
+/// on a disk file system each write also updates the inode in the journal.
+fn slot_dir() -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let writable = std::fs::metadata(shm).is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
+    if writable {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// Runs the supervisor until SIGTERM/SIGINT and every worker stopped.
 pub async fn supervise(
     config: HostConfig,
@@ -645,7 +658,7 @@ pub async fn supervise(
     let mut chld =
         signal(SignalKind::child()).map_err(|e| SupervisorError::Signal("SIGCHLD", e))?;
 
-    let work_dir = std::env::temp_dir().join(format!("commissaire-host-{}", std::process::id()));
+    let work_dir = slot_dir().join(format!("commissaire-host-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir).map_err(|source| SupervisorError::WorkDir {
         path: work_dir.clone(),
         source,
