@@ -54,6 +54,33 @@ async fn wordy_add_goes_handler_bus_handler() {
     assert_eq!(reply["result"], "Adding 1 plus 2 results in 3");
 }
 
+/// Calls `simple.wordy_add` `n` times at once, each from its own caller,
+/// and checks every sentence.
+async fn concurrent_wordy_adds(host: &TestHost, n: i64, y: i64) {
+    let calls: Vec<_> = (0..n)
+        .map(|x| {
+            let exchange = host.spec.exchange.clone();
+            tokio::spawn(async move {
+                let caller = AmqpCaller::connect(&exchange).await;
+                let body = request("wordy_add", json!([x, y]));
+                let reply = caller
+                    .call("simple.wordy_add", &body, ReplyQueue::AutoDelete, None)
+                    .await;
+                caller.close().await;
+                (x, reply.body)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (x, reply) = call.await.expect("caller task");
+        assert_eq!(
+            reply["result"],
+            format!("Adding {x} plus {y} results in {}", x + y),
+            "{reply}"
+        );
+    }
+}
+
 /// With one handler slot, a handler that calls its own service over the
 /// bus needs a second delivery while it waits: the host raises the
 /// broker's prefetch (an overflow consumer) instead of deadlocking until
@@ -64,28 +91,20 @@ async fn handlers_calling_their_own_service_do_not_deadlock_one_slot() {
     spec.plugins = vec!["simple"];
     spec.service_toml = "concurrency = 1\n".to_owned();
     let host = TestHost::start(spec);
-    for round in 0..2 {
-        let calls = (0..4).map(|i| {
-            let exchange = host.spec.exchange.clone();
-            tokio::spawn(async move {
-                let caller = AmqpCaller::connect(&exchange).await;
-                let body = request("wordy_add", json!([i, round]));
-                let reply = caller
-                    .call("simple.wordy_add", &body, ReplyQueue::AutoDelete, None)
-                    .await;
-                caller.close().await;
-                (i, reply.body)
-            })
-        });
-        for call in calls {
-            let (i, reply) = call.await.expect("caller task");
-            assert_eq!(
-                reply["result"],
-                format!("Adding {i} plus {round} results in {}", i + round),
-                "{reply}"
-            );
-        }
-    }
+    concurrent_wordy_adds(&host, 4, 0).await;
+    concurrent_wordy_adds(&host, 4, 1).await;
+}
+
+/// `inline_handlers = true`: handlers run on the runtime threads, and one
+/// that calls the bus hands its thread over while it waits, so more such
+/// calls than the runtime has threads still complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn inline_handlers_calling_the_bus_hand_their_thread_over() {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "concurrency = 2\ninline_handlers = true\n".to_owned();
+    let host = TestHost::start(spec);
+    concurrent_wordy_adds(&host, 8, 5).await;
 }
 
 /// A method that proved fast runs on the runtime thread. When it then

@@ -150,6 +150,24 @@ fn properties(m: &Outgoing<'_>) -> BasicProperties {
     properties
 }
 
+/// Publishes `m` on `channel`; the confirm is the caller's to await (in
+/// confirm mode).
+async fn publish_on(
+    channel: &Channel,
+    m: &Outgoing<'_>,
+) -> Result<lapin::PublisherConfirm, BusError> {
+    channel
+        .basic_publish(
+            m.exchange.into(),
+            m.routing_key.into(),
+            BasicPublishOptions::default(),
+            m.body,
+            properties(m),
+        )
+        .await
+        .map_err(|e| BusError::op(format!("publishing to `{}`", m.routing_key), e))
+}
+
 /// Hands each delivery of a lapin consumer to `sink`, as a task lapin
 /// spawns from its I/O thread: no stream to poll, no channel hop. `ended`
 /// is cancelled when the consumer ends (cancelled, or its channel or
@@ -197,32 +215,39 @@ struct AmqpConsumers {
     channel: Channel,
     queue: String,
     sink: Sink,
-    base: (lapin::types::ShortString, u16),
-    overflow: tokio::sync::Mutex<Vec<(lapin::types::ShortString, u16)>>,
+    base: (lapin::Consumer, u16),
+    overflow: tokio::sync::Mutex<Vec<(lapin::Consumer, u16)>>,
 }
 
 impl AmqpConsumers {
-    async fn start(
-        &self,
-        prefetch: u16,
-        ended: Option<tokio_util::sync::CancellationToken>,
-    ) -> Result<lapin::types::ShortString, BusError> {
-        start_consumer(&self.channel, &self.queue, &self.sink, prefetch, ended).await
-    }
-
     /// Cancels every consumer (on stop).
     async fn cancel_all(&self) {
         let overflow = std::mem::take(&mut *self.overflow.lock().await);
-        let tags = std::iter::once(self.base.0.clone()).chain(overflow.into_iter().map(|o| o.0));
-        for tag in tags {
-            if let Err(e) = self
-                .channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await
-            {
+        let all = std::iter::once(self.base.0.clone()).chain(overflow.into_iter().map(|o| o.0));
+        for consumer in all {
+            if let Err(e) = self.cancel(consumer).await {
                 tracing::debug!(error = %e, "basic.cancel failed (connection closing)");
             }
         }
+    }
+
+    /// Cancels `consumer`. Deliveries the broker sent before it took the
+    /// cancel still arrive, but lapin no longer hands them to the delegate
+    /// once `basic.cancel` is sent: they are drained from the consumer's
+    /// stream into the sink, never left unacked on the channel.
+    async fn cancel(&self, consumer: lapin::Consumer) -> Result<(), BusError> {
+        self.channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| BusError::op("basic.cancel", e))?;
+        let (channel, sink) = (self.channel.clone(), self.sink.clone());
+        tokio::spawn(async move {
+            let mut consumer = consumer;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                tokio::spawn(sink(incoming(delivery, Some(&channel))));
+            }
+        });
+        Ok(())
     }
 }
 
@@ -232,7 +257,7 @@ async fn start_consumer(
     sink: &Sink,
     prefetch: u16,
     ended: Option<tokio_util::sync::CancellationToken>,
-) -> Result<lapin::types::ShortString, BusError> {
+) -> Result<lapin::Consumer, BusError> {
     let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
     channel
         .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
@@ -248,7 +273,7 @@ async fn start_consumer(
         .await
         .map_err(fail)?;
     consumer.set_delegate(deliver_to(sink.clone(), channel.clone(), ended));
-    Ok(consumer.tag())
+    Ok(consumer)
 }
 
 #[async_trait]
@@ -260,8 +285,9 @@ impl Prefetch for AmqpConsumers {
             .fold(self.base.1, |sum, o| sum.saturating_add(o.1));
         if limit > total {
             let more = limit - total;
-            let tag = self.start(more, None).await?;
-            overflow.push((tag, more));
+            let consumer =
+                start_consumer(&self.channel, &self.queue, &self.sink, more, None).await?;
+            overflow.push((consumer, more));
             return Ok(());
         }
         while let Some((_, n)) = overflow.last() {
@@ -269,11 +295,8 @@ impl Prefetch for AmqpConsumers {
                 break;
             }
             total -= n;
-            if let Some((tag, _)) = overflow.pop() {
-                self.channel
-                    .basic_cancel(tag, BasicCancelOptions::default())
-                    .await
-                    .map_err(|e| BusError::op("basic.cancel", e))?;
+            if let Some((consumer, _)) = overflow.pop() {
+                self.cancel(consumer).await?;
             }
         }
         Ok(())
@@ -307,19 +330,7 @@ impl Acker for AmqpAcker {
     /// in order, so it has routed the reply before it takes the ack that
     /// follows. Without a confirm, as the reference and kombu publish.
     async fn publish_before_ack(&self, m: Outgoing<'_>) -> Option<Result<(), BusError>> {
-        let published = self
-            .channel
-            .basic_publish(
-                m.exchange.into(),
-                m.routing_key.into(),
-                BasicPublishOptions::default(),
-                m.body,
-                properties(&m),
-            )
-            .await
-            .map(drop)
-            .map_err(|e| BusError::op(format!("publishing to `{}`", m.routing_key), e));
-        Some(published)
+        Some(publish_on(&self.channel, &m).await.map(drop))
     }
 }
 
@@ -378,12 +389,12 @@ impl BusTransport for AmqpBus {
         let channel = self.connection.create_channel().await.map_err(fail)?;
         let stop = tokio_util::sync::CancellationToken::new();
         let ended = self.lost.child_token();
-        let tag = start_consumer(&channel, queue, &sink, prefetch, Some(ended.clone())).await?;
+        let base = start_consumer(&channel, queue, &sink, prefetch, Some(ended.clone())).await?;
         let consumers = std::sync::Arc::new(AmqpConsumers {
             channel,
             queue: queue.to_owned(),
             sink,
-            base: (tag, prefetch.max(1)),
+            base: (base, prefetch.max(1)),
             overflow: tokio::sync::Mutex::default(),
         });
         let (token, until, on_stop) = (stop.clone(), ended.clone(), consumers.clone());
@@ -402,17 +413,7 @@ impl BusTransport for AmqpBus {
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
         let fail = |e| BusError::op(format!("publishing to `{}`", m.routing_key), e);
-        let confirm = self
-            .publisher
-            .basic_publish(
-                m.exchange.into(),
-                m.routing_key.into(),
-                BasicPublishOptions::default(),
-                m.body,
-                properties(&m),
-            )
-            .await
-            .map_err(fail)?;
+        let confirm = publish_on(&self.publisher, &m).await?;
         if !m.confirm {
             return Ok(());
         }
