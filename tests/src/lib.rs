@@ -68,6 +68,11 @@ pub fn build_all() {
             // A library that is not a plugin, for the loader's refusal.
             "-p",
             "commissaire-plugin-api-macros",
+            // This crate too: its dependencies (ureq's rustls) unify the
+            // features as `cargo test` does, so the host, lapin and rustls
+            // are not built a second time with other features.
+            "-p",
+            "commissaire-e2e",
         ]);
         let fixtures = workspace_root().join("tests/fixtures");
         for name in [
