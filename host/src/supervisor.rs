@@ -645,6 +645,31 @@ fn slot_dir() -> PathBuf {
     }
 }
 
+/// Removes the work directories (`commissaire-host-<pid>`) that
+/// supervisors killed without a chance to clean up left in `base`: those
+/// whose process is gone.
+fn remove_dead_work_dirs(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("commissaire-host-"))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::debug!(dir = %entry.path().display(), error = %e, "cannot remove a dead supervisor's work directory");
+        }
+    }
+}
+
 /// Runs the supervisor until SIGTERM/SIGINT and every worker stopped.
 pub async fn supervise(
     config: HostConfig,
@@ -658,7 +683,9 @@ pub async fn supervise(
     let mut chld =
         signal(SignalKind::child()).map_err(|e| SupervisorError::Signal("SIGCHLD", e))?;
 
-    let work_dir = slot_dir().join(format!("commissaire-host-{}", std::process::id()));
+    let base = slot_dir();
+    remove_dead_work_dirs(&base);
+    let work_dir = base.join(format!("commissaire-host-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir).map_err(|source| SupervisorError::WorkDir {
         path: work_dir.clone(),
         source,
@@ -790,6 +817,24 @@ async fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_dirs_of_dead_supervisors_are_removed_and_live_ones_kept() {
+        let base =
+            std::env::temp_dir().join(format!("commissaire-sweep-test-{}", std::process::id()));
+        let dead = base.join(format!("commissaire-host-{}", u32::MAX));
+        let live = base.join(format!("commissaire-host-{}", std::process::id()));
+        let other = base.join("something-else");
+        for dir in [&dead, &live, &other] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+            std::fs::write(dir.join("simple-1.slots"), b"x").expect("write");
+        }
+        remove_dead_work_dirs(&base);
+        assert!(!dead.exists(), "a dead supervisor's directory is removed");
+        assert!(live.exists(), "a live supervisor's directory is kept");
+        assert!(other.exists(), "other entries are left alone");
+        std::fs::remove_dir_all(&base).expect("cleanup");
+    }
 
     #[test]
     fn exits_are_described_with_signal_names() {
