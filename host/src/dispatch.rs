@@ -49,6 +49,8 @@ pub struct Handled {
     pub reply: Option<Reply>,
     /// The error code, if it failed.
     pub error_code: Option<i64>,
+    /// How long parsing and the handler took.
+    pub took: std::time::Duration,
 }
 
 /// A request's members, borrowed from the body.
@@ -393,7 +395,11 @@ impl Service {
             correlation_id: delivery.correlation_id.map(str::to_owned),
             body,
         });
-        Handled { reply, error_code }
+        Handled {
+            reply,
+            error_code,
+            took: started.elapsed(),
+        }
     }
 }
 

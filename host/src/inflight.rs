@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::bus::{BusTransport, Incoming};
-use crate::placement::{Method, Placement, SLOW};
+use crate::placement::{InlineCall, SLOW};
 
 const RECORD: u64 = 16;
 
@@ -75,16 +75,6 @@ impl Running {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
-}
-
-/// A handler running on a runtime thread.
-pub struct InlineCall {
-    /// Its service's placement.
-    pub placement: Arc<Placement>,
-    /// Its method.
-    pub method: Arc<Method>,
-    /// The thread it runs on.
-    pub tid: Option<u32>,
 }
 
 /// A request's identity across redeliveries: routing key, `reply_to`,

@@ -251,6 +251,28 @@ mod tests {
     }
 }
 
+/// A handler running on a runtime thread, as the watchdog sees it.
+pub struct InlineCall {
+    /// Its service's placement.
+    pub placement: Arc<Placement>,
+    /// Its method.
+    pub method: Arc<Method>,
+    /// The thread it runs on.
+    pub tid: Option<u32>,
+}
+
+impl InlineCall {
+    /// The watchdog found the call still running after `elapsed` (past
+    /// [`SLOW`]): moves its method off the runtime if its thread is asleep
+    /// (blocked), or if the call has run past [`STUCK`] either way.
+    pub fn check(&self, elapsed: Duration) {
+        let asleep = self.tid.and_then(thread_asleep);
+        if elapsed > STUCK || asleep == Some(true) {
+            self.placement.demote(&self.method, elapsed);
+        }
+    }
+}
+
 /// The kernel id of the calling thread (cached per thread), for the
 /// watchdog to look at its state; `None` without `/proc`.
 pub fn current_tid() -> Option<u32> {
@@ -264,7 +286,7 @@ pub fn current_tid() -> Option<u32> {
 
 /// Whether thread `tid` of this process is asleep (blocked in the kernel),
 /// rather than running or waiting for a CPU. `None` if unknown.
-pub fn thread_asleep(tid: u32) -> Option<bool> {
+fn thread_asleep(tid: u32) -> Option<bool> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
     Some(state != 'R')

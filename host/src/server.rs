@@ -25,8 +25,8 @@ use crate::config::{HostConfig, ServiceSettings};
 use crate::control::Control;
 use crate::dispatch::{error_reply, Delivery, Service};
 use crate::health::Health;
-use crate::inflight::{request_key, InFlight, InlineCall, Running};
-use crate::placement::Placement;
+use crate::inflight::{request_key, InFlight, Running};
+use crate::placement::{InlineCall, Placement};
 use crate::plugin::{DirError, LoadErrorKind, PluginSet};
 
 /// Why the host could not start.
@@ -222,14 +222,14 @@ fn multi_thread() -> bool {
 
 /// Where `service`'s handlers run: as `inline_handlers` says, else learnt
 /// per method; never inline off the multi-threaded runtime.
-fn placement(service: &Service, settings: &ServiceSettings) -> Placement {
+fn placement(name: Arc<str>, service: &Service, settings: &ServiceSettings) -> Placement {
     let forced = if multi_thread() {
         settings.inline_handlers
     } else {
         Some(false)
     };
     let methods = service.library().methods.iter().map(|m| m.name.as_str());
-    Placement::new(Arc::from(service.name()), methods, forced)
+    Placement::new(name, methods, forced)
 }
 
 /// A service ready to serve: its plugin initialised, its settings.
@@ -314,10 +314,11 @@ async fn open_session(
 
     for Prepared { service, settings } in services {
         let name = service.name();
+        let shared_name: Arc<str> = Arc::from(name);
         let handler_bus = Arc::new(HandlerBus {
             client: client.clone(),
             runtime: runtime.clone(),
-            service: Arc::from(name),
+            service: shared_name.clone(),
             prefetch: std::sync::OnceLock::new(),
             concurrency: settings.concurrency,
             waiting: tokio::sync::Mutex::new((0, settings.concurrency)),
@@ -325,10 +326,10 @@ async fn open_session(
         });
         let answering = Arc::new(Answering {
             service: service.clone(),
-            name: Arc::from(name),
+            name: shared_name.clone(),
             bus: bus.clone(),
             handler_bus: handler_bus.clone(),
-            placement: Arc::new(placement(service, settings)),
+            placement: Arc::new(placement(shared_name, service, settings)),
             handler_timeout: settings.handler_timeout,
             crash_limit: settings.crash_limit,
             confirm_replies: config.confirm_replies,
@@ -436,13 +437,8 @@ fn start_watchdog(
             std::thread::sleep(WATCHDOG_TICK);
             let overdue = inflight.overdue(grace);
             for running in &overdue.stalling {
-                let Some(call) = &running.inline else {
-                    continue;
-                };
-                let elapsed = running.elapsed();
-                let asleep = call.tid.and_then(crate::placement::thread_asleep);
-                if elapsed > crate::placement::STUCK || asleep == Some(true) {
-                    call.placement.demote(&call.method, elapsed);
+                if let Some(call) = &running.inline {
+                    call.check(running.elapsed());
                 }
             }
             for running in overdue.timed_out {
@@ -925,7 +921,6 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
     // hand the thread's other work over first (`block_in_place`), which
     // costs a thread wake-up but no hop to the blocking pool and back.
     // Off the multi-threaded runtime, the blocking pool.
-    let started = std::time::Instant::now();
     let handled = if inline {
         Ok(run())
     } else if a.handler_bus.multi_thread {
@@ -933,12 +928,12 @@ async fn answer(a: Arc<Answering>, incoming: Incoming) {
     } else {
         tokio::task::spawn_blocking(run).await
     };
-    a.placement.record(method, started.elapsed());
     inflight.leave(slot);
     let Ok(handled) = handled else {
         tracing::error!("a handler task failed; its request stays unacked for redelivery");
         return;
     };
+    a.placement.record(method, handled.took);
     if !running.claim() {
         tracing::warn!(
             service = &*a.name, routing_key = %running.incoming.routing_key,

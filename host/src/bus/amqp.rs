@@ -53,9 +53,9 @@ impl AmqpBus {
             .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
         let publisher = connection.create_channel().await.map_err(fail)?;
-        // Publisher confirms: a reply counts as sent (and its request is
-        // acked) only once the broker has taken it, so a broker that goes
-        // away in between cannot lose it (see `Outgoing::confirm`).
+        // Publisher confirms, for `Outgoing::confirm` (`[bus]
+        // confirm_replies`): such a reply counts as sent, and its request is
+        // acked, only once the broker has taken it.
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -81,38 +81,6 @@ impl AmqpBus {
             reply_queue_taken: AtomicBool::new(false),
             lost,
         })
-    }
-
-    async fn forward(
-        channel: Channel,
-        mut consumer: lapin::Consumer,
-        tx: async_channel::Sender<Incoming>,
-        stop: tokio_util::sync::CancellationToken,
-    ) {
-        let tag = consumer.tag();
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => {
-                    if let Err(e) = channel.basic_cancel(tag.clone(), BasicCancelOptions::default()).await {
-                        tracing::debug!(error = %e, "basic.cancel failed (connection closing)");
-                    }
-                    break;
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(delivery)) => {
-                        if tx.send(incoming(delivery, None)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "reply consumer failed");
-                        break;
-                    }
-                    None => break,
-                },
-            }
-        }
     }
 }
 
@@ -447,8 +415,16 @@ impl BusTransport for AmqpBus {
             .await
             .map_err(|e| BusError::op("consuming direct reply-to", e))?;
         let (tx, rx) = async_channel::unbounded();
-        let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(Self::forward(self.publisher.clone(), consumer, tx, stop));
+        // Replies to the host's own requests, auto-acked, until the
+        // connection goes (the client sees the channel close).
+        tokio::spawn(async move {
+            let mut consumer = consumer;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if tx.send(incoming(delivery, None)).await.is_err() {
+                    break;
+                }
+            }
+        });
         Ok((DIRECT_REPLY_TO.to_owned(), rx))
     }
 
