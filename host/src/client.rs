@@ -133,7 +133,7 @@ impl RpcClient {
                 routing_key,
                 body: &body,
                 reply_to: Some(&self.reply_to),
-                correlation_id: Some(&id),
+                correlation_id: Some(id.as_bytes()),
                 durable: false,
                 confirm: false,
             })
@@ -223,7 +223,7 @@ impl RpcClient {
 /// `{"jsonrpc":"2.0","id":…,"method":…,"params":…}`; the method is the
 /// routing key's last segment.
 pub fn request_body(routing_key: &str, id: Option<&str>, params: Option<&str>) -> Vec<u8> {
-    let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
+    let method = crate::bus::topic::method_of(routing_key);
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned());
     let mut body = format!(r#"{{"jsonrpc":"2.0","method":{}"#, quote(method));
     if let Some(id) = id {
@@ -247,7 +247,11 @@ async fn route_replies(replies: async_channel::Receiver<Incoming>, pending: Pend
         id: Option<String>,
     }
     while let Ok(reply) = replies.recv().await {
-        let key = reply.correlation_id.clone().or_else(|| {
+        let correlation_id = reply
+            .correlation_id
+            .as_deref()
+            .and_then(|c| std::str::from_utf8(c).ok());
+        let key = correlation_id.map(str::to_owned).or_else(|| {
             serde_json::from_slice::<IdOnly>(&reply.body)
                 .ok()
                 .and_then(|r| r.id)
@@ -263,7 +267,7 @@ async fn route_replies(replies: async_channel::Receiver<Incoming>, pending: Pend
                 let _ = tx.send(reply.body);
             }
             None => tracing::debug!(
-                correlation_id = reply.correlation_id.as_deref(),
+                correlation_id,
                 "reply for no pending request (late, after its timeout?)"
             ),
         }

@@ -27,6 +27,11 @@ pub const DEFAULT_HANDLER_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many worker crashes a request may cause before it is refused.
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
+/// The largest request (and reply) the host takes unless configured.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Handlers waiting in bus calls at once, per worker, per unit of
+/// `concurrency`, unless configured.
+pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
 /// Environment variable read for the bus URI when neither a flag nor the
 /// file gives one.
 pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
@@ -74,6 +79,8 @@ struct BusSection {
     request_timeout: Option<Spanned<f64>>,
     /// Ack a request only once the broker confirmed its reply.
     confirm_replies: Option<bool>,
+    /// The largest request or reply, in bytes.
+    max_message_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +105,7 @@ struct ServiceSection {
     handler_timeout: Option<Spanned<f64>>,
     crash_limit: Option<std::num::NonZeroU32>,
     inline_handlers: Option<bool>,
+    max_bus_waits: Option<u16>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -130,6 +138,11 @@ pub struct ServiceSettings {
     /// (`Some(false)`), or learn it per method (`None`, the default: see
     /// [`crate::placement`]).
     pub inline_handlers: Option<bool>,
+    /// Handlers that may wait in bus calls at once, per worker: each
+    /// lets the consumers take one more delivery while it waits, and a
+    /// call beyond this fails at once instead of raising the prefetch
+    /// further (a burst of self-calls cannot take every thread).
+    pub max_bus_waits: u16,
     /// The section handed to the plugin's `init`.
     pub config: serde_json::Value,
     /// Where it was configured (`file:line`), for errors.
@@ -152,6 +165,7 @@ impl ServiceSettings {
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             crash_limit: DEFAULT_CRASH_LIMIT,
             inline_handlers: None,
+            max_bus_waits: DEFAULT_CONCURRENCY.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT),
             config: serde_json::Value::Object(serde_json::Map::new()),
             location: None,
             workers_location: None,
@@ -187,6 +201,9 @@ pub struct HostConfig {
     /// kombu does; on survives a broker crash between the two, for about
     /// 15% of throughput.
     pub confirm_replies: bool,
+    /// The largest request the host parses, and the largest reply it
+    /// sends (`[bus] max_message_bytes`).
+    pub max_message_bytes: usize,
     /// The plugin directory.
     pub plugins_dir: PathBuf,
     /// The HTTP endpoint's address, if any.
@@ -277,7 +294,23 @@ impl HostConfig {
             &file_name,
             &text,
         )?;
-        if !bus_uri.starts_with("amqp") && !bus_uri.starts_with("redis") {
+        let max_message_bytes = match &file.bus.max_message_bytes {
+            None => DEFAULT_MAX_MESSAGE_BYTES,
+            Some(v) => match usize::try_from(*v.get_ref()) {
+                Ok(n) if n >= 1024 => n,
+                _ => {
+                    let (line, col) = line_col(&text, v.span().start);
+                    return Err(ConfigError {
+                        location: format!("{file_name}:{line}:{col}"),
+                        message: format!(
+                            "[bus] max_message_bytes must be at least 1024, not {}",
+                            v.get_ref()
+                        ),
+                    });
+                }
+            },
+        };
+        if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
             if let Some((name, location)) = worker_processes.first() {
                 return Err(ConfigError {
                     location: (*location).clone(),
@@ -298,12 +331,33 @@ impl HostConfig {
             exchange,
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),
+            max_message_bytes,
             plugins_dir,
             http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
             services,
             shutdown_timeout,
             handler_grace,
         })
+    }
+
+    /// Checks the services the plugin directory exports against the config:
+    /// at least one, and every `[[service]]` entry among them.
+    pub fn check_services(&self, loaded: &[&str]) -> Result<(), crate::error::HostError> {
+        if loaded.is_empty() {
+            return Err(crate::error::HostError::NoPlugins(
+                self.plugins_dir.display().to_string(),
+            ));
+        }
+        for (name, settings) in &self.services {
+            if !loaded.contains(&name.as_str()) {
+                return Err(crate::error::HostError::UnknownService {
+                    location: settings.location.clone().unwrap_or_default(),
+                    name: name.clone(),
+                    loaded: loaded.join(", "),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// How service `name` is served: its `[[service]]` entry or defaults.
@@ -347,17 +401,21 @@ fn file_services(
             &path.display().to_string(),
             text,
         )?;
+        let concurrency = section
+            .concurrency
+            .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get);
         let settings = ServiceSettings {
             queues,
-            concurrency: section
-                .concurrency
-                .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get),
+            concurrency,
             workers: section.workers.as_ref().map_or(1, |w| w.get_ref().get()),
             handler_timeout,
             crash_limit: section
                 .crash_limit
                 .map_or(DEFAULT_CRASH_LIMIT, std::num::NonZeroU32::get),
             inline_handlers: section.inline_handlers,
+            max_bus_waits: section
+                .max_bus_waits
+                .unwrap_or(concurrency.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT)),
             config,
             location: Some(location.clone()),
             workers_location,

@@ -3,10 +3,11 @@
 //! Worker → supervisor, on the worker's stdout, each line starting with
 //! [`PREFIX`] (anything else a plugin prints there is passed through):
 //! `consuming`, `idle` (not consuming: connecting or reconnecting), and
-//! `check <key>` for a redelivered request, answered with its crash count.
+//! `check <key>` for a redelivered request, answered with how many workers
+//! it killed and how many times it was checked (delivered again).
 //!
-//! Supervisor → worker, on the worker's stdin: `verdict <key> <crashes>`
-//! and `stop`. End of input means the supervisor is gone: stop too.
+//! Supervisor → worker, on the worker's stdin: `verdict <key> <crashes>
+//! <deliveries>` and `stop`. End of input means the supervisor is gone: stop too.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
@@ -69,15 +70,25 @@ impl WorkerEvent {
     }
 }
 
+/// What the supervisor knows of a request: how many workers died while it
+/// was in flight, and how many times it came back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Workers that died while it was in flight.
+    pub crashes: u32,
+    /// Redeliveries checked, this one included.
+    pub deliveries: u32,
+}
+
 /// The line answering `check <key>`.
-pub fn verdict_line(key: u64, crashes: u32) -> String {
-    format!("verdict {key:x} {crashes}\n")
+pub fn verdict_line(key: u64, seen: Seen) -> String {
+    format!("verdict {key:x} {} {}\n", seen.crashes, seen.deliveries)
 }
 
 /// The line asking a worker to stop.
 pub const STOP_LINE: &str = "stop\n";
 
-type Waiting = Arc<Mutex<HashMap<u64, Vec<oneshot::Sender<u32>>>>>;
+type Waiting = Arc<Mutex<HashMap<u64, Vec<oneshot::Sender<Seen>>>>>;
 
 /// The worker's end.
 #[derive(Debug)]
@@ -101,13 +112,19 @@ impl Control {
             for line in std::io::stdin().lock().lines() {
                 let Ok(line) = line else { break };
                 let mut words = line.split_whitespace();
-                match (words.next(), words.next(), words.next()) {
-                    (Some("stop"), _, _) => break,
-                    (Some("verdict"), Some(key), Some(crashes)) => {
-                        let (Ok(key), Ok(crashes)) =
-                            (u64::from_str_radix(key, 16), crashes.parse::<u32>())
-                        else {
+                match (words.next(), words.next(), words.next(), words.next()) {
+                    (Some("stop"), ..) => break,
+                    (Some("verdict"), Some(key), Some(crashes), Some(deliveries)) => {
+                        let (Ok(key), Ok(crashes), Ok(deliveries)) = (
+                            u64::from_str_radix(key, 16),
+                            crashes.parse::<u32>(),
+                            deliveries.parse::<u32>(),
+                        ) else {
                             continue;
+                        };
+                        let seen = Seen {
+                            crashes,
+                            deliveries,
                         };
                         let senders = waiting
                             .lock()
@@ -115,7 +132,7 @@ impl Control {
                             .remove(&key)
                             .unwrap_or_default();
                         for s in senders {
-                            let _ = s.send(crashes);
+                            let _ = s.send(seen);
                         }
                     }
                     _ => tracing::warn!(line, "unknown line from the supervisor"),
@@ -163,9 +180,10 @@ impl Control {
         });
     }
 
-    /// How many workers the request `key` has killed, as the supervisor
-    /// counts; 0 if it does not answer within a few seconds.
-    pub async fn crashes(&self, key: u64) -> u32 {
+    /// What the supervisor knows of the redelivered request `key` (and it
+    /// counts this delivery); nothing if it does not answer within a few
+    /// seconds.
+    pub async fn check(&self, key: u64) -> Seen {
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
@@ -175,13 +193,13 @@ impl Control {
             .push(tx);
         Self::write(&WorkerEvent::Check(key));
         match tokio::time::timeout(Duration::from_secs(5), rx).await {
-            Ok(Ok(n)) => n,
+            Ok(Ok(seen)) => seen,
             _ => {
                 tracing::warn!(
                     key = format!("{key:x}"),
                     "no crash count from the supervisor; running the request"
                 );
-                0
+                Seen::default()
             }
         }
     }

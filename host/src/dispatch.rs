@@ -25,7 +25,7 @@ pub struct Delivery<'a> {
     /// The `reply_to` property: where the reply goes; none for a
     /// notification.
     pub reply_to: Option<&'a str>,
-    /// The `correlation_id` property, copied to the reply.
+    /// The `correlation_id` property, for the handler.
     pub correlation_id: Option<&'a str>,
     /// Whether the broker delivered it before.
     pub redelivered: bool,
@@ -34,10 +34,9 @@ pub struct Delivery<'a> {
 /// A reply to publish to the default exchange with routing key `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    /// The queue: the request's `reply_to`.
+    /// The queue: the request's `reply_to` (the reply copies the
+    /// request's `correlation_id`, as sent).
     pub to: String,
-    /// The request's `correlation_id`, to copy.
-    pub correlation_id: Option<String>,
     /// The JSON-RPC response body.
     pub body: Vec<u8>,
 }
@@ -47,8 +46,6 @@ pub struct Reply {
 pub struct Handled {
     /// The reply, unless the request was a notification.
     pub reply: Option<Reply>,
-    /// The error code, if it failed.
-    pub error_code: Option<i64>,
     /// How long parsing and the handler took.
     pub took: std::time::Duration,
 }
@@ -165,7 +162,7 @@ pub fn parse_request<'a>(
             ))
         }
     };
-    let expected = routing_key.rsplit('.').next().unwrap_or(routing_key);
+    let expected = crate::bus::topic::method_of(routing_key);
     if method != expected {
         return Err(reject(
             id_json,
@@ -273,23 +270,6 @@ pub fn error_body(id_json: &str, error: &RpcError) -> Vec<u8> {
     envelope(id_json, "error", &error)
 }
 
-/// The reply answering `delivery` with `error` without running a handler
-/// (a refused poison request, a timed-out handler); `None` for a
-/// notification.
-pub fn error_reply(delivery: &Delivery<'_>, error: &RpcError) -> Option<Reply> {
-    let to = delivery.reply_to?;
-    let mut holder = None;
-    let id_json = match parse_request(delivery.body, delivery.routing_key, &mut holder) {
-        Ok(request) => request.id_json,
-        Err(rejected) => rejected.id_json,
-    };
-    Some(Reply {
-        to: to.to_owned(),
-        correlation_id: delivery.correlation_id.map(str::to_owned),
-        body: error_body(id_json, error),
-    })
-}
-
 fn envelope(id_json: &str, member: &str, value: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(32 + id_json.len() + member.len() + value.len());
     body.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
@@ -386,18 +366,16 @@ impl Service {
                 Err((rejected.id_json.to_owned(), rejected.error))
             }
         };
-        let (body, error_code) = match outcome {
-            Ok(body) => (body, None),
-            Err((id, e)) => (error_body(&id, &e), Some(e.code)),
+        let body = match outcome {
+            Ok(body) => body,
+            Err((id, e)) => error_body(&id, &e),
         };
         let reply = delivery.reply_to.map(|to| Reply {
             to: to.to_owned(),
-            correlation_id: delivery.correlation_id.map(str::to_owned),
             body,
         });
         Handled {
             reply,
-            error_code,
             took: started.elapsed(),
         }
     }

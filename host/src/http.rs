@@ -1,6 +1,7 @@
 //! The HTTP endpoint: `POST /rpc/{routing_key}` relays a JSON-RPC request
 //! over the bus; `GET /healthz` says whether every service is consuming.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use commissaire_plugin_api::RpcError;
 use serde_json::{json, Value};
 
 use crate::client::{RequestError, SharedClient};
+use crate::error::HostError;
 use crate::health::Health;
 
 #[derive(Clone)]
@@ -23,10 +25,12 @@ struct AppState {
 }
 
 /// The endpoint's routes.
-pub fn router(client: Arc<SharedClient>, health: Arc<Health>) -> Router {
+/// The endpoint's routes; a body over `max_body` bytes gets 413.
+pub fn router(client: Arc<SharedClient>, health: Arc<Health>, max_body: usize) -> Router {
     Router::new()
         .route("/rpc/{routing_key}", post(rpc))
         .route("/healthz", get(healthz))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(AppState { client, health })
 }
 
@@ -69,7 +73,7 @@ async fn rpc(
         );
     };
     let id = object.get("id").cloned();
-    let expected = routing_key.rsplit('.').next().unwrap_or(&routing_key);
+    let expected = crate::bus::topic::method_of(&routing_key);
     if let Some(method) = object.get("method") {
         if method.as_str() != Some(expected) {
             return error_response(
@@ -155,4 +159,31 @@ async fn healthz(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(state.health.to_json())).into_response()
+}
+
+/// Serves the HTTP endpoint until `stop`; returns its bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    client: Arc<SharedClient>,
+    health: Arc<Health>,
+    max_body: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<SocketAddr, HostError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| HostError::Http { addr, source })?;
+    let app = router(client, health, max_body);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    });
+    tracing::info!(listen = %bound, "HTTP endpoint ready");
+    Ok(bound)
 }

@@ -13,7 +13,7 @@ use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::PluginSet;
 use commissaire_host::redact::redact_uri;
 use commissaire_host::supervisor::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
-use commissaire_host::{bus, control, listing, server};
+use commissaire_host::{bus, control, listing, serve};
 
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
@@ -157,11 +157,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Overrides::default()
                 },
             )?;
-            if !config.bus_uri.starts_with("amqp") && !config.bus_uri.starts_with("redis") {
+            if !bus::BusKind::of(&config.bus_uri)?.is_shared() {
                 // The embedded bus lives in this process: serve here.
                 runtime()?.block_on(async {
                     tokio::spawn(ignore_sighup());
-                    server::run(&config, shutdown_signal()).await
+                    serve::run(&config, shutdown_signal()).await
                 })?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -200,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Overrides::default()
                 },
             );
-            let options = server::WorkerOptions {
+            let options = serve::WorkerOptions {
                 service: service.clone(),
                 slot_file,
                 controlled: true,
@@ -211,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info_span!("worker", service = %service, pid = std::process::id());
                 let _entered = span.enter();
                 let rt = runtime()?;
-                let ended = rt.block_on(server::run_worker(&config, &options, shutdown_signal()));
+                let ended = rt.block_on(serve::run_worker(&config, &options, shutdown_signal()));
                 // Do not wait for handlers still running (a hung one would
                 // hold the process forever).
                 rt.shutdown_background();
@@ -221,8 +221,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // would hold the process forever): the broker requeues what
             // this worker did not settle.
             let code = match ended {
-                Ok(server::WorkerEnd::Stopped) => control::EXIT_STOPPED,
-                Ok(server::WorkerEnd::Recycle) => control::EXIT_RECYCLE,
+                Ok(serve::WorkerEnd::Stopped) => control::EXIT_STOPPED,
+                Ok(serve::WorkerEnd::Recycle) => control::EXIT_RECYCLE,
                 Err(e) => {
                     // The supervisor reports it (once, not once per worker).
                     control::Control::fatal(&format!("{e:#}"));

@@ -22,11 +22,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::SharedClient;
 use crate::config::HostConfig;
+use crate::control::Seen;
 use crate::control::{
     verdict_line, WorkerEvent, EXIT_FATAL, EXIT_RECYCLE, EXIT_STOPPED, STOP_LINE,
 };
+use crate::error::HostError;
 use crate::health::{Health, ServiceHealth};
-use crate::server::{backoff, check_services, serve_http, HostError};
+use crate::http::serve as serve_http;
+use crate::retry::backoff;
 
 /// The environment variable that hands the bus URI to a worker (never on
 /// its command line, where `ps` would show the password).
@@ -173,7 +176,9 @@ struct Supervisor {
     next_id: u64,
     events: mpsc::UnboundedSender<(u64, WorkerEvent)>,
     health: Arc<Health>,
-    crashes: HashMap<u64, u32>,
+    /// What is known of requests that were in flight at a crash or came
+    /// back, the last [`CRASH_MEMORY`] of them.
+    crashes: HashMap<u64, Seen>,
     crash_order: VecDeque<u64>,
     /// Every service consumed at least once: later failures restart
     /// workers instead of stopping the host.
@@ -231,7 +236,7 @@ impl Supervisor {
     async fn services(&self) -> Result<Vec<String>, SupervisorError> {
         let services = list_services(&self.options.exe, &self.config.plugins_dir).await?;
         let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
-        check_services(&self.config, &loaded)?;
+        self.config.check_services(&loaded)?;
         Ok(services)
     }
 
@@ -381,11 +386,9 @@ impl Supervisor {
         delay
     }
 
-    fn count_crash(&mut self, key: u64) -> u32 {
-        let count = self.crashes.entry(key).or_insert(0);
-        *count = count.saturating_add(1);
-        let count = *count;
-        if count == 1 {
+    /// What is remembered of request `key`, remembered from now on.
+    fn seen(&mut self, key: u64) -> &mut Seen {
+        if !self.crashes.contains_key(&key) {
             self.crash_order.push_back(key);
             if self.crash_order.len() > CRASH_MEMORY {
                 if let Some(old) = self.crash_order.pop_front() {
@@ -393,7 +396,13 @@ impl Supervisor {
                 }
             }
         }
-        count
+        self.crashes.entry(key).or_default()
+    }
+
+    fn count_crash(&mut self, key: u64) -> u32 {
+        let seen = self.seen(key);
+        seen.crashes = seen.crashes.saturating_add(1);
+        seen.crashes
     }
 
     /// Collects the workers that exited.
@@ -416,7 +425,7 @@ impl Supervisor {
     fn exited(&mut self, id: u64, worker: Worker, status: ExitStatus) {
         let what = describe_exit(status);
         let service = worker.service.clone();
-        let running = crate::inflight::running_keys(&worker.slot_file).unwrap_or_default();
+        let running = crate::serve::inflight::running_keys(&worker.slot_file).unwrap_or_default();
         let _ = std::fs::remove_file(&worker.slot_file);
         let lived = worker.started.elapsed();
         // Another worker holds this index (a roll in progress): no restart.
@@ -508,9 +517,11 @@ impl Supervisor {
                 // The worker that ran this request before may have died a
                 // moment ago: account for every death first.
                 self.reap();
-                let crashes = self.crashes.get(&key).copied().unwrap_or(0);
+                let seen = self.seen(key);
+                seen.deliveries = seen.deliveries.saturating_add(1);
+                let seen = *seen;
                 if let Some(w) = self.workers.get(&id) {
-                    w.send(verdict_line(key, crashes));
+                    w.send(verdict_line(key, seen));
                 }
             }
         }
@@ -758,7 +769,14 @@ async fn run_loop(
         }
     }
     if let Some(addr) = s.config.http_listen {
-        serve_http(addr, client.clone(), s.health.clone(), http_stop.clone()).await?;
+        serve_http(
+            addr,
+            client.clone(),
+            s.health.clone(),
+            s.config.max_message_bytes,
+            http_stop.clone(),
+        )
+        .await?;
     }
     tracing::info!(
         bus = %crate::redact::redact_uri(&s.config.bus_uri),

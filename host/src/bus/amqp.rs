@@ -92,10 +92,15 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
         exchange: delivery.exchange.to_string(),
         routing_key: delivery.routing_key.to_string(),
         reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
-        correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_bytes().to_vec()),
+        not_utf8: not_utf8(&delivery),
         redelivered: delivery.redelivered,
         acker: channel.map(|channel| {
             Box::new(AmqpAcker {
+                tag: delivery.delivery_tag,
                 acker: delivery.acker,
                 channel: channel.clone(),
             }) as Box<dyn Acker>
@@ -104,18 +109,92 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
     }
 }
 
+/// The first name or property of `delivery` whose bytes are not UTF-8
+/// (the broker passes any bytes through; the patched parser in `vendor/`
+/// keeps them instead of failing the connection).
+fn not_utf8(delivery: &lapin::message::Delivery) -> Option<&'static str> {
+    let p = &delivery.properties;
+    let strings = [
+        ("routing_key", Some(&delivery.routing_key)),
+        ("exchange", Some(&delivery.exchange)),
+        ("reply_to", p.reply_to().as_ref()),
+        ("correlation_id", p.correlation_id().as_ref()),
+        ("message_id", p.message_id().as_ref()),
+        ("app_id", p.app_id().as_ref()),
+        ("type", p.kind().as_ref()),
+        ("user_id", p.user_id().as_ref()),
+        ("content_type", p.content_type().as_ref()),
+        ("content_encoding", p.content_encoding().as_ref()),
+        ("expiration", p.expiration().as_ref()),
+        ("cluster_id", p.cluster_id().as_ref()),
+    ];
+    if let Some((name, _)) = strings
+        .iter()
+        .find(|(_, s)| s.is_some_and(|s| !s.is_utf8()))
+    {
+        return Some(name);
+    }
+    p.headers()
+        .as_ref()
+        .is_some_and(|h| !table_is_utf8(h, 0))
+        .then_some("headers")
+}
+
+/// Whether every key (and short-string value) of `table` and the tables
+/// in it is UTF-8; nesting past 16 levels counts as not.
+fn table_is_utf8(table: &FieldTable, depth: u8) -> bool {
+    use lapin::types::AMQPValue;
+    fn value_is_utf8(v: &AMQPValue, depth: u8) -> bool {
+        match v {
+            AMQPValue::ShortString(s) => s.is_utf8(),
+            AMQPValue::FieldTable(t) => table_is_utf8(t, depth + 1),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().all(|v| value_is_utf8(v, depth + 1)),
+            _ => true,
+        }
+    }
+    depth < 16
+        && table
+            .inner()
+            .iter()
+            .all(|(k, v)| k.is_utf8() && value_is_utf8(v, depth))
+}
+
+/// `s` as an AMQP short string, or why it cannot be one.
+fn short(what: &'static str, s: &str) -> Result<lapin::types::ShortString, BusError> {
+    lapin::types::ShortString::try_new(s).map_err(|_| BusError::TooLong {
+        what,
+        shown: s.chars().take(40).collect(),
+        len: s.len(),
+    })
+}
+
+/// A lapin error as a bus error: every lapin failure of an operation on a
+/// connection leaves it (or the channel) unusable for the delivery.
+fn lapin_error(operation: impl Into<String>, e: &lapin::Error) -> BusError {
+    BusError::lost(operation, e)
+}
+
 /// The message properties of `m`, as kombu sets them.
-fn properties(m: &Outgoing<'_>) -> BasicProperties {
+fn properties(m: &Outgoing<'_>) -> Result<BasicProperties, BusError> {
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(if m.durable { 2 } else { 1 });
     if let Some(reply_to) = m.reply_to {
-        properties = properties.with_reply_to(reply_to.into());
+        properties = properties.with_reply_to(short("reply_to", reply_to)?);
     }
     if let Some(correlation_id) = m.correlation_id {
-        properties = properties.with_correlation_id(correlation_id.into());
+        let id =
+            lapin::types::ShortString::try_from_bytes(correlation_id.to_vec()).map_err(|_| {
+                BusError::TooLong {
+                    what: "correlation_id",
+                    shown: String::from_utf8_lossy(&correlation_id[..40.min(correlation_id.len())])
+                        .into_owned(),
+                    len: correlation_id.len(),
+                }
+            })?;
+        properties = properties.with_correlation_id(id);
     }
-    properties
+    Ok(properties)
 }
 
 /// Publishes `m` on `channel`; the confirm is the caller's to await (in
@@ -124,16 +203,20 @@ async fn publish_on(
     channel: &Channel,
     m: &Outgoing<'_>,
 ) -> Result<lapin::PublisherConfirm, BusError> {
+    let (exchange, routing_key) = (
+        short("exchange", m.exchange)?,
+        short("routing key", m.routing_key)?,
+    );
     channel
         .basic_publish(
-            m.exchange.into(),
-            m.routing_key.into(),
+            exchange,
+            routing_key,
             BasicPublishOptions::default(),
             m.body,
-            properties(m),
+            properties(m)?,
         )
         .await
-        .map_err(|e| BusError::op(format!("publishing to `{}`", m.routing_key), e))
+        .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))
 }
 
 /// Hands each delivery of a lapin consumer to `sink`, as a task lapin
@@ -272,6 +355,7 @@ impl Prefetch for AmqpConsumers {
 }
 
 struct AmqpAcker {
+    tag: u64,
     acker: lapin::Acker,
     /// The channel the delivery came on.
     channel: Channel,
@@ -291,7 +375,11 @@ impl Acker for AmqpAcker {
                 .await
                 .map(drop),
         }
-        .map_err(|e| BusError::op("basic.ack", e))
+        .map_err(|e| lapin_error("basic.ack", &e))
+    }
+
+    fn tag(&self) -> String {
+        self.tag.to_string()
     }
 
     /// On the delivery's channel: the broker handles a channel's commands
@@ -380,12 +468,14 @@ impl BusTransport for AmqpBus {
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        let fail = |e| BusError::op(format!("publishing to `{}`", m.routing_key), e);
         let confirm = publish_on(&self.publisher, &m).await?;
         if !m.confirm {
             return Ok(());
         }
-        match confirm.await.map_err(fail)? {
+        let confirmed = confirm
+            .await
+            .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))?;
+        match confirmed {
             lapin::Confirmation::Nack(_) => Err(BusError::op(
                 format!("publishing to `{}`", m.routing_key),
                 "the broker refused the message (nack)",

@@ -81,6 +81,10 @@ impl Acker for MemoryAcker {
         }
         Ok(())
     }
+
+    fn tag(&self) -> String {
+        "memory".to_owned()
+    }
 }
 
 fn copy(m: &Incoming) -> Incoming {
@@ -90,6 +94,7 @@ fn copy(m: &Incoming) -> Incoming {
         body: m.body.clone(),
         reply_to: m.reply_to.clone(),
         correlation_id: m.correlation_id.clone(),
+        not_utf8: m.not_utf8,
         redelivered: m.redelivered,
         acker: None,
     }
@@ -99,10 +104,6 @@ fn copy(m: &Incoming) -> Incoming {
 impl BusTransport for MemoryBus {
     fn describe(&self) -> String {
         "memory://".to_owned()
-    }
-
-    fn is_shared(&self) -> bool {
-        false
     }
 
     async fn declare_exchange(&self, _exchange: &str) -> Result<(), BusError> {
@@ -198,7 +199,8 @@ impl BusTransport for MemoryBus {
                 routing_key: m.routing_key.to_owned(),
                 body: m.body.to_vec(),
                 reply_to: m.reply_to.map(str::to_owned),
-                correlation_id: m.correlation_id.map(str::to_owned),
+                correlation_id: m.correlation_id.map(<[u8]>::to_vec),
+                not_utf8: None,
                 redelivered: false,
                 acker: None,
             };

@@ -36,6 +36,27 @@ pub enum BusError {
         /// Why.
         reason: String,
     },
+    /// The connection (or the channel) went away during an operation:
+    /// whatever was not settled goes back to its queue with it. Any other
+    /// failure is taken as permanent for that message.
+    #[error("{operation} failed: the connection is gone ({reason})")]
+    Lost {
+        /// What was attempted.
+        operation: String,
+        /// Why.
+        reason: String,
+    },
+    /// A name the transport cannot carry (an AMQP short string holds at
+    /// most 255 bytes).
+    #[error("{what} `{shown}` is {len} bytes long; at most 255 can be sent")]
+    TooLong {
+        /// What it names: a routing key, an exchange, a queue.
+        what: &'static str,
+        /// Its first bytes.
+        shown: String,
+        /// Its length.
+        len: usize,
+    },
     /// The transport is closed.
     #[error("the bus connection is closed")]
     Closed,
@@ -47,6 +68,47 @@ impl BusError {
             operation: operation.into(),
             reason: reason.to_string(),
         }
+    }
+
+    pub(crate) fn lost(operation: impl Into<String>, reason: impl ToString) -> Self {
+        Self::Lost {
+            operation: operation.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Whether the connection went away (retrying on it is pointless; the
+    /// broker gives unsettled deliveries back).
+    pub fn is_lost(&self) -> bool {
+        matches!(self, Self::Lost { .. } | Self::Closed)
+    }
+}
+
+/// Which transport a bus URI names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    /// `memory://`: the embedded in-process bus.
+    Memory,
+    /// `amqp://`, `amqps://`: RabbitMQ.
+    Amqp,
+    /// `redis://`, `rediss://`: kombu's Redis transport.
+    Redis,
+}
+
+impl BusKind {
+    /// The transport of `uri`, from its scheme.
+    pub fn of(uri: &str) -> Result<Self, BusError> {
+        match uri.split("://").next().unwrap_or_default() {
+            "memory" => Ok(Self::Memory),
+            "amqp" | "amqps" => Ok(Self::Amqp),
+            "redis" | "rediss" => Ok(Self::Redis),
+            _ => Err(BusError::UnsupportedUri(crate::redact::redact_uri(uri))),
+        }
+    }
+
+    /// Whether other processes share it (worker processes need that).
+    pub fn is_shared(self) -> bool {
+        self != Self::Memory
     }
 }
 
@@ -62,8 +124,9 @@ pub struct Outgoing<'a> {
     pub body: &'a [u8],
     /// Where replies go.
     pub reply_to: Option<&'a str>,
-    /// The correlation id.
-    pub correlation_id: Option<&'a str>,
+    /// The correlation id: bytes, since a reply copies the caller's as
+    /// sent, UTF-8 or not.
+    pub correlation_id: Option<&'a [u8]>,
     /// Persistent (delivery mode 2, as kombu publishes): replies, to reply
     /// queues that may be durable. The host's own requests are transient:
     /// their replies come to a direct reply-to queue, which does not
@@ -96,6 +159,9 @@ pub trait Acker: Send + Sync {
     async fn publish_before_ack(&self, _m: Outgoing<'_>) -> Option<Result<(), BusError>> {
         None
     }
+
+    /// The delivery's tag, for log lines about it.
+    fn tag(&self) -> String;
 }
 
 /// A delivered message.
@@ -108,8 +174,11 @@ pub struct Incoming {
     pub body: Vec<u8>,
     /// `reply_to`.
     pub reply_to: Option<String>,
-    /// `correlation_id`.
-    pub correlation_id: Option<String>,
+    /// `correlation_id`, as sent (a reply copies it byte for byte).
+    pub correlation_id: Option<Vec<u8>>,
+    /// The first property or header key that was not valid UTF-8, if any:
+    /// such a request is refused before it is parsed.
+    pub not_utf8: Option<&'static str>,
     /// Whether it was delivered before.
     pub redelivered: bool,
     /// How to settle it; `None` for auto-acked deliveries (replies).
@@ -122,6 +191,7 @@ impl std::fmt::Debug for Incoming {
             .field("routing_key", &self.routing_key)
             .field("reply_to", &self.reply_to)
             .field("correlation_id", &self.correlation_id)
+            .field("not_utf8", &self.not_utf8)
             .field("redelivered", &self.redelivered)
             .finish_non_exhaustive()
     }
@@ -144,6 +214,13 @@ impl Incoming {
             }
         }
         bus.publish(m).await
+    }
+
+    /// The delivery tag, for log lines (`-` for auto-acked deliveries).
+    pub fn tag(&self) -> String {
+        self.acker
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |a| a.tag())
     }
 
     /// Acks or requeues (no-op for auto-acked deliveries).
@@ -260,12 +337,6 @@ pub trait BusTransport: Send + Sync + 'static {
     /// The URI, without password.
     fn describe(&self) -> String;
 
-    /// Whether requests can come from another process (false for
-    /// `memory://`).
-    fn is_shared(&self) -> bool {
-        true
-    }
-
     /// Declares the topic exchange (durable, not auto-delete).
     async fn declare_exchange(&self, exchange: &str) -> Result<(), BusError>;
 
@@ -309,11 +380,9 @@ pub fn channel_sink() -> (Sink, async_channel::Receiver<Incoming>) {
 
 /// Connects to the bus named by `uri`.
 pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
-    let scheme = uri.split("://").next().unwrap_or_default();
-    match scheme {
-        "memory" => Ok(Arc::new(memory::MemoryBus::new())),
-        "amqp" | "amqps" => Ok(Arc::new(amqp::AmqpBus::connect(uri).await?)),
-        "redis" | "rediss" => Ok(Arc::new(redis::RedisBus::connect(uri).await?)),
-        _ => Err(BusError::UnsupportedUri(crate::redact::redact_uri(uri))),
-    }
+    Ok(match BusKind::of(uri)? {
+        BusKind::Memory => Arc::new(memory::MemoryBus::new()),
+        BusKind::Amqp => Arc::new(amqp::AmqpBus::connect(uri).await?),
+        BusKind::Redis => Arc::new(redis::RedisBus::connect(uri).await?),
+    })
 }

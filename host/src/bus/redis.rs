@@ -338,7 +338,7 @@ struct PropertiesOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    correlation_id: Option<&'a str>,
+    correlation_id: Option<std::borrow::Cow<'a, str>>,
     delivery_mode: u8,
     delivery_info: DeliveryInfoOut<'a>,
     priority: u8,
@@ -362,7 +362,10 @@ pub fn envelope(message: &Outgoing<'_>) -> String {
         headers: serde_json::Map::new(),
         properties: PropertiesOut {
             reply_to: message.reply_to,
-            correlation_id: message.correlation_id,
+            // JSON carries text: bytes that are not UTF-8 cannot be sent
+            // as they are on Redis (requests carrying them never got here:
+            // an envelope is JSON).
+            correlation_id: message.correlation_id.map(String::from_utf8_lossy),
             delivery_mode: 2,
             delivery_info: DeliveryInfoOut {
                 exchange: message.exchange,
@@ -427,17 +430,28 @@ fn read_envelope(raw: &str) -> Result<Received, String> {
     })
 }
 
-/// Marks an envelope redelivered, as kombu's `_do_restore_message`.
+/// Marks an envelope redelivered, as kombu's `_do_restore_message` does,
+/// and also when it has no `headers` (kombu then marks nothing, and the
+/// message would escape `crash_limit`).
 fn mark_redelivered(payload: &mut Value) {
-    if let Some(headers) = payload.get_mut("headers").and_then(Value::as_object_mut) {
+    let Some(envelope) = payload.as_object_mut() else {
+        return;
+    };
+    let headers = envelope
+        .entry("headers")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !headers.is_object() {
+        *headers = Value::Object(serde_json::Map::new());
+    }
+    if let Some(headers) = headers.as_object_mut() {
         headers.insert("redelivered".to_owned(), Value::Bool(true));
-        if let Some(info) = payload
-            .get_mut("properties")
-            .and_then(|p| p.get_mut("delivery_info"))
-            .and_then(Value::as_object_mut)
-        {
-            info.insert("redelivered".to_owned(), Value::Bool(true));
-        }
+    }
+    if let Some(info) = envelope
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("delivery_info"))
+        .and_then(Value::as_object_mut)
+    {
+        info.insert("redelivered".to_owned(), Value::Bool(true));
     }
 }
 
@@ -470,7 +484,11 @@ return 1
 ";
 
 fn op(operation: impl Into<String>, e: &RedisError) -> BusError {
-    BusError::op(operation, e)
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        BusError::lost(operation, e)
+    } else {
+        BusError::op(operation, e)
+    }
 }
 
 /// The state every part of one connection shares.
@@ -893,6 +911,10 @@ impl Acker for RedisAcker {
         );
         settled
     }
+
+    fn tag(&self) -> String {
+        self.tag.clone()
+    }
 }
 
 /// Takes one popped item: records it as unacked (when it takes a prefetch
@@ -936,7 +958,8 @@ async fn receive(
         routing_key: received.routing_key,
         body: received.body,
         reply_to: received.reply_to,
-        correlation_id: received.correlation_id,
+        correlation_id: received.correlation_id.map(String::into_bytes),
+        not_utf8: None,
         redelivered: received.redelivered,
         acker,
     };
@@ -1207,7 +1230,7 @@ mod tests {
             routing_key: "simple.add",
             body: br#"{"r": 1}"#,
             reply_to: Some("response-x"),
-            correlation_id: Some("cid"),
+            correlation_id: Some(b"cid"),
             durable: false,
             confirm: false,
         });
@@ -1244,6 +1267,15 @@ mod tests {
         assert!(r.redelivered);
         assert_eq!(v["headers"]["redelivered"], true);
         assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
+    }
+
+    #[test]
+    fn an_envelope_without_headers_is_marked_redelivered_too() {
+        let mut v: Value = serde_json::from_str(KOMBU_MESSAGE).unwrap();
+        v.as_object_mut().unwrap().remove("headers");
+        assert!(!read_envelope(&v.to_string()).unwrap().redelivered);
+        mark_redelivered(&mut v);
+        assert!(read_envelope(&v.to_string()).unwrap().redelivered);
     }
 
     #[test]

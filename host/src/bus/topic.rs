@@ -1,4 +1,11 @@
-//! AMQP topic matching: `*` is one word, `#` is zero or more words.
+//! Routing keys: AMQP topic matching (`*` is one word, `#` is zero or
+//! more words), and the method a routing key names.
+
+/// The method a request's routing key names: its last `.`-separated
+/// segment (`simple.add` names `add`), as PROTOCOL.md says.
+pub fn method_of(routing_key: &str) -> &str {
+    routing_key.rsplit('.').next().unwrap_or(routing_key)
+}
 
 /// Whether `routing_key` matches binding `pattern`.
 pub fn matches(pattern: &str, routing_key: &str) -> bool {
@@ -34,6 +41,14 @@ mod tests {
         assert!(matches("queues.#", "queues"));
         assert!(matches("queues.#.x", "queues.a.b.x"));
         assert!(!matches("queues.#.x", "queues.a.b"));
+    }
+
+    #[test]
+    fn the_method_is_the_last_segment() {
+        assert_eq!(super::method_of("simple.add"), "add");
+        assert_eq!(super::method_of("a.b.c"), "c");
+        assert_eq!(super::method_of("plain"), "plain");
+        assert_eq!(super::method_of("trailing."), "");
     }
 
     #[test]

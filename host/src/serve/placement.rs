@@ -96,7 +96,7 @@ impl Placement {
     /// The method a routing key names (its last segment); `None` for one
     /// the service does not have.
     pub fn method(&self, routing_key: &str) -> Option<&Arc<Method>> {
-        let name = routing_key.rsplit('.').next().unwrap_or(routing_key);
+        let name = crate::bus::topic::method_of(routing_key);
         self.methods.get(name)
     }
 
@@ -253,19 +253,34 @@ mod tests {
 
 /// A handler running on a runtime thread, as the watchdog sees it.
 pub struct InlineCall {
-    /// Its service's placement.
-    pub placement: Arc<Placement>,
-    /// Its method.
-    pub method: Arc<Method>,
+    placement: Arc<Placement>,
+    method: Arc<Method>,
     /// The thread it runs on.
-    pub tid: Option<u32>,
+    tid: Option<u32>,
+    started: std::time::Instant,
 }
 
 impl InlineCall {
-    /// The watchdog found the call still running after `elapsed` (past
-    /// [`SLOW`]): moves its method off the runtime if its thread is asleep
-    /// (blocked), or if the call has run past [`STUCK`] either way.
-    pub fn check(&self, elapsed: Duration) {
+    /// A call of `method` starting now on this thread.
+    pub fn new(placement: Arc<Placement>, method: Arc<Method>) -> Self {
+        Self {
+            placement,
+            method,
+            tid: current_tid(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// When it started.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
+    /// The watchdog found the call still running (past [`SLOW`]): moves
+    /// its method off the runtime if its thread is asleep (blocked), or if
+    /// the call has run past [`STUCK`] either way.
+    pub fn check(&self) {
+        let elapsed = self.started.elapsed();
         let asleep = self.tid.and_then(thread_asleep);
         if elapsed > STUCK || asleep == Some(true) {
             self.placement.demote(&self.method, elapsed);

@@ -1,0 +1,70 @@
+//! Why the host could not start serving.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use commissaire_plugin_api::RpcError;
+
+use crate::bus::BusError;
+use crate::plugin::DirError;
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The plugin directory is unreadable.
+    #[error(transparent)]
+    PluginDir(#[from] DirError),
+    /// Nothing to serve.
+    #[error("no plugin to serve in {0} (build them and copy the .so files there)")]
+    NoPlugins(String),
+    /// Two plugins export one service.
+    #[error("{0}")]
+    Duplicate(String),
+    /// A `[[service]]` entry names no loaded plugin.
+    #[error(
+        "{location}: [[service]] `{name}` is not exported by any loaded plugin (loaded: {loaded})"
+    )]
+    UnknownService {
+        /// `file:line:col`.
+        location: String,
+        /// The name.
+        name: String,
+        /// The services that did load.
+        loaded: String,
+    },
+    /// A service's `init` failed.
+    #[error("service `{service}` failed to start: {error}")]
+    ServiceInit {
+        /// The service.
+        service: String,
+        /// Its error.
+        error: RpcError,
+    },
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The slot file cannot be written.
+    #[error("cannot open the slot file {path}: {source}")]
+    SlotFile {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--service` names no loaded plugin.
+    #[error("no plugin in {dir} exports service `{service}`")]
+    NoSuchService {
+        /// The plugin directory.
+        dir: String,
+        /// The service.
+        service: String,
+    },
+    /// The HTTP endpoint could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,205 @@
+//! The bus as handlers see it: blocking calls on the host's client.
+//!
+//! While a handler waits for a reply, its slot does not count: the
+//! service's consumers may take one more delivery each, for it may be the
+//! very request the handler waits for (`wordy_add` calling `simple.add` on
+//! its own queue). That raise is capped by `max_bus_waits`: beyond it a bus
+//! call fails at once, so a burst of self-calls answers some with their
+//! result and the rest with a clear error, instead of taking every thread.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use commissaire_plugin_api::host::{HostBus, RequestMeta};
+use commissaire_plugin_api::{abi::log_level, RpcError};
+
+use crate::bus::Prefetch;
+use crate::client::RpcClient;
+
+/// The bus of one service's handlers.
+pub struct HandlerBus {
+    client: Arc<RpcClient>,
+    runtime: tokio::runtime::Handle,
+    service: Arc<str>,
+    /// The service's consumers' prefetch limits (set once they consume).
+    prefetch: OnceLock<Vec<Arc<dyn Prefetch>>>,
+    concurrency: u16,
+    max_waits: u16,
+    /// Handlers now waiting in a bus request.
+    waiting: AtomicU16,
+    /// The prefetch limit last set.
+    limit: tokio::sync::Mutex<u16>,
+    /// When a refused call was last logged (one line a second at most).
+    refused_logged: Mutex<Option<Instant>>,
+    /// On the multi-threaded runtime, where a handler may be running on a
+    /// runtime thread (see `placement`): a bus call first hands the
+    /// thread's other work over (a no-op if the handler already did).
+    multi_thread: bool,
+}
+
+/// Counts a handler out of the waiting ones when its call ends, however
+/// it ends.
+struct Waiting<'a>(&'a AtomicU16);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HandlerBus {
+    /// The bus for `service`'s handlers, with `concurrency` handler slots
+    /// and at most `max_waits` of them waiting on the bus at once.
+    pub fn new(
+        client: Arc<RpcClient>,
+        service: Arc<str>,
+        concurrency: u16,
+        max_waits: u16,
+    ) -> Self {
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        Self {
+            client,
+            runtime: tokio::runtime::Handle::current(),
+            service,
+            prefetch: OnceLock::new(),
+            concurrency,
+            max_waits,
+            waiting: AtomicU16::new(0),
+            limit: tokio::sync::Mutex::new(concurrency),
+            refused_logged: Mutex::new(None),
+            multi_thread,
+        }
+    }
+
+    /// Whether handlers may run on a runtime thread (see `placement`).
+    pub fn multi_thread(&self) -> bool {
+        self.multi_thread
+    }
+
+    /// Sets, once, the prefetch limits a waiting handler raises; a handler
+    /// calling the bus before (deliveries start with the first consumer)
+    /// raises nothing.
+    pub fn set_prefetch(&self, prefetch: Vec<Arc<dyn Prefetch>>) {
+        let _ = self.prefetch.set(prefetch);
+    }
+
+    /// Runs `f`, which blocks on the runtime, from a handler.
+    fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.multi_thread {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
+    }
+
+    /// Counts the calling handler in, unless `max_bus_waits` already wait.
+    fn enter(&self) -> Result<Waiting<'_>, RpcError> {
+        let max = self.max_waits;
+        match self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < max).then_some(w + 1)
+            }) {
+            Ok(_) => Ok(Waiting(&self.waiting)),
+            Err(_) => {
+                let mut logged = self
+                    .refused_logged
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    *logged = Some(Instant::now());
+                    tracing::warn!(
+                        service = &*self.service,
+                        max_bus_waits = max,
+                        "handlers' bus calls refused: max_bus_waits handlers already wait on the bus"
+                    );
+                }
+                Err(RpcError::internal_error(format!(
+                    "service `{}` already has {max} handlers waiting on the bus (max_bus_waits)",
+                    self.service
+                )))
+            }
+        }
+    }
+
+    /// Brings the consumers' prefetch in line with the waiting handlers:
+    /// raised ahead (twice what is needed) and lowered only once it is
+    /// `concurrency` above what is needed, since a change costs a broker
+    /// round trip that a service calling the bus should not pay per call.
+    async fn adjust_prefetch(&self) {
+        let mut limit = self.limit.lock().await;
+        let waiting = self.waiting.load(Ordering::Acquire);
+        let needed = self.concurrency.saturating_add(waiting);
+        let cap = self.concurrency.saturating_add(self.max_waits);
+        let new_limit = if needed > *limit {
+            self.concurrency
+                .saturating_add(waiting.saturating_mul(2))
+                .min(cap)
+        } else if needed.saturating_add(self.concurrency) < *limit {
+            needed
+        } else {
+            return;
+        };
+        if new_limit == *limit {
+            return;
+        }
+        *limit = new_limit;
+        for p in self.prefetch.get().into_iter().flatten() {
+            if let Err(e) = p.set(new_limit).await {
+                tracing::warn!(service = &*self.service, error = %e, "cannot change the prefetch");
+            }
+        }
+    }
+}
+
+impl HostBus for HandlerBus {
+    fn request(
+        &self,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+    ) -> Result<String, RpcError> {
+        let waiting = self.enter()?;
+        let reply = self.blocking(|| {
+            self.runtime.block_on(async {
+                self.adjust_prefetch().await;
+                let reply = self
+                    .client
+                    .request(routing_key, Some(params_json), timeout)
+                    .await;
+                drop(waiting);
+                self.adjust_prefetch().await;
+                reply
+            })
+        })?;
+        reply.map(|raw| raw.get().to_owned())
+    }
+
+    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+        self.blocking(|| {
+            self.runtime
+                .block_on(self.client.notify(routing_key, Some(params_json)))
+        })
+        .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
+    fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError> {
+        self.blocking(|| {
+            self.runtime
+                .block_on(self.client.respond(queue, id_json, result_json))
+        })
+        .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
+    fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
+        let (service, method, id) = (&*self.service, meta.method, meta.id_json);
+        match level {
+            log_level::ERROR => tracing::error!(service, method, id, "{message}"),
+            log_level::WARN => tracing::warn!(service, method, id, "{message}"),
+            log_level::INFO => tracing::info!(service, method, id, "{message}"),
+            _ => tracing::debug!(service, method, id, "{message}"),
+        }
+    }
+}

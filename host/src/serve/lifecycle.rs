@@ -1,0 +1,419 @@
+//! One request's life, from its delivery to its settlement, in one place:
+//! [`serve`] screens the delivery, checks a redelivered one with the
+//! supervisor, runs the handler, then replies and acks.
+//!
+//! Every way out is a method of [`Inbound`], used alike by the handler's
+//! path and by the watchdog, and each is bounded: a reply that cannot be
+//! published is tried [`REPLY_TRIES`] times, then its request is acked and
+//! dropped with one error line; a lost connection leaves the request
+//! unsettled for the broker to deliver again; a request delivered again and
+//! again is refused after `crash_limit` crashes or
+//! `crash_limit + `[`EXTRA_DELIVERIES`] deliveries.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use commissaire_plugin_api::RpcError;
+
+use super::handler_bus::HandlerBus;
+use super::inflight::request_key;
+use super::placement::{InlineCall, Placement};
+use super::Process;
+use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
+use crate::dispatch::{error_body, parse_request, Delivery, Reply, Service};
+
+/// Tries for a reply whose publishing fails for another reason than a lost
+/// connection (Redis WRONGTYPE, a broker nack): then the request is acked
+/// and dropped.
+pub const REPLY_TRIES: u32 = 3;
+
+/// Deliveries beyond `crash_limit` a request may have, whatever brought it
+/// back (a lost connection while its reply went out, a shutdown past its
+/// timeout, a Redis visibility timeout), before it is refused.
+pub const EXTRA_DELIVERIES: u32 = 3;
+
+/// What serving one service takes: shared by its consumers' deliveries.
+pub(super) struct Served {
+    pub service: Arc<Service>,
+    pub name: Arc<str>,
+    pub bus: Arc<dyn BusTransport>,
+    pub handler_bus: Arc<HandlerBus>,
+    pub placement: Arc<Placement>,
+    pub handler_timeout: Duration,
+    pub crash_limit: u32,
+    pub confirm_replies: bool,
+    pub max_message_bytes: usize,
+    pub process: Process,
+}
+
+/// A delivery from its arrival to its settlement.
+pub struct Inbound {
+    incoming: Incoming,
+    queue: Arc<str>,
+    key: u64,
+    service: Arc<str>,
+    bus: Arc<dyn BusTransport>,
+    confirm: bool,
+    max_message_bytes: usize,
+    arrived: Instant,
+    timeout: Duration,
+    inline: OnceLock<InlineCall>,
+    settled: AtomicBool,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("queue", &self.queue)
+            .field("routing_key", &self.incoming.routing_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    fn new(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Self {
+        Self {
+            incoming,
+            queue,
+            key,
+            service: s.name.clone(),
+            bus: s.bus.clone(),
+            confirm: s.confirm_replies,
+            max_message_bytes: s.max_message_bytes,
+            arrived: Instant::now(),
+            timeout: s.handler_timeout,
+            inline: OnceLock::new(),
+            settled: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the right to answer and settle the request: true for the
+    /// first caller only (the handler's path, or the watchdog at the
+    /// timeout).
+    pub fn claim(&self) -> bool {
+        !self.settled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether it was claimed.
+    pub fn is_claimed(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    /// Its identity across redeliveries (0 when no slot file needs it).
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// When it arrived.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    /// The handler's time limit, counted from the arrival.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The service serving it.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Its routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.incoming.routing_key
+    }
+
+    /// Set while its handler runs on the runtime thread.
+    pub fn inline(&self) -> Option<&InlineCall> {
+        self.inline.get()
+    }
+
+    fn delivery(&self) -> Delivery<'_> {
+        let i = &self.incoming;
+        Delivery {
+            exchange: &i.exchange,
+            routing_key: &i.routing_key,
+            body: &i.body,
+            reply_to: i.reply_to.as_deref(),
+            correlation_id: i
+                .correlation_id
+                .as_deref()
+                .and_then(|c| std::str::from_utf8(c).ok()),
+            redelivered: i.redelivered,
+        }
+    }
+
+    /// The way out of a handled request: its reply, if any, then the ack.
+    async fn reply_then_ack(&self, reply: Option<Reply>) {
+        if let Some(reply) = reply {
+            if !self.publish(self.fit(reply)).await {
+                return;
+            }
+        }
+        self.ack().await;
+    }
+
+    /// Answers with `error` (the id read from the body, if it parses) and
+    /// acks.
+    pub async fn refuse(&self, error: &RpcError) {
+        let mut holder = None;
+        let id_json =
+            match parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder) {
+                Ok(request) => request.id_json,
+                Err(rejected) => rejected.id_json,
+            };
+        self.refuse_with_id(id_json, error).await;
+    }
+
+    /// Answers with `error` and the id `id_json`, without reading the body,
+    /// and acks.
+    async fn refuse_with_id(&self, id_json: &str, error: &RpcError) {
+        let reply = self.incoming.reply_to.as_ref().map(|to| Reply {
+            to: to.clone(),
+            body: error_body(id_json, error),
+        });
+        self.reply_then_ack(reply).await;
+    }
+
+    /// Acks without a reply: nothing can be answered (one warning).
+    async fn drop_unanswerable(&self, why: &str) {
+        tracing::warn!(
+            service = &*self.service,
+            queue = &*self.queue,
+            delivery_tag = %self.incoming.tag(),
+            "{why}: dropped without a reply"
+        );
+        self.ack().await;
+    }
+
+    /// Hands the delivery back to its queue, for another consumer.
+    pub async fn requeue(&self) {
+        if let Err(e) = self.incoming.settle(Settle::Requeue).await {
+            tracing::warn!(service = &*self.service, error = %e, "could not hand a delivery back");
+        }
+    }
+
+    async fn ack(&self) {
+        if let Err(e) = self.incoming.settle(Settle::Ack).await {
+            tracing::warn!(
+                service = &*self.service, routing_key = %self.incoming.routing_key, error = %e,
+                "ack failed; the request may be delivered again"
+            );
+        }
+    }
+
+    /// `reply`, or in its place a -32603 reply naming its size when it is
+    /// over `max_message_bytes`.
+    fn fit(&self, reply: Reply) -> Reply {
+        let size = reply.body.len();
+        if size <= self.max_message_bytes {
+            return reply;
+        }
+        tracing::error!(
+            service = &*self.service, routing_key = %self.incoming.routing_key, size,
+            max_message_bytes = self.max_message_bytes,
+            "reply too large: answering -32603 instead"
+        );
+        let mut holder = None;
+        let id_json = parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder)
+            .map_or("null", |r| r.id_json);
+        let error = RpcError::internal_error(format!(
+            "the reply of {size} bytes exceeds max_message_bytes ({})",
+            self.max_message_bytes
+        ));
+        Reply {
+            to: reply.to,
+            body: error_body(id_json, &error),
+        }
+    }
+
+    /// Publishes `reply` ahead of the ack. False if the connection went
+    /// away (the request must stay unsettled, for the broker to deliver it
+    /// again); true once published, or once given up on after
+    /// [`REPLY_TRIES`] (the request is then acked: retrying a permanent
+    /// failure only loops).
+    async fn publish(&self, reply: Reply) -> bool {
+        let out = Outgoing {
+            exchange: "",
+            routing_key: &reply.to,
+            body: &reply.body,
+            reply_to: None,
+            correlation_id: self.incoming.correlation_id.as_deref(),
+            durable: true,
+            confirm: self.confirm,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let error: BusError = match self.incoming.publish_reply(&*self.bus, out).await {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            if error.is_lost() {
+                tracing::warn!(
+                    service = &*self.service, routing_key = %self.incoming.routing_key,
+                    error = %error,
+                    "reply not published: the connection is gone; the request goes back to its queue"
+                );
+                return false;
+            }
+            if tries >= REPLY_TRIES {
+                tracing::error!(
+                    service = &*self.service, routing_key = %self.incoming.routing_key,
+                    reply_to = %reply.to, tries, error = %error,
+                    "reply not published; the request is acked and dropped"
+                );
+                return true;
+            }
+            tokio::time::sleep(crate::retry::backoff(tries)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+impl Inbound {
+    /// A request arriving now, outside any service, for tests.
+    pub(crate) fn for_test(incoming: Incoming, key: u64, timeout: Duration) -> Self {
+        Self {
+            incoming,
+            queue: Arc::from("q"),
+            key,
+            service: Arc::from("s"),
+            bus: Arc::new(crate::bus::memory::MemoryBus::new()),
+            confirm: false,
+            max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
+            arrived: Instant::now(),
+            timeout,
+            inline: OnceLock::new(),
+            settled: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Serves one delivery of `queue` through its whole life.
+pub(super) async fn serve(s: Arc<Served>, queue: Arc<str>, incoming: Incoming) {
+    let inflight = &s.process.inflight;
+    let key = if inflight.wants_keys() {
+        request_key(&incoming)
+    } else {
+        0
+    };
+    let inbound = Arc::new(Inbound::new(&s, queue, incoming, key));
+    // From here to the end, a crash of this worker counts against it.
+    let _entered = inflight.enter(inbound.clone());
+    let incoming = &inbound.incoming;
+
+    // What cannot be handled is answered, or dropped, before it is parsed.
+    let size = incoming.body.len();
+    if size > s.max_message_bytes {
+        tracing::warn!(
+            service = &*s.name, queue = &*inbound.queue, routing_key = %incoming.routing_key,
+            size, "request over max_message_bytes: answering -32600 without parsing it"
+        );
+        let error = RpcError::invalid_request(format!(
+            "request of {size} bytes exceeds max_message_bytes ({})",
+            s.max_message_bytes
+        ));
+        inbound.claim();
+        return inbound.refuse_with_id("null", &error).await;
+    }
+    if let Some(property) = incoming.not_utf8 {
+        inbound.claim();
+        if property == "reply_to" {
+            return inbound
+                .drop_unanswerable("a request whose reply_to is not valid UTF-8")
+                .await;
+        }
+        tracing::warn!(
+            service = &*s.name, queue = &*inbound.queue, delivery_tag = %incoming.tag(), property,
+            "request with a property that is not valid UTF-8: answering -32600"
+        );
+        let error =
+            RpcError::invalid_request(format!("the request's {property} is not valid UTF-8"));
+        return inbound.refuse(&error).await;
+    }
+
+    // A redelivered request may be the one that killed the last workers,
+    // or one that keeps coming back for another reason.
+    if incoming.redelivered {
+        if let Some(control) = &s.process.control {
+            let seen = control.check(key).await;
+            let refusal = if seen.crashes >= s.crash_limit {
+                Some(format!("request crashed the worker {} times", seen.crashes))
+            } else if seen.deliveries > s.crash_limit + EXTRA_DELIVERIES {
+                Some(format!(
+                    "request delivered {} times without being answered",
+                    seen.deliveries
+                ))
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                tracing::error!(
+                    service = &*s.name, routing_key = %incoming.routing_key,
+                    crashes = seen.crashes, deliveries = seen.deliveries,
+                    "refusing a request: {refusal}"
+                );
+                inbound.claim();
+                return inbound.refuse(&RpcError::internal_error(refusal)).await;
+            }
+        }
+    }
+
+    let Some(reply) = run_handler(&s, &inbound).await else {
+        return;
+    };
+    if !inbound.claim() {
+        tracing::warn!(
+            service = &*s.name, routing_key = %incoming.routing_key,
+            elapsed_s = inbound.arrived.elapsed().as_secs_f64(),
+            "a handler returned after its timeout; its result is dropped (the caller had a timeout reply)"
+        );
+        return;
+    }
+    inbound.reply_then_ack(reply).await;
+}
+
+/// Runs the handler where [`Placement`] says; returns its reply (`None`
+/// inside when the request is a notification), or `None` if the handler's
+/// task failed (the request then stays unsettled for redelivery).
+async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Option<Reply>> {
+    let method = s.placement.method(&inbound.incoming.routing_key);
+    let inline = s.placement.inline(method);
+    if inline {
+        if let Some(m) = method {
+            let _ = inbound
+                .inline
+                .set(InlineCall::new(s.placement.clone(), m.clone()));
+        }
+    }
+    let (served, running) = (s.clone(), inbound.clone());
+    let run = move || {
+        served
+            .service
+            .handle(&running.delivery(), &*served.handler_bus)
+    };
+    // Handlers are synchronous and may block. A method proven fast runs
+    // right here, on the runtime thread (see `placement`); others hand the
+    // thread's other work over first (`block_in_place`), which costs a
+    // thread wake-up but no hop to the blocking pool and back. Off the
+    // multi-threaded runtime, the blocking pool.
+    let handled = if inline {
+        run()
+    } else if s.handler_bus.multi_thread() {
+        tokio::task::block_in_place(run)
+    } else {
+        match tokio::task::spawn_blocking(run).await {
+            Ok(handled) => handled,
+            Err(e) => {
+                tracing::error!(service = &*s.name, error = %e,
+                    "a handler task failed; its request stays unacked for redelivery");
+                return None;
+            }
+        }
+    };
+    s.placement.record(method, handled.took);
+    Some(handled.reply)
+}

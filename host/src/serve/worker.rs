@@ -1,0 +1,157 @@
+//! A worker process: serves one service for the supervisor, connecting
+//! (with backoff) and reconnecting whenever the connection is lost.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::inflight::InFlight;
+use super::session::{open_session, prepare};
+use super::watchdog::{self, OnHung};
+use super::Process;
+use crate::bus;
+use crate::config::HostConfig;
+use crate::control::Control;
+use crate::error::HostError;
+use crate::health::Health;
+use crate::retry::{backoff, sleep_or_stop};
+
+/// How a worker process runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The one service it serves.
+    pub service: String,
+    /// Where it records running requests for the supervisor.
+    pub slot_file: Option<PathBuf>,
+    /// Whether the supervisor talks to it on stdin/stdout.
+    pub controlled: bool,
+    /// Give up when the broker is unreachable instead of retrying.
+    pub fail_fast: bool,
+}
+
+/// Why a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// Asked to stop; it finished its in-flight requests.
+    Stopped,
+    /// A handler hung: its other requests go back to the queue, and the
+    /// supervisor starts a fresh worker.
+    Recycle,
+}
+
+/// Serves one service in a worker process until `signal` or the
+/// supervisor says stop: connects (retrying with backoff unless
+/// `fail_fast`), and reconnects whenever the connection is lost.
+pub async fn run_worker(
+    config: &HostConfig,
+    options: &WorkerOptions,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<WorkerEnd, HostError> {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        signal.await;
+        on_signal.cancel();
+    });
+    let deadline = config.shutdown_timeout + Duration::from_secs(10);
+    let control = options
+        .controlled
+        .then(|| Control::start(stop.clone(), deadline));
+    let services = prepare(config, Some(&options.service))?;
+    let inflight = match &options.slot_file {
+        Some(path) => InFlight::with_slot_file(path).map_err(|source| HostError::SlotFile {
+            path: path.clone(),
+            source,
+        })?,
+        None => InFlight::default(),
+    };
+    let process = Process {
+        inflight: Arc::new(inflight),
+        control: control.clone(),
+        health: Arc::new(Health::default()),
+    };
+    let recycle = CancellationToken::new();
+    watchdog::start(
+        process.inflight.clone(),
+        config.handler_grace,
+        OnHung::Recycle(recycle.clone()),
+        tokio::runtime::Handle::current(),
+        // The worker's process ends with it.
+        CancellationToken::new(),
+    );
+    let uri = crate::redact::redact_uri(&config.bus_uri);
+    let mut attempt = 0u32;
+    let mut lost_once = false;
+    loop {
+        if stop.is_cancelled() {
+            return Ok(WorkerEnd::Stopped);
+        }
+        let connected = tokio::select! {
+            () = stop.cancelled() => return Ok(WorkerEnd::Stopped),
+            c = bus::connect(&config.bus_uri) => c,
+        };
+        let session = match connected {
+            Ok(bus) => {
+                tracing::info!(service = %options.service, bus = %uri, "connected");
+                let opened = open_session(config, bus.clone(), &services, &process).await;
+                if opened.is_err() {
+                    bus.close().await;
+                }
+                opened
+            }
+            Err(e) => Err(e.into()),
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) if options.fail_fast => return Err(e),
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                let delay = backoff(attempt);
+                tracing::warn!(
+                    service = %options.service, bus = %uri, attempt,
+                    retry_in_ms = delay.as_millis() as u64, error = %e,
+                    "cannot serve on the bus yet; retrying"
+                );
+                if sleep_or_stop(delay, &stop).await {
+                    return Ok(WorkerEnd::Stopped);
+                }
+                continue;
+            }
+        };
+        if lost_once {
+            tracing::info!(service = %options.service, bus = %uri, attempts = attempt + 1, "connected again");
+        }
+        attempt = 0;
+        if let Some(c) = &control {
+            c.status(true);
+        }
+        tokio::select! {
+            () = stop.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                session.shutdown(config.shutdown_timeout).await;
+                return Ok(WorkerEnd::Stopped);
+            }
+            () = recycle.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                session.stop.cancel();
+                return Ok(WorkerEnd::Recycle);
+            }
+            () = session.lost.cancelled() => {
+                if let Some(c) = &control {
+                    c.status(false);
+                }
+                tracing::error!(service = %options.service, bus = %uri, "lost the bus connection; reconnecting");
+                lost_once = true;
+                session.stop.cancel();
+                session.client.bus().close().await;
+            }
+        }
+    }
+}
