@@ -1,10 +1,74 @@
 //! What `commissaire-host plugins DIR` prints.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
-use crate::plugin::PluginSet;
+use crate::plugin::{MethodInfo, PluginSet};
+
+/// What `plugins --json` prints, and what the supervisor reads back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    /// The plugins that loaded.
+    pub plugins: Vec<ListedPlugin>,
+    /// The files refused, with why.
+    pub refused: Vec<ListedRefusal>,
+}
+
+/// A plugin that loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedPlugin {
+    /// Its file.
+    pub file: PathBuf,
+    /// The service it exports.
+    pub service: String,
+    /// The plugin's version.
+    pub version: String,
+    /// The plugin-api version it was built against.
+    pub plugin_api: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// Its methods.
+    pub methods: Vec<MethodInfo>,
+}
+
+/// A file refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedRefusal {
+    /// The file.
+    pub file: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+impl Listing {
+    /// The listing of `set`.
+    pub fn of(set: &PluginSet) -> Self {
+        Self {
+            plugins: set
+                .plugins
+                .iter()
+                .map(|p| ListedPlugin {
+                    file: p.path.clone(),
+                    service: p.service_name.clone(),
+                    version: p.plugin_version.clone(),
+                    plugin_api: p.api_version.clone(),
+                    description: p.description.clone(),
+                    methods: p.methods.clone(),
+                })
+                .collect(),
+            refused: set
+                .refused
+                .iter()
+                .map(|e| ListedRefusal {
+                    file: e.path.clone(),
+                    reason: e.kind.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
 
 /// Human-readable listing: each plugin with its methods, then each refused
 /// file with its reason.
@@ -45,20 +109,7 @@ pub fn render_text(set: &PluginSet) -> String {
 
 /// The same as JSON, for scripts.
 pub fn render_json(set: &PluginSet) -> serde_json::Value {
-    json!({
-        "plugins": set.plugins.iter().map(|p| json!({
-            "file": p.path,
-            "service": p.service_name,
-            "version": p.plugin_version,
-            "plugin_api": p.api_version,
-            "description": p.description,
-            "methods": p.methods,
-        })).collect::<Vec<_>>(),
-        "refused": set.refused.iter().map(|e| json!({
-            "file": e.path,
-            "reason": e.kind.to_string(),
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(Listing::of(set)).unwrap_or_default()
 }
 
 fn first_line(text: &str) -> &str {

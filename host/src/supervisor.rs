@@ -29,6 +29,7 @@ use crate::control::{
 use crate::error::HostError;
 use crate::health::{Health, ServiceHealth};
 use crate::http::serve as serve_http;
+use crate::listing::Listing;
 use crate::retry::backoff;
 
 /// The environment variable that hands the bus URI to a worker (never on
@@ -196,15 +197,19 @@ async fn list_services(exe: &Path, dir: &Path) -> Result<Vec<String>, Supervisor
         dir: dir.display().to_string(),
         reason,
     };
+    // The child loads every plugin: it gets only what it needs of our
+    // environment (no bus URI, no secrets a plugin's code could read).
     let output = Command::new(exe)
         .arg("plugins")
         .arg("--json")
         .arg(dir)
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
         .stdin(Stdio::null())
         .output()
         .await
         .map_err(|e| fail(e.to_string()))?;
-    let listing: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|_| {
+    let listing: Listing = serde_json::from_slice(&output.stdout).map_err(|_| {
         let stderr = String::from_utf8_lossy(&output.stderr);
         fail(
             stderr
@@ -213,19 +218,10 @@ async fn list_services(exe: &Path, dir: &Path) -> Result<Vec<String>, Supervisor
                 .to_owned(),
         )
     })?;
-    for refused in listing["refused"].as_array().into_iter().flatten() {
-        tracing::warn!(
-            file = %refused["file"].as_str().unwrap_or_default(),
-            reason = %refused["reason"].as_str().unwrap_or_default(),
-            "plugin skipped"
-        );
+    for refused in &listing.refused {
+        tracing::warn!(file = %refused.file.display(), reason = %refused.reason, "plugin skipped");
     }
-    let mut services: Vec<String> = listing["plugins"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["service"].as_str().map(str::to_owned))
-        .collect();
+    let mut services: Vec<String> = listing.plugins.into_iter().map(|p| p.service).collect();
     services.sort();
     services.dedup();
     Ok(services)
@@ -668,6 +664,7 @@ fn remove_dead_work_dirs(base: &std::path::Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("commissaire-host-"))
+            .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
         else {
             continue;
@@ -696,11 +693,20 @@ pub async fn supervise(
 
     let base = slot_dir();
     remove_dead_work_dirs(&base);
-    let work_dir = base.join(format!("commissaire-host-{}", std::process::id()));
-    std::fs::create_dir_all(&work_dir).map_err(|source| SupervisorError::WorkDir {
-        path: work_dir.clone(),
-        source,
-    })?;
+    // A name nobody can guess ahead, created here and now (never an
+    // existing directory or link), readable by us alone: the slot files in
+    // it decide which requests are refused.
+    let work_dir = base.join(format!(
+        "commissaire-host-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&work_dir)
+        .map_err(|source| SupervisorError::WorkDir {
+            path: work_dir.clone(),
+            source,
+        })?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut s = Supervisor {
         config,
@@ -840,8 +846,8 @@ mod tests {
     fn work_dirs_of_dead_supervisors_are_removed_and_live_ones_kept() {
         let base =
             std::env::temp_dir().join(format!("commissaire-sweep-test-{}", std::process::id()));
-        let dead = base.join(format!("commissaire-host-{}", u32::MAX));
-        let live = base.join(format!("commissaire-host-{}", std::process::id()));
+        let dead = base.join(format!("commissaire-host-{}-0a1b", u32::MAX));
+        let live = base.join(format!("commissaire-host-{}-2c3d", std::process::id()));
         let other = base.join("something-else");
         for dir in [&dead, &live, &other] {
             std::fs::create_dir_all(dir).expect("mkdir");
