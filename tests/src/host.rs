@@ -52,6 +52,8 @@ pub struct HostSpec {
     pub exchange: String,
     /// `COMMISSAIRE_LOG` for the host process.
     pub log: String,
+    /// Extra keys of the `[bus]` table (`confirm_replies = true`, …).
+    pub bus_toml: String,
 }
 
 impl HostSpec {
@@ -65,6 +67,7 @@ impl HostSpec {
             suffix: unique("q"),
             exchange: unique("test-ex"),
             log: "info".to_owned(),
+            bus_toml: String::new(),
         }
     }
 
@@ -83,8 +86,9 @@ impl HostSpec {
 
     fn toml(&self, http: SocketAddr, plugins_dir: &std::path::Path) -> String {
         let mut t = format!(
-            "[bus]\nexchange = \"{}\"\n\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n",
+            "[bus]\nexchange = \"{}\"\n{}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n",
             self.exchange,
+            self.bus_toml,
             plugins_dir.display()
         );
         for (lib, service) in SERVICES {
@@ -542,9 +546,10 @@ impl TestHost {
     /// of the generated ones.
     pub fn start_with_services(spec: HostSpec, services: &str) -> Self {
         let (exchange, extra) = (spec.exchange.clone(), spec.extra_toml.clone());
+        let bus = spec.bus_toml.clone();
         Self::launch(spec, |http, plugins| {
             format!(
-                "[bus]\nexchange = \"{exchange}\"\n\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{extra}",
+                "[bus]\nexchange = \"{exchange}\"\n{bus}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{extra}",
                 plugins.display(),
             )
         })

@@ -216,14 +216,13 @@ impl RoutingBus {
         let handled = service.handle(&delivery, self);
         handled.reply.map(|r| {
             assert_eq!(r.to, reply_to.unwrap_or_default());
-            assert_eq!(r.correlation_id.as_deref(), Some("corr-1"));
             serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("reply is not JSON: {e}"))
         })
     }
 
     /// Calls `routing_key` with `params`, returning the JSON-RPC reply.
     pub fn call(&self, routing_key: &str, params: Value) -> Value {
-        let method = routing_key.rsplit('.').next().unwrap_or_default();
+        let method = commissaire_host::bus::topic::method_of(routing_key);
         let body = json!({"jsonrpc": "2.0", "id": "t-1", "method": method, "params": params});
         self.deliver(routing_key, body.to_string().as_bytes())
             .unwrap_or_else(|| panic!("no reply from {routing_key}"))

@@ -1,0 +1,420 @@
+//! The poison suite: single hostile or sloppy messages, on the real brokers
+//! and the real binary with `workers = 2`. Each costs at most one reply (or
+//! one logged drop), never the connection, a loop or the service: after
+//! each, 300 ordinary requests are all answered, and the log's reconnect
+//! and failed-publish lines are counted.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use commissaire_e2e::host::{
+    amqp_uri, redis_command, redis_uri, unique, AmqpCaller, HostSpec, ReplyQueue, TestHost,
+};
+use commissaire_e2e::load::{Load, Progress, Report};
+use commissaire_e2e::{python_with_kombu, workspace_root};
+use commissaire_host::bus::{redis::envelope, Outgoing};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use serde_json::{json, Value};
+
+fn spec(plugins: Vec<&'static str>) -> HostSpec {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = plugins;
+    spec.service_toml = "workers = 2\n".to_owned();
+    // Handler runs are counted from dispatch's debug lines.
+    spec.log = "info,commissaire_host::dispatch=debug".to_owned();
+    spec
+}
+
+fn run_load(
+    exchange: &str,
+    total: usize,
+    concurrency: usize,
+    deadline: Duration,
+    request: impl Fn(usize) -> (String, Value) + Send + Sync + 'static,
+) -> Report {
+    let load = Load {
+        exchange: exchange.to_owned(),
+        total,
+        concurrency,
+        deadline,
+        request: Arc::new(request),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt.block_on(load.run(Arc::new(Progress::default())));
+    eprintln!("{report}");
+    report
+}
+
+/// 300 ordinary requests to `routing_key` (`params` from their number):
+/// every one answered with `expected(i)`.
+fn ordinary_requests_all_answered(
+    host: &TestHost,
+    routing_key: &'static str,
+    expected: impl Fn(usize) -> Value,
+) {
+    let params = move |i: usize| {
+        if routing_key == "demo.echo" {
+            json!([i])
+        } else {
+            json!([i, 1])
+        }
+    };
+    let report = run_load(
+        &host.spec.exchange,
+        300,
+        32,
+        Duration::from_secs(60),
+        move |i| (routing_key.to_owned(), params(i)),
+    );
+    assert_eq!(report.answered, 300, "{report}\n{}", host.stderr());
+    for i in 0..300 {
+        assert_eq!(
+            report.replies[&i]["result"],
+            expected(i),
+            "request {i}: {}",
+            report.replies[&i]
+        );
+    }
+}
+
+/// Reconnects and failed publishes in the host's log.
+fn trouble_lines(log: &str) -> (usize, usize) {
+    (
+        log.matches("lost the bus connection").count() + log.matches("reconnecting").count(),
+        log.matches("reply not published").count(),
+    )
+}
+
+fn handler_runs(log: &str, method: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("handled") && l.contains(&format!("method={method}")))
+        .count()
+}
+
+fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Publishes `body` to `routing_key` with `property` set to `hex` bytes
+/// (py-amqp passes them through), and returns the reply and its
+/// correlation id's bytes, read with the (patched) lapin: `null` if none
+/// came within `wait`.
+fn raw_request(
+    host: &TestHost,
+    routing_key: &str,
+    body: &str,
+    property: &str,
+    hex: &str,
+    wait: Duration,
+) -> (Value, Option<Vec<u8>>) {
+    let reply_to = unique("raw-reply");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            reply_to.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the reply queue");
+        let script = workspace_root().join("tests/python/raw_amqp_request.py");
+        let output = Command::new(python_with_kombu())
+            .arg(&script)
+            .args([
+                &host.spec.exchange,
+                routing_key,
+                body,
+                &reply_to,
+                property,
+                hex,
+            ])
+            .output()
+            .expect("run raw_amqp_request.py");
+        assert!(
+            output.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            host.stderr()
+        );
+        let started = Instant::now();
+        let mut got = (Value::Null, None);
+        while started.elapsed() < wait {
+            let message = ch
+                .basic_get(
+                    reply_to.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            if let Some(m) = message {
+                let correlation_id = m
+                    .delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_bytes().to_vec());
+                got = (
+                    serde_json::from_slice(&m.delivery.data).expect("reply is JSON"),
+                    correlation_id,
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ch.queue_delete(reply_to.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete the reply queue");
+        let _ = conn.close(200, "bye".into()).await;
+        got
+    })
+}
+
+#[test]
+fn properties_that_are_not_utf8_cost_one_answer_each_and_never_the_connection() {
+    let host = TestHost::start(spec(vec!["demo"]));
+    let body = r#"{"jsonrpc": "2.0", "id": "p1", "method": "echo", "params": [1]}"#;
+    for property in [
+        "correlation_id",
+        "message_id",
+        "app_id",
+        "type",
+        "header_key",
+    ] {
+        let (reply, correlation_id) = raw_request(
+            &host,
+            "demo.echo",
+            body,
+            property,
+            "fffe01",
+            Duration::from_secs(10),
+        );
+        let name = if property == "header_key" {
+            "headers"
+        } else {
+            property
+        };
+        assert_eq!(reply["id"], "p1", "{property}: {reply}");
+        assert_eq!(reply["error"]["code"], -32600, "{property}: {reply}");
+        assert_eq!(
+            reply["error"]["message"],
+            format!("the request's {name} is not valid UTF-8"),
+            "{property}: {reply}"
+        );
+        if property == "correlation_id" {
+            assert_eq!(
+                correlation_id.as_deref(),
+                Some(&[0xff, 0xfe, 0x01][..]),
+                "the reply copies the bytes as sent"
+            );
+        }
+    }
+    // No address to answer: dropped with one warning, acked.
+    let (reply, _) = raw_request(
+        &host,
+        "demo.echo",
+        body,
+        "reply_to",
+        "fffe01",
+        Duration::from_secs(2),
+    );
+    assert_eq!(reply, Value::Null);
+    wait_until(Duration::from_secs(5), "the drop is logged", || {
+        host.stderr().contains("dropped without a reply")
+    });
+
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    let log = host.stderr();
+    assert_eq!(trouble_lines(&log), (0, 0), "{log}");
+    assert_eq!(log.matches("dropped without a reply").count(), 1, "{log}");
+    assert_eq!(
+        handler_runs(&log, "echo"),
+        300,
+        "no poison request reached the handler"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_24_mb_request_is_answered_without_being_parsed() {
+    let host = TestHost::start(spec(vec!["demo"]));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let reply = rt.block_on(async {
+        let caller = AmqpCaller::connect(&host.spec.exchange).await;
+        let mut body =
+            br#"{"jsonrpc": "2.0", "id": "big", "method": "echo", "params": [""#.to_vec();
+        body.resize(24 * 1024 * 1024 - 3, b'x');
+        body.extend_from_slice(br#""]}"#);
+        let reply = caller
+            .call("demo.echo", &body, ReplyQueue::ExclusiveServerNamed, None)
+            .await;
+        caller.close().await;
+        reply
+    });
+    assert_eq!(
+        reply.body["id"],
+        Value::Null,
+        "not parsed, so no id: {}",
+        reply.body
+    );
+    assert_eq!(reply.body["error"]["code"], -32600);
+    assert_eq!(
+        reply.body["error"]["message"],
+        "request of 25165824 bytes exceeds max_message_bytes (16777216)"
+    );
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    let log = host.stderr();
+    assert_eq!(trouble_lines(&log), (0, 0), "{log}");
+    assert_eq!(handler_runs(&log, "echo"), 300);
+}
+
+#[test]
+fn a_reply_the_broker_refuses_is_tried_3_times_then_the_request_is_dropped() {
+    let mut spec = spec(vec!["demo"]);
+    spec.bus_toml = "confirm_replies = true\n".to_owned();
+    let host = TestHost::start(spec);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let full = unique("full");
+    rt.block_on(async {
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        ch.queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: false,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the full queue");
+        let caller = AmqpCaller::connect(&host.spec.exchange).await;
+        caller
+            .publish(
+                "demo.echo",
+                br#"{"jsonrpc": "2.0", "id": "nack", "method": "echo", "params": [1]}"#,
+                lapin::BasicProperties::default().with_reply_to(full.as_str().into()),
+            )
+            .await;
+        caller.close().await;
+        wait_until(Duration::from_secs(15), "the request is dropped", || {
+            host.stderr()
+                .contains("reply not published; the request is acked and dropped")
+        });
+        ch.queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete the full queue");
+        let _ = conn.close(200, "bye".into()).await;
+    });
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    let log = host.stderr();
+    assert_eq!(trouble_lines(&log), (0, 1), "{log}");
+    assert_eq!(
+        handler_runs(&log, "echo"),
+        301,
+        "the refused one ran once: {log}"
+    );
+}
+
+#[test]
+fn a_redis_reply_to_a_set_is_tried_3_times_then_the_request_is_dropped() {
+    let uri = redis_uri(5, "");
+    let mut spec = HostSpec::redis(5);
+    spec.plugins = vec!["demo"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    spec.log = "info,commissaire_host::dispatch=debug".to_owned();
+    let host = TestHost::start(spec.clone());
+    let set = format!("_kombu.binding.{}", spec.exchange);
+    let body = br#"{"jsonrpc": "2.0", "id": "set", "method": "echo", "params": [1]}"#;
+    let message = envelope(&Outgoing {
+        exchange: &spec.exchange,
+        routing_key: "demo.echo",
+        body,
+        reply_to: Some(&set),
+        correlation_id: None,
+        durable: true,
+        confirm: false,
+    });
+    redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);
+    wait_until(Duration::from_secs(15), "the request is dropped", || {
+        host.stderr()
+            .contains("reply not published; the request is acked and dropped")
+    });
+    assert_eq!(
+        redis_command(&uri, &["TYPE", &set]),
+        commissaire_e2e::host::Resp::Str("set".into()),
+        "the set is left as it was"
+    );
+
+    let report = run_load_redis(&host);
+    assert_eq!(report, 300);
+    let log = host.stderr();
+    assert_eq!(log.matches("reply not published").count(), 1, "{log}");
+    assert_eq!(
+        handler_runs(&log, "echo"),
+        301,
+        "the refused one ran once: {log}"
+    );
+}
+
+/// 300 `demo.echo` over Redis through `call` (the load client speaks AMQP).
+fn run_load_redis(host: &TestHost) -> usize {
+    let mut answered = 0;
+    for i in 0..300 {
+        let (status, reply) = host.http_call("demo.echo", &json!({"id": i, "params": [i]}));
+        if status == 200 && reply["result"] == json!(i) {
+            answered += 1;
+        }
+    }
+    answered
+}
+
+#[test]
+fn five_thousand_self_calls_at_once_are_all_answered_and_the_service_keeps_serving() {
+    let host = TestHost::start(spec(vec!["simple"]));
+    let report = run_load(
+        &host.spec.exchange,
+        5000,
+        5000,
+        Duration::from_secs(90),
+        |i| ("simple.wordy_add".to_owned(), json!([i, 1])),
+    );
+    assert!(report.unanswered.is_empty(), "{report}\n{}", host.stderr());
+    let (mut results, mut refused) = (0, 0);
+    for (i, reply) in &report.replies {
+        if reply["result"] == format!("Adding {i} plus 1 results in {}", i + 1) {
+            results += 1;
+        } else {
+            let message = reply["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("max_bus_waits"), "request {i}: {reply}");
+            refused += 1;
+        }
+    }
+    eprintln!("5000 wordy_add: {results} results, {refused} refused at once");
+    assert!(results > 0, "some got their result");
+    ordinary_requests_all_answered(&host, "simple.add", |i| json!(i + 1));
+    let log = host.stderr();
+    assert_eq!(trouble_lines(&log).0, 0, "{log}");
+    assert!(
+        log.matches("handlers' bus calls refused").count() <= 2 * 90,
+        "at most one refusal line a second per worker"
+    );
+}
