@@ -115,7 +115,7 @@ fn a_fast_method_that_starts_blocking_stops_holding_up_the_others() {
     let mut spec = HostSpec::amqp();
     spec.plugins = vec!["demo"];
     spec.service_toml = "concurrency = 8\n".to_owned();
-    spec.log = "info,commissaire_host::placement=debug".to_owned();
+    spec.log = "info,commissaire_host::serve::placement=debug".to_owned();
     let host = std::sync::Arc::new(TestHost::start(spec));
     let sleep = |ms: u64| {
         let (status, reply) = host.http_call("demo.sleep", &json!({"id": 1, "params": [ms]}));
