@@ -26,49 +26,46 @@ impl<'p> Args<'p> {
     /// positional values, or a name the handler does not take, is an error.
     pub fn parse(method: &str, params: &'p str, names: &[&str]) -> Result<Self, RpcError> {
         let text = params.trim_start();
+        let invalid =
+            |e: serde_json::Error| RpcError::invalid_params(format!("params of `{method}`: {e}"));
+        // Values are counted before they are kept: a huge array or object
+        // costs no more memory than the handler's arguments.
         let args = if text.is_empty() {
             Args::Positional(Vec::new())
         } else if text.starts_with('[') {
-            let values: Vec<&RawValue> = serde_json::from_str(text)
-                .map_err(|e| RpcError::invalid_params(format!("params of `{method}`: {e}")))?;
+            let mut de = serde_json::Deserializer::from_str(text);
+            let (values, total) = de
+                .deserialize_seq(BoundedSeq { keep: names.len() })
+                .map_err(invalid)?;
+            de.end().map_err(invalid)?;
+            if total > names.len() {
+                return Err(RpcError::invalid_params(format!(
+                    "too many params: `{method}` takes {} ({}), got {total}",
+                    names.len(),
+                    names.join(", "),
+                )));
+            }
             Args::Positional(values)
         } else if text.starts_with('{') {
+            let refused = std::cell::RefCell::new(None);
             let mut de = serde_json::Deserializer::from_str(text);
-            let pairs = de
-                .deserialize_map(PairsVisitor)
-                .map_err(|e| RpcError::invalid_params(format!("params of `{method}`: {e}")))?;
-            Args::Named(pairs)
+            let visitor = PairsVisitor {
+                method,
+                names,
+                refused: &refused,
+            };
+            match de
+                .deserialize_map(visitor)
+                .and_then(|p| de.end().map(|()| p))
+            {
+                Ok(pairs) => Args::Named(pairs),
+                Err(e) => return Err(refused.into_inner().unwrap_or_else(|| invalid(e))),
+            }
         } else {
             return Err(RpcError::invalid_request(
                 "`params` must be an array or an object",
             ));
         };
-        match &args {
-            Args::Positional(values) if values.len() > names.len() => {
-                return Err(RpcError::invalid_params(format!(
-                    "too many params: `{method}` takes {} ({}), got {}",
-                    names.len(),
-                    names.join(", "),
-                    values.len()
-                )));
-            }
-            Args::Named(pairs) => {
-                for (i, (key, _)) in pairs.iter().enumerate() {
-                    if !names.contains(&key.as_ref()) {
-                        return Err(RpcError::invalid_params(format!(
-                            "unknown argument `{key}` for `{method}` (takes: {})",
-                            names.join(", ")
-                        )));
-                    }
-                    if pairs[..i].iter().any(|(k, _)| k == key) {
-                        return Err(RpcError::invalid_params(format!(
-                            "argument `{key}` given twice"
-                        )));
-                    }
-                }
-            }
-            Args::Positional(_) => {}
-        }
         Ok(args)
     }
 
@@ -97,10 +94,48 @@ impl<'p> Args<'p> {
     }
 }
 
-/// Collects an object's members as (name, raw value) pairs, in order.
-struct PairsVisitor;
+/// Keeps the first `keep` values of an array and counts the rest without
+/// keeping them.
+struct BoundedSeq {
+    keep: usize,
+}
 
-impl<'de> Visitor<'de> for PairsVisitor {
+impl<'de> Visitor<'de> for BoundedSeq {
+    type Value = (Vec<&'de RawValue>, usize);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of positional arguments")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut values = Vec::with_capacity(self.keep);
+        while values.len() < self.keep {
+            match seq.next_element::<&'de RawValue>()? {
+                Some(v) => values.push(v),
+                None => {
+                    let total = values.len();
+                    return Ok((values, total));
+                }
+            }
+        }
+        let mut total = values.len();
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {
+            total += 1;
+        }
+        Ok((values, total))
+    }
+}
+
+/// Collects an object's members as (name, raw value) pairs, in order,
+/// refusing (in `refused`) the first name the handler does not take or
+/// that comes twice, before going on.
+struct PairsVisitor<'a> {
+    method: &'a str,
+    names: &'a [&'a str],
+    refused: &'a std::cell::RefCell<Option<RpcError>>,
+}
+
+impl<'de> Visitor<'de> for PairsVisitor<'_> {
     type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -108,10 +143,26 @@ impl<'de> Visitor<'de> for PairsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(4));
+        let mut pairs: Self::Value = Vec::with_capacity(self.names.len());
         while let Some(key) = map.next_key::<Key<'de>>()? {
+            let key = key.0;
+            let refusal = if !self.names.contains(&key.as_ref()) {
+                Some(format!(
+                    "unknown argument `{key}` for `{}` (takes: {})",
+                    self.method,
+                    self.names.join(", ")
+                ))
+            } else if pairs.iter().any(|(k, _)| *k == key) {
+                Some(format!("argument `{key}` given twice"))
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                *self.refused.borrow_mut() = Some(RpcError::invalid_params(refusal.clone()));
+                return Err(de::Error::custom(refusal));
+            }
             let value: &'de RawValue = map.next_value()?;
-            pairs.push((key.0, value));
+            pairs.push((key, value));
         }
         Ok(pairs)
     }
@@ -175,6 +226,23 @@ mod tests {
             assert_eq!(err.code, RpcError::INVALID_PARAMS, "{params}");
             assert!(err.message.contains(needle), "{params}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn a_huge_params_array_is_counted_not_kept() {
+        let params = format!("[{}0]", "0,".repeat(999_999));
+        let err = xy(&params).expect_err("too many");
+        assert_eq!(
+            err.message,
+            "too many params: `add` takes 2 (x, y), got 1000000"
+        );
+        assert!(xy("[1, 2] trailing").is_err());
+    }
+
+    #[test]
+    fn an_unknown_name_is_refused_as_it_is_met() {
+        let err = xy(r#"{"z": [1, 2, 3], "x": 1}"#).expect_err("refused");
+        assert_eq!(err.message, "unknown argument `z` for `add` (takes: x, y)");
     }
 
     #[test]

@@ -160,6 +160,11 @@ impl InFlight {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         t.entries.len() - t.free.len()
     }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A request in flight, until dropped: then its record is cleared.
