@@ -1,47 +1,49 @@
 //! Keeping passwords out of logs and error messages.
 
 /// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`. URIs
-/// without a password are returned unchanged.
+/// without a password are returned unchanged; a failover list
+/// (`amqp://a;amqp://b`, kombu's form) is redacted URI by URI.
+///
+/// The password ends at the *last* `@` of a URI, so one holding a raw `/`,
+/// `?`, `#` or `@` (which should have been percent-encoded) is still
+/// hidden; at worst more than the password is.
 pub fn redact_uri(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
-        return uri.to_owned();
-    };
-    let rest = &uri[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return uri.to_owned();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &uri[..scheme_end + 3],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
+    if uri.contains(';') {
+        return uri.split(';').map(redact_one).collect::<Vec<_>>().join(";");
+    }
+    redact_one(uri)
+}
+
+fn redact_one(uri: &str) -> String {
+    match password_span(uri) {
+        Some((start, end)) => format!("{}***{}", &uri[..start], &uri[end..]),
         None => uri.to_owned(),
     }
 }
 
-/// Replaces every occurrence of `uri`'s password in `text` (for error
+/// The byte range of `uri`'s password: after the first `:` of the
+/// userinfo, up to the last `@`.
+fn password_span(uri: &str) -> Option<(usize, usize)> {
+    let rest_at = uri.find("://")? + 3;
+    let rest = &uri[rest_at..];
+    let at = rest.rfind('@')?;
+    let colon = rest[..at].find(':')?;
+    Some((rest_at + colon + 1, rest_at + at))
+}
+
+/// Replaces every occurrence of `uri`'s passwords in `text` (for error
 /// messages of libraries that echo the URI).
 pub fn scrub(text: &str, uri: &str) -> String {
-    let redacted = redact_uri(uri);
-    let mut out = text.replace(uri, &redacted);
-    if let Some(password) = password_of(uri) {
-        if !password.is_empty() {
-            out = out.replace(password, "***");
+    let mut out = text.replace(uri, &redact_uri(uri));
+    for one in uri.split(';') {
+        if let Some((start, end)) = password_span(one) {
+            let password = &one[start..end];
+            if !password.is_empty() {
+                out = out.replace(password, "***");
+            }
         }
     }
     out
-}
-
-fn password_of(uri: &str) -> Option<&str> {
-    let rest = &uri[uri.find("://")? + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    Some(&userinfo[userinfo.find(':')? + 1..])
 }
 
 #[cfg(test)]
@@ -59,11 +61,30 @@ mod tests {
     }
 
     #[test]
+    fn hides_passwords_holding_uri_delimiters() {
+        for password in ["pa/ss", "p?w", "p#w", "p@w", "a/b?c#d@e"] {
+            let uri = format!("amqp://guest:{password}@h:5672/%2f");
+            let redacted = redact_uri(&uri);
+            assert_eq!(redacted, "amqp://guest:***@h:5672/%2f", "{password}");
+            assert!(!scrub(&format!("x {uri} {password} y"), &uri).contains(password));
+        }
+    }
+
+    #[test]
+    fn redacts_each_uri_of_a_failover_list() {
+        assert_eq!(
+            redact_uri("amqp://u:a@h1;amqp://h2;amqp://v:b@h3/%2f"),
+            "amqp://u:***@h1;amqp://h2;amqp://v:***@h3/%2f"
+        );
+    }
+
+    #[test]
     fn leaves_uris_without_password_alone() {
         for uri in [
             "memory://",
             "amqp://127.0.0.1",
             "amqp://user@h/v",
+            "amqp://h/vhost@x",
             "nonsense",
         ] {
             assert_eq!(redact_uri(uri), uri);
