@@ -73,7 +73,8 @@ struct HostSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BusSection {
-    uri: Option<String>,
+    /// One URI, or a failover list (also as kombu's `a;b;c`).
+    uri: Option<UriList>,
     exchange: Option<String>,
     /// Seconds a request waits for its reply.
     request_timeout: Option<Spanned<f64>>,
@@ -81,6 +82,23 @@ struct BusSection {
     confirm_replies: Option<bool>,
     /// The largest request or reply, in bytes.
     max_message_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum UriList {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl UriList {
+    /// kombu's failover form: `a;b;c`.
+    fn joined(self) -> String {
+        match self {
+            Self::One(uri) => uri,
+            Self::Several(uris) => uris.join(";"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,13 +129,32 @@ struct ServiceSection {
 }
 
 /// One queue a service consumes, bound with its routing key.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// The queue name, e.g. `simple`.
     pub name: String,
     /// The binding pattern, e.g. `simple.*`.
     pub routing_key: String,
+    /// Declaration arguments, as kombu's `queue_arguments`
+    /// (`x-queue-type = "quorum"`, `x-delivery-limit = 5`, ...): strings,
+    /// integers, booleans and floats (RabbitMQ only).
+    #[serde(default)]
+    pub arguments: std::collections::BTreeMap<String, QueueArgument>,
+}
+
+/// One queue declaration argument, typed as AMQP carries it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// A long string.
+    Text(String),
+    /// A signed 64-bit integer.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A double.
+    Float(f64),
 }
 
 /// How one service is served.
@@ -159,6 +196,7 @@ impl ServiceSettings {
             queues: vec![QueueConfig {
                 name: name.to_owned(),
                 routing_key: format!("{name}.*"),
+                arguments: std::collections::BTreeMap::new(),
             }],
             concurrency: DEFAULT_CONCURRENCY,
             workers: 1,
@@ -263,7 +301,7 @@ impl HostConfig {
         let bus_uri = overrides
             .bus_uri
             .clone()
-            .or(file.bus.uri)
+            .or(file.bus.uri.map(UriList::joined))
             .or_else(|| env(BUS_URI_ENV))
             .unwrap_or_else(|| DEFAULT_BUS_URI.to_owned());
         let exchange = overrides
@@ -294,6 +332,21 @@ impl HostConfig {
             &file_name,
             &text,
         )?;
+        if bus_uri.contains(';') {
+            let kinds: Vec<_> = bus_uri
+                .split(';')
+                .map(|u| crate::bus::BusKind::of(u.trim()).ok())
+                .collect();
+            if kinds.iter().any(|k| *k != Some(crate::bus::BusKind::Amqp)) {
+                return Err(ConfigError {
+                    location: file_name.clone(),
+                    message: format!(
+                        "bus URI {}: a failover list takes amqp:// and amqps:// URIs only",
+                        crate::redact::redact_uri(&bus_uri)
+                    ),
+                });
+            }
+        }
         let max_message_bytes = match &file.bus.max_message_bytes {
             None => DEFAULT_MAX_MESSAGE_BYTES,
             Some(v) => match usize::try_from(*v.get_ref()) {
@@ -509,9 +562,45 @@ config = { greeting = "hi" }
             d.queues,
             vec![QueueConfig {
                 name: "demo".into(),
-                routing_key: "demo.*".into()
+                routing_key: "demo.*".into(),
+                arguments: Default::default(),
             }]
         );
+    }
+
+    #[test]
+    fn queue_arguments_are_typed_and_uri_lists_join_as_kombu() {
+        let c = load_text(
+            r#"
+[bus]
+uri = ["amqp://h1", "amqp://u:p@h2/%2f"]
+[[service]]
+name = "simple"
+queues = [{ name = "simple", routing_key = "simple.*", arguments = { "x-queue-type" = "quorum", "x-delivery-limit" = 5, "x-single-active-consumer" = false } }]
+"#,
+            &Overrides::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.bus_uri, "amqp://h1;amqp://u:p@h2/%2f");
+        let args = &c.service("simple").queues[0].arguments;
+        assert_eq!(args["x-queue-type"], QueueArgument::Text("quorum".into()));
+        assert_eq!(args["x-delivery-limit"], QueueArgument::Integer(5));
+        assert_eq!(args["x-single-active-consumer"], QueueArgument::Bool(false));
+        let err = load_text(
+            "[bus]\nuri = \"amqp://h1;redis://h2\"\n",
+            &Overrides::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("a failover list takes amqp://"), "{err}");
+        let err = load_text(
+            "[[service]]\nname = \"s\"\nqueues = [{ name = \"s\", routing_key = \"s.*\", arguments = { x = [1] } }]\n",
+            &Overrides::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("host.toml:"), "{err}");
     }
 
     #[test]

@@ -308,7 +308,12 @@ async fn a_notification_runs_its_handler_and_gets_no_reply() {
         .unwrap();
     let watch = commissaire_e2e::host::unique("observe");
     observer
-        .declare_queue(&host.spec.exchange, &watch, "observe.*")
+        .declare_queue(
+            &host.spec.exchange,
+            &watch,
+            "observe.*",
+            &Default::default(),
+        )
         .await
         .unwrap();
     let (sink, seen) = commissaire_host::bus::channel_sink();

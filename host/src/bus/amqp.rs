@@ -41,9 +41,41 @@ impl std::fmt::Debug for AmqpBus {
     }
 }
 
+/// Where the next connection starts in a failover list: after the broker
+/// the last one used, so a reconnect moves on (kombu's round robin).
+static NEXT_BROKER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl AmqpBus {
-    /// Connects to `uri`.
+    /// Connects to `uri`, or to the first broker of a failover list
+    /// (`amqp://h1;amqp://h2`) that answers, starting after the one used
+    /// last.
     pub async fn connect(uri: &str) -> Result<Self, BusError> {
+        let uris: Vec<&str> = uri
+            .split(';')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let start = NEXT_BROKER.load(Ordering::Relaxed);
+        let mut failure = BusError::UnsupportedUri(String::new());
+        for k in 0..uris.len() {
+            let i = (start + k) % uris.len();
+            match Self::connect_one(uris[i]).await {
+                Ok(bus) => {
+                    NEXT_BROKER.store(i + 1, Ordering::Relaxed);
+                    return Ok(bus);
+                }
+                Err(e) => {
+                    if uris.len() > 1 {
+                        tracing::warn!(bus = %redact_uri(uris[i]), error = %e, "broker unreachable; trying the next");
+                    }
+                    failure = e;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    async fn connect_one(uri: &str) -> Result<Self, BusError> {
         let redacted = redact_uri(uri);
         let fail = |e: lapin::Error| BusError::Connect {
             uri: redacted.clone(),
@@ -172,6 +204,38 @@ fn short(what: &'static str, s: &str) -> Result<lapin::types::ShortString, BusEr
 /// connection leaves it (or the channel) unusable for the delivery.
 fn lapin_error(operation: impl Into<String>, e: &lapin::Error) -> BusError {
     BusError::lost(operation, e)
+}
+
+/// A failed declaration: the broker's refusal (PRECONDITION_FAILED: the
+/// queue exists with other arguments; ACCESS_REFUSED) is permanent, and its
+/// text names the difference; anything else is a lost connection.
+fn refusal_or_lost(operation: String, e: &lapin::Error) -> BusError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => BusError::Refused {
+            operation,
+            reason: amqp.get_message().to_string(),
+        },
+        _ => lapin_error(operation, e),
+    }
+}
+
+/// Queue arguments as an AMQP field table.
+fn field_table(arguments: &super::QueueArguments) -> FieldTable {
+    use crate::config::QueueArgument;
+    use lapin::types::AMQPValue;
+    let mut table = FieldTable::default();
+    for (name, value) in arguments {
+        let value = match value {
+            QueueArgument::Text(s) => AMQPValue::LongString(s.as_str().into()),
+            QueueArgument::Integer(i) => AMQPValue::LongLongInt(*i),
+            QueueArgument::Bool(b) => AMQPValue::Boolean(*b),
+            QueueArgument::Float(f) => AMQPValue::Double(*f),
+        };
+        if let Ok(name) = lapin::types::ShortString::try_new(name.as_str()) {
+            table.insert(name, value);
+        }
+    }
+    table
 }
 
 /// The message properties of `m`, as kombu sets them.
@@ -316,7 +380,7 @@ async fn start_consumer(
         .map_err(fail)?;
     let consumer = channel
         .basic_consume(
-            queue.into(),
+            short("queue", queue)?,
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -401,15 +465,23 @@ impl BusTransport for AmqpBus {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        self.publisher
+        let operation = || format!("declaring exchange `{exchange}`");
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error(operation(), &e))?;
+        channel
             .exchange_declare(
-                exchange.into(),
+                short("exchange", exchange)?,
                 ExchangeKind::Topic,
                 options,
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| BusError::op(format!("declaring exchange `{exchange}`"), e))
+            .map_err(|e| refusal_or_lost(operation(), &e))?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
     }
 
     async fn declare_queue(
@@ -417,6 +489,7 @@ impl BusTransport for AmqpBus {
         exchange: &str,
         queue: &str,
         routing_key: &str,
+        arguments: &super::QueueArguments,
     ) -> Result<(), BusError> {
         let options = QueueDeclareOptions {
             durable: true,
@@ -424,20 +497,31 @@ impl BusTransport for AmqpBus {
             auto_delete: false,
             ..QueueDeclareOptions::default()
         };
-        self.publisher
-            .queue_declare(queue.into(), options, FieldTable::default())
+        // A declaration the broker refuses (the queue exists with other
+        // arguments) closes the channel we publish on: declare on a
+        // channel of its own, and report the refusal as permanent.
+        let channel = self
+            .connection
+            .create_channel()
             .await
-            .map_err(|e| BusError::op(format!("declaring queue `{queue}`"), e))?;
+            .map_err(|e| lapin_error(format!("declaring queue `{queue}`"), &e))?;
+        let declared = channel
+            .queue_declare(short("queue", queue)?, options, field_table(arguments))
+            .await;
+        if let Err(e) = declared {
+            return Err(refusal_or_lost(format!("declaring queue `{queue}`"), &e));
+        }
+        let _ = channel.close(200, "declared".into()).await;
         self.publisher
             .queue_bind(
-                queue.into(),
-                exchange.into(),
-                routing_key.into(),
+                short("queue", queue)?,
+                short("exchange", exchange)?,
+                short("routing key", routing_key)?,
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| BusError::op(format!("binding queue `{queue}` to `{routing_key}`"), e))
+            .map_err(|e| refusal_or_lost(format!("binding queue `{queue}` to `{routing_key}`"), &e))
     }
 
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {

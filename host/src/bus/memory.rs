@@ -115,6 +115,7 @@ impl BusTransport for MemoryBus {
         exchange: &str,
         queue: &str,
         routing_key: &str,
+        _arguments: &super::QueueArguments,
     ) -> Result<(), BusError> {
         self.queue(queue);
         let binding = (
@@ -240,7 +241,9 @@ mod tests {
     #[tokio::test]
     async fn topic_routing_and_competing_consumers() {
         let bus = MemoryBus::new();
-        bus.declare_queue("ex", "simple", "simple.*").await.unwrap();
+        bus.declare_queue("ex", "simple", "simple.*", &Default::default())
+            .await
+            .unwrap();
         let (sink_a, a_deliveries) = channel_sink();
         let (sink_b, b_deliveries) = channel_sink();
         let a = bus.consume("simple", 1, sink_a).await.unwrap();
@@ -266,7 +269,9 @@ mod tests {
     #[tokio::test]
     async fn requeue_redelivers_and_ack_removes() {
         let bus = MemoryBus::new();
-        bus.declare_queue("ex", "q", "k").await.unwrap();
+        bus.declare_queue("ex", "q", "k", &Default::default())
+            .await
+            .unwrap();
         let (sink, deliveries) = channel_sink();
         let _c = bus.consume("q", 1, sink).await.unwrap();
         bus.publish(out("ex", "k", b"x")).await.unwrap();

@@ -46,6 +46,15 @@ pub enum BusError {
         /// Why.
         reason: String,
     },
+    /// The broker refused an operation for good (a queue declared with
+    /// other arguments than it has, a permission): retrying cannot help.
+    #[error("{operation} refused by the broker: {reason}")]
+    Refused {
+        /// What was attempted.
+        operation: String,
+        /// The broker's reason.
+        reason: String,
+    },
     /// A name the transport cannot carry (an AMQP short string holds at
     /// most 255 bytes).
     #[error("{what} `{shown}` is {len} bytes long; at most 255 can be sent")]
@@ -75,6 +84,12 @@ impl BusError {
             operation: operation.into(),
             reason: reason.to_string(),
         }
+    }
+
+    /// Whether retrying cannot help (the broker refused, or a name is too
+    /// long to send).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Refused { .. } | Self::TooLong { .. })
     }
 
     /// Whether the connection went away (retrying on it is pointless; the
@@ -111,6 +126,9 @@ impl BusKind {
         self != Self::Memory
     }
 }
+
+/// Queue declaration arguments (`x-queue-type`, ...), by name.
+pub type QueueArguments = std::collections::BTreeMap<String, crate::config::QueueArgument>;
 
 /// A message to publish.
 #[derive(Debug, Clone, Copy)]
@@ -340,13 +358,15 @@ pub trait BusTransport: Send + Sync + 'static {
     /// Declares the topic exchange (durable, not auto-delete).
     async fn declare_exchange(&self, exchange: &str) -> Result<(), BusError>;
 
-    /// Declares a service queue (durable, not exclusive, not auto-delete)
-    /// and binds it to `exchange` with `routing_key`.
+    /// Declares a service queue (durable, not exclusive, not auto-delete,
+    /// with `arguments` where the broker has them) and binds it to
+    /// `exchange` with `routing_key`.
     async fn declare_queue(
         &self,
         exchange: &str,
         queue: &str,
         routing_key: &str,
+        arguments: &QueueArguments,
     ) -> Result<(), BusError>;
 
     /// Consumes `queue` with at most `prefetch` unsettled deliveries.

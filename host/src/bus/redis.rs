@@ -1047,6 +1047,7 @@ impl BusTransport for RedisBus {
         exchange: &str,
         queue: &str,
         routing_key: &str,
+        _arguments: &super::QueueArguments,
     ) -> Result<(), BusError> {
         let member = binding_member(routing_key, queue);
         let mut pipe = ::redis::pipe();

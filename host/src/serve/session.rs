@@ -129,8 +129,13 @@ pub async fn open_session(
         });
         let mut consumers = Vec::new();
         for queue in &settings.queues {
-            bus.declare_queue(&config.exchange, &queue.name, &queue.routing_key)
-                .await?;
+            bus.declare_queue(
+                &config.exchange,
+                &queue.name,
+                &queue.routing_key,
+                &queue.arguments,
+            )
+            .await?;
             let sink = serve_sink(
                 served.clone(),
                 Arc::from(queue.name.as_str()),

@@ -95,7 +95,7 @@ pub async fn run_worker(
         };
         let session = match connected {
             Ok(bus) => {
-                tracing::info!(service = %options.service, bus = %uri, "connected");
+                tracing::info!(service = %options.service, bus = %bus.describe(), "connected");
                 let opened = open_session(config, bus.clone(), &services, &process).await;
                 if opened.is_err() {
                     bus.close().await;
@@ -107,6 +107,9 @@ pub async fn run_worker(
         let session = match session {
             Ok(s) => s,
             Err(e) if options.fail_fast => return Err(e),
+            // The broker refused a declaration for good (a queue that
+            // exists with other arguments): say so once, do not loop.
+            Err(HostError::Bus(e)) if e.is_permanent() => return Err(HostError::Bus(e)),
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 let delay = backoff(attempt);
