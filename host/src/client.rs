@@ -39,8 +39,15 @@ pub enum RequestError {
 }
 
 impl From<RequestError> for RpcError {
+    /// A request nobody can take is -32601 (no handler for the method);
+    /// any other failure -32603.
     fn from(e: RequestError) -> Self {
-        RpcError::internal_error(e.to_string())
+        match e {
+            RequestError::Bus(unroutable @ BusError::Unroutable { .. }) => {
+                RpcError::new(RpcError::METHOD_NOT_FOUND, unroutable.to_string())
+            }
+            e => RpcError::internal_error(e.to_string()),
+        }
     }
 }
 
@@ -122,6 +129,7 @@ impl RpcClient {
         params: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RequestError> {
+        let timeout = timeout.unwrap_or(self.default_timeout);
         let id = uuid::Uuid::new_v4().to_string();
         let body = request_body(routing_key, Some(&id), params);
         let (tx, rx) = oneshot::channel();
@@ -136,13 +144,13 @@ impl RpcClient {
                 correlation_id: Some(id.as_bytes()),
                 durable: false,
                 confirm: false,
+                expires: Some(timeout),
             })
             .await;
         if let Err(e) = sent {
             self.pending_map().remove(&id);
             return Err(e.into());
         }
-        let timeout = timeout.unwrap_or(self.default_timeout);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(BusError::Closed.into()),
@@ -190,6 +198,7 @@ impl RpcClient {
                 correlation_id: None,
                 durable: false,
                 confirm: false,
+                expires: None,
             })
             .await
     }
@@ -211,6 +220,7 @@ impl RpcClient {
                 correlation_id: None,
                 durable: true,
                 confirm: true,
+                expires: None,
             })
             .await
     }

@@ -138,6 +138,25 @@ impl TestHost {
     /// Writes the config `toml(http address, plugin dir)` gives, starts the
     /// host on it and waits until it is healthy.
     fn launch(spec: HostSpec, toml: impl FnOnce(SocketAddr, &std::path::Path) -> String) -> Self {
+        let mut host = Self::spawn(spec, toml);
+        host.wait_healthy(Duration::from_secs(20));
+        host
+    }
+
+    /// Starts the host with `services`, not waiting for it to be healthy
+    /// (it is expected to fail: [`Self::wait`] for its exit).
+    pub fn start_expecting_failure(spec: HostSpec, services: &str) -> Self {
+        let (exchange, extra) = (spec.exchange.clone(), spec.extra_toml.clone());
+        let bus = spec.bus_toml.clone();
+        Self::spawn(spec, |http, plugins| {
+            format!(
+                "[bus]\nexchange = \"{exchange}\"\n{bus}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{extra}",
+                plugins.display(),
+            )
+        })
+    }
+
+    fn spawn(spec: HostSpec, toml: impl FnOnce(SocketAddr, &std::path::Path) -> String) -> Self {
         let plugins = plugin_dir(&spec.plugins);
         let dir = tempfile::tempdir().expect("temp dir");
         let http = free_addr();
@@ -155,7 +174,7 @@ impl TestHost {
             .stderr(stderr)
             .spawn()
             .expect("spawn commissaire-host");
-        let mut host = Self {
+        Self {
             child: Some(child),
             spec,
             http,
@@ -163,9 +182,7 @@ impl TestHost {
             stderr_path,
             _dir: dir,
             plugins,
-        };
-        host.wait_healthy(Duration::from_secs(20));
-        host
+        }
     }
 
     fn wait_healthy(&mut self, limit: Duration) {

@@ -352,6 +352,7 @@ fn a_redis_reply_to_a_set_is_tried_3_times_then_the_request_is_dropped() {
         correlation_id: None,
         durable: true,
         confirm: false,
+        expires: None,
     });
     redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);
     wait_until(Duration::from_secs(15), "the request is dropped", || {

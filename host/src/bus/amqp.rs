@@ -246,6 +246,11 @@ fn properties(m: &Outgoing<'_>) -> Result<BasicProperties, BusError> {
     if let Some(reply_to) = m.reply_to {
         properties = properties.with_reply_to(short("reply_to", reply_to)?);
     }
+    if let Some(ttl) = m.expires {
+        // At least 1 ms: 0 would mean "deliver now or drop".
+        let ms = ttl.as_millis().clamp(1, u128::from(u32::MAX));
+        properties = properties.with_expiration(ms.to_string().into());
+    }
     if let Some(correlation_id) = m.correlation_id {
         let id =
             lapin::types::ShortString::try_from_bytes(correlation_id.to_vec()).map_err(|_| {
@@ -275,7 +280,10 @@ async fn publish_on(
         .basic_publish(
             exchange,
             routing_key,
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: m.expires.is_some(),
+                ..BasicPublishOptions::default()
+            },
             m.body,
             properties(m)?,
         )
@@ -553,7 +561,9 @@ impl BusTransport for AmqpBus {
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
         let confirm = publish_on(&self.publisher, &m).await?;
-        if !m.confirm {
+        // A mandatory message's return comes before its confirm: awaiting
+        // the confirm tells at once whether any queue took it.
+        if !m.confirm && m.expires.is_none() {
             return Ok(());
         }
         let confirmed = confirm
@@ -564,6 +574,10 @@ impl BusTransport for AmqpBus {
                 format!("publishing to `{}`", m.routing_key),
                 "the broker refused the message (nack)",
             )),
+            lapin::Confirmation::Ack(Some(_returned)) => Err(BusError::Unroutable {
+                exchange: m.exchange.to_owned(),
+                routing_key: m.routing_key.to_owned(),
+            }),
             _ => Ok(()),
         }
     }

@@ -194,6 +194,12 @@ impl BusTransport for MemoryBus {
                     .collect()
             }
         };
+        if targets.is_empty() && m.expires.is_some() {
+            return Err(BusError::Unroutable {
+                exchange: m.exchange.to_owned(),
+                routing_key: m.routing_key.to_owned(),
+            });
+        }
         for queue in targets {
             let message = Incoming {
                 exchange: m.exchange.to_owned(),
@@ -235,6 +241,7 @@ mod tests {
             correlation_id: None,
             durable: false,
             confirm: false,
+            expires: None,
         }
     }
 

@@ -55,6 +55,14 @@ pub enum BusError {
         /// The broker's reason.
         reason: String,
     },
+    /// A request no queue is bound to take.
+    #[error("no queue is bound to {routing_key} on exchange {exchange}")]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
     /// A name the transport cannot carry (an AMQP short string holds at
     /// most 255 bytes).
     #[error("{what} `{shown}` is {len} bytes long; at most 255 can be sent")]
@@ -154,6 +162,11 @@ pub struct Outgoing<'a> {
     /// confirms on RabbitMQ): replies, whose request is acked right after
     /// (`[bus] confirm_replies`).
     pub confirm: bool,
+    /// Set on the host's own requests, to their timeout: the message
+    /// expires with its caller (a per-message TTL), and one that no queue
+    /// takes is an error at once ([`BusError::Unroutable`]) instead of a
+    /// wait for the whole timeout.
+    pub expires: Option<std::time::Duration>,
 }
 
 /// How to settle a delivery.

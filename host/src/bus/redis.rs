@@ -1096,6 +1096,12 @@ impl BusTransport for RedisBus {
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
         let queues = self.inner.lookup(m.exchange, m.routing_key).await?;
         if queues.is_empty() {
+            if m.expires.is_some() {
+                return Err(BusError::Unroutable {
+                    exchange: m.exchange.to_owned(),
+                    routing_key: m.routing_key.to_owned(),
+                });
+            }
             tracing::debug!(
                 exchange = m.exchange,
                 routing_key = m.routing_key,

@@ -243,6 +243,7 @@ impl Inbound {
             correlation_id: self.incoming.correlation_id.as_deref(),
             durable: true,
             confirm: self.confirm,
+            expires: None,
         };
         let mut tries = 0;
         loop {
