@@ -4,6 +4,9 @@
 #   scripts/rabbitmq-cluster.sh up      start and join the nodes (idempotent)
 #   scripts/rabbitmq-cluster.sh down    stop them and remove their data
 #   scripts/rabbitmq-cluster.sh status  whether all three are clustered
+#   scripts/rabbitmq-cluster.sh ctl N ARGS...   rabbitmqctl on node N
+#   scripts/rabbitmq-cluster.sh leader QUEUE    the node number leading a
+#                                               quorum queue
 #
 # Nodes commissaire-c1@localhost, -c2, -c3 with AMQP on 127.0.0.1:5681,
 # 5682 and 5683, distribution ports 25681-25683, their own data and logs
@@ -97,10 +100,23 @@ status() {
   [ "$members" -ge 3 ] && [ "$listening" -eq 3 ]
 }
 
+leader() {
+  local n
+  for n in "${NODES[@]}"; do
+    if running "$n"; then
+      ctl "$n" -q list_queues name leader --no-table-headers 2>/dev/null |
+        awk -v q="$1" '$1 == q { sub(/^commissaire-c/, "", $2); sub(/@.*/, "", $2); print $2; exit }'
+      return
+    fi
+  done
+}
+
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  ctl) shift; n=$1; shift; ctl "$n" "$@" ;;
+  leader) leader "$2" ;;
+  *) echo "usage: $0 up|down|status|ctl N ARGS...|leader QUEUE" >&2; exit 2 ;;
 esac

@@ -41,6 +41,10 @@ pub struct Load {
     pub deadline: Duration,
     /// Request number `i`.
     pub request: RequestFn,
+    /// The broker to connect to, if not the test broker; its reply queue
+    /// is then a quorum queue, which outlives the loss of any one node of
+    /// a cluster.
+    pub broker: Option<String>,
 }
 
 impl std::fmt::Debug for Load {
@@ -165,7 +169,8 @@ impl Load {
         let mut state = State::default();
         let mut last_reply = Instant::now();
         'connection: while started.elapsed() < self.deadline {
-            let conn = match Connection::connect(&amqp_uri(), ConnectionProperties::default()).await
+            let uri = self.broker.clone().unwrap_or_else(amqp_uri);
+            let conn = match Connection::connect(&uri, ConnectionProperties::default()).await
             {
                 Ok(c) => c,
                 Err(_) => {
@@ -180,7 +185,14 @@ impl Load {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 };
-                ch.queue_declare(reply_queue.as_str().into(), durable, FieldTable::default())
+                let mut arguments = FieldTable::default();
+                if self.broker.is_some() {
+                    arguments.insert(
+                        "x-queue-type".into(),
+                        lapin::types::AMQPValue::LongString("quorum".into()),
+                    );
+                }
+                ch.queue_declare(reply_queue.as_str().into(), durable, arguments)
                     .await?;
                 let consumer = ch
                     .basic_consume(

@@ -34,6 +34,7 @@ fn load(
         concurrency: CONCURRENCY,
         deadline: Duration::from_secs(120),
         request: Arc::new(request),
+        broker: None,
     }
 }
 

@@ -41,6 +41,7 @@ fn run_load(
         concurrency,
         deadline,
         request: Arc::new(request),
+        broker: None,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let report = rt.block_on(load.run(Arc::new(Progress::default())));
