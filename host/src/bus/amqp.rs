@@ -18,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle, Sink};
-use crate::redact::{redact_uri, scrub};
+use crate::redact::redact_uri;
 
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -45,10 +45,7 @@ impl AmqpBus {
     /// Connects to `uri`.
     pub async fn connect(uri: &str) -> Result<Self, BusError> {
         let redacted = redact_uri(uri);
-        let fail = |e: lapin::Error| BusError::Connect {
-            uri: redacted.clone(),
-            reason: scrub(&e.to_string(), uri),
-        };
+        let fail = |e: lapin::Error| BusError::connect(uri, e);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
@@ -68,7 +65,9 @@ impl AmqpBus {
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if let lapin::Event::Error(e) = event {
-                    tracing::debug!(error = %e, "connection failed");
+                    // lapin logs are off by default (main.rs): this is the
+                    // one event that says why.
+                    tracing::warn!(error = %e, "the bus connection failed");
                     break;
                 }
             }
