@@ -1,6 +1,6 @@
 //! `amqp://` and `amqps://`: RabbitMQ through lapin.
 //!
-//! Topology as PROTOCOL.md: a durable topic exchange, durable shared service
+//! Topology as docs/protocol.md: a durable topic exchange, durable shared service
 //! queues, replies through the default exchange. The host's own requests
 //! use RabbitMQ's direct reply-to, one pseudo-queue per connection; the
 //! caller's reply queue is never re-declared.
