@@ -37,7 +37,12 @@ struct Cli {
 #[derive(Debug, Args)]
 struct BusArgs {
     /// The host's TOML config file (see examples/host.toml).
-    #[arg(short = 'c', long = "config", visible_alias = "config-file")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        visible_alias = "config-file",
+        value_name = "FILE"
+    )]
     config: Option<PathBuf>,
     /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory://. Wins
     /// over [bus] uri in the config file, which wins over
@@ -100,6 +105,7 @@ enum Command {
         /// Where to send it, e.g. `simple.add`.
         routing_key: String,
         /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
@@ -114,6 +120,7 @@ enum Command {
         /// Where to send it, e.g. `demo.ping`.
         routing_key: String,
         /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
