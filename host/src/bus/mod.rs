@@ -52,7 +52,7 @@ impl BusError {
             uri: crate::redact::redact_uri(uri),
             cause: ConnectError {
                 message: crate::redact::scrub(&cause.describe(), uri),
-                cause,
+                cause: Box::new(cause),
             },
         }
     }
@@ -68,7 +68,9 @@ impl BusError {
 /// Why a connection could not be made: the transport's own error, and its
 /// message with the URI's password scrubbed out (`Debug` shows only that).
 pub struct ConnectError {
-    cause: ConnectCause,
+    // Boxed: lapin's and redis-rs's errors are large, and every `Result`
+    // of the bus carries a `BusError`.
+    cause: Box<ConnectCause>,
     message: String,
 }
 
@@ -152,7 +154,7 @@ pub fn is_permanent(error: &BusError) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     let cause = match error {
         BusError::UnsupportedUri(_) => return true,
-        BusError::Connect { cause, .. } => &cause.cause,
+        BusError::Connect { cause, .. } => &*cause.cause,
         BusError::Operation { .. } | BusError::Closed => return false,
     };
     match cause {
