@@ -6,11 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-plugin-demo
+# examples/host.toml serves ../target/example-plugins: the plugins go there
+# wherever cargo builds (CARGO_TARGET_DIR).
+built="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p target/example-plugins
 # Copy beside, then rename over: a running host keeps the old file mapped
 # (see "Worker processes and reliability" in the README).
 for lib in libsimple.so libdemo.so; do
-  cp "target/release/$lib" "target/example-plugins/.$lib.new"
+  cp "$built/$lib" "target/example-plugins/.$lib.new"
   mv "target/example-plugins/.$lib.new" "target/example-plugins/$lib"
 done
-exec target/release/commissaire-host run --config examples/host.toml "$@"
+exec "$built/commissaire-host" run --config examples/host.toml "$@"

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The test command: brokers up, Python test client ready, then every test of
-# the workspace (unit tests, plugin tests, end-to-end tests against the real
-# RabbitMQ and the real binary).
+# The test command: brokers up, Python test client ready, then the tests.
+# With no arguments, every test of the workspace (unit tests, plugin tests,
+# end-to-end tests against the real RabbitMQ, Redis and the real binary).
+# Arguments go to `cargo test` and narrow the run, e.g.
+#   scripts/test.sh -p commissaire-e2e --test cli
+#   scripts/test.sh -p commissaire-host
+# (`cargo test` without `-p` tests every member of this workspace.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +18,4 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.re
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 
-exec cargo test --workspace "$@"
+exec cargo test "$@"

@@ -1,4 +1,4 @@
-//! The reference: the least code that serves `simple.add` per PROTOCOL.md
+//! The reference: the least code that serves `simple.add` per docs/protocol.md
 //! with lapin (topic exchange, durable queue, prefetch, reply to `reply_to`
 //! through the default exchange with `correlation_id` copied, ack after the
 //! reply). What the host is measured against.

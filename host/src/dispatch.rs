@@ -1,4 +1,4 @@
-//! JSON-RPC dispatch, exactly as PROTOCOL.md says: from a delivered message
+//! JSON-RPC dispatch, exactly as docs/protocol.md says: from a delivered message
 //! (routing key, body bytes, properties) to the reply to publish, if any.
 
 use std::borrow::Cow;

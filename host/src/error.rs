@@ -15,7 +15,11 @@ pub enum HostError {
     #[error(transparent)]
     PluginDir(#[from] DirError),
     /// Nothing to serve.
-    #[error("no plugin to serve in {0} (build them and copy the .so files there)")]
+    #[error(
+        "no plugin to serve: the plugin directory {0} holds no .so file. Point --plugins-dir (or [plugins] dir in a \
+         config file given with -c) at a directory of built plugins; scripts/run-example.sh builds \
+         the example plugins and serves them with -c examples/host.toml"
+    )]
     NoPlugins(String),
     /// Two plugins export one service.
     #[error("{0}")]

@@ -1,7 +1,7 @@
 //! commissaire-host: serves Commissaire bus services from plugin libraries.
 //!
 //! - [`plugin`] loads and checks plugin libraries.
-//! - [`dispatch`] turns a delivered message into the reply PROTOCOL.md asks
+//! - [`dispatch`] turns a delivered message into the reply docs/protocol.md asks
 //!   for.
 //! - [`listing`] renders what `commissaire-host plugins` prints.
 

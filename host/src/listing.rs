@@ -82,7 +82,7 @@ pub fn render_text(set: &PluginSet) -> String {
             p.service_name, p.plugin_version, p.api_version
         );
         if let Some(d) = &p.description {
-            let _ = writeln!(out, "  {}", first_line(d));
+            let _ = writeln!(out, "  {}", first_sentence(d));
         }
         let width = p
             .methods
@@ -91,7 +91,7 @@ pub fn render_text(set: &PluginSet) -> String {
             .max()
             .unwrap_or(0);
         for m in &p.methods {
-            let doc = first_line(&m.doc);
+            let doc = first_sentence(&m.doc);
             let sig = m.signature();
             if doc.is_empty() {
                 let _ = writeln!(out, "    {sig}");
@@ -112,6 +112,61 @@ pub fn render_json(set: &PluginSet) -> serde_json::Value {
     serde_json::to_value(Listing::of(set)).unwrap_or_default()
 }
 
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or("").trim()
+/// The first sentence of a doc comment, whole: doc comments wrap
+/// mid-sentence, so the first paragraph's lines are joined first. A
+/// sentence ends at a `.`, `!` or `?` followed by a space (not in `e.g.`
+/// or `i.e.`), or with the paragraph.
+fn first_sentence(text: &str) -> String {
+    let paragraph = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut end = paragraph.len();
+    for (i, c) in paragraph.char_indices() {
+        if !matches!(c, '.' | '!' | '?') || !paragraph[i + 1..].starts_with(' ') {
+            continue;
+        }
+        let head = &paragraph[..=i];
+        if ["e.g.", "i.e.", "etc."].iter().any(|a| head.ends_with(a)) && c == '.' {
+            continue;
+        }
+        end = i + 1;
+        break;
+    }
+    paragraph[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_sentence;
+
+    #[test]
+    fn the_first_sentence_whole_across_wrapped_lines() {
+        let doc = "Aborts the whole process, as a segfault in native code would: on a\n\
+                   broker only this worker dies.\nMore.";
+        assert_eq!(
+            first_sentence(doc),
+            "Aborts the whole process, as a segfault in native code would: on a broker only this worker dies."
+        );
+        assert_eq!(
+            first_sentence("Answers \"pong\". Takes no bus arguments."),
+            "Answers \"pong\"."
+        );
+        assert_eq!(
+            first_sentence("Adds, e.g. 1 and 2. Then more."),
+            "Adds, e.g. 1 and 2."
+        );
+        assert_eq!(
+            first_sentence("Calls `simple.add` over the bus"),
+            "Calls `simple.add` over the bus"
+        );
+        assert_eq!(
+            first_sentence("First paragraph\n\nsecond."),
+            "First paragraph"
+        );
+        assert_eq!(first_sentence(""), "");
+    }
 }

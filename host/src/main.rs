@@ -15,26 +15,43 @@ use commissaire_host::redact::redact_uri;
 use commissaire_host::supervisor::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
 use commissaire_host::{bus, control, listing, serve};
 
+/// The environment variables the host reads, for every `--help`.
+const ENVIRONMENT: &str = "\
+Environment:
+  COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
+                       (keep a password here rather than in files or on the command line)
+  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervisor=debug`
+                       [default: info]; RUST_LOG when it is unset";
+
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
-#[command(name = "commissaire-host", version, about)]
+#[command(name = "commissaire-host", version, about, after_help = ENVIRONMENT)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-/// Where the bus is: the config file, then these flags (which win), then
-/// `COMMISSAIRE_BUS_URI`.
+/// Where the bus is: these flags win over the config file, which wins over
+/// `COMMISSAIRE_BUS_URI`. (Not clap's `env`: that would put the variable
+/// ahead of the file.)
 #[derive(Debug, Args)]
 struct BusArgs {
-    /// The host's TOML config file.
-    #[arg(short = 'c', long = "config", visible_alias = "config-file")]
+    /// The host's TOML config file (see examples/host.toml).
+    #[arg(
+        short = 'c',
+        long = "config",
+        visible_alias = "config-file",
+        value_name = "FILE"
+    )]
     config: Option<PathBuf>,
-    /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory:// [default: memory://].
-    #[arg(long)]
+    /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory://. Wins
+    /// over [bus] uri in the config file, which wins over
+    /// $COMMISSAIRE_BUS_URI; memory:// when none of them gives one.
+    #[arg(long, value_name = "URI")]
     bus_uri: Option<String>,
-    /// The topic exchange [default: commissaire].
-    #[arg(long)]
+    /// The topic exchange. Wins over [bus] exchange in the config file;
+    /// commissaire when neither gives one.
+    #[arg(long, value_name = "NAME")]
     bus_exchange: Option<String>,
 }
 
@@ -44,17 +61,22 @@ enum Command {
     /// SIGINT/SIGTERM. On a broker, each service runs in `workers` worker
     /// processes that are restarted when they die; SIGHUP restarts them one
     /// at a time to pick up new or replaced plugins.
+    #[command(after_help = ENVIRONMENT)]
     Run {
         #[command(flatten)]
         bus: BusArgs,
-        /// The plugin directory (overrides [plugins] dir).
-        #[arg(long)]
+        /// The directory of built plugins (.so files). Wins over [plugins]
+        /// dir in the config file; ./plugins when neither gives one.
+        #[arg(long, value_name = "DIR")]
         plugins_dir: Option<PathBuf>,
-        /// Serve the HTTP endpoint here (overrides [http] listen).
-        #[arg(long)]
+        /// Serve the HTTP endpoint here, e.g. 127.0.0.1:8080. Wins over
+        /// [http] listen in the config file; no HTTP endpoint when neither
+        /// gives one.
+        #[arg(long, value_name = "ADDR")]
         http_listen: Option<SocketAddr>,
         /// Exit at once if the broker is unreachable at startup, instead of
-        /// retrying.
+        /// retrying. (A broker that refuses the login, the vhost or TLS
+        /// ends `run` after three attempts either way.)
         #[arg(long)]
         fail_fast: bool,
     },
@@ -78,22 +100,27 @@ enum Command {
     },
     /// Sends a request and prints its result as JSON. A JSON-RPC error goes
     /// to stderr and exits 2; no reply or no bus exits 1.
+    #[command(after_help = ENVIRONMENT)]
     Call {
         /// Where to send it, e.g. `simple.add`.
         routing_key: String,
         /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
-        /// Seconds to wait for the reply [default: 10].
-        #[arg(long)]
+        /// Seconds to wait for the reply. Wins over [bus] request_timeout
+        /// in the config file; 10 when neither gives one.
+        #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
     /// Sends a notification: the handler runs, nothing comes back.
+    #[command(after_help = ENVIRONMENT)]
     Notify {
         /// Where to send it, e.g. `demo.ping`.
         routing_key: String,
         /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
@@ -161,10 +188,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // The embedded bus lives in this process: serve here.
                 runtime()?.block_on(async {
                     tokio::spawn(ignore_sighup());
-                    serve::run(&config, shutdown_signal()).await
+                    let host = serve::start(&config).await?;
+                    if config.http_listen.is_none() {
+                        tracing::warn!(
+                            "serving on memory:// without an HTTP endpoint: nothing outside this \
+                             process can reach it; give --http-listen 127.0.0.1:8080 (or [http] \
+                             listen), or serve on a broker with --bus-uri amqp://… or redis://…"
+                        );
+                    }
+                    shutdown_signal().await;
+                    host.shutdown().await;
+                    anyhow::Ok(())
                 })?;
                 return Ok(ExitCode::SUCCESS);
             }
+            // The supervisor lists the directory in a child process; an
+            // unreadable one is said here, once, rather than in its words.
+            PluginSet::plugin_files(&config.plugins_dir)?;
             let mut worker_args: Vec<std::ffi::OsString> = Vec::new();
             if let Some(path) = &bus.config {
                 worker_args.push("--config".into());
@@ -370,16 +410,65 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs go to stderr; the level comes from `COMMISSAIRE_LOG` (or
+/// Dependencies whose events are off unless the filter names them: lapin
+/// logs every connection failure at error level with its internal
+/// structures, and the host reports each of those failures itself, once.
+const QUIET_DEPENDENCIES: &[&str] = &["lapin"];
+
+/// Logs go to stderr; the filter comes from `COMMISSAIRE_LOG` (or
 /// `RUST_LOG`), default `info`.
 fn init_logging() {
     let filter = std::env::var("COMMISSAIRE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_owned());
+    let filter = log_filter(&filter);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         // Colours for a terminal only, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `filter`, with the [`QUIET_DEPENDENCIES`] it does not name turned off.
+fn log_filter(filter: &str) -> String {
+    let mut directives = vec![filter.to_owned()];
+    for dependency in QUIET_DEPENDENCIES {
+        let named = filter
+            .split(',')
+            .any(|d| d.trim().split(['=', ':', '[']).next() == Some(dependency));
+        if !named {
+            directives.push(format!("{dependency}=off"));
+        }
+    }
+    directives.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lapin_is_quiet_unless_the_filter_names_it() {
+        assert_eq!(log_filter("info"), "info,lapin=off");
+        assert_eq!(log_filter("debug"), "debug,lapin=off");
+        assert_eq!(log_filter("info,lapin=debug"), "info,lapin=debug");
+        assert_eq!(log_filter("lapin::channel=trace"), "lapin::channel=trace");
+    }
+
+    #[test]
+    fn help_names_every_environment_variable() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        for sub in ["run", "call", "notify"] {
+            let help = cli
+                .find_subcommand_mut(sub)
+                .map(|c| c.render_long_help().to_string())
+                .unwrap_or_default();
+            for var in ["COMMISSAIRE_BUS_URI", "COMMISSAIRE_LOG", "RUST_LOG"] {
+                assert!(help.contains(var), "`{sub} --help` does not name {var}");
+            }
+            assert!(!help.contains("[default: memory://]"), "{help}");
+        }
+    }
 }

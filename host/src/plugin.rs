@@ -333,7 +333,7 @@ pub struct PluginSet {
 
 /// Why a plugin directory could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read plugin directory {}: {source}", dir.display())]
+#[error("cannot read plugin directory {}", dir.display())]
 pub struct DirError {
     /// The directory.
     pub dir: PathBuf,
@@ -343,16 +343,14 @@ pub struct DirError {
 }
 
 impl PluginSet {
-    /// Loads every `*.so` (the platform's library extension) in `dir`. A
-    /// refused file is recorded with its reason; a second plugin with an
-    /// already-loaded service name is refused, naming the first file.
-    pub fn load_dir(dir: &Path) -> Result<Self, DirError> {
-        let dir_error = |source| DirError {
-            dir: dir.to_owned(),
-            source,
-        };
+    /// The library files in `dir` (`*.so`, the platform's extension),
+    /// sorted, without loading them.
+    pub fn plugin_files(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(dir_error)?
+            .map_err(|source| DirError {
+                dir: dir.to_owned(),
+                source,
+            })?
             .filter_map(Result::ok)
             .map(|entry| entry.path())
             .filter(|p| {
@@ -362,7 +360,14 @@ impl PluginSet {
             })
             .collect();
         files.sort();
+        Ok(files)
+    }
 
+    /// Loads every `*.so` (the platform's library extension) in `dir`. A
+    /// refused file is recorded with its reason; a second plugin with an
+    /// already-loaded service name is refused, naming the first file.
+    pub fn load_dir(dir: &Path) -> Result<Self, DirError> {
+        let files = Self::plugin_files(dir)?;
         let mut set = PluginSet::default();
         let mut by_name: HashMap<String, PathBuf> = HashMap::new();
         for path in files {

@@ -20,6 +20,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::{is_permanent, BusError};
 use crate::client::SharedClient;
 use crate::config::HostConfig;
 use crate::control::Seen;
@@ -35,6 +36,12 @@ use crate::retry::backoff;
 /// The environment variable that hands the bus URI to a worker (never on
 /// its command line, where `ps` would show the password).
 pub const WORKER_BUS_URI_ENV: &str = "COMMISSAIRE_WORKER_BUS_URI";
+
+/// Connection attempts at startup that end `run` when the broker refuses
+/// each one for a reason retrying does not change (see
+/// [`is_permanent`]): a few, in case the broker is still loading its
+/// users.
+const PERMANENT_ATTEMPTS: u32 = 3;
 
 /// A worker that lived at least this long was healthy: its death restarts
 /// the backoff.
@@ -61,6 +68,15 @@ pub enum SupervisorError {
     WorkerFailed {
         /// What the worker said, or how it exited.
         why: String,
+    },
+    /// The broker refused the connection at startup for a reason retrying
+    /// does not change.
+    #[error("{cause} (tried {attempts} times; retrying cannot fix this)")]
+    BusRefused {
+        /// The last refusal.
+        cause: BusError,
+        /// How many attempts were refused.
+        attempts: u32,
     },
     /// A signal handler could not be installed.
     #[error("cannot listen for {0}: {1}")]
@@ -753,8 +769,11 @@ async fn run_loop(
         &s.config.exchange,
         s.config.request_timeout,
     ));
-    // Wait for the broker here, once, rather than in every worker.
+    // Wait for the broker here, once, rather than in every worker: as long
+    // as it takes while it is unreachable, but not for a refusal that no
+    // retry will change (wrong password, unknown vhost, TLS, bad URI).
     let mut attempt = 0u32;
+    let mut refused = 0u32;
     loop {
         match client.get().await {
             Ok(_) => break,
@@ -762,10 +781,23 @@ async fn run_loop(
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 let delay = backoff(attempt);
-                tracing::warn!(
-                    attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
-                    "cannot connect to the bus; retrying (--fail-fast exits instead)"
-                );
+                if is_permanent(&e) {
+                    refused += 1;
+                    if refused >= PERMANENT_ATTEMPTS {
+                        return Err(SupervisorError::BusRefused {
+                            cause: e,
+                            attempts: refused,
+                        });
+                    }
+                    // The last attempt's error is the one line the user reads.
+                    tracing::debug!(attempt, error = %e, "the bus refused the connection; trying again");
+                } else {
+                    refused = 0;
+                    tracing::warn!(
+                        attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
+                        "cannot connect to the bus; retrying (--fail-fast exits instead)"
+                    );
+                }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     _ = term.recv() => return Ok(()),

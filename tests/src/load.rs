@@ -170,8 +170,7 @@ impl Load {
         let mut last_reply = Instant::now();
         'connection: while started.elapsed() < self.deadline {
             let uri = self.broker.clone().unwrap_or_else(amqp_uri);
-            let conn = match Connection::connect(&uri, ConnectionProperties::default()).await
-            {
+            let conn = match Connection::connect(&uri, ConnectionProperties::default()).await {
                 Ok(c) => c,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;

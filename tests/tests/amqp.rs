@@ -1,4 +1,4 @@
-//! The host on the real RabbitMQ, through the real binary: PROTOCOL.md over
+//! The host on the real RabbitMQ, through the real binary: docs/protocol.md over
 //! the wire.
 
 use std::time::Duration;

@@ -197,3 +197,174 @@ fn without_fail_fast_an_unreachable_broker_is_retried_until_stopped() {
     let status = child.0.wait().expect("wait");
     assert!(status.success(), "SIGTERM while waiting exits 0: {status}");
 }
+
+/// Runs the binary with the default log filter (whatever the caller's
+/// environment says) and at most `limit` to finish.
+fn run_default_logs(args: &[&str], limit: std::time::Duration) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(host_bin())
+        .args(args)
+        .env_remove("COMMISSAIRE_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("COMMISSAIRE_BUS_URI")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run commissaire-host");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    let Some(status) = status else {
+        panic!("still running after {limit:?}:\n{err}");
+    };
+    (status.code(), err)
+}
+
+#[test]
+fn call_with_a_wrong_password_is_one_line_from_the_host() {
+    let (code, err) = run_default_logs(
+        &[
+            "call",
+            "simple.add",
+            "[1,2]",
+            "--bus-uri",
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("commissaire-host: cannot connect to amqp://guest:***@127.0.0.1:5672/%2f: ACCESS_REFUSED"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-password"), "{err}");
+}
+
+#[test]
+fn run_ends_on_a_refused_login_or_vhost_instead_of_retrying_forever() {
+    let plugins = plugin_dir(&["simple"]);
+    let dir = plugins.path().to_str().expect("UTF-8 temp path");
+    for (uri, said) in [
+        (
+            "amqp://guest:not-the-password@127.0.0.1:5672/%2f",
+            "ACCESS_REFUSED",
+        ),
+        (
+            "amqp://guest:guest@127.0.0.1:5672/commissaire-no-such-vhost",
+            "NOT_ALLOWED",
+        ),
+        (
+            "redis://127.0.0.1:6379/9999",
+            "Redis server refused to switch database",
+        ),
+    ] {
+        let (code, err) = run_default_logs(
+            &["run", "--plugins-dir", dir, "--bus-uri", uri],
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(1), "{uri}: {err}");
+        assert_eq!(err.lines().count(), 1, "{uri}: {err}");
+        assert!(err.contains(said), "{uri}: {err}");
+        assert!(
+            err.contains("tried 3 times; retrying cannot fix this"),
+            "{uri}: {err}"
+        );
+        assert!(!err.contains("not-the-password"), "{err}");
+    }
+}
+
+#[test]
+fn a_missing_plugin_directory_says_the_os_error_once() {
+    for bus in ["memory://", "amqp://guest:guest@127.0.0.1:1/%2f"] {
+        let (code, err) = run_default_logs(
+            &[
+                "run",
+                "--plugins-dir",
+                "/nonexistent/plugins",
+                "--bus-uri",
+                bus,
+            ],
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(1), "{bus}: {err}");
+        assert_eq!(
+            err,
+            "commissaire-host: cannot read plugin directory /nonexistent/plugins: \
+             No such file or directory (os error 2)\n",
+            "{bus}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_plugin_directory_says_how_to_give_one() {
+    let empty = tempfile::tempdir().expect("temp dir");
+    let dir = empty.path().to_str().expect("UTF-8 temp path");
+    for bus in ["memory://", "amqp://guest:guest@127.0.0.1:1/%2f"] {
+        let (code, err) = run_default_logs(
+            &["run", "--plugins-dir", dir, "--bus-uri", bus, "--fail-fast"],
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(code, Some(1), "{bus}: {err}");
+        assert_eq!(err.lines().count(), 1, "{bus}: {err}");
+        assert!(
+            err.contains(&format!("the plugin directory {dir} holds no .so file")),
+            "{err}"
+        );
+        assert!(err.contains("--plugins-dir"), "{err}");
+        assert!(err.contains("-c examples/host.toml"), "{err}");
+    }
+}
+
+#[test]
+fn the_embedded_bus_without_http_says_nothing_can_reach_it() {
+    let plugins = plugin_dir(&["simple"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(host_bin())
+        .args(["run", "--bus-uri", "memory://", "--plugins-dir"])
+        .arg(plugins.path())
+        .env_remove("COMMISSAIRE_LOG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run commissaire-host");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = std::time::Instant::now();
+    while !read().contains("without an HTTP endpoint") {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no warning after 30 s:\n{}", read());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    let text = read();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("ready service=simple"), "{text}");
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("without an HTTP endpoint: nothing outside this process can reach it"),
+        "{text}"
+    );
+    assert!(warnings[0].contains("--http-listen"), "{text}");
+}

@@ -1,5 +1,5 @@
 //! The dispatcher with the real `simple` and `demo` plugins: one test per
-//! request rule and error row of PROTOCOL.md.
+//! request rule and error row of docs/protocol.md.
 
 use commissaire_e2e::RoutingBus;
 use serde_json::{json, Value};

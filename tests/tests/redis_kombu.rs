@@ -140,7 +140,7 @@ fn bus_mixin_requests_get_every_answer_over_redis() {
             reply.stderr
         );
 
-        // Every row of PROTOCOL.md's error table.
+        // Every row of docs/protocol.md's error table.
         let rows: [(&str, &str, Value, i64); 7] = [
             ("simple.sub", "sub", json!([1, 2]), -32601),
             ("simple.add", "add", json!([1]), -32602),

@@ -1,6 +1,6 @@
 //! `amqp://` and `amqps://`: RabbitMQ through lapin.
 //!
-//! Topology as PROTOCOL.md: a durable topic exchange, durable shared service
+//! Topology as docs/protocol.md: a durable topic exchange, durable shared service
 //! queues, replies through the default exchange. The host's own requests
 //! use RabbitMQ's direct reply-to, one pseudo-queue per connection; the
 //! caller's reply queue is never re-declared.
@@ -18,7 +18,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use super::{Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, Settle, Sink};
-use crate::redact::{redact_uri, scrub};
+use crate::redact::redact_uri;
 
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -77,10 +77,7 @@ impl AmqpBus {
 
     async fn connect_one(uri: &str) -> Result<Self, BusError> {
         let redacted = redact_uri(uri);
-        let fail = |e: lapin::Error| BusError::Connect {
-            uri: redacted.clone(),
-            reason: scrub(&e.to_string(), uri),
-        };
+        let fail = |e: lapin::Error| BusError::connect(uri, e);
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
         let connection = Connection::connect(uri, properties).await.map_err(fail)?;
@@ -100,7 +97,9 @@ impl AmqpBus {
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if let lapin::Event::Error(e) = event {
-                    tracing::debug!(error = %e, "connection failed");
+                    // lapin logs are off by default (main.rs): this is the
+                    // one event that says why.
+                    tracing::warn!(error = %e, "the bus connection failed");
                     break;
                 }
             }

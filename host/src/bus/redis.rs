@@ -43,7 +43,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Sink,
+    Acker, BusError, BusTransport, ConnectCause, Consumer, Incoming, Outgoing, PrefetchSlots,
+    Settle, Sink,
 };
 use crate::redact::{redact_uri, scrub};
 
@@ -535,10 +536,7 @@ impl Inner {
             .client
             .get_multiplexed_async_connection_with_config(&command_config())
             .await
-            .map_err(|e| BusError::Connect {
-                uri: self.uri.clone(),
-                reason: scrub(&e.to_string(), &self.secret_uri),
-            })?;
+            .map_err(|e| BusError::connect(&self.secret_uri, e))?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -766,21 +764,19 @@ impl RedisBus {
     /// Connects to `uri` (`redis://[user:password@]host[:port][/db][?visibility_timeout=SECS]`).
     pub async fn connect(uri: &str) -> Result<Self, BusError> {
         let redacted = redact_uri(uri);
-        let fail = |reason: String| BusError::Connect {
-            uri: redacted.clone(),
-            reason: scrub(&reason, uri),
-        };
-        let (client_uri, options) = parse_uri(uri).map_err(&fail)?;
-        let client = Client::open(client_uri.as_str()).map_err(|e| fail(e.to_string()))?;
+        let fail = |e: RedisError| BusError::connect(uri, e);
+        let (client_uri, options) =
+            parse_uri(uri).map_err(|reason| BusError::connect(uri, ConnectCause::Uri(reason)))?;
+        let client = Client::open(client_uri.as_str()).map_err(fail)?;
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&command_config())
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         // As kombu's channel does on creation.
         ::redis::cmd("PING")
             .query_async::<()>(&mut conn)
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 uri: redacted,
@@ -1240,6 +1236,7 @@ mod tests {
             correlation_id: Some(b"cid"),
             durable: false,
             confirm: false,
+            expires: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         let tag = v["properties"]["delivery_tag"].as_str().unwrap().to_owned();

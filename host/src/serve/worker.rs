@@ -107,9 +107,14 @@ pub async fn run_worker(
         let session = match session {
             Ok(s) => s,
             Err(e) if options.fail_fast => return Err(e),
-            // The broker refused a declaration for good (a queue that
-            // exists with other arguments): say so once, do not loop.
-            Err(HostError::Bus(e)) if e.is_permanent() => return Err(HostError::Bus(e)),
+            // Refused for good before ever serving (a wrong password, a
+            // queue that exists with other arguments): after 3 tries, say
+            // so once and end; the supervisor ends `run` with that line.
+            // Once it has served, a refusal (a rotated password) is waited
+            // out instead: restarting the worker would not help either.
+            Err(HostError::Bus(e)) if e.is_permanent() && !lost_once && attempt >= 2 => {
+                return Err(HostError::Bus(e))
+            }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 let delay = backoff(attempt);
