@@ -74,6 +74,8 @@ struct BusSection {
     request_timeout: Option<Spanned<f64>>,
     /// Ack a request only once the broker confirmed its reply.
     confirm_replies: Option<bool>,
+    /// Where the host's own requests wait for replies: `named`, `direct`.
+    reply_queue: Option<crate::bus::ReplyQueueKind>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +189,10 @@ pub struct HostConfig {
     /// kombu does; on survives a broker crash between the two, for about
     /// 15% of throughput.
     pub confirm_replies: bool,
+    /// Where the host's own requests wait for their replies (`[bus]
+    /// reply_queue`): a named queue an original Python service can reply
+    /// to (the default), or RabbitMQ's direct reply-to.
+    pub reply_queue: crate::bus::ReplyQueueKind,
     /// The plugin directory.
     pub plugins_dir: PathBuf,
     /// The HTTP endpoint's address, if any.
@@ -298,6 +304,7 @@ impl HostConfig {
             exchange,
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),
+            reply_queue: file.bus.reply_queue.unwrap_or_default(),
             plugins_dir,
             http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
             services,
@@ -446,6 +453,12 @@ config = { greeting = "hi" }
         assert_eq!(s.concurrency, 16);
         assert_eq!(s.config, serde_json::json!({"greeting": "hi"}));
         assert!(c.plugins_dir.ends_with("plugins"));
+        assert_eq!(c.reply_queue, crate::bus::ReplyQueueKind::Named);
+        let direct = load_text("[bus]\nreply_queue = \"direct\"\n", &Overrides::default(), None);
+        assert_eq!(
+            direct.unwrap().reply_queue,
+            crate::bus::ReplyQueueKind::Direct
+        );
         let d = c.service("demo");
         assert_eq!(
             d.queues,
@@ -519,6 +532,10 @@ config = { greeting = "hi" }
             (
                 "[bus]\nrequest_timeout = -3\n",
                 "host.toml:2:19: [bus] request_timeout must be a positive number of seconds, not -3",
+            ),
+            (
+                "[bus]\nreply_queue = \"pseudo\"\n",
+                "host.toml:2:15: unknown variant `pseudo`, expected `named` or `direct`",
             ),
             (
                 "[host]\nshutdown_timeout = 0\n",

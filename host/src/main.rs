@@ -248,9 +248,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let client = connect_client(&config).await?;
                 let reply = client
                     .request(&routing_key, params.as_deref(), timeout)
-                    .await?;
+                    .await;
+                // Also after a timeout: closing deletes the reply queue.
                 client.bus().close().await;
-                match reply {
+                match reply? {
                     Ok(result) => {
                         let mut out = std::io::stdout().lock();
                         writeln!(out, "{}", result.get()).context("cannot write to stdout")?;
@@ -273,8 +274,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let params = checked_params(params)?;
             runtime()?.block_on(async {
                 let client = connect_client(&config).await?;
-                client.notify(&routing_key, params.as_deref()).await?;
+                let sent = client.notify(&routing_key, params.as_deref()).await;
                 client.bus().close().await;
+                sent?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -310,7 +312,13 @@ async fn connect_client(config: &HostConfig) -> anyhow::Result<std::sync::Arc<Rp
     }
     let bus = bus::connect(&config.bus_uri).await?;
     tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
-    Ok(RpcClient::start(bus, &config.exchange, config.request_timeout).await?)
+    Ok(RpcClient::start(
+        bus,
+        &config.exchange,
+        config.request_timeout,
+        config.reply_queue,
+    )
+    .await?)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {

@@ -735,6 +735,7 @@ async fn run_loop(
         &s.config.bus_uri,
         &s.config.exchange,
         s.config.request_timeout,
+        s.config.reply_queue,
     ));
     // Wait for the broker here, once, rather than in every worker.
     let mut attempt = 0u32;

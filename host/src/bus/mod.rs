@@ -10,7 +10,10 @@ use async_trait::async_trait;
 pub mod amqp;
 pub mod memory;
 pub mod redis;
+pub mod reply_names;
 pub mod topic;
+
+pub use reply_names::ReplyQueueKind;
 
 /// A transport failure. Messages never contain a password.
 #[derive(Debug, thiserror::Error)]
@@ -284,9 +287,13 @@ pub trait BusTransport: Send + Sync + 'static {
     /// Publishes a message.
     async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError>;
 
-    /// The connection's one reply queue: its name (for `reply_to`) and its
-    /// deliveries. Called once per connection.
-    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
+    /// The connection's one reply queue, of `kind` where the transport has
+    /// a choice: its name (for `reply_to`) and its deliveries. Called once
+    /// per connection; deleted by `close`.
+    async fn reply_queue(
+        &self,
+        kind: ReplyQueueKind,
+    ) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
 
     /// Closes the connection; unsettled deliveries go back to their queues.
     async fn close(&self);
