@@ -322,8 +322,7 @@ mod tests {
     fn an_error_wins_and_neither_is_refused() {
         let error = r#"{"id": 1, "result": null, "error": {"code": 404, "message": "gone"}}"#;
         assert_eq!(result_text(error), Ok(Err(RpcError::new(404, "gone"))));
-        assert!(result_text(r#"{"jsonrpc": "2.0", "id": 1}"#)
-            .is_err_and(|e| e.contains("neither")));
+        assert!(result_text(r#"{"jsonrpc": "2.0", "id": 1}"#).is_err_and(|e| e.contains("neither")));
         assert!(result_text("[1]").is_err());
     }
 }
@@ -378,6 +377,12 @@ impl SharedClient {
         let Some(uri) = &self.uri else {
             return Err(BusError::Closed);
         };
+        if let Some(lost) = current.take() {
+            // Its reply queue: deleted if the broker still answers, else
+            // no longer in use, so that the sweep of the next connection
+            // deletes it.
+            lost.bus().close().await;
+        }
         let bus = crate::bus::connect(uri).await?;
         let client = RpcClient::start(bus, &self.exchange, self.timeout, self.reply_queue).await?;
         *current = Some(client.clone());

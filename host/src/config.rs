@@ -454,7 +454,11 @@ config = { greeting = "hi" }
         assert_eq!(s.config, serde_json::json!({"greeting": "hi"}));
         assert!(c.plugins_dir.ends_with("plugins"));
         assert_eq!(c.reply_queue, crate::bus::ReplyQueueKind::Named);
-        let direct = load_text("[bus]\nreply_queue = \"direct\"\n", &Overrides::default(), None);
+        let direct = load_text(
+            "[bus]\nreply_queue = \"direct\"\n",
+            &Overrides::default(),
+            None,
+        );
         assert_eq!(
             direct.unwrap().reply_queue,
             crate::bus::ReplyQueueKind::Direct

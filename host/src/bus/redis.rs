@@ -858,14 +858,16 @@ async fn sweep_abandoned_reply_keys(inner: Arc<Inner>) {
             .arg("COUNT")
             .arg(1000)
             .clone();
-        let (next, keys): (u64, Vec<Vec<u8>>) =
-            match inner.query("scanning for abandoned reply queues", &scan).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::debug!(error = %e, "sweeping abandoned reply queues");
-                    return;
-                }
-            };
+        let (next, keys): (u64, Vec<Vec<u8>>) = match inner
+            .query("scanning for abandoned reply queues", &scan)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::debug!(error = %e, "sweeping abandoned reply queues");
+                return;
+            }
+        };
         let abandoned: Vec<String> = keys
             .into_iter()
             .filter_map(|k| String::from_utf8(k).ok())
@@ -873,8 +875,13 @@ async fn sweep_abandoned_reply_keys(inner: Arc<Inner>) {
             .collect();
         if !abandoned.is_empty() {
             let del = ::redis::cmd("DEL").arg(&abandoned).clone();
-            match inner.query::<i64>("deleting abandoned reply queues", &del).await {
-                Ok(_) => tracing::info!(keys = ?abandoned, "deleted reply queue keys a stopped host left behind"),
+            match inner
+                .query::<i64>("deleting abandoned reply queues", &del)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(keys = ?abandoned, "deleted reply queue keys a stopped host left behind")
+                }
                 Err(e) => tracing::debug!(error = %e, "deleting abandoned reply queues"),
             }
         }
@@ -1336,11 +1343,14 @@ mod tests {
         let keys = reply_keys("commissaire-host-reply-h-1-0123abcd");
         assert_eq!(keys.len(), 6);
         assert!(keys.contains(&"_kombu.binding.commissaire-host-reply-h-1-0123abcd".to_owned()));
-        assert!(keys.contains(
-            &"_kombu.binding_permanent.commissaire-host-reply-h-1-0123abcd".to_owned()
-        ));
+        assert!(keys
+            .contains(&"_kombu.binding_permanent.commissaire-host-reply-h-1-0123abcd".to_owned()));
         for key in &keys {
-            assert_eq!(reply_list_of(key), "commissaire-host-reply-h-1-0123abcd", "{key:?}");
+            assert_eq!(
+                reply_list_of(key),
+                "commissaire-host-reply-h-1-0123abcd",
+                "{key:?}"
+            );
         }
     }
 

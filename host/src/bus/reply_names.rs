@@ -53,12 +53,7 @@ impl ReplyName {
     /// A new name.
     pub fn new() -> Self {
         let tag = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!(
-            "{}{}-{}",
-            local_prefix(),
-            std::process::id(),
-            &tag[..8]
-        );
+        let name = format!("{}{}-{}", local_prefix(), std::process::id(), &tag[..8]);
         in_use().insert(name.clone());
         Self(name)
     }
@@ -237,7 +232,10 @@ mod tests {
         // A pid that runs (this test's parent, at least 1) and one that
         // cannot (beyond Linux's pid_max).
         let parent = std::os::unix::process::parent_id();
-        assert!(!is_abandoned(&format!("{}{parent}-0123abcd", local_prefix())));
+        assert!(!is_abandoned(&format!(
+            "{}{parent}-0123abcd",
+            local_prefix()
+        )));
         assert!(is_abandoned(&format!("{}4194305-0123abcd", local_prefix())));
     }
 
