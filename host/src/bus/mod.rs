@@ -69,7 +69,7 @@ pub struct Outgoing<'a> {
     pub correlation_id: Option<&'a str>,
     /// Persistent (delivery mode 2, as kombu publishes): replies, to reply
     /// queues that may be durable. The host's own requests are transient:
-    /// their replies come to a direct reply-to queue, which does not
+    /// their replies come to a reply queue of a connection that does not
     /// outlive a broker restart anyway.
     pub durable: bool,
     /// `publish` returns once the broker has taken the message (publisher
