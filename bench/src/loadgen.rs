@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use commissaire_host::bus::ReplyQueueKind;
 use commissaire_host::client::RpcClient;
 
 #[derive(Debug, Parser)]
@@ -34,9 +35,21 @@ struct Args {
     /// Unmeasured requests first.
     #[arg(long, default_value_t = 2_000)]
     warmup: usize,
+    /// Where replies come back: `named` (a queue of its own, the default)
+    /// or `direct` (RabbitMQ's direct reply-to).
+    #[arg(long, default_value = "named", value_parser = reply_queue_kind)]
+    reply_queue: ReplyQueueKind,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
+}
+
+fn reply_queue_kind(text: &str) -> Result<ReplyQueueKind, String> {
+    match text {
+        "named" => Ok(ReplyQueueKind::Named),
+        "direct" => Ok(ReplyQueueKind::Direct),
+        other => Err(format!("`{other}`: expected `named` or `direct`")),
+    }
 }
 
 async fn run_window(client: &Arc<RpcClient>, args: &Args, count: usize) -> (Vec<Duration>, usize) {
@@ -95,13 +108,19 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let bus = commissaire_host::bus::connect(&args.bus_uri).await?;
-        let client = RpcClient::start(bus, &args.exchange, Duration::from_secs(10))
-            .await
-            .context("reply queue")?;
+        let client = RpcClient::start(
+            bus,
+            &args.exchange,
+            Duration::from_secs(10),
+            args.reply_queue,
+        )
+        .await
+        .context("reply queue")?;
         run_window(&client, &args, args.warmup).await;
         let started = Instant::now();
         let (mut latencies, errors) = run_window(&client, &args, args.requests).await;
         let elapsed = started.elapsed();
+        client.bus().close().await;
         latencies.sort_unstable();
         let rate = args.requests as f64 / elapsed.as_secs_f64();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;

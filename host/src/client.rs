@@ -10,7 +10,7 @@ use commissaire_plugin_api::RpcError;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use crate::bus::{BusError, BusTransport, Incoming, Outgoing};
+use crate::bus::{BusError, BusTransport, Incoming, Outgoing, ReplyQueueKind};
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -54,10 +54,18 @@ impl From<RequestError> for RpcError {
 /// A JSON-RPC response, decoded.
 #[derive(Debug, serde::Deserialize)]
 pub struct Response {
-    /// The result, when it succeeded.
+    /// The result, when it succeeded: `Some` whenever the member is
+    /// present, `null` included (a Python handler returning `None`).
+    #[serde(default, deserialize_with = "present")]
     pub result: Option<Box<RawValue>>,
     /// The error, when it failed.
     pub error: Option<RpcError>,
+}
+
+/// A member that is present, whatever its value: serde's `Option` would
+/// read `null` as absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
 }
 
 /// Sends requests and matches replies to them.
@@ -80,13 +88,15 @@ impl std::fmt::Debug for RpcClient {
 }
 
 impl RpcClient {
-    /// Opens the connection's reply queue and starts routing replies.
+    /// Opens the connection's reply queue (of `reply_queue` kind, where
+    /// the bus has a choice) and starts routing replies.
     pub async fn start(
         bus: Arc<dyn BusTransport>,
         exchange: &str,
         default_timeout: Duration,
+        reply_queue: ReplyQueueKind,
     ) -> Result<Arc<Self>, BusError> {
-        let (reply_to, replies) = bus.reply_queue().await?;
+        let (reply_to, replies) = bus.reply_queue(reply_queue).await?;
         let pending: Pending = Arc::default();
         let closed = tokio_util::sync::CancellationToken::new();
         let routed = route_replies(replies, pending.clone());
@@ -177,12 +187,7 @@ impl RpcClient {
             routing_key: routing_key.to_owned(),
             reason,
         };
-        let response: Response = serde_json::from_slice(&reply).map_err(|e| bad(e.to_string()))?;
-        match (response.result, response.error) {
-            (_, Some(error)) => Ok(Err(error)),
-            (Some(result), None) => Ok(Ok(result)),
-            (None, None) => Err(bad("neither `result` nor `error`".to_owned())),
-        }
+        read_response(&reply).map_err(bad)
     }
 
     /// Sends a notification (no `reply_to`, no `id`, as Commissaire's
@@ -227,6 +232,16 @@ impl RpcClient {
 
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The result or the error of a reply body; why not, if it has neither.
+fn read_response(reply: &[u8]) -> Result<Result<Box<RawValue>, RpcError>, String> {
+    let response: Response = serde_json::from_slice(reply).map_err(|e| e.to_string())?;
+    match (response.result, response.error) {
+        (_, Some(error)) => Ok(Err(error)),
+        (Some(result), None) => Ok(Ok(result)),
+        (None, None) => Err("neither `result` nor `error`".to_owned()),
     }
 }
 
@@ -300,6 +315,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v, serde_json::json!({"jsonrpc":"2.0","method":"ping"}));
     }
+
+    fn result_text(reply: &str) -> Result<Result<String, RpcError>, String> {
+        read_response(reply.as_bytes()).map(|r| r.map(|raw| raw.get().to_owned()))
+    }
+
+    #[test]
+    fn a_null_result_is_a_result() {
+        let null = r#"{"jsonrpc": "2.0", "id": "n1", "result": null}"#;
+        assert_eq!(result_text(null), Ok(Ok("null".to_owned())));
+        let with_null_error = r#"{"id": "n1", "result": null, "error": null}"#;
+        assert_eq!(result_text(with_null_error), Ok(Ok("null".to_owned())));
+        assert_eq!(
+            result_text(r#"{"id": "n1", "result": 3}"#),
+            Ok(Ok("3".to_owned()))
+        );
+    }
+
+    #[test]
+    fn an_error_wins_and_neither_is_refused() {
+        let error = r#"{"id": 1, "result": null, "error": {"code": 404, "message": "gone"}}"#;
+        assert_eq!(result_text(error), Ok(Err(RpcError::new(404, "gone"))));
+        assert!(result_text(r#"{"jsonrpc": "2.0", "id": 1}"#).is_err_and(|e| e.contains("neither")));
+        assert!(result_text("[1]").is_err());
+    }
 }
 
 /// A client that reconnects: the supervisor's HTTP endpoint keeps serving
@@ -309,6 +348,7 @@ pub struct SharedClient {
     uri: Option<String>,
     exchange: String,
     timeout: Duration,
+    reply_queue: ReplyQueueKind,
     current: tokio::sync::Mutex<Option<Arc<RpcClient>>>,
 }
 
@@ -319,16 +359,23 @@ impl SharedClient {
             uri: None,
             exchange: String::new(),
             timeout: client.default_timeout,
+            reply_queue: ReplyQueueKind::default(),
             current: tokio::sync::Mutex::new(Some(client)),
         }
     }
 
     /// Connects to `uri` when first needed, and again after a loss.
-    pub fn reconnecting(uri: &str, exchange: &str, timeout: Duration) -> Self {
+    pub fn reconnecting(
+        uri: &str,
+        exchange: &str,
+        timeout: Duration,
+        reply_queue: ReplyQueueKind,
+    ) -> Self {
         Self {
             uri: Some(uri.to_owned()),
             exchange: exchange.to_owned(),
             timeout,
+            reply_queue,
             current: tokio::sync::Mutex::new(None),
         }
     }
@@ -344,8 +391,14 @@ impl SharedClient {
         let Some(uri) = &self.uri else {
             return Err(BusError::Closed);
         };
+        if let Some(lost) = current.take() {
+            // Its reply queue: deleted if the broker still answers, else
+            // no longer in use, so that the sweep of the next connection
+            // deletes it.
+            lost.bus().close().await;
+        }
         let bus = crate::bus::connect(uri).await?;
-        let client = RpcClient::start(bus, &self.exchange, self.timeout).await?;
+        let client = RpcClient::start(bus, &self.exchange, self.timeout, self.reply_queue).await?;
         *current = Some(client.clone());
         Ok(client)
     }

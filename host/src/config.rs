@@ -82,6 +82,8 @@ struct BusSection {
     confirm_replies: Option<bool>,
     /// The largest request or reply, in bytes.
     max_message_bytes: Option<Spanned<i64>>,
+    /// Where the host's own requests wait for replies: `named`, `direct`.
+    reply_queue: Option<crate::bus::ReplyQueueKind>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +244,10 @@ pub struct HostConfig {
     /// The largest request the host parses, and the largest reply it
     /// sends (`[bus] max_message_bytes`).
     pub max_message_bytes: usize,
+    /// Where the host's own requests wait for their replies (`[bus]
+    /// reply_queue`): a named queue an original Python service can reply
+    /// to (the default), or RabbitMQ's direct reply-to.
+    pub reply_queue: crate::bus::ReplyQueueKind,
     /// The plugin directory.
     pub plugins_dir: PathBuf,
     /// The HTTP endpoint's address, if any.
@@ -385,6 +391,7 @@ impl HostConfig {
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),
             max_message_bytes,
+            reply_queue: file.bus.reply_queue.unwrap_or_default(),
             plugins_dir,
             http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
             services,
@@ -557,6 +564,16 @@ config = { greeting = "hi" }
         assert_eq!(s.concurrency, 16);
         assert_eq!(s.config, serde_json::json!({"greeting": "hi"}));
         assert!(c.plugins_dir.ends_with("plugins"));
+        assert_eq!(c.reply_queue, crate::bus::ReplyQueueKind::Named);
+        let direct = load_text(
+            "[bus]\nreply_queue = \"direct\"\n",
+            &Overrides::default(),
+            None,
+        );
+        assert_eq!(
+            direct.unwrap().reply_queue,
+            crate::bus::ReplyQueueKind::Direct
+        );
         let d = c.service("demo");
         assert_eq!(
             d.queues,
@@ -666,6 +683,10 @@ queues = [{ name = "simple", routing_key = "simple.*", arguments = { "x-queue-ty
             (
                 "[bus]\nrequest_timeout = -3\n",
                 "host.toml:2:19: [bus] request_timeout must be a positive number of seconds, not -3",
+            ),
+            (
+                "[bus]\nreply_queue = \"pseudo\"\n",
+                "host.toml:2:15: unknown variant `pseudo`, expected `named` or `direct`",
             ),
             (
                 "[host]\nshutdown_timeout = 0\n",

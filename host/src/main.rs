@@ -285,12 +285,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             runtime()?.block_on(async {
-                let client = connect_client(&config).await?;
+                let client = connect_client(&config, config.reply_queue).await?;
                 let reply = client
                     .request(&routing_key, params.as_deref(), timeout)
-                    .await?;
+                    .await;
+                // Also after a timeout: closing deletes the reply queue.
                 client.bus().close().await;
-                match reply {
+                match reply? {
                     Ok(result) => {
                         let mut out = std::io::stdout().lock();
                         writeln!(out, "{}", result.get()).context("cannot write to stdout")?;
@@ -312,9 +313,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
             runtime()?.block_on(async {
-                let client = connect_client(&config).await?;
-                client.notify(&routing_key, params.as_deref()).await?;
+                let client = connect_client(&config, bus::ReplyQueueKind::Direct).await?;
+                let sent = client.notify(&routing_key, params.as_deref()).await;
                 client.bus().close().await;
+                sent?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -339,7 +341,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn connect_client(config: &HostConfig) -> anyhow::Result<std::sync::Arc<RpcClient>> {
+/// A client for `call` and `notify`; `reply_queue` is where its replies
+/// would come (`notify` expects none: it asks for direct reply-to, which
+/// has nothing to declare or delete).
+async fn connect_client(
+    config: &HostConfig,
+    reply_queue: bus::ReplyQueueKind,
+) -> anyhow::Result<std::sync::Arc<RpcClient>> {
     if config.bus_uri.starts_with("memory:") {
         bail!(
             "memory:// is the embedded bus of one host process: another process cannot reach it. \
@@ -350,7 +358,7 @@ async fn connect_client(config: &HostConfig) -> anyhow::Result<std::sync::Arc<Rp
     }
     let bus = bus::connect(&config.bus_uri).await?;
     tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
-    Ok(RpcClient::start(bus, &config.exchange, config.request_timeout).await?)
+    Ok(RpcClient::start(bus, &config.exchange, config.request_timeout, reply_queue).await?)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {

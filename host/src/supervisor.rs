@@ -768,6 +768,7 @@ async fn run_loop(
         &s.config.bus_uri,
         &s.config.exchange,
         s.config.request_timeout,
+        s.config.reply_queue,
     ));
     // Wait for the broker here, once, rather than in every worker: as long
     // as it takes while it is unreachable, but not for a refusal that no

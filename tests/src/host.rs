@@ -279,6 +279,17 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first: a host that stops deletes its reply queues.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -444,6 +444,7 @@ fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
             bus,
             &spec.exchange,
             Duration::from_secs(20),
+            commissaire_host::bus::ReplyQueueKind::default(),
         )
         .await
         .unwrap();
@@ -474,6 +475,7 @@ fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
                 other => panic!("request {i} was not answered: {other:?}"),
             }
         }
+        client.bus().close().await;
         answered
     });
     assert_eq!(answered, total);

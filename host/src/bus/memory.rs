@@ -218,7 +218,11 @@ impl BusTransport for MemoryBus {
         Ok(())
     }
 
-    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+    /// In-process: every kind is the same queue.
+    async fn reply_queue(
+        &self,
+        _kind: super::ReplyQueueKind,
+    ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
         let name = format!("amq.gen-{}", uuid::Uuid::new_v4());
         let (_, rx) = self.queue(&name);
         Ok((name, rx))
@@ -294,7 +298,10 @@ mod tests {
     #[tokio::test]
     async fn default_exchange_routes_by_queue_name() {
         let bus = MemoryBus::new();
-        let (name, rx) = bus.reply_queue().await.unwrap();
+        let (name, rx) = bus
+            .reply_queue(crate::bus::ReplyQueueKind::default())
+            .await
+            .unwrap();
         bus.publish(out("", &name, b"reply")).await.unwrap();
         assert_eq!(rx.recv().await.unwrap().body, b"reply");
     }

@@ -10,7 +10,10 @@ use async_trait::async_trait;
 pub mod amqp;
 pub mod memory;
 pub mod redis;
+pub mod reply_names;
 pub mod topic;
+
+pub use reply_names::ReplyQueueKind;
 
 /// A transport failure. Messages never contain a password.
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +313,7 @@ pub struct Outgoing<'a> {
     pub correlation_id: Option<&'a [u8]>,
     /// Persistent (delivery mode 2, as kombu publishes): replies, to reply
     /// queues that may be durable. The host's own requests are transient:
-    /// their replies come to a direct reply-to queue, which does not
+    /// their replies come to a reply queue of a connection that does not
     /// outlive a broker restart anyway.
     pub durable: bool,
     /// `publish` returns once the broker has taken the message (publisher
@@ -543,9 +546,13 @@ pub trait BusTransport: Send + Sync + 'static {
     /// Publishes a message.
     async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError>;
 
-    /// The connection's one reply queue: its name (for `reply_to`) and its
-    /// deliveries. Called once per connection.
-    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
+    /// The connection's one reply queue, of `kind` where the transport has
+    /// a choice: its name (for `reply_to`) and its deliveries. Called once
+    /// per connection; deleted by `close`.
+    async fn reply_queue(
+        &self,
+        kind: ReplyQueueKind,
+    ) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
 
     /// Closes the connection; unsettled deliveries go back to their queues.
     async fn close(&self);

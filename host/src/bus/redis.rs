@@ -42,9 +42,10 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::reply_names::{is_abandoned, local_prefix, ReplyName};
 use super::{
     Acker, BusError, BusTransport, ConnectCause, Consumer, Incoming, Outgoing, PrefetchSlots,
-    Settle, Sink,
+    ReplyQueueKind, Settle, Sink,
 };
 use crate::redact::{redact_uri, scrub};
 
@@ -748,7 +749,7 @@ impl Inner {
 /// A Redis connection speaking kombu's Redis transport.
 pub struct RedisBus {
     inner: Arc<Inner>,
-    reply_queue: Mutex<Option<String>>,
+    reply_queue: Mutex<Option<ReplyName>>,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -835,6 +836,72 @@ impl RedisBus {
             .client
             .get_multiplexed_async_connection_with_config(&blocking_config())
             .await
+    }
+}
+
+/// Every key of reply list `name`: its lists, and the binding sets that a
+/// Python service's `SimpleQueue(name)` adds with every reply.
+fn reply_keys(name: &str) -> Vec<String> {
+    let mut keys = queue_lists(name);
+    keys.push(binding_key(name));
+    keys.push(binding_permanent_key(name));
+    keys
+}
+
+/// The reply list a key of [`reply_keys`] belongs to.
+fn reply_list_of(key: &str) -> &str {
+    let list = key
+        .strip_prefix("_kombu.binding.")
+        .or_else(|| key.strip_prefix("_kombu.binding_permanent."))
+        .unwrap_or(key);
+    list.split(SEP).next().unwrap_or(list)
+}
+
+/// Deletes the reply keys that processes of this machine left behind:
+/// killed, or (for this process) of a closed connection whose delete
+/// failed. In the background: `SCAN` walks the whole database.
+async fn sweep_abandoned_reply_keys(inner: Arc<Inner>) {
+    let pattern = format!("*{}*", local_prefix());
+    let mut cursor = 0u64;
+    loop {
+        let scan = ::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .clone();
+        let (next, keys): (u64, Vec<Vec<u8>>) = match inner
+            .query("scanning for abandoned reply queues", &scan)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::debug!(error = %e, "sweeping abandoned reply queues");
+                return;
+            }
+        };
+        let abandoned: Vec<String> = keys
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .filter(|k| is_abandoned(reply_list_of(k)))
+            .collect();
+        if !abandoned.is_empty() {
+            let del = ::redis::cmd("DEL").arg(&abandoned).clone();
+            match inner
+                .query::<i64>("deleting abandoned reply queues", &del)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(keys = ?abandoned, "deleted reply queue keys a stopped host left behind")
+                }
+                Err(e) => tracing::debug!(error = %e, "deleting abandoned reply queues"),
+            }
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
 
@@ -1118,10 +1185,17 @@ impl BusTransport for RedisBus {
             .await
     }
 
-    /// A list of our own, `commissaire-host-reply-<uuid>`, that replies are
-    /// pushed onto through the default exchange; deleted at close.
-    async fn reply_queue(&self) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
-        let name = format!("commissaire-host-reply-{}", uuid::Uuid::new_v4().simple());
+    /// A list of our own (named as [`super::reply_names`] says) that
+    /// replies are pushed onto, through the default exchange or, from a
+    /// Python service's `SimpleQueue`, through a direct exchange of the
+    /// same name; deleted at close with those binding sets. Redis has no
+    /// direct reply-to: `kind` changes nothing.
+    async fn reply_queue(
+        &self,
+        _kind: ReplyQueueKind,
+    ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+        let reply_name = ReplyName::new();
+        let name = reply_name.as_str().to_owned();
         {
             let mut taken = self
                 .reply_queue
@@ -1133,8 +1207,9 @@ impl BusTransport for RedisBus {
                     "already consumed on this connection",
                 ));
             }
-            *taken = Some(name.clone());
+            *taken = Some(reply_name);
         }
+        tokio::spawn(sweep_abandoned_reply_keys(self.inner.clone()));
         let mut conn = Self::blocking_connection(&self.inner)
             .await
             .map_err(|e| op("consuming the reply queue", &e))?;
@@ -1188,15 +1263,15 @@ impl BusTransport for RedisBus {
             .reply_queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .take();
         if let Some(name) = reply {
-            let del = ::redis::cmd("DEL").arg(queue_lists(&name)).clone();
+            let del = ::redis::cmd("DEL").arg(reply_keys(name.as_str())).clone();
             if let Err(e) = self
                 .inner
                 .query::<i64>("deleting the reply queue", &del)
                 .await
             {
-                tracing::debug!(error = %e, "deleting the reply queue");
+                tracing::warn!(error = %e, "cannot delete the reply queue; the next host started on this machine will");
             }
         }
     }
@@ -1296,6 +1371,22 @@ mod tests {
         }
         assert_eq!(base64_decode("YSBz\ndHJpbmc=").unwrap(), b"a string");
         assert_eq!(base64_decode("YSBzd"), None);
+    }
+
+    #[test]
+    fn reply_keys_lead_back_to_their_list() {
+        let keys = reply_keys("commissaire-host-reply-h-1-0123abcd");
+        assert_eq!(keys.len(), 6);
+        assert!(keys.contains(&"_kombu.binding.commissaire-host-reply-h-1-0123abcd".to_owned()));
+        assert!(keys
+            .contains(&"_kombu.binding_permanent.commissaire-host-reply-h-1-0123abcd".to_owned()));
+        for key in &keys {
+            assert_eq!(
+                reply_list_of(key),
+                "commissaire-host-reply-h-1-0123abcd",
+                "{key:?}"
+            );
+        }
     }
 
     #[test]

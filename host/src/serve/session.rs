@@ -100,7 +100,13 @@ pub async fn open_session(
     services: &[Prepared],
     process: &Process,
 ) -> Result<Session, HostError> {
-    let client = RpcClient::start(bus.clone(), &config.exchange, config.request_timeout).await?;
+    let client = RpcClient::start(
+        bus.clone(),
+        &config.exchange,
+        config.request_timeout,
+        config.reply_queue,
+    )
+    .await?;
     bus.declare_exchange(&config.exchange).await?;
     let stop = CancellationToken::new();
     let lost = CancellationToken::new();
