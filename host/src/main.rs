@@ -4,11 +4,10 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use commissaire_host::client::RpcClient;
+use commissaire_host::client::{self, RpcClient};
 use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::PluginSet;
 use commissaire_host::redact::redact_uri;
@@ -50,7 +49,11 @@ enum Command {
         /// The plugin directory (overrides [plugins] dir).
         #[arg(long)]
         plugins_dir: Option<PathBuf>,
-        /// Serve the HTTP endpoint here (overrides [http] listen).
+        /// Serve the HTTP endpoint here (overrides [http] listen). Its
+        /// bearer token comes from the environment variable
+        /// COMMISSAIRE_HTTP_TOKEN (preferred: kept out of files and argv)
+        /// or [http] token; without one, anyone who reaches the address can
+        /// call every service.
         #[arg(long)]
         http_listen: Option<SocketAddr>,
         /// Exit at once if the broker is unreachable at startup, instead of
@@ -85,7 +88,7 @@ enum Command {
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
-        /// Seconds to wait for the reply [default: 10].
+        /// Seconds to wait for the reply, at most 300 [default: 10].
         #[arg(long)]
         timeout: Option<f64>,
     },
@@ -239,11 +242,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
-            let timeout = match timeout {
-                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-                Some(t) => bail!("--timeout must be a positive number of seconds, not {t}"),
-                None => None,
-            };
+            bus::topic::check_routing_key(&routing_key)?;
+            let timeout = timeout
+                .map(client::timeout_from_secs)
+                .transpose()
+                .context("--timeout")?;
             runtime()?.block_on(async {
                 let client = connect_client(&config).await?;
                 let reply = client
@@ -271,6 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
+            bus::topic::check_routing_key(&routing_key)?;
             runtime()?.block_on(async {
                 let client = connect_client(&config).await?;
                 client.notify(&routing_key, params.as_deref()).await?;
@@ -304,7 +308,8 @@ async fn connect_client(config: &HostConfig) -> anyhow::Result<std::sync::Arc<Rp
         bail!(
             "memory:// is the embedded bus of one host process: another process cannot reach it. \
              Call a host running on memory:// through its HTTP endpoint \
-             (curl -d '{{\"id\":1,\"params\":[1,2]}}' http://127.0.0.1:8080/rpc/simple.add), \
+             (curl -H 'Content-Type: application/json' -d '{{\"id\":1,\"params\":[1,2]}}' \
+             http://127.0.0.1:8080/rpc/simple.add), \
              or give --bus-uri amqp://…"
         );
     }

@@ -60,6 +60,9 @@ pub enum BusError {
     /// The transport is closed.
     #[error("the bus connection is closed")]
     Closed,
+    /// A routing key no transport should be asked to carry.
+    #[error(transparent)]
+    RoutingKey(#[from] topic::RoutingKeyError),
 }
 
 impl BusError {
