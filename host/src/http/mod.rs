@@ -203,7 +203,7 @@ async fn rpc(
             Ok(timeout) => Some(timeout),
             Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("?timeout: {e}")),
         },
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad query string: {e}")),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad ?timeout: {e}")),
     };
     let Ok(_slot) = state.in_flight.clone().try_acquire_owned() else {
         let mut response = refuse(
@@ -395,4 +395,54 @@ pub async fn serve(
         "HTTP endpoint ready"
     );
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    async fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        answer
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_bus_is_not_described_to_http_clients() {
+        let client = Arc::new(SharedClient::reconnecting(
+            "amqp://alice:pw@127.0.0.1:1/%2f",
+            "commissaire",
+            Duration::from_secs(1),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let addr = serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            client,
+            Arc::new(Health::default()),
+            &HttpSettings::default(),
+            1 << 20,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let body = r#"{"id":1,"params":[1,2]}"#;
+        let rpc = format!(
+            "POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        for request in [rpc.as_str(), healthz] {
+            let answer = exchange(addr, request).await;
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            for secret in ["alice", "pw", "127.0.0.1:1"] {
+                assert!(!answer.contains(secret), "{secret} in {answer}");
+            }
+        }
+        stop.cancel();
+    }
 }
