@@ -150,12 +150,10 @@ impl RpcClient {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(BusError::Closed.into()),
-            Err(_) => {
-                Err(RequestError::Timeout {
-                    routing_key: routing_key.to_owned(),
-                    timeout,
-                })
-            }
+            Err(_) => Err(RequestError::Timeout {
+                routing_key: routing_key.to_owned(),
+                timeout,
+            }),
         }
     }
 

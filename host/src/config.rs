@@ -517,10 +517,12 @@ fn http_settings(
             message: format!("the HTTP token {why}"),
         })?),
         (None, Some(value)) => {
-            Some(HttpToken::parse(value.get_ref()).map_err(|why| ConfigError {
-                location: at(value.span()),
-                message: format!("[http] token {why}"),
-            })?)
+            Some(
+                HttpToken::parse(value.get_ref()).map_err(|why| ConfigError {
+                    location: at(value.span()),
+                    message: format!("[http] token {why}"),
+                })?,
+            )
         }
         (None, None) => None,
     };
@@ -796,14 +798,20 @@ config = { greeting = "hi" }
                     max_in_flight = 8\nmax_connections = 16\n";
         let c = load_text(text, &Overrides::default(), None).unwrap();
         assert_eq!(c.http_listen, None);
-        assert_eq!(c.http.token.as_ref().map(HttpToken::expose), Some(&b"s3cret"[..]));
+        assert_eq!(
+            c.http.token.as_ref().map(HttpToken::expose),
+            Some(&b"s3cret"[..])
+        );
         assert_eq!(
             c.http.allow,
             Some(vec!["simple.*".to_owned(), "demo.ping".to_owned()])
         );
         assert_eq!(c.http.cors_origins, ["https://ops.example.com:8443"]);
         assert_eq!((c.http.max_in_flight, c.http.max_connections), (8, 16));
-        assert!(!format!("{c:?}").contains("s3cret"), "the token is never printed");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token is never printed"
+        );
     }
 
     #[test]
@@ -818,9 +826,11 @@ config = { greeting = "hi" }
         let c = HostConfig::load(Some(&path), &Overrides::default(), env("from-env")).unwrap();
         assert_eq!(c.http.token.unwrap().expose(), b"from-env");
         let e = HostConfig::load(Some(&path), &Overrides::default(), env("")).unwrap_err();
-        assert_eq!(e.to_string(), "COMMISSAIRE_HTTP_TOKEN: the HTTP token is empty");
-        let e = HostConfig::load(Some(&path), &Overrides::default(), env("two words"))
-            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "COMMISSAIRE_HTTP_TOKEN: the HTTP token is empty"
+        );
+        let e = HostConfig::load(Some(&path), &Overrides::default(), env("two words")).unwrap_err();
         assert!(!e.to_string().contains("two words"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -828,12 +838,18 @@ config = { greeting = "hi" }
     #[test]
     fn bad_http_settings_name_the_line() {
         let cases = [
-            ("[http]\ntoken = \"\"\n", "host.toml:2:9: [http] token is empty"),
+            (
+                "[http]\ntoken = \"\"\n",
+                "host.toml:2:9: [http] token is empty",
+            ),
             (
                 "[http]\ntoken = \"a b\"\n",
                 "host.toml:2:9: [http] token must be visible ASCII characters without spaces",
             ),
-            ("[http]\nallow = [\"\"]\n", "host.toml:2:10: [http] allow: `` is not"),
+            (
+                "[http]\nallow = [\"\"]\n",
+                "host.toml:2:10: [http] allow: `` is not",
+            ),
             (
                 "[http]\ncors_origins = [\"*\"]\n",
                 "host.toml:2:17: [http] cors_origins: `*` is not an origin",
@@ -850,7 +866,10 @@ config = { greeting = "hi" }
                 "[http]\nmax_connections = -5\n",
                 "host.toml:2:19: [http] max_connections must be at least 1, not -5",
             ),
-            ("[http]\ntokens = \"x\"\n", "host.toml:2:1: unknown field `tokens`"),
+            (
+                "[http]\ntokens = \"x\"\n",
+                "host.toml:2:1: unknown field `tokens`",
+            ),
         ];
         for (text, expected) in cases {
             let e = load_text(text, &Overrides::default(), None).unwrap_err();

@@ -139,7 +139,10 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
     // The token.
     let r = post(addr, "/rpc/simple.add", &[JSON], &add);
     assert_eq!(r.status, 401, "{r:?}");
-    assert_eq!(r.headers.get("www-authenticate").map(String::as_str), Some("Bearer"));
+    assert_eq!(
+        r.headers.get("www-authenticate").map(String::as_str),
+        Some("Bearer")
+    );
     for wrong in [
         "Authorization: Bearer wrong".to_owned(),
         format!("Authorization: Basic {TOKEN}"),
@@ -171,30 +174,46 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
         headers.extend(content_type);
         let r = post(addr, "/rpc/simple.add", &headers, &add);
         assert_eq!(r.status, 415, "{content_type:?}: {r:?}");
-        assert!(!r.headers.contains_key("access-control-allow-origin"), "{r:?}");
+        assert!(
+            !r.headers.contains_key("access-control-allow-origin"),
+            "{r:?}"
+        );
     }
     let r = post(
         addr,
         "/rpc/simple.add",
-        &[auth.as_str(), "Content-Type: application/json; charset=utf-8", "Origin: https://evil.example"],
+        &[
+            auth.as_str(),
+            "Content-Type: application/json; charset=utf-8",
+            "Origin: https://evil.example",
+        ],
         &add,
     );
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(!r.headers.contains_key("access-control-allow-origin"), "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
     let r = send(
         addr,
         &format!("OPTIONS /rpc/simple.add HTTP/1.1\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: POST\r\n{auth}"),
         b"",
     );
     assert_ne!(r.status / 100, 2, "{r:?}");
-    assert!(!r.headers.contains_key("access-control-allow-origin"), "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
 
     // Every number from the request is checked.
     for bad in ["1e20", "0", "-1", "300.5", "abc", "NaN", "inf"] {
         let r = post(addr, &format!("/rpc/simple.add?timeout={bad}"), &ok, &add);
         assert_eq!(r.status, 400, "timeout={bad}: {r:?}");
         assert!(
-            r.body["error"]["message"].as_str().unwrap_or_default().contains("timeout"),
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("timeout"),
             "{r:?}"
         );
     }
@@ -208,7 +227,10 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
     let long = format!("simple.{}", "a".repeat(250));
     let r = post(addr, &format!("/rpc/{long}"), &ok, &add);
     assert_eq!(r.status, 400, "{r:?}");
-    assert!(r.body["error"]["message"].as_str().unwrap_or_default().contains("at most 255"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("at most 255"));
     let r = post(addr, "/rpc/simple.a%0Ad", &ok, &add);
     assert_eq!(r.status, 400, "{r:?}");
     let r = post(
@@ -219,7 +241,10 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["error"]["code"], -32603, "{r:?}");
-    assert!(r.body["error"]["message"].as_str().unwrap_or_default().contains("at most 255"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("at most 255"));
 
     // Bodies over [bus] max_message_bytes, declared or chunked.
     let big = json!({"id": 1, "params": ["x".repeat(2000)]});
@@ -230,7 +255,11 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
         "POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\n{JSON}\r\n{auth}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
     for chunk in big.to_string().as_bytes().chunks(100) {
-        chunked.push_str(&format!("{:x}\r\n{}\r\n", chunk.len(), String::from_utf8_lossy(chunk)));
+        chunked.push_str(&format!(
+            "{:x}\r\n{}\r\n",
+            chunk.len(),
+            String::from_utf8_lossy(chunk)
+        ));
     }
     chunked.push_str("0\r\n\r\n");
     // The refusal may come before the last chunk is taken.
@@ -281,32 +310,57 @@ fn cors_headers_only_for_listed_origins() {
     let r = preflight("https://ops.example.com");
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(
-        r.headers.get("access-control-allow-origin").map(String::as_str),
+        r.headers
+            .get("access-control-allow-origin")
+            .map(String::as_str),
         Some("https://ops.example.com")
     );
     assert_eq!(
-        r.headers.get("access-control-allow-methods").map(String::as_str),
+        r.headers
+            .get("access-control-allow-methods")
+            .map(String::as_str),
         Some("POST")
     );
     let r = preflight("https://evil.example");
     assert_eq!(r.status, 403, "{r:?}");
-    assert!(!r.headers.contains_key("access-control-allow-origin"), "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
 
     let add = json!({"id": 1, "params": [1, 2]});
-    let r = post(addr, "/rpc/simple.add", &[JSON, "Origin: https://ops.example.com"], &add);
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON, "Origin: https://ops.example.com"],
+        &add,
+    );
     assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
     assert_eq!(
-        r.headers.get("access-control-allow-origin").map(String::as_str),
+        r.headers
+            .get("access-control-allow-origin")
+            .map(String::as_str),
         Some("https://ops.example.com")
     );
-    let r = post(addr, "/rpc/simple.add", &[JSON, "Origin: https://evil.example"], &add);
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON, "Origin: https://evil.example"],
+        &add,
+    );
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(!r.headers.contains_key("access-control-allow-origin"), "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
     // A listed origin still cannot post what a form can.
     let r = post(
         addr,
         "/rpc/simple.add",
-        &["Content-Type: text/plain", "Origin: https://ops.example.com"],
+        &[
+            "Content-Type: text/plain",
+            "Origin: https://ops.example.com",
+        ],
         &add,
     );
     assert_eq!(r.status, 415, "{r:?}");
@@ -327,7 +381,12 @@ fn clients_that_never_finish_their_headers_do_not_starve_a_real_request() {
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let r = post(addr, "/rpc/simple.add", &[JSON], &json!({"id": 1, "params": [1, 2]}));
+        let r = post(
+            addr,
+            "/rpc/simple.add",
+            &[JSON],
+            &json!({"id": 1, "params": [1, 2]}),
+        );
         let _ = tx.send(r);
     });
     let r = rx
@@ -377,7 +436,12 @@ fn ten_thousand_abandoned_requests_leave_no_pending_entry() {
         );
     }
     assert_eq!(pending(&host), Some(0));
-    let r = post(addr, "/rpc/simple.add", &[JSON], &json!({"id": 1, "params": [1, 2]}));
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON],
+        &json!({"id": 1, "params": [1, 2]}),
+    );
     assert_eq!(r.status, 200, "in-flight slots are free again: {r:?}");
     assert_no_panic(&host);
 }
@@ -406,10 +470,17 @@ fn max_connections_closes_new_connections_at_once() {
     drop(held);
     let add = json!({"id": 1, "params": [1, 2]}).to_string();
     wait_until(Duration::from_secs(5), "a slot free again", || {
-        try_send(addr, &format!("POST /rpc/simple.add HTTP/1.1\r\n{JSON}"), add.as_bytes())
-            .is_ok_and(|r| r.status == 200)
+        try_send(
+            addr,
+            &format!("POST /rpc/simple.add HTTP/1.1\r\n{JSON}"),
+            add.as_bytes(),
+        )
+        .is_ok_and(|r| r.status == 200)
     });
-    assert!(host.stderr().contains("max_connections"), "the limit is logged");
+    assert!(
+        host.stderr().contains("max_connections"),
+        "the limit is logged"
+    );
     assert_no_panic(&host);
 }
 
@@ -461,8 +532,14 @@ fn listening_beyond_loopback_without_a_token_warns() {
 fn call_and_notify_check_the_timeout_and_the_routing_key() {
     let long = format!("simple.{}", "a".repeat(250));
     let cases: [(&[&str], &str); 5] = [
-        (&["call", "simple.add", "[1,2]", "--timeout", "1e20"], "at most 300 seconds"),
-        (&["call", "simple.add", "[1,2]", "--timeout", "0"], "at most 300 seconds"),
+        (
+            &["call", "simple.add", "[1,2]", "--timeout", "1e20"],
+            "at most 300 seconds",
+        ),
+        (
+            &["call", "simple.add", "[1,2]", "--timeout", "0"],
+            "at most 300 seconds",
+        ),
         (&["call", &long, "[1,2]"], "at most 255 can be sent"),
         (&["notify", &long, "[1,2]"], "at most 255 can be sent"),
         (&["notify", "demo.pi\nng"], "control character"),

@@ -236,7 +236,12 @@ pub(super) async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, app: Router, stop: CancellationToken) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+) {
     // Replies are written whole; do not hold the last segment back.
     let _ = stream.set_nodelay(true);
     let clock = Arc::new(Clock::new(Instant::now()));

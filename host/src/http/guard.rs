@@ -49,7 +49,10 @@ pub(super) fn is_allowed(allow: Option<&[String]>, routing_key: &str) -> bool {
 }
 
 /// The request's `Origin`, when `[http] cors_origins` lists it.
-pub(super) fn listed_origin<'h>(headers: &'h HeaderMap, origins: &[String]) -> Option<&'h HeaderValue> {
+pub(super) fn listed_origin<'h>(
+    headers: &'h HeaderMap,
+    origins: &[String],
+) -> Option<&'h HeaderValue> {
     let origin = headers.get(ORIGIN)?;
     let text = origin.to_str().ok()?;
     origins
@@ -83,8 +86,14 @@ mod tests {
     #[test]
     fn only_the_exact_bearer_token_passes() {
         let t = token("s3cret-token");
-        assert!(bearer_matches(&headers(&[("authorization", "Bearer s3cret-token")]), &t));
-        assert!(bearer_matches(&headers(&[("authorization", "bearer s3cret-token")]), &t));
+        assert!(bearer_matches(
+            &headers(&[("authorization", "Bearer s3cret-token")]),
+            &t
+        ));
+        assert!(bearer_matches(
+            &headers(&[("authorization", "bearer s3cret-token")]),
+            &t
+        ));
         for wrong in [
             "Bearer s3cret-toke",
             "Bearer s3cret-token2",
@@ -119,7 +128,10 @@ mod tests {
             "application/jsonp",
             "",
         ] {
-            assert!(!is_json(&headers(&[("content-type", refused)])), "{refused}");
+            assert!(
+                !is_json(&headers(&[("content-type", refused)])),
+                "{refused}"
+            );
         }
         assert!(!is_json(&HeaderMap::new()));
     }

@@ -233,7 +233,10 @@ async fn rpc(
             )
         }
         Err(BodyError::Read(e)) => {
-            return refuse(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            )
         }
     };
     relay(&state, &routing_key, &body, timeout).await
