@@ -248,7 +248,10 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A timeout a caller asked for that is out of range.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-#[error("the timeout must be more than 0 and at most 300 seconds, not {0:?}")]
+#[error(
+    "the timeout must be more than 0 and at most {} seconds, not {0:?}",
+    MAX_TIMEOUT.as_secs()
+)]
 pub struct BadTimeout(pub f64);
 
 /// A caller's timeout in seconds, as a duration: in (0, [`MAX_TIMEOUT`]].
