@@ -249,8 +249,9 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// A timeout a caller asked for that is out of range.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 #[error(
-    "the timeout must be more than 0 and at most {} seconds, not {0:?}",
-    MAX_TIMEOUT.as_secs()
+    "the timeout must be more than 0 and at most {max} seconds, not {secs:?}",
+    max = MAX_TIMEOUT.as_secs(),
+    secs = .0
 )]
 pub struct BadTimeout(pub f64);
 
