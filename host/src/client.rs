@@ -139,11 +139,18 @@ impl RpcClient {
         params: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RequestError> {
+        crate::bus::topic::check_routing_key(routing_key).map_err(BusError::from)?;
         let timeout = timeout.unwrap_or(self.default_timeout);
         let id = uuid::Uuid::new_v4().to_string();
         let body = request_body(routing_key, Some(&id), params);
         let (tx, rx) = oneshot::channel();
         self.pending_map().insert(id.clone(), tx);
+        // Removes the entry however this future ends: reply, timeout, or
+        // dropped by its caller (an HTTP client that went away).
+        let _entry = PendingEntry {
+            pending: &self.pending,
+            id: &id,
+        };
         let sent = self
             .bus
             .publish(Outgoing {
@@ -157,20 +164,14 @@ impl RpcClient {
                 expires: Some(timeout),
             })
             .await;
-        if let Err(e) = sent {
-            self.pending_map().remove(&id);
-            return Err(e.into());
-        }
+        sent?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(BusError::Closed.into()),
-            Err(_) => {
-                self.pending_map().remove(&id);
-                Err(RequestError::Timeout {
-                    routing_key: routing_key.to_owned(),
-                    timeout,
-                })
-            }
+            Err(_) => Err(RequestError::Timeout {
+                routing_key: routing_key.to_owned(),
+                timeout,
+            }),
         }
     }
 
@@ -193,6 +194,7 @@ impl RpcClient {
     /// Sends a notification (no `reply_to`, no `id`, as Commissaire's
     /// `notify`).
     pub async fn notify(&self, routing_key: &str, params: Option<&str>) -> Result<(), BusError> {
+        crate::bus::topic::check_routing_key(routing_key)?;
         let body = request_body(routing_key, None, params);
         self.bus
             .publish(Outgoing {
@@ -230,6 +232,11 @@ impl RpcClient {
             .await
     }
 
+    /// Requests waiting for their reply now.
+    pub fn pending_requests(&self) -> usize {
+        self.pending_map().len()
+    }
+
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -242,6 +249,43 @@ fn read_response(reply: &[u8]) -> Result<Result<Box<RawValue>, RpcError>, String
         (_, Some(error)) => Ok(Err(error)),
         (Some(result), None) => Ok(Ok(result)),
         (None, None) => Err("neither `result` nor `error`".to_owned()),
+    }
+}
+
+/// A request's entry in the pending map, removed on drop.
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: &'a str,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(self.id);
+    }
+}
+
+/// The longest a caller may wait for a reply (HTTP `?timeout`, `call
+/// --timeout`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A timeout a caller asked for that is out of range.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error(
+    "the timeout must be more than 0 and at most {max} seconds, not {secs:?}",
+    max = MAX_TIMEOUT.as_secs(),
+    secs = .0
+)]
+pub struct BadTimeout(pub f64);
+
+/// A caller's timeout in seconds, as a duration: in (0, [`MAX_TIMEOUT`]].
+pub fn timeout_from_secs(secs: f64) -> Result<Duration, BadTimeout> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_TIMEOUT.as_secs_f64() {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(BadTimeout(secs))
     }
 }
 
@@ -302,6 +346,19 @@ async fn route_replies(replies: async_channel::Receiver<Incoming>, pending: Pend
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_out_of_range_are_refused_not_panicked_on() {
+        assert_eq!(timeout_from_secs(0.5), Ok(Duration::from_millis(500)));
+        assert_eq!(timeout_from_secs(300.0), Ok(MAX_TIMEOUT));
+        for bad in [0.0, -1.0, 300.001, 1e20, f64::NAN, f64::INFINITY] {
+            assert!(timeout_from_secs(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            BadTimeout(1e20).to_string(),
+            "the timeout must be more than 0 and at most 300 seconds, not 1e20"
+        );
+    }
 
     #[test]
     fn request_bodies() {
@@ -401,6 +458,15 @@ impl SharedClient {
         let client = RpcClient::start(bus, &self.exchange, self.timeout, self.reply_queue).await?;
         *current = Some(client.clone());
         Ok(client)
+    }
+
+    /// Requests of the current connection waiting for their reply; `None`
+    /// while it is being (re)connected.
+    pub fn pending_requests(&self) -> Option<usize> {
+        self.current
+            .try_lock()
+            .ok()
+            .map(|c| c.as_ref().map_or(0, |c| c.pending_requests()))
     }
 
     /// Closes the connection, if any.

@@ -35,6 +35,13 @@ pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
 /// Environment variable read for the bus URI when neither a flag nor the
 /// file gives one.
 pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
+/// Environment variable holding the HTTP endpoint's bearer token; wins
+/// over `[http] token` (a secret is better kept out of files).
+pub const HTTP_TOKEN_ENV: &str = "COMMISSAIRE_HTTP_TOKEN";
+/// Requests the HTTP endpoint relays at once unless configured.
+pub const DEFAULT_HTTP_MAX_IN_FLIGHT: usize = 1024;
+/// Connections the HTTP endpoint holds open at once unless configured.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
 
 /// A configuration error: where, and what is wrong, on one line.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +60,8 @@ struct FileConfig {
     bus: BusSection,
     #[serde(default)]
     plugins: PluginsSection,
-    http: Option<HttpSection>,
+    #[serde(default)]
+    http: HttpSection,
     #[serde(default)]
     host: HostSection,
     #[serde(default)]
@@ -109,10 +117,71 @@ struct PluginsSection {
     dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpSection {
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    token: Option<Spanned<String>>,
+    allow: Option<Vec<Spanned<String>>>,
+    cors_origins: Option<Vec<Spanned<String>>>,
+    max_in_flight: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+}
+
+/// The HTTP endpoint's bearer token. Never printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpToken(String);
+
+impl HttpToken {
+    /// The token, to compare a request's `Authorization` with.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// A token that can be sent in an `Authorization` header: visible ASCII
+    /// without spaces, not empty.
+    fn parse(text: &str) -> Result<Self, &'static str> {
+        if text.is_empty() {
+            Err("is empty")
+        } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            Err("must be visible ASCII characters without spaces")
+        } else {
+            Ok(Self(text.to_owned()))
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpToken(***)")
+    }
+}
+
+/// How the HTTP endpoint guards itself (`[http]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// `/rpc/*` requires `Authorization: Bearer <token>` when set.
+    pub token: Option<HttpToken>,
+    /// Topic patterns of the routing keys relayed; `None` relays all.
+    pub allow: Option<Vec<String>>,
+    /// Origins whose browsers may call `/rpc/*` (CORS); none by default.
+    pub cors_origins: Vec<String>,
+    /// Requests relayed at once; beyond, 503.
+    pub max_in_flight: usize,
+    /// Connections open at once; beyond, new ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            allow: None,
+            cors_origins: Vec::new(),
+            max_in_flight: DEFAULT_HTTP_MAX_IN_FLIGHT,
+            max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +321,8 @@ pub struct HostConfig {
     pub plugins_dir: PathBuf,
     /// The HTTP endpoint's address, if any.
     pub http_listen: Option<SocketAddr>,
+    /// The HTTP endpoint's token, allow-list, CORS origins and limits.
+    pub http: HttpSettings,
     /// `[[service]]` entries by name.
     pub services: HashMap<String, ServiceSettings>,
     /// How long stopping waits for in-flight handlers and their replies.
@@ -369,6 +440,7 @@ impl HostConfig {
                 }
             },
         };
+        let http = http_settings(&file.http, &env, &file_name, &text)?;
         if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
             if let Some((name, location)) = worker_processes.first() {
                 return Err(ConfigError {
@@ -393,7 +465,8 @@ impl HostConfig {
             max_message_bytes,
             reply_queue: file.bus.reply_queue.unwrap_or_default(),
             plugins_dir,
-            http_listen: overrides.http_listen.or(file.http.map(|h| h.listen)),
+            http_listen: overrides.http_listen.or(file.http.listen),
+            http,
             services,
             shutdown_timeout,
             handler_grace,
@@ -485,6 +558,106 @@ fn file_services(
         }
     }
     Ok(services)
+}
+
+/// The `[http]` settings, with the token from the environment winning.
+fn http_settings(
+    section: &HttpSection,
+    env: impl Fn(&str) -> Option<String>,
+    file: &str,
+    text: &str,
+) -> Result<HttpSettings, ConfigError> {
+    let at = |span: std::ops::Range<usize>| {
+        let (line, col) = line_col(text, span.start);
+        format!("{file}:{line}:{col}")
+    };
+    let token = match (env(HTTP_TOKEN_ENV), &section.token) {
+        (Some(value), _) => Some(HttpToken::parse(&value).map_err(|why| ConfigError {
+            location: HTTP_TOKEN_ENV.to_owned(),
+            message: format!("the HTTP token {why}"),
+        })?),
+        (None, Some(value)) => {
+            Some(
+                HttpToken::parse(value.get_ref()).map_err(|why| ConfigError {
+                    location: at(value.span()),
+                    message: format!("[http] token {why}"),
+                })?,
+            )
+        }
+        (None, None) => None,
+    };
+    let allow = match &section.allow {
+        None => None,
+        Some(patterns) => {
+            let mut allow = Vec::with_capacity(patterns.len());
+            for pattern in patterns {
+                let p = pattern.get_ref();
+                if p.is_empty() || p.len() > crate::bus::topic::MAX_ROUTING_KEY_BYTES {
+                    return Err(ConfigError {
+                        location: at(pattern.span()),
+                        message: format!(
+                            "[http] allow: `{p}` is not a routing-key pattern \
+                             (1 to 255 bytes, e.g. \"simple.*\" or \"demo.#\")"
+                        ),
+                    });
+                }
+                allow.push(p.clone());
+            }
+            Some(allow)
+        }
+    };
+    let mut cors_origins = Vec::new();
+    for origin in section.cors_origins.iter().flatten() {
+        let o = origin.get_ref();
+        if !is_origin(o) {
+            return Err(ConfigError {
+                location: at(origin.span()),
+                message: format!(
+                    "[http] cors_origins: `{o}` is not an origin \
+                     (scheme, host and optional port, e.g. \"https://ops.example.com\")"
+                ),
+            });
+        }
+        cors_origins.push(o.to_ascii_lowercase());
+    }
+    let limit = |value: &Option<Spanned<i64>>, key: &str, default: usize| match value {
+        None => Ok(default),
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(ConfigError {
+                location: at(v.span()),
+                message: format!("[http] {key} must be at least 1, not {}", v.get_ref()),
+            }),
+        },
+    };
+    Ok(HttpSettings {
+        token,
+        allow,
+        cors_origins,
+        max_in_flight: limit(
+            &section.max_in_flight,
+            "max_in_flight",
+            DEFAULT_HTTP_MAX_IN_FLIGHT,
+        )?,
+        max_connections: limit(
+            &section.max_connections,
+            "max_connections",
+            DEFAULT_HTTP_MAX_CONNECTIONS,
+        )?,
+    })
+}
+
+/// `http://host[:port]` or `https://host[:port]`, as a browser sends it in
+/// `Origin` (no path, no wildcard).
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
 }
 
 /// A positive number of seconds from the file, or `default`.
@@ -723,6 +896,96 @@ queues = [{ name = "simple", routing_key = "simple.*", arguments = { "x-queue-ty
             e.starts_with("host.toml:7:11: service `s`: `workers` above 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_settings_and_their_defaults() {
+        let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
+        assert_eq!(c.http, HttpSettings::default());
+        assert_eq!(c.http.max_in_flight, 1024);
+        let text = "[http]\ntoken = \"s3cret\"\nallow = [\"simple.*\", \"demo.ping\"]\n\
+                    cors_origins = [\"https://Ops.example.com:8443\"]\n\
+                    max_in_flight = 8\nmax_connections = 16\n";
+        let c = load_text(text, &Overrides::default(), None).unwrap();
+        assert_eq!(c.http_listen, None);
+        assert_eq!(
+            c.http.token.as_ref().map(HttpToken::expose),
+            Some(&b"s3cret"[..])
+        );
+        assert_eq!(
+            c.http.allow,
+            Some(vec!["simple.*".to_owned(), "demo.ping".to_owned()])
+        );
+        assert_eq!(c.http.cors_origins, ["https://ops.example.com:8443"]);
+        assert_eq!((c.http.max_in_flight, c.http.max_connections), (8, 16));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token is never printed"
+        );
+    }
+
+    #[test]
+    fn the_environment_token_wins_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("chcfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("host.toml");
+        std::fs::write(&path, "[http]\ntoken = \"from-file\"\n").unwrap();
+        let env = |value: &'static str| {
+            move |name: &str| (name == HTTP_TOKEN_ENV).then(|| value.to_owned())
+        };
+        let c = HostConfig::load(Some(&path), &Overrides::default(), env("from-env")).unwrap();
+        assert_eq!(c.http.token.unwrap().expose(), b"from-env");
+        let e = HostConfig::load(Some(&path), &Overrides::default(), env("")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "COMMISSAIRE_HTTP_TOKEN: the HTTP token is empty"
+        );
+        let e = HostConfig::load(Some(&path), &Overrides::default(), env("two words")).unwrap_err();
+        assert!(!e.to_string().contains("two words"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_http_settings_name_the_line() {
+        let cases = [
+            (
+                "[http]\ntoken = \"\"\n",
+                "host.toml:2:9: [http] token is empty",
+            ),
+            (
+                "[http]\ntoken = \"a b\"\n",
+                "host.toml:2:9: [http] token must be visible ASCII characters without spaces",
+            ),
+            (
+                "[http]\nallow = [\"\"]\n",
+                "host.toml:2:10: [http] allow: `` is not",
+            ),
+            (
+                "[http]\ncors_origins = [\"*\"]\n",
+                "host.toml:2:17: [http] cors_origins: `*` is not an origin",
+            ),
+            (
+                "[http]\ncors_origins = [\"https://a.example/path\"]\n",
+                "host.toml:2:17: [http] cors_origins: `https://a.example/path` is not an origin",
+            ),
+            (
+                "[http]\nmax_in_flight = 0\n",
+                "host.toml:2:17: [http] max_in_flight must be at least 1, not 0",
+            ),
+            (
+                "[http]\nmax_connections = -5\n",
+                "host.toml:2:19: [http] max_connections must be at least 1, not -5",
+            ),
+            (
+                "[http]\ntokens = \"x\"\n",
+                "host.toml:2:1: unknown field `tokens`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = load_text(text, &Overrides::default(), None).unwrap_err();
+            assert!(e.starts_with(expected), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 
     #[test]

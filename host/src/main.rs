@@ -4,11 +4,10 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use commissaire_host::client::RpcClient;
+use commissaire_host::client::{self, RpcClient};
 use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::PluginSet;
 use commissaire_host::redact::redact_uri;
@@ -71,7 +70,10 @@ enum Command {
         plugins_dir: Option<PathBuf>,
         /// Serve the HTTP endpoint here, e.g. 127.0.0.1:8080. Wins over
         /// [http] listen in the config file; no HTTP endpoint when neither
-        /// gives one.
+        /// gives one. Its bearer token comes from the environment variable
+        /// COMMISSAIRE_HTTP_TOKEN (preferred: kept out of files and argv)
+        /// or [http] token; without one, anyone who reaches the address can
+        /// call every service.
         #[arg(long, value_name = "ADDR")]
         http_listen: Option<SocketAddr>,
         /// Exit at once if the broker is unreachable at startup, instead of
@@ -109,8 +111,8 @@ enum Command {
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
-        /// Seconds to wait for the reply. Wins over [bus] request_timeout
-        /// in the config file; 10 when neither gives one.
+        /// Seconds to wait for the reply, at most 300. Wins over [bus]
+        /// request_timeout in the config file; 10 when neither gives one.
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
@@ -279,11 +281,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
-            let timeout = match timeout {
-                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-                Some(t) => bail!("--timeout must be a positive number of seconds, not {t}"),
-                None => None,
-            };
+            bus::topic::check_routing_key(&routing_key)?;
+            let timeout = timeout
+                .map(client::timeout_from_secs)
+                .transpose()
+                .context("--timeout")?;
             runtime()?.block_on(async {
                 let client = connect_client(&config, config.reply_queue).await?;
                 let reply = client
@@ -312,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
+            bus::topic::check_routing_key(&routing_key)?;
             runtime()?.block_on(async {
                 let client = connect_client(&config, bus::ReplyQueueKind::Direct).await?;
                 let sent = client.notify(&routing_key, params.as_deref()).await;
@@ -352,7 +355,8 @@ async fn connect_client(
         bail!(
             "memory:// is the embedded bus of one host process: another process cannot reach it. \
              Call a host running on memory:// through its HTTP endpoint \
-             (curl -d '{{\"id\":1,\"params\":[1,2]}}' http://127.0.0.1:8080/rpc/simple.add), \
+             (curl -H 'Content-Type: application/json' -d '{{\"id\":1,\"params\":[1,2]}}' \
+             http://127.0.0.1:8080/rpc/simple.add), \
              or give --bus-uri amqp://…"
         );
     }

@@ -284,6 +284,8 @@ impl Supervisor {
             .arg(&slot_file)
             .args(&self.options.worker_args)
             .env(WORKER_BUS_URI_ENV, &self.config.bus_uri)
+            // Plugins have no business with the HTTP endpoint's secret.
+            .env_remove(crate::config::HTTP_TOKEN_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -812,6 +814,7 @@ async fn run_loop(
             addr,
             client.clone(),
             s.health.clone(),
+            &s.config.http,
             s.config.max_message_bytes,
             http_stop.clone(),
         )

@@ -54,6 +54,10 @@ pub struct HostSpec {
     pub log: String,
     /// Extra keys of the `[bus]` table (`confirm_replies = true`, …).
     pub bus_toml: String,
+    /// Extra keys of the `[http]` table (`allow = […]`, …).
+    pub http_toml: String,
+    /// Extra environment variables of the host process.
+    pub env: Vec<(String, String)>,
 }
 
 impl HostSpec {
@@ -68,6 +72,8 @@ impl HostSpec {
             exchange: unique("test-ex"),
             log: "info".to_owned(),
             bus_toml: String::new(),
+            http_toml: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -86,10 +92,11 @@ impl HostSpec {
 
     fn toml(&self, http: SocketAddr, plugins_dir: &std::path::Path) -> String {
         let mut t = format!(
-            "[bus]\nexchange = \"{}\"\n{}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n",
+            "[bus]\nexchange = \"{}\"\n{}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n{}\n",
             self.exchange,
             self.bus_toml,
-            plugins_dir.display()
+            plugins_dir.display(),
+            self.http_toml
         );
         for (lib, service) in SERVICES {
             if self.plugins.contains(&lib) {
@@ -169,6 +176,7 @@ impl TestHost {
             .arg(&config)
             .args(["--bus-uri", &spec.bus_uri])
             .env("COMMISSAIRE_LOG", &spec.log)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -574,10 +582,10 @@ impl TestHost {
     /// of the generated ones.
     pub fn start_with_services(spec: HostSpec, services: &str) -> Self {
         let (exchange, extra) = (spec.exchange.clone(), spec.extra_toml.clone());
-        let bus = spec.bus_toml.clone();
+        let (bus, http_toml) = (spec.bus_toml.clone(), spec.http_toml.clone());
         Self::launch(spec, |http, plugins| {
             format!(
-                "[bus]\nexchange = \"{exchange}\"\n{bus}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n\n{services}\n{extra}",
+                "[bus]\nexchange = \"{exchange}\"\n{bus}\n[plugins]\ndir = \"{}\"\n\n[http]\nlisten = \"{http}\"\n{http_toml}\n\n{services}\n{extra}",
                 plugins.display(),
             )
         })

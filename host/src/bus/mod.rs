@@ -82,6 +82,9 @@ pub enum BusError {
     /// The transport is closed.
     #[error("the bus connection is closed")]
     Closed,
+    /// A routing key no transport should be asked to carry.
+    #[error(transparent)]
+    RoutingKey(#[from] topic::RoutingKeyError),
 }
 
 impl BusError {
@@ -243,9 +246,10 @@ pub fn is_permanent(error: &BusError) -> bool {
     use ::redis::ErrorKind as RedisKind;
     use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
     let cause = match error {
-        BusError::UnsupportedUri(_) | BusError::Refused { .. } | BusError::TooLong { .. } => {
-            return true
-        }
+        BusError::UnsupportedUri(_)
+        | BusError::Refused { .. }
+        | BusError::TooLong { .. }
+        | BusError::RoutingKey(_) => return true,
         BusError::Connect { cause, .. } => &*cause.cause,
         BusError::Operation { .. }
         | BusError::Lost { .. }

@@ -67,6 +67,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 addr,
                 Arc::new(SharedClient::fixed(session.client.clone())),
                 process.health.clone(),
+                &config.http,
                 config.max_message_bytes,
                 http_stop.clone(),
             )

@@ -1,0 +1,559 @@
+//! The HTTP endpoint as an attacker meets it, on the real binary and a real
+//! RabbitMQ: bearer token, allow-list, JSON only, CORS only when asked,
+//! checked numbers and names, limits on bodies, requests and connections,
+//! clients that never finish their headers or walk away before the reply.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use commissaire_e2e::host::{amqp_uri, free_addr, unique, HostSpec, TestHost};
+use commissaire_e2e::{host_bin, plugin_dir};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "t0ken-for-the-http-tests";
+
+/// An HTTP answer, read to the end.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    /// Header names in lower case.
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+/// Sends `head` (request line and headers, without the blank line) and
+/// `body` on a connection of its own, with `Connection: close`.
+fn send(addr: SocketAddr, head: &str, body: &[u8]) -> Reply {
+    try_send(addr, head, body).expect("an HTTP reply")
+}
+
+fn try_send(addr: SocketAddr, head: &str, body: &[u8]) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!(
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request)?;
+    try_read_reply(&mut stream)
+}
+
+fn read_reply(stream: &mut TcpStream) -> Reply {
+    try_read_reply(stream).expect("an HTTP reply")
+}
+
+/// The reply on `stream`. A refusal may come before the whole request was
+/// read; the reset that follows does not undo what already arrived.
+fn try_read_reply(stream: &mut TcpStream) -> std::io::Result<Reply> {
+    let mut raw = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        if raw.is_empty() {
+            return Err(e);
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let body = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
+    };
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `POST path` with `headers` (each `Name: value`) and `body`.
+fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &Value) -> Reply {
+    let mut head = format!("POST {path} HTTP/1.1");
+    for h in headers {
+        head.push_str("\r\n");
+        head.push_str(h);
+    }
+    send(addr, &head, body.to_string().as_bytes())
+}
+
+const JSON: &str = "Content-Type: application/json";
+
+fn bearer() -> String {
+    format!("Authorization: Bearer {TOKEN}")
+}
+
+/// What `/healthz` says of the requests waiting for their reply.
+fn pending(host: &TestHost) -> Option<u64> {
+    host.health().1["pending_requests"].as_u64()
+}
+
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_no_panic(host: &TestHost) {
+    let log = host.stderr();
+    assert!(!log.contains("panicked"), "a panic in the log:\n{log}");
+}
+
+#[test]
+fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
+    let nobody = unique("nobody");
+    let mut spec = HostSpec::amqp();
+    spec.env = vec![("COMMISSAIRE_HTTP_TOKEN".to_owned(), TOKEN.to_owned())];
+    spec.http_toml = format!(
+        "allow = [\"simple.*\", \"demo.ping\", \"demo.relay\", \"{nobody}.#\"]\nmax_in_flight = 2\n"
+    );
+    spec.bus_toml = "max_message_bytes = 1024\n".to_owned();
+    let host = TestHost::start(spec);
+    let addr = host.http;
+    let add = json!({"id": 1, "params": [1, 2]});
+
+    // /healthz is open and tells nothing secret.
+    let (status, health) = host.health();
+    assert_eq!(status, 200);
+    assert_eq!(health["pending_requests"], 0);
+    let text = health.to_string();
+    for secret in [TOKEN, "guest", "5672"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+
+    // The token.
+    let r = post(addr, "/rpc/simple.add", &[JSON], &add);
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(
+        r.headers.get("www-authenticate").map(String::as_str),
+        Some("Bearer")
+    );
+    for wrong in [
+        "Authorization: Bearer wrong".to_owned(),
+        format!("Authorization: Basic {TOKEN}"),
+        format!("Authorization: Bearer {}", &TOKEN[..TOKEN.len() - 1]),
+    ] {
+        let r = post(addr, "/rpc/simple.add", &[JSON, &wrong], &add);
+        assert_eq!(r.status, 401, "{wrong}: {r:?}");
+    }
+    let r = post(addr, "/rpc/simple.add", &[JSON, &bearer()], &add);
+    assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
+    let auth = bearer();
+    let ok = [JSON, auth.as_str()];
+
+    // The allow-list.
+    let r = post(addr, "/rpc/demo.greet", &ok, &json!({"id": 1}));
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = post(addr, "/rpc/demo.ping", &ok, &json!({}));
+    assert_eq!(r.status, 202, "{r:?}");
+
+    // Only JSON bodies: a browser's no-CORS fetch or form post is refused,
+    // and no CORS header is ever sent when no origin is configured.
+    for content_type in [
+        Some("Content-Type: text/plain;charset=UTF-8"),
+        Some("Content-Type: application/x-www-form-urlencoded"),
+        Some("Content-Type: multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let mut headers = vec![auth.as_str(), "Origin: https://evil.example"];
+        headers.extend(content_type);
+        let r = post(addr, "/rpc/simple.add", &headers, &add);
+        assert_eq!(r.status, 415, "{content_type:?}: {r:?}");
+        assert!(
+            !r.headers.contains_key("access-control-allow-origin"),
+            "{r:?}"
+        );
+    }
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[
+            auth.as_str(),
+            "Content-Type: application/json; charset=utf-8",
+            "Origin: https://evil.example",
+        ],
+        &add,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
+    let r = send(
+        addr,
+        &format!("OPTIONS /rpc/simple.add HTTP/1.1\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: POST\r\n{auth}"),
+        b"",
+    );
+    assert_ne!(r.status / 100, 2, "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
+
+    // Every number from the request is checked.
+    for bad in ["1e20", "0", "-1", "300.5", "abc", "NaN", "inf"] {
+        let r = post(addr, &format!("/rpc/simple.add?timeout={bad}"), &ok, &add);
+        assert_eq!(r.status, 400, "timeout={bad}: {r:?}");
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("timeout"),
+            "{r:?}"
+        );
+    }
+    let r = post(addr, "/rpc/simple.add?timeout=300", &ok, &add);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = post(addr, &format!("/rpc/{nobody}.x?timeout=0.2"), &ok, &add);
+    assert_eq!(r.status, 504, "{r:?}");
+
+    // And every name: a routing key AMQP cannot carry is a 400, before the
+    // allow-list is even consulted; from a handler, an error reply.
+    let long = format!("simple.{}", "a".repeat(250));
+    let r = post(addr, &format!("/rpc/{long}"), &ok, &add);
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("at most 255"));
+    let r = post(addr, "/rpc/simple.a%0Ad", &ok, &add);
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = post(
+        addr,
+        "/rpc/demo.relay",
+        &ok,
+        &json!({"id": 7, "params": [long, [1]]}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["error"]["code"], -32603, "{r:?}");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("at most 255"));
+
+    // Bodies over [bus] max_message_bytes, declared or chunked.
+    let big = json!({"id": 1, "params": ["x".repeat(2000)]});
+    let r = post(addr, "/rpc/simple.add", &ok, &big);
+    assert_eq!(r.status, 413, "{r:?}");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut chunked = format!(
+        "POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\n{JSON}\r\n{auth}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    for chunk in big.to_string().as_bytes().chunks(100) {
+        chunked.push_str(&format!(
+            "{:x}\r\n{}\r\n",
+            chunk.len(),
+            String::from_utf8_lossy(chunk)
+        ));
+    }
+    chunked.push_str("0\r\n\r\n");
+    // The refusal may come before the last chunk is taken.
+    let _ = stream.write_all(chunked.as_bytes());
+    let r = read_reply(&mut stream);
+    assert_eq!(r.status, 413, "{r:?}");
+
+    // [http] max_in_flight = 2: a third request waits for nobody.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let path = format!("/rpc/{nobody}.wait?timeout=3");
+            let auth = auth.clone();
+            std::thread::spawn(move || post(addr, &path, &[JSON, &auth], &json!({"id": 1})).status)
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "two requests in flight", || {
+        pending(&host) == Some(2)
+    });
+    let r = post(addr, "/rpc/simple.add", &ok, &add);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"));
+    for w in waiting {
+        assert_eq!(w.join().unwrap(), 504);
+    }
+    let r = post(addr, "/rpc/simple.add", &ok, &add);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(pending(&host), Some(0));
+    assert_no_panic(&host);
+}
+
+#[test]
+fn cors_headers_only_for_listed_origins() {
+    let mut spec = HostSpec::amqp();
+    spec.http_toml = "cors_origins = [\"https://ops.example.com\"]\n".to_owned();
+    let host = TestHost::start(spec);
+    let addr = host.http;
+    let preflight = |origin: &str| {
+        send(
+            addr,
+            &format!(
+                "OPTIONS /rpc/simple.add HTTP/1.1\r\nOrigin: {origin}\r\n\
+                 Access-Control-Request-Method: POST\r\n\
+                 Access-Control-Request-Headers: authorization, content-type"
+            ),
+            b"",
+        )
+    };
+    let r = preflight("https://ops.example.com");
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(
+        r.headers
+            .get("access-control-allow-origin")
+            .map(String::as_str),
+        Some("https://ops.example.com")
+    );
+    assert_eq!(
+        r.headers
+            .get("access-control-allow-methods")
+            .map(String::as_str),
+        Some("POST")
+    );
+    let r = preflight("https://evil.example");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
+
+    let add = json!({"id": 1, "params": [1, 2]});
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON, "Origin: https://ops.example.com"],
+        &add,
+    );
+    assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
+    assert_eq!(
+        r.headers
+            .get("access-control-allow-origin")
+            .map(String::as_str),
+        Some("https://ops.example.com")
+    );
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON, "Origin: https://evil.example"],
+        &add,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "{r:?}"
+    );
+    // A listed origin still cannot post what a form can.
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[
+            "Content-Type: text/plain",
+            "Origin: https://ops.example.com",
+        ],
+        &add,
+    );
+    assert_eq!(r.status, 415, "{r:?}");
+    assert_no_panic(&host);
+}
+
+#[test]
+fn clients_that_never_finish_their_headers_do_not_starve_a_real_request() {
+    let host = TestHost::start(HostSpec::amqp());
+    let addr = host.http;
+    let mut slow: Vec<TcpStream> = (0..400)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(b"POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+                .expect("half a head");
+            s
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = post(
+            addr,
+            "/rpc/simple.add",
+            &[JSON],
+            &json!({"id": 1, "params": [1, 2]}),
+        );
+        let _ = tx.send(r);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the real request is answered while 400 heads hang");
+    assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
+    // The endpoint closes the hanging connections on its own.
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a hanging head was not closed: {other:?}"),
+        }
+    }
+    assert_no_panic(&host);
+}
+
+#[test]
+fn ten_thousand_abandoned_requests_leave_no_pending_entry() {
+    let host = TestHost::start(HostSpec::amqp());
+    let addr = host.http;
+    let key = format!("{}.x", unique("nobody"));
+    let request = format!(
+        "POST /rpc/{key}?timeout=300 HTTP/1.1\r\nHost: x\r\n{JSON}\r\nContent-Length: 8\r\n\r\n{{\"id\":1}}"
+    );
+    const BATCH: usize = 500;
+    for batch in 0..20 {
+        let clients: Vec<TcpStream> = (0..BATCH)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.write_all(request.as_bytes()).expect("send");
+                s
+            })
+            .collect();
+        // Every request is waiting for its reply...
+        wait_until(Duration::from_secs(20), "a batch pending", || {
+            pending(&host) == Some(BATCH as u64)
+        });
+        // ...when its client walks away.
+        drop(clients);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("batch {batch}: pending entries removed"),
+            || pending(&host) == Some(0),
+        );
+    }
+    assert_eq!(pending(&host), Some(0));
+    let r = post(
+        addr,
+        "/rpc/simple.add",
+        &[JSON],
+        &json!({"id": 1, "params": [1, 2]}),
+    );
+    assert_eq!(r.status, 200, "in-flight slots are free again: {r:?}");
+    assert_no_panic(&host);
+}
+
+#[test]
+fn max_connections_closes_new_connections_at_once() {
+    let mut spec = HostSpec::amqp();
+    spec.http_toml = "max_connections = 4\n".to_owned();
+    let host = TestHost::start(spec);
+    let addr = host.http;
+    // The host's own readiness probes may still hold a slot for a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let mut extra = TcpStream::connect(addr).expect("the kernel still accepts");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0; 16];
+    match extra.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a fifth connection was kept: {other:?}"),
+    }
+    drop(held);
+    let add = json!({"id": 1, "params": [1, 2]}).to_string();
+    wait_until(Duration::from_secs(5), "a slot free again", || {
+        try_send(
+            addr,
+            &format!("POST /rpc/simple.add HTTP/1.1\r\n{JSON}"),
+            add.as_bytes(),
+        )
+        .is_ok_and(|r| r.status == 200)
+    });
+    assert!(
+        host.stderr().contains("max_connections"),
+        "the limit is logged"
+    );
+    assert_no_panic(&host);
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_token_warns() {
+    let help = Command::new(host_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("COMMISSAIRE_HTTP_TOKEN"),
+        "run --help names the token's variable"
+    );
+    let plugins = plugin_dir(&["simple"]);
+    for token in [None, Some(TOKEN)] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let addr = free_addr();
+        let mut command = Command::new(host_bin());
+        command
+            .args(["run", "--bus-uri", "memory://", "--plugins-dir"])
+            .arg(plugins.path())
+            .args(["--http-listen", &format!("0.0.0.0:{}", addr.port())])
+            .env_remove("COMMISSAIRE_HTTP_TOKEN")
+            .env("COMMISSAIRE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(t) = token {
+            command.env("COMMISSAIRE_HTTP_TOKEN", t);
+        }
+        let mut child = command.spawn().unwrap();
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_until(Duration::from_secs(20), "the endpoint ready", || {
+            read().contains("HTTP endpoint ready")
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = read();
+        assert_eq!(
+            text.contains("without a token"),
+            token.is_none(),
+            "token {token:?}:\n{text}"
+        );
+        assert!(!text.contains(TOKEN), "the token is never logged:\n{text}");
+    }
+}
+
+#[test]
+fn call_and_notify_check_the_timeout_and_the_routing_key() {
+    let long = format!("simple.{}", "a".repeat(250));
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["call", "simple.add", "[1,2]", "--timeout", "1e20"],
+            "at most 300 seconds",
+        ),
+        (
+            &["call", "simple.add", "[1,2]", "--timeout", "0"],
+            "at most 300 seconds",
+        ),
+        (&["call", &long, "[1,2]"], "at most 255 can be sent"),
+        (&["notify", &long, "[1,2]"], "at most 255 can be sent"),
+        (&["notify", "demo.pi\nng"], "control character"),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(host_bin())
+            .args(args)
+            .args(["--bus-uri", &amqp_uri()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
