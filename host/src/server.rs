@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use commissaire_plugin_api::host::{HostBus, RequestMeta};
-use commissaire_plugin_api::{abi::log_level, RpcError};
+use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::RpcError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -181,16 +181,6 @@ impl HostBus for HandlerBus {
                 .block_on(self.client.respond(queue, id_json, result_json))
         })
         .map_err(|e| RpcError::internal_error(e.to_string()))
-    }
-
-    fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
-        let (service, method, id) = (&*self.service, meta.method, meta.id_json);
-        match level {
-            log_level::ERROR => tracing::error!(service, method, id, "{message}"),
-            log_level::WARN => tracing::warn!(service, method, id, "{message}"),
-            log_level::INFO => tracing::info!(service, method, id, "{message}"),
-            _ => tracing::debug!(service, method, id, "{message}"),
-        }
     }
 }
 

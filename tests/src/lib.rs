@@ -79,6 +79,7 @@ pub fn build_all() {
             "older",
             "older-next",
             "newer",
+            "v1-1",
             "mistyped",
             "major2",
             "panic-abort",

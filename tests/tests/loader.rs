@@ -17,7 +17,7 @@ fn refusal(lib_name: &str) -> String {
 fn our_plugins_load_with_their_methods() {
     let simple = load("simple");
     assert_eq!(simple.service_name, "simple");
-    assert_eq!(simple.api_version, "1.1.0");
+    assert_eq!(simple.api_version, "1.2.0");
     let add = simple
         .methods
         .iter()
@@ -102,9 +102,33 @@ fn an_older_plugin_loads_and_works_in_this_host() {
 }
 
 #[test]
+fn a_1_1_plugin_built_with_its_own_macro_loads_and_works_in_this_host() {
+    let classic = load("fixture_v1_1");
+    assert_eq!(classic.api_version, "1.1.0");
+    assert_eq!(classic.description.as_deref(), Some("A plugin-api 1.1 plugin."));
+    let ask = classic.methods.iter().find(|m| m.name == "ask").expect("ask");
+    assert_eq!(ask.signature(), "ask(x: i64, y: i64) -> i64");
+    let bus = RoutingBus::serving(&["fixture_v1_1", "simple"]);
+    assert_eq!(
+        bus.call("classic.ping", json!([]))["result"],
+        "pong from classic"
+    );
+    // 1.1's `request` sends a zero timeout for "the host's default".
+    assert_eq!(bus.call("classic.ask", json!([2, 3]))["result"], 5);
+    assert_eq!(
+        bus.call("classic.exchange", json!([]))["result"],
+        "commissaire"
+    );
+    assert_eq!(bus.call("classic.log", json!(["hi"]))["result"], json!(null));
+    let reply = bus.call("classic.panic", json!([]));
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    assert_eq!(bus.call("classic.ping", json!([]))["result"], "pong from classic");
+}
+
+#[test]
 fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
     let newer = load("fixture_newer");
-    assert_eq!(newer.api_version, "1.2.0");
+    assert_eq!(newer.api_version, "1.3.0");
     let bus = RoutingBus::serving(&["fixture_newer", "simple"]);
     assert_eq!(
         bus.call("newer.ping", json!([]))["result"],
@@ -121,6 +145,8 @@ fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
         .as_str()
         .unwrap()
         .contains("lacks `publish`"));
+    // It got this host's logger at load (a 1.2 entry it knows too).
+    assert_eq!(bus.call("newer.log", json!([]))["result"], json!(null));
 }
 
 #[test]
@@ -130,6 +156,7 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
         "demo",
         "fixture_older",
         "fixture_newer",
+        "fixture_v1_1",
         "fixture_mistyped",
         "fixture_major2",
         "fixture_panic_abort",
@@ -149,7 +176,7 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
         .map(|p| p.service_name.as_str())
         .collect();
     loaded.sort_unstable();
-    assert_eq!(loaded, ["demo", "newer", "older", "simple"]);
+    assert_eq!(loaded, ["classic", "demo", "newer", "older", "simple"]);
     let mut refused: Vec<String> = set
         .refused
         .iter()
