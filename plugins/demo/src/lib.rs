@@ -106,7 +106,7 @@ impl Demo {
         tracing::info!(%words, "info");
         tracing::warn!(%words, "warn");
         tracing::error!(%words, "error");
-        log::info!(target: "demo_dependency", "log record: {words}");
+        log::info!(target: "chatty_dependency", "log record: {words}");
         msg.log_info(&format!("log_info: {words}"));
         let thread_words = words.clone();
         std::thread::spawn(move || tracing::info!(words = %thread_words, "from a thread"))
