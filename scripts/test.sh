@@ -14,4 +14,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.re
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 
+# The plugin template, out of tree as its users build it, in the shared
+# target directory and with the workspace's lock file, so that nothing is
+# built twice.
+cp Cargo.lock examples/plugin-template/Cargo.lock
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+  cargo test --manifest-path examples/plugin-template/Cargo.toml
+
 exec cargo test --workspace "$@"
