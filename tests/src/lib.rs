@@ -124,6 +124,31 @@ pub fn library(lib_name: &str) -> PathBuf {
     ))
 }
 
+/// Builds `examples/plugin-template` as its users do (out of tree, with
+/// the workspace's lock file and our target directory so that nothing is
+/// built twice) and returns its library.
+pub fn template_library() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = workspace_root().join("examples/plugin-template");
+        let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+        let manifest = dir.join("Cargo.toml");
+        let target = target_dir();
+        cargo(&[
+            "build",
+            "--manifest-path",
+            manifest.to_str().unwrap_or_default(),
+            "--target-dir",
+            target.to_str().unwrap_or("target"),
+        ]);
+    });
+    artifact_dir().join(format!(
+        "{}hello{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
 /// Builds plugin package `package` with the release profile and returns its
 /// library (for benchmarks, which must not compare optimised code with
 /// debug code).
@@ -179,9 +204,16 @@ pub struct RoutingBus {
 impl RoutingBus {
     /// A bus serving the given plugins with empty configs.
     pub fn serving(lib_names: &[&str]) -> Arc<Self> {
+        let libraries: Vec<PluginLibrary> = lib_names.iter().map(|name| load(name)).collect();
+        Self::from_libraries(&libraries)
+    }
+
+    /// A bus serving the given loaded plugins with empty configs.
+    pub fn from_libraries(libraries: &[PluginLibrary]) -> Arc<Self> {
         let mut bus = Self::default();
-        for name in lib_names {
-            let service = Service::start(load(name), &json!({}))
+        for library in libraries {
+            let name = library.service_name.clone();
+            let service = Service::start(library.clone(), &json!({}))
                 .unwrap_or_else(|e| panic!("{name} failed to start: {e}"));
             bus.services.insert(service.name().to_owned(), service);
         }
