@@ -50,10 +50,7 @@ pub const fn lib_header<S: ServiceImpl>() -> LibHeader {
     // SAFETY: `root_module_loader::<S>` returns the root module of type
     // `PluginRootRef`, the type given here.
     unsafe {
-        LibHeader::from_constructor::<PluginRootRef>(
-            root_module_loader::<S>,
-            CheckTypeLayout::Yes,
-        )
+        LibHeader::from_constructor::<PluginRootRef>(root_module_loader::<S>, CheckTypeLayout::Yes)
     }
 }
 
@@ -79,8 +76,7 @@ impl<S: ServiceImpl> Exports<S> {
     });
 
     /// The plugin vtable of `S`.
-    pub(crate) const VTABLE: PluginVTableRef =
-        PluginVTableRef(Self::VTABLE_WM.static_as_prefix());
+    pub(crate) const VTABLE: PluginVTableRef = PluginVTableRef(Self::VTABLE_WM.static_as_prefix());
 
     fn root_module() -> PluginRootRef {
         PluginRoot {

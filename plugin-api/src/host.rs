@@ -152,9 +152,7 @@ impl Plugin {
     pub fn install_logger(&self) {
         if let Some(set_host_logger) = self.vtable.set_host_logger() {
             set_host_logger(HostLogger {
-                max_level: log_level::from_filter(
-                    tracing::level_filters::LevelFilter::current(),
-                ),
+                max_level: log_level::from_filter(tracing::level_filters::LevelFilter::current()),
                 log: host_log_record,
             });
         }

@@ -86,7 +86,8 @@ struct TargetCallsites {
 
 impl TargetCallsites {
     fn new(target: &'static str) -> Self {
-        let event = |level| DynCallsite::make("plugin event", target, level, EVENT_FIELDS, Kind::EVENT);
+        let event =
+            |level| DynCallsite::make("plugin event", target, level, EVENT_FIELDS, Kind::EVENT);
         // The spans are at error level so that they are enabled whenever an
         // event of their target is: they carry the service and request.
         Self {
@@ -104,7 +105,13 @@ impl TargetCallsites {
                 REQUEST_FIELDS,
                 Kind::SPAN,
             ),
-            plugin_span: DynCallsite::make("plugin", target, Level::ERROR, PLUGIN_FIELDS, Kind::SPAN),
+            plugin_span: DynCallsite::make(
+                "plugin",
+                target,
+                Level::ERROR,
+                PLUGIN_FIELDS,
+                Kind::SPAN,
+            ),
         }
     }
 }
@@ -195,7 +202,10 @@ fn span(sites: &TargetCallsites, service: &str, request: Option<&RequestMeta<'_>
             }
         }
         None => match fields.field("service") {
-            Some(s) => Span::new(meta, &fields.value_set(&[(&s, Some(&service as &dyn Value))])),
+            Some(s) => Span::new(
+                meta,
+                &fields.value_set(&[(&s, Some(&service as &dyn Value))]),
+            ),
             None => Span::none(),
         },
     }

@@ -18,9 +18,9 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
-use tracing_core::span::Current;
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber};
+use tracing_core::span::Current;
 
 use crate::abi::{log_level, HostLogger, LogRecord};
 
@@ -190,10 +190,12 @@ impl Subscriber for Forwarder {
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
-        Some(match log_level::to_tracing(MAX_LEVEL.load(Ordering::Relaxed)) {
-            Some(level) => LevelFilter::from_level(level),
-            None => LevelFilter::OFF,
-        })
+        Some(
+            match log_level::to_tracing(MAX_LEVEL.load(Ordering::Relaxed)) {
+                Some(level) => LevelFilter::from_level(level),
+                None => LevelFilter::OFF,
+            },
+        )
     }
 
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {

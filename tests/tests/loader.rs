@@ -105,8 +105,15 @@ fn an_older_plugin_loads_and_works_in_this_host() {
 fn a_1_1_plugin_built_with_its_own_macro_loads_and_works_in_this_host() {
     let classic = load("fixture_v1_1");
     assert_eq!(classic.api_version, "1.1.0");
-    assert_eq!(classic.description.as_deref(), Some("A plugin-api 1.1 plugin."));
-    let ask = classic.methods.iter().find(|m| m.name == "ask").expect("ask");
+    assert_eq!(
+        classic.description.as_deref(),
+        Some("A plugin-api 1.1 plugin.")
+    );
+    let ask = classic
+        .methods
+        .iter()
+        .find(|m| m.name == "ask")
+        .expect("ask");
     assert_eq!(ask.signature(), "ask(x: i64, y: i64) -> i64");
     let bus = RoutingBus::serving(&["fixture_v1_1", "simple"]);
     assert_eq!(
@@ -119,10 +126,16 @@ fn a_1_1_plugin_built_with_its_own_macro_loads_and_works_in_this_host() {
         bus.call("classic.exchange", json!([]))["result"],
         "commissaire"
     );
-    assert_eq!(bus.call("classic.log", json!(["hi"]))["result"], json!(null));
+    assert_eq!(
+        bus.call("classic.log", json!(["hi"]))["result"],
+        json!(null)
+    );
     let reply = bus.call("classic.panic", json!([]));
     assert_eq!(reply["error"]["code"], -32603, "{reply}");
-    assert_eq!(bus.call("classic.ping", json!([]))["result"], "pong from classic");
+    assert_eq!(
+        bus.call("classic.ping", json!([]))["result"],
+        "pong from classic"
+    );
 }
 
 #[test]

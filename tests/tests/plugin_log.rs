@@ -140,9 +140,24 @@ fn a_handlers_events_arrive_at_their_level_in_the_request_span() {
     let mut got = seen(&word);
     got.sort_by_key(|s| s.message.clone());
     let mut expected = vec![
-        event(Level::INFO, "demo", format!("{chatter}info words={word}"), &[request]),
-        event(Level::WARN, "demo", format!("{chatter}warn words={word}"), &[request]),
-        event(Level::ERROR, "demo", format!("{chatter}error words={word}"), &[request]),
+        event(
+            Level::INFO,
+            "demo",
+            format!("{chatter}info words={word}"),
+            &[request],
+        ),
+        event(
+            Level::WARN,
+            "demo",
+            format!("{chatter}warn words={word}"),
+            &[request],
+        ),
+        event(
+            Level::ERROR,
+            "demo",
+            format!("{chatter}error words={word}"),
+            &[request],
+        ),
         // A dependency's `log` record keeps its target.
         event(
             Level::INFO,
@@ -187,7 +202,10 @@ fn a_1_1_plugins_log_arrives_in_the_request_span() {
     capture();
     let bus = RoutingBus::serving(&["fixture_v1_1"]);
     let word = unique("w");
-    assert_eq!(bus.call("classic.log", json!([word]))["result"], json!(null));
+    assert_eq!(
+        bus.call("classic.log", json!([word]))["result"],
+        json!(null)
+    );
     let got = seen(&word);
     let request = r#"request{service=classic method=log id="t-1"}"#;
     assert!(
@@ -211,7 +229,11 @@ fn the_hosts_log_filter_applies_to_plugin_events_by_target_and_level() {
     });
     let word = unique("w");
     let (status, reply) = host.http_call("demo.chatter", &json!({"id": 1, "params": [word]}));
-    assert_eq!((status, &reply["result"]), (200, &json!("logged")), "{reply}");
+    assert_eq!(
+        (status, &reply["result"]),
+        (200, &json!("logged")),
+        "{reply}"
+    );
     let log = host.stderr();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(&word)).collect();
     let has = |level: &str, text: &str| {
@@ -221,7 +243,10 @@ fn the_hosts_log_filter_applies_to_plugin_events_by_target_and_level() {
     };
     // The HTTP gateway gives the request an id of its own.
     let request = "request{service=demo method=chatter id=";
-    let debug = format!("}}: demo: chatter{{words={}}}: debug words={word}", word.len());
+    let debug = format!(
+        "}}: demo: chatter{{words={}}}: debug words={word}",
+        word.len()
+    );
     assert!(
         lines
             .iter()
@@ -230,7 +255,10 @@ fn the_hosts_log_filter_applies_to_plugin_events_by_target_and_level() {
     );
     assert!(has("ERROR", "error words=WORD"), "{log}");
     assert!(
-        has("INFO", "plugin{service=demo}: demo: from a thread words=WORD"),
+        has(
+            "INFO",
+            "plugin{service=demo}: demo: from a thread words=WORD"
+        ),
         "{log}"
     );
     // Above `demo=debug`; and `chatty_dependency` falls under `warn`.

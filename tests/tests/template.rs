@@ -9,8 +9,15 @@ use serde_json::json;
 fn the_template_builds_into_a_plugin_the_host_serves() {
     let plugin = PluginLibrary::load(&template_library()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(plugin.service_name, "hello");
-    assert_eq!(plugin.api_version, commissaire_plugin_api::host::API_VERSION);
-    let greet = plugin.methods.iter().find(|m| m.name == "greet").expect("greet");
+    assert_eq!(
+        plugin.api_version,
+        commissaire_plugin_api::host::API_VERSION
+    );
+    let greet = plugin
+        .methods
+        .iter()
+        .find(|m| m.name == "greet")
+        .expect("greet");
     assert_eq!(greet.signature(), "greet(person: Person) -> String");
     let bus = RoutingBus::from_libraries(&[plugin]);
     assert_eq!(

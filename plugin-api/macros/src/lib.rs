@@ -298,8 +298,9 @@ fn is_message_ref(ty: &Type) -> bool {
         return false;
     }
     match &*r.elem {
-        Type::Path(p) => p.qself.is_none()
-            && p.path.segments.last().is_some_and(|s| s.ident == "Message"),
+        Type::Path(p) => {
+            p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == "Message")
+        }
         _ => false,
     }
 }
@@ -412,9 +413,8 @@ mod tests {
             "{message}"
         );
         assert_eq!(covered, "&str");
-        let (message, covered) = error(
-            "impl T { fn on_a(&self, m: &mut Message) -> Result<(), RpcError> { Ok(()) } }",
-        );
+        let (message, covered) =
+            error("impl T { fn on_a(&self, m: &mut Message) -> Result<(), RpcError> { Ok(()) } }");
         assert!(message.contains("taken by value"), "{message}");
         assert_eq!(covered, "&mut Message");
     }
@@ -442,11 +442,18 @@ mod tests {
 
     #[test]
     fn a_handler_without_self_or_result_is_refused() {
-        let (message, covered) = error("impl T { fn on_a(x: i64) -> Result<(), RpcError> { Ok(()) } }");
-        assert!(message.starts_with("a handler takes `&self` first"), "{message}");
+        let (message, covered) =
+            error("impl T { fn on_a(x: i64) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(
+            message.starts_with("a handler takes `&self` first"),
+            "{message}"
+        );
         assert_eq!(covered, "x: i64");
         let (message, covered) = error("impl T { fn on_a(&self) -> i64 { 1 } }");
-        assert!(message.starts_with("a handler returns a `Result`"), "{message}");
+        assert!(
+            message.starts_with("a handler returns a `Result`"),
+            "{message}"
+        );
         assert_eq!(covered, "i64");
     }
 
