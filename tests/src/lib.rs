@@ -124,6 +124,26 @@ pub fn library(lib_name: &str) -> PathBuf {
     ))
 }
 
+/// Builds the fixture host that speaks plugin-api 1.1
+/// (`tests/fixtures/host-1.1`, its own workspace) and returns its binary.
+pub fn host_1_1_bin() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = workspace_root().join("tests/fixtures/host-1.1");
+        let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+        let manifest = dir.join("Cargo.toml");
+        let target = target_dir();
+        cargo(&[
+            "build",
+            "--manifest-path",
+            manifest.to_str().unwrap_or_default(),
+            "--target-dir",
+            target.to_str().unwrap_or("target"),
+        ]);
+    });
+    artifact_dir().join(format!("host-1-1{}", std::env::consts::EXE_SUFFIX))
+}
+
 /// Builds `examples/plugin-template` as its users do (out of tree, with
 /// the workspace's lock file and our target directory so that nothing is
 /// built twice) and returns its library.

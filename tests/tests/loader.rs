@@ -2,7 +2,7 @@
 //! ABI fixtures built against frozen copies of older and newer plugin-api
 //! releases.
 
-use commissaire_e2e::{library, load, plugin_dir, RoutingBus};
+use commissaire_e2e::{host_1_1_bin, library, load, plugin_dir, RoutingBus};
 use commissaire_host::plugin::{LoadErrorKind, PluginLibrary, PluginSet};
 use serde_json::json;
 
@@ -136,6 +136,40 @@ fn a_1_1_plugin_built_with_its_own_macro_loads_and_works_in_this_host() {
         bus.call("classic.ping", json!([]))["result"],
         "pong from classic"
     );
+}
+
+/// Runs `method` of the plugin `lib_name` in the plugin-api 1.1 fixture
+/// host: (its reply, what it logged).
+fn in_1_1_host(lib_name: &str, method: &str, params: &str) -> (serde_json::Value, String) {
+    let out = std::process::Command::new(host_1_1_bin())
+        .arg(library(lib_name))
+        .args([method, params])
+        .output()
+        .expect("run the 1.1 host");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let reply = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (reply, stderr)
+}
+
+#[test]
+fn this_versions_plugins_work_in_a_1_1_host() {
+    let (reply, log) = in_1_1_host("simple", "wordy_add", "[1, 2]");
+    assert_eq!(reply["result"], "Adding 1 plus 2 results in 3", "{log}");
+    // `Bus::request` asks for the host's default timeout as 1.1 knew it.
+    assert!(log.contains("request simple.add timeout=None"), "{log}");
+    let (reply, log) = in_1_1_host("demo", "chatter", r#"["old"]"#);
+    assert_eq!(reply["result"], "logged", "{log}");
+    // The 1.1 host gave no logger: `tracing` stays in the plugin, while
+    // `Message::log_info` still reaches the host.
+    assert!(
+        log.contains("log level=3 method=chatter: log_info: old"),
+        "{log}"
+    );
+    assert!(!log.contains("words=old"), "{log}");
+    let (reply, _) = in_1_1_host("demo", "parse", r#"["[1"]"#);
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
 }
 
 #[test]
