@@ -151,6 +151,10 @@
 
 #![deny(missing_docs)]
 
+// `#[service]` names this crate by its path, also in its own tests.
+#[cfg(test)]
+extern crate self as commissaire_plugin_api;
+
 mod abi;
 mod error;
 mod export;

@@ -252,3 +252,75 @@ fn encode(what: &str, value: &impl Serialize) -> Result<String, RpcError> {
     serde_json::to_string(value)
         .map_err(|e| RpcError::internal_error(format!("cannot encode {what}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::prelude::*;
+    use crate::testing::TestService;
+
+    #[derive(Default)]
+    struct Caller;
+
+    #[service(name = "caller")]
+    impl Caller {
+        fn on_ask(&self, msg: &Message, timeout_us: Option<u64>) -> Result<i64, RpcError> {
+            let bus = msg.bus();
+            match timeout_us {
+                None => bus.request("calc.add", [1, 2]),
+                Some(us) => bus.request_with_timeout("calc.add", [1, 2], Duration::from_micros(us)),
+            }
+        }
+
+        fn on_later(&self, msg: &Message) -> Result<(), RpcError> {
+            let queue = msg.reply_to().unwrap_or("nowhere");
+            msg.bus().respond(queue, msg.id(), json!({"done": true}))
+        }
+    }
+
+    fn caller() -> TestService<Caller> {
+        TestService::<Caller>::new().with_route("calc.*", |_, _| Ok(json!(3)))
+    }
+
+    #[test]
+    fn request_uses_the_hosts_default_timeout() {
+        let svc = caller();
+        assert_eq!(svc.call("ask", json!([])), Ok(json!(3)));
+        assert_eq!(
+            svc.requests(),
+            [("calc.add".to_owned(), json!([1, 2]), None)]
+        );
+    }
+
+    #[test]
+    fn request_with_timeout_is_that_timeout_even_zero() {
+        let svc = caller();
+        for us in [2_000_000, 1_500, 0] {
+            assert_eq!(svc.call("ask", json!([us])), Ok(json!(3)));
+        }
+        let timeouts: Vec<_> = svc.requests().into_iter().map(|(_, _, t)| t).collect();
+        assert_eq!(
+            timeouts,
+            [
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_millis(2)),
+                Some(Duration::from_millis(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn respond_takes_the_id_as_the_message_gives_it() {
+        let svc = caller();
+        assert_eq!(svc.call("later", json!([])), Ok(json!(null)));
+        assert_eq!(
+            svc.responses(),
+            [(
+                "test-reply".to_owned(),
+                json!("test"),
+                json!({"done": true})
+            )]
+        );
+    }
+}

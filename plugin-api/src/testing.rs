@@ -50,10 +50,12 @@ type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 
 /// One service instance under test, with a recording test bus: requests to
 /// the service's own `name.*` come back into it, other routes are set with
-/// [`TestService::with_route`], notifications and `respond`s are recorded.
+/// [`TestService::with_route`]; requests, notifications and `respond`s are
+/// recorded.
 pub struct TestService<S: ServiceImpl> {
     handle: ServiceHandle,
     routes: Vec<(String, Route)>,
+    requests: Mutex<Vec<(String, Value, Option<Duration>)>>,
     notifications: Mutex<Vec<(String, Value)>>,
     responses: Mutex<Vec<(String, Value, Value)>>,
     _service: std::marker::PhantomData<S>,
@@ -77,6 +79,7 @@ impl<S: ServiceImpl> TestService<S> {
         Ok(Self {
             handle,
             routes: Vec::new(),
+            requests: Mutex::default(),
             notifications: Mutex::default(),
             responses: Mutex::default(),
             _service: std::marker::PhantomData,
@@ -140,6 +143,15 @@ impl<S: ServiceImpl> TestService<S> {
         })
     }
 
+    /// The requests handlers sent over the bus: (routing key, params,
+    /// timeout; `None` for the host's default).
+    pub fn requests(&self) -> Vec<(String, Value, Option<Duration>)> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The notifications handlers sent: (routing key, params).
     pub fn notifications(&self) -> Vec<(String, Value)> {
         self.notifications
@@ -197,8 +209,16 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
         &self,
         routing_key: &str,
         params_json: &str,
-        _timeout: Option<Duration>,
+        timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((
+                routing_key.to_owned(),
+                decode("params", params_json)?,
+                timeout,
+            ));
         let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
         if let Some((_, route)) = self.routes.iter().find(|(p, _)| matches(p, routing_key)) {
             let result = route(method, decode("params", params_json)?)?;
