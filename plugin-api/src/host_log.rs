@@ -10,7 +10,7 @@
 //! bounded set of targets (its module paths and its dependencies').
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use tracing::field::{display, Value};
 use tracing::{Event, Level, Metadata, Span};
@@ -114,22 +114,37 @@ impl TargetCallsites {
             ),
         }
     }
+
+    fn event(&self, level: Level) -> &'static Metadata<'static> {
+        let [error, warn, info, debug, trace] = self.events;
+        match level {
+            Level::ERROR => error,
+            Level::WARN => warn,
+            Level::INFO => info,
+            Level::DEBUG => debug,
+            _ => trace,
+        }
+    }
 }
 
+/// The callsites of `target`, made on its first event.
 fn callsites(target: &str) -> &'static TargetCallsites {
-    static TABLE: OnceLock<Mutex<HashMap<String, &'static TargetCallsites>>> = OnceLock::new();
-    let mut table = TABLE
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(found) = table.get(target) {
+    static TABLE: OnceLock<RwLock<HashMap<String, &'static TargetCallsites>>> = OnceLock::new();
+    let table = TABLE.get_or_init(RwLock::default);
+    if let Some(found) = table
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(target)
+    {
         return found;
     }
+    let mut table = table.write().unwrap_or_else(PoisonError::into_inner);
     let target = if table.len() < MAX_TARGETS {
         target
     } else {
         OVERFLOW_TARGET
     };
+    // Another thread may have made them meanwhile.
     if let Some(found) = table.get(target) {
         return found;
     }
@@ -151,10 +166,7 @@ pub(crate) fn emit(
         return;
     };
     let sites = callsites(target);
-    let index = usize::from(log_level::from_tracing(level) - 1);
-    let Some(&event) = sites.events.get(index) else {
-        return;
-    };
+    let event = sites.event(level);
     if !tracing::dispatcher::get_default(|d| d.enabled(event)) {
         return;
     }

@@ -88,16 +88,18 @@ impl Demo {
         }))
     }
 
-    /// Parses `text` as JSON: a `serde_json::Error` becomes -32603 with its
-    /// text.
+    /// Parses `text` as JSON.
+    ///
+    /// A `serde_json::Error` becomes -32603 with its text.
     fn on_parse(&self, text: String) -> Result<Value, serde_json::Error> {
         serde_json::from_str(&text)
     }
 
-    /// Logs `words` at every level from the handler (with `tracing`, with
-    /// `log` as a dependency would, and with `msg.log_info`) and from a
-    /// thread of its own; answers "logged". The host records what its
-    /// `COMMISSAIRE_LOG` lets through.
+    /// Logs `words` at every level, then answers "logged".
+    ///
+    /// From the handler (with `tracing`, with `log` as a dependency would,
+    /// and with `msg.log_info`) and from a thread of its own; the host
+    /// records what its `COMMISSAIRE_LOG` lets through.
     fn on_chatter(&self, msg: &Message, words: String) -> Result<&'static str, RpcError> {
         let span = tracing::info_span!("chatter", words = words.len());
         let _entered = span.enter();
