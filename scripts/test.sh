@@ -18,4 +18,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.re
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 
+# With no arguments, also the plugin template, out of tree as its users
+# build it, in the shared target directory and with the workspace's lock
+# file, so that nothing is built twice.
+if [ $# -eq 0 ]; then
+  cp Cargo.lock examples/plugin-template/Cargo.lock
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+    cargo test --manifest-path examples/plugin-template/Cargo.toml
+fi
+
 exec cargo test "$@"

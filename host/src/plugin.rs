@@ -8,16 +8,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use abi_stable::abi_stability::abi_checking::{check_layout_compatibility, AbiInstabilityErrors};
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::sabi_types::VersionNumber;
 use abi_stable::std_types::RString;
-use abi_stable::type_layout::{TLData, TLFieldOrFunction, TypeLayout};
-use commissaire_plugin_api::abi::{
-    PluginRootRef, PluginVTableRef, ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT,
-    PLUGIN_VTABLE_LAYOUT,
+use commissaire_plugin_api::host::{
+    CheckError, HostBus, Plugin, PluginRootRef, RequestMeta, API_VERSION,
 };
-use commissaire_plugin_api::host::{with_call_ctx, HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 use serde::{Deserialize, Serialize};
 
@@ -131,7 +127,7 @@ pub struct PluginLibrary {
     pub description: Option<String>,
     /// Its methods.
     pub methods: Vec<MethodInfo>,
-    vtable: PluginVTableRef,
+    plugin: Plugin,
 }
 
 impl fmt::Debug for PluginLibrary {
@@ -168,57 +164,42 @@ impl PluginLibrary {
         let root = header
             .init_root_module::<PluginRootRef>()
             .map_err(classify)?;
+        let plugin = Plugin::check(root).map_err(|e| match e {
+            CheckError::PanicAbort => LoadErrorKind::PanicAbort,
+            CheckError::HostInterface(why) => LoadErrorKind::HostInterface(why),
+            CheckError::PluginInterface(why) => LoadErrorKind::PluginInterface(why),
+        })?;
+        // Before anything runs in it (`init` logs too); plugins older than
+        // plugin-api 1.2 have no logger to install.
+        plugin.install_logger();
 
-        if !root.panic_unwind() {
-            return Err(LoadErrorKind::PanicAbort);
-        }
-        check_growable(HOST_VTABLE_LAYOUT, root.host_vtable_layout())
-            .map_err(LoadErrorKind::HostInterface)?;
-        check_growable(PLUGIN_VTABLE_LAYOUT, root.plugin_vtable_layout())
-            .map_err(LoadErrorKind::PluginInterface)?;
-
-        let vtable = root.plugin();
-        let methods: Vec<MethodInfo> = serde_json::from_str(vtable.methods_json().as_str())
+        let methods: Vec<MethodInfo> = serde_json::from_str(plugin.methods_json())
             .map_err(|e| LoadErrorKind::BadMethods(e.to_string()))?;
         Ok(Self {
             path: path.to_owned(),
-            service_name: vtable.service_name().to_string(),
-            plugin_version: vtable.plugin_version().to_string(),
-            api_version: vtable.api_version().to_string(),
-            description: vtable
+            service_name: plugin.service_name().to_owned(),
+            plugin_version: plugin.plugin_version().to_owned(),
+            api_version: plugin.api_version().to_owned(),
+            description: plugin
                 .description()
-                .map(|d| d.to_string())
-                .filter(|d| !d.is_empty()),
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned),
             methods,
-            vtable,
+            plugin,
         })
     }
 
     /// Builds a service instance from its JSON config section.
     pub fn instantiate(&self, config: &serde_json::Value) -> Result<ServiceInstance, RpcError> {
-        let text = config.to_string();
-        let handle = (self.vtable.new_service())(text.as_str().into())
-            .into_result()
-            .map_err(RpcError::from_abi)?;
-        Ok(ServiceInstance {
-            vtable: self.vtable,
-            handle,
-        })
+        let instance = self.plugin.instantiate(&config.to_string())?;
+        Ok(ServiceInstance { instance })
     }
 }
 
 /// One built service value inside a plugin, shared by concurrent calls.
+#[derive(Debug)]
 pub struct ServiceInstance {
-    vtable: PluginVTableRef,
-    handle: ServiceHandle,
-}
-
-impl fmt::Debug for ServiceInstance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServiceInstance")
-            .field("service", &self.vtable.service_name())
-            .finish()
-    }
+    instance: commissaire_plugin_api::host::ServiceInstance,
 }
 
 impl ServiceInstance {
@@ -230,18 +211,7 @@ impl ServiceInstance {
         bus: &dyn HostBus,
         params: &str,
     ) -> Result<RString, RpcError> {
-        let method = meta.method;
-        with_call_ctx(meta, bus, |ctx| {
-            (self.vtable.call())(self.handle, ctx, method.into(), params.into())
-                .into_result()
-                .map_err(RpcError::from_abi)
-        })
-    }
-}
-
-impl Drop for ServiceInstance {
-    fn drop(&mut self) {
-        (self.vtable.drop_service())(self.handle);
+        self.instance.call(meta, bus, params)
     }
 }
 
@@ -280,46 +250,6 @@ fn host_major() -> u32 {
     VersionNumber::new(abi_stable::sabi_types::VersionStrings::new(API_VERSION))
         .map(|v| v.major)
         .unwrap_or(1)
-}
-
-/// Number of fields of the prefix type behind a prefix reference layout.
-fn prefix_fields(reference: &'static TypeLayout) -> Option<usize> {
-    let inner = reference.shared_vars().type_layouts().first()?();
-    match inner.data() {
-        TLData::PrefixType(p) => Some(p.fields.len()),
-        _ => None,
-    }
-}
-
-/// Checks a growable vtable: the side with fewer fields is the interface,
-/// so older and newer minor versions are both accepted while a field of
-/// another type is not.
-fn check_growable(ours: &'static TypeLayout, theirs: &'static TypeLayout) -> Result<(), String> {
-    let (interface, implementation) = match (prefix_fields(ours), prefix_fields(theirs)) {
-        (Some(a), Some(b)) if b < a => (theirs, ours),
-        (Some(_), Some(_)) => (ours, theirs),
-        _ => return Err("not a prefix-type vtable".into()),
-    };
-    check_layout_compatibility(interface, implementation).map_err(|e| describe(&e))
-}
-
-/// The first field whose type differs, in words.
-fn describe(errors: &AbiInstabilityErrors) -> String {
-    tracing::debug!(details = %errors, "layout mismatch");
-    let field = errors
-        .errors
-        .iter()
-        .flat_map(|e| e.stack_trace.iter())
-        .find_map(|ef| match &ef.expected {
-            TLFieldOrFunction::Field(f) if !f.name().is_empty() && f.name() != "0" => {
-                Some(f.name())
-            }
-            _ => None,
-        });
-    match field {
-        Some(name) => format!("field `{name}` has another type"),
-        None => "layouts differ (details at debug level)".into(),
-    }
 }
 
 /// The outcome of loading a plugin directory.

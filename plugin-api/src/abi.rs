@@ -1,8 +1,13 @@
 //! The stable ABI between the host and a plugin.
 //!
-//! Plugin authors never touch this module: `#[service]` generates the export
-//! and [`crate::Message`] wraps the host interface. It is public because the
-//! host is built against it too.
+//! Private: plugin authors reach it through `#[service]` and [`crate::Message`],
+//! the host through the safe wrappers of [`crate::host`]. Every field is
+//! `pub(crate)` because the function pointers carry unsafe contracts (a
+//! service handle must be live, a call's data must be the host's) that the
+//! types cannot express without changing the frozen layouts: the host checks
+//! function qualifiers, so a 1.0 `extern "C" fn` field cannot become an
+//! `unsafe extern "C" fn` within 1.x. Field visibility is not part of the
+//! layout, so hiding them changes nothing on the wire.
 //!
 //! # How it grows
 //!
@@ -24,7 +29,11 @@
 //!   the other side lacks reads as `None`.
 //!
 //! History: 1.0 — the tables up to their `last_prefix_field`; 1.1 — host
-//! callbacks `exchange` and `log`, plugin entry `description`.
+//! callbacks `exchange` and `log`, plugin entry `description`; 1.2 — plugin
+//! entry `set_host_logger` (the host's log sink and level, for `tracing` and
+//! `log` in plugins). In 1.2 a `request` timeout of 0 still means the host's
+//! default (1.1 plugins send it); 1.2 plugins send at least 1 ms for an
+//! explicit timeout.
 
 use abi_stable::{
     declare_root_module_statics,
@@ -38,7 +47,7 @@ use abi_stable::{
 };
 
 /// The plugin-api version this ABI definition belongs to.
-pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The root module every plugin exports. Frozen for the whole 1.x series.
 #[repr(C)]
@@ -47,16 +56,16 @@ pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[sabi(missing_field(panic))]
 pub struct PluginRoot {
     /// `false` when the plugin was compiled with `panic = "abort"`.
-    pub panic_unwind: bool,
+    pub(crate) panic_unwind: bool,
     /// The plugin's view of [`HostVTableRef`]'s layout.
-    pub host_vtable_layout: &'static TypeLayout,
+    pub(crate) host_vtable_layout: &'static TypeLayout,
     /// The plugin's view of [`PluginVTableRef`]'s layout.
-    pub plugin_vtable_layout: &'static TypeLayout,
+    pub(crate) plugin_vtable_layout: &'static TypeLayout,
     /// The plugin's entry points; only use after checking
     /// `plugin_vtable_layout`.
     #[sabi(last_prefix_field)]
     #[sabi(unsafe_opaque_field)]
-    pub plugin: PluginVTableRef,
+    pub(crate) plugin: PluginVTableRef,
 }
 
 impl RootModule for PluginRootRef {
@@ -66,10 +75,13 @@ impl RootModule for PluginRootRef {
     const VERSION_STRINGS: VersionStrings = package_version_strings!();
 }
 
-/// An opaque pointer to a service value owned by the plugin.
+/// An opaque pointer to a service value owned by the plugin: made by
+/// `new_service`, valid until passed to `drop_service`. Only this crate
+/// makes or uses one; the host holds it inside
+/// [`crate::host::ServiceInstance`], which drops it once.
 #[repr(transparent)]
 #[derive(StableAbi, Clone, Copy, Debug)]
-pub struct ServiceHandle(pub *const ErasedObject);
+pub struct ServiceHandle(pub(crate) *const ErasedObject);
 
 // SAFETY: a service handle points at a value the plugin built from a type
 // that `#[service]` requires to be `Send + Sync`.
@@ -82,26 +94,27 @@ unsafe impl Sync for ServiceHandle {}
 #[derive(StableAbi, Debug, Clone)]
 pub struct RpcErrorAbi {
     /// The JSON-RPC error code.
-    pub code: i64,
+    pub(crate) code: i64,
     /// A human-readable message.
-    pub message: RString,
+    pub(crate) message: RString,
     /// Optional JSON text of the error's `data`.
-    pub data_json: ROption<RString>,
+    pub(crate) data_json: ROption<RString>,
 }
 
 /// What a handler call returns: the result's JSON text, or an error.
-pub type CallResult = RResult<RString, RpcErrorAbi>;
+pub(crate) type CallResult = RResult<RString, RpcErrorAbi>;
 
 /// Everything a call hands to the plugin about the host and the message.
+/// Only the host half of this crate builds one, around data of its own.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct CallCtx<'a> {
     /// The host's callbacks; checked at load time via
     /// [`PluginRoot::host_vtable_layout`].
     #[sabi(unsafe_opaque_field)]
-    pub host: HostVTableRef,
+    pub(crate) host: HostVTableRef,
     /// The host's per-call data, passed back to every callback.
-    pub data: &'a ErasedObject,
+    pub(crate) data: &'a ErasedObject,
 }
 
 /// The plugin's entry points.
@@ -110,40 +123,106 @@ pub struct CallCtx<'a> {
 #[sabi(kind(Prefix(prefix_ref = PluginVTableRef)))]
 pub struct PluginVTable {
     /// The plugin-api version the plugin was built against.
-    pub api_version: RStr<'static>,
+    pub(crate) api_version: RStr<'static>,
     /// The bus name of the service, e.g. `simple`.
-    pub service_name: RStr<'static>,
+    pub(crate) service_name: RStr<'static>,
     /// The plugin crate's own version.
-    pub plugin_version: RStr<'static>,
+    pub(crate) plugin_version: RStr<'static>,
     /// JSON array describing each method: name, doc, params, returns.
-    pub methods_json: RStr<'static>,
+    pub(crate) methods_json: RStr<'static>,
     /// Builds the service from its JSON config section.
-    pub new_service: extern "C" fn(config_json: RStr<'_>) -> RResult<ServiceHandle, RpcErrorAbi>,
-    /// Drops a service built by `new_service`.
-    pub drop_service: extern "C" fn(service: ServiceHandle),
+    pub(crate) new_service:
+        extern "C" fn(config_json: RStr<'_>) -> RResult<ServiceHandle, RpcErrorAbi>,
+    /// Drops a service built by `new_service`. Contract: called once per
+    /// handle, after the last `call` with it.
+    pub(crate) drop_service: extern "C" fn(service: ServiceHandle),
     /// Calls method `method` with the JSON text `params` (empty when the
     /// request had none). Never unwinds: a panic becomes a -32603 error.
+    /// Contract: `service` is live and `ctx` was built by the host half.
     #[sabi(last_prefix_field)]
-    pub call: for<'a> extern "C" fn(
+    pub(crate) call: for<'a> extern "C" fn(
         service: ServiceHandle,
         ctx: &CallCtx<'a>,
         method: RStr<'a>,
         params: RStr<'a>,
     ) -> CallResult,
     /// (1.1) The service's description: the doc comment of its `impl`.
-    pub description: RStr<'static>,
+    pub(crate) description: RStr<'static>,
+    /// (1.2) Hands the plugin the host's log sink and the most verbose
+    /// level the host records; called at load, before `new_service`, and
+    /// again on a later load of the same library.
+    pub(crate) set_host_logger: extern "C" fn(logger: HostLogger),
 }
 
-/// Log levels of [`HostVTable::log`].
-pub mod log_level {
+/// Log levels as they cross the boundary.
+pub(crate) mod log_level {
+    /// Nothing is recorded (a maximum level only).
+    pub(crate) const OFF: u8 = 0;
     /// Error.
-    pub const ERROR: u8 = 1;
+    pub(crate) const ERROR: u8 = 1;
     /// Warning.
-    pub const WARN: u8 = 2;
+    pub(crate) const WARN: u8 = 2;
     /// Information.
-    pub const INFO: u8 = 3;
+    pub(crate) const INFO: u8 = 3;
     /// Debug.
-    pub const DEBUG: u8 = 4;
+    pub(crate) const DEBUG: u8 = 4;
+    /// Trace (1.2).
+    pub(crate) const TRACE: u8 = 5;
+
+    /// The boundary form of a `tracing` level.
+    pub(crate) fn from_tracing(level: tracing::Level) -> u8 {
+        match level {
+            tracing::Level::ERROR => ERROR,
+            tracing::Level::WARN => WARN,
+            tracing::Level::INFO => INFO,
+            tracing::Level::DEBUG => DEBUG,
+            _ => TRACE,
+        }
+    }
+
+    /// The boundary form of a `tracing` level filter.
+    pub(crate) fn from_filter(filter: tracing::level_filters::LevelFilter) -> u8 {
+        filter.into_level().map_or(OFF, from_tracing)
+    }
+
+    /// The `tracing` level of a boundary level; `None` for `OFF`. Anything
+    /// above `TRACE` is trace.
+    pub(crate) fn to_tracing(level: u8) -> Option<tracing::Level> {
+        match level {
+            OFF => None,
+            ERROR => Some(tracing::Level::ERROR),
+            WARN => Some(tracing::Level::WARN),
+            INFO => Some(tracing::Level::INFO),
+            DEBUG => Some(tracing::Level::DEBUG),
+            _ => Some(tracing::Level::TRACE),
+        }
+    }
+}
+
+/// (1.2) The host's log sink, handed to the plugin at load.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct HostLogger {
+    /// The most verbose level the host records (`log_level`; `OFF` for
+    /// none). The plugin drops anything more verbose without calling `log`.
+    pub(crate) max_level: u8,
+    /// Records one event. Callable from any thread, at any time after
+    /// load; never unwinds.
+    pub(crate) log: for<'a> extern "C" fn(record: &'a LogRecord<'a>),
+}
+
+/// (1.2) One log event of a plugin.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct LogRecord<'a> {
+    /// Its level (`log_level`).
+    pub(crate) level: u8,
+    /// The plugin's service name.
+    pub(crate) service: RStr<'a>,
+    /// The event's target: the module path, or a `log` record's target.
+    pub(crate) target: RStr<'a>,
+    /// The message with its fields and the plugin-side spans, formatted.
+    pub(crate) message: RStr<'a>,
 }
 
 /// The host's callbacks. Every function takes the `data` of the [`CallCtx`].
@@ -152,47 +231,47 @@ pub mod log_level {
 #[sabi(kind(Prefix(prefix_ref = HostVTableRef)))]
 pub struct HostVTable {
     /// The request's routing key.
-    pub routing_key: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
+    pub(crate) routing_key: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
     /// The request's method.
-    pub method: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
+    pub(crate) method: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
     /// The request's id as JSON text (`null` when it had none).
-    pub id_json: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
+    pub(crate) id_json: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
     /// The queue the caller waits on, if any.
-    pub reply_to: for<'a> extern "C" fn(&'a ErasedObject) -> ROption<RStr<'a>>,
+    pub(crate) reply_to: for<'a> extern "C" fn(&'a ErasedObject) -> ROption<RStr<'a>>,
     /// The request's correlation id, if any.
-    pub correlation_id: for<'a> extern "C" fn(&'a ErasedObject) -> ROption<RStr<'a>>,
+    pub(crate) correlation_id: for<'a> extern "C" fn(&'a ErasedObject) -> ROption<RStr<'a>>,
     /// Whether the broker delivered this request before.
-    pub redelivered: extern "C" fn(&ErasedObject) -> bool,
+    pub(crate) redelivered: extern "C" fn(&ErasedObject) -> bool,
     /// Sends a request and waits for its reply; returns the result's JSON
     /// text. `timeout_ms == 0` means the host's default.
-    pub request: for<'a> extern "C" fn(
+    pub(crate) request: for<'a> extern "C" fn(
         &'a ErasedObject,
         routing_key: RStr<'a>,
         params_json: RStr<'a>,
         timeout_ms: u64,
     ) -> CallResult,
     /// Sends a notification.
-    pub notify: for<'a> extern "C" fn(
+    pub(crate) notify: for<'a> extern "C" fn(
         &'a ErasedObject,
         routing_key: RStr<'a>,
         params_json: RStr<'a>,
     ) -> RResult<(), RpcErrorAbi>,
     /// Sends a result to a queue, outside the request/reply cycle.
     #[sabi(last_prefix_field)]
-    pub respond: for<'a> extern "C" fn(
+    pub(crate) respond: for<'a> extern "C" fn(
         &'a ErasedObject,
         queue: RStr<'a>,
         id_json: RStr<'a>,
         result_json: RStr<'a>,
     ) -> RResult<(), RpcErrorAbi>,
     /// (1.1) The exchange the request came through.
-    pub exchange: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
+    pub(crate) exchange: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
     /// (1.1) Emits a log event through the host's logger, tagged with the
     /// service, method and request id.
-    pub log: for<'a> extern "C" fn(&'a ErasedObject, level: u8, message: RStr<'a>),
+    pub(crate) log: for<'a> extern "C" fn(&'a ErasedObject, level: u8, message: RStr<'a>),
 }
 
 /// The layout of [`HostVTableRef`] as this crate sees it.
-pub const HOST_VTABLE_LAYOUT: &TypeLayout = <HostVTableRef as StableAbi>::LAYOUT;
+pub(crate) const HOST_VTABLE_LAYOUT: &TypeLayout = <HostVTableRef as StableAbi>::LAYOUT;
 /// The layout of [`PluginVTableRef`] as this crate sees it.
-pub const PLUGIN_VTABLE_LAYOUT: &TypeLayout = <PluginVTableRef as StableAbi>::LAYOUT;
+pub(crate) const PLUGIN_VTABLE_LAYOUT: &TypeLayout = <PluginVTableRef as StableAbi>::LAYOUT;

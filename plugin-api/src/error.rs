@@ -13,6 +13,14 @@ use crate::abi::RpcErrorAbi;
 /// Return it from a handler to answer the caller with that error; the host
 /// passes the code, message and data through untouched.
 ///
+/// A handler may also return any error that converts into `RpcError`, and
+/// `?` converts for it: [`std::io::Error`], [`serde_json::Error`],
+/// `Box<dyn std::error::Error + Send + Sync>` (and `anyhow::Error` with the
+/// `anyhow` feature) become -32603 "Internal error" **whose message is the
+/// error's text, with its causes: the caller sees it**. Map an error yourself
+/// when its text could carry something the caller must not see (a path, a
+/// password in a URL), or when another code fits better.
+///
 /// ```
 /// use commissaire_plugin_api::RpcError;
 /// let e = RpcError::new(404, "no such host").with_data(serde_json::json!({"host": "10.0.0.1"}));
@@ -100,8 +108,25 @@ impl RpcError {
         )
     }
 
+    /// -32603 carrying `error`'s text and the text of its causes
+    /// (`outer: cause: root cause`).
+    fn from_error(error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut text = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            // Many errors repeat their cause in their own text.
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        Self::internal_error(text)
+    }
+
     /// Converts to the boundary form.
-    pub fn into_abi(self) -> RpcErrorAbi {
+    pub(crate) fn into_abi(self) -> RpcErrorAbi {
         RpcErrorAbi {
             code: self.code,
             message: RString::from(self.message),
@@ -114,7 +139,7 @@ impl RpcError {
 
     /// Converts from the boundary form. Unreadable `data` is kept as a
     /// JSON string rather than dropped.
-    pub fn from_abi(e: RpcErrorAbi) -> Self {
+    pub(crate) fn from_abi(e: RpcErrorAbi) -> Self {
         let data = e.data_json.into_option().map(|text| {
             serde_json::from_str(text.as_str()).unwrap_or_else(|_| Value::String(text.into()))
         });
@@ -134,6 +159,36 @@ impl fmt::Display for RpcError {
 
 impl std::error::Error for RpcError {}
 
+/// -32603 with the error's text: the caller sees it.
+impl From<std::io::Error> for RpcError {
+    fn from(e: std::io::Error) -> Self {
+        Self::from_error(&e)
+    }
+}
+
+/// -32603 with the error's text: the caller sees it.
+impl From<serde_json::Error> for RpcError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::from_error(&e)
+    }
+}
+
+/// -32603 with the error's text and causes: the caller sees them.
+impl From<Box<dyn std::error::Error + Send + Sync>> for RpcError {
+    fn from(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        Self::from_error(e.as_ref())
+    }
+}
+
+/// -32603 with the error's text and its context chain (`{:#}`): the caller
+/// sees it.
+#[cfg(feature = "anyhow")]
+impl From<anyhow::Error> for RpcError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal_error(format!("{e:#}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +197,50 @@ mod tests {
     fn abi_round_trip_keeps_code_message_and_data() {
         let e = RpcError::new(409, "conflict").with_data(serde_json::json!({"k": [1, 2]}));
         assert_eq!(RpcError::from_abi(e.clone().into_abi()), e);
+    }
+
+    #[test]
+    fn std_errors_become_internal_errors_with_their_text() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no /etc/foo.toml");
+        assert_eq!(
+            RpcError::from(io),
+            RpcError::internal_error("no /etc/foo.toml")
+        );
+
+        let json = serde_json::from_str::<u8>("300").unwrap_err();
+        let text = json.to_string();
+        assert_eq!(RpcError::from(json), RpcError::internal_error(text));
+    }
+
+    #[test]
+    fn a_boxed_error_keeps_its_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("cannot read the inventory")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let boxed: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(Outer(std::io::Error::other("permission denied")));
+        let e = RpcError::from(boxed);
+        assert_eq!(e.code, RpcError::INTERNAL_ERROR);
+        assert_eq!(e.message, "cannot read the inventory: permission denied");
+    }
+
+    #[cfg(feature = "anyhow")]
+    #[test]
+    fn anyhow_errors_keep_their_context() {
+        let e = anyhow::anyhow!("disk full").context("cannot save the report");
+        assert_eq!(
+            RpcError::from(e),
+            RpcError::internal_error("cannot save the report: disk full")
+        );
     }
 
     #[test]

@@ -1,24 +1,23 @@
 //! The plugin half of the ABI, instantiated by `#[service]` for one type.
-//!
-//! Plugin authors do not use this module directly.
 
 use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use abi_stable::library::{CheckTypeLayout, LibHeader, RootModuleResult};
 use abi_stable::marker_type::ErasedObject;
 use abi_stable::prefix_type::{PrefixTypeTrait, WithMetadata};
 use abi_stable::std_types::{RResult, RStr, RString};
 
 use crate::abi::{
-    CallCtx, CallResult, PluginRoot, PluginRootRef, PluginVTable, PluginVTableRef, RpcErrorAbi,
-    ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
+    CallCtx, CallResult, HostLogger, PluginRoot, PluginRootRef, PluginVTable, PluginVTableRef,
+    RpcErrorAbi, ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
 };
-use crate::params::Args;
 use crate::{Message, RpcError};
 
-/// Implemented by `#[service]` for the service type.
+/// Implemented by `#[service]` for the service type. Not part of the
+/// stable API; implementing it by hand is safe but pointless.
 pub trait ServiceImpl: Sized + Send + Sync + 'static {
     /// The bus name of the service.
     const NAME: &'static str;
@@ -28,6 +27,9 @@ pub trait ServiceImpl: Sized + Send + Sync + 'static {
     const DESCRIPTION: &'static str;
     /// JSON array describing the methods.
     const METHODS_JSON: &'static str;
+    /// `cfg!(panic = "unwind")` in the plugin crate (the host refuses
+    /// plugins that would abort on a panic).
+    const PANIC_UNWIND: bool;
 
     /// Builds the service from its config section (`init` or `Default`).
     fn construct(config: serde_json::Value) -> Result<Self, RpcError>;
@@ -43,11 +45,23 @@ pub fn encode_result<T: serde::Serialize>(method: &str, value: &T) -> Result<Str
     })
 }
 
-/// Re-exported for the generated code.
-pub type ParsedArgs<'p> = Args<'p>;
+/// The header abi_stable's loader looks for in a plugin of service `S`,
+/// under the symbol `#[service]` exports it as.
+pub const fn lib_header<S: ServiceImpl>() -> LibHeader {
+    // SAFETY: `root_module_loader::<S>` returns the root module of type
+    // `PluginRootRef`, the type given here.
+    unsafe {
+        LibHeader::from_constructor::<PluginRootRef>(root_module_loader::<S>, CheckTypeLayout::Yes)
+    }
+}
+
+extern "C" fn root_module_loader<S: ServiceImpl>() -> RootModuleResult {
+    // Semver-exempt in abi_stable, hence the exact version pin.
+    abi_stable::library::__call_root_module_loader(Exports::<S>::root_module)
+}
 
 /// The exported entry points for service type `S`.
-pub struct Exports<S>(PhantomData<S>);
+pub(crate) struct Exports<S>(PhantomData<S>);
 
 impl<S: ServiceImpl> Exports<S> {
     const VTABLE_WM: &'static WithMetadata<PluginVTable> = &WithMetadata::new(PluginVTable {
@@ -59,17 +73,16 @@ impl<S: ServiceImpl> Exports<S> {
         drop_service: Self::drop_service,
         call: Self::call,
         description: RStr::from_str(S::DESCRIPTION),
+        set_host_logger: Self::set_host_logger,
     });
 
     /// The plugin vtable of `S`.
-    pub const VTABLE: PluginVTableRef = PluginVTableRef(Self::VTABLE_WM.static_as_prefix());
+    pub(crate) const VTABLE: PluginVTableRef = PluginVTableRef(Self::VTABLE_WM.static_as_prefix());
 
-    /// Builds the root module. `panic_unwind` must be `cfg!(panic =
-    /// "unwind")` evaluated in the plugin crate.
-    pub fn root_module(panic_unwind: bool) -> PluginRootRef {
+    fn root_module() -> PluginRootRef {
         install_panic_hook();
         PluginRoot {
-            panic_unwind,
+            panic_unwind: S::PANIC_UNWIND,
             host_vtable_layout: HOST_VTABLE_LAYOUT,
             plugin_vtable_layout: PLUGIN_VTABLE_LAYOUT,
             plugin: Self::VTABLE,
@@ -107,8 +120,9 @@ impl<S: ServiceImpl> Exports<S> {
     }
 
     extern "C" fn drop_service(service: ServiceHandle) {
-        // SAFETY: `service` was made by `new_service` from a `Box<S>` and the
-        // host drops it once.
+        // SAFETY: `service` was made by `new_service` from a `Box<S>`; the
+        // host half (`ServiceInstance`, the test kit) owns it and drops it
+        // once, after its last call.
         let boxed = unsafe { Box::from_raw(service.0.cast::<S>().cast_mut()) };
         // A panicking Drop must not unwind into the host.
         let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
@@ -121,7 +135,7 @@ impl<S: ServiceImpl> Exports<S> {
         params: RStr<'a>,
     ) -> CallResult {
         // SAFETY: `service` was made by `new_service` from a `Box<S>` and the
-        // host keeps it alive for as long as it calls.
+        // host half keeps it alive for as long as it calls.
         let service = unsafe { &*service.0.cast::<S>() };
         let msg = Message::from_ctx(ctx);
         let method = method.as_str();
@@ -139,6 +153,11 @@ impl<S: ServiceImpl> Exports<S> {
                 .into_abi(),
             ),
         }
+    }
+
+    extern "C" fn set_host_logger(logger: HostLogger) {
+        // Installing a subscriber must not unwind into the host.
+        let _ = catch_unwind(|| crate::plugin_log::set_host_logger(logger, S::NAME));
     }
 }
 

@@ -1,17 +1,33 @@
-//! The host half of the ABI: what a host (the real one, or the test kit)
-//! implements so that handlers can read their message and use the bus.
+//! The host half of the ABI: what commissaire-host (and the test kit) use to
+//! check a loaded plugin, build its service, call its handlers and serve
+//! their bus calls and logs.
 //!
-//! Plugin authors do not need this module.
+//! Hidden from the plugin author's docs. Everything here is safe to use:
+//! the unsafe contracts of the raw entry points (a live service handle, call
+//! data that is really the host's) are kept by the types below, which own
+//! what they point at.
 
+use std::cell::Cell;
+use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
+use abi_stable::abi_stability::abi_checking::{check_layout_compatibility, AbiInstabilityErrors};
 use abi_stable::marker_type::ErasedObject;
 use abi_stable::prefix_type::WithMetadata;
 use abi_stable::std_types::{ROption, RResult, RStr, RString};
+use abi_stable::type_layout::{TLData, TLFieldOrFunction, TypeLayout};
 
-use crate::abi::{CallCtx, CallResult, HostVTable, HostVTableRef, RpcErrorAbi};
-use crate::RpcError;
+use crate::abi::{
+    log_level, CallCtx, CallResult, HostLogger, HostVTable, HostVTableRef, LogRecord,
+    PluginVTableRef, RpcErrorAbi, ServiceHandle, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
+};
+use crate::{host_log, RpcError};
+
+pub use crate::abi::PluginRootRef;
+
+/// The plugin-api version of this crate, which the host speaks.
+pub const API_VERSION: &str = crate::abi::API_VERSION;
 
 /// What the host knows about the request being handled.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +50,9 @@ pub struct RequestMeta<'a> {
 
 /// The bus operations a handler may use, implemented by the host.
 ///
-/// Implementations are called from handler threads and may block.
+/// Implementations are called from handler threads and may block. Logs do
+/// not go through here: this crate emits a plugin's log events as `tracing`
+/// events of the host process (see [`Plugin::install_logger`]).
 pub trait HostBus: Send + Sync {
     /// Sends a request and waits for the reply; returns the result's JSON
     /// text. `timeout` is `None` for the host's default.
@@ -50,26 +68,232 @@ pub trait HostBus: Send + Sync {
 
     /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`.
     fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError>;
+}
 
-    /// A log event from the handler of `meta`. The default drops it.
-    fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
-        let _ = (meta, level, message);
+/// Why a loaded library's root module is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckError {
+    /// Built with `panic = "abort"`.
+    PanicAbort,
+    /// The plugin's view of the host callbacks differs from ours: the first
+    /// differing field, in words.
+    HostInterface(String),
+    /// The plugin's entry points differ from ours.
+    PluginInterface(String),
+}
+
+/// A plugin whose root module passed the checks: its entry points may be
+/// called. Libraries are never unloaded, so it lives as long as the
+/// process.
+#[derive(Clone, Copy)]
+pub struct Plugin {
+    vtable: PluginVTableRef,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("service_name", &self.service_name())
+            .field("api_version", &self.api_version())
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// Checks a root module that abi_stable loaded: built with
+    /// `panic = "unwind"`, and both vtables compatible with ours (older and
+    /// newer minor versions are; a field of another type is not).
+    pub fn check(root: PluginRootRef) -> Result<Self, CheckError> {
+        if !root.panic_unwind() {
+            return Err(CheckError::PanicAbort);
+        }
+        check_growable(HOST_VTABLE_LAYOUT, root.host_vtable_layout())
+            .map_err(CheckError::HostInterface)?;
+        check_growable(PLUGIN_VTABLE_LAYOUT, root.plugin_vtable_layout())
+            .map_err(CheckError::PluginInterface)?;
+        Ok(Self {
+            vtable: root.plugin(),
+        })
+    }
+
+    /// The plugin-api version the plugin was built against.
+    pub fn api_version(&self) -> &'static str {
+        self.vtable.api_version().as_str()
+    }
+
+    /// The bus name of its service.
+    pub fn service_name(&self) -> &'static str {
+        self.vtable.service_name().as_str()
+    }
+
+    /// The plugin crate's version.
+    pub fn plugin_version(&self) -> &'static str {
+        self.vtable.plugin_version().as_str()
+    }
+
+    /// Its methods as a JSON array (name, doc, params, returns).
+    pub fn methods_json(&self) -> &'static str {
+        self.vtable.methods_json().as_str()
+    }
+
+    /// The service's description; `None` before plugin-api 1.1.
+    pub fn description(&self) -> Option<&'static str> {
+        self.vtable.description().map(|d| d.as_str())
+    }
+
+    /// Hands the plugin this process's log sink and its current maximum
+    /// level (`tracing`'s [`LevelFilter::current`]), so that the plugin's
+    /// `tracing` events and `log` records become events of this process,
+    /// and those more verbose than the maximum are dropped in the plugin
+    /// without crossing. Call it at load, before [`Plugin::instantiate`],
+    /// so that `init` logs too. Does nothing for plugins older than 1.2.
+    ///
+    /// [`LevelFilter::current`]: tracing::level_filters::LevelFilter::current
+    pub fn install_logger(&self) {
+        if let Some(set_host_logger) = self.vtable.set_host_logger() {
+            set_host_logger(HostLogger {
+                max_level: log_level::from_filter(tracing::level_filters::LevelFilter::current()),
+                log: host_log_record,
+            });
+        }
+    }
+
+    /// Builds a service value from its JSON config section.
+    pub fn instantiate(&self, config_json: &str) -> Result<ServiceInstance, RpcError> {
+        let handle = (self.vtable.new_service())(config_json.into())
+            .into_result()
+            .map_err(RpcError::from_abi)?;
+        Ok(ServiceInstance {
+            vtable: self.vtable,
+            handle,
+        })
+    }
+}
+
+/// One service value inside a plugin, shared by concurrent calls. Owns it:
+/// the plugin drops it when this is dropped.
+pub struct ServiceInstance {
+    vtable: PluginVTableRef,
+    handle: ServiceHandle,
+}
+
+impl fmt::Debug for ServiceInstance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceInstance")
+            .field("service", &self.vtable.service_name())
+            .finish()
+    }
+}
+
+impl ServiceInstance {
+    /// Calls `meta.method` with raw `params` JSON text (empty for none);
+    /// returns the result's JSON text. Synchronous: run it where blocking
+    /// is fine. The handler's bus calls go to `bus`; its log events carry
+    /// the service, method and id of `meta`.
+    pub fn call(
+        &self,
+        meta: RequestMeta<'_>,
+        bus: &dyn HostBus,
+        params: &str,
+    ) -> Result<RString, RpcError> {
+        let service = self.vtable.service_name().as_str();
+        with_call_ctx(service, meta, bus, |ctx| {
+            (self.vtable.call())(self.handle, ctx, meta.method.into(), params.into())
+                .into_result()
+                .map_err(RpcError::from_abi)
+        })
+    }
+}
+
+impl Drop for ServiceInstance {
+    fn drop(&mut self) {
+        (self.vtable.drop_service())(self.handle);
+    }
+}
+
+/// Number of fields of the prefix type behind a prefix reference layout.
+fn prefix_fields(reference: &'static TypeLayout) -> Option<usize> {
+    let inner = reference.shared_vars().type_layouts().first()?();
+    match inner.data() {
+        TLData::PrefixType(p) => Some(p.fields.len()),
+        _ => None,
+    }
+}
+
+/// Checks a growable vtable: the side with fewer fields is the interface,
+/// so older and newer minor versions are both accepted while a field of
+/// another type is not.
+fn check_growable(ours: &'static TypeLayout, theirs: &'static TypeLayout) -> Result<(), String> {
+    let (interface, implementation) = match (prefix_fields(ours), prefix_fields(theirs)) {
+        (Some(a), Some(b)) if b < a => (theirs, ours),
+        (Some(_), Some(_)) => (ours, theirs),
+        _ => return Err("not a prefix-type vtable".into()),
+    };
+    check_layout_compatibility(interface, implementation).map_err(|e| describe(&e))
+}
+
+/// The first field whose type differs, in words.
+fn describe(errors: &AbiInstabilityErrors) -> String {
+    tracing::debug!(details = %errors, "layout mismatch");
+    let field = errors
+        .errors
+        .iter()
+        .flat_map(|e| e.stack_trace.iter())
+        .find_map(|ef| match &ef.expected {
+            TLFieldOrFunction::Field(f) if !f.name().is_empty() && f.name() != "0" => {
+                Some(f.name())
+            }
+            _ => None,
+        });
+    match field {
+        Some(name) => format!("field `{name}` has another type"),
+        None => "layouts differ (details at debug level)".into(),
     }
 }
 
 /// The per-call data behind [`CallCtx::data`].
 struct HostEnv<'a> {
+    service: &'a str,
     meta: RequestMeta<'a>,
     bus: &'a dyn HostBus,
 }
 
+thread_local! {
+    /// The call this thread is in, for the log events the plugin emits
+    /// meanwhile (they carry no request of their own: the plugin's logger
+    /// is global). Null outside calls.
+    static CURRENT: Cell<*const HostEnv<'static>> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Restores the enclosing call's [`CURRENT`] (a handler's bus request may
+/// run another handler on the same thread, as the test kit does).
+struct CurrentGuard(*const HostEnv<'static>);
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
+}
+
+/// Runs `f` with the call this thread is in, if any.
+fn current_call<R>(f: impl FnOnce(Option<&HostEnv<'_>>) -> R) -> R {
+    let ptr = CURRENT.with(Cell::get);
+    // SAFETY: `CURRENT` is non-null only while `with_call_ctx`, on this
+    // thread, holds the `HostEnv` it points at on its stack (the guard
+    // resets it before that frame ends, unwinding included); the reference
+    // does not outlive `f`.
+    let env = unsafe { ptr.as_ref() };
+    f(env)
+}
+
 /// Runs `f` with a [`CallCtx`] that serves `meta` and `bus` to the plugin.
-pub fn with_call_ctx<R>(
+pub(crate) fn with_call_ctx<R>(
+    service: &str,
     meta: RequestMeta<'_>,
     bus: &dyn HostBus,
     f: impl FnOnce(&CallCtx<'_>) -> R,
 ) -> R {
-    let env = HostEnv { meta, bus };
+    let env = HostEnv { service, meta, bus };
     // SAFETY: `ErasedObject` is a zero-sized opaque type; the reference only
     // travels to our own callbacks below, which cast it back to `HostEnv`
     // while `env` is alive (the plugin may not keep it past the call).
@@ -78,12 +302,15 @@ pub fn with_call_ctx<R>(
         host: HOST_VTABLE,
         data,
     };
+    let previous = CURRENT.with(|c| c.replace(std::ptr::from_ref(&env).cast()));
+    let _restore = CurrentGuard(previous);
     f(&ctx)
 }
 
 fn env<'a>(data: &'a ErasedObject) -> &'a HostEnv<'a> {
     // SAFETY: every `ErasedObject` handed to these callbacks was made from a
-    // `HostEnv` by `with_call_ctx`, which outlives the call.
+    // `HostEnv` by `with_call_ctx`, which outlives the call; `CallCtx` and
+    // `HOST_VTABLE` are private, so no other data reaches them.
     unsafe { &*std::ptr::from_ref(data).cast::<HostEnv<'a>>() }
 }
 
@@ -161,10 +388,37 @@ extern "C" fn respond<'a>(
     })
 }
 
+/// `Message::log_*` (and everything a 1.1 plugin logs): the service name is
+/// the target, having no other.
 extern "C" fn log<'a>(data: &'a ErasedObject, level: u8, message: RStr<'a>) {
     let _ = guarded("log", || {
         let env = env(data);
-        env.bus.log(&env.meta, level, message.as_str());
+        host_log::emit(
+            level,
+            env.service,
+            Some(&env.meta),
+            env.service,
+            message.as_str(),
+        );
+        Ok(())
+    });
+}
+
+/// The sink of [`HostLogger`]: a plugin's `tracing` event or `log` record,
+/// from any thread; inside a call on this thread it joins that request.
+extern "C" fn host_log_record<'a>(record: &'a LogRecord<'a>) {
+    let _ = guarded("log", || {
+        let service = record.service.as_str();
+        current_call(|call| {
+            let meta = call.filter(|c| c.service == service).map(|c| &c.meta);
+            host_log::emit(
+                record.level,
+                service,
+                meta,
+                record.target.as_str(),
+                record.message.as_str(),
+            );
+        });
         Ok(())
     });
 }
@@ -184,4 +438,4 @@ const HOST_VTABLE_WM: &WithMetadata<HostVTable> = &WithMetadata::new(HostVTable 
 });
 
 /// This crate's host vtable.
-pub const HOST_VTABLE: HostVTableRef = HostVTableRef(HOST_VTABLE_WM.static_as_prefix());
+const HOST_VTABLE: HostVTableRef = HostVTableRef(HOST_VTABLE_WM.static_as_prefix());

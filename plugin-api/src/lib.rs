@@ -1,84 +1,251 @@
 //! Write Commissaire bus services as plugins for `commissaire-host`.
 //!
-//! A plugin is a `cdylib` crate that depends on this crate only:
+//! This is the plugin author's guide. A plugin is a crate built as a
+//! `cdylib` (the library the host loads) and an `rlib` (so that its own
+//! tests can link it). Start from `examples/plugin-template/` in the
+//! commissaire-host repository: copy the directory, change the one
+//! `path = "../../plugin-api"` line of its `Cargo.toml` (to a path to this
+//! crate, or to `{ git = "<repository URL>", tag = "<release>" }`, since
+//! the crate is not on crates.io), rename the service, build.
 //!
-//! ```ignore
-//! use commissaire_plugin_api::prelude::*;
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib", "rlib"]
 //!
-//! #[derive(Default)]
-//! pub struct Simple;
-//!
-//! #[service(name = "simple")]
-//! impl Simple {
-//!     /// Adds two integers.
-//!     fn on_add(&self, _msg: &Message, x: i64, y: i64) -> Result<i64, RpcError> {
-//!         Ok(x + y)
-//!     }
-//! }
+//! [dependencies]
+//! commissaire-plugin-api = { path = "../../plugin-api" }
+//! # Only for `#[derive(Deserialize)]` on your own argument types: serde's
+//! # derive needs `serde` as a direct dependency.
+//! serde = { version = "1", features = ["derive"] }
 //! ```
 //!
-//! - Every `fn on_<name>(&self, msg: &Message, args…) -> Result<T, RpcError>`
-//!   is exposed as bus method `<name>`, like `on_<method>` in a Python
-//!   `CommissaireService`. Arguments are any `Deserialize` types, filled
-//!   from a JSON array by position or from a JSON object by name; `Option`
-//!   arguments may be left out. `T` is any `Serialize` type.
-//! - The service is built once per worker, by `Default` or by an
-//!   `fn init(config: Value) -> Result<Self, RpcError>` in the same `impl`,
-//!   which receives the service's `config` table from the host's config.
-//!   Concurrent calls share it, so it must be `Send + Sync`.
-//! - [`Message`] tells the handler about its request and gives it the bus
-//!   ([`Message::bus`]) to call other services.
-//! - A panic in a handler becomes a -32603 reply. Do not build plugins with
-//!   `panic = "abort"`: the host refuses them.
-//! - One `#[service]` per plugin crate.
-//! - [`testing::TestService`] calls your handlers in your own tests.
+//! # A service
+//!
+//! ```
+//! use commissaire_plugin_api::prelude::*;
+//! use serde::Deserialize;
+//!
+//! /// Keeps an inventory of hosts. (This doc comment is the service's
+//! /// description in `commissaire-host plugins`.)
+//! pub struct Inventory {
+//!     default_port: u16,
+//! }
+//!
+//! /// A host, as callers send it: `{"address": "10.0.0.1", "port": 22}`.
+//! #[derive(Debug, Deserialize)]
+//! pub struct Host {
+//!     address: String,
+//!     port: Option<u16>,
+//! }
+//!
+//! /// Keeps an inventory of hosts.
+//! #[service(name = "inventory")]
+//! impl Inventory {
+//!     /// Builds the service from the `config` table of its `[[service]]`
+//!     /// entry in the host's configuration (`Value::Null` when absent).
+//!     fn init(config: Value) -> Result<Self, RpcError> {
+//!         let default_port = match config.get("default_port") {
+//!             None => 22,
+//!             Some(port) => serde_json::from_value(port.clone())?,
+//!         };
+//!         tracing::info!(default_port, "inventory starting");
+//!         Ok(Self { default_port })
+//!     }
+//!
+//!     /// Describes a host. Bus method `describe`; arguments by position
+//!     /// (`[{"address": …}]`) or by name (`{"host": {"address": …}}`).
+//!     fn on_describe(&self, host: Host) -> Result<String, RpcError> {
+//!         let port = host.port.unwrap_or(self.default_port);
+//!         Ok(format!("{}:{port}", host.address))
+//!     }
+//!
+//!     /// Reads the file of a host. `?` turns the I/O error into -32603 with
+//!     /// its text.
+//!     fn on_notes(&self, address: String) -> std::io::Result<String> {
+//!         std::fs::read_to_string(format!("/var/lib/inventory/{address}.txt"))
+//!     }
+//!
+//!     /// Takes the message to see who asked and to use the bus.
+//!     fn on_check(&self, msg: &Message, address: String) -> Result<bool, RpcError> {
+//!         tracing::debug!(%address, reply_to = ?msg.reply_to(), "checking");
+//!         let known: Vec<String> = msg.bus().request("registry.list_hosts", json!([]))?;
+//!         if known.is_empty() {
+//!             return Err(RpcError::new(-20000, "the registry is empty")
+//!                 .with_data(json!({"address": address})));
+//!         }
+//!         Ok(known.contains(&address))
+//!     }
+//! }
+//!
+//! // Its own tests, with no host and no broker:
+//! use commissaire_plugin_api::testing::TestService;
+//!
+//! let svc = TestService::<Inventory>::with_config(json!({"default_port": 2222}))?
+//!     .with_route("registry.*", |_method, _params| Ok(json!(["10.0.0.1"])));
+//! assert_eq!(svc.call("describe", json!([{"address": "10.0.0.2"}])), Ok(json!("10.0.0.2:2222")));
+//! assert_eq!(svc.call("check", json!({"address": "10.0.0.1"})), Ok(json!(true)));
+//! assert_eq!(svc.call("describe", json!([])).unwrap_err().code, RpcError::INVALID_PARAMS);
+//! # Ok::<(), RpcError>(())
+//! ```
+//!
+//! # Handlers
+//!
+//! - Every `fn on_<name>` of the `#[service]` `impl` is bus method `<name>`,
+//!   like `on_<method>` in a Python `CommissaireService`. It takes `&self`,
+//!   then optionally `msg: &Message` (recognised by its type; any other
+//!   reference there is a compile error), then its arguments.
+//! - Arguments are owned `Deserialize` types (`String`, not `&str`),
+//!   filled from a JSON array by position or from a JSON object by name;
+//!   `Option` arguments may be left out. A mismatch is answered with
+//!   -32602 naming the argument. Your own types need `serde` as a direct
+//!   dependency for `#[derive(Deserialize)]`.
+//! - It returns `Result<T, E>`: `T` any `Serialize` type, `E` any error that
+//!   converts into [`RpcError`]. Return an `RpcError` for a code of your
+//!   choice (it reaches the caller untouched); `std::io::Error`,
+//!   `serde_json::Error`, `Box<dyn Error + Send + Sync>` and, with the
+//!   `anyhow` feature, `anyhow::Error` become -32603 carrying the error's
+//!   text: **the caller sees that text**.
+//! - A panic in a handler becomes a -32603 reply, and the service goes on.
+//!   Do not build plugins with `panic = "abort"`: the host refuses them.
+//!
+//! # The service value
+//!
+//! Built once per worker, by `Default` or by an
+//! `fn init(config: Value) -> Result<Self, E>` in the same `impl`, which
+//! receives the service's `config` table from the host's configuration.
+//! Concurrent calls share it, so it must be `Send + Sync` (use a `Mutex`
+//! or atomics for state). One `#[service]` per plugin crate.
+//!
+//! # The message and the bus
+//!
+//! [`Message`] tells the handler its routing key, method, id, `reply_to`,
+//! correlation id and whether it was redelivered, and gives it the bus:
+//! [`Bus::request`] (the host's default timeout),
+//! [`Bus::request_with_timeout`], [`Bus::notify`] and [`Bus::respond`],
+//! like Commissaire's `BusMixin`.
+//!
+//! # Logging
+//!
+//! Use [`tracing`] (re-exported here; or your own dependency on it) as
+//! anywhere else: `tracing::info!(count, "refreshed")`. The plugin's events,
+//! and the `log` records of its dependencies, become events of the host
+//! process at their level and with their target, inside a span naming the
+//! service (and the method and request id while a handler runs), so that
+//! the host's `COMMISSAIRE_LOG` filters them like its own
+//! (`COMMISSAIRE_LOG=info,inventory=debug`). Events from `init` and from
+//! threads the plugin starts arrive too. Levels the host does not record
+//! are dropped in the plugin at the cost of a comparison. This needs a host
+//! of plugin-api 1.2 or newer; [`Message::log_info`] and its siblings also
+//! work on 1.1 hosts.
+//!
+//! # Testing
+//!
+//! [`testing::TestService`] calls your handlers in your own `cargo test`,
+//! through the same exported entry point and JSON path the host uses.
+//!
+//! # Compatibility
+//!
+//! A plugin built against 1.x loads in every 1.y host, older or newer: what
+//! an older host lacks reads as absent (`msg.exchange()` is `None`, a newer
+//! bus call answers -32000) instead of crashing.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
-pub mod abi;
+// `#[service]` names this crate by its path, also in its own tests.
+#[cfg(test)]
+extern crate self as commissaire_plugin_api;
+
+mod abi;
 mod error;
-pub mod export;
+mod export;
+#[doc(hidden)]
 pub mod host;
+mod host_log;
 mod message;
-pub mod params;
+mod params;
+mod plugin_log;
 pub mod testing;
 
+/// Turns an `impl` block's `on_<method>` functions into the bus methods of
+/// a plugin, and exports the plugin. See [the crate docs](crate) for the
+/// handler rules.
+///
+/// ```
+/// use commissaire_plugin_api::prelude::*;
+///
+/// #[derive(Default)]
+/// pub struct Simple;
+///
+/// /// Adds numbers.
+/// #[service(name = "simple")]
+/// impl Simple {
+///     /// Adds two integers.
+///     fn on_add(&self, x: i64, y: i64) -> Result<i64, RpcError> {
+///         x.checked_add(y).ok_or_else(|| RpcError::invalid_params("overflow"))
+///     }
+/// }
+/// ```
+///
+/// Only `&Message` may come right after `&self`; arguments are owned:
+///
+/// ```compile_fail
+/// # use commissaire_plugin_api::prelude::*;
+/// # #[derive(Default)] pub struct Simple;
+/// #[service(name = "simple")]
+/// impl Simple {
+///     fn on_shout(&self, word: &str) -> Result<String, RpcError> {
+///         Ok(word.to_uppercase())
+///     }
+/// }
+/// ```
+///
+/// A handler's error type must convert into [`RpcError`]:
+///
+/// ```compile_fail
+/// # use commissaire_plugin_api::prelude::*;
+/// # #[derive(Default)] pub struct Simple;
+/// #[service(name = "simple")]
+/// impl Simple {
+///     fn on_parse(&self, text: String) -> Result<i64, std::num::ParseIntError> {
+///         text.parse()
+///     }
+/// }
+/// ```
 pub use commissaire_plugin_api_macros::service;
 pub use error::RpcError;
 pub use message::{Bus, Message};
 
-/// The serde crate, for `#[derive(Deserialize)]` on your own argument types
-/// (`#[serde(crate = "commissaire_plugin_api::serde")]`).
+/// The serde crate this API is built with. To derive `Deserialize` on your
+/// own argument types, depend on `serde` directly (its derive refers to the
+/// `serde` crate by name).
 pub use serde;
-/// The serde_json crate.
+/// The serde_json crate, for [`Value`](serde_json::Value) and
+/// [`json!`](serde_json::json).
 pub use serde_json;
+/// The tracing crate: its events in a plugin reach the host's log (see
+/// [Logging](crate#logging)).
+pub use tracing;
 
-/// Everything a plugin author needs.
+/// Everything a handler usually needs: `use commissaire_plugin_api::prelude::*;`.
 pub mod prelude {
     pub use crate::serde_json::{self, json, Value};
+    pub use crate::tracing;
     pub use crate::{service, Bus, Message, RpcError};
 }
 
 /// Used by the code `#[service]` generates. Not part of the stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::{encode_result, Exports, ParsedArgs, ServiceImpl};
-    pub use abi_stable;
+    pub use crate::export::{encode_result, lib_header, ServiceImpl};
+    pub use crate::params::Args as ParsedArgs;
+    pub use abi_stable::library::LibHeader;
     pub use serde_json;
 
-    /// Exports the root module of service type `S` under abi_stable's
-    /// loader symbol.
-    pub const fn lib_header(
-        loader: extern "C" fn() -> abi_stable::library::RootModuleResult,
-    ) -> abi_stable::library::LibHeader {
-        // SAFETY: `loader` returns the root module of type `PluginRootRef`,
-        // the type given here.
-        unsafe {
-            abi_stable::library::LibHeader::from_constructor::<crate::abi::PluginRootRef>(
-                loader,
-                abi_stable::library::CheckTypeLayout::Yes,
-            )
-        }
+    /// Turns a handler's error into the `RpcError` it answers with; named
+    /// here so that a type that does not convert is reported at the
+    /// handler's return type.
+    pub fn into_rpc_error<E: Into<crate::RpcError>>(e: E) -> crate::RpcError {
+        e.into()
     }
 }
 

@@ -6,21 +6,33 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 use crate::abi::{log_level, CallCtx};
 use crate::RpcError;
 
-/// The request a handler is answering. Passed as the first argument of every
-/// `on_<method>`, like `message` in a Python `CommissaireService`.
+/// The request a handler is answering, like `message` in a Python
+/// `CommissaireService`. A handler that wants it takes `msg: &Message` right
+/// after `&self`:
+///
+/// ```
+/// # use commissaire_plugin_api::prelude::*;
+/// # #[derive(Default)] pub struct Inventory;
+/// # #[service(name = "inventory")]
+/// # impl Inventory {
+/// /// Says who asked, and asks `simple.add` for 2 + 3.
+/// fn on_whoami(&self, msg: &Message) -> Result<String, RpcError> {
+///     let sum: i64 = msg.bus().request("simple.add", [2, 3])?;
+///     Ok(format!("{} (id {}) got {sum}", msg.routing_key(), msg.id()))
+/// }
+/// # }
+/// ```
 pub struct Message<'a> {
     ctx: &'a CallCtx<'a>,
 }
 
 impl<'a> Message<'a> {
     /// Wraps the context the host passed to the plugin.
-    #[doc(hidden)]
-    pub fn from_ctx(ctx: &'a CallCtx<'a>) -> Self {
+    pub(crate) fn from_ctx(ctx: &'a CallCtx<'a>) -> Self {
         Self { ctx }
     }
 
@@ -40,7 +52,7 @@ impl<'a> Message<'a> {
         (self.ctx.host.id_json())(self.ctx.data).as_str()
     }
 
-    /// The request's `id`, decoded.
+    /// The request's `id`, decoded; pass it to [`Bus::respond`].
     pub fn id(&self) -> serde_json::Value {
         serde_json::from_str(self.id_json()).unwrap_or(serde_json::Value::Null)
     }
@@ -84,6 +96,10 @@ impl<'a> Message<'a> {
     /// Logs `message` through the host's logger at info level, tagged with
     /// the service, method and request id. Does nothing on hosts older than
     /// plugin-api 1.1.
+    ///
+    /// `tracing::info!` (re-exported as [`crate::tracing`]) does the same
+    /// with fields, anywhere in the plugin, on hosts from plugin-api 1.2;
+    /// these methods remain for older hosts.
     pub fn log_info(&self, message: &str) {
         self.log(log_level::INFO, message);
     }
@@ -131,26 +147,38 @@ pub struct Bus<'a> {
 
 impl Bus<'_> {
     /// Sends a request to `routing_key` (e.g. `simple.add`) and waits for its
-    /// reply, up to the host's default timeout (10 s). Returns the decoded
-    /// result, or the error the other service answered with.
+    /// reply, up to the host's default timeout (10 s unless configured).
+    /// Returns the decoded result, or the error the other service answered
+    /// with (-32603 when no reply came in time).
     pub fn request<R: DeserializeOwned>(
         &self,
         routing_key: &str,
         params: impl Serialize,
     ) -> Result<R, RpcError> {
-        self.request_with_timeout(routing_key, params, Duration::ZERO)
+        // 0 is the ABI's "the host's default".
+        self.request_ms(routing_key, &params, 0)
     }
 
-    /// Like [`Bus::request`] with an explicit timeout (`Duration::ZERO`
-    /// means the host's default).
+    /// Like [`Bus::request`], waiting up to `timeout` instead of the host's
+    /// default. The host counts in milliseconds: a timeout is rounded up to
+    /// the next millisecond, so `Duration::ZERO` waits 1 ms.
     pub fn request_with_timeout<R: DeserializeOwned>(
         &self,
         routing_key: &str,
         params: impl Serialize,
         timeout: Duration,
     ) -> Result<R, RpcError> {
-        let params = encode("params", &params)?;
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let ms = timeout.as_nanos().div_ceil(1_000_000).max(1);
+        self.request_ms(routing_key, &params, u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    fn request_ms<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: &impl Serialize,
+        timeout_ms: u64,
+    ) -> Result<R, RpcError> {
+        let params = encode("params", params)?;
         let reply = (self.ctx.host.request())(
             self.ctx.data,
             routing_key.into(),
@@ -176,18 +204,37 @@ impl Bus<'_> {
     }
 
     /// Sends `result` as the reply to request `id` on `queue`, outside the
-    /// request/reply cycle (for work that finishes later).
+    /// request/reply cycle (for work that finishes later). `id` is the
+    /// request's id as [`Message::id`] gives it (any `Serialize` value: a
+    /// `serde_json::Value`, a `&str` for a string id, the `&RawValue` of
+    /// plugin-api 1.1); not [`Message::id_json`], which is JSON text.
+    ///
+    /// ```
+    /// # use commissaire_plugin_api::prelude::*;
+    /// # #[derive(Default)] pub struct Jobs;
+    /// # #[service(name = "jobs")]
+    /// # impl Jobs {
+    /// /// Answers now, and once more when the work is done.
+    /// fn on_start(&self, msg: &Message) -> Result<&'static str, RpcError> {
+    ///     if let Some(queue) = msg.reply_to() {
+    ///         msg.bus().respond(queue, msg.id(), json!({"done": true}))?;
+    ///     }
+    ///     Ok("started")
+    /// }
+    /// # }
+    /// ```
     pub fn respond(
         &self,
         queue: &str,
-        id: &RawValue,
+        id: impl Serialize,
         result: impl Serialize,
     ) -> Result<(), RpcError> {
+        let id = encode("id", &id)?;
         let result = encode("result", &result)?;
         (self.ctx.host.respond())(
             self.ctx.data,
             queue.into(),
-            id.get().into(),
+            id.as_str().into(),
             result.as_str().into(),
         )
         .into_result()
@@ -204,4 +251,76 @@ impl fmt::Debug for Bus<'_> {
 fn encode(what: &str, value: &impl Serialize) -> Result<String, RpcError> {
     serde_json::to_string(value)
         .map_err(|e| RpcError::internal_error(format!("cannot encode {what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::prelude::*;
+    use crate::testing::TestService;
+
+    #[derive(Default)]
+    struct Caller;
+
+    #[service(name = "caller")]
+    impl Caller {
+        fn on_ask(&self, msg: &Message, timeout_us: Option<u64>) -> Result<i64, RpcError> {
+            let bus = msg.bus();
+            match timeout_us {
+                None => bus.request("calc.add", [1, 2]),
+                Some(us) => bus.request_with_timeout("calc.add", [1, 2], Duration::from_micros(us)),
+            }
+        }
+
+        fn on_later(&self, msg: &Message) -> Result<(), RpcError> {
+            let queue = msg.reply_to().unwrap_or("nowhere");
+            msg.bus().respond(queue, msg.id(), json!({"done": true}))
+        }
+    }
+
+    fn caller() -> TestService<Caller> {
+        TestService::<Caller>::new().with_route("calc.*", |_, _| Ok(json!(3)))
+    }
+
+    #[test]
+    fn request_uses_the_hosts_default_timeout() {
+        let svc = caller();
+        assert_eq!(svc.call("ask", json!([])), Ok(json!(3)));
+        assert_eq!(
+            svc.requests(),
+            [("calc.add".to_owned(), json!([1, 2]), None)]
+        );
+    }
+
+    #[test]
+    fn request_with_timeout_is_that_timeout_even_zero() {
+        let svc = caller();
+        for us in [2_000_000, 1_500, 0] {
+            assert_eq!(svc.call("ask", json!([us])), Ok(json!(3)));
+        }
+        let timeouts: Vec<_> = svc.requests().into_iter().map(|(_, _, t)| t).collect();
+        assert_eq!(
+            timeouts,
+            [
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_millis(2)),
+                Some(Duration::from_millis(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn respond_takes_the_id_as_the_message_gives_it() {
+        let svc = caller();
+        assert_eq!(svc.call("later", json!([])), Ok(json!(null)));
+        assert_eq!(
+            svc.responses(),
+            [(
+                "test-reply".to_owned(),
+                json!("test"),
+                json!({"done": true})
+            )]
+        );
+    }
 }

@@ -3,19 +3,37 @@
 //! exported entry point called, the result encoded to JSON), with no host
 //! and no broker.
 //!
-//! ```ignore
-//! use commissaire_plugin_api::testing::TestService;
-//! use commissaire_plugin_api::serde_json::json;
-//!
-//! #[test]
-//! fn adds() {
-//!     let svc = TestService::<Simple>::new();
-//!     assert_eq!(svc.call("add", json!([1, 2])), Ok(json!(3)));
-//!     // Bus requests to `simple.*` come back into the service itself:
-//!     assert_eq!(svc.call("wordy_add", json!([1, 2])),
-//!                Ok(json!("Adding 1 plus 2 results in 3")));
-//! }
 //! ```
+//! use commissaire_plugin_api::prelude::*;
+//! use commissaire_plugin_api::testing::TestService;
+//!
+//! #[derive(Default)]
+//! pub struct Simple;
+//!
+//! #[service(name = "simple")]
+//! impl Simple {
+//!     fn on_add(&self, x: i64, y: i64) -> Result<i64, RpcError> {
+//!         Ok(x + y)
+//!     }
+//!
+//!     fn on_wordy_add(&self, msg: &Message, x: i64, y: i64) -> Result<String, RpcError> {
+//!         let sum: i64 = msg.bus().request("simple.add", [x, y])?;
+//!         msg.bus().notify("audit.added", json!({"sum": sum}))?;
+//!         Ok(format!("Adding {x} plus {y} results in {sum}"))
+//!     }
+//! }
+//!
+//! // In `#[cfg(test)] mod tests`, as `#[test] fn`s:
+//! let svc = TestService::<Simple>::new();
+//! assert_eq!(svc.call("add", json!([1, 2])), Ok(json!(3)));
+//! // Bus requests to `simple.*` come back into the service itself:
+//! assert_eq!(svc.call("wordy_add", json!([1, 2])),
+//!            Ok(json!("Adding 1 plus 2 results in 3")));
+//! assert_eq!(svc.notifications(), [("audit.added".to_owned(), json!({"sum": 3}))]);
+//! ```
+//!
+//! Log events of the handlers go to the test process's own `tracing`
+//! subscriber, if it sets one.
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
@@ -30,10 +48,14 @@ use crate::RpcError;
 
 type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 
-/// One service instance under test, with a recording test bus.
+/// One service instance under test, with a recording test bus: requests to
+/// the service's own `name.*` come back into it, other routes are set with
+/// [`TestService::with_route`]; requests, notifications and `respond`s are
+/// recorded.
 pub struct TestService<S: ServiceImpl> {
     handle: ServiceHandle,
     routes: Vec<(String, Route)>,
+    requests: Mutex<Vec<(String, Value, Option<Duration>)>>,
     notifications: Mutex<Vec<(String, Value)>>,
     responses: Mutex<Vec<(String, Value, Value)>>,
     _service: std::marker::PhantomData<S>,
@@ -57,6 +79,7 @@ impl<S: ServiceImpl> TestService<S> {
         Ok(Self {
             handle,
             routes: Vec::new(),
+            requests: Mutex::default(),
             notifications: Mutex::default(),
             responses: Mutex::default(),
             _service: std::marker::PhantomData,
@@ -93,7 +116,9 @@ impl<S: ServiceImpl> TestService<S> {
         self.call_raw(method, &params.to_string(), None).map(drop)
     }
 
-    /// Calls `method` with raw params text; returns the raw result text.
+    /// Calls `method` with raw params text (empty for none) as a request when
+    /// `reply_to` is set, else as a notification; returns the raw result
+    /// text.
     pub fn call_raw(
         &self,
         method: &str,
@@ -110,12 +135,21 @@ impl<S: ServiceImpl> TestService<S> {
             correlation_id: None,
             redelivered: false,
         };
-        with_call_ctx(meta, self, |ctx| {
+        with_call_ctx(S::NAME, meta, self, |ctx| {
             (Exports::<S>::VTABLE.call())(self.handle, ctx, method.into(), params.into())
                 .into_result()
                 .map(String::from)
                 .map_err(RpcError::from_abi)
         })
+    }
+
+    /// The requests handlers sent over the bus: (routing key, params,
+    /// timeout; `None` for the host's default).
+    pub fn requests(&self) -> Vec<(String, Value, Option<Duration>)> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The notifications handlers sent: (routing key, params).
@@ -175,8 +209,16 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
         &self,
         routing_key: &str,
         params_json: &str,
-        _timeout: Option<Duration>,
+        timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((
+                routing_key.to_owned(),
+                decode("params", params_json)?,
+                timeout,
+            ));
         let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
         if let Some((_, route)) = self.routes.iter().find(|(p, _)| matches(p, routing_key)) {
             let result = route(method, decode("params", params_json)?)?;

@@ -1,5 +1,6 @@
 //! What crossing the plugin ABI costs: `add [1,2]` through the loaded
-//! `libsimple.so` versus the same generated dispatch linked in-process.
+//! `libsimple.so` versus the same exported entry point linked in-process
+//! (the test kit's path).
 //!
 //! `cargo bench -p commissaire-e2e --bench dispatch`
 
@@ -9,9 +10,9 @@ use std::time::Duration;
 use commissaire_e2e::{release_library, RoutingBus};
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
-use commissaire_plugin_api::export::ServiceImpl;
-use commissaire_plugin_api::host::{with_call_ctx, HostBus, RequestMeta};
-use commissaire_plugin_api::{Message, RpcError};
+use commissaire_plugin_api::host::{HostBus, RequestMeta};
+use commissaire_plugin_api::testing::TestService;
+use commissaire_plugin_api::RpcError;
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 
@@ -45,15 +46,10 @@ fn bench(c: &mut Criterion) {
     let path = release_library("commissaire-plugin-simple", "simple");
     let library = PluginLibrary::load(&path).expect("libsimple.so loads");
     let instance = library.instantiate(&json!({})).expect("simple starts");
-    let direct = simple::Simple;
+    let direct = TestService::<simple::Simple>::new();
     let mut group = c.benchmark_group("add [1,2]");
     group.bench_function("in-process dispatch", |b| {
-        b.iter(|| {
-            with_call_ctx(meta(), &NoBus, |ctx| {
-                let msg = Message::from_ctx(ctx);
-                black_box(direct.dispatch(&msg, black_box("add"), black_box("[1,2]")))
-            })
-        })
+        b.iter(|| black_box(direct.call_raw(black_box("add"), black_box("[1,2]"), Some("reply"))))
     });
     group.bench_function("through the plugin ABI", |b| {
         b.iter(|| black_box(instance.call(meta(), &NoBus, black_box("[1,2]"))))

@@ -79,6 +79,7 @@ pub fn build_all() {
             "older",
             "older-next",
             "newer",
+            "v1-1",
             "mistyped",
             "major2",
             "panic-abort",
@@ -118,6 +119,51 @@ pub fn library(lib_name: &str) -> PathBuf {
     build_all();
     artifact_dir().join(format!(
         "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+/// Builds the fixture host that speaks plugin-api 1.1
+/// (`tests/fixtures/host-1.1`, its own workspace) and returns its binary.
+pub fn host_1_1_bin() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = workspace_root().join("tests/fixtures/host-1.1");
+        let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+        let manifest = dir.join("Cargo.toml");
+        let target = target_dir();
+        cargo(&[
+            "build",
+            "--manifest-path",
+            manifest.to_str().unwrap_or_default(),
+            "--target-dir",
+            target.to_str().unwrap_or("target"),
+        ]);
+    });
+    artifact_dir().join(format!("host-1-1{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Builds `examples/plugin-template` as its users do (out of tree, with
+/// the workspace's lock file and our target directory so that nothing is
+/// built twice) and returns its library.
+pub fn template_library() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = workspace_root().join("examples/plugin-template");
+        let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+        let manifest = dir.join("Cargo.toml");
+        let target = target_dir();
+        cargo(&[
+            "build",
+            "--manifest-path",
+            manifest.to_str().unwrap_or_default(),
+            "--target-dir",
+            target.to_str().unwrap_or("target"),
+        ]);
+    });
+    artifact_dir().join(format!(
+        "{}hello{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ))
@@ -178,9 +224,16 @@ pub struct RoutingBus {
 impl RoutingBus {
     /// A bus serving the given plugins with empty configs.
     pub fn serving(lib_names: &[&str]) -> Arc<Self> {
+        let libraries: Vec<PluginLibrary> = lib_names.iter().map(|name| load(name)).collect();
+        Self::from_libraries(&libraries)
+    }
+
+    /// A bus serving the given loaded plugins with empty configs.
+    pub fn from_libraries(libraries: &[PluginLibrary]) -> Arc<Self> {
         let mut bus = Self::default();
-        for name in lib_names {
-            let service = Service::start(load(name), &json!({}))
+        for library in libraries {
+            let name = library.service_name.clone();
+            let service = Service::start(library.clone(), &json!({}))
                 .unwrap_or_else(|e| panic!("{name} failed to start: {e}"));
             bus.services.insert(service.name().to_owned(), service);
         }

@@ -2,7 +2,7 @@
 //! ABI fixtures built against frozen copies of older and newer plugin-api
 //! releases.
 
-use commissaire_e2e::{library, load, plugin_dir, RoutingBus};
+use commissaire_e2e::{host_1_1_bin, library, load, plugin_dir, RoutingBus};
 use commissaire_host::plugin::{LoadErrorKind, PluginLibrary, PluginSet};
 use serde_json::json;
 
@@ -17,7 +17,7 @@ fn refusal(lib_name: &str) -> String {
 fn our_plugins_load_with_their_methods() {
     let simple = load("simple");
     assert_eq!(simple.service_name, "simple");
-    assert_eq!(simple.api_version, "1.1.0");
+    assert_eq!(simple.api_version, "1.2.0");
     let add = simple
         .methods
         .iter()
@@ -102,9 +102,80 @@ fn an_older_plugin_loads_and_works_in_this_host() {
 }
 
 #[test]
+fn a_1_1_plugin_built_with_its_own_macro_loads_and_works_in_this_host() {
+    let classic = load("fixture_v1_1");
+    assert_eq!(classic.api_version, "1.1.0");
+    assert_eq!(
+        classic.description.as_deref(),
+        Some("A plugin-api 1.1 plugin.")
+    );
+    let ask = classic
+        .methods
+        .iter()
+        .find(|m| m.name == "ask")
+        .expect("ask");
+    assert_eq!(ask.signature(), "ask(x: i64, y: i64) -> i64");
+    let bus = RoutingBus::serving(&["fixture_v1_1", "simple"]);
+    assert_eq!(
+        bus.call("classic.ping", json!([]))["result"],
+        "pong from classic"
+    );
+    // 1.1's `request` sends a zero timeout for "the host's default".
+    assert_eq!(bus.call("classic.ask", json!([2, 3]))["result"], 5);
+    assert_eq!(
+        bus.call("classic.exchange", json!([]))["result"],
+        "commissaire"
+    );
+    assert_eq!(
+        bus.call("classic.log", json!(["hi"]))["result"],
+        json!(null)
+    );
+    let reply = bus.call("classic.panic", json!([]));
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    assert_eq!(
+        bus.call("classic.ping", json!([]))["result"],
+        "pong from classic"
+    );
+}
+
+/// Runs `method` of the plugin `lib_name` in the plugin-api 1.1 fixture
+/// host: (its reply, what it logged).
+fn in_1_1_host(lib_name: &str, method: &str, params: &str) -> (serde_json::Value, String) {
+    let out = std::process::Command::new(host_1_1_bin())
+        .arg(library(lib_name))
+        .args([method, params])
+        .output()
+        .expect("run the 1.1 host");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let reply = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (reply, stderr)
+}
+
+#[test]
+fn this_versions_plugins_work_in_a_1_1_host() {
+    let (reply, log) = in_1_1_host("simple", "wordy_add", "[1, 2]");
+    assert_eq!(reply["result"], "Adding 1 plus 2 results in 3", "{log}");
+    // `Bus::request` asks for the host's default timeout as 1.1 knew it.
+    assert!(log.contains("request simple.add timeout=None"), "{log}");
+    let (reply, log) = in_1_1_host("demo", "chatter", r#"["old"]"#);
+    assert_eq!(reply["result"], "logged", "{log}");
+    // The 1.1 host gave no logger: `tracing` stays in the plugin, while
+    // `Message::log_info` still reaches the host.
+    assert!(
+        log.contains("log level=3 method=chatter: log_info: old"),
+        "{log}"
+    );
+    assert!(!log.contains("words=old"), "{log}");
+    let (reply, _) = in_1_1_host("demo", "parse", r#"["[1"]"#);
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+}
+
+#[test]
 fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
     let newer = load("fixture_newer");
-    assert_eq!(newer.api_version, "1.2.0");
+    assert_eq!(newer.api_version, "1.3.0");
     let bus = RoutingBus::serving(&["fixture_newer", "simple"]);
     assert_eq!(
         bus.call("newer.ping", json!([]))["result"],
@@ -121,6 +192,8 @@ fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
         .as_str()
         .unwrap()
         .contains("lacks `publish`"));
+    // It got this host's logger at load (a 1.2 entry it knows too).
+    assert_eq!(bus.call("newer.log", json!([]))["result"], json!(null));
 }
 
 #[test]
@@ -130,6 +203,7 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
         "demo",
         "fixture_older",
         "fixture_newer",
+        "fixture_v1_1",
         "fixture_mistyped",
         "fixture_major2",
         "fixture_panic_abort",
@@ -149,7 +223,7 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
         .map(|p| p.service_name.as_str())
         .collect();
     loaded.sort_unstable();
-    assert_eq!(loaded, ["demo", "newer", "older", "simple"]);
+    assert_eq!(loaded, ["classic", "demo", "newer", "older", "simple"]);
     let mut refused: Vec<String> = set
         .refused
         .iter()

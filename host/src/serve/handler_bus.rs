@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use commissaire_plugin_api::host::{HostBus, RequestMeta};
-use commissaire_plugin_api::{abi::log_level, RpcError};
+use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::RpcError;
 
 use crate::bus::Prefetch;
 use crate::client::RpcClient;
@@ -191,15 +191,5 @@ impl HostBus for HandlerBus {
                 .block_on(self.client.respond(queue, id_json, result_json))
         })
         .map_err(|e| RpcError::internal_error(e.to_string()))
-    }
-
-    fn log(&self, meta: &RequestMeta<'_>, level: u8, message: &str) {
-        let (service, method, id) = (&*self.service, meta.method, meta.id_json);
-        match level {
-            log_level::ERROR => tracing::error!(service, method, id, "{message}"),
-            log_level::WARN => tracing::warn!(service, method, id, "{message}"),
-            log_level::INFO => tracing::info!(service, method, id, "{message}"),
-            _ => tracing::debug!(service, method, id, "{message}"),
-        }
     }
 }

@@ -10,19 +10,10 @@ use syn::{
     Meta, Pat, PathArguments, ReturnType, Type,
 };
 
-/// Exposes every `fn on_<name>(&self, msg: &Message, args…) -> Result<T, RpcError>`
+/// Exposes every `fn on_<name>(&self, [msg: &Message,] args…) -> Result<T, E>`
 /// of the `impl` block as bus method `<name>` of service `name`, and exports
-/// the plugin's root module.
-///
-/// ```ignore
-/// #[service(name = "simple")]
-/// impl Simple {
-///     /// Adds two integers.
-///     fn on_add(&self, _msg: &Message, x: i64, y: i64) -> Result<i64, RpcError> {
-///         Ok(x + y)
-///     }
-/// }
-/// ```
+/// the plugin's root module. Documented, with examples, in
+/// `commissaire-plugin-api`, which re-exports it.
 #[proc_macro_attribute]
 pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     match expand(attr.into(), item.into()) {
@@ -41,8 +32,11 @@ struct Method {
     bus_name: String,
     fn_ident: syn::Ident,
     doc: String,
+    takes_msg: bool,
     params: Vec<Param>,
     returns: String,
+    /// The declared return type, for spanning conversion errors.
+    output: Type,
 }
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
@@ -98,12 +92,12 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if methods.is_empty() {
         return Err(syn::Error::new(
             self_ty.span(),
-            "#[service] found no `fn on_<method>(&self, msg: &Message, …)` to expose",
+            "#[service] found no `fn on_<method>(&self, …)` to expose",
         ));
     }
 
     let construct = if has_init {
-        quote!(Self::init(config))
+        quote!(Self::init(config).map_err(::commissaire_plugin_api::__private::into_rpc_error))
     } else {
         quote!({
             let _ = config;
@@ -121,12 +115,19 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             let optional = p.optional;
             quote_spanned!(ty.span()=> __args.get::<#ty>(#i, #pname, #optional)?)
         });
+        let msg_arg = m.takes_msg.then(|| quote!(msg,));
+        // Spanned at the return type: an error type that does not convert
+        // is reported there.
+        let call = quote_spanned!(m.output.span()=>
+            self.#fn_ident(#msg_arg #(#gets),*)
+                .map_err(::commissaire_plugin_api::__private::into_rpc_error)
+        );
         quote! {
             #bus_name => {
                 let __args = ::commissaire_plugin_api::__private::ParsedArgs::parse(
                     method, params, &[#(#names),*],
                 )?;
-                let __result = self.#fn_ident(msg, #(#gets),*)?;
+                let __result = #call?;
                 ::commissaire_plugin_api::__private::encode_result(method, &__result)
             }
         }
@@ -164,6 +165,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             const VERSION: &'static str = ::core::env!("CARGO_PKG_VERSION");
             const DESCRIPTION: &'static str = #description;
             const METHODS_JSON: &'static str = #methods_json;
+            const PANIC_UNWIND: bool = ::core::cfg!(panic = "unwind");
 
             fn construct(
                 config: ::commissaire_plugin_api::serde_json::Value,
@@ -187,58 +189,71 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         }
 
         const _: () = {
-            use ::commissaire_plugin_api::__private::abi_stable;
-
-            fn __commissaire_root() -> ::commissaire_plugin_api::abi::PluginRootRef {
-                ::commissaire_plugin_api::__private::Exports::<#self_ty>::root_module(
-                    ::core::cfg!(panic = "unwind"),
-                )
-            }
-
-            extern "C" fn __commissaire_loader() -> abi_stable::library::RootModuleResult {
-                abi_stable::library::__call_root_module_loader(__commissaire_root)
-            }
-
+            // The symbol abi_stable's loader looks for.
             #[no_mangle]
-            pub static #export_name: abi_stable::library::LibHeader =
-                ::commissaire_plugin_api::__private::lib_header(__commissaire_loader);
+            pub static #export_name: ::commissaire_plugin_api::__private::LibHeader =
+                ::commissaire_plugin_api::__private::lib_header::<#self_ty>();
         };
     })
 }
 
 fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
     let sig = &f.sig;
-    let shape = "expected `fn on_<method>(&self, msg: &Message, args…) -> Result<T, RpcError>`";
+    let shape = "expected `fn on_<method>(&self, [msg: &Message,] args…) -> Result<T, E>`";
     if bus_name.is_empty() {
         return Err(syn::Error::new(
             sig.ident.span(),
             "`on_` needs a method name after it",
         ));
     }
-    let mut inputs = sig.inputs.iter();
+    let mut inputs = sig.inputs.iter().peekable();
     match inputs.next() {
         Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => {}
-        _ => {
+        Some(other) => {
+            return Err(syn::Error::new_spanned(
+                other,
+                format!("a handler takes `&self` first: {shape}"),
+            ))
+        }
+        None => {
             return Err(syn::Error::new(
-                sig.span(),
+                sig.paren_token.span.join(),
                 format!("a handler takes `&self` first: {shape}"),
             ))
         }
     }
-    match inputs.next() {
-        Some(FnArg::Typed(t)) if matches!(&*t.ty, Type::Reference(_)) => {}
-        _ => {
-            return Err(syn::Error::new(
-                sig.span(),
-                format!("a handler takes `msg: &Message` after `&self`: {shape}"),
-            ))
+    let takes_msg = match inputs.peek() {
+        Some(FnArg::Typed(t)) if is_message_ref(&t.ty) => {
+            inputs.next();
+            true
         }
-    }
+        _ => false,
+    };
     let mut params = Vec::new();
     for input in inputs {
         let FnArg::Typed(t) = input else {
-            return Err(syn::Error::new(input.span(), shape));
+            return Err(syn::Error::new_spanned(input, shape));
         };
+        if is_message_ref(&t.ty) {
+            return Err(syn::Error::new_spanned(
+                &t.ty,
+                "`msg: &Message` comes right after `&self`",
+            ));
+        }
+        if let Type::Reference(r) = &*t.ty {
+            let hint = if params.is_empty() && !takes_msg {
+                "only `msg: &Message` may come right after `&self`; "
+            } else {
+                ""
+            };
+            return Err(syn::Error::new_spanned(
+                r,
+                format!(
+                    "{hint}handler arguments are decoded from JSON and taken by value \
+                     (`String`, not `&str`)"
+                ),
+            ));
+        }
         let Pat::Ident(pat) = &*t.pat else {
             return Err(syn::Error::new(
                 t.pat.span(),
@@ -251,13 +266,16 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
             optional: is_option(&t.ty),
         });
     }
-    let returns = match &sig.output {
-        ReturnType::Type(_, ty) => result_ok_type(ty).map(type_text).ok_or_else(|| {
-            syn::Error::new(ty.span(), format!("a handler returns a `Result`: {shape}"))
-        })?,
+    let (returns, output) = match &sig.output {
+        ReturnType::Type(_, ty) => {
+            let ok = result_ok_type(ty).map(type_text).ok_or_else(|| {
+                syn::Error::new_spanned(ty, format!("a handler returns a `Result`: {shape}"))
+            })?;
+            (ok, (**ty).clone())
+        }
         ReturnType::Default => {
             return Err(syn::Error::new(
-                sig.span(),
+                sig.ident.span(),
                 format!("a handler returns a `Result`: {shape}"),
             ))
         }
@@ -266,9 +284,25 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
         bus_name: bus_name.to_owned(),
         fn_ident: sig.ident.clone(),
         doc: doc_text(&f.attrs),
+        takes_msg,
         params,
         returns,
+        output,
     })
+}
+
+/// `&Message`, `&Message<'_>`, `&commissaire_plugin_api::Message<'a>`.
+fn is_message_ref(ty: &Type) -> bool {
+    let Type::Reference(r) = ty else { return false };
+    if r.mutability.is_some() {
+        return false;
+    }
+    match &*r.elem {
+        Type::Path(p) => {
+            p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == "Message")
+        }
+        _ => false,
+    }
 }
 
 fn is_option(ty: &Type) -> bool {
@@ -327,4 +361,109 @@ fn doc_text(attrs: &[Attribute]) -> String {
         })
         .collect();
     lines.join("\n").trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error `#[service(name = "t")]` reports on `item`, and the source
+    /// text its span covers.
+    fn error(item: &str) -> (String, String) {
+        let item: TokenStream2 = item.parse().expect("test input is Rust");
+        match expand(quote!(name = "t"), item) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => {
+                let covered = e.span().source_text().unwrap_or_default();
+                (e.to_string(), covered)
+            }
+        }
+    }
+
+    fn accepted(item: &str) -> String {
+        let item: TokenStream2 = item.parse().expect("test input is Rust");
+        match expand(quote!(name = "t"), item) {
+            Ok(tokens) => tokens.to_string(),
+            Err(e) => panic!("refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn msg_is_optional_and_recognised_by_its_type() {
+        let out = accepted(
+            "impl T {
+                fn on_a(&self, x: i64) -> Result<i64, RpcError> { Ok(x) }
+                fn on_b(&self, m: &Message, x: i64) -> Result<i64, RpcError> { Ok(x) }
+                fn on_c(&self, _: &commissaire_plugin_api::Message<'_>) -> Result<(), RpcError> { Ok(()) }
+            }",
+        );
+        assert!(out.contains("self . on_a (__args"), "{out}");
+        assert!(out.contains("self . on_b (msg , __args"), "{out}");
+        assert!(out.contains("self . on_c (msg ,)"), "{out}");
+        // `msg` is not a bus argument.
+        assert!(out.contains(r#"\"params\":[{\"name\":\"x\""#), "{out}");
+    }
+
+    #[test]
+    fn another_reference_after_self_is_an_error_at_that_type() {
+        let (message, covered) =
+            error("impl T { fn on_a(&self, word: &str) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(
+            message.starts_with("only `msg: &Message` may come right after `&self`"),
+            "{message}"
+        );
+        assert_eq!(covered, "&str");
+        let (message, covered) =
+            error("impl T { fn on_a(&self, m: &mut Message) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(message.contains("taken by value"), "{message}");
+        assert_eq!(covered, "&mut Message");
+    }
+
+    #[test]
+    fn a_borrowed_argument_is_an_error_at_that_type() {
+        let (message, covered) = error(
+            "impl T { fn on_a(&self, m: &Message, x: i64, s: &[u8]) -> Result<(), RpcError> { Ok(()) } }",
+        );
+        assert_eq!(
+            message,
+            "handler arguments are decoded from JSON and taken by value (`String`, not `&str`)"
+        );
+        assert_eq!(covered, "&[u8]");
+    }
+
+    #[test]
+    fn message_elsewhere_is_an_error() {
+        let (message, covered) = error(
+            "impl T { fn on_a(&self, x: i64, m: &Message) -> Result<(), RpcError> { Ok(()) } }",
+        );
+        assert_eq!(message, "`msg: &Message` comes right after `&self`");
+        assert_eq!(covered, "&Message");
+    }
+
+    #[test]
+    fn a_handler_without_self_or_result_is_refused() {
+        let (message, covered) =
+            error("impl T { fn on_a(x: i64) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(
+            message.starts_with("a handler takes `&self` first"),
+            "{message}"
+        );
+        assert_eq!(covered, "x: i64");
+        let (message, covered) = error("impl T { fn on_a(&self) -> i64 { 1 } }");
+        assert!(
+            message.starts_with("a handler returns a `Result`"),
+            "{message}"
+        );
+        assert_eq!(covered, "i64");
+    }
+
+    #[test]
+    fn any_error_type_is_converted_at_the_return_type() {
+        let out = accepted("impl T { fn on_a(&self) -> std::io::Result<u8> { Ok(1) } }");
+        assert!(
+            out.contains(". map_err (:: commissaire_plugin_api :: __private :: into_rpc_error) ?"),
+            "{out}"
+        );
+        assert!(out.contains(r#"\"returns\":\"u8\""#), "{out}");
+    }
 }

@@ -1,6 +1,6 @@
 //! The `demo` service of the Commissaire service guide: `ping`, `echo`,
-//! `fail`, plus a few methods that show what the host does with panics and
-//! optional arguments.
+//! `fail`, plus a few methods that show what the host does with panics,
+//! optional arguments, converted errors and a plugin's logs.
 
 use commissaire_plugin_api::prelude::*;
 
@@ -25,51 +25,52 @@ impl Demo {
                 )))
             }
         };
+        tracing::info!(%greeting, "demo starting");
         Ok(Self { greeting })
     }
 
     /// Answers "pong". Takes no bus arguments.
-    fn on_ping(&self, _msg: &Message) -> Result<String, RpcError> {
+    fn on_ping(&self) -> Result<String, RpcError> {
         Ok("pong".to_owned())
     }
 
     /// Returns `words` unchanged.
-    fn on_echo(&self, _msg: &Message, words: Value) -> Result<Value, RpcError> {
+    fn on_echo(&self, words: Value) -> Result<Value, RpcError> {
         Ok(words)
     }
 
     /// Always fails, like the guide's `NotImplementedError`.
-    fn on_fail(&self, _msg: &Message) -> Result<(), RpcError> {
+    fn on_fail(&self) -> Result<(), RpcError> {
         Err(RpcError::new(-20000, "I was never created")
             .with_data(json!({"exception": "NotImplementedError"})))
     }
 
     /// Greets `name` (or the world) with the configured greeting.
-    fn on_greet(&self, _msg: &Message, name: Option<String>) -> Result<String, RpcError> {
+    fn on_greet(&self, name: Option<String>) -> Result<String, RpcError> {
         let name = name.as_deref().unwrap_or("world");
         Ok(format!("{}, {name}!", self.greeting))
     }
 
     /// Fails with any code and message, to show pass-through.
-    fn on_raise(&self, _msg: &Message, code: i64, message: String) -> Result<(), RpcError> {
+    fn on_raise(&self, code: i64, message: String) -> Result<(), RpcError> {
         Err(RpcError::new(code, message))
     }
 
     /// Panics (the host answers -32603 and carries on).
-    fn on_panic(&self, _msg: &Message) -> Result<(), RpcError> {
+    fn on_panic(&self) -> Result<(), RpcError> {
         panic!("demo panic on request")
     }
 
     /// Aborts the whole process, as a segfault in native code would: on a
     /// broker only this worker dies, its requests go to another worker,
     /// and after `crash_limit` crashes the request is refused with -32603.
-    fn on_abort(&self, _msg: &Message) -> Result<(), RpcError> {
+    fn on_abort(&self) -> Result<(), RpcError> {
         std::process::abort()
     }
 
     /// Sleeps `ms` milliseconds, then answers "slept": a slow or hung
     /// handler, for `handler_timeout`.
-    fn on_sleep(&self, _msg: &Message, ms: u64) -> Result<String, RpcError> {
+    fn on_sleep(&self, ms: u64) -> Result<String, RpcError> {
         std::thread::sleep(std::time::Duration::from_millis(ms));
         Ok("slept".to_owned())
     }
@@ -85,6 +86,35 @@ impl Demo {
             "redelivered": msg.redelivered(),
             "exchange": msg.exchange(),
         }))
+    }
+
+    /// Parses `text` as JSON.
+    ///
+    /// A `serde_json::Error` becomes -32603 with its text.
+    fn on_parse(&self, text: String) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(&text)
+    }
+
+    /// Logs `words` at every level, then answers "logged".
+    ///
+    /// From the handler (with `tracing`, with `log` as a dependency would,
+    /// and with `msg.log_info`) and from a thread of its own; the host
+    /// records what its `COMMISSAIRE_LOG` lets through.
+    fn on_chatter(&self, msg: &Message, words: String) -> Result<&'static str, RpcError> {
+        let span = tracing::info_span!("chatter", words = words.len());
+        let _entered = span.enter();
+        tracing::trace!(%words, "trace");
+        tracing::debug!(%words, "debug");
+        tracing::info!(%words, "info");
+        tracing::warn!(%words, "warn");
+        tracing::error!(%words, "error");
+        log::info!(target: "chatty_dependency", "log record: {words}");
+        msg.log_info(&format!("log_info: {words}"));
+        let thread_words = words.clone();
+        std::thread::spawn(move || tracing::info!(words = %thread_words, "from a thread"))
+            .join()
+            .map_err(|_| RpcError::internal_error("the logging thread panicked"))?;
+        Ok("logged")
     }
 
     /// Sends `params` as a notification to `routing_key`.
@@ -125,6 +155,15 @@ mod tests {
             err.message
         );
         assert_eq!(svc.call("ping", json!([])), Ok(json!("pong")));
+    }
+
+    #[test]
+    fn a_converted_error_carries_its_text() {
+        let svc = TestService::<Demo>::new();
+        assert_eq!(svc.call("parse", json!(["[1]"])), Ok(json!([1])));
+        let err = svc.call("parse", json!(["[1"])).unwrap_err();
+        assert_eq!(err.code, RpcError::INTERNAL_ERROR);
+        assert!(err.message.contains("EOF while parsing"), "{}", err.message);
     }
 
     #[test]

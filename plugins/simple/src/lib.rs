@@ -10,7 +10,7 @@ pub struct Simple;
 #[service(name = "simple")]
 impl Simple {
     /// Adds two integers.
-    fn on_add(&self, _msg: &Message, x: i64, y: i64) -> Result<i64, RpcError> {
+    fn on_add(&self, x: i64, y: i64) -> Result<i64, RpcError> {
         x.checked_add(y).ok_or_else(|| {
             RpcError::invalid_params(format!("{x} + {y} overflows a 64-bit integer"))
         })

@@ -1,0 +1,108 @@
+//! The `hello` service: a commissaire-host plugin to copy and rename.
+
+use commissaire_plugin_api::prelude::*;
+use serde::Deserialize;
+
+/// Greets people. (The doc comment of the `#[service]` impl is the
+/// service's description in `commissaire-host plugins`.)
+pub struct Hello {
+    greeting: String,
+}
+
+/// Someone to greet, as callers send it: `{"name": "Ada", "title": "Countess"}`.
+#[derive(Debug, Deserialize)]
+pub struct Person {
+    name: String,
+    title: Option<String>,
+}
+
+/// Greets people.
+#[service(name = "hello")]
+impl Hello {
+    /// Builds the service once per worker from the `config` table of its
+    /// `[[service]]` entry (`config = { greeting = "Hi" }`).
+    fn init(config: Value) -> Result<Self, RpcError> {
+        let greeting = match config.get("greeting") {
+            None | Some(Value::Null) => "Hello".to_owned(),
+            Some(greeting) => serde_json::from_value(greeting.clone())?,
+        };
+        tracing::info!(%greeting, "hello starting");
+        Ok(Self { greeting })
+    }
+
+    /// Greets `person`.
+    ///
+    /// Bus method `greet`: `[{"name": "Ada"}]` or `{"person": {"name": "Ada"}}`.
+    fn on_greet(&self, person: Person) -> Result<String, RpcError> {
+        Ok(match person.title {
+            Some(title) => format!("{}, {title} {}!", self.greeting, person.name),
+            None => format!("{}, {}!", self.greeting, person.name),
+        })
+    }
+
+    /// Greets everyone `directory.list_people` knows.
+    ///
+    /// Takes the message, to use the bus.
+    fn on_greet_everyone(&self, msg: &Message) -> Result<Vec<String>, RpcError> {
+        tracing::debug!(reply_to = ?msg.reply_to(), "asking the directory");
+        let people: Vec<Person> = msg.bus().request("directory.list_people", json!([]))?;
+        people.into_iter().map(|p| self.on_greet(p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commissaire_plugin_api::testing::TestService;
+
+    #[test]
+    fn greets_by_position_and_by_name() {
+        let svc = TestService::<Hello>::new();
+        assert_eq!(
+            svc.call("greet", json!([{"name": "Ada"}])),
+            Ok(json!("Hello, Ada!"))
+        );
+        assert_eq!(
+            svc.call(
+                "greet",
+                json!({"person": {"name": "Ada", "title": "Countess"}})
+            ),
+            Ok(json!("Hello, Countess Ada!"))
+        );
+    }
+
+    #[test]
+    fn a_person_without_a_name_is_invalid_params() {
+        let svc = TestService::<Hello>::new();
+        let err = svc.call("greet", json!([{"title": "Dr"}])).unwrap_err();
+        assert_eq!(err.code, RpcError::INVALID_PARAMS);
+        assert!(
+            err.message.contains("missing field `name`"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn the_config_sets_the_greeting() {
+        let svc = TestService::<Hello>::with_config(json!({"greeting": "Hi"})).unwrap();
+        assert_eq!(
+            svc.call("greet", json!([{"name": "Bob"}])),
+            Ok(json!("Hi, Bob!"))
+        );
+        let err = TestService::<Hello>::with_config(json!({"greeting": 3})).unwrap_err();
+        assert_eq!(err.code, RpcError::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn greets_everyone_the_directory_knows() {
+        let svc = TestService::<Hello>::new().with_route("directory.*", |method, _params| {
+            assert_eq!(method, "list_people");
+            Ok(json!([{"name": "Ada"}, {"name": "Alan"}]))
+        });
+        assert_eq!(
+            svc.call("greet_everyone", json!([])),
+            Ok(json!(["Hello, Ada!", "Hello, Alan!"]))
+        );
+    }
+}
