@@ -293,6 +293,8 @@ pub struct Overrides {
     pub plugins_dir: Option<PathBuf>,
     /// `--http-listen`.
     pub http_listen: Option<SocketAddr>,
+    /// `--allow-insecure-plugins`.
+    pub allow_insecure_plugins: bool,
 }
 
 /// The configuration in effect.
@@ -319,6 +321,8 @@ pub struct HostConfig {
     pub reply_queue: crate::bus::ReplyQueueKind,
     /// The plugin directory.
     pub plugins_dir: PathBuf,
+    /// Which plugin files are trusted (`--allow-insecure-plugins`).
+    pub plugin_trust: crate::plugin::Trust,
     /// The HTTP endpoint's address, if any.
     pub http_listen: Option<SocketAddr>,
     /// The HTTP endpoint's token, allow-list, CORS origins and limits.
@@ -465,6 +469,11 @@ impl HostConfig {
             max_message_bytes,
             reply_queue: file.bus.reply_queue.unwrap_or_default(),
             plugins_dir,
+            plugin_trust: if overrides.allow_insecure_plugins {
+                crate::plugin::Trust::AnyPermissions
+            } else {
+                crate::plugin::Trust::OwnerOnly
+            },
             http_listen: overrides.http_listen.or(file.http.listen),
             http,
             services,

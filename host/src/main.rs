@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use commissaire_host::client::{self, RpcClient};
 use commissaire_host::config::{HostConfig, Overrides};
-use commissaire_host::plugin::PluginSet;
+use commissaire_host::plugin::{PluginSet, Trust};
 use commissaire_host::redact::redact_uri;
 use commissaire_host::supervisor::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
 use commissaire_host::{bus, control, listing, serve};
@@ -81,6 +81,11 @@ enum Command {
         /// ends `run` after three attempts either way.)
         #[arg(long)]
         fail_fast: bool,
+        /// Load plugins from a directory, or files, that group or others
+        /// may write (refused by default: whoever can write them can run
+        /// code in the host).
+        #[arg(long)]
+        allow_insecure_plugins: bool,
     },
     /// Internal: one worker process of `run`.
     #[command(hide = true)]
@@ -99,6 +104,9 @@ enum Command {
         /// Exit if the broker is unreachable.
         #[arg(long)]
         fail_fast: bool,
+        /// As `run`'s.
+        #[arg(long)]
+        allow_insecure_plugins: bool,
     },
     /// Sends a request and prints its result as JSON. A JSON-RPC error goes
     /// to stderr and exits 2; no reply or no bus exits 1.
@@ -135,6 +143,11 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Load plugins from a directory, or files, that group or others
+        /// may write (refused by default: whoever can write them can run
+        /// code in the host).
+        #[arg(long)]
+        allow_insecure_plugins: bool,
     },
 }
 
@@ -177,12 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plugins_dir,
             http_listen,
             fail_fast,
+            allow_insecure_plugins,
         } => {
             let config = load_config(
                 &bus,
                 Overrides {
                     plugins_dir: plugins_dir.clone(),
                     http_listen,
+                    allow_insecure_plugins,
                     ..Overrides::default()
                 },
             )?;
@@ -218,6 +233,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             worker_args.push("--plugins-dir".into());
             worker_args.push(absolute(&config.plugins_dir)?.into());
+            if allow_insecure_plugins {
+                worker_args.push("--allow-insecure-plugins".into());
+            }
             let options = SupervisorOptions {
                 exe: std::env::current_exe().context("cannot find the commissaire-host binary")?,
                 worker_args,
@@ -232,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
             slot_file,
             fail_fast,
+            allow_insecure_plugins,
         } => {
             // The supervisor's bus URI, as if given with --bus-uri.
             bus.bus_uri = std::env::var(WORKER_BUS_URI_ENV).ok();
@@ -239,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &bus,
                 Overrides {
                     plugins_dir,
+                    allow_insecure_plugins,
                     ..Overrides::default()
                 },
             );
@@ -323,8 +343,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Plugins { dir, json } => {
-            let set = PluginSet::load_dir(&dir)?;
+        Command::Plugins {
+            dir,
+            json,
+            allow_insecure_plugins,
+        } => {
+            let trust = if allow_insecure_plugins {
+                Trust::AnyPermissions
+            } else {
+                Trust::OwnerOnly
+            };
+            let set = PluginSet::load_dir(&dir, trust)?;
             let text = if json {
                 let mut t = serde_json::to_string_pretty(&listing::render_json(&set))?;
                 t.push('\n');

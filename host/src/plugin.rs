@@ -55,6 +55,12 @@ pub enum LoadErrorKind {
     /// The root module failed to initialise.
     #[error("failed to initialise: {0}")]
     Init(String),
+    /// Group or others may write the file.
+    #[error("writable by group or others (mode {mode:o}): whoever can write it can run code in the host; `chmod go-w` it, or pass --allow-insecure-plugins")]
+    Insecure {
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Two plugins export the same service.
     #[error("service `{service}` is also exported by {other}")]
     DuplicateService {
@@ -252,6 +258,24 @@ fn host_major() -> u32 {
         .unwrap_or(1)
 }
 
+/// Which plugin files the host trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Trust {
+    /// Only those that group and others cannot write, in a directory they
+    /// cannot write (the default).
+    #[default]
+    OwnerOnly,
+    /// Any (`--allow-insecure-plugins`).
+    AnyPermissions,
+}
+
+/// The permission bits of `path` when group or others may write it.
+fn writable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o022 != 0).then_some(mode)
+}
+
 /// The outcome of loading a plugin directory.
 #[derive(Debug, Default)]
 pub struct PluginSet {
@@ -296,11 +320,39 @@ impl PluginSet {
     /// Loads every `*.so` (the platform's library extension) in `dir`. A
     /// refused file is recorded with its reason; a second plugin with an
     /// already-loaded service name is refused, naming the first file.
-    pub fn load_dir(dir: &Path) -> Result<Self, DirError> {
+    ///
+    /// As ssh does with keys, a directory or library that group or others
+    /// may write is refused (whoever can write it can run code in the
+    /// host), unless `trust` says [`Trust::AnyPermissions`].
+    pub fn load_dir(dir: &Path, trust: Trust) -> Result<Self, DirError> {
+        if trust == Trust::OwnerOnly {
+            if let Some(mode) = writable_by_others(dir) {
+                return Err(DirError {
+                    dir: dir.to_owned(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "it is writable by group or others (mode {mode:o}): whoever can write \
+                             there can run code in the host; `chmod go-w` it, or pass \
+                             --allow-insecure-plugins"
+                        ),
+                    ),
+                });
+            }
+        }
         let files = Self::plugin_files(dir)?;
         let mut set = PluginSet::default();
         let mut by_name: HashMap<String, PathBuf> = HashMap::new();
         for path in files {
+            if trust == Trust::OwnerOnly {
+                if let Some(mode) = writable_by_others(&path) {
+                    set.refused.push(LoadError {
+                        path,
+                        kind: LoadErrorKind::Insecure { mode },
+                    });
+                    continue;
+                }
+            }
             match PluginLibrary::load(&path) {
                 Ok(plugin) => {
                     if let Some(first) = by_name.get(&plugin.service_name) {

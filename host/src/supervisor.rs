@@ -208,17 +208,23 @@ struct Supervisor {
 
 /// Lists the services of the plugin directory by running `plugins --json`
 /// (a plugin that crashes while loading takes down that child, not us).
-async fn list_services(exe: &Path, dir: &Path) -> Result<Vec<String>, SupervisorError> {
+async fn list_services(
+    exe: &Path,
+    dir: &Path,
+    trust: crate::plugin::Trust,
+) -> Result<Vec<String>, SupervisorError> {
     let fail = |reason: String| SupervisorError::Listing {
         dir: dir.display().to_string(),
         reason,
     };
     // The child loads every plugin: it gets only what it needs of our
     // environment (no bus URI, no secrets a plugin's code could read).
-    let output = Command::new(exe)
-        .arg("plugins")
-        .arg("--json")
-        .arg(dir)
+    let mut command = Command::new(exe);
+    command.arg("plugins").arg("--json").arg(dir);
+    if trust == crate::plugin::Trust::AnyPermissions {
+        command.arg("--allow-insecure-plugins");
+    }
+    let output = command
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
         .stdin(Stdio::null())
@@ -246,7 +252,12 @@ async fn list_services(exe: &Path, dir: &Path) -> Result<Vec<String>, Supervisor
 impl Supervisor {
     /// The services to serve, checked against the config.
     async fn services(&self) -> Result<Vec<String>, SupervisorError> {
-        let services = list_services(&self.options.exe, &self.config.plugins_dir).await?;
+        let services = list_services(
+            &self.options.exe,
+            &self.config.plugins_dir,
+            self.config.plugin_trust,
+        )
+        .await?;
         let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
         self.config.check_services(&loaded)?;
         Ok(services)

@@ -216,7 +216,7 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
     .unwrap();
     std::fs::copy(library("simple"), dir.path().join("libsimple_again.so")).unwrap();
 
-    let set = PluginSet::load_dir(dir.path()).unwrap();
+    let set = PluginSet::load_dir(dir.path(), Default::default()).unwrap();
     let mut loaded: Vec<&str> = set
         .plugins
         .iter()
@@ -254,7 +254,11 @@ fn a_directory_is_loaded_with_each_refusal_reported() {
 
 #[test]
 fn a_missing_directory_is_one_clear_error() {
-    let e = PluginSet::load_dir(std::path::Path::new("/nonexistent/plugins")).unwrap_err();
+    let e = PluginSet::load_dir(
+        std::path::Path::new("/nonexistent/plugins"),
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .starts_with("cannot read plugin directory /nonexistent/plugins"),

@@ -93,3 +93,43 @@ fn a_missing_directory_is_one_line_and_non_zero() {
          No such file or directory (os error 2)\n"
     );
 }
+
+/// As ssh does with keys: a plugin file or directory that group or others
+/// may write is refused, with one line saying so, unless
+/// `--allow-insecure-plugins`.
+#[test]
+fn plugins_writable_by_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = plugin_dir(&["simple"]);
+    let lib = dir.path().join("libsimple.so");
+    let plugins = |extra: &[&str]| {
+        Command::new(host_bin())
+            .arg("plugins")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = plugins(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("refused: writable by group or others (mode 666)"),
+        "{text}"
+    );
+    assert!(plugins(&["--allow-insecure-plugins"]).status.success());
+
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = plugins(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("is writable by group or others (mode 777)"),
+        "{stderr}"
+    );
+    assert!(plugins(&["--allow-insecure-plugins"]).status.success());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+}

@@ -42,7 +42,7 @@ pub struct Prepared {
 /// Loads the plugin directory, checks the config against it and starts
 /// the services (all, or only `only`).
 pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>, HostError> {
-    let set = PluginSet::load_dir(&config.plugins_dir)?;
+    let set = PluginSet::load_dir(&config.plugins_dir, config.plugin_trust)?;
     for refused in &set.refused {
         if let LoadErrorKind::DuplicateService { .. } = refused.kind {
             return Err(HostError::Duplicate(refused.to_string()));
