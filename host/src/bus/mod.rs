@@ -60,6 +60,16 @@ pub enum BusError {
     /// The transport is closed.
     #[error("the bus connection is closed")]
     Closed,
+    /// The broker will never take this message (a Redis `reply_to` naming
+    /// the transport's own keys, or a key that is not a list): trying
+    /// again cannot help.
+    #[error("{operation} refused: {reason}")]
+    Refused {
+        /// What was attempted.
+        operation: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl BusError {
@@ -81,6 +91,11 @@ impl BusError {
     /// broker gives unsettled deliveries back).
     pub fn is_lost(&self) -> bool {
         matches!(self, Self::Lost { .. } | Self::Closed)
+    }
+
+    /// Whether the broker refused the message for good (drop it at once).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Refused { .. })
     }
 }
 
@@ -361,6 +376,14 @@ pub trait BusTransport: Send + Sync + 'static {
 
     /// Closes the connection; unsettled deliveries go back to their queues.
     async fn close(&self);
+
+    /// Hands back at once what the consumer `owner` (another connection,
+    /// whose process died) took and never settled; returns how many. A
+    /// no-op where the broker does it itself when the connection drops
+    /// (AMQP, memory).
+    async fn restore_consumer(&self, _owner: &str) -> Result<usize, BusError> {
+        Ok(0)
+    }
 }
 
 /// A sink that queues deliveries on a channel, for tests and tools that
@@ -380,9 +403,15 @@ pub fn channel_sink() -> (Sink, async_channel::Receiver<Incoming>) {
 
 /// Connects to the bus named by `uri`.
 pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
+    connect_as(uri, None).await
+}
+
+/// Connects, consuming as `owner` where the transport tracks what each
+/// consumer holds (Redis: see [`BusTransport::restore_consumer`]).
+pub async fn connect_as(uri: &str, owner: Option<&str>) -> Result<Arc<dyn BusTransport>, BusError> {
     Ok(match BusKind::of(uri)? {
         BusKind::Memory => Arc::new(memory::MemoryBus::new()),
         BusKind::Amqp => Arc::new(amqp::AmqpBus::connect(uri).await?),
-        BusKind::Redis => Arc::new(redis::RedisBus::connect(uri).await?),
+        BusKind::Redis => Arc::new(redis::RedisBus::connect_as(uri, owner).await?),
     })
 }
