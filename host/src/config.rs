@@ -334,6 +334,35 @@ pub struct HostConfig {
     /// How long a timed-out handler may still run before its worker is
     /// recycled.
     pub handler_grace: Duration,
+    /// On Redis, the bus URI's `visibility_timeout` (`None` on other
+    /// buses), and where the URI was given, for errors.
+    pub visibility_timeout: Option<(Duration, String)>,
+}
+
+/// Whether a delivery held for `handler_timeout + handler_grace` is still
+/// unacked by then on Redis: otherwise it is handed to another worker while
+/// it runs. The error names the numbers.
+fn visibility_covers(
+    service: &str,
+    handler_timeout: Duration,
+    is_default: bool,
+    handler_grace: Duration,
+    visibility_timeout: Duration,
+) -> Result<(), String> {
+    let held = handler_timeout + handler_grace;
+    if visibility_timeout >= held {
+        return Ok(());
+    }
+    Err(format!(
+        "service `{service}`: handler_timeout ({} s{}) + [host] handler_grace ({} s) = {} s \
+         exceeds the Redis visibility_timeout ({} s): a request still running would be \
+         delivered again; raise visibility_timeout in the bus URI or lower handler_timeout",
+        handler_timeout.as_secs_f64(),
+        if is_default { ", the default" } else { "" },
+        handler_grace.as_secs_f64(),
+        held.as_secs_f64(),
+        visibility_timeout.as_secs_f64(),
+    ))
 }
 
 impl HostConfig {
@@ -379,6 +408,14 @@ impl HostConfig {
             .filter(|(_, s)| s.workers > 1)
             .filter_map(|(name, s)| s.workers_location.as_ref().map(|l| (name, l)))
             .collect();
+        let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
+        let uri_source = if overrides.bus_uri.is_some() {
+            "--bus-uri".to_owned()
+        } else if file.bus.uri.is_some() {
+            format!("{file_name}: [bus] uri")
+        } else {
+            BUS_URI_ENV.to_owned()
+        };
         let bus_uri = overrides
             .bus_uri
             .clone()
@@ -390,7 +427,6 @@ impl HostConfig {
             .clone()
             .or(file.bus.exchange)
             .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
-        let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
         let text = text.unwrap_or_default();
         let request_timeout = seconds(
             file.bus.request_timeout.as_ref(),
@@ -457,6 +493,33 @@ impl HostConfig {
                 });
             }
         }
+        let visibility_timeout = match crate::bus::BusKind::of(&bus_uri) {
+            Ok(crate::bus::BusKind::Redis) => {
+                let (_, options) =
+                    crate::bus::redis::parse_uri(&bus_uri).map_err(|message| ConfigError {
+                        location: uri_source.clone(),
+                        message: format!(
+                            "bus URI {}: {message}",
+                            crate::redact::redact_uri(&bus_uri)
+                        ),
+                    })?;
+                for (name, settings) in &services {
+                    visibility_covers(
+                        name,
+                        settings.handler_timeout,
+                        false,
+                        handler_grace,
+                        options.visibility_timeout,
+                    )
+                    .map_err(|message| ConfigError {
+                        location: settings.location.clone().unwrap_or_default(),
+                        message,
+                    })?;
+                }
+                Some((options.visibility_timeout, uri_source))
+            }
+            _ => None,
+        };
         let plugins_dir = match &overrides.plugins_dir {
             Some(dir) => dir.clone(),
             None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
@@ -479,6 +542,7 @@ impl HostConfig {
             services,
             shutdown_timeout,
             handler_grace,
+            visibility_timeout,
         })
     }
 
@@ -497,6 +561,22 @@ impl HostConfig {
                     name: name.clone(),
                     loaded: loaded.join(", "),
                 });
+            }
+        }
+        // Services without an entry run with the default handler_timeout.
+        if let Some((visibility, source)) = &self.visibility_timeout {
+            for name in loaded.iter().filter(|n| !self.services.contains_key(**n)) {
+                visibility_covers(
+                    name,
+                    DEFAULT_HANDLER_TIMEOUT,
+                    true,
+                    self.handler_grace,
+                    *visibility,
+                )
+                .map_err(|message| ConfigError {
+                    location: source.clone(),
+                    message,
+                })?;
             }
         }
         Ok(())
@@ -800,6 +880,56 @@ queues = [{ name = "simple", routing_key = "simple.*", arguments = { "x-queue-ty
         )
         .unwrap_err();
         assert!(err.starts_with("host.toml:"), "{err}");
+    }
+
+    #[test]
+    fn a_redis_visibility_timeout_shorter_than_a_handler_s_time_is_refused() {
+        let redis = |vt: &str| Overrides {
+            bus_uri: Some(format!("redis://h/0?visibility_timeout={vt}")),
+            ..Overrides::default()
+        };
+        let text = "[host]\nhandler_grace = 2\n\n[[service]]\nname = \"s\"\nhandler_timeout = 25\n";
+        assert_eq!(
+            load_text(text, &redis("20"), None).unwrap_err(),
+            "host.toml:5:8: service `s`: handler_timeout (25 s) + [host] handler_grace (2 s) = 27 s \
+             exceeds the Redis visibility_timeout (20 s): a request still running would be \
+             delivered again; raise visibility_timeout in the bus URI or lower handler_timeout"
+        );
+        let c = load_text(text, &redis("27"), None).unwrap();
+        assert_eq!(
+            c.visibility_timeout,
+            Some((Duration::from_secs(27), "--bus-uri".to_owned()))
+        );
+        assert!(c.check_services(&["s"]).is_ok());
+        // A service without an entry runs with the default handler_timeout.
+        let e = c.check_services(&["s", "other"]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--bus-uri: service `other`: handler_timeout (60 s, the default) + [host] handler_grace (2 s) = 62 s"),
+            "{e}"
+        );
+        // kombu's default of one hour covers the defaults.
+        let c = load_text(
+            "[bus]\nuri = \"redis://h/0\"\n",
+            &Overrides::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.visibility_timeout.as_ref().map(|v| v.0),
+            Some(Duration::from_secs(3600))
+        );
+        assert!(c.check_services(&["any"]).is_ok());
+        assert_eq!(
+            load_text("", &redis("soon"), None).unwrap_err(),
+            "--bus-uri: bus URI redis://h/0?visibility_timeout=soon: \
+             `visibility_timeout` must be a positive number of seconds, not `soon`"
+        );
+        assert_eq!(
+            load_text("", &Overrides::default(), None)
+                .unwrap()
+                .visibility_timeout,
+            None
+        );
     }
 
     #[test]

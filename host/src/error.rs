@@ -47,6 +47,9 @@ pub enum HostError {
     /// The bus failed.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The configuration does not fit the plugins loaded.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The slot file cannot be written.
     #[error("cannot open the slot file {path}: {source}")]
     SlotFile {

@@ -267,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot_file,
                 controlled: true,
                 fail_fast,
+                bus_owner: std::env::var(supervisor::WORKER_BUS_OWNER_ENV).ok(),
             };
             let ended = config.and_then(|config| {
                 let span =

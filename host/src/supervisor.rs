@@ -43,6 +43,16 @@ pub const WORKER_BUS_URI_ENV: &str = "COMMISSAIRE_WORKER_BUS_URI";
 /// users.
 const PERMANENT_ATTEMPTS: u32 = 3;
 
+/// The environment variable that names who a worker consumes as on the
+/// bus: the supervisor hands back what that consumer held when the worker
+/// dies (see [`crate::bus::BusTransport::restore_consumer`]).
+pub const WORKER_BUS_OWNER_ENV: &str = "COMMISSAIRE_WORKER_BUS_OWNER";
+
+/// When a dead worker's deliveries are handed back a second time: a
+/// command it sent just before it died may reach the broker after the
+/// first pass.
+const LATE_COMMANDS: Duration = Duration::from_secs(1);
+
 /// A worker that lived at least this long was healthy: its death restarts
 /// the backoff.
 const HEALTHY_LIFETIME: Duration = Duration::from_secs(10);
@@ -140,6 +150,8 @@ struct Worker {
     pid: u32,
     stdin: mpsc::UnboundedSender<String>,
     slot_file: PathBuf,
+    /// Who it consumes as on the bus.
+    bus_owner: String,
     started: Instant,
     consuming: bool,
     ever_consumed: bool,
@@ -204,6 +216,10 @@ struct Supervisor {
     failure: Option<SupervisorError>,
     roll_queue: VecDeque<u64>,
     roll: Option<Roll>,
+    /// The supervisor's own bus connection, once up.
+    client: Option<Arc<SharedClient>>,
+    /// Dead workers' deliveries being handed back.
+    hand_backs: tokio_util::task::TaskTracker,
 }
 
 /// Lists the services of the plugin directory by running `plugins --json`
@@ -286,6 +302,7 @@ impl Supervisor {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
         let slot_file = self.work_dir.join(format!("{safe}-{id}.slots"));
+        let bus_owner = format!("w{}", uuid::Uuid::new_v4().simple());
         let mut command = Command::new(&self.options.exe);
         command
             .arg("worker")
@@ -297,6 +314,7 @@ impl Supervisor {
             .env(WORKER_BUS_URI_ENV, &self.config.bus_uri)
             // Plugins have no business with the HTTP endpoint's secret.
             .env_remove(crate::config::HTTP_TOKEN_ENV)
+            .env(WORKER_BUS_OWNER_ENV, &bus_owner)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -356,6 +374,7 @@ impl Supervisor {
                 pid,
                 stdin: stdin_tx,
                 slot_file,
+                bus_owner,
                 started: Instant::now(),
                 consuming: false,
                 ever_consumed: false,
@@ -447,7 +466,45 @@ impl Supervisor {
         }
     }
 
+    /// Hands back at once what a dead worker held on the bus (Redis would
+    /// keep it until the visibility timeout), twice (see [`LATE_COMMANDS`]).
+    fn hand_back(&self, worker: &Worker) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        if !matches!(
+            crate::bus::BusKind::of(&self.config.bus_uri),
+            Ok(crate::bus::BusKind::Redis)
+        ) {
+            return;
+        }
+        let (service, owner, pid) = (worker.service.clone(), worker.bus_owner.clone(), worker.pid);
+        self.hand_backs.spawn(async move {
+            for pass in 0..2 {
+                if pass > 0 {
+                    tokio::time::sleep(LATE_COMMANDS).await;
+                }
+                let restored = match client.get().await {
+                    Ok(c) => c.bus().restore_consumer(&owner).await,
+                    Err(e) => Err(e),
+                };
+                match restored {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        service, pid, restored = n,
+                        "the worker's unsettled deliveries went back to their queues"
+                    ),
+                    Err(e) => tracing::warn!(
+                        service, pid, error = %e,
+                        "cannot hand back the worker's deliveries: they come back after the visibility timeout"
+                    ),
+                }
+            }
+        });
+    }
+
     fn exited(&mut self, id: u64, worker: Worker, status: ExitStatus) {
+        self.hand_back(&worker);
         let what = describe_exit(status);
         let service = worker.service.clone();
         let running = crate::serve::inflight::running_keys(&worker.slot_file).unwrap_or_default();
@@ -753,6 +810,8 @@ pub async fn supervise(
         failure: None,
         roll_queue: VecDeque::new(),
         roll: None,
+        client: None,
+        hand_backs: tokio_util::task::TaskTracker::new(),
     };
     let result = run_loop(
         &mut s,
@@ -820,6 +879,7 @@ async fn run_loop(
             }
         }
     }
+    s.client = Some(client.clone());
     if let Some(addr) = s.config.http_listen {
         serve_http(
             addr,
@@ -875,6 +935,13 @@ async fn run_loop(
         }
     }
     http_stop.cancel();
+    s.hand_backs.close();
+    if tokio::time::timeout(Duration::from_secs(5), s.hand_backs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("dead workers' deliveries not all handed back; they come back after the visibility timeout");
+    }
     client.close().await;
     match s.failure.take() {
         Some(e) => Err(e),

@@ -746,9 +746,11 @@ pub fn cleanup_redis(uri: &str, exchange: &str, queues: &[String]) {
     let unacked = redis_command(uri, &["HGETALL", "unacked"]).strings();
     for pair in unacked.chunks(2) {
         if let [tag, stored] = pair {
-            let ours = serde_json::from_str::<Value>(stored)
-                .ok()
-                .is_some_and(|v| v[1] == exchange);
+            // kombu records the exchange; the host records the default
+            // exchange and the queue it took the message from.
+            let ours = serde_json::from_str::<Value>(stored).ok().is_some_and(|v| {
+                v[1] == exchange || (v[1] == "" && queues.iter().any(|q| v[2] == q.as_str()))
+            });
             if ours {
                 commands.push(vec!["HDEL".to_owned(), "unacked".to_owned(), tag.clone()]);
                 commands.push(vec![

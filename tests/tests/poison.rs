@@ -336,7 +336,7 @@ fn a_reply_the_broker_refuses_is_tried_3_times_then_the_request_is_dropped() {
 }
 
 #[test]
-fn a_redis_reply_to_a_set_is_tried_3_times_then_the_request_is_dropped() {
+fn a_redis_reply_to_a_set_is_refused_at_once_and_the_request_is_dropped() {
     let uri = redis_uri(5, "");
     let mut spec = HostSpec::redis(5);
     spec.plugins = vec!["demo"];
@@ -358,7 +358,7 @@ fn a_redis_reply_to_a_set_is_tried_3_times_then_the_request_is_dropped() {
     redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);
     wait_until(Duration::from_secs(15), "the request is dropped", || {
         host.stderr()
-            .contains("reply not published; the request is acked and dropped")
+            .contains("reply refused by the broker; the request is acked and dropped")
     });
     assert_eq!(
         redis_command(&uri, &["TYPE", &set]),
@@ -369,7 +369,9 @@ fn a_redis_reply_to_a_set_is_tried_3_times_then_the_request_is_dropped() {
     let report = run_load_redis(&host);
     assert_eq!(report, 300);
     let log = host.stderr();
-    assert_eq!(log.matches("reply not published").count(), 1, "{log}");
+    // Refused by the script that pushes replies: not tried again.
+    assert_eq!(log.matches("reply refused").count(), 1, "{log}");
+    assert_eq!(log.matches("reply not published").count(), 0, "{log}");
     assert_eq!(
         handler_runs(&log, "echo"),
         301,

@@ -214,9 +214,6 @@ async fn quorum_queue_arguments_reach_the_broker_and_a_mismatch_is_one_startup_e
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains(&format!("declaring queue `{queue}`")), "{log}");
     assert!(log.contains("x-queue-type"), "names the difference: {log}");
-    assert!(
-        log.matches("refused by the broker").count() <= 2,
-        "no retry loop: {log}"
-    );
+    assert!(log.matches("refused:").count() <= 2, "no retry loop: {log}");
     commissaire_e2e::host::cleanup_broker(&spec.exchange, &[queue]);
 }

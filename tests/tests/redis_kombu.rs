@@ -456,6 +456,10 @@ fn a_killed_worker_s_request_comes_back_after_the_visibility_timeout() {
         // timeout of 2 s: it restores the request and answers it.
         let mut second_spec = spec.clone();
         second_spec.bus_uri = redis_uri(10, "?visibility_timeout=2");
+        // Handlers that may run longer than the visibility timeout are a
+        // configuration error.
+        second_spec.service_toml = "handler_timeout = 1\n".to_owned();
+        second_spec.extra_toml = "\n[host]\nhandler_grace = 1\n".to_owned();
         let mut second = TestHost::start(second_spec);
         let output = caller.wait_with_output().expect("the caller ends");
         let reply = parse_reply("simple.wordy_add", &output, &second);

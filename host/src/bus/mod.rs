@@ -52,8 +52,10 @@ pub enum BusError {
         reason: String,
     },
     /// The broker refused an operation for good (a queue declared with
-    /// other arguments than it has, a permission): retrying cannot help.
-    #[error("{operation} refused by the broker: {reason}")]
+    /// other arguments than it has, a permission; a Redis `reply_to` naming
+    /// the transport's own keys, or a key that is not a list): retrying
+    /// cannot help.
+    #[error("{operation} refused: {reason}")]
     Refused {
         /// What was attempted.
         operation: String,
@@ -124,6 +126,11 @@ impl BusError {
     /// broker gives unsettled deliveries back).
     pub fn is_lost(&self) -> bool {
         matches!(self, Self::Lost { .. } | Self::Closed)
+    }
+
+    /// Whether the broker refused the message for good (drop it at once).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Refused { .. })
     }
 }
 
@@ -560,6 +567,14 @@ pub trait BusTransport: Send + Sync + 'static {
 
     /// Closes the connection; unsettled deliveries go back to their queues.
     async fn close(&self);
+
+    /// Hands back at once what the consumer `owner` (another connection,
+    /// whose process died) took and never settled; returns how many. A
+    /// no-op where the broker does it itself when the connection drops
+    /// (AMQP, memory).
+    async fn restore_consumer(&self, _owner: &str) -> Result<usize, BusError> {
+        Ok(0)
+    }
 }
 
 /// A sink that queues deliveries on a channel, for tests and tools that
@@ -579,6 +594,12 @@ pub fn channel_sink() -> (Sink, async_channel::Receiver<Incoming>) {
 
 /// Connects to the bus named by `uri`.
 pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
+    connect_as(uri, None).await
+}
+
+/// Connects, consuming as `owner` where the transport tracks what each
+/// consumer holds (Redis: see [`BusTransport::restore_consumer`]).
+pub async fn connect_as(uri: &str, owner: Option<&str>) -> Result<Arc<dyn BusTransport>, BusError> {
     Ok(match BusKind::of(uri)? {
         BusKind::Memory => Arc::new(memory::MemoryBus::new()),
         BusKind::Amqp => {
@@ -591,7 +612,7 @@ pub async fn connect(uri: &str) -> Result<Arc<dyn BusTransport>, BusError> {
             }
             Arc::new(amqp::AmqpBus::connect(uri).await?)
         }
-        BusKind::Redis => Arc::new(redis::RedisBus::connect(uri).await?),
+        BusKind::Redis => Arc::new(redis::RedisBus::connect_as(uri, owner).await?),
     })
 }
 

@@ -24,8 +24,9 @@ use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
 use crate::dispatch::{error_body, parse_request, Delivery, Reply, Service};
 
 /// Tries for a reply whose publishing fails for another reason than a lost
-/// connection (Redis WRONGTYPE, a broker nack): then the request is acked
-/// and dropped.
+/// connection or a refusal (a broker nack): then the request is acked and
+/// dropped. A refused reply ([`BusError::Refused`]: a Redis `reply_to`
+/// naming a key that is not a list) is dropped at once.
 pub const REPLY_TRIES: u32 = 3;
 
 /// Deliveries beyond `crash_limit` a request may have, whatever brought it
@@ -259,6 +260,14 @@ impl Inbound {
                     "reply not published: the connection is gone; the request goes back to its queue"
                 );
                 return false;
+            }
+            if error.is_refused() {
+                tracing::warn!(
+                    service = &*self.service, routing_key = %self.incoming.routing_key,
+                    reply_to = %reply.to, error = %error,
+                    "reply refused by the broker; the request is acked and dropped"
+                );
+                return true;
             }
             if tries >= REPLY_TRIES {
                 tracing::error!(

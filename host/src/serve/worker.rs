@@ -30,6 +30,9 @@ pub struct WorkerOptions {
     pub controlled: bool,
     /// Give up when the broker is unreachable instead of retrying.
     pub fail_fast: bool,
+    /// Who it consumes as on Redis, so that the supervisor can hand back
+    /// what it held when it dies (see [`bus::connect_as`]).
+    pub bus_owner: Option<String>,
 }
 
 /// Why a worker ended.
@@ -91,7 +94,7 @@ pub async fn run_worker(
         }
         let connected = tokio::select! {
             () = stop.cancelled() => return Ok(WorkerEnd::Stopped),
-            c = bus::connect(&config.bus_uri) => c,
+            c = bus::connect_as(&config.bus_uri, options.bus_owner.as_deref()) => c,
         };
         let session = match connected {
             Ok(bus) => {

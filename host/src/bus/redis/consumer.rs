@@ -1,0 +1,287 @@
+//! Consuming a queue: one script takes messages and records them in the
+//! same instant (nothing is ever out of its list without its unacked
+//! record), a no-op `BLMOVE` waits for more without taking any, and one
+//! script replies and acks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::RedisError;
+use async_trait::async_trait;
+use futures_util::FutureExt as _;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::connection::{now, refused, Inner, BLOCK_SECS};
+use super::envelope::{envelope, read_envelope, Received};
+use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
+use super::restore::Side;
+use crate::bus::{Acker, BusError, Incoming, Outgoing, PrefetchSlots, Settle, Sink};
+use crate::redact::scrub;
+
+/// The most messages one take script moves.
+const MAX_TAKE: usize = 32;
+
+impl Inner {
+    /// Removes a delivery's record: the unacked hash and index, and our
+    /// held set. Tags are unique per take, so a late ack (the delivery was
+    /// restored and taken again meanwhile) removes nothing of the new
+    /// holder's.
+    pub async fn ack(&self, tag: &str) -> Result<(), BusError> {
+        let mut pipe = ::redis::pipe();
+        pipe.atomic()
+            .cmd("HDEL")
+            .arg(UNACKED)
+            .arg(tag)
+            .ignore()
+            .cmd("ZREM")
+            .arg(UNACKED_INDEX)
+            .arg(tag)
+            .ignore()
+            .cmd("SREM")
+            .arg(&self.identity.held)
+            .arg(tag)
+            .ignore();
+        self.pipe("ack", &pipe).await
+    }
+
+    /// How long a held set outlives its last take: twice the visibility
+    /// timeout, after which whatever it named was restored anyway.
+    fn held_expiry_ms(&self) -> u64 {
+        u64::try_from(self.options.visibility_timeout.as_millis())
+            .unwrap_or(u64::MAX / 2)
+            .saturating_mul(2)
+            .max(60_000)
+    }
+}
+
+/// Settles one delivery: an ack removes its record, a requeue moves it
+/// back onto its queue (kombu's `basic_reject(requeue=True)`); either way
+/// its prefetch slot is freed.
+struct RedisAcker {
+    inner: Arc<Inner>,
+    tag: String,
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+    /// Acked by the script that published its reply.
+    acked: AtomicBool,
+}
+
+#[async_trait]
+impl Acker for RedisAcker {
+    async fn settle(&self, how: Settle) -> Result<(), BusError> {
+        let settled = if self.acked.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            match how {
+                Settle::Ack => self.inner.ack(&self.tag).await,
+                Settle::Requeue => self
+                    .inner
+                    .restore_by_tag(&self.tag, Side::Back)
+                    .await
+                    .map(|_| ()),
+            }
+        };
+        drop(
+            self.slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        settled
+    }
+
+    /// A reply to a list (the default exchange) goes out in one script with
+    /// this delivery's ack: the settle that follows only frees the slot.
+    async fn publish_before_ack(&self, m: Outgoing<'_>) -> Option<Result<(), BusError>> {
+        if !m.exchange.is_empty() {
+            return None;
+        }
+        let mut inv = self.inner.scripts.reply_ack.prepare_invoke();
+        inv.key(priority_list(m.routing_key, 0))
+            .key(UNACKED)
+            .key(UNACKED_INDEX)
+            .key(&self.inner.identity.held)
+            .arg(envelope(&m))
+            .arg(&self.tag);
+        let what = format!("replying to `{}`", m.routing_key);
+        let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
+            Ok(answer) => refused(&what, answer),
+            Err(e) => Err(e),
+        };
+        if replied.is_ok() {
+            self.acked.store(true, Ordering::Release);
+        }
+        Some(replied)
+    }
+
+    fn tag(&self) -> String {
+        self.tag.clone()
+    }
+}
+
+/// A delivery from a received envelope.
+pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Incoming {
+    Incoming {
+        exchange: received.exchange,
+        routing_key: received.routing_key,
+        body: received.body,
+        reply_to: received.reply_to,
+        correlation_id: received.correlation_id.map(String::into_bytes),
+        not_utf8: None,
+        redelivered: received.redelivered,
+        acker,
+    }
+}
+
+/// Takes up to `count` messages of `lists` (one script): their tags and
+/// envelopes.
+async fn take(
+    inner: &Inner,
+    conn: &mut MultiplexedConnection,
+    lists: &[String],
+    record_suffix: &str,
+    count: usize,
+) -> Result<Vec<(String, String)>, RedisError> {
+    let identity = &inner.identity;
+    let first = identity.reserve(count as u64);
+    let mut inv = inner.scripts.take.prepare_invoke();
+    inv.key(UNACKED).key(UNACKED_INDEX).key(&identity.held);
+    for list in lists {
+        inv.key(list);
+    }
+    inv.arg(count)
+        .arg(&identity.tag_prefix)
+        .arg(first)
+        .arg(record_suffix)
+        .arg(now())
+        .arg(inner.held_expiry_ms());
+    let items: Vec<Vec<u8>> = inv.invoke_async(conn).await?;
+    Ok(items
+        .into_iter()
+        .zip(first..)
+        .map(|(raw, n)| {
+            (
+                format!("{}{n}", identity.tag_prefix),
+                String::from_utf8_lossy(&raw).into_owned(),
+            )
+        })
+        .collect())
+}
+
+/// Blocks until `list` holds a message (at most [`BLOCK_SECS`]), taking
+/// none: `BLMOVE` of a list's tail onto its own tail leaves it as it was.
+/// Abandoning it midway loses nothing.
+async fn wait_for_message(conn: &mut MultiplexedConnection, list: &str) -> Result<(), RedisError> {
+    let _: Option<Vec<u8>> = ::redis::cmd("BLMOVE")
+        .arg(list)
+        .arg(list)
+        .arg("RIGHT")
+        .arg("RIGHT")
+        .arg(BLOCK_SECS)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Makes the delivery of one taken message; one that is not an envelope is
+/// acked away.
+async fn deliver(
+    inner: &Arc<Inner>,
+    queue: &str,
+    tag: String,
+    raw: &str,
+    slot: OwnedSemaphorePermit,
+) -> Option<Incoming> {
+    let received = match read_envelope(raw) {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::warn!(queue, %reason, "dropping a message that is not a kombu envelope");
+            if let Err(e) = inner.ack(&tag).await {
+                tracing::warn!(queue, error = %e, "cannot remove an unreadable message's record");
+            }
+            return None;
+        }
+    };
+    let acker = RedisAcker {
+        inner: inner.clone(),
+        tag,
+        slot: Mutex::new(Some(slot)),
+        acked: AtomicBool::new(false),
+    };
+    Some(incoming(received, Some(Box::new(acker))))
+}
+
+/// A delivery taken after its consumer stopped goes back to the front of
+/// its queue, as kombu's channel close restores what it had taken.
+async fn hand_back(inner: &Inner, tag: &str) {
+    if let Err(e) = inner.restore_by_tag(tag, Side::Front).await {
+        tracing::warn!(error = %e, "a delivery stays unacked until the visibility timeout");
+    }
+}
+
+/// Takes from `queue` whenever prefetch slots are free, as many as are
+/// free (up to [`MAX_TAKE`]) per script, until stopped; waits when the
+/// queue is empty.
+pub(super) async fn consume_queue(
+    inner: Arc<Inner>,
+    queue: String,
+    mut conn: MultiplexedConnection,
+    limit: Arc<PrefetchSlots>,
+    sink: Sink,
+    stop: CancellationToken,
+    ended: CancellationToken,
+) {
+    let _ended = ended.drop_guard();
+    let lists = queue_lists(&queue);
+    // The rest of the unacked record `[envelope, exchange, routing key]`:
+    // the default exchange and the queue, so that any restore, kombu's
+    // included, puts it back on this queue and no other.
+    let record_suffix = format!(", \"\", {}]", serde_json::Value::from(queue.as_str()));
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            slot = limit.acquire() => match slot { Some(s) => s, None => break },
+        };
+        let mut slots = vec![first];
+        while slots.len() < MAX_TAKE {
+            match limit.acquire().now_or_never() {
+                Some(Some(slot)) => slots.push(slot),
+                _ => break,
+            }
+        }
+        let failed = match take(&inner, &mut conn, &lists, &record_suffix, slots.len()).await {
+            Ok(taken) if taken.is_empty() => {
+                drop(slots);
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    waited = wait_for_message(&mut conn, &lists[0]) => waited.err(),
+                }
+            }
+            Ok(taken) => {
+                let stopped = stop.is_cancelled();
+                for ((tag, raw), slot) in taken.into_iter().zip(slots) {
+                    if stopped {
+                        hand_back(&inner, &tag).await;
+                    } else if let Some(incoming) = deliver(&inner, &queue, tag, &raw, slot).await {
+                        tokio::spawn(sink(incoming));
+                    }
+                }
+                if stopped {
+                    break;
+                }
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "taking messages failed; reconnecting");
+            match inner.reconnect(&stop, "consumer").await {
+                Some(c) => conn = c,
+                None => break,
+            }
+        }
+    }
+}
