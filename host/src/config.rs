@@ -94,11 +94,36 @@ struct BusSection {
     reply_queue: Option<crate::bus::ReplyQueueKind>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum UriList {
     One(String),
     Several(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for UriList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Uris;
+        impl<'de> serde::de::Visitor<'de> for Uris {
+            type Value = UriList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URI string or a list of URI strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UriList, E> {
+                Ok(UriList::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UriList, A::Error> {
+                let mut uris = Vec::new();
+                while let Some(uri) = seq.next_element::<String>()? {
+                    uris.push(uri);
+                }
+                Ok(UriList::Several(uris))
+            }
+        }
+        d.deserialize_any(Uris)
+    }
 }
 
 impl UriList {

@@ -32,11 +32,13 @@ fn memory_bus_serves_http_calls_including_handler_to_handler() {
         &json!({"id": 5}),
     )
     .unwrap();
-    assert_eq!(status, 504, "{reply}");
+    // No queue takes it: answered at once, -32601.
+    assert_eq!(status, 404, "{reply}");
+    assert_eq!(reply["error"]["code"], -32601, "{reply}");
     assert!(reply["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("no reply from `nobody.home`"));
+        .contains("no queue is bound to nobody.home"));
 }
 
 #[test]
@@ -87,7 +89,7 @@ fn bad_config_files_are_one_line_with_file_and_line() {
     let plugins = plugin_dir(&["simple"]);
     let dir = plugins.path().display().to_string();
     let cases = [
-        ("[bus]\nuri = 5\n".to_owned(), "host.toml:2:7: invalid type: integer `5`, expected a string"),
+        ("[bus]\nuri = 5\n".to_owned(), "host.toml:2:7: invalid type: integer `5`, expected a URI string or a list of URI strings"),
         ("[buss]\n".to_owned(), "host.toml:1:2: unknown field `buss`"),
         (format!("[plugins]\ndir = \"{dir}\"\n[http]\nlisten = \"x\"\n"), "host.toml:4:10: invalid socket address syntax"),
         (

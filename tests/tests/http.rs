@@ -15,6 +15,50 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "t0ken-for-the-http-tests";
 
+/// A queue bound to `pattern` that nobody consumes: requests routed there
+/// wait for their timeout (the host's requests are mandatory, so a key no
+/// queue is bound to would be answered at once). Deleted on drop.
+struct Parked {
+    queue: String,
+}
+
+impl Parked {
+    fn new(exchange: &str, pattern: &str) -> Self {
+        let queue = unique("parked");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let conn = lapin::Connection::connect(&amqp_uri(), Default::default())
+                .await
+                .expect("connect");
+            let ch = conn.create_channel().await.expect("channel");
+            ch.queue_declare(
+                queue.as_str().into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("declare");
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                pattern.into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("bind");
+            let _ = conn.close(200, "bye".into()).await;
+        });
+        Self { queue }
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        commissaire_e2e::host::cleanup_broker("", std::slice::from_ref(&self.queue));
+    }
+}
+
 /// An HTTP answer, read to the end.
 #[derive(Debug)]
 struct Reply {
@@ -124,6 +168,7 @@ fn a_guarded_endpoint_answers_each_refusal_with_its_status() {
     );
     spec.bus_toml = "max_message_bytes = 1024\n".to_owned();
     let host = TestHost::start(spec);
+    let _parked = Parked::new(&host.spec.exchange, &format!("{nobody}.#"));
     let addr = host.http;
     let add = json!({"id": 1, "params": [1, 2]});
 
@@ -411,6 +456,7 @@ fn ten_thousand_abandoned_requests_leave_no_pending_entry() {
     let host = TestHost::start(HostSpec::amqp());
     let addr = host.http;
     let key = format!("{}.x", unique("nobody"));
+    let _parked = Parked::new(&host.spec.exchange, &key);
     let request = format!(
         "POST /rpc/{key}?timeout=300 HTTP/1.1\r\nHost: x\r\n{JSON}\r\nContent-Length: 8\r\n\r\n{{\"id\":1}}"
     );

@@ -337,6 +337,10 @@ async fn relay(
             &id,
             RpcError::internal_error(e.to_string()),
         ),
+        // No queue takes this routing key: -32601, as the client maps it.
+        Err(e @ RequestError::Bus(crate::bus::BusError::Unroutable { .. })) => {
+            error_response(StatusCode::NOT_FOUND, &id, RpcError::from(e))
+        }
         Err(e) => error_response(
             StatusCode::BAD_GATEWAY,
             &id,
