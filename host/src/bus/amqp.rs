@@ -105,6 +105,13 @@ impl AmqpBus {
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 if let lapin::Event::Error(e) = event {
+                    // A soft error closes one channel (a refused
+                    // declaration, a refused publish): whoever used that
+                    // channel sees it; the connection goes on.
+                    if e.is_amqp_soft_error() {
+                        tracing::debug!(error = %e, "a channel was closed by the broker");
+                        continue;
+                    }
                     // lapin logs are off by default (main.rs): this is the
                     // one event that says why.
                     tracing::warn!(error = %e, "the bus connection failed");
