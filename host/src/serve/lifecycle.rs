@@ -311,8 +311,6 @@ pub(super) async fn serve(s: Arc<Served>, queue: Arc<str>, incoming: Incoming) {
         0
     };
     let inbound = Arc::new(Inbound::new(&s, queue, incoming, key));
-    // From here to the end, a crash of this worker counts against it.
-    let _entered = inflight.enter(inbound.clone());
     let incoming = &inbound.incoming;
 
     // What cannot be handled is answered, or dropped, before it is parsed.
@@ -372,6 +370,11 @@ pub(super) async fn serve(s: Arc<Served>, queue: Arc<str>, incoming: Incoming) {
         }
     }
 
+    // From here to its settlement (decoding, the handler, the reply, the
+    // ack), a crash of this worker counts against the request. Not while it
+    // waited for its verdict above: requests redelivered beside a poison
+    // one wait there together, and would be blamed for its crashes.
+    let _entered = inflight.enter(inbound.clone());
     let Some(reply) = run_handler(&s, &inbound).await else {
         return;
     };
