@@ -24,6 +24,8 @@ NODES=(1 2 3)
 node_env() {
   local n=$1
   export HOME="$BASE"
+  # rabbitmqctl against a stopped node would leave erl_crash.dump here.
+  export ERL_CRASH_DUMP=/dev/null
   export RABBITMQ_NODENAME="commissaire-c$n@localhost"
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
   export RABBITMQ_NODE_PORT=$((5680 + n))
