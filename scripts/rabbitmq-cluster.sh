@@ -91,7 +91,7 @@ down() {
 
 status() {
   local members
-  members=$( (ctl 1 -q cluster_status --formatter json 2>/dev/null || true) | grep -o 'commissaire-c[123]@localhost' | sort -u | wc -l)
+  members=$( (ctl 1 -q cluster_status --formatter json 2>/dev/null || true) | { grep -o 'commissaire-c[123]@localhost' || true; } | sort -u | wc -l)
   local listening=0
   for n in "${NODES[@]}"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$((5680 + n))") 2>/dev/null; then
