@@ -47,6 +47,21 @@ running() {
   ctl "$1" -q status >/dev/null 2>&1
 }
 
+# A node started with -detached registers with epmd only some seconds
+# later, and await_startup fails at once on a node it cannot find: poll
+# until the node boots, and show its log when it never does.
+await_node() {
+  local n=$1 deadline=$((SECONDS + 120))
+  until ctl "$n" -q await_startup --timeout 30 >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "node commissaire-c$n did not start within 120 s; its log:" >&2
+      tail -n 40 "$BASE/c$n/log/"*.log >&2 2>/dev/null || echo "(no log in $BASE/c$n/log)" >&2
+      return 1
+    fi
+    sleep 1
+  done
+}
+
 up() {
   [ -x "$BIN/rabbitmq-server" ] || scripts/ensure-brokers.sh
   mkdir -p "$BASE"
@@ -66,7 +81,7 @@ up() {
     (node_env "$n" && "$BIN/rabbitmq-server" -detached)
   done
   for n in "${NODES[@]}"; do
-    (node_env "$n" && timeout 90 "$BIN/rabbitmqctl" -n "commissaire-c$n@localhost" -q await_startup)
+    await_node "$n"
   done
   for n in 2 3; do
     if ctl "$n" -q cluster_status --formatter json 2>/dev/null | grep -q 'commissaire-c1@localhost'; then
