@@ -69,7 +69,9 @@ async fn run_window(client: &Arc<RpcClient>, args: &Args, count: usize) -> (Vec<
                 }
                 let params = format!("[{i},1]");
                 let started = Instant::now();
-                let reply = client.request(&routing_key, Some(&params), None).await;
+                let reply = client
+                    .request(&routing_key, Some(&params), None, None)
+                    .await;
                 latencies.push(started.elapsed());
                 let expected = if routing_key.ends_with(".wordy_add") {
                     format!("\"Adding {i} plus 1 results in {}\"", i + 1)

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::bus::{BusError, BusTransport, Incoming, Outgoing, ReplyQueueKind};
+use crate::trace::TraceContext;
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -132,15 +133,18 @@ impl RpcClient {
 
     /// Sends a request with raw `params` JSON text (or none) and returns the
     /// raw reply body. The request's id is a fresh uuid, also sent as the
-    /// correlation id.
+    /// correlation id. It carries a `traceparent`: a span in `parent`'s
+    /// trace, or the root of a new one.
     pub async fn request_raw(
         &self,
         routing_key: &str,
         params: Option<&str>,
         timeout: Option<Duration>,
+        parent: Option<&TraceContext>,
     ) -> Result<Vec<u8>, RequestError> {
         crate::bus::topic::check_routing_key(routing_key).map_err(BusError::from)?;
         let timeout = timeout.unwrap_or(self.default_timeout);
+        let traceparent = TraceContext::child_of(parent).header();
         let id = uuid::Uuid::new_v4().to_string();
         let body = request_body(routing_key, Some(&id), params);
         let (tx, rx) = oneshot::channel();
@@ -162,6 +166,7 @@ impl RpcClient {
                 durable: false,
                 confirm: false,
                 expires: Some(timeout),
+                traceparent: Some(&traceparent),
             })
             .await;
         sent?;
@@ -176,14 +181,17 @@ impl RpcClient {
     }
 
     /// Sends a request and returns its result's JSON text, or the error the
-    /// service answered with.
+    /// service answered with (`parent`: as for [`RpcClient::request_raw`]).
     pub async fn request(
         &self,
         routing_key: &str,
         params: Option<&str>,
         timeout: Option<Duration>,
+        parent: Option<&TraceContext>,
     ) -> Result<Result<Box<RawValue>, RpcError>, RequestError> {
-        let reply = self.request_raw(routing_key, params, timeout).await?;
+        let reply = self
+            .request_raw(routing_key, params, timeout, parent)
+            .await?;
         let bad = |reason: String| RequestError::BadReply {
             routing_key: routing_key.to_owned(),
             reason,
@@ -192,10 +200,16 @@ impl RpcClient {
     }
 
     /// Sends a notification (no `reply_to`, no `id`, as Commissaire's
-    /// `notify`).
-    pub async fn notify(&self, routing_key: &str, params: Option<&str>) -> Result<(), BusError> {
+    /// `notify`), in `parent`'s trace or a new one.
+    pub async fn notify(
+        &self,
+        routing_key: &str,
+        params: Option<&str>,
+        parent: Option<&TraceContext>,
+    ) -> Result<(), BusError> {
         crate::bus::topic::check_routing_key(routing_key)?;
         let body = request_body(routing_key, None, params);
+        let traceparent = TraceContext::child_of(parent).header();
         self.bus
             .publish(Outgoing {
                 exchange: &self.exchange,
@@ -206,18 +220,22 @@ impl RpcClient {
                 durable: false,
                 confirm: false,
                 expires: None,
+                traceparent: Some(&traceparent),
             })
             .await
     }
 
-    /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`.
+    /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`, in
+    /// `parent`'s trace or a new one.
     pub async fn respond(
         &self,
         queue: &str,
         id_json: &str,
         result_json: &str,
+        parent: Option<&TraceContext>,
     ) -> Result<(), BusError> {
         let body = crate::dispatch::result_body(id_json, result_json);
+        let traceparent = TraceContext::child_of(parent).header();
         self.bus
             .publish(Outgoing {
                 exchange: "",
@@ -228,6 +246,7 @@ impl RpcClient {
                 durable: true,
                 confirm: true,
                 expires: None,
+                traceparent: Some(&traceparent),
             })
             .await
     }

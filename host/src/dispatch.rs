@@ -29,6 +29,8 @@ pub struct Delivery<'a> {
     pub correlation_id: Option<&'a str>,
     /// Whether the broker delivered it before.
     pub redelivered: bool,
+    /// The `traceparent` of the host's span for it.
+    pub traceparent: Option<&'a str>,
 }
 
 /// A reply to publish to the default exchange with routing key `to`.
@@ -335,6 +337,7 @@ impl Service {
                     reply_to: delivery.reply_to,
                     correlation_id: delivery.correlation_id,
                     redelivered: delivery.redelivered,
+                    traceparent: delivery.traceparent,
                 };
                 let result = self.instance.call(meta, bus, request.params);
                 let latency_us = started.elapsed().as_micros() as u64;

@@ -21,3 +21,4 @@ pub mod redact;
 pub mod retry;
 pub mod serve;
 pub mod supervisor;
+pub mod trace;

@@ -20,7 +20,8 @@ Environment:
   COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
                        (keep a password here rather than in files or on the command line)
   COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervisor=debug`
-                       [default: info]; RUST_LOG when it is unset";
+                       [default: info]; RUST_LOG when it is unset
+  TRACEPARENT          call and notify: the W3C trace context their request joins";
 
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
@@ -309,8 +310,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("--timeout")?;
             runtime()?.block_on(async {
                 let client = connect_client(&config, config.reply_queue).await?;
+                let parent = env_traceparent();
                 let reply = client
-                    .request(&routing_key, params.as_deref(), timeout)
+                    .request(&routing_key, params.as_deref(), timeout, parent.as_ref())
                     .await;
                 // Also after a timeout: closing deletes the reply queue.
                 client.bus().close().await;
@@ -338,7 +340,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bus::topic::check_routing_key(&routing_key)?;
             runtime()?.block_on(async {
                 let client = connect_client(&config, bus::ReplyQueueKind::Direct).await?;
-                let sent = client.notify(&routing_key, params.as_deref()).await;
+                let parent = env_traceparent();
+                let sent = client
+                    .notify(&routing_key, params.as_deref(), parent.as_ref())
+                    .await;
                 client.bus().close().await;
                 sent?;
                 Ok(ExitCode::SUCCESS)
@@ -400,6 +405,14 @@ fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 /// PARAMS_JSON must be a JSON array or object.
+/// The trace `call` and `notify` join: `TRACEPARENT` in the environment
+/// (the convention of OpenTelemetry's command-line tools), when valid.
+fn env_traceparent() -> Option<commissaire_host::trace::TraceContext> {
+    std::env::var("TRACEPARENT")
+        .ok()
+        .and_then(|t| commissaire_host::trace::TraceContext::parse(&t))
+}
+
 fn checked_params(params: Option<String>) -> anyhow::Result<Option<String>> {
     let Some(text) = params else { return Ok(None) };
     let value: serde_json::Value =

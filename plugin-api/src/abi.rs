@@ -33,7 +33,7 @@
 //! entry `set_host_logger` (the host's log sink and level, for `tracing` and
 //! `log` in plugins). In 1.2 a `request` timeout of 0 still means the host's
 //! default (1.1 plugins send it); 1.2 plugins send at least 1 ms for an
-//! explicit timeout.
+//! explicit timeout. 1.3 — host callback `traceparent` (W3C trace context).
 
 use abi_stable::{
     declare_root_module_statics,
@@ -269,6 +269,9 @@ pub struct HostVTable {
     /// (1.1) Emits a log event through the host's logger, tagged with the
     /// service, method and request id.
     pub(crate) log: for<'a> extern "C" fn(&'a ErasedObject, level: u8, message: RStr<'a>),
+    /// (1.3) The request's W3C `traceparent`: its trace and the span the
+    /// host opened for it; empty when the host has none.
+    pub(crate) traceparent: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
 }
 
 /// The layout of [`HostVTableRef`] as this crate sees it.

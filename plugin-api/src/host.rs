@@ -46,28 +46,46 @@ pub struct RequestMeta<'a> {
     pub correlation_id: Option<&'a str>,
     /// Whether the broker delivered it before.
     pub redelivered: bool,
+    /// The W3C `traceparent` of the span the host opened for the request
+    /// (in the caller's trace, when the caller sent one); the handler's own
+    /// bus requests are its children.
+    pub traceparent: Option<&'a str>,
 }
 
 /// The bus operations a handler may use, implemented by the host.
 ///
 /// Implementations are called from handler threads and may block. Logs do
 /// not go through here: this crate emits a plugin's log events as `tracing`
-/// events of the host process (see [`Plugin::install_logger`]).
+/// events of the host process (see [`Plugin::install_logger`]). `caller`
+/// is the request whose handler makes the call (its trace context is the
+/// parent of what the call sends).
 pub trait HostBus: Send + Sync {
     /// Sends a request and waits for the reply; returns the result's JSON
     /// text. `timeout` is `None` for the host's default.
     fn request(
         &self,
+        caller: &RequestMeta<'_>,
         routing_key: &str,
         params_json: &str,
         timeout: Option<Duration>,
     ) -> Result<String, RpcError>;
 
     /// Sends a notification.
-    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError>;
+    fn notify(
+        &self,
+        caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+    ) -> Result<(), RpcError>;
 
     /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`.
-    fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError>;
+    fn respond(
+        &self,
+        caller: &RequestMeta<'_>,
+        queue: &str,
+        id_json: &str,
+        result_json: &str,
+    ) -> Result<(), RpcError>;
 }
 
 /// Why a loaded library's root module is not accepted.
@@ -347,6 +365,9 @@ extern "C" fn redelivered(data: &ErasedObject) -> bool {
 extern "C" fn exchange(data: &ErasedObject) -> RStr<'_> {
     env(data).meta.exchange.into()
 }
+extern "C" fn traceparent(data: &ErasedObject) -> RStr<'_> {
+    env(data).meta.traceparent.unwrap_or_default().into()
+}
 
 extern "C" fn request<'a>(
     data: &'a ErasedObject,
@@ -356,9 +377,14 @@ extern "C" fn request<'a>(
 ) -> CallResult {
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
     guarded("request", || {
-        env(data)
-            .bus
-            .request(routing_key.as_str(), params_json.as_str(), timeout)
+        let env = env(data);
+        env.bus
+            .request(
+                &env.meta,
+                routing_key.as_str(),
+                params_json.as_str(),
+                timeout,
+            )
             .map(RString::from)
     })
 }
@@ -369,9 +395,9 @@ extern "C" fn notify<'a>(
     params_json: RStr<'a>,
 ) -> RResult<(), RpcErrorAbi> {
     guarded("notify", || {
-        env(data)
-            .bus
-            .notify(routing_key.as_str(), params_json.as_str())
+        let env = env(data);
+        env.bus
+            .notify(&env.meta, routing_key.as_str(), params_json.as_str())
     })
 }
 
@@ -382,9 +408,13 @@ extern "C" fn respond<'a>(
     result_json: RStr<'a>,
 ) -> RResult<(), RpcErrorAbi> {
     guarded("respond", || {
-        env(data)
-            .bus
-            .respond(queue.as_str(), id_json.as_str(), result_json.as_str())
+        let env = env(data);
+        env.bus.respond(
+            &env.meta,
+            queue.as_str(),
+            id_json.as_str(),
+            result_json.as_str(),
+        )
     })
 }
 
@@ -435,6 +465,7 @@ const HOST_VTABLE_WM: &WithMetadata<HostVTable> = &WithMetadata::new(HostVTable 
     respond,
     exchange,
     log,
+    traceparent,
 });
 
 /// This crate's host vtable.

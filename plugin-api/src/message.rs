@@ -83,6 +83,23 @@ impl<'a> Message<'a> {
         self.ctx.host.exchange().map(|f| f(self.ctx.data).as_str())
     }
 
+    /// The W3C `traceparent` of this request's span on hosts from
+    /// plugin-api 1.3: `00-<trace id>-<span id>-<flags>`. The host reads
+    /// the caller's, opens a span of its own in that trace (or starts a
+    /// trace), copies it onto the reply, and makes the handler's own bus
+    /// requests children of it. Pass it on to whatever else the handler
+    /// calls (an HTTP API, say) to keep one trace.
+    pub fn traceparent(&self) -> Option<&'a str> {
+        let f = self.ctx.host.traceparent()?;
+        Some(f(self.ctx.data).as_str()).filter(|t| !t.is_empty())
+    }
+
+    /// The trace id of [`Message::traceparent`]: 32 hex digits, the same in
+    /// the logs of every service the request went through.
+    pub fn trace_id(&self) -> Option<&'a str> {
+        self.traceparent().and_then(|t| t.get(3..35))
+    }
+
     /// Whether this is a notification (no reply will be sent).
     pub fn is_notification(&self) -> bool {
         self.reply_to().is_none()
@@ -134,6 +151,7 @@ impl fmt::Debug for Message<'_> {
             .field("reply_to", &self.reply_to())
             .field("correlation_id", &self.correlation_id())
             .field("redelivered", &self.redelivered())
+            .field("traceparent", &self.traceparent())
             .finish()
     }
 }

@@ -46,6 +46,10 @@ use crate::export::{Exports, ServiceImpl};
 use crate::host::{with_call_ctx, HostBus, RequestMeta};
 use crate::RpcError;
 
+/// The `traceparent` every call of the test kit carries
+/// ([`crate::Message::traceparent`]).
+pub const TEST_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
 type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 
 /// One service instance under test, with a recording test bus: requests to
@@ -134,6 +138,7 @@ impl<S: ServiceImpl> TestService<S> {
             reply_to,
             correlation_id: None,
             redelivered: false,
+            traceparent: Some(TEST_TRACEPARENT),
         };
         with_call_ctx(S::NAME, meta, self, |ctx| {
             (Exports::<S>::VTABLE.call())(self.handle, ctx, method.into(), params.into())
@@ -207,6 +212,7 @@ fn decode(what: &str, text: &str) -> Result<Value, RpcError> {
 impl<S: ServiceImpl> HostBus for TestService<S> {
     fn request(
         &self,
+        _caller: &RequestMeta<'_>,
         routing_key: &str,
         params_json: &str,
         timeout: Option<Duration>,
@@ -232,7 +238,12 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
         )))
     }
 
-    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+    fn notify(
+        &self,
+        _caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+    ) -> Result<(), RpcError> {
         let params = decode("params", params_json)?;
         self.notifications
             .lock()
@@ -241,7 +252,13 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
         Ok(())
     }
 
-    fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError> {
+    fn respond(
+        &self,
+        _caller: &RequestMeta<'_>,
+        queue: &str,
+        id_json: &str,
+        result_json: &str,
+    ) -> Result<(), RpcError> {
         let entry = (
             queue.to_owned(),
             decode("id", id_json)?,

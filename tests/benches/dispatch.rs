@@ -19,13 +19,19 @@ use serde_json::json;
 struct NoBus;
 
 impl HostBus for NoBus {
-    fn request(&self, _: &str, _: &str, _: Option<Duration>) -> Result<String, RpcError> {
+    fn request(
+        &self,
+        _: &RequestMeta<'_>,
+        _: &str,
+        _: &str,
+        _: Option<Duration>,
+    ) -> Result<String, RpcError> {
         Err(RpcError::internal_error("no bus"))
     }
-    fn notify(&self, _: &str, _: &str) -> Result<(), RpcError> {
+    fn notify(&self, _: &RequestMeta<'_>, _: &str, _: &str) -> Result<(), RpcError> {
         Ok(())
     }
-    fn respond(&self, _: &str, _: &str, _: &str) -> Result<(), RpcError> {
+    fn respond(&self, _: &RequestMeta<'_>, _: &str, _: &str, _: &str) -> Result<(), RpcError> {
         Ok(())
     }
 }
@@ -39,6 +45,7 @@ fn meta() -> RequestMeta<'static> {
         reply_to: Some("reply"),
         correlation_id: None,
         redelivered: false,
+        traceparent: None,
     }
 }
 
@@ -68,6 +75,7 @@ fn bench(c: &mut Criterion) {
                 reply_to: Some("reply"),
                 correlation_id: None,
                 redelivered: false,
+                traceparent: None,
             };
             black_box(service.handle(&delivery, &bus))
         })

@@ -14,7 +14,7 @@ pub mod load;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
-use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 use serde_json::{json, Value};
 
@@ -265,6 +265,7 @@ impl RoutingBus {
             reply_to,
             correlation_id: Some("corr-1"),
             redelivered: false,
+            traceparent: None,
         };
         let handled = service.handle(&delivery, self);
         handled.reply.map(|r| {
@@ -290,6 +291,7 @@ impl RoutingBus {
 impl HostBus for RoutingBus {
     fn request(
         &self,
+        _caller: &RequestMeta<'_>,
         routing_key: &str,
         params_json: &str,
         _timeout: Option<Duration>,
@@ -304,7 +306,12 @@ impl HostBus for RoutingBus {
         }
     }
 
-    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+    fn notify(
+        &self,
+        _caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+    ) -> Result<(), RpcError> {
         let params: Value = serde_json::from_str(params_json)
             .map_err(|e| RpcError::invalid_params(e.to_string()))?;
         if let Ok(mut v) = self.notified.lock() {
@@ -313,7 +320,13 @@ impl HostBus for RoutingBus {
         Ok(())
     }
 
-    fn respond(&self, _queue: &str, _id_json: &str, _result_json: &str) -> Result<(), RpcError> {
+    fn respond(
+        &self,
+        _caller: &RequestMeta<'_>,
+        _queue: &str,
+        _id_json: &str,
+        _result_json: &str,
+    ) -> Result<(), RpcError> {
         Ok(())
     }
 }

@@ -454,7 +454,9 @@ fn two_hosts_share_a_queue_and_sigterm_loses_nothing() {
             let client = client.clone();
             tasks.spawn(async move {
                 let params = format!("[{i}, 1]");
-                let r = client.request("simple.add", Some(&params), None).await;
+                let r = client
+                    .request("simple.add", Some(&params), None, None)
+                    .await;
                 (i, r.map(|r| r.map(|v| v.get().to_owned())))
             });
             if i == total / 3 {

@@ -354,6 +354,7 @@ fn a_redis_reply_to_a_set_is_refused_at_once_and_the_request_is_dropped() {
         durable: true,
         confirm: false,
         expires: None,
+        traceparent: None,
     });
     redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);
     wait_until(Duration::from_secs(15), "the request is dropped", || {

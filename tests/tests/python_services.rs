@@ -409,7 +409,9 @@ fn the_host_and_a_python_service_share_a_queue(broker: Broker) {
                 let client = client.clone();
                 tasks.spawn(async move {
                     let params = format!("[{i}, 1000]");
-                    let reply = client.request("simple.add", Some(&params), None).await;
+                    let reply = client
+                        .request("simple.add", Some(&params), None, None)
+                        .await;
                     (i, reply.map(|r| r.map(|v| v.get().to_owned())))
                 });
             }

@@ -57,6 +57,7 @@ fn message<'a>(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgo
         durable: false,
         confirm: false,
         expires: None,
+        traceparent: None,
     }
 }
 
@@ -374,6 +375,7 @@ impl Caller {
                 durable: false,
                 confirm: false,
                 expires: None,
+                traceparent: None,
             })
             .await
             .expect("publish");
@@ -565,6 +567,7 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
                 durable: false,
                 confirm: false,
                 expires: None,
+                traceparent: None,
             })
             .await
             .expect("publish");

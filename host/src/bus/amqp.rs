@@ -144,6 +144,7 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
             .as_ref()
             .map(|s| s.as_bytes().to_vec()),
         not_utf8: not_utf8(&delivery),
+        traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
         acker: channel.map(|channel| {
             Box::new(AmqpAcker {
@@ -185,6 +186,18 @@ fn not_utf8(delivery: &lapin::message::Delivery) -> Option<&'static str> {
         .as_ref()
         .is_some_and(|h| !table_is_utf8(h, 0))
         .then_some("headers")
+}
+
+/// The `traceparent` header of `headers`, as text (a long or a short
+/// string: senders use either).
+fn traceparent(headers: &FieldTable) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let bytes = match headers.inner().get(crate::trace::HEADER)? {
+        AMQPValue::LongString(s) => s.as_bytes(),
+        AMQPValue::ShortString(s) => s.as_bytes(),
+        _ => return None,
+    };
+    std::str::from_utf8(bytes).ok().map(str::to_owned)
 }
 
 /// Whether every key (and short-string value) of `table` and the tables
@@ -277,6 +290,14 @@ fn properties(m: &Outgoing<'_>) -> Result<BasicProperties, BusError> {
                 }
             })?;
         properties = properties.with_correlation_id(id);
+    }
+    if let Some(traceparent) = m.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            crate::trace::HEADER.into(),
+            lapin::types::AMQPValue::LongString(traceparent.into()),
+        );
+        properties = properties.with_headers(headers);
     }
     Ok(properties)
 }

@@ -95,6 +95,7 @@ fn copy(m: &Incoming) -> Incoming {
         reply_to: m.reply_to.clone(),
         correlation_id: m.correlation_id.clone(),
         not_utf8: m.not_utf8,
+        traceparent: m.traceparent.clone(),
         redelivered: m.redelivered,
         acker: None,
     }
@@ -208,6 +209,7 @@ impl BusTransport for MemoryBus {
                 reply_to: m.reply_to.map(str::to_owned),
                 correlation_id: m.correlation_id.map(<[u8]>::to_vec),
                 not_utf8: None,
+                traceparent: m.traceparent.map(str::to_owned),
                 redelivered: false,
                 acker: None,
             };
@@ -246,6 +248,7 @@ mod tests {
             durable: false,
             confirm: false,
             expires: None,
+            traceparent: None,
         }
     }
 

@@ -336,6 +336,9 @@ pub struct Outgoing<'a> {
     /// takes is an error at once ([`BusError::Unroutable`]) instead of a
     /// wait for the whole timeout.
     pub expires: Option<std::time::Duration>,
+    /// The W3C `traceparent` header to send (AMQP headers; kombu's
+    /// `headers` on Redis).
+    pub traceparent: Option<&'a str>,
 }
 
 /// How to settle a delivery.
@@ -379,6 +382,8 @@ pub struct Incoming {
     /// The first property or header key that was not valid UTF-8, if any:
     /// such a request is refused before it is parsed.
     pub not_utf8: Option<&'static str>,
+    /// The `traceparent` header, as sent (parsed by [`crate::trace`]).
+    pub traceparent: Option<String>,
     /// Whether it was delivered before.
     pub redelivered: bool,
     /// How to settle it; `None` for auto-acked deliveries (replies).

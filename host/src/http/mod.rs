@@ -239,7 +239,13 @@ async fn rpc(
             )
         }
     };
-    relay(&state, &routing_key, &body, timeout).await
+    // The caller's trace, when it sent one: the bus request is its child.
+    let parent = parts
+        .headers
+        .get(crate::trace::HEADER)
+        .and_then(|h| h.to_str().ok())
+        .and_then(crate::trace::TraceContext::parse);
+    relay(&state, &routing_key, &body, timeout, parent.as_ref()).await
 }
 
 /// Sends a checked request over the bus and answers with its reply.
@@ -248,6 +254,7 @@ async fn relay(
     routing_key: &str,
     body: &[u8],
     timeout: Option<Duration>,
+    parent: Option<&crate::trace::TraceContext>,
 ) -> Response {
     let null = Value::Null;
     let request: Value = match serde_json::from_slice(body) {
@@ -305,7 +312,7 @@ async fn relay(
     };
     let Some(id) = id else {
         // A notification: sent, nothing to wait for.
-        return match client.notify(routing_key, params.as_deref()).await {
+        return match client.notify(routing_key, params.as_deref(), parent).await {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
@@ -315,7 +322,7 @@ async fn relay(
         };
     };
     match client
-        .request_raw(routing_key, params.as_deref(), timeout)
+        .request_raw(routing_key, params.as_deref(), timeout, parent)
         .await
     {
         Ok(reply) => match serde_json::from_slice::<Value>(&reply) {

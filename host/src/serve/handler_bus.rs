@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
 use crate::bus::Prefetch;
 use crate::client::RpcClient;
+use crate::trace::TraceContext;
 
 /// The bus of one service's handlers.
 pub struct HandlerBus {
@@ -154,20 +155,27 @@ impl HandlerBus {
     }
 }
 
+/// The trace context of the request whose handler calls the bus.
+fn parent(caller: &RequestMeta<'_>) -> Option<TraceContext> {
+    caller.traceparent.and_then(TraceContext::parse)
+}
+
 impl HostBus for HandlerBus {
     fn request(
         &self,
+        caller: &RequestMeta<'_>,
         routing_key: &str,
         params_json: &str,
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
+        let parent = parent(caller);
         let waiting = self.enter()?;
         let reply = self.blocking(|| {
             self.runtime.block_on(async {
                 self.adjust_prefetch().await;
                 let reply = self
                     .client
-                    .request(routing_key, Some(params_json), timeout)
+                    .request(routing_key, Some(params_json), timeout, parent.as_ref())
                     .await;
                 drop(waiting);
                 self.adjust_prefetch().await;
@@ -177,18 +185,36 @@ impl HostBus for HandlerBus {
         reply.map(|raw| raw.get().to_owned())
     }
 
-    fn notify(&self, routing_key: &str, params_json: &str) -> Result<(), RpcError> {
+    fn notify(
+        &self,
+        caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+    ) -> Result<(), RpcError> {
+        let parent = parent(caller);
         self.blocking(|| {
-            self.runtime
-                .block_on(self.client.notify(routing_key, Some(params_json)))
+            self.runtime.block_on(self.client.notify(
+                routing_key,
+                Some(params_json),
+                parent.as_ref(),
+            ))
         })
         .map_err(|e| RpcError::internal_error(e.to_string()))
     }
 
-    fn respond(&self, queue: &str, id_json: &str, result_json: &str) -> Result<(), RpcError> {
+    fn respond(
+        &self,
+        caller: &RequestMeta<'_>,
+        queue: &str,
+        id_json: &str,
+        result_json: &str,
+    ) -> Result<(), RpcError> {
+        let parent = parent(caller);
         self.blocking(|| {
-            self.runtime
-                .block_on(self.client.respond(queue, id_json, result_json))
+            self.runtime.block_on(
+                self.client
+                    .respond(queue, id_json, result_json, parent.as_ref()),
+            )
         })
         .map_err(|e| RpcError::internal_error(e.to_string()))
     }

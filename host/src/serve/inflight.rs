@@ -210,6 +210,7 @@ mod tests {
             reply_to: Some("r".into()),
             correlation_id: Some(b"c".to_vec()),
             not_utf8: None,
+            traceparent: None,
             redelivered: false,
             acker: None,
         }

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use commissaire_plugin_api::RpcError;
+use tracing::Instrument as _;
 
 use super::handler_bus::HandlerBus;
 use super::inflight::request_key;
@@ -22,6 +23,7 @@ use super::placement::{InlineCall, Placement};
 use super::Process;
 use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
 use crate::dispatch::{error_body, parse_request, Delivery, Reply, Service};
+use crate::trace::TraceContext;
 
 /// Tries for a reply whose publishing fails for another reason than a lost
 /// connection or a refusal (a broker nack): then the request is acked and
@@ -61,6 +63,10 @@ pub struct Inbound {
     timeout: Duration,
     inline: OnceLock<InlineCall>,
     settled: AtomicBool,
+    /// The span the host opened for it, in the caller's trace if it sent
+    /// one: on its reply, its handler's bus requests and its log events.
+    trace: TraceContext,
+    traceparent: String,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -74,6 +80,11 @@ impl std::fmt::Debug for Inbound {
 
 impl Inbound {
     fn new(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Self {
+        let parent = incoming
+            .traceparent
+            .as_deref()
+            .and_then(TraceContext::parse);
+        let trace = TraceContext::child_of(parent.as_ref());
         Self {
             incoming,
             queue,
@@ -86,7 +97,14 @@ impl Inbound {
             timeout: s.handler_timeout,
             inline: OnceLock::new(),
             settled: AtomicBool::new(false),
+            traceparent: trace.header(),
+            trace,
         }
+    }
+
+    /// Its trace context (see [`crate::trace`]).
+    pub fn trace(&self) -> &TraceContext {
+        &self.trace
     }
 
     /// Takes the right to answer and settle the request: true for the
@@ -143,6 +161,7 @@ impl Inbound {
                 .as_deref()
                 .and_then(|c| std::str::from_utf8(c).ok()),
             redelivered: i.redelivered,
+            traceparent: Some(&self.traceparent),
         }
     }
 
@@ -245,6 +264,7 @@ impl Inbound {
             durable: true,
             confirm: self.confirm,
             expires: None,
+            traceparent: Some(&self.traceparent),
         };
         let mut tries = 0;
         loop {
@@ -286,6 +306,7 @@ impl Inbound {
 impl Inbound {
     /// A request arriving now, outside any service, for tests.
     pub(crate) fn for_test(incoming: Incoming, key: u64, timeout: Duration) -> Self {
+        let trace = TraceContext::child_of(None);
         Self {
             incoming,
             queue: Arc::from("q"),
@@ -298,19 +319,28 @@ impl Inbound {
             timeout,
             inline: OnceLock::new(),
             settled: AtomicBool::new(false),
+            traceparent: trace.header(),
+            trace,
         }
     }
 }
 
-/// Serves one delivery of `queue` through its whole life.
+/// Serves one delivery of `queue` through its whole life, every event of
+/// it in a `request{trace_id}` span.
 pub(super) async fn serve(s: Arc<Served>, queue: Arc<str>, incoming: Incoming) {
-    let inflight = &s.process.inflight;
-    let key = if inflight.wants_keys() {
+    let key = if s.process.inflight.wants_keys() {
         request_key(&incoming)
     } else {
         0
     };
     let inbound = Arc::new(Inbound::new(&s, queue, incoming, key));
+    let span = tracing::info_span!("request", trace_id = %inbound.trace.trace_id());
+    live(s, inbound).instrument(span).await;
+}
+
+async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
+    let inflight = &s.process.inflight;
+    let key = inbound.key;
     let incoming = &inbound.incoming;
 
     // What cannot be handled is answered, or dropped, before it is parsed.
@@ -403,10 +433,14 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Option<R
         }
     }
     let (served, running) = (s.clone(), inbound.clone());
+    // The request's span follows the handler onto a blocking thread.
+    let span = tracing::Span::current();
     let run = move || {
-        served
-            .service
-            .handle(&running.delivery(), &*served.handler_bus)
+        span.in_scope(|| {
+            served
+                .service
+                .handle(&running.delivery(), &*served.handler_bus)
+        })
     };
     // Handlers are synchronous and may block. A method proven fast runs
     // right here, on the runtime thread (see `placement`); others hand the

@@ -164,6 +164,7 @@ async fn answer_timed_out(inbound: &Inbound) {
     tracing::error!(
         service = inbound.service(),
         routing_key = inbound.routing_key(),
+        trace_id = %inbound.trace().trace_id(),
         timeout_s = timeout.as_secs_f64(),
         "handler timed out: answering -32603"
     );

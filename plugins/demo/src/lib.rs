@@ -85,6 +85,8 @@ impl Demo {
             "correlation_id": msg.correlation_id(),
             "redelivered": msg.redelivered(),
             "exchange": msg.exchange(),
+            "trace_id": msg.trace_id(),
+            "traceparent": msg.traceparent(),
         }))
     }
 

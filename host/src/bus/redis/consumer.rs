@@ -129,6 +129,7 @@ pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Inc
         reply_to: received.reply_to,
         correlation_id: received.correlation_id.map(String::into_bytes),
         not_utf8: None,
+        traceparent: received.traceparent,
         redelivered: received.redelivered,
         acker,
     }

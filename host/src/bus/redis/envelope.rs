@@ -57,11 +57,18 @@ struct DeliveryInfoOut<'a> {
 /// The envelope kombu's `Producer.publish` + `Channel.basic_publish` makes
 /// of a JSON body.
 pub fn envelope(message: &Outgoing<'_>) -> String {
+    let mut headers = serde_json::Map::new();
+    if let Some(traceparent) = message.traceparent {
+        headers.insert(
+            crate::trace::HEADER.to_owned(),
+            Value::String(traceparent.to_owned()),
+        );
+    }
     let envelope = EnvelopeOut {
         body: base64_encode(message.body),
         content_encoding: "utf-8",
         content_type: "application/json",
-        headers: serde_json::Map::new(),
+        headers,
         properties: PropertiesOut {
             reply_to: message.reply_to,
             // JSON carries text: bytes that are not UTF-8 cannot be sent
@@ -91,6 +98,7 @@ pub(super) struct Received {
     pub body: Vec<u8>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    pub traceparent: Option<String>,
     pub redelivered: bool,
 }
 
@@ -128,6 +136,7 @@ pub(super) fn read_envelope(raw: &str) -> Result<Received, String> {
         body,
         reply_to: text(properties.get("reply_to")),
         correlation_id: text(properties.get("correlation_id")),
+        traceparent: text(v.get("headers").and_then(|h| h.get(crate::trace::HEADER))),
         redelivered: flag(info.and_then(|i| i.get("redelivered")))
             || flag(v.get("headers").and_then(|h| h.get("redelivered"))),
     })
@@ -192,6 +201,7 @@ mod tests {
             durable: false,
             confirm: false,
             expires: None,
+            traceparent: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         let tag = v["properties"]["delivery_tag"].as_str().unwrap().to_owned();
