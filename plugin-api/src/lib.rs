@@ -138,6 +138,14 @@
 //! of plugin-api 1.2 or newer; [`Message::log_info`] and its siblings also
 //! work on 1.1 hosts.
 //!
+//! # Tracing across services
+//!
+//! Every request has a W3C trace context: the caller's `traceparent`, or a
+//! new trace. [`Message::trace_id`] is the id every service's log lines
+//! carry for it (`trace_id=…`), and [`Message::traceparent`] the header to
+//! pass on to anything else the handler calls (an HTTP API, say). The
+//! handler's own [`Bus`] calls carry it already. Hosts from plugin-api 1.3.
+//!
 //! # Testing
 //!
 //! [`testing::TestService`] calls your handlers in your own `cargo test`,
