@@ -21,4 +21,5 @@ pub mod redact;
 pub mod retry;
 pub mod serve;
 pub mod supervisor;
+pub mod throttle;
 pub mod trace;

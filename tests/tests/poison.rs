@@ -246,6 +246,90 @@ fn properties_that_are_not_utf8_cost_one_answer_each_and_never_the_connection() 
     assert!(!log.contains("panicked"), "{log}");
 }
 
+/// A flood of poison messages costs one answer (or one drop) each, and a
+/// line or two in the log, not one line each.
+#[test]
+fn a_flood_of_poison_messages_is_answered_each_and_logged_once() {
+    const FLOOD: usize = 500;
+    let host = TestHost::start(spec(vec!["demo"]));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let answered = rt.block_on(async {
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let reply_to = unique("flood-reply");
+        ch.queue_declare(
+            reply_to.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("reply queue");
+        let bad = || {
+            lapin::types::ShortString::try_from_bytes(vec![0xff, 0xfe, 0x01])
+                .expect("a short string of 3 bytes")
+        };
+        for i in 0..FLOOD {
+            let body = json!({"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]});
+            let base = lapin::BasicProperties::default()
+                .with_content_type("application/json".into());
+            // Every other one cannot be answered at all.
+            let properties = if i % 2 == 0 {
+                base.with_reply_to(reply_to.as_str().into())
+                    .with_correlation_id(bad())
+            } else {
+                base.with_reply_to(bad())
+            };
+            ch.basic_publish(
+                host.spec.exchange.as_str().into(),
+                "demo.echo".into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .expect("publish");
+        }
+        let mut answered = 0;
+        let started = Instant::now();
+        while answered < FLOOD / 2 && started.elapsed() < Duration::from_secs(30) {
+            let got = ch
+                .basic_get(
+                    reply_to.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            match got {
+                Some(m) => {
+                    let reply: Value = serde_json::from_slice(&m.delivery.data).expect("JSON");
+                    assert_eq!(reply["error"]["code"], -32600, "{reply}");
+                    answered += 1;
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        ch.queue_delete(reply_to.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete the reply queue");
+        let _ = conn.close(200, "bye".into()).await;
+        answered
+    });
+    assert_eq!(answered, FLOOD / 2, "each answerable one answered");
+
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    let log = host.stderr();
+    // Two workers, each logging a kind once per 10 s, and the flood may
+    // straddle a window: at most 4 lines of each kind.
+    let refused = log.matches("is not valid UTF-8: answering -32600").count();
+    let dropped = log.matches("dropped without a reply").count();
+    assert!((1..=4).contains(&refused), "{refused} refusal lines:\n{log}");
+    assert!((1..=4).contains(&dropped), "{dropped} drop lines:\n{log}");
+    assert_eq!(trouble_lines(&log), (0, 0), "{log}");
+    assert_eq!(handler_runs(&log, "echo"), 300, "no poison reached a handler");
+}
+
 #[test]
 fn a_24_mb_request_is_answered_without_being_parsed() {
     let host = TestHost::start(spec(vec!["demo"]));

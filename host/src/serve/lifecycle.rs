@@ -199,28 +199,30 @@ impl Inbound {
 
     /// Acks without a reply: nothing can be answered (one warning).
     async fn drop_unanswerable(&self, why: &str) {
-        tracing::warn!(
+        crate::throttled!(warn!(
             service = &*self.service,
             queue = &*self.queue,
             delivery_tag = %self.incoming.tag(),
             "{why}: dropped without a reply"
-        );
+        ));
         self.ack().await;
     }
 
     /// Hands the delivery back to its queue, for another consumer.
     pub async fn requeue(&self) {
         if let Err(e) = self.incoming.settle(Settle::Requeue).await {
-            tracing::warn!(service = &*self.service, error = %e, "could not hand a delivery back");
+            crate::throttled!(
+                warn!(service = &*self.service, error = %e, "could not hand a delivery back")
+            );
         }
     }
 
     async fn ack(&self) {
         if let Err(e) = self.incoming.settle(Settle::Ack).await {
-            tracing::warn!(
+            crate::throttled!(warn!(
                 service = &*self.service, routing_key = %self.incoming.routing_key, error = %e,
                 "ack failed; the request may be delivered again"
-            );
+            ));
         }
     }
 
@@ -231,11 +233,11 @@ impl Inbound {
         if size <= self.max_message_bytes {
             return reply;
         }
-        tracing::error!(
+        crate::throttled!(error!(
             service = &*self.service, routing_key = %self.incoming.routing_key, size,
             max_message_bytes = self.max_message_bytes,
             "reply too large: answering -32603 instead"
-        );
+        ));
         let mut holder = None;
         let id_json = parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder)
             .map_or("null", |r| r.id_json);
@@ -274,27 +276,27 @@ impl Inbound {
                 Err(e) => e,
             };
             if error.is_lost() {
-                tracing::warn!(
+                crate::throttled!(warn!(
                     service = &*self.service, routing_key = %self.incoming.routing_key,
                     error = %error,
                     "reply not published: the connection is gone; the request goes back to its queue"
-                );
+                ));
                 return false;
             }
             if error.is_refused() {
-                tracing::warn!(
+                crate::throttled!(warn!(
                     service = &*self.service, routing_key = %self.incoming.routing_key,
                     reply_to = %reply.to, error = %error,
                     "reply refused by the broker; the request is acked and dropped"
-                );
+                ));
                 return true;
             }
             if tries >= REPLY_TRIES {
-                tracing::error!(
+                crate::throttled!(error!(
                     service = &*self.service, routing_key = %self.incoming.routing_key,
                     reply_to = %reply.to, tries, error = %error,
                     "reply not published; the request is acked and dropped"
-                );
+                ));
                 return true;
             }
             tokio::time::sleep(crate::retry::backoff(tries)).await;
@@ -346,10 +348,10 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     // What cannot be handled is answered, or dropped, before it is parsed.
     let size = incoming.body.len();
     if size > s.max_message_bytes {
-        tracing::warn!(
+        crate::throttled!(warn!(
             service = &*s.name, queue = &*inbound.queue, routing_key = %incoming.routing_key,
             size, "request over max_message_bytes: answering -32600 without parsing it"
-        );
+        ));
         let error = RpcError::invalid_request(format!(
             "request of {size} bytes exceeds max_message_bytes ({})",
             s.max_message_bytes
@@ -364,10 +366,10 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
                 .drop_unanswerable("a request whose reply_to is not valid UTF-8")
                 .await;
         }
-        tracing::warn!(
+        crate::throttled!(warn!(
             service = &*s.name, queue = &*inbound.queue, delivery_tag = %incoming.tag(), property,
             "request with a property that is not valid UTF-8: answering -32600"
-        );
+        ));
         let error =
             RpcError::invalid_request(format!("the request's {property} is not valid UTF-8"));
         return inbound.refuse(&error).await;
@@ -389,11 +391,11 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
                 None
             };
             if let Some(refusal) = refusal {
-                tracing::error!(
+                crate::throttled!(error!(
                     service = &*s.name, routing_key = %incoming.routing_key,
                     crashes = seen.crashes, deliveries = seen.deliveries,
                     "refusing a request: {refusal}"
-                );
+                ));
                 inbound.claim();
                 return inbound.refuse(&RpcError::internal_error(refusal)).await;
             }
@@ -409,11 +411,11 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
         return;
     };
     if !inbound.claim() {
-        tracing::warn!(
+        crate::throttled!(warn!(
             service = &*s.name, routing_key = %incoming.routing_key,
             elapsed_s = inbound.arrived.elapsed().as_secs_f64(),
             "a handler returned after its timeout; its result is dropped (the caller had a timeout reply)"
-        );
+        ));
         return;
     }
     inbound.reply_then_ack(reply).await;
@@ -455,8 +457,8 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Option<R
         match tokio::task::spawn_blocking(run).await {
             Ok(handled) => handled,
             Err(e) => {
-                tracing::error!(service = &*s.name, error = %e,
-                    "a handler task failed; its request stays unacked for redelivery");
+                crate::throttled!(error!(service = &*s.name, error = %e,
+                    "a handler task failed; its request stays unacked for redelivery"));
                 return None;
             }
         }

@@ -161,13 +161,13 @@ pub fn start(
 
 async fn answer_timed_out(inbound: &Inbound) {
     let timeout = inbound.timeout();
-    tracing::error!(
+    crate::throttled!(error!(
         service = inbound.service(),
         routing_key = inbound.routing_key(),
         trace_id = %inbound.trace().trace_id(),
         timeout_s = timeout.as_secs_f64(),
         "handler timed out: answering -32603"
-    );
+    ));
     let error = RpcError::internal_error(format!(
         "the handler did not return within {}s",
         timeout.as_secs_f64()
