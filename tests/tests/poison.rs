@@ -272,8 +272,8 @@ fn a_flood_of_poison_messages_is_answered_each_and_logged_once() {
         };
         for i in 0..FLOOD {
             let body = json!({"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]});
-            let base = lapin::BasicProperties::default()
-                .with_content_type("application/json".into());
+            let base =
+                lapin::BasicProperties::default().with_content_type("application/json".into());
             // Every other one cannot be answered at all.
             let properties = if i % 2 == 0 {
                 base.with_reply_to(reply_to.as_str().into())
@@ -324,10 +324,17 @@ fn a_flood_of_poison_messages_is_answered_each_and_logged_once() {
     // straddle a window: at most 4 lines of each kind.
     let refused = log.matches("is not valid UTF-8: answering -32600").count();
     let dropped = log.matches("dropped without a reply").count();
-    assert!((1..=4).contains(&refused), "{refused} refusal lines:\n{log}");
+    assert!(
+        (1..=4).contains(&refused),
+        "{refused} refusal lines:\n{log}"
+    );
     assert!((1..=4).contains(&dropped), "{dropped} drop lines:\n{log}");
     assert_eq!(trouble_lines(&log), (0, 0), "{log}");
-    assert_eq!(handler_runs(&log, "echo"), 300, "no poison reached a handler");
+    assert_eq!(
+        handler_runs(&log, "echo"),
+        300,
+        "no poison reached a handler"
+    );
 }
 
 #[test]
@@ -506,4 +513,68 @@ fn five_thousand_self_calls_at_once_are_all_answered_and_the_service_keeps_servi
         log.matches("handlers' bus calls refused").count() <= 2 * 90,
         "at most one refusal line a second per worker"
     );
+}
+
+/// A worker killed while it holds requests (two running, more waiting for
+/// its slots) costs nobody an answer: what it held is redelivered and
+/// answered, and no request beside the dead worker's is refused as a
+/// poison one.
+#[test]
+fn a_worker_killed_while_requests_wait_for_its_slots_loses_and_blames_nothing() {
+    let mut spec = spec(vec!["demo"]);
+    spec.service_toml = "workers = 2\nconcurrency = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let victim = *host.worker_pids("demo").first().expect("a demo worker");
+    let exchange = host.spec.exchange.clone();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let replies = rt.block_on(async move {
+        let calls: Vec<_> = (0..24)
+            .map(|i| {
+                let exchange = exchange.clone();
+                tokio::spawn(async move {
+                    // The first four fill every slot for 1.5 s; the rest wait.
+                    let (key, params) = if i < 4 {
+                        ("demo.sleep", json!([1500]))
+                    } else {
+                        ("demo.echo", json!([i]))
+                    };
+                    let method = key.rsplit('.').next().unwrap_or_default();
+                    let body =
+                        json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params});
+                    let caller = AmqpCaller::connect(&exchange).await;
+                    let reply = caller
+                        .call(
+                            key,
+                            body.to_string().as_bytes(),
+                            ReplyQueue::AutoDelete,
+                            None,
+                        )
+                        .await;
+                    caller.close().await;
+                    (i, reply.body)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let killed = Command::new("kill")
+            .args(["-KILL", &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let mut replies = Vec::new();
+        for call in calls {
+            replies.push(call.await.expect("caller task"));
+        }
+        replies
+    });
+    for (i, reply) in replies {
+        let expected = if i < 4 { json!("slept") } else { json!(i) };
+        assert_eq!(reply["result"], expected, "request {i}: {reply}");
+    }
+    wait_until(Duration::from_secs(10), "the worker is replaced", || {
+        host.worker_pids("demo").len() == 2
+    });
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    let log = host.stderr();
+    assert!(!log.contains("refusing a request"), "{log}");
 }
