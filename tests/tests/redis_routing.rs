@@ -38,7 +38,10 @@ async fn a_publisher_routes_by_the_bindings_of_the_moment() {
 
     // Nothing bound yet: a request is unroutable, a notification dropped.
     let unroutable = publisher.publish(message(&exchange, "s.add", true)).await;
-    assert!(matches!(unroutable, Err(BusError::Unroutable { .. })), "{unroutable:?}");
+    assert!(
+        matches!(unroutable, Err(BusError::Unroutable { .. })),
+        "{unroutable:?}"
+    );
     publisher
         .publish(message(&exchange, "s.add", false))
         .await
@@ -66,9 +69,19 @@ async fn a_publisher_routes_by_the_bindings_of_the_moment() {
     assert_eq!((length(&uri, &first), length(&uri, &second)), (2, 1));
 
     // Unbound: the publisher's remembered members no longer count.
-    redis_command(&uri, &["DEL", &binding_key(&exchange), &binding_permanent_key(&exchange)]);
+    redis_command(
+        &uri,
+        &[
+            "DEL",
+            &binding_key(&exchange),
+            &binding_permanent_key(&exchange),
+        ],
+    );
     let unroutable = publisher.publish(message(&exchange, "s.add", true)).await;
-    assert!(matches!(unroutable, Err(BusError::Unroutable { .. })), "{unroutable:?}");
+    assert!(
+        matches!(unroutable, Err(BusError::Unroutable { .. })),
+        "{unroutable:?}"
+    );
     assert_eq!((length(&uri, &first), length(&uri, &second)), (2, 1));
 
     publisher.close().await;

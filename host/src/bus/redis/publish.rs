@@ -71,7 +71,8 @@ impl Inner {
             for queue in &queues {
                 inv.key(priority_list(queue, 0));
             }
-            inv.arg(envelope).arg(if known.is_some() { "1" } else { "0" });
+            inv.arg(envelope)
+                .arg(if known.is_some() { "1" } else { "0" });
             for member in known.as_deref().unwrap_or_default() {
                 inv.arg(member);
             }

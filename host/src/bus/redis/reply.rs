@@ -172,7 +172,13 @@ pub(super) async fn open(
                     }
                 }
                 Ok(None) => {}
-                Err(e) if batched && e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::ResponseError) => {
+                Err(e)
+                    if batched
+                        && e.kind()
+                            == ::redis::ErrorKind::Server(
+                                ::redis::ServerErrorKind::ResponseError,
+                            ) =>
+                {
                     // Before Redis 7.0 (no BLMPOP): one reply per BRPOP.
                     tracing::debug!(error = %e, "BLMPOP refused; popping replies one by one");
                     batched = false;
