@@ -117,7 +117,8 @@ done
 kill -TERM "$pid"; wait "$pid" || true
 clean
 
-python3 - "$results" "$work" "$db" 2000 "$requests" "$rhost" "$rport" <<'PY'
+status=0
+python3 - "$results" "$work" "$db" 2000 "$requests" "$rhost" "$rport" <<'PY' || status=$?
 import json, re, statistics, subprocess, sys
 results, work, db, monitored, requests, rhost, rport = sys.argv[1:8]
 monitored, requests = int(monitored), int(requests)
@@ -247,6 +248,7 @@ for pipeline in (1, 4):
 PY
 # What the replay left: its lists and records.
 clean
-for pattern in "*$queue*" '*commissaire-host-reply*' 'commissaire-host.held.*'; do
+for pattern in "*$queue*" "_kombu.binding*.$exchange" '*commissaire-host-reply*' 'commissaire-host.held.*'; do
   rcli --scan --pattern "$pattern" | xargs -r -d '\n' redis-cli -h "$rhost" -p "$rport" -n "$db" del > /dev/null
 done
+exit "$status"
