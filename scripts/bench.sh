@@ -8,7 +8,12 @@
 # on the same broker. Prints every figure, the ratio host/reference per round,
 # and the median ratios.
 #   scripts/bench.sh [ROUNDS] [REQUESTS]      [VARIANTS="host host-w2"]
+# BUS=redis: the Redis benchmark instead (scripts/bench-redis.sh: the host
+# against a kombu service, and the Redis ceiling).
 set -euo pipefail
+if [ "${BUS:-amqp}" = redis ]; then
+  exec "$(dirname "$0")/bench-redis.sh" "$@"
+fi
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 requests=${2:-20000}

@@ -7,11 +7,14 @@ the default exchange.
 
 Usage:
     redis_service.py serve URI EXCHANGE QUEUE=ROUTING_KEY [QUEUE=ROUTING_KEY ...]
+    redis_service.py quiet URI EXCHANGE QUEUE=ROUTING_KEY [QUEUE=ROUTING_KEY ...]
     redis_service.py notify URI EXCHANGE ROUTING_KEY PARAMS_JSON
 
 ``serve`` prints ``ready`` once consuming, then one JSON line per message:
 ``{"routing_key", "reply_to", "body"}``; it stops on SIGTERM or
-SIGINT and then deletes its queues and their bindings. ``notify`` sends a
+SIGINT and then deletes its queues and their bindings. ``quiet`` serves
+without printing a line per message (what ``scripts/bench-redis.sh``
+measures the host against). ``notify`` sends a
 notification as ``BusMixin.notify`` does (no ``reply_to``, no ``id``).
 
 The URI query may hold kombu transport options (``visibility_timeout``).
@@ -34,8 +37,9 @@ def connection(uri):
 
 class Service(ConsumerMixin):
 
-    def __init__(self, conn, exchange, bindings):
+    def __init__(self, conn, exchange, bindings, quiet=False):
         self.connection = conn
+        self.quiet = quiet
         self.exchange = kombu.Exchange(exchange, type='topic')
         self.queues = [kombu.Queue(name, self.exchange, routing_key=key)
                        for name, key in bindings]
@@ -53,11 +57,12 @@ class Service(ConsumerMixin):
             body = json.loads(body)
         info = message.delivery_info
         reply_to = message.properties.get('reply_to')
-        print(json.dumps({
-            'routing_key': info.get('routing_key'),
-            'reply_to': reply_to,
-            'body': body,
-        }), flush=True)
+        if not self.quiet:
+            print(json.dumps({
+                'routing_key': info.get('routing_key'),
+                'reply_to': reply_to,
+                'body': body,
+            }), flush=True)
         id = body.get('id')
         try:
             method = getattr(self, 'on_' + body['method'])
@@ -84,10 +89,10 @@ class Service(ConsumerMixin):
         return None
 
 
-def serve(uri, exchange, specs):
+def serve(uri, exchange, specs, quiet=False):
     bindings = [spec.split('=', 1) for spec in specs]
     with connection(uri) as conn:
-        service = Service(conn, exchange, bindings)
+        service = Service(conn, exchange, bindings, quiet)
 
         def stop(*_):
             service.should_stop = True
@@ -116,6 +121,6 @@ def notify(uri, exchange, routing_key, params):
 
 if __name__ == '__main__':
     command, args = sys.argv[1], sys.argv[2:]
-    if command == 'serve':
-        sys.exit(serve(args[0], args[1], args[2:]))
+    if command in ('serve', 'quiet'):
+        sys.exit(serve(args[0], args[1], args[2:], command == 'quiet'))
     sys.exit(notify(*args))

@@ -97,6 +97,8 @@ pub(super) struct Inner {
     pub closing: CancellationToken,
     pub restorer_started: AtomicBool,
     pub scripts: Scripts,
+    /// The binding sets last read, to route publishes by.
+    pub bindings: super::publish::Bindings,
 }
 
 pub(super) fn command_config() -> AsyncConnectionConfig {

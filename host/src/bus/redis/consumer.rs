@@ -239,6 +239,10 @@ pub(super) async fn consume_queue(
     // the default exchange and the queue, so that any restore, kombu's
     // included, puts it back on this queue and no other.
     let record_suffix = format!(", \"\", {}]", serde_json::Value::from(queue.as_str()));
+    // The last take found fewer messages than it asked for: the queue was
+    // empty at that instant, so wait for one before taking again rather
+    // than spend a round trip on a take that would find nothing.
+    let mut drained = false;
     loop {
         let first = tokio::select! {
             biased;
@@ -252,16 +256,33 @@ pub(super) async fn consume_queue(
                 _ => break,
             }
         }
-        let failed = match take(&inner, &mut conn, &lists, &record_suffix, slots.len()).await {
-            Ok(taken) if taken.is_empty() => {
-                drop(slots);
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    waited = wait_for_message(&mut conn, &lists[0]) => waited.err(),
+        if drained {
+            let waited = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                waited = wait_for_message(&mut conn, &lists[0]) => waited,
+            };
+            if let Err(e) = waited {
+                tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "waiting for messages failed; reconnecting");
+                match inner.reconnect(&stop, "consumer").await {
+                    Some(c) => conn = c,
+                    None => break,
                 }
+                continue;
+            }
+            drained = false;
+        }
+        let asked = slots.len();
+        let failed = match take(&inner, &mut conn, &lists, &record_suffix, asked).await {
+            Ok(taken) if taken.is_empty() => {
+                // Woken for a message another consumer took first (or one
+                // on a priority list, which the wait does not watch).
+                drop(slots);
+                drained = true;
+                None
             }
             Ok(taken) => {
+                drained = taken.len() < asked;
                 let stopped = stop.is_cancelled();
                 for ((tag, raw), slot) in taken.into_iter().zip(slots) {
                     if stopped {

@@ -41,7 +41,11 @@
 //!   after the visibility timeout;
 //! - publishing is a script that refuses to push onto the transport's own
 //!   keys or onto any key that is not a list: a `reply_to` of
-//!   `unacked_mutex` cannot stop every restore.
+//!   `unacked_mutex` cannot stop every restore;
+//! - publishing through an exchange reads its binding set and pushes in
+//!   one script, routed by the members last read and checked against the
+//!   set's current ones ([`publish`]): one round trip, and never a push by
+//!   a binding table that changed meanwhile.
 //!
 //! The visibility timeout (kombu's transport option, default 3600 s) comes
 //! from the URI query: `redis://host:6379/0?visibility_timeout=30`; so does
@@ -67,6 +71,7 @@ mod consumer;
 mod envelope;
 pub mod keys;
 mod options;
+mod publish;
 mod reply;
 mod restore;
 mod scripts;
@@ -145,6 +150,7 @@ impl RedisBus {
                 closing: CancellationToken::new(),
                 restorer_started: AtomicBool::new(false),
                 scripts: scripts::Scripts::new(),
+                bindings: publish::Bindings::default(),
             }),
             reply_queue: Mutex::new(None),
         })
@@ -239,7 +245,19 @@ impl BusTransport for RedisBus {
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        let queues = self.inner.lookup(m.exchange, m.routing_key).await?;
+        if m.exchange.is_empty() {
+            // The default exchange: the routing key names the list.
+            let mut inv = self.inner.scripts.publish.prepare_invoke();
+            inv.key(priority_list(m.routing_key, 0)).arg(envelope(&m));
+            let what = format!("publishing to `{}`", m.routing_key);
+            let answer = self.inner.script(&what, &inv).await?;
+            refused(&what, answer)?;
+            return Ok(());
+        }
+        let queues = self
+            .inner
+            .publish_routed(m.exchange, m.routing_key, &envelope(&m))
+            .await?;
         if queues.is_empty() {
             if m.expires.is_some() {
                 return Err(BusError::Unroutable {
@@ -252,16 +270,8 @@ impl BusTransport for RedisBus {
                 routing_key = m.routing_key,
                 "no queue bound: message dropped"
             );
-            return Ok(());
         }
-        let mut inv = self.inner.scripts.publish.prepare_invoke();
-        for queue in &queues {
-            inv.key(priority_list(queue, 0));
-        }
-        inv.arg(envelope(&m));
-        let what = format!("publishing to `{}`", m.routing_key);
-        let answer = self.inner.script(&what, &inv).await?;
-        refused(&what, answer)
+        Ok(())
     }
 
     /// Redis has no direct reply-to: `kind` changes nothing.

@@ -3,6 +3,9 @@
 
 use std::sync::{Arc, PoisonError};
 
+use ::redis::aio::MultiplexedConnection;
+use ::redis::RedisError;
+
 use super::connection::{Inner, BLOCK_SECS};
 use super::consumer::incoming;
 use super::envelope::read_envelope;
@@ -78,6 +81,38 @@ async fn sweep_abandoned_reply_keys(inner: Arc<Inner>) {
     }
 }
 
+/// The most replies one pop takes.
+const MAX_REPLIES: usize = 64;
+
+/// Waits (at most [`BLOCK_SECS`]) for replies on `lists`, in their order,
+/// and pops what the first non-empty one holds, up to [`MAX_REPLIES`]
+/// (`BLMPOP`: under load, one round trip for many replies); with
+/// `batched` false, one reply (`BRPOP`).
+async fn pop_replies(
+    conn: &mut MultiplexedConnection,
+    lists: &[String],
+    batched: bool,
+) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, RedisError> {
+    if batched {
+        ::redis::cmd("BLMPOP")
+            .arg(BLOCK_SECS)
+            .arg(lists.len())
+            .arg(lists)
+            .arg("RIGHT")
+            .arg("COUNT")
+            .arg(MAX_REPLIES)
+            .query_async(conn)
+            .await
+    } else {
+        let popped: Option<(Vec<u8>, Vec<u8>)> = ::redis::cmd("BRPOP")
+            .arg(lists)
+            .arg(BLOCK_SECS)
+            .query_async(conn)
+            .await?;
+        Ok(popped.map(|(list, raw)| (list, vec![raw])))
+    }
+}
+
 /// A list of our own (named as [`crate::bus::reply_names`] says) that
 /// replies are pushed onto, through the default exchange or, from a Python
 /// service's `SimpleQueue`, through a direct exchange of the same name;
@@ -109,34 +144,47 @@ pub(super) async fn open(
     let (tx, rx) = async_channel::unbounded();
     let stop = inner.closing.child_token();
     let lists = queue_lists(&name);
-    let brpop = ::redis::cmd("BRPOP").arg(&lists).arg(BLOCK_SECS).clone();
     tokio::spawn(async move {
+        let mut batched = true;
         loop {
             let popped = tokio::select! {
                 biased;
-                // Replies are not acked: abandoning a BRPOP at close
-                // loses nothing anyone waits for.
+                // Replies are not acked: abandoning a pop at close loses
+                // nothing anyone waits for.
                 () = stop.cancelled() => break,
-                popped = brpop.query_async::<Option<(Vec<u8>, Vec<u8>)>>(&mut conn) => popped,
+                popped = pop_replies(&mut conn, &lists, batched) => popped,
             };
             match popped {
-                Ok(Some((list, raw))) => {
+                Ok(Some((list, replies))) => {
                     let list = String::from_utf8_lossy(&list);
                     let queue = queue_of_list(&list);
-                    match read_envelope(&String::from_utf8_lossy(&raw)) {
-                        Ok(received) => {
-                            if tx.send(incoming(received, None)).await.is_err() {
-                                break;
+                    for raw in replies {
+                        match read_envelope(&String::from_utf8_lossy(&raw)) {
+                            Ok(received) => {
+                                if tx.send(incoming(received, None)).await.is_err() {
+                                    return;
+                                }
                             }
-                        }
-                        Err(reason) => {
-                            tracing::warn!(queue, %reason, "dropping a reply that is not a kombu envelope");
+                            Err(reason) => {
+                                tracing::warn!(queue, %reason, "dropping a reply that is not a kombu envelope");
+                            }
                         }
                     }
                 }
                 Ok(None) => {}
+                Err(e)
+                    if batched
+                        && e.kind()
+                            == ::redis::ErrorKind::Server(
+                                ::redis::ServerErrorKind::ResponseError,
+                            ) =>
+                {
+                    // Before Redis 7.0 (no BLMPOP): one reply per BRPOP.
+                    tracing::debug!(error = %e, "BLMPOP refused; popping replies one by one");
+                    batched = false;
+                }
                 Err(e) => {
-                    tracing::warn!(error = %scrub(&e.to_string(), &inner.secret_uri), "reply queue BRPOP failed; reconnecting");
+                    tracing::warn!(error = %scrub(&e.to_string(), &inner.secret_uri), "reply queue pop failed; reconnecting");
                     match inner.reconnect(&stop, "reply queue").await {
                         Some(c) => conn = c,
                         None => break,

@@ -85,6 +85,37 @@ end
 return 0
 ";
 
+/// Publishes through an exchange's binding set, as routed by the caller
+/// from the members it had read: if the set still holds exactly those
+/// members, pushes the envelope onto every list (unless one is refused:
+/// then onto none) and returns 0; otherwise pushes nothing and returns the
+/// set's members, to route with and try again. So a publish reads the
+/// bindings and pushes in one round trip, and never pushes by a binding
+/// table that changed in between (kombu reads, then pushes).
+///
+/// KEYS: the binding set, the lists. ARGV: the envelope, `1` if the
+/// members follow (`0`: the caller has none yet), the members.
+const PUBLISH_ROUTED: &str = r"
+local members = redis.call('SMEMBERS', KEYS[1])
+local current = ARGV[2] == '1' and #members == #ARGV - 2
+if current then
+  local expected = {}
+  for i = 3, #ARGV do expected[ARGV[i]] = true end
+  for _, m in ipairs(members) do
+    if not expected[m] then current = false break end
+  end
+end
+if not current then return members end
+for i = 2, #KEYS do
+  local why = refusal(KEYS[i])
+  if why then return why end
+end
+for i = 2, #KEYS do
+  redis.call('LPUSH', KEYS[i], ARGV[1])
+end
+return 0
+";
+
 /// Replies and acks at once: pushes the reply onto its list (unless
 /// refused: then nothing is done) and removes the request's record.
 ///
@@ -168,6 +199,7 @@ return 1
 pub(super) struct Scripts {
     pub take: Script,
     pub publish: Script,
+    pub publish_routed: Script,
     pub reply_ack: Script,
     pub restore: Script,
     pub lock: Script,
@@ -180,6 +212,7 @@ impl Scripts {
         Self {
             take: Script::new(TAKE),
             publish: refusing(PUBLISH),
+            publish_routed: refusing(PUBLISH_ROUTED),
             reply_ack: refusing(REPLY_ACK),
             restore: refusing(RESTORE),
             lock: Script::new(LOCK),
