@@ -163,9 +163,6 @@ fn incoming(delivery: lapin::message::Delivery, settling: Option<&Settling>) -> 
         not_utf8: not_utf8(&delivery),
         redelivered: delivery.redelivered,
         acker: settling.map(|settling| {
-            if let Some(batcher) = &settling.batcher {
-                batcher.delivered();
-            }
             Box::new(AmqpAcker {
                 tag: delivery.delivery_tag,
                 acker: delivery.acker,
@@ -581,7 +578,8 @@ impl BusTransport for AmqpBus {
         let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
         let channel = self.connection.create_channel().await.map_err(fail)?;
         let window = Duration::from_micros(self.ack_window_us.load(Ordering::Relaxed));
-        let batcher = (!window.is_zero()).then(|| AckBatcher::new(channel.clone(), window));
+        let batcher =
+            (!window.is_zero()).then(|| AckBatcher::new(channel.clone(), window, prefetch));
         if let Some(batcher) = &batcher {
             let mut batchers = self
                 .batchers

@@ -10,11 +10,15 @@
 //! before its tag counts as settled. A tag the book never heard of blocks
 //! the run like one still being handled.
 //!
-//! An ack waits at most about the window: when nothing else delivered on
-//! the channel is still unsettled it goes out at once (a lone request is
-//! acked as before); otherwise when [`MAX_BATCH`] acks wait, or when the
-//! oldest has waited the window. One stuck behind a delivery that stays
-//! unsettled is then acked on its own. Shutting down sends all that wait.
+//! An ack waits at most about the window: acks go out when a batch waits
+//! (half the consumer's prefetch, at most [`MAX_BATCH`]: waiting acks hold
+//! prefetch slots), or when the oldest has waited the window. Not sooner when the
+//! channel is idle: a fast host settles each delivery before the next
+//! arrives, and flushing then would send every ack on its own. The wait
+//! delays no reply (each went out before its ack was recorded) and no
+//! delivery while the prefetch has room. One stuck behind a delivery that
+//! stays unsettled is sent on its own once it has waited the window.
+//! Shutting down sends all that wait.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::BusError;
 
-/// Acks waiting before they are sent without waiting for the window.
+/// The most acks waiting before they are sent without waiting for the
+/// window.
 pub const MAX_BATCH: usize = 32;
 
 /// Settled tags the book keeps above a delivery that stays unsettled
@@ -46,7 +51,7 @@ pub struct AckFrame {
 /// What the settler of an ack does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// Flush now: nothing else is unsettled, or a batch is full.
+    /// Flush now: a batch is full.
     Flush,
     /// Leave it to the timer.
     Wait,
@@ -66,6 +71,7 @@ enum Settled {
 #[derive(Debug)]
 pub struct AckBook {
     window: Duration,
+    batch: usize,
     /// Every tag up to here is settled on the broker, or covered by an ack
     /// already sent.
     base: u64,
@@ -73,40 +79,33 @@ pub struct AckBook {
     settled: BTreeMap<u64, Settled>,
     /// Acks waiting in `settled`.
     waiting: usize,
-    /// Deliveries handed to the host and not settled yet.
-    unsettled: usize,
     /// Too many tags kept above a delivery that stays unsettled: every ack
     /// goes out on its own.
     degraded: bool,
 }
 
 impl AckBook {
-    /// A book for a new channel; acks wait at most about `window`.
-    pub fn new(window: Duration) -> Self {
+    /// A book for a new channel whose consumer holds at most `prefetch`
+    /// deliveries; acks wait at most about `window`.
+    pub fn new(window: Duration, prefetch: u16) -> Self {
         Self {
             window,
+            batch: usize::from(prefetch / 2).clamp(1, MAX_BATCH),
             base: 0,
             settled: BTreeMap::new(),
             waiting: 0,
-            unsettled: 0,
             degraded: false,
         }
     }
 
-    /// A delivery was handed to the host.
-    pub fn delivered(&mut self) {
-        self.unsettled += 1;
-    }
-
     /// `tag` is acked by its handler, at `now`.
     pub fn acked(&mut self, tag: u64, now: Instant) -> Next {
-        self.unsettled = self.unsettled.saturating_sub(1);
         if tag <= self.base {
             return Next::Wait;
         }
         self.settled.insert(tag, Settled::Ack(now));
         self.waiting += 1;
-        if self.degraded || self.unsettled == 0 || self.waiting >= MAX_BATCH {
+        if self.degraded || self.waiting >= self.batch {
             Next::Flush
         } else {
             Next::Wait
@@ -116,7 +115,6 @@ impl AckBook {
     /// `tag`'s nack (or reject) has been sent: it fills the run of a later
     /// `multiple` ack, which no longer covers it on the broker.
     pub fn nacked(&mut self, tag: u64) {
-        self.unsettled = self.unsettled.saturating_sub(1);
         if tag > self.base && !self.degraded {
             self.settled.insert(tag, Settled::Sent);
         }
@@ -223,12 +221,13 @@ impl Drop for AckBatcher {
 }
 
 impl AckBatcher {
-    /// Coalesces the acks of `channel` over `window`, with a timer task
-    /// that lives as long as the batcher.
-    pub fn new(channel: Channel, window: Duration) -> Arc<Self> {
+    /// Coalesces the acks of `channel` (whose consumer holds at most
+    /// `prefetch` deliveries) over `window`, with a timer task that lives
+    /// as long as the batcher.
+    pub fn new(channel: Channel, window: Duration, prefetch: u16) -> Arc<Self> {
         let batcher = Arc::new(Self {
             channel,
-            book: Mutex::new(AckBook::new(window)),
+            book: Mutex::new(AckBook::new(window, prefetch)),
             order: tokio::sync::Mutex::new(()),
             wake: Arc::new(tokio::sync::Notify::new()),
             done: CancellationToken::new(),
@@ -264,11 +263,6 @@ impl AckBatcher {
 
     fn book(&self) -> std::sync::MutexGuard<'_, AckBook> {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A delivery of the channel was handed to the host.
-    pub fn delivered(&self) {
-        self.book().delivered();
     }
 
     /// Acks `tag`: now, or with others within the window.

@@ -18,42 +18,38 @@ fn multiple(tag: u64) -> AckFrame {
     }
 }
 
-/// A book with tags 1..=n delivered and none settled.
-fn book(n: usize) -> AckBook {
-    let mut book = AckBook::new(WINDOW);
-    for _ in 0..n {
-        book.delivered();
-    }
-    book
+fn book() -> AckBook {
+    AckBook::new(WINDOW, 64)
 }
 
 #[test]
-fn a_lone_request_is_acked_at_once() {
-    let mut b = book(1);
+fn a_lone_ack_goes_out_when_the_timer_flushes() {
+    let mut b = book();
     let t = Instant::now();
-    assert_eq!(b.acked(1, t), Next::Flush);
-    assert_eq!(b.plan(t, false), vec![single(1)]);
+    assert_eq!(b.acked(1, t), Next::Wait);
+    assert_eq!(b.deadline(), Some(t + WINDOW));
+    assert_eq!(b.plan(t + WINDOW, false), vec![single(1)]);
     assert_eq!(b.waiting(), 0);
     assert_eq!(b.deadline(), None);
 }
 
 #[test]
 fn acks_settled_out_of_order_go_out_as_one_multiple_ack_of_the_highest() {
-    let mut b = book(4);
+    let mut b = book();
     let t = Instant::now();
     assert_eq!(b.acked(3, t), Next::Wait);
     assert_eq!(b.acked(2, t), Next::Wait);
     assert_eq!(b.acked(4, t), Next::Wait);
     // 1 is still being handled: nothing may cover it.
     assert_eq!(b.plan(t, false), vec![]);
-    assert_eq!(b.acked(1, t), Next::Flush);
+    assert_eq!(b.acked(1, t), Next::Wait);
     assert_eq!(b.plan(t, false), vec![multiple(4)]);
     assert_eq!(b.waiting(), 0);
 }
 
 #[test]
 fn the_run_stops_below_a_delivery_still_being_handled() {
-    let mut b = book(5);
+    let mut b = book();
     let t = Instant::now();
     for tag in [1, 2, 4, 5] {
         b.acked(tag, t);
@@ -66,7 +62,7 @@ fn the_run_stops_below_a_delivery_still_being_handled() {
 
 #[test]
 fn a_nack_inside_the_window_is_never_covered_before_it_is_sent() {
-    let mut b = book(4);
+    let mut b = book();
     let t = Instant::now();
     b.acked(1, t);
     b.acked(3, t);
@@ -81,7 +77,7 @@ fn a_nack_inside_the_window_is_never_covered_before_it_is_sent() {
 
 #[test]
 fn a_run_ending_on_a_nack_acks_its_highest_ack() {
-    let mut b = book(3);
+    let mut b = book();
     let t = Instant::now();
     b.acked(1, t);
     b.acked(2, t);
@@ -95,9 +91,9 @@ fn a_run_ending_on_a_nack_acks_its_highest_ack() {
 fn a_tag_never_heard_of_blocks_the_run() {
     // Tag 1 was delivered but its delivery is not handled yet (e.g. still
     // in a cancelled consumer's stream): 2 must not cover it.
-    let mut b = book(1);
+    let mut b = book();
     let t = Instant::now();
-    assert_eq!(b.acked(2, t), Next::Flush);
+    assert_eq!(b.acked(2, t), Next::Wait);
     assert_eq!(b.plan(t, false), vec![]);
     assert_eq!(b.plan(t + WINDOW, false), vec![single(2)]);
     b.acked(1, t);
@@ -106,7 +102,7 @@ fn a_tag_never_heard_of_blocks_the_run() {
 
 #[test]
 fn the_timer_sends_acks_stuck_behind_a_gap_on_their_own() {
-    let mut b = book(3);
+    let mut b = book();
     let t = Instant::now();
     b.acked(2, t);
     b.acked(3, t + WINDOW / 2);
@@ -118,16 +114,15 @@ fn the_timer_sends_acks_stuck_behind_a_gap_on_their_own() {
     assert_eq!(b.deadline(), None);
     // Once the gap settles, the run goes through what was sent on its own
     // and there is nothing left to send.
-    assert_eq!(b.acked(1, t), Next::Flush);
+    assert_eq!(b.acked(1, t), Next::Wait);
     assert_eq!(b.plan(t, false), vec![single(1)]);
-    b.delivered();
     b.acked(4, t);
     assert_eq!(b.plan(t, false), vec![single(4)]);
 }
 
 #[test]
 fn a_full_batch_flushes_without_waiting_for_the_timer() {
-    let mut b = book(MAX_BATCH + 1);
+    let mut b = book();
     let t = Instant::now();
     for tag in 1..MAX_BATCH as u64 {
         assert_eq!(b.acked(tag, t), Next::Wait);
@@ -137,8 +132,19 @@ fn a_full_batch_flushes_without_waiting_for_the_timer() {
 }
 
 #[test]
+fn a_small_prefetch_makes_small_batches() {
+    let mut b = AckBook::new(WINDOW, 4);
+    let t = Instant::now();
+    assert_eq!(b.acked(1, t), Next::Wait);
+    assert_eq!(b.acked(2, t), Next::Flush);
+    assert_eq!(b.plan(t, false), vec![multiple(2)]);
+    let mut one = AckBook::new(WINDOW, 1);
+    assert_eq!(one.acked(1, t), Next::Flush);
+}
+
+#[test]
 fn shutdown_sends_every_waiting_ack() {
-    let mut b = book(4);
+    let mut b = book();
     let t = Instant::now();
     b.acked(1, t);
     b.acked(2, t);
@@ -150,7 +156,7 @@ fn shutdown_sends_every_waiting_ack() {
 
 #[test]
 fn a_delivery_that_stays_unsettled_ends_coalescing_on_its_channel() {
-    let mut b = book(MAX_TRACKED + 3);
+    let mut b = book();
     let t = Instant::now();
     // 1 never settles.
     for tag in 2..=(MAX_TRACKED as u64 + 2) {
