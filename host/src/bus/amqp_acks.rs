@@ -243,10 +243,7 @@ impl AckBatcher {
                     () = done.cancelled() => return,
                     () = wake.notified() => {}
                 }
-                loop {
-                    let Some(deadline) = weak.upgrade().and_then(|b| b.book().deadline()) else {
-                        break;
-                    };
+                while let Some(deadline) = weak.upgrade().and_then(|b| b.book().deadline()) {
                     tokio::select! {
                         () = done.cancelled() => return,
                         () = tokio::time::sleep_until(deadline.into()) => {}
