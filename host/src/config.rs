@@ -871,6 +871,23 @@ config = { greeting = "hi" }
 "#;
 
     #[test]
+    fn the_ack_window_defaults_to_1_ms_and_is_bounded() {
+        let ack_window = |toml: &str| load_text(toml, &Overrides::default(), None);
+        assert_eq!(ack_window("").unwrap().ack_window, Duration::from_millis(1));
+        assert_eq!(
+            ack_window("[bus]\nack_window_us = 0\n").unwrap().ack_window,
+            Duration::ZERO
+        );
+        for bad in ["-1", "100001"] {
+            let e = ack_window(&format!("[bus]\nack_window_us = {bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("ack_window_us must be 0 to 100000"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_example_parses() {
         let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
         assert_eq!(c.bus_uri, "memory://");
