@@ -3,7 +3,7 @@
 # and commissaire-host serving libsimple.so (VARIANTS: host = the defaults,
 # workers = 1; host-w2 = workers = 2; host-confirm = confirm_replies = true;
 # host-handover = inline_handlers = false; host-inline = inline_handlers =
-# true),
+# true; host-ack0 = ack_window_us = 0, each request acked on its own),
 # alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
 # on the same broker. Prints every figure, the ratio host/reference per round,
 # and the median ratios.
@@ -41,6 +41,7 @@ sed 's/^concurrency = 64$/concurrency = 64\nworkers = 2/' "$work/host.toml" > "$
 sed 's/^\[bus\]$/[bus]\nconfirm_replies = true/' "$work/host.toml" > "$work/host-confirm.toml"
 sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = false/' "$work/host.toml" > "$work/host-handover.toml"
 sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = true/' "$work/host.toml" > "$work/host-inline.toml"
+sed 's/^\[bus\]$/[bus]\nack_window_us = 0/' "$work/host.toml" > "$work/host-ack0.toml"
 
 wait_ready() { # log-file pattern
   for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done

@@ -29,6 +29,11 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
 /// The largest request (and reply) the host takes unless configured.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How long an ack may wait to go out with others unless configured.
+pub const DEFAULT_ACK_WINDOW: Duration = Duration::from_millis(1);
+/// The longest ack window: a waiting ack holds a prefetch slot, and is
+/// lost (its request delivered again) if the worker dies.
+pub const MAX_ACK_WINDOW_US: u64 = 100_000;
 /// Handlers waiting in bus calls at once, per worker, per unit of
 /// `concurrency`, unless configured.
 pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
@@ -88,6 +93,8 @@ struct BusSection {
     request_timeout: Option<Spanned<f64>>,
     /// Ack a request only once the broker confirmed its reply.
     confirm_replies: Option<bool>,
+    /// Microseconds an ack may wait to go out with others (AMQP).
+    ack_window_us: Option<Spanned<i64>>,
     /// The largest request or reply, in bytes.
     max_message_bytes: Option<Spanned<i64>>,
     /// Where the host's own requests wait for replies: `named`, `direct`.
@@ -337,6 +344,10 @@ pub struct HostConfig {
     /// kombu does; on survives a broker crash between the two, for about
     /// 15% of throughput.
     pub confirm_replies: bool,
+    /// How long a request's ack may wait to go out with others in one
+    /// `basic.ack multiple=true` (`[bus] ack_window_us`, AMQP); zero acks
+    /// each request on its own.
+    pub ack_window: Duration,
     /// The largest request the host parses, and the largest reply it
     /// sends (`[bus] max_message_bytes`).
     pub max_message_bytes: usize,
@@ -505,6 +516,22 @@ impl HostConfig {
                 }
             },
         };
+        let ack_window = match &file.bus.ack_window_us {
+            None => DEFAULT_ACK_WINDOW,
+            Some(v) => match u64::try_from(*v.get_ref()) {
+                Ok(us) if us <= MAX_ACK_WINDOW_US => Duration::from_micros(us),
+                _ => {
+                    let (line, col) = line_col(&text, v.span().start);
+                    return Err(ConfigError {
+                        location: format!("{file_name}:{line}:{col}"),
+                        message: format!(
+                            "[bus] ack_window_us must be 0 to {MAX_ACK_WINDOW_US}, not {}",
+                            v.get_ref()
+                        ),
+                    });
+                }
+            },
+        };
         let http = http_settings(&file.http, &env, &file_name, &text)?;
         if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
             if let Some((name, location)) = worker_processes.first() {
@@ -554,6 +581,7 @@ impl HostConfig {
             exchange,
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),
+            ack_window,
             max_message_bytes,
             reply_queue: file.bus.reply_queue.unwrap_or_default(),
             plugins_dir,
@@ -841,6 +869,23 @@ queues = [{ name = "simple", routing_key = "simple.*" }]
 concurrency = 16
 config = { greeting = "hi" }
 "#;
+
+    #[test]
+    fn the_ack_window_defaults_to_1_ms_and_is_bounded() {
+        let ack_window = |toml: &str| load_text(toml, &Overrides::default(), None);
+        assert_eq!(ack_window("").unwrap().ack_window, Duration::from_millis(1));
+        assert_eq!(
+            ack_window("[bus]\nack_window_us = 0\n").unwrap().ack_window,
+            Duration::ZERO
+        );
+        for bad in ["-1", "100001"] {
+            let e = ack_window(&format!("[bus]\nack_window_us = {bad}\n")).unwrap_err();
+            assert!(
+                e.to_string().contains("ack_window_us must be 0 to 100000"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn the_example_parses() {

@@ -7,7 +7,9 @@
 //! [`super::reply_names`]), or RabbitMQ's direct reply-to; the caller's
 //! reply queue is never re-declared.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -19,6 +21,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use super::amqp_acks::AckBatcher;
 use super::reply_names::{abandoned_notes, Note, ReplyName};
 use super::{
     Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, Prefetch, ReplyQueueKind, Settle,
@@ -41,6 +44,11 @@ pub struct AmqpBus {
     named_reply: std::sync::Mutex<Option<(ReplyName, Option<Note>)>>,
     /// Cancelled once the connection has failed: ends every consumer.
     lost: tokio_util::sync::CancellationToken,
+    /// How long a request's ack may wait to go out with others, in
+    /// microseconds (`[bus] ack_window_us`; 0: each on its own).
+    ack_window_us: AtomicU64,
+    /// The consumer channels' ack batchers, flushed at close.
+    batchers: std::sync::Mutex<Vec<Weak<AckBatcher>>>,
 }
 
 impl std::fmt::Debug for AmqpBus {
@@ -127,13 +135,22 @@ impl AmqpBus {
             reply_queue_taken: AtomicBool::new(false),
             named_reply: std::sync::Mutex::default(),
             lost,
+            ack_window_us: AtomicU64::new(0),
+            batchers: std::sync::Mutex::default(),
         })
     }
 }
 
-/// A lapin delivery as the host sees it; `channel` (the one it came on)
-/// if it must be settled.
-fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> Incoming {
+/// Where a consumer's deliveries are settled: the channel they came on,
+/// and its ack batcher when acks are coalesced.
+#[derive(Clone)]
+struct Settling {
+    channel: Channel,
+    batcher: Option<Arc<AckBatcher>>,
+}
+
+/// A lapin delivery as the host sees it; how to settle it, if it must be.
+fn incoming(delivery: lapin::message::Delivery, settling: Option<&Settling>) -> Incoming {
     let properties = &delivery.properties;
     Incoming {
         exchange: delivery.exchange.to_string(),
@@ -146,11 +163,11 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
         not_utf8: not_utf8(&delivery),
         traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
-        acker: channel.map(|channel| {
+        acker: settling.map(|settling| {
             Box::new(AmqpAcker {
                 tag: delivery.delivery_tag,
                 acker: delivery.acker,
-                channel: channel.clone(),
+                settling: settling.clone(),
             }) as Box<dyn Acker>
         }),
         body: delivery.data,
@@ -333,12 +350,12 @@ async fn publish_on(
 /// connection failed).
 fn deliver_to(
     sink: Sink,
-    channel: Channel,
+    settling: Settling,
     ended: Option<tokio_util::sync::CancellationToken>,
 ) -> impl lapin::ConsumerDelegate {
     move |delivery: lapin::message::DeliveryResult| {
         let answer = match delivery {
-            Ok(Some(delivery)) => Some(sink(incoming(delivery, Some(&channel)))),
+            Ok(Some(delivery)) => Some(sink(incoming(delivery, Some(&settling)))),
             Ok(None) => {
                 if let Some(ended) = &ended {
                     ended.cancel();
@@ -372,6 +389,7 @@ fn deliver_to(
 /// unsettled deliveries are still settled on the channel).
 struct AmqpConsumers {
     channel: Channel,
+    settling: Settling,
     queue: String,
     sink: Sink,
     base: (lapin::Consumer, u16),
@@ -399,11 +417,11 @@ impl AmqpConsumers {
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await
             .map_err(|e| BusError::op("basic.cancel", e))?;
-        let (channel, sink) = (self.channel.clone(), self.sink.clone());
+        let (settling, sink) = (self.settling.clone(), self.sink.clone());
         tokio::spawn(async move {
             let mut consumer = consumer;
             while let Some(Ok(delivery)) = consumer.next().await {
-                tokio::spawn(sink(incoming(delivery, Some(&channel))));
+                tokio::spawn(sink(incoming(delivery, Some(&settling))));
             }
         });
         Ok(())
@@ -411,13 +429,14 @@ impl AmqpConsumers {
 }
 
 async fn start_consumer(
-    channel: &Channel,
+    settling: &Settling,
     queue: &str,
     sink: &Sink,
     prefetch: u16,
     ended: Option<tokio_util::sync::CancellationToken>,
 ) -> Result<lapin::Consumer, BusError> {
     let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
+    let channel = &settling.channel;
     channel
         .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
         .await
@@ -431,7 +450,7 @@ async fn start_consumer(
         )
         .await
         .map_err(fail)?;
-    consumer.set_delegate(deliver_to(sink.clone(), channel.clone(), ended));
+    consumer.set_delegate(deliver_to(sink.clone(), settling.clone(), ended));
     Ok(consumer)
 }
 
@@ -445,7 +464,7 @@ impl Prefetch for AmqpConsumers {
         if limit > total {
             let more = limit - total;
             let consumer =
-                start_consumer(&self.channel, &self.queue, &self.sink, more, None).await?;
+                start_consumer(&self.settling, &self.queue, &self.sink, more, None).await?;
             overflow.push((consumer, more));
             return Ok(());
         }
@@ -465,13 +484,21 @@ impl Prefetch for AmqpConsumers {
 struct AmqpAcker {
     tag: u64,
     acker: lapin::Acker,
-    /// The channel the delivery came on.
-    channel: Channel,
+    settling: Settling,
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn settle(&self, how: Settle) -> Result<(), BusError> {
+        if let Some(batcher) = &self.settling.batcher {
+            return match how {
+                Settle::Ack => {
+                    batcher.ack(self.tag).await;
+                    Ok(())
+                }
+                Settle::Requeue => batcher.requeue(self.tag).await,
+            };
+        }
         match how {
             Settle::Ack => self.acker.ack(BasicAckOptions::default()).await.map(drop),
             Settle::Requeue => self
@@ -494,7 +521,7 @@ impl Acker for AmqpAcker {
     /// in order, so it has routed the reply before it takes the ack that
     /// follows. Without a confirm, as the reference and kombu publish.
     async fn publish_before_ack(&self, m: Outgoing<'_>) -> Option<Result<(), BusError>> {
-        Some(publish_on(&self.channel, &m).await.map(drop))
+        Some(publish_on(&self.settling.channel, &m).await.map(drop))
     }
 }
 
@@ -571,11 +598,27 @@ impl BusTransport for AmqpBus {
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
         let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
         let channel = self.connection.create_channel().await.map_err(fail)?;
+        let window = Duration::from_micros(self.ack_window_us.load(Ordering::Relaxed));
+        let batcher =
+            (!window.is_zero()).then(|| AckBatcher::new(channel.clone(), window, prefetch));
+        if let Some(batcher) = &batcher {
+            let mut batchers = self
+                .batchers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            batchers.retain(|b| b.strong_count() > 0);
+            batchers.push(Arc::downgrade(batcher));
+        }
+        let settling = Settling {
+            channel: channel.clone(),
+            batcher,
+        };
         let stop = tokio_util::sync::CancellationToken::new();
         let ended = self.lost.child_token();
-        let base = start_consumer(&channel, queue, &sink, prefetch, Some(ended.clone())).await?;
+        let base = start_consumer(&settling, queue, &sink, prefetch, Some(ended.clone())).await?;
         let consumers = std::sync::Arc::new(AmqpConsumers {
             channel,
+            settling,
             queue: queue.to_owned(),
             sink,
             base: (base, prefetch.max(1)),
@@ -634,12 +677,18 @@ impl BusTransport for AmqpBus {
         }
     }
 
+    fn set_ack_window(&self, window: Duration) {
+        let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        self.ack_window_us.store(us, Ordering::Relaxed);
+    }
+
     async fn close(&self) {
+        self.flush_acks().await;
         self.delete_named_reply_queue().await;
         // A connection the broker already dropped may never answer
         // close-ok: do not wait for it forever.
         let closing = self.connection.close(200, "bye".into());
-        match tokio::time::timeout(std::time::Duration::from_secs(2), closing).await {
+        match tokio::time::timeout(Duration::from_secs(2), closing).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
             Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
@@ -663,6 +712,28 @@ fn forward_replies(consumer: lapin::Consumer) -> async_channel::Receiver<Incomin
 }
 
 impl AmqpBus {
+    /// Sends every ack still waiting in a batcher, before the channels
+    /// close (at most 2 s: a broker that stopped answering gets the
+    /// requests back anyway).
+    async fn flush_acks(&self) {
+        let batchers: Vec<Arc<AckBatcher>> = self
+            .batchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let flushing = futures_util::future::join_all(batchers.iter().map(|b| b.flush(true)));
+        if tokio::time::timeout(Duration::from_secs(2), flushing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "acks not all sent within 2 s at close; those requests may be delivered again"
+            );
+        }
+    }
+
     async fn consume_direct_reply_to(
         &self,
     ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
@@ -765,7 +836,7 @@ impl AmqpBus {
             return;
         };
         let deleting = delete_reply_queue(&self.connection, name.as_str(), false);
-        match tokio::time::timeout(std::time::Duration::from_secs(2), deleting).await {
+        match tokio::time::timeout(Duration::from_secs(2), deleting).await {
             Ok(Ok(())) => {
                 if let Some(note) = note {
                     note.remove();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub mod amqp;
+pub mod amqp_acks;
 mod error;
 pub mod memory;
 pub mod redis;
@@ -311,7 +312,13 @@ pub trait BusTransport: Send + Sync + 'static {
         kind: ReplyQueueKind,
     ) -> Result<(String, async_channel::Receiver<Incoming>), BusError>;
 
-    /// Closes the connection; unsettled deliveries go back to their queues.
+    /// How long a request's ack may wait to go out with others (one
+    /// `basic.ack multiple=true` for many) in the consumers started from
+    /// now on; zero acks each at once. Only AMQP coalesces.
+    fn set_ack_window(&self, _window: std::time::Duration) {}
+
+    /// Closes the connection, after sending the acks still waiting;
+    /// unsettled deliveries go back to their queues.
     async fn close(&self);
 
     /// Hands back at once what the consumer `owner` (another connection,

@@ -108,6 +108,7 @@ pub async fn open_session(
     )
     .await?;
     bus.declare_exchange(&config.exchange).await?;
+    bus.set_ack_window(config.ack_window);
     let stop = CancellationToken::new();
     let lost = CancellationToken::new();
     let tracker = TaskTracker::new();
