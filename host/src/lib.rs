@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod listing;
+pub mod metrics;
 pub mod plugin;
 pub mod redact;
 pub mod retry;

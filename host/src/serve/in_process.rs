@@ -50,6 +50,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         inflight: Arc::new(InFlight::default()),
         control: None,
         health: Arc::new(Health::default()),
+        metrics: Arc::default(),
     };
     let session = open_session(config, bus, &services, &process).await?;
     let watchdog_stop = CancellationToken::new();

@@ -75,6 +75,7 @@ pub async fn run_worker(
         inflight: Arc::new(inflight),
         control: control.clone(),
         health: Arc::new(Health::default()),
+        metrics: Arc::default(),
     };
     let recycle = CancellationToken::new();
     watchdog::start(
@@ -160,6 +161,7 @@ pub async fn run_worker(
                 }
                 tracing::error!(service = %options.service, bus = %uri, "lost the bus connection; reconnecting");
                 lost_once = true;
+                process.metrics.reconnected();
                 session.stop.cancel();
                 session.client.bus().close().await;
             }
