@@ -10,7 +10,6 @@
 pub mod bus;
 pub mod client;
 pub mod config;
-pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod health;
@@ -21,4 +20,7 @@ pub mod plugin;
 pub mod redact;
 pub mod retry;
 pub mod serve;
-pub mod supervisor;
+pub mod supervise;
+
+/// The control protocol, where the serving side finds it.
+pub use supervise::control;

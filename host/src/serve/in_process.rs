@@ -68,6 +68,10 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 addr,
                 Arc::new(SharedClient::fixed(session.client.clone())),
                 process.health.clone(),
+                Arc::new(crate::metrics::text::Local {
+                    metrics: process.metrics.clone(),
+                    in_flight: process.inflight.clone(),
+                }),
                 &config.http,
                 config.max_message_bytes,
                 http_stop.clone(),

@@ -314,7 +314,7 @@ impl Inbound {
             timeout,
             inline: OnceLock::new(),
             settled: AtomicBool::new(false),
-            metrics: Arc::new(crate::metrics::Metrics::default().service("s", [])),
+            metrics: crate::metrics::Metrics::default().service("s", []),
         }
     }
 }

@@ -8,6 +8,8 @@
 //! to the supervisor, which adds up every worker's (see
 //! `supervise::metrics`).
 
+pub mod text;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -343,8 +345,11 @@ mod tests {
         let div = &snap[0].methods[1];
         assert_eq!(div.errors.len(), MAX_CODES + 1);
         assert_eq!(div.errors.last(), Some(&(OTHER.to_owned(), 40 - 16)));
-        let targets: std::collections::BTreeSet<&str> =
-            snap[0].bus_calls.iter().map(|(t, _, _)| t.as_str()).collect();
+        let targets: std::collections::BTreeSet<&str> = snap[0]
+            .bus_calls
+            .iter()
+            .map(|(t, _, _)| t.as_str())
+            .collect();
         assert_eq!(targets.len(), MAX_TARGETS + 1);
         assert_eq!(snap[0].in_flight, 3);
     }
