@@ -19,7 +19,7 @@ const ENVIRONMENT: &str = "\
 Environment:
   COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
                        (keep a password here rather than in files or on the command line)
-  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervisor=debug`
+  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
                        [default: info]; RUST_LOG when it is unset";
 
 /// Serves Commissaire bus services from plugin libraries.
