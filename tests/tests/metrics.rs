@@ -250,7 +250,8 @@ fn unknown_methods_count_as_one_series() {
         .samples
         .keys()
         .filter(|(name, labels)| {
-            name == "commissaire_requests_total" && labels.get("service").map(String::as_str) == Some("simple")
+            name == "commissaire_requests_total"
+                && labels.get("service").map(String::as_str) == Some("simple")
         })
         .filter_map(|(_, labels)| labels.get("method").map(String::as_str))
         .collect();

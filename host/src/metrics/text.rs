@@ -44,6 +44,9 @@ pub struct ServiceView {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
+/// A per-service counter: its name, help, and where its value comes from.
+type Simple = (&'static str, &'static str, fn(&ServiceView) -> u64);
+
 #[derive(Debug)]
 struct Views(Vec<ServiceView>);
 
@@ -158,7 +161,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [(&str, &str, fn(&ServiceView) -> u64); 9] = [
+        let simple: [Simple; 9] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",

@@ -142,7 +142,8 @@ impl MetricsBook {
         self.with(|services| services.entry(service.to_owned()).or_default().restarts += 1);
     }
 
-    fn set_workers(
+    /// The workers of `service` now, by state, and their processes.
+    pub(super) fn set_workers(
         &self,
         service: &str,
         workers: Vec<(&'static str, u64)>,

@@ -36,6 +36,8 @@ impl Supervisor {
                     tracing::warn!(service = %name, "plugin removed: stopping its workers");
                     self.services.remove(&name);
                     self.health.remove(&name);
+                    // Its counts stay; it has no workers any more.
+                    self.metrics.set_workers(&name, Vec::new(), Vec::new());
                     for w in self.workers.values_mut().filter(|w| w.service == name) {
                         w.retire();
                     }

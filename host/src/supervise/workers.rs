@@ -227,18 +227,6 @@ impl Supervisor {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exits_are_described_with_signal_names() {
-        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit status 3");
-        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
-        assert_eq!(describe_exit(ExitStatus::from_raw(6)), "signal 6 (SIGABRT)");
-    }
-}
-
 /// A connected socket pair: the supervisor's end (async) and the worker's.
 fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -284,5 +272,17 @@ async fn read_control(
             }
             Ok(Line::End) | Err(_) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_described_with_signal_names() {
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit status 3");
+        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
+        assert_eq!(describe_exit(ExitStatus::from_raw(6)), "signal 6 (SIGABRT)");
     }
 }
