@@ -6,8 +6,10 @@
 # true; host-ack0 = ack_window_us = 0, each request acked on its own),
 # alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
 # on the same broker. Prints every figure, the ratio host/reference per round,
-# and the median ratios.
-#   scripts/bench.sh [ROUNDS] [REQUESTS]      [VARIANTS="host host-w2"]
+# and the median ratios. BASE_BIN=path adds the variant `base`: that
+# binary (another build of commissaire-host) on host.toml, for an A/B of
+# two builds in the same run.
+#   scripts/bench.sh [ROUNDS] [REQUESTS]      [VARIANTS="host host-w2"] [BASE_BIN=…]
 # BUS=redis: the Redis benchmark instead (scripts/bench-redis.sh: the host
 # against a kombu service, and the Redis ceiling).
 set -euo pipefail
@@ -72,9 +74,12 @@ for r in $(seq 1 "$rounds"); do
   measure "$r reference" "$pid" | tee -a "$results"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  for variant in ${VARIANTS:-host host-w2}; do
-    COMMISSAIRE_LOG=warn,commissaire_host::supervisor=info target/release/commissaire-host run \
-      --config "$work/$variant.toml" --bus-uri "$uri" 2> "$work/host.log" &
+  for variant in ${VARIANTS:-host host-w2} ${BASE_BIN:+base}; do
+    bin=target/release/commissaire-host config=$variant
+    if [ "$variant" = base ]; then bin=$BASE_BIN config=host; fi
+    # (`supervisor`: the module's name in older builds.)
+    COMMISSAIRE_LOG=warn,commissaire_host::supervise=info,commissaire_host::supervisor=info "$bin" run \
+      --config "$work/$config.toml" --bus-uri "$uri" 2> "$work/host.log" &
     pid=$!; wait_ready "$work/host.log" "every service is consuming"
     measure "$r $variant" "$pid" | tee -a "$results"
     kill -TERM "$pid"; wait "$pid" || true
@@ -91,7 +96,8 @@ for line in open(sys.argv[1]):
 for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
                        ("host-confirm", "workers = 1, confirm_replies = true"),
                        ("host-handover", "workers = 1, inline_handlers = false"),
-                       ("host-inline", "workers = 1, inline_handlers = true")):
+                       ("host-inline", "workers = 1, inline_handlers = true"),
+                       ("base", "workers = 1, the BASE_BIN build")):
     if not any(variant in d for d in rows.values()):
         continue
     print()
@@ -111,4 +117,21 @@ for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
         if t:
             print(f"median c={c}: throughput host/reference {statistics.median(t):.2f}, p50 latency host/reference {statistics.median(l):.2f}, "
                   f"CPU per request (server + broker) host/reference {statistics.median(cpu):.2f}")
+PY
+
+python3 - "$results" <<'PY'
+# host/base per round, when BASE_BIN ran: the A/B of two builds.
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    rnd, who, js = line.split(" ", 2)
+    d = json.loads(js)
+    rows.setdefault(d["concurrency"], []).append((int(rnd), who, d))
+for c, entries in sorted(rows.items()):
+    by_round = {}
+    for rnd, who, d in entries:
+        by_round.setdefault(rnd, {})[who] = d
+    t = [r["host"]["rps"] / r["base"]["rps"] for r in by_round.values() if "host" in r and "base" in r]
+    if t:
+        print(f"c={c}: throughput host/base per round {' '.join(f'{x:.3f}' for x in t)}, median {statistics.median(t):.3f}")
 PY

@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 
 scripts/ensure-brokers.sh
 
-# kombu from PyPI, for the tests that play a Python Commissaire caller.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.redis, redis' 2>/dev/null; then
+# kombu from PyPI, for the tests that play a Python Commissaire caller;
+# prometheus_client, whose parser reads the /metrics scrapes.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.redis, redis, prometheus_client' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q 'kombu[redis]>=5.3,<6'
+  .venv/bin/pip install -q 'kombu[redis]>=5.3,<6' 'prometheus_client>=0.17,<1'
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 

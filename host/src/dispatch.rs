@@ -50,6 +50,8 @@ pub struct Handled {
     pub reply: Option<Reply>,
     /// How long parsing and the handler took.
     pub took: std::time::Duration,
+    /// The error code it was answered with; `None` for a result.
+    pub code: Option<i64>,
 }
 
 /// A request's members, borrowed from the body.
@@ -369,9 +371,9 @@ impl Service {
                 Err((rejected.id_json.to_owned(), rejected.error))
             }
         };
-        let body = match outcome {
-            Ok(body) => body,
-            Err((id, e)) => error_body(&id, &e),
+        let (body, code) = match outcome {
+            Ok(body) => (body, None),
+            Err((id, e)) => (error_body(&id, &e), Some(e.code)),
         };
         let reply = delivery.reply_to.map(|to| Reply {
             to: to.to_owned(),
@@ -380,6 +382,7 @@ impl Service {
         Handled {
             reply,
             took: started.elapsed(),
+            code,
         }
     }
 }

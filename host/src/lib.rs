@@ -10,16 +10,19 @@
 pub mod bus;
 pub mod client;
 pub mod config;
-pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod health;
 pub mod http;
 pub mod listing;
+pub mod metrics;
 pub mod plugin;
 pub mod redact;
 pub mod retry;
 pub mod serve;
-pub mod supervisor;
+pub mod supervise;
 pub mod throttle;
 pub mod trace;
+
+/// The control protocol, where the serving side finds it.
+pub use supervise::control;

@@ -11,7 +11,7 @@ use commissaire_host::client::{self, RpcClient};
 use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::{PluginSet, Trust};
 use commissaire_host::redact::redact_uri;
-use commissaire_host::supervisor::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
+use commissaire_host::supervise::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
 use commissaire_host::{bus, control, listing, serve};
 
 /// The environment variables the host reads, for every `--help`.
@@ -19,7 +19,7 @@ const ENVIRONMENT: &str = "\
 Environment:
   COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
                        (keep a password here rather than in files or on the command line)
-  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervisor=debug`
+  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
                        [default: info]; RUST_LOG when it is unset
   TRACEPARENT          call and notify: the W3C trace context their request joins";
 
@@ -242,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 worker_args,
                 fail_fast,
             };
-            runtime()?.block_on(supervisor::supervise(config, options))?;
+            runtime()?.block_on(supervise::supervise(config, options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Worker {
@@ -268,7 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 slot_file,
                 controlled: true,
                 fail_fast,
-                bus_owner: std::env::var(supervisor::WORKER_BUS_OWNER_ENV).ok(),
+                bus_owner: std::env::var(supervise::WORKER_BUS_OWNER_ENV).ok(),
             };
             let ended = config.and_then(|config| {
                 let span =

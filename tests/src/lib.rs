@@ -189,7 +189,8 @@ pub fn python_with_kombu() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
     assert!(
         python.exists(),
-        "no Python with kombu at {}: run scripts/test.sh (it creates .venv with kombu) \
+        "no Python with kombu at {}: run scripts/test.sh (it creates .venv with kombu \
+         and prometheus_client) \
          or set COMMISSAIRE_TEST_PYTHON",
         python.display()
     );

@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `POST /rpc/{routing_key}` relays a JSON-RPC request
-//! over the bus; `GET /healthz` says whether every service is consuming.
+//! over the bus; `GET /healthz` says whether every service is consuming;
+//! `GET /metrics` gives every service's counts in Prometheus text.
 //!
 //! Before a request is relayed it must carry the bearer token (when one is
 //! set), name a routing key the bus can carry and `[http] allow` lets
@@ -34,6 +35,7 @@ use crate::client::{RequestError, SharedClient};
 use crate::config::HttpSettings;
 use crate::error::HostError;
 use crate::health::Health;
+use crate::metrics::text::{Exporter, CONTENT_TYPE};
 
 pub use connection::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT};
 
@@ -44,6 +46,7 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 struct AppState {
     client: Arc<SharedClient>,
     health: Arc<Health>,
+    metrics: Arc<dyn Exporter>,
     settings: Arc<HttpSettings>,
     in_flight: Arc<Semaphore>,
     max_body: usize,
@@ -53,12 +56,14 @@ struct AppState {
 pub fn router(
     client: Arc<SharedClient>,
     health: Arc<Health>,
+    metrics: Arc<dyn Exporter>,
     settings: &HttpSettings,
     max_body: usize,
 ) -> Router {
     let state = AppState {
         client,
         health,
+        metrics,
         settings: Arc::new(settings.clone()),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
         max_body,
@@ -72,6 +77,7 @@ pub fn router(
     Router::new()
         .route("/rpc/{routing_key}", rpc_route)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(scrape))
         .with_state(state)
 }
 
@@ -374,11 +380,22 @@ async fn healthz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// `GET /metrics`: every service's counts, in Prometheus text.
+async fn scrape(State(state): State<AppState>) -> Response {
+    let exporter = state.metrics.clone();
+    // Reading `/proc` for each worker: off the runtime's threads.
+    match tokio::task::spawn_blocking(move || exporter.render()).await {
+        Ok(text) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 /// Serves the HTTP endpoint until `stop`; returns its bound address.
 pub async fn serve(
     addr: SocketAddr,
     client: Arc<SharedClient>,
     health: Arc<Health>,
+    metrics: Arc<dyn Exporter>,
     settings: &HttpSettings,
     max_body: usize,
     stop: tokio_util::sync::CancellationToken,
@@ -396,7 +413,7 @@ pub async fn serve(
              it can call every service it relays; set COMMISSAIRE_HTTP_TOKEN (or [http] token)"
         );
     }
-    let app = router(client, health, settings, max_body);
+    let app = router(client, health, metrics, settings, max_body);
     tokio::spawn(connection::accept_loop(
         listener,
         app,
@@ -438,6 +455,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 0)),
             client,
             Arc::new(Health::default()),
+            Arc::new(crate::supervise::metrics::MetricsBook::default()),
             &HttpSettings::default(),
             1 << 20,
             stop.clone(),

@@ -37,6 +37,7 @@ pub struct HandlerBus {
     /// runtime thread (see `placement`): a bus call first hands the
     /// thread's other work over (a no-op if the handler already did).
     multi_thread: bool,
+    metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 /// Counts a handler out of the waiting ones when its call ends, however
@@ -57,6 +58,7 @@ impl HandlerBus {
         service: Arc<str>,
         concurrency: u16,
         max_waits: u16,
+        metrics: Arc<crate::metrics::ServiceMetrics>,
     ) -> Self {
         let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
@@ -71,6 +73,7 @@ impl HandlerBus {
             limit: tokio::sync::Mutex::new(concurrency),
             refused_logged: Mutex::new(None),
             multi_thread,
+            metrics,
         }
     }
 
@@ -169,7 +172,9 @@ impl HostBus for HandlerBus {
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
         let parent = parent(caller);
-        let waiting = self.enter()?;
+        let waiting = self
+            .enter()
+            .inspect_err(|_| self.metrics.bus_call(routing_key, false))?;
         let reply = self.blocking(|| {
             self.runtime.block_on(async {
                 self.adjust_prefetch().await;
@@ -181,8 +186,10 @@ impl HostBus for HandlerBus {
                 self.adjust_prefetch().await;
                 reply
             })
-        })?;
-        reply.map(|raw| raw.get().to_owned())
+        });
+        self.metrics
+            .bus_call(routing_key, matches!(reply, Ok(Ok(_))));
+        reply?.map(|raw| raw.get().to_owned())
     }
 
     fn notify(
@@ -199,6 +206,8 @@ impl HostBus for HandlerBus {
                 parent.as_ref(),
             ))
         })
+        .inspect(|()| self.metrics.bus_call(routing_key, true))
+        .inspect_err(|_| self.metrics.bus_call(routing_key, false))
         .map_err(|e| RpcError::internal_error(e.to_string()))
     }
 

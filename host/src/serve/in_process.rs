@@ -50,6 +50,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         inflight: Arc::new(InFlight::default()),
         control: None,
         health: Arc::new(Health::default()),
+        metrics: Arc::default(),
     };
     let session = open_session(config, bus, &services, &process).await?;
     let watchdog_stop = CancellationToken::new();
@@ -67,6 +68,10 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 addr,
                 Arc::new(SharedClient::fixed(session.client.clone())),
                 process.health.clone(),
+                Arc::new(crate::metrics::text::Local {
+                    metrics: process.metrics.clone(),
+                    in_flight: process.inflight.clone(),
+                }),
                 &config.http,
                 config.max_message_bytes,
                 http_stop.clone(),

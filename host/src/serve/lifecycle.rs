@@ -22,7 +22,8 @@ use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
 use super::Process;
 use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
-use crate::dispatch::{error_body, parse_request, Delivery, Reply, Service};
+use crate::dispatch::{error_body, parse_request, Delivery, Handled, Reply, Service};
+use crate::metrics::{Dropped, ServiceMetrics};
 use crate::trace::TraceContext;
 
 /// Tries for a reply whose publishing fails for another reason than a lost
@@ -48,6 +49,7 @@ pub(super) struct Served {
     pub confirm_replies: bool,
     pub max_message_bytes: usize,
     pub process: Process,
+    pub metrics: Arc<ServiceMetrics>,
 }
 
 /// A delivery from its arrival to its settlement.
@@ -67,6 +69,7 @@ pub struct Inbound {
     /// one: on its reply, its handler's bus requests and its log events.
     trace: TraceContext,
     traceparent: String,
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -99,6 +102,7 @@ impl Inbound {
             settled: AtomicBool::new(false),
             traceparent: trace.header(),
             trace,
+            metrics: s.metrics.clone(),
         }
     }
 
@@ -178,6 +182,8 @@ impl Inbound {
     /// Answers with `error` (the id read from the body, if it parses) and
     /// acks.
     pub async fn refuse(&self, error: &RpcError) {
+        self.metrics
+            .request(&self.incoming.routing_key, Some(error.code));
         let mut holder = None;
         let id_json =
             match parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder) {
@@ -185,6 +191,11 @@ impl Inbound {
                 Err(rejected) => rejected.id_json,
             };
         self.refuse_with_id(id_json, error).await;
+    }
+
+    /// Counts a request refused (or dropped) for `why`.
+    pub fn count_dropped(&self, why: Dropped) {
+        self.metrics.dropped(why);
     }
 
     /// Answers with `error` and the id `id_json`, without reading the body,
@@ -199,6 +210,9 @@ impl Inbound {
 
     /// Acks without a reply: nothing can be answered (one warning).
     async fn drop_unanswerable(&self, why: &str) {
+        self.metrics.dropped(Dropped::UnreadableReplyTo);
+        self.metrics
+            .request(&self.incoming.routing_key, Some(RpcError::INVALID_REQUEST));
         crate::throttled!(warn!(
             service = &*self.service,
             queue = &*self.queue,
@@ -289,6 +303,7 @@ impl Inbound {
                     reply_to = %reply.to, error = %error,
                     "reply refused by the broker; the request is acked and dropped"
                 ));
+                self.metrics.dropped(Dropped::ReplyDropped);
                 return true;
             }
             if tries >= REPLY_TRIES {
@@ -297,6 +312,7 @@ impl Inbound {
                     reply_to = %reply.to, tries, error = %error,
                     "reply not published; the request is acked and dropped"
                 ));
+                self.metrics.dropped(Dropped::ReplyDropped);
                 return true;
             }
             tokio::time::sleep(crate::retry::backoff(tries)).await;
@@ -323,6 +339,7 @@ impl Inbound {
             settled: AtomicBool::new(false),
             traceparent: trace.header(),
             trace,
+            metrics: crate::metrics::Metrics::default().service("s", []),
         }
     }
 }
@@ -357,10 +374,13 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
             s.max_message_bytes
         ));
         inbound.claim();
+        s.metrics.dropped(Dropped::Oversize);
+        s.metrics.request(&incoming.routing_key, Some(error.code));
         return inbound.refuse_with_id("null", &error).await;
     }
     if let Some(property) = incoming.not_utf8 {
         inbound.claim();
+        s.metrics.dropped(Dropped::NotUtf8);
         if property == "reply_to" {
             return inbound
                 .drop_unanswerable("a request whose reply_to is not valid UTF-8")
@@ -397,6 +417,7 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
                     "refusing a request: {refusal}"
                 ));
                 inbound.claim();
+                s.metrics.dropped(Dropped::Poison);
                 return inbound.refuse(&RpcError::internal_error(refusal)).await;
             }
         }
@@ -407,7 +428,7 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     // waited for its verdict above: requests redelivered beside a poison
     // one wait there together, and would be blamed for its crashes.
     let _entered = inflight.enter(inbound.clone());
-    let Some(reply) = run_handler(&s, &inbound).await else {
+    let Some(handled) = run_handler(&s, &inbound).await else {
         return;
     };
     if !inbound.claim() {
@@ -418,13 +439,15 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
         ));
         return;
     }
-    inbound.reply_then_ack(reply).await;
+    s.metrics.request(&incoming.routing_key, handled.code);
+    inbound.reply_then_ack(handled.reply).await;
 }
 
-/// Runs the handler where [`Placement`] says; returns its reply (`None`
-/// inside when the request is a notification), or `None` if the handler's
-/// task failed (the request then stays unsettled for redelivery).
-async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Option<Reply>> {
+/// Runs the handler where [`Placement`] says; returns what it did (no
+/// reply inside when the request is a notification), or `None` if the
+/// handler's task failed (the request then stays unsettled for
+/// redelivery).
+async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
     let method = s.placement.method(&inbound.incoming.routing_key);
     let inline = s.placement.inline(method);
     if inline {
@@ -464,5 +487,6 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Option<R
         }
     };
     s.placement.record(method, handled.took);
-    Some(handled.reply)
+    s.metrics.took(&inbound.incoming.routing_key, handled.took);
+    Some(handled)
 }

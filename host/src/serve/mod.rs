@@ -38,4 +38,6 @@ pub struct Process {
     pub control: Option<Arc<Control>>,
     /// What `/healthz` reports.
     pub health: Arc<Health>,
+    /// What `/metrics` reports of this process.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

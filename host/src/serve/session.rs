@@ -116,11 +116,16 @@ pub async fn open_session(
     for Prepared { service, settings } in services {
         let name = service.name();
         let shared_name: Arc<str> = Arc::from(name);
+        let metrics = process.metrics.service(
+            name,
+            service.library().methods.iter().map(|m| m.name.as_str()),
+        );
         let handler_bus = Arc::new(HandlerBus::new(
             client.clone(),
             shared_name.clone(),
             settings.concurrency,
             settings.max_bus_waits,
+            metrics.clone(),
         ));
         let served = Arc::new(Served {
             service: service.clone(),
@@ -133,6 +138,7 @@ pub async fn open_session(
             confirm_replies: config.confirm_replies,
             max_message_bytes: config.max_message_bytes,
             process: process.clone(),
+            metrics,
         });
         let mut consumers = Vec::new();
         for queue in &settings.queues {

@@ -168,6 +168,7 @@ async fn answer_timed_out(inbound: &Inbound) {
         timeout_s = timeout.as_secs_f64(),
         "handler timed out: answering -32603"
     ));
+    inbound.count_dropped(crate::metrics::Dropped::Timeout);
     let error = RpcError::internal_error(format!(
         "the handler did not return within {}s",
         timeout.as_secs_f64()

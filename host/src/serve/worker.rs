@@ -75,7 +75,11 @@ pub async fn run_worker(
         inflight: Arc::new(inflight),
         control: control.clone(),
         health: Arc::new(Health::default()),
+        metrics: Arc::default(),
     };
+    if let Some(c) = &control {
+        tokio::spawn(report_metrics(c.clone(), process.clone()));
+    }
     let recycle = CancellationToken::new();
     watchdog::start(
         process.inflight.clone(),
@@ -145,6 +149,9 @@ pub async fn run_worker(
                     c.status(false);
                 }
                 session.shutdown(config.shutdown_timeout).await;
+                if let Some(c) = &control {
+                    report_now(c, &process);
+                }
                 return Ok(WorkerEnd::Stopped);
             }
             () = recycle.cancelled() => {
@@ -152,6 +159,9 @@ pub async fn run_worker(
                     c.status(false);
                 }
                 session.stop.cancel();
+                if let Some(c) = &control {
+                    report_now(c, &process);
+                }
                 return Ok(WorkerEnd::Recycle);
             }
             () = session.lost.cancelled() => {
@@ -160,9 +170,35 @@ pub async fn run_worker(
                 }
                 tracing::error!(service = %options.service, bus = %uri, "lost the bus connection; reconnecting");
                 lost_once = true;
+                process.metrics.reconnected();
                 session.stop.cancel();
                 session.client.bus().close().await;
             }
+        }
+    }
+}
+
+/// How often a worker sends its counts to the supervisor (when they
+/// changed): how stale `/metrics` may be, and what a killed worker's
+/// counts may miss.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+fn report_now(control: &Control, process: &Process) {
+    control.metrics(process.metrics.snapshot(process.inflight.len() as u64));
+}
+
+/// Sends the supervisor this worker's counts every [`REPORT_EVERY`] while
+/// they change.
+async fn report_metrics(control: Arc<Control>, process: Process) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last = Vec::new();
+    loop {
+        tick.tick().await;
+        let now = process.metrics.snapshot(process.inflight.len() as u64);
+        if now != last {
+            control.metrics(now.clone());
+            last = now;
         }
     }
 }

@@ -119,6 +119,16 @@ impl Demo {
         Ok("logged")
     }
 
+    /// Writes `line` to the process's stdout, as a careless plugin might:
+    /// the host logs it, and never reads it as one of its own lines.
+    fn on_print(&self, line: String) -> Result<(), RpcError> {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
     /// Sends `params` as a notification to `routing_key`.
     fn on_relay(&self, msg: &Message, routing_key: String, params: Value) -> Result<(), RpcError> {
         msg.bus().notify(&routing_key, params)

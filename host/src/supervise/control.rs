@@ -1,24 +1,37 @@
 //! The line protocol between the supervisor and its worker processes.
 //!
-//! Worker → supervisor, on the worker's stdout, each line starting with
-//! [`PREFIX`] (anything else a plugin prints there is passed through):
-//! `consuming`, `idle` (not consuming: connecting or reconnecting), and
-//! `check <key>` for a redelivered request, answered with how many workers
-//! it killed and how many times it was checked (delivered again).
+//! It runs over a socket of its own: the worker's stdin is one end of a
+//! Unix socket pair, read and written both ways. Stdout is the plugins'
+//! (passed through to the log, never parsed), so nothing a plugin prints
+//! can pass for a control line. Every line is at most [`MAX_LINE`] bytes:
+//! a longer one is skipped whole.
 //!
-//! Supervisor → worker, on the worker's stdin: `verdict <key> <crashes>
-//! <deliveries>` and `stop`. End of input means the supervisor is gone: stop too.
+//! Worker → supervisor, each line starting with [`PREFIX`]: `consuming`,
+//! `idle` (not consuming: connecting or reconnecting), `check <key>` for a
+//! redelivered request, answered with how many workers it killed and how
+//! many times it was checked (delivered again), `metrics <json>` (its
+//! cumulative counts, see [`crate::metrics`]) and `fatal <why>`.
+//!
+//! Supervisor → worker: `verdict <key> <crashes> <deliveries>` and `stop`.
+//! End of input means the supervisor is gone: stop too.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, Write as _};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
+
+use crate::metrics::ServiceSnapshot;
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Marks a control line on a worker's stdout.
+/// Marks a control line from a worker.
 pub const PREFIX: &str = "@commissaire ";
+
+/// The longest control line, either way, newline included.
+pub const MAX_LINE: usize = 1 << 20;
 
 /// Exit status of a worker that stopped because it was asked to.
 pub const EXIT_STOPPED: i32 = 0;
@@ -30,7 +43,7 @@ pub const EXIT_RECYCLE: i32 = 75;
 pub const EXIT_FATAL: i32 = 78;
 
 /// A message from a worker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
     /// Its consumers are up.
     Consuming,
@@ -40,15 +53,20 @@ pub enum WorkerEvent {
     Check(u64),
     /// It cannot start, and why (its last words).
     Fatal(String),
+    /// Its cumulative counts.
+    Metrics(Vec<ServiceSnapshot>),
 }
 
 impl WorkerEvent {
-    /// Parses a line of the worker's stdout; `None` if it is not a control
-    /// line.
+    /// Parses a line of the control socket; `None` if it is not a
+    /// control line.
     pub fn parse(line: &str) -> Option<Self> {
         let rest = line.strip_prefix(PREFIX)?;
         if let Some(why) = rest.strip_prefix("fatal ") {
             return Some(Self::Fatal(why.to_owned()));
+        }
+        if let Some(json) = rest.strip_prefix("metrics ") {
+            return serde_json::from_str(json).ok().map(Self::Metrics);
         }
         let mut words = rest.split_whitespace();
         match (words.next()?, words.next()) {
@@ -65,9 +83,76 @@ impl WorkerEvent {
             Self::Consuming => format!("{PREFIX}consuming\n"),
             Self::Idle => format!("{PREFIX}idle\n"),
             Self::Check(key) => format!("{PREFIX}check {key:x}\n"),
-            Self::Fatal(why) => format!("{PREFIX}fatal {}\n", why.replace('\n', " ")),
+            Self::Fatal(why) => {
+                let mut why = why.replace('\n', " ");
+                if why.len() > MAX_LINE / 2 {
+                    let mut end = MAX_LINE / 2;
+                    while !why.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    why.truncate(end);
+                }
+                format!("{PREFIX}fatal {why}\n")
+            }
+            Self::Metrics(snapshot) => format!(
+                "{PREFIX}metrics {}\n",
+                serde_json::to_string(snapshot).unwrap_or_else(|_| "[]".to_owned())
+            ),
         }
     }
+}
+
+/// What [`read_line`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line, without its newline.
+    Text(String),
+    /// A line longer than the bound, skipped.
+    TooLong,
+    /// The end of input.
+    End,
+}
+
+/// Reads one line of at most `max` bytes (newline included) from `input`;
+/// skips the rest of a longer one. Not UTF-8 is replaced, not refused.
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    input: &mut R,
+    max: usize,
+) -> std::io::Result<Line> {
+    let mut buf = Vec::new();
+    let n = (&mut *input)
+        .take(max as u64)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() != Some(&b'\n') {
+        if buf.len() < max {
+            // The end of input, with no newline.
+            return Ok(Line::Text(String::from_utf8_lossy(&buf).into_owned()));
+        }
+        // Skip to the end of the line, a buffer at a time.
+        loop {
+            let chunk = input.fill_buf().await?;
+            if chunk.is_empty() {
+                break;
+            }
+            match chunk.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    input.consume(at + 1);
+                    break;
+                }
+                None => {
+                    let len = chunk.len();
+                    input.consume(len);
+                }
+            }
+        }
+        return Ok(Line::TooLong);
+    }
+    buf.pop();
+    Ok(Line::Text(String::from_utf8_lossy(&buf).into_owned()))
 }
 
 /// What the supervisor knows of a request: how many workers died while it
@@ -109,8 +194,25 @@ impl Control {
             stop: stop.clone(),
         });
         let reader = move || {
-            for line in std::io::stdin().lock().lines() {
-                let Ok(line) = line else { break };
+            let mut input = std::io::stdin().lock();
+            loop {
+                let mut buf = Vec::new();
+                match (&mut input)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut buf)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if buf.last() != Some(&b'\n') {
+                    // Longer than any line the supervisor sends.
+                    if buf.len() >= MAX_LINE {
+                        tracing::warn!("an overlong line from the supervisor; stopping");
+                    }
+                    break;
+                }
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end();
                 let mut words = line.split_whitespace();
                 match (words.next(), words.next(), words.next(), words.next()) {
                     (Some("stop"), ..) => break,
@@ -161,14 +263,30 @@ impl Control {
         Self::write(&WorkerEvent::Fatal(why.to_owned()));
     }
 
+    /// Writes to the control socket: the worker's stdin, opened again
+    /// for writing (a socket carries both ways).
     fn write(event: &WorkerEvent) {
-        let mut out = std::io::stdout().lock();
-        if let Err(e) = out
-            .write_all(event.line().as_bytes())
-            .and_then(|()| out.flush())
-        {
+        static OUT: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
+        let out = OUT.get_or_init(|| {
+            use std::os::fd::AsFd as _;
+            match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(Mutex::new(std::fs::File::from(fd))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the supervisor");
+                    None
+                }
+            }
+        });
+        let Some(out) = out else { return };
+        let mut out = out.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = out.write_all(event.line().as_bytes()) {
             tracing::debug!(error = %e, "cannot write to the supervisor");
         }
+    }
+
+    /// Sends the supervisor this process's cumulative counts.
+    pub fn metrics(&self, snapshot: Vec<ServiceSnapshot>) {
+        Self::write(&WorkerEvent::Metrics(snapshot));
     }
 
     /// Tells the supervisor whether this worker consumes.
@@ -216,11 +334,42 @@ mod tests {
             WorkerEvent::Idle,
             WorkerEvent::Check(0xdead_beef_0123),
             WorkerEvent::Fatal("service `demo` failed to start: no".into()),
+            WorkerEvent::Metrics(vec![ServiceSnapshot {
+                service: "calc".into(),
+                poison: 3,
+                ..ServiceSnapshot::default()
+            }]),
         ] {
             assert_eq!(WorkerEvent::parse(e.line().trim_end()), Some(e));
         }
         assert_eq!(WorkerEvent::parse("consuming"), None);
         assert_eq!(WorkerEvent::parse("@commissaire check zz"), None);
         assert_eq!(WorkerEvent::parse("hello from a plugin"), None);
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_bounded_and_an_overlong_one_is_skipped_whole() {
+        let long = "x".repeat(100);
+        let input = format!("short\n{long}\nafter\ntail");
+        let mut r = tokio::io::BufReader::with_capacity(8, input.as_bytes());
+        assert_eq!(
+            read_line(&mut r, 16).await.ok(),
+            Some(Line::Text("short".into()))
+        );
+        assert_eq!(read_line(&mut r, 16).await.ok(), Some(Line::TooLong));
+        assert_eq!(
+            read_line(&mut r, 16).await.ok(),
+            Some(Line::Text("after".into()))
+        );
+        assert_eq!(
+            read_line(&mut r, 16).await.ok(),
+            Some(Line::Text("tail".into()))
+        );
+        assert_eq!(read_line(&mut r, 16).await.ok(), Some(Line::End));
     }
 }

@@ -1,0 +1,356 @@
+//! What a serving process counts, cheaply, on the request path: atomics per
+//! method of each service, looked up by the routing key's method.
+//!
+//! Every label value is bounded here already: a method the service does not
+//! have counts as [`UNKNOWN_METHOD`], error codes beyond [`MAX_CODES`] per
+//! method as [`OTHER`], bus-call targets beyond [`MAX_TARGETS`] as
+//! [`OTHER`]. A worker sends [`ServiceSnapshot`]s of these cumulative counts
+//! to the supervisor, which adds up every worker's (see
+//! `supervise::metrics`).
+
+pub mod text;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// The `method` label of a method the service does not have.
+pub const UNKNOWN_METHOD: &str = "_unknown";
+/// The label value of what is beyond a bound.
+pub const OTHER: &str = "_other";
+/// Distinct error codes counted per method; more are counted as [`OTHER`].
+pub const MAX_CODES: usize = 16;
+/// Distinct bus-call targets counted per service; more are [`OTHER`].
+pub const MAX_TARGETS: usize = 32;
+/// Upper bounds (seconds) of the handler-duration histogram's buckets.
+pub const BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+/// One method's counts.
+#[derive(Debug, Default)]
+struct MethodCounts {
+    ok: AtomicU64,
+    /// Error replies by code (at most [`MAX_CODES`]), and beyond them.
+    errors: Mutex<(Vec<(i64, u64)>, u64)>,
+    took_count: AtomicU64,
+    took_nanos: AtomicU64,
+    /// Per bucket of [`BUCKETS`], and one past the last (+Inf).
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+}
+
+impl MethodCounts {
+    fn outcome(&self, code: Option<i64>) {
+        let Some(code) = code else {
+            self.ok.fetch_add(1, Relaxed);
+            return;
+        };
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        let (codes, other) = &mut *errors;
+        if let Some(entry) = codes.iter_mut().find(|(c, _)| *c == code) {
+            entry.1 += 1;
+        } else if codes.len() < MAX_CODES {
+            codes.push((code, 1));
+        } else {
+            *other += 1;
+        }
+    }
+
+    fn took(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.took_count.fetch_add(1, Relaxed);
+        self.took_nanos
+            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn snapshot(&self, name: &str) -> MethodSnapshot {
+        let errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut codes: Vec<(String, u64)> =
+            errors.0.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+        if errors.1 > 0 {
+            codes.push((OTHER.to_owned(), errors.1));
+        }
+        MethodSnapshot {
+            method: name.to_owned(),
+            ok: self.ok.load(Relaxed),
+            errors: codes,
+            count: self.took_count.load(Relaxed),
+            sum: self.took_nanos.load(Relaxed) as f64 / 1e9,
+            buckets: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        }
+    }
+}
+
+/// Requests dropped or refused before a handler, by why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// A request over `max_message_bytes` (answered -32600).
+    Oversize,
+    /// A property that is not UTF-8 (answered -32600).
+    NotUtf8,
+    /// A `reply_to` that is not UTF-8: acked without a reply.
+    UnreadableReplyTo,
+    /// A reply that could not be published: its request acked and dropped.
+    ReplyDropped,
+    /// Refused after crashing workers or coming back too often.
+    Poison,
+    /// Its handler did not return in time (answered -32603).
+    Timeout,
+}
+
+/// One service's counts in this process.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    index: HashMap<Box<str>, usize>,
+    /// Per method of `index`, then [`UNKNOWN_METHOD`] last.
+    methods: Vec<(Box<str>, MethodCounts)>,
+    drops: [AtomicU64; 6],
+    bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl ServiceMetrics {
+    fn new<'a>(methods: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut list: Vec<(Box<str>, MethodCounts)> = methods
+            .into_iter()
+            .filter(|m| *m != UNKNOWN_METHOD)
+            .map(|m| (Box::from(m), MethodCounts::default()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.dedup_by(|a, b| a.0 == b.0);
+        let index = list
+            .iter()
+            .enumerate()
+            .map(|(i, (m, _))| (m.clone(), i))
+            .collect();
+        list.push((Box::from(UNKNOWN_METHOD), MethodCounts::default()));
+        Self {
+            index,
+            methods: list,
+            drops: Default::default(),
+            bus_calls: Mutex::default(),
+        }
+    }
+
+    fn method(&self, routing_key: &str) -> &MethodCounts {
+        let name = crate::bus::topic::method_of(routing_key);
+        let i = self
+            .index
+            .get(name)
+            .copied()
+            .unwrap_or(self.methods.len() - 1);
+        &self.methods[i].1
+    }
+
+    /// Counts a request of `routing_key` answered (or, for a
+    /// notification, ended) with `code` (`None`: a result).
+    pub fn request(&self, routing_key: &str, code: Option<i64>) {
+        self.method(routing_key).outcome(code);
+    }
+
+    /// Counts how long parsing and the handler took for a request of
+    /// `routing_key` (its outcome is counted where it is answered).
+    pub fn took(&self, routing_key: &str, took: Duration) {
+        self.method(routing_key).took(took);
+    }
+
+    /// Counts a request dropped or refused for `why`.
+    pub fn dropped(&self, why: Dropped) {
+        self.drops[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a handler's own bus call to `routing_key`: its target is the
+    /// routing key's first segment (the service it names).
+    pub fn bus_call(&self, routing_key: &str, ok: bool) {
+        let target = routing_key.split('.').next().unwrap_or_default();
+        let outcome = if ok { "ok" } else { "error" };
+        let mut calls = self
+            .bus_calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = calls.keys().any(|(t, _)| t == target);
+        let distinct = calls
+            .keys()
+            .filter(|(t, _)| t != OTHER)
+            .map(|(t, _)| t)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let target = if known || distinct < MAX_TARGETS {
+            target
+        } else {
+            OTHER
+        };
+        *calls.entry((target.to_owned(), outcome)).or_default() += 1;
+    }
+
+    fn snapshot(&self, service: &str, process: &ProcessFigures) -> ServiceSnapshot {
+        let d = |w: Dropped| self.drops[w as usize].load(Relaxed);
+        ServiceSnapshot {
+            service: service.to_owned(),
+            methods: self
+                .methods
+                .iter()
+                .map(|(name, m)| m.snapshot(name))
+                .collect(),
+            oversize: d(Dropped::Oversize),
+            not_utf8: d(Dropped::NotUtf8),
+            unreadable_reply_to: d(Dropped::UnreadableReplyTo),
+            reply_dropped: d(Dropped::ReplyDropped),
+            poison: d(Dropped::Poison),
+            timeouts: d(Dropped::Timeout),
+            bus_calls: self
+                .bus_calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|((t, o), n)| (t.clone(), (*o).to_owned(), *n))
+                .collect(),
+            reconnects: process.reconnects,
+            in_flight: process.in_flight,
+        }
+    }
+}
+
+/// Figures of the process rather than of one service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessFigures {
+    /// Bus connections lost and made again.
+    pub reconnects: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+}
+
+/// Every service's counts in this process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    services: Mutex<BTreeMap<String, Arc<ServiceMetrics>>>,
+    reconnects: AtomicU64,
+}
+
+impl Metrics {
+    /// The counts of `service`, whose methods are `methods`: kept across
+    /// connections.
+    pub fn service<'a>(
+        &self,
+        service: &str,
+        methods: impl IntoIterator<Item = &'a str>,
+    ) -> Arc<ServiceMetrics> {
+        self.services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new(ServiceMetrics::new(methods)))
+            .clone()
+    }
+
+    /// Counts a lost bus connection made again.
+    pub fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Relaxed);
+    }
+
+    /// Every service's cumulative counts, with `in_flight` requests now.
+    pub fn snapshot(&self, in_flight: u64) -> Vec<ServiceSnapshot> {
+        let process = ProcessFigures {
+            reconnects: self.reconnects.load(Relaxed),
+            in_flight,
+        };
+        self.services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, s)| s.snapshot(name, &process))
+            .collect()
+    }
+}
+
+/// One method's cumulative counts, as a worker reports them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MethodSnapshot {
+    /// The method ([`UNKNOWN_METHOD`] for the others).
+    pub method: String,
+    /// Requests answered with a result.
+    pub ok: u64,
+    /// Requests answered with an error, by code.
+    pub errors: Vec<(String, u64)>,
+    /// Handled requests timed.
+    pub count: u64,
+    /// Their total time, in seconds.
+    pub sum: f64,
+    /// Per bucket of [`BUCKETS`] then +Inf (not cumulative).
+    pub buckets: Vec<u64>,
+}
+
+/// One service's cumulative counts in one process.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceSnapshot {
+    /// The service.
+    pub service: String,
+    /// Per method.
+    pub methods: Vec<MethodSnapshot>,
+    /// Requests over `max_message_bytes`.
+    pub oversize: u64,
+    /// Requests with a property that is not UTF-8.
+    pub not_utf8: u64,
+    /// Requests dropped for a `reply_to` that is not UTF-8.
+    pub unreadable_reply_to: u64,
+    /// Replies that could not be published.
+    pub reply_dropped: u64,
+    /// Requests refused for crashing workers or coming back too often.
+    pub poison: u64,
+    /// Handlers past their timeout.
+    pub timeouts: u64,
+    /// Handlers' bus calls: target, outcome, count.
+    pub bus_calls: Vec<(String, String, u64)>,
+    /// Bus connections lost and made again.
+    pub reconnects: u64,
+    /// Requests in flight now (a gauge).
+    pub in_flight: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_codes_and_targets_are_bounded() {
+        let m = Metrics::default();
+        let s = m.service("calc", ["add", "div"]);
+        s.took("calc.add", Duration::from_micros(50));
+        s.request("calc.add", None);
+        s.took("calc.add", Duration::from_millis(3));
+        s.request("calc.add", Some(-32602));
+        for i in 0..1000 {
+            s.request(&format!("calc.nope{i}"), Some(-32601));
+        }
+        for code in 0..40 {
+            s.request("calc.div", Some(code));
+        }
+        for i in 0..100 {
+            s.bus_call(&format!("svc{i}.m"), i % 2 == 0);
+        }
+        let snap = m.snapshot(3);
+        assert_eq!(snap.len(), 1);
+        let methods: Vec<&str> = snap[0].methods.iter().map(|m| m.method.as_str()).collect();
+        assert_eq!(methods, ["add", "div", UNKNOWN_METHOD]);
+        let add = &snap[0].methods[0];
+        assert_eq!((add.ok, add.count), (1, 2));
+        assert_eq!(add.errors, [("-32602".to_owned(), 1)]);
+        assert_eq!(add.buckets.iter().sum::<u64>(), 2);
+        assert_eq!(snap[0].methods[2].errors, [("-32601".to_owned(), 1000)]);
+        let div = &snap[0].methods[1];
+        assert_eq!(div.errors.len(), MAX_CODES + 1);
+        assert_eq!(div.errors.last(), Some(&(OTHER.to_owned(), 40 - 16)));
+        let targets: std::collections::BTreeSet<&str> = snap[0]
+            .bus_calls
+            .iter()
+            .map(|(t, _, _)| t.as_str())
+            .collect();
+        assert_eq!(targets.len(), MAX_TARGETS + 1);
+        assert_eq!(snap[0].in_flight, 3);
+    }
+}

@@ -1,0 +1,173 @@
+//! A worker's end: collecting it, handing back what it held on the bus,
+//! counting the requests it was running, and planning its restart.
+
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use super::backoff::HEALTHY_LIFETIME;
+use super::control::{EXIT_FATAL, EXIT_RECYCLE, EXIT_STOPPED};
+use super::workers::{describe_exit, Worker};
+use super::{Supervisor, SupervisorError};
+
+/// When a dead worker's deliveries are handed back a second time: a
+/// command it sent just before it died may reach the broker after the
+/// first pass.
+const LATE_COMMANDS: Duration = Duration::from_secs(1);
+
+/// How long a dead worker's control socket is read for its last counts.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
+impl Supervisor {
+    /// Collects the workers that exited.
+    pub(super) fn reap(&mut self) {
+        let mut exited = Vec::new();
+        for (id, worker) in &mut self.workers {
+            match worker.child.try_wait() {
+                Ok(Some(status)) => exited.push((*id, status)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pid = worker.pid, error = %e, "cannot check a worker"),
+            }
+        }
+        for (id, status) in exited {
+            if let Some(worker) = self.workers.remove(&id) {
+                self.exited(id, worker, status);
+            }
+        }
+    }
+
+    /// Adds the last counts of the workers that ended to their service's
+    /// totals, once their control socket is read to its end (or after
+    /// [`LAST_WORDS`], if something else holds it open).
+    pub(super) fn settle_ended(&mut self) {
+        let book = self.metrics.clone();
+        self.ending.retain(|(id, service, control, at)| {
+            let done = control.is_finished() || at.elapsed() > LAST_WORDS;
+            if done {
+                control.abort();
+                book.ended(*id, service);
+            }
+            !done
+        });
+    }
+
+    /// Hands back at once what a dead worker held on the bus (Redis would
+    /// keep it until the visibility timeout), twice (see [`LATE_COMMANDS`]).
+    pub(super) fn hand_back(&self, worker: &Worker) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        if !matches!(
+            crate::bus::BusKind::of(&self.config.bus_uri),
+            Ok(crate::bus::BusKind::Redis)
+        ) {
+            return;
+        }
+        let (service, owner, pid) = (worker.service.clone(), worker.bus_owner.clone(), worker.pid);
+        self.hand_backs.spawn(async move {
+            for pass in 0..2 {
+                if pass > 0 {
+                    tokio::time::sleep(LATE_COMMANDS).await;
+                }
+                let restored = match client.get().await {
+                    Ok(c) => c.bus().restore_consumer(&owner).await,
+                    Err(e) => Err(e),
+                };
+                match restored {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        service, pid, restored = n,
+                        "the worker's unsettled deliveries went back to their queues"
+                    ),
+                    Err(e) => tracing::warn!(
+                        service, pid, error = %e,
+                        "cannot hand back the worker's deliveries: they come back after the visibility timeout"
+                    ),
+                }
+            }
+        });
+    }
+
+    pub(super) fn exited(&mut self, id: u64, mut worker: Worker, status: ExitStatus) {
+        self.hand_back(&worker);
+        let control = std::mem::replace(&mut worker.control, tokio::spawn(async {}));
+        self.ending
+            .push((id, worker.service.clone(), control, Instant::now()));
+        let what = describe_exit(status);
+        let service = worker.service.clone();
+        let running = crate::serve::inflight::running_keys(&worker.slot_file).unwrap_or_default();
+        let _ = std::fs::remove_file(&worker.slot_file);
+        let lived = worker.started.elapsed();
+        // Another worker holds this index (a roll in progress): no restart.
+        let replaced = self
+            .workers
+            .values()
+            .any(|w| w.service == service && w.index == worker.index && !w.retiring);
+        let vanished = !self.services.contains_key(&service);
+        if let Some(roll) = &self.roll {
+            if roll.new == id && !worker.ever_consumed {
+                tracing::error!(
+                    service, pid = worker.pid, status = %what,
+                    "the new worker did not start: the roll stops here, the running workers stay"
+                );
+                self.roll = None;
+                self.roll_queue.clear();
+            } else if roll.old == id {
+                self.roll = None;
+            }
+        }
+        if worker.retiring && status.code() == Some(EXIT_STOPPED) {
+            tracing::info!(service, pid = worker.pid, "worker stopped");
+            return;
+        }
+        if self.stopping.is_some() || vanished {
+            tracing::warn!(service, pid = worker.pid, status = %what, "worker ended while stopping");
+            return;
+        }
+        if status.code() == Some(EXIT_FATAL) {
+            let why = worker.fatal.clone().unwrap_or_else(|| {
+                format!("the worker for service `{service}` could not start ({what})")
+            });
+            if !self.started {
+                self.failure = Some(SupervisorError::WorkerFailed { why });
+                self.begin_stop();
+                return;
+            }
+            tracing::error!(service, pid = worker.pid, error = %why, "worker could not start");
+        }
+        if status.code() == Some(EXIT_RECYCLE) {
+            let restarts = self.services.get(&service).map_or(0, |s| s.restarts) + 1;
+            tracing::warn!(service, pid = worker.pid, status = %what, restarts, "worker recycled after a hung handler; starting a fresh one");
+        } else {
+            if status.code() != Some(EXIT_FATAL) {
+                self.metrics.crashed(&service);
+            }
+            for key in &running {
+                let count = self.crashes.count_crash(*key);
+                tracing::warn!(
+                    service,
+                    key = format!("{key:x}"),
+                    crashes = count,
+                    "a request was running when the worker died"
+                );
+            }
+        }
+        if replaced {
+            tracing::warn!(service, pid = worker.pid, status = %what, "retired worker ended");
+            return;
+        }
+        let recycled = status.code() == Some(EXIT_RECYCLE);
+        let delay = self.schedule(
+            &service,
+            worker.index,
+            !recycled && lived < HEALTHY_LIFETIME,
+        );
+        let restarts = self.services.get(&service).map_or(0, |s| s.restarts);
+        if !recycled {
+            tracing::error!(
+                service, pid = worker.pid, status = %what, restarts,
+                running = running.len(), restart_in_ms = delay.as_millis() as u64,
+                "worker died; restarting it"
+            );
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Health and metrics: what `/healthz` and `/metrics` report, from the
+//! supervisor's own state and its workers' reports.
+//!
+//! Each worker sends its cumulative counts now and then (see
+//! `serve::worker`); the book keeps the last report of each live worker
+//! and, when a worker ends, adds its last report to its service's retired
+//! totals. A service's counts are its retired totals plus its live
+//! workers' last reports: a dead worker's counts stay, so no counter goes
+//! backwards (what a worker counted after its last report is lost with it).
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+
+use super::workers::Worker;
+use super::Supervisor;
+use crate::health::ServiceHealth;
+use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
+use crate::metrics::{MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
+
+/// Error codes per method, and bus-call targets per service, kept when
+/// adding up workers (each bounded on its own): beyond, [`OTHER`].
+const MERGED_CODES: usize = 4 * MAX_CODES;
+const MERGED_TARGETS: usize = 2 * MAX_TARGETS;
+
+#[derive(Debug, Default)]
+struct ServiceBook {
+    retired: ServiceSnapshot,
+    live: BTreeMap<u64, ServiceSnapshot>,
+    restarts: u64,
+    crashes: u64,
+    workers: Vec<(&'static str, u64)>,
+    processes: Vec<WorkerView>,
+}
+
+/// Every service's counts, over all its workers, living and dead.
+#[derive(Debug, Default)]
+pub struct MetricsBook {
+    services: Mutex<BTreeMap<String, ServiceBook>>,
+}
+
+/// Adds `from` into `into`; `in_flight` too (a gauge: only live reports
+/// carry it).
+fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
+    for m in &from.methods {
+        let to = match into.methods.iter_mut().position(|t| t.method == m.method) {
+            Some(i) => &mut into.methods[i],
+            None => {
+                into.methods.push(MethodSnapshot {
+                    method: m.method.clone(),
+                    buckets: vec![0; m.buckets.len()],
+                    ..MethodSnapshot::default()
+                });
+                let last = into.methods.len() - 1;
+                &mut into.methods[last]
+            }
+        };
+        to.ok += m.ok;
+        to.count += m.count;
+        to.sum += m.sum;
+        for (b, n) in to.buckets.iter_mut().zip(&m.buckets) {
+            *b += n;
+        }
+        for (code, n) in &m.errors {
+            let code = if to.errors.iter().any(|(c, _)| c == code) || to.errors.len() < MERGED_CODES
+            {
+                code.as_str()
+            } else {
+                OTHER
+            };
+            match to.errors.iter_mut().find(|(c, _)| c == code) {
+                Some(e) => e.1 += n,
+                None => to.errors.push((code.to_owned(), *n)),
+            }
+        }
+    }
+    for (target, outcome, n) in &from.bus_calls {
+        let known = into.bus_calls.iter().any(|(t, _, _)| t == target);
+        let target = if known || into.bus_calls.len() < MERGED_TARGETS {
+            target.as_str()
+        } else {
+            OTHER
+        };
+        match into
+            .bus_calls
+            .iter_mut()
+            .find(|(t, o, _)| t == target && o == outcome)
+        {
+            Some(c) => c.2 += n,
+            None => into
+                .bus_calls
+                .push((target.to_owned(), outcome.clone(), *n)),
+        }
+    }
+    into.oversize += from.oversize;
+    into.not_utf8 += from.not_utf8;
+    into.unreadable_reply_to += from.unreadable_reply_to;
+    into.reply_dropped += from.reply_dropped;
+    into.poison += from.poison;
+    into.timeouts += from.timeouts;
+    into.reconnects += from.reconnects;
+    into.in_flight += from.in_flight;
+}
+
+impl MetricsBook {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, ServiceBook>) -> T) -> T {
+        f(&mut self.services.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Worker `id` of `service` reports its cumulative counts.
+    pub(super) fn report(&self, id: u64, service: &str, snapshots: Vec<ServiceSnapshot>) {
+        self.with(|services| {
+            // A worker serves one service: anything else it claims is
+            // ignored.
+            if let Some(s) = snapshots.into_iter().find(|s| s.service == service) {
+                services
+                    .entry(service.to_owned())
+                    .or_default()
+                    .live
+                    .insert(id, s);
+            }
+        });
+    }
+
+    /// Worker `id` of `service` ended: its last report joins the totals.
+    pub(super) fn ended(&self, id: u64, service: &str) {
+        self.with(|services| {
+            let book = services.entry(service.to_owned()).or_default();
+            if let Some(mut last) = book.live.remove(&id) {
+                last.in_flight = 0;
+                add(&mut book.retired, &last);
+            }
+        });
+    }
+
+    /// A worker of `service` died unasked.
+    pub(super) fn crashed(&self, service: &str) {
+        self.with(|services| services.entry(service.to_owned()).or_default().crashes += 1);
+    }
+
+    /// A worker of `service` is started again.
+    pub(super) fn restarted(&self, service: &str) {
+        self.with(|services| services.entry(service.to_owned()).or_default().restarts += 1);
+    }
+
+    /// The workers of `service` now, by state, and their processes.
+    pub(super) fn set_workers(
+        &self,
+        service: &str,
+        workers: Vec<(&'static str, u64)>,
+        processes: Vec<WorkerView>,
+    ) {
+        self.with(|services| {
+            let book = services.entry(service.to_owned()).or_default();
+            book.workers = workers;
+            book.processes = processes;
+        });
+    }
+}
+
+impl Exporter for MetricsBook {
+    fn render(&self) -> String {
+        let views = self.with(|services| {
+            services
+                .iter()
+                .map(|(name, book)| {
+                    let mut counts = ServiceSnapshot {
+                        service: name.clone(),
+                        ..book.retired.clone()
+                    };
+                    for live in book.live.values() {
+                        add(&mut counts, live);
+                    }
+                    counts.methods.sort_by(|a, b| a.method.cmp(&b.method));
+                    ServiceView {
+                        counts,
+                        workers: book.workers.clone(),
+                        restarts: book.restarts,
+                        crashes: book.crashes,
+                        processes: book.processes.clone(),
+                    }
+                })
+                .collect()
+        });
+        render(views)
+    }
+}
+
+impl Supervisor {
+    /// Tells `/healthz` and `/metrics` the workers of each service now.
+    pub(super) fn publish_health(&self) {
+        for (name, state) in &self.services {
+            let all: Vec<&Worker> = self
+                .workers
+                .values()
+                .filter(|w| &w.service == name)
+                .collect();
+            let workers: Vec<&Worker> = all.iter().copied().filter(|w| !w.retiring).collect();
+            let consuming = workers.iter().filter(|w| w.consuming).count();
+            self.health.set(
+                name,
+                ServiceHealth {
+                    workers: state.workers,
+                    consuming: consuming as u16,
+                    pids: workers.iter().map(|w| w.pid).collect(),
+                    restarts: state.restarts,
+                },
+            );
+            let by_state = vec![
+                ("consuming", consuming as u64),
+                ("starting", (workers.len() - consuming) as u64),
+                ("retiring", (all.len() - workers.len()) as u64),
+            ];
+            let processes = all
+                .iter()
+                .map(|w| WorkerView {
+                    index: w.index,
+                    pid: w.pid,
+                })
+                .collect();
+            self.metrics.set_workers(name, by_state, processes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(ok: u64, poison: u64) -> ServiceSnapshot {
+        ServiceSnapshot {
+            service: "calc".into(),
+            methods: vec![MethodSnapshot {
+                method: "add".into(),
+                ok,
+                count: ok,
+                sum: 0.001 * ok as f64,
+                buckets: vec![ok, 0],
+                errors: vec![("-32602".into(), 1)],
+            }],
+            poison,
+            in_flight: 2,
+            ..ServiceSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_dead_workers_counts_stay_in_the_totals() {
+        let book = MetricsBook::default();
+        book.report(1, "calc", vec![snapshot(5, 1)]);
+        book.report(2, "calc", vec![snapshot(3, 0)]);
+        book.report(2, "other", vec![snapshot(100, 0)]);
+        let text = book.render();
+        assert!(
+            text.contains(
+                r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 8"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"commissaire_in_flight{service="calc"} 4"#),
+            "{text}"
+        );
+        book.ended(1, "calc");
+        book.crashed("calc");
+        book.restarted("calc");
+        book.report(3, "calc", vec![snapshot(1, 0)]);
+        let text = book.render();
+        assert!(
+            text.contains(
+                r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 9"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"commissaire_requests_total{service="calc",method="add",outcome="error",code="-32602"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"commissaire_poison_refused_total{service="calc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"commissaire_crashes_total{service="calc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"commissaire_worker_restarts_total{service="calc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"commissaire_in_flight{service="calc"} 4"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"service="other""#), "{text}");
+    }
+}

@@ -1,0 +1,387 @@
+//! The supervisor: `run` on a shared bus starts `workers` worker processes
+//! per service (the same binary, `worker` subcommand), replaces the ones
+//! that die, counts which requests were running when they died, refuses
+//! requests that keep killing workers, rolls the workers over on SIGHUP and
+//! stops them all on SIGTERM/SIGINT.
+//!
+//! It never loads a plugin itself: a plugin can only take down a worker.
+
+//!
+//! - [`workers`]: starting a worker, its pipes and control socket;
+//! - [`control`]: the control protocol on that socket;
+//! - [`exits`]: a worker's end and its restart; [`backoff`]: when;
+//! - [`crashes`]: which requests were running at crashes;
+//! - [`roll`]: the SIGHUP roll; [`work_dir`]: the slot files' directory;
+//! - [`metrics`]: what `/healthz` and `/metrics` report.
+
+pub mod backoff;
+pub mod control;
+pub mod crashes;
+pub mod exits;
+pub mod metrics;
+pub mod roll;
+pub mod work_dir;
+pub mod workers;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{is_permanent, BusError};
+use crate::client::SharedClient;
+use crate::config::HostConfig;
+use crate::error::HostError;
+use crate::health::Health;
+use crate::http::serve as serve_http;
+use crate::retry::backoff;
+use backoff::ServiceState;
+use control::{verdict_line, WorkerEvent};
+use crashes::CrashMemory;
+use metrics::MetricsBook;
+use roll::Roll;
+pub use workers::describe_exit;
+use workers::{list_services, Worker};
+
+/// The environment variable that hands the bus URI to a worker (never on
+/// its command line, where `ps` would show the password).
+pub const WORKER_BUS_URI_ENV: &str = "COMMISSAIRE_WORKER_BUS_URI";
+
+/// Connection attempts at startup that end `run` when the broker refuses
+/// each one for a reason retrying does not change (see
+/// [`is_permanent`]): a few, in case the broker is still loading its
+/// users.
+const PERMANENT_ATTEMPTS: u32 = 3;
+
+/// The environment variable that names who a worker consumes as on the
+/// bus: the supervisor hands back what that consumer held when the worker
+/// dies (see [`crate::bus::BusTransport::restore_consumer`]).
+pub const WORKER_BUS_OWNER_ENV: &str = "COMMISSAIRE_WORKER_BUS_OWNER";
+
+/// Why the supervisor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// Serving failed before any worker ran.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Listing the plugin directory failed.
+    #[error("cannot list the plugins in {dir}: {reason}")]
+    Listing {
+        /// The directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+    /// A worker could not start.
+    #[error("{why}")]
+    WorkerFailed {
+        /// What the worker said, or how it exited.
+        why: String,
+    },
+    /// The broker refused the connection at startup for a reason retrying
+    /// does not change.
+    #[error("{cause} (tried {attempts} times; retrying cannot fix this)")]
+    BusRefused {
+        /// The last refusal.
+        cause: BusError,
+        /// How many attempts were refused.
+        attempts: u32,
+    },
+    /// A signal handler could not be installed.
+    #[error("cannot listen for {0}: {1}")]
+    Signal(&'static str, std::io::Error),
+    /// The work directory for slot files could not be made.
+    #[error("cannot create {path}: {source}")]
+    WorkDir {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How the supervisor starts workers.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// The `commissaire-host` binary.
+    pub exe: PathBuf,
+    /// Arguments every worker gets after `worker` (config file, plugin
+    /// directory, exchange).
+    pub worker_args: Vec<OsString>,
+    /// Workers give up at once when the broker is unreachable.
+    pub fail_fast: bool,
+}
+
+struct Supervisor {
+    config: HostConfig,
+    options: SupervisorOptions,
+    work_dir: PathBuf,
+    services: BTreeMap<String, ServiceState>,
+    workers: BTreeMap<u64, Worker>,
+    next_id: u64,
+    events: mpsc::UnboundedSender<(u64, WorkerEvent)>,
+    health: Arc<Health>,
+    /// What is known of requests that were in flight at a crash or came
+    /// back.
+    crashes: CrashMemory,
+    /// Every service's counts, over its workers.
+    metrics: Arc<MetricsBook>,
+    /// Workers that ended, until their last counts are in.
+    ending: Vec<(u64, String, tokio::task::JoinHandle<()>, Instant)>,
+    /// Every service consumed at least once: later failures restart
+    /// workers instead of stopping the host.
+    started: bool,
+    stopping: Option<Instant>,
+    failure: Option<SupervisorError>,
+    roll_queue: VecDeque<u64>,
+    roll: Option<Roll>,
+    /// The supervisor's own bus connection, once up.
+    client: Option<Arc<SharedClient>>,
+    /// Dead workers' deliveries being handed back.
+    hand_backs: tokio_util::task::TaskTracker,
+}
+
+impl Supervisor {
+    /// The services to serve, checked against the config.
+    async fn services(&self) -> Result<Vec<String>, SupervisorError> {
+        let services = list_services(
+            &self.options.exe,
+            &self.config.plugins_dir,
+            self.config.plugin_trust,
+        )
+        .await?;
+        let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
+        self.config.check_services(&loaded)?;
+        Ok(services)
+    }
+
+    fn event(&mut self, id: u64, event: WorkerEvent) {
+        match event {
+            WorkerEvent::Consuming | WorkerEvent::Idle => {
+                let consuming = event == WorkerEvent::Consuming;
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.consuming = consuming;
+                    w.ever_consumed |= consuming;
+                }
+            }
+            // Read by the socket's reader, straight into the book.
+            WorkerEvent::Metrics(_) => {}
+            WorkerEvent::Fatal(why) => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.fatal = Some(why);
+                }
+            }
+            WorkerEvent::Check(key) => {
+                // The worker that ran this request before may have died a
+                // moment ago: account for every death first.
+                self.reap();
+                let seen = self.crashes.seen(key);
+                seen.deliveries = seen.deliveries.saturating_add(1);
+                let seen = *seen;
+                if let Some(w) = self.workers.get(&id) {
+                    w.send(verdict_line(key, seen));
+                }
+            }
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping.is_none() {
+            self.stopping = Some(Instant::now());
+            self.roll = None;
+            self.roll_queue.clear();
+        }
+        for w in self.workers.values_mut() {
+            w.retire();
+        }
+    }
+
+    fn all_started(&self) -> bool {
+        self.services.keys().all(|name| {
+            self.workers
+                .values()
+                .any(|w| &w.service == name && w.ever_consumed)
+        })
+    }
+}
+
+/// Runs the supervisor until SIGTERM/SIGINT and every worker stopped.
+pub async fn supervise(
+    config: HostConfig,
+    options: SupervisorOptions,
+) -> Result<(), SupervisorError> {
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| SupervisorError::Signal("SIGTERM", e))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| SupervisorError::Signal("SIGINT", e))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| SupervisorError::Signal("SIGHUP", e))?;
+    let mut chld =
+        signal(SignalKind::child()).map_err(|e| SupervisorError::Signal("SIGCHLD", e))?;
+
+    let work_dir = work_dir::create()?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut s = Supervisor {
+        config,
+        options,
+        work_dir: work_dir.clone(),
+        services: BTreeMap::new(),
+        workers: BTreeMap::new(),
+        next_id: 1,
+        events: events_tx,
+        health: Arc::new(Health::default()),
+        crashes: CrashMemory::default(),
+        metrics: Arc::default(),
+        ending: Vec::new(),
+        started: false,
+        stopping: None,
+        failure: None,
+        roll_queue: VecDeque::new(),
+        roll: None,
+        client: None,
+        hand_backs: tokio_util::task::TaskTracker::new(),
+    };
+    let result = run_loop(
+        &mut s,
+        &mut events,
+        [&mut term, &mut int],
+        &mut hup,
+        &mut chld,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&work_dir);
+    result
+}
+
+async fn run_loop(
+    s: &mut Supervisor,
+    events: &mut mpsc::UnboundedReceiver<(u64, WorkerEvent)>,
+    [term, int]: [&mut tokio::signal::unix::Signal; 2],
+    hup: &mut tokio::signal::unix::Signal,
+    chld: &mut tokio::signal::unix::Signal,
+) -> Result<(), SupervisorError> {
+    for name in s.services().await? {
+        s.add_service(&name);
+    }
+    let http_stop = CancellationToken::new();
+    let client = Arc::new(SharedClient::reconnecting(
+        &s.config.bus_uri,
+        &s.config.exchange,
+        s.config.request_timeout,
+        s.config.reply_queue,
+    ));
+    // Wait for the broker here, once, rather than in every worker: as long
+    // as it takes while it is unreachable, but not for a refusal that no
+    // retry will change (wrong password, unknown vhost, TLS, bad URI).
+    let mut attempt = 0u32;
+    let mut refused = 0u32;
+    loop {
+        match client.get().await {
+            Ok(_) => break,
+            Err(e) if s.options.fail_fast => return Err(HostError::Bus(e).into()),
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                let delay = backoff(attempt);
+                if is_permanent(&e) {
+                    refused += 1;
+                    if refused >= PERMANENT_ATTEMPTS {
+                        return Err(SupervisorError::BusRefused {
+                            cause: e,
+                            attempts: refused,
+                        });
+                    }
+                    // The last attempt's error is the one line the user reads.
+                    tracing::debug!(attempt, error = %e, "the bus refused the connection; trying again");
+                } else {
+                    refused = 0;
+                    tracing::warn!(
+                        attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
+                        "cannot connect to the bus; retrying (--fail-fast exits instead)"
+                    );
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
+            }
+        }
+    }
+    s.client = Some(client.clone());
+    if let Some(addr) = s.config.http_listen {
+        serve_http(
+            addr,
+            client.clone(),
+            s.health.clone(),
+            s.metrics.clone(),
+            &s.config.http,
+            s.config.max_message_bytes,
+            http_stop.clone(),
+        )
+        .await?;
+    }
+    tracing::info!(
+        bus = %crate::redact::redact_uri(&s.config.bus_uri),
+        services = s.services.len(),
+        "supervisor started"
+    );
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            Some((id, event)) = events.recv() => s.event(id, event),
+            _ = chld.recv() => {}
+            _ = tick.tick() => {}
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping every worker");
+                s.begin_stop();
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping every worker");
+                s.begin_stop();
+            }
+            _ = hup.recv() => s.begin_roll().await,
+        }
+        s.reap();
+        s.spawn_due();
+        if !s.started && s.all_started() {
+            s.started = true;
+            tracing::info!(workers = s.workers.len(), "every service is consuming");
+        }
+        s.advance_roll();
+        s.settle_ended();
+        s.publish_health();
+        if let Some(since) = s.stopping {
+            if s.workers.is_empty() {
+                break;
+            }
+            let limit = s.config.shutdown_timeout + Duration::from_secs(5);
+            if since.elapsed() > limit {
+                for w in s.workers.values_mut() {
+                    tracing::error!(service = %w.service, pid = w.pid, "worker did not stop in time; killing it");
+                    let _ = w.child.start_kill();
+                }
+            }
+        }
+    }
+    http_stop.cancel();
+    s.hand_backs.close();
+    if tokio::time::timeout(Duration::from_secs(5), s.hand_backs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("dead workers' deliveries not all handed back; they come back after the visibility timeout");
+    }
+    client.close().await;
+    match s.failure.take() {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}

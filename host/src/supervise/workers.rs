@@ -1,0 +1,288 @@
+//! Worker processes: listing the services, starting a worker with its
+//! pipes and its control socket, and naming how one ended.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Instant;
+
+use tokio::io::AsyncWriteExt as _;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::control::{read_line, Line, WorkerEvent, MAX_LINE, STOP_LINE};
+use super::{Supervisor, SupervisorError, WORKER_BUS_OWNER_ENV, WORKER_BUS_URI_ENV};
+use crate::listing::Listing;
+
+/// How a process ended, for logs: `exit status 3` or `signal 9 (SIGKILL)`.
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exit status {code}");
+    }
+    match status.signal() {
+        Some(sig) => {
+            let name = match sig {
+                1 => "SIGHUP",
+                2 => "SIGINT",
+                4 => "SIGILL",
+                6 => "SIGABRT",
+                7 => "SIGBUS",
+                8 => "SIGFPE",
+                9 => "SIGKILL",
+                11 => "SIGSEGV",
+                13 => "SIGPIPE",
+                15 => "SIGTERM",
+                _ => "",
+            };
+            if name.is_empty() {
+                format!("signal {sig}")
+            } else {
+                format!("signal {sig} ({name})")
+            }
+        }
+        None => "an unknown status".to_owned(),
+    }
+}
+
+pub(super) struct Worker {
+    pub(super) service: String,
+    pub(super) index: u16,
+    pub(super) child: Child,
+    pub(super) pid: u32,
+    pub(super) stdin: mpsc::UnboundedSender<String>,
+    pub(super) slot_file: PathBuf,
+    /// Who it consumes as on the bus.
+    pub(super) bus_owner: String,
+    pub(super) started: Instant,
+    pub(super) consuming: bool,
+    pub(super) ever_consumed: bool,
+    /// Asked to stop: its exit is not a crash.
+    pub(super) retiring: bool,
+    /// Why it cannot start, as it said.
+    pub(super) fatal: Option<String>,
+    /// Reads its control socket; finished once the worker closed it.
+    pub(super) control: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    pub(super) fn send(&self, line: String) {
+        let _ = self.stdin.send(line);
+    }
+
+    pub(super) fn retire(&mut self) {
+        if !self.retiring {
+            self.retiring = true;
+            self.send(STOP_LINE.to_owned());
+        }
+    }
+}
+
+/// Lists the services of the plugin directory by running `plugins --json`
+/// (a plugin that crashes while loading takes down that child, not us).
+pub(super) async fn list_services(
+    exe: &Path,
+    dir: &Path,
+    trust: crate::plugin::Trust,
+) -> Result<Vec<String>, SupervisorError> {
+    let fail = |reason: String| SupervisorError::Listing {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    // The child loads every plugin: it gets only what it needs of our
+    // environment (no bus URI, no secrets a plugin's code could read).
+    let mut command = Command::new(exe);
+    command.arg("plugins").arg("--json").arg(dir);
+    if trust == crate::plugin::Trust::AnyPermissions {
+        command.arg("--allow-insecure-plugins");
+    }
+    let output = command
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let listing: Listing = serde_json::from_slice(&output.stdout).map_err(|_| {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        fail(
+            stderr
+                .trim()
+                .trim_start_matches("commissaire-host: ")
+                .to_owned(),
+        )
+    })?;
+    for refused in &listing.refused {
+        tracing::warn!(file = %refused.file.display(), reason = %refused.reason, "plugin skipped");
+    }
+    let mut services: Vec<String> = listing.plugins.into_iter().map(|p| p.service).collect();
+    services.sort();
+    services.dedup();
+    Ok(services)
+}
+
+impl Supervisor {
+    pub(super) fn spawn(&mut self, service: &str, index: u16) -> Option<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let safe: String = service
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let slot_file = self.work_dir.join(format!("{safe}-{id}.slots"));
+        let bus_owner = format!("w{}", uuid::Uuid::new_v4().simple());
+        // The control socket: the worker's stdin, both ways (see
+        // `control`). Its stdout is the plugins'.
+        let (ours, theirs) = match control_socket() {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::error!(service, error = %e, "cannot make a worker's control socket");
+                return None;
+            }
+        };
+        let mut command = Command::new(&self.options.exe);
+        command
+            .arg("worker")
+            .arg("--service")
+            .arg(service)
+            .arg("--slot-file")
+            .arg(&slot_file)
+            .args(&self.options.worker_args)
+            .env(WORKER_BUS_URI_ENV, &self.config.bus_uri)
+            // Plugins have no business with the HTTP endpoint's secret.
+            .env_remove(crate::config::HTTP_TOKEN_ENV)
+            .env(WORKER_BUS_OWNER_ENV, &bus_owner)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Its own process group: a terminal's Ctrl-C or hangup reaches
+            // the supervisor, which stops or rolls the workers in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        if self.options.fail_fast {
+            command.arg("--fail-fast");
+        }
+        let mut child = match command.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(service, error = %e, "cannot start a worker process");
+                return None;
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        let (reader, mut writer) = ours.into_split();
+        let (stdin_tx, mut stdin_rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(line) = stdin_rx.recv().await {
+                if writer.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let control = tokio::spawn(read_control(
+            reader,
+            id,
+            service.to_owned(),
+            pid,
+            self.events.clone(),
+            self.metrics.clone(),
+        ));
+        if let Some(stdout) = child.stdout.take() {
+            let name = service.to_owned();
+            tokio::spawn(async move {
+                // Plugins' output: logged, never parsed.
+                let mut out = tokio::io::BufReader::new(stdout);
+                loop {
+                    match read_line(&mut out, MAX_LINE).await {
+                        Ok(Line::Text(line)) => {
+                            tracing::info!(service = %name, pid, output = %line, "worker output");
+                        }
+                        Ok(Line::TooLong) => {
+                            tracing::info!(service = %name, pid, max = MAX_LINE, "worker output: an overlong line skipped");
+                        }
+                        Ok(Line::End) | Err(_) => break,
+                    }
+                }
+            });
+        }
+        tracing::info!(service, pid, worker = index, "worker started");
+        self.workers.insert(
+            id,
+            Worker {
+                service: service.to_owned(),
+                index,
+                child,
+                pid,
+                stdin: stdin_tx,
+                slot_file,
+                bus_owner,
+                started: Instant::now(),
+                consuming: false,
+                ever_consumed: false,
+                retiring: false,
+                fatal: None,
+                control,
+            },
+        );
+        Some(id)
+    }
+}
+
+/// A connected socket pair: the supervisor's end (async) and the worker's.
+fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+}
+
+/// Reads worker `id`'s control socket until it closes: its counts go
+/// straight to the book (so that they are all in once the socket closed),
+/// its other events to the supervisor's loop.
+async fn read_control(
+    reader: tokio::net::unix::OwnedReadHalf,
+    id: u64,
+    service: String,
+    pid: u32,
+    events: mpsc::UnboundedSender<(u64, WorkerEvent)>,
+    book: std::sync::Arc<super::metrics::MetricsBook>,
+) {
+    let mut input = tokio::io::BufReader::new(reader);
+    loop {
+        match read_line(&mut input, MAX_LINE).await {
+            Ok(Line::Text(line)) => match WorkerEvent::parse(&line) {
+                Some(WorkerEvent::Metrics(snapshots)) => book.report(id, &service, snapshots),
+                Some(event) => {
+                    if events.send((id, event)).is_err() {
+                        break;
+                    }
+                }
+                None => tracing::warn!(
+                    service,
+                    pid,
+                    line,
+                    "unknown line on a worker's control socket"
+                ),
+            },
+            Ok(Line::TooLong) => {
+                tracing::warn!(
+                    service,
+                    pid,
+                    max = MAX_LINE,
+                    "an overlong line on a worker's control socket, skipped"
+                );
+            }
+            Ok(Line::End) | Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_described_with_signal_names() {
+        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit status 3");
+        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
+        assert_eq!(describe_exit(ExitStatus::from_raw(6)), "signal 6 (SIGABRT)");
+    }
+}
