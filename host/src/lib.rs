@@ -13,6 +13,8 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod listing;

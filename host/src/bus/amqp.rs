@@ -143,7 +143,7 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
             .correlation_id()
             .as_ref()
             .map(|s| s.as_bytes().to_vec()),
-        not_utf8: not_utf8(&delivery),
+        not_utf8: not_utf8(&delivery.exchange, &delivery.routing_key, properties),
         redelivered: delivery.redelivered,
         acker: channel.map(|channel| {
             Box::new(AmqpAcker {
@@ -156,14 +156,17 @@ fn incoming(delivery: lapin::message::Delivery, channel: Option<&Channel>) -> In
     }
 }
 
-/// The first name or property of `delivery` whose bytes are not UTF-8
+/// The first name or property of a delivery whose bytes are not UTF-8
 /// (the broker passes any bytes through; the patched parser in `vendor/`
 /// keeps them instead of failing the connection).
-fn not_utf8(delivery: &lapin::message::Delivery) -> Option<&'static str> {
-    let p = &delivery.properties;
+pub(crate) fn not_utf8(
+    exchange: &lapin::types::ShortString,
+    routing_key: &lapin::types::ShortString,
+    p: &BasicProperties,
+) -> Option<&'static str> {
     let strings = [
-        ("routing_key", Some(&delivery.routing_key)),
-        ("exchange", Some(&delivery.exchange)),
+        ("routing_key", Some(routing_key)),
+        ("exchange", Some(exchange)),
         ("reply_to", p.reply_to().as_ref()),
         ("correlation_id", p.correlation_id().as_ref()),
         ("message_id", p.message_id().as_ref()),

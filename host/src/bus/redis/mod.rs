@@ -64,7 +64,7 @@ use crate::redact::redact_uri;
 
 mod connection;
 mod consumer;
-mod envelope;
+pub(crate) mod envelope;
 pub mod keys;
 mod options;
 mod reply;
