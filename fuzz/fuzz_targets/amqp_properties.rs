@@ -104,7 +104,11 @@ fuzz_target!(|data: &[u8]| {
     // Debug, not ==: a NaN float header is equal to itself here.
     assert_eq!(format!("{again:?}"), format!("{frame:?}"));
     if let (AMQPFrame::Header(_, _, h2), Some(cid)) = (&again, p.correlation_id()) {
-        let cid2 = h2.properties.correlation_id().as_ref().map(ShortString::as_bytes);
+        let cid2 = h2
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(ShortString::as_bytes);
         assert_eq!(cid2, Some(cid.as_bytes()));
     }
 });

@@ -20,7 +20,10 @@ fn passwords(text: &str) -> Vec<String> {
     };
     let uris: Vec<String> = match doc.get("bus").and_then(|b| b.get("uri")) {
         Some(toml::Value::String(s)) => vec![s.clone()],
-        Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(toml::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     };
     uris.iter()
@@ -38,7 +41,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let env = |name: &str| (name == "COMMISSAIRE_HTTP_TOKEN").then(|| "fuzz-token-0123".to_owned());
-    let Err(e) = HostConfig::load_text(Path::new(FILE), text.to_owned(), &Overrides::default(), env)
+    let Err(e) =
+        HostConfig::load_text(Path::new(FILE), text.to_owned(), &Overrides::default(), env)
     else {
         return;
     };
@@ -52,8 +56,15 @@ fuzz_target!(|data: &[u8]| {
         if let (Some(line), Some(col), None) = (parts.next(), parts.next(), parts.next()) {
             if let (Ok(line), Ok(col)) = (line.parse::<usize>(), col.parse::<usize>()) {
                 let lines: Vec<&str> = text.split('\n').collect();
-                assert!(line >= 1 && line <= lines.len(), "line {line} of {}: {e}", lines.len());
-                assert!(col >= 1 && col <= lines[line - 1].len() + 1, "col {col}: {e}");
+                assert!(
+                    line >= 1 && line <= lines.len(),
+                    "line {line} of {}: {e}",
+                    lines.len()
+                );
+                assert!(
+                    col >= 1 && col <= lines[line - 1].len() + 1,
+                    "col {col}: {e}"
+                );
             }
         }
     }
@@ -61,7 +72,10 @@ fuzz_target!(|data: &[u8]| {
         // Only a password that the text holds once, as written, can be
         // told from other text an error may quote.
         if password.len() >= 6 && text.matches(password.as_str()).count() == 1 {
-            assert!(!e.to_string().contains(&password), "password in the error: {e}");
+            assert!(
+                !e.to_string().contains(&password),
+                "password in the error: {e}"
+            );
         }
     }
 });

@@ -16,7 +16,10 @@ use serde_json::Value;
 
 fn split(data: &[u8]) -> (String, &[u8]) {
     match data.iter().position(|&b| b == b'\n') {
-        Some(at) if at <= 255 => (String::from_utf8_lossy(&data[..at]).into_owned(), &data[at + 1..]),
+        Some(at) if at <= 255 => (
+            String::from_utf8_lossy(&data[..at]).into_owned(),
+            &data[at + 1..],
+        ),
         _ => ("simple.add".to_owned(), data),
     }
 }
@@ -26,7 +29,10 @@ fn split(data: &[u8]) -> (String, &[u8]) {
 fn check_reply(body: &[u8], id_json: &str) {
     let reply: Value = serde_json::from_slice(body).expect("the reply is not JSON");
     let id: Value = serde_json::from_str(id_json).expect("the reply id is not JSON");
-    assert!(!id.is_array() && !id.is_object(), "id {id_json} is not a scalar");
+    assert!(
+        !id.is_array() && !id.is_object(),
+        "id {id_json} is not a scalar"
+    );
     assert_eq!(reply["jsonrpc"], "2.0");
     assert_eq!(reply["id"], id);
     assert!(reply.get("result").is_some() != reply.get("error").is_some());
@@ -57,8 +63,13 @@ fuzz_target!(|data: &[u8]| {
             assert!(request.params.is_empty() || request.params.starts_with(['[', '{']));
             // What was accepted is what the body says.
             if let Some(plain) = plain {
-                let object = plain.as_object().expect("accepted a body that is not an object");
-                assert_eq!(object.get("method").and_then(Value::as_str), Some(&*request.method));
+                let object = plain
+                    .as_object()
+                    .expect("accepted a body that is not an object");
+                assert_eq!(
+                    object.get("method").and_then(Value::as_str),
+                    Some(&*request.method)
+                );
                 let id: Value = serde_json::from_str(request.id_json).expect("id");
                 assert_eq!(object.get("id").unwrap_or(&Value::Null), &id);
                 match object.get("params") {
@@ -79,15 +90,22 @@ fuzz_target!(|data: &[u8]| {
                 "code {}",
                 rejected.error.code
             );
-            check_reply(&error_body(rejected.id_json, &rejected.error), rejected.id_json);
+            check_reply(
+                &error_body(rejected.id_json, &rejected.error),
+                rejected.id_json,
+            );
             // A body a plain reading accepts is refused only for a reason
             // the protocol gives.
             if let Some(Value::Object(o)) = &plain {
-                let id_ok = o.get("id").is_none_or(|id| !id.is_array() && !id.is_object());
+                let id_ok = o
+                    .get("id")
+                    .is_none_or(|id| !id.is_array() && !id.is_object());
                 let version_ok = o.get("jsonrpc").is_none_or(|v| v == "2.0");
                 let method_ok =
                     o.get("method").and_then(Value::as_str) == Some(method_of(&routing_key));
-                let params_ok = o.get("params").is_none_or(|p| p.is_array() || p.is_object());
+                let params_ok = o
+                    .get("params")
+                    .is_none_or(|p| p.is_array() || p.is_object());
                 assert!(
                     !(id_ok && version_ok && method_ok && params_ok)
                         || rejected.error.message.contains("duplicate"),

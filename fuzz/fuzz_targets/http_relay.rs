@@ -63,9 +63,14 @@ fn fixture() -> &'static Fixture {
             .expect("fixture config");
             runtime.block_on(async {
                 let bus = Arc::new(MemoryBus::new());
-                let client = RpcClient::start(bus, "commissaire", Duration::from_secs(1), Default::default())
-                    .await
-                    .expect("client");
+                let client = RpcClient::start(
+                    bus,
+                    "commissaire",
+                    Duration::from_secs(1),
+                    Default::default(),
+                )
+                .await
+                .expect("client");
                 commissaire_host::http::router(
                     Arc::new(SharedClient::fixed(client)),
                     Arc::new(Health::default()),
@@ -78,7 +83,11 @@ fn fixture() -> &'static Fixture {
         let guarded = router(&format!(
             "[bus]\nuri = \"memory://\"\n[http]\nallow = {ALLOW:?}\n"
         ));
-        Fixture { runtime, open, guarded }
+        Fixture {
+            runtime,
+            open,
+            guarded,
+        }
     })
 }
 
@@ -116,7 +125,11 @@ fn json_ok(value: Option<&[u8]>) -> bool {
 
 fuzz_target!(|input: Input| {
     let f = fixture();
-    let uri = format!("/rpc/{}?{}", percent_encode(&input.routing_key), input.query);
+    let uri = format!(
+        "/rpc/{}?{}",
+        percent_encode(&input.routing_key),
+        input.query
+    );
     let mut request = Request::post(uri.as_str());
     let authorization = input
         .authorization
@@ -157,7 +170,9 @@ fuzz_target!(|input: Input| {
     } else if key.as_ref().map_or(true, |k| check_routing_key(k).is_err()) {
         Some(StatusCode::BAD_REQUEST)
     } else if input.guarded
-        && !ALLOW.iter().any(|p| key.as_ref().is_ok_and(|k| matches(p, k)))
+        && !ALLOW
+            .iter()
+            .any(|p| key.as_ref().is_ok_and(|k| matches(p, k)))
     {
         Some(StatusCode::FORBIDDEN)
     } else if !json_ok(content_type) {
@@ -186,12 +201,17 @@ fuzz_target!(|input: Input| {
         StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => {
             let reply: Value = serde_json::from_slice(&body).expect("a JSON-RPC error body");
             let code = reply["error"]["code"].as_i64().expect("an error code");
-            let id = object.and_then(|o| o.get("id")).cloned().unwrap_or(Value::Null);
+            let id = object
+                .and_then(|o| o.get("id"))
+                .cloned()
+                .unwrap_or(Value::Null);
             if status == StatusCode::NOT_FOUND {
                 assert_eq!(code, -32601);
                 assert_eq!(reply["id"], id);
                 let o = object.expect("relayed a body that is not an object");
-                assert!(o.get("method").is_none_or(|m| m.as_str() == Some(method_of(&key))));
+                assert!(o
+                    .get("method")
+                    .is_none_or(|m| m.as_str() == Some(method_of(&key))));
             } else {
                 assert!([-32700, -32600].contains(&code), "code {code}");
                 if code == -32700 {

@@ -123,7 +123,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(e) => {
-            assert_eq!(e.code, RpcError::INVALID_PARAMS, "{method} {params}: {}", e.message);
+            assert_eq!(
+                e.code,
+                RpcError::INVALID_PARAMS,
+                "{method} {params}: {}",
+                e.message
+            );
             // A duplicate name is invisible to serde_json's map.
             assert!(
                 !matches!(want, Some(Some(_))) || e.message.contains("given twice"),

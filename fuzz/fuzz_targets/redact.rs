@@ -36,7 +36,13 @@ impl Uri {
     }
 
     fn text(&self) -> String {
-        format!("{}://{}:{}@{}", self.scheme(), self.user, self.password, self.host)
+        format!(
+            "{}://{}:{}@{}",
+            self.scheme(),
+            self.user,
+            self.password,
+            self.host
+        )
     }
 
     fn redacted(&self) -> String {
@@ -59,7 +65,10 @@ fuzz_target!(|uris: Vec<Uri>| {
             assert!(!got.contains(&u.password), "{list:?} -> {got:?}");
             let message = format!("failed: {list} (password {})", u.password);
             let scrubbed = scrub(&message, &list);
-            assert!(!scrubbed.contains(&u.password), "scrub {message:?} -> {scrubbed:?}");
+            assert!(
+                !scrubbed.contains(&u.password),
+                "scrub {message:?} -> {scrubbed:?}"
+            );
         }
     }
 });

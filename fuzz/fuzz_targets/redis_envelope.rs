@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     let raw = String::from_utf8_lossy(data);
     if let Ok(read) = read_redis_envelope(&raw) {
         let v: Value = serde_json::from_str(&raw).expect("read an envelope that is not JSON");
-        let properties = v.get("properties").expect("read an envelope without properties");
+        let properties = v
+            .get("properties")
+            .expect("read an envelope without properties");
         assert!(properties.is_object());
         assert!(properties.get("delivery_tag").is_some_and(Value::is_string));
         let mut marked = v.clone();
@@ -37,8 +39,18 @@ fuzz_target!(|data: &[u8]| {
         assert!(again.redelivered);
         assert_eq!(again.body, read.body);
         assert_eq!(
-            (&again.exchange, &again.routing_key, &again.reply_to, &again.correlation_id),
-            (&read.exchange, &read.routing_key, &read.reply_to, &read.correlation_id)
+            (
+                &again.exchange,
+                &again.routing_key,
+                &again.reply_to,
+                &again.correlation_id
+            ),
+            (
+                &read.exchange,
+                &read.routing_key,
+                &read.reply_to,
+                &read.correlation_id
+            )
         );
     }
 

@@ -18,7 +18,10 @@ use libfuzzer_sys::fuzz_target;
 const ALPHABET: [char; 10] = ['a', 'b', '.', '*', '#', '.', '\n', '-', 'é', '\0'];
 
 fn text(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| ALPHABET[usize::from(b) % ALPHABET.len()]).collect()
+    bytes
+        .iter()
+        .map(|&b| ALPHABET[usize::from(b) % ALPHABET.len()])
+        .collect()
 }
 
 /// AMQP's rules by definition: `*` one word, `#` zero or more.
@@ -100,7 +103,11 @@ fn compile(regex: &str) -> Option<Vec<Piece>> {
             '.' => Atom::Any,
             c => Atom::Char(c),
         };
-        pieces.push(Piece { atom, min: 1, many: false });
+        pieces.push(Piece {
+            atom,
+            min: 1,
+            many: false,
+        });
         quantifiable = true;
     }
     Some(pieces)
@@ -168,10 +175,18 @@ fuzz_target!(|data: &[u8]| {
     let k_words: Vec<&str> = key.split('.').collect();
 
     let amqp = matches(&binding, &key);
-    assert_eq!(amqp, amqp_reference(&b_words, &k_words), "AMQP {binding:?} {key:?}");
+    assert_eq!(
+        amqp,
+        amqp_reference(&b_words, &k_words),
+        "AMQP {binding:?} {key:?}"
+    );
 
     let kombu = kombu_matches(&binding, &key);
-    assert_eq!(kombu, kombu_reference(&binding, &key), "kombu {binding:?} {key:?}");
+    assert_eq!(
+        kombu,
+        kombu_reference(&binding, &key),
+        "kombu {binding:?} {key:?}"
+    );
 
     let same_rules = b_words.iter().all(|w| *w == "*" || !w.contains(['*', '#']))
         && k_words.iter().all(|w| !w.is_empty())

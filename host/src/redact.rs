@@ -108,7 +108,11 @@ mod tests {
     fn hides_passwords_holding_a_semicolon() {
         for password in ["pa;ss", ";", "a;b;c", "x;@y"] {
             let uri = format!("amqp://guest:{password}@h:5672/%2f");
-            assert_eq!(redact_uri(&uri), "amqp://guest:***@h:5672/%2f", "{password}");
+            assert_eq!(
+                redact_uri(&uri),
+                "amqp://guest:***@h:5672/%2f",
+                "{password}"
+            );
             let scrubbed = scrub(&format!("x {uri} {password} y"), &uri);
             assert!(!scrubbed.contains(password), "{scrubbed}");
         }

@@ -54,11 +54,36 @@ fn hostile_bodies_over_amqp_get_one_reply_each() {
         let zeros = format!("[{}0]", "0,".repeat(10 * 1024 * 1024));
         // (what, body, expected code, expected id)
         let cases: Vec<(&str, Vec<u8>, Option<i64>, Value)> = vec![
-            ("an id of 10 MB", request_with(&big_id, "[1,2]", ""), None, Value::Null),
-            ("id true", request_with("true", "[1,2]", ""), Some(-32600), Value::Null),
-            ("id 1e400", request_with("1e400", "[1,2]", ""), Some(-32700), Value::Null),
-            ("an id nested 10,000 deep", request_with(&nested(10_000, "1"), "[1,2]", ""), Some(-32700), Value::Null),
-            ("params nested 10,000 deep", request_with("1", &nested(10_000, ""), ""), Some(-32700), Value::Null),
+            (
+                "an id of 10 MB",
+                request_with(&big_id, "[1,2]", ""),
+                None,
+                Value::Null,
+            ),
+            (
+                "id true",
+                request_with("true", "[1,2]", ""),
+                Some(-32600),
+                Value::Null,
+            ),
+            (
+                "id 1e400",
+                request_with("1e400", "[1,2]", ""),
+                Some(-32700),
+                Value::Null,
+            ),
+            (
+                "an id nested 10,000 deep",
+                request_with(&nested(10_000, "1"), "[1,2]", ""),
+                Some(-32700),
+                Value::Null,
+            ),
+            (
+                "params nested 10,000 deep",
+                request_with("1", &nested(10_000, ""), ""),
+                Some(-32700),
+                Value::Null,
+            ),
             (
                 "an ignored member nested 100,000 deep",
                 request_with("1", "[1,2]", &format!(",\"x\":{}", nested(100_000, ""))),
@@ -66,7 +91,12 @@ fn hostile_bodies_over_amqp_get_one_reply_each() {
                 Value::Null,
             ),
             ("an empty body", Vec::new(), Some(-32700), Value::Null),
-            ("a 20 MB params array", request_with("1", &zeros, ""), Some(-32600), Value::Null),
+            (
+                "a 20 MB params array",
+                request_with("1", &zeros, ""),
+                Some(-32600),
+                Value::Null,
+            ),
         ];
         for (what, body, want_code, want_id) in cases {
             let cid = unique("fuzzcat-cid");
@@ -76,15 +106,27 @@ fn hostile_bodies_over_amqp_get_one_reply_each() {
             )
             .await
             .unwrap_or_else(|_| panic!("{what}: no reply within 60 s"));
-            assert_eq!(reply.correlation_id.as_deref(), Some(cid.as_str()), "{what}");
+            assert_eq!(
+                reply.correlation_id.as_deref(),
+                Some(cid.as_str()),
+                "{what}"
+            );
             match want_code {
                 None => {
                     // Accepted: answered, with the id echoed whole.
                     assert_eq!(reply.body["result"], 3, "{what}");
-                    assert_eq!(reply.body["id"].as_str().map(str::len), Some(10 * 1024 * 1024));
+                    assert_eq!(
+                        reply.body["id"].as_str().map(str::len),
+                        Some(10 * 1024 * 1024)
+                    );
                 }
                 Some(want) => {
-                    assert_eq!(code(&reply.body), want, "{what}: {:.300}", reply.body.to_string());
+                    assert_eq!(
+                        code(&reply.body),
+                        want,
+                        "{what}: {:.300}",
+                        reply.body.to_string()
+                    );
                     assert_eq!(reply.body["id"], want_id, "{what}");
                 }
             }
@@ -162,7 +204,10 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
 
     // Dropped: no `properties`; a numeric `delivery_tag`.
     let mut no_properties = kombu_envelope(&spec, good, Some("x"));
-    no_properties.as_object_mut().expect("object").remove("properties");
+    no_properties
+        .as_object_mut()
+        .expect("object")
+        .remove("properties");
     push(&no_properties);
     let mut numeric_tag = kombu_envelope(&spec, good, Some("x"));
     numeric_tag["properties"]["delivery_tag"] = json!(5);
@@ -184,7 +229,11 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
     // Two messages sharing one delivery tag: both answered.
     let twins = unique("fuzzcat-reply");
     let first = kombu_envelope(&spec, good, Some(&twins));
-    let mut second = kombu_envelope(&spec, br#"{"jsonrpc":"2.0","id":2,"method":"add","params":[2,2]}"#, Some(&twins));
+    let mut second = kombu_envelope(
+        &spec,
+        br#"{"jsonrpc":"2.0","id":2,"method":"add","params":[2,2]}"#,
+        Some(&twins),
+    );
     second["properties"]["delivery_tag"] = first["properties"]["delivery_tag"].clone();
     push(&first);
     push(&second);
@@ -206,7 +255,10 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
     assert_eq!(redis_command(&uri, &["LLEN", &queue]).int(), 0);
     let started = Instant::now();
     while redis_command(&uri, &["HLEN", "unacked"]).int() != 0 {
-        assert!(started.elapsed() < Duration::from_secs(10), "deliveries left unacked");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "deliveries left unacked"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = host.stderr();
@@ -231,8 +283,14 @@ fn passwords_with_delimiters_never_reach_the_log() {
         let _ = host.wait(Duration::from_secs(10));
         let log = host.stderr();
         assert!(!log.is_empty(), "the host logged nothing");
-        for piece in password.split(['/', ';', '?', '#', '@']).filter(|p| !p.is_empty()) {
-            assert!(!log.contains(piece), "`{piece}` of the password logged: {log}");
+        for piece in password
+            .split(['/', ';', '?', '#', '@'])
+            .filter(|p| !p.is_empty())
+        {
+            assert!(
+                !log.contains(piece),
+                "`{piece}` of the password logged: {log}"
+            );
         }
     }
 }
