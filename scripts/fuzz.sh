@@ -27,16 +27,16 @@ fi
 # sanitizer: the host has no unsafe code, and uninstrumented memory runs
 # several times as many inputs per second.
 export RUSTC_BOOTSTRAP=1
-fuzz=(cargo fuzz --fuzz-dir fuzz)
+fuzz_dir=(--fuzz-dir fuzz)
 build=(-s none --debug-assertions)
 
 started=$(date +%s)
-"${fuzz[@]}" build "${build[@]}"
+cargo fuzz build "${fuzz_dir[@]}" "${build[@]}"
 echo "fuzz.sh: targets built in $(($(date +%s) - started)) s" >&2
 
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    mapfile -t targets < <("${fuzz[@]}" list)
+    mapfile -t targets < <(cargo fuzz list "${fuzz_dir[@]}")
 fi
 
 failed=()
@@ -51,11 +51,13 @@ for target in "${targets[@]}"; do
     [[ -f fuzz/dict/$target.dict ]] && options+=(-dict="fuzz/dict/$target.dict")
     log=$(mktemp)
     echo "fuzz.sh: $target for $seconds s" >&2
-    if "${fuzz[@]}" run "${build[@]}" "$target" "$corpus" "${seeds[@]}" -- "${options[@]}" >"$log" 2>&1; then
+    if cargo fuzz run "${fuzz_dir[@]}" "${build[@]}" "$target" "$corpus" "${seeds[@]}" -- "${options[@]}" >"$log" 2>&1; then
         grep -E '^stat::number_of_executed_units|^stat::average_exec_per_sec' "$log" |
             sed "s/^/fuzz.sh: $target /" >&2
     else
-        tail -n 40 "$log" >&2
+        # The property that failed, then how libFuzzer ended.
+        grep -m 1 -A 4 'panicked at' "$log" >&2 || true
+        tail -n 25 "$log" >&2
         reproducer=$(grep -oE "(Test unit|artifact) written to [^ ]+" "$log" | awk '{print $NF}' | tail -n 1)
         echo "fuzz.sh: $target FAILED; reproducer: ${reproducer:-none written}" >&2
         failed+=("$target ${reproducer:-}")

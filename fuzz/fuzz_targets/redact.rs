@@ -60,8 +60,9 @@ fuzz_target!(|uris: Vec<Uri>| {
     assert_eq!(got, want, "redacting {list:?}");
     for u in &uris {
         // A password that is also part of the URI's other text can't be
-        // told apart; any other must be gone.
-        if !want.contains(&u.password) {
+        // told apart, nor one holding the mask's `*` (the masks and their
+        // neighbours can spell it again); any other must be gone.
+        if !want.contains(&u.password) && !u.password.contains('*') {
             assert!(!got.contains(&u.password), "{list:?} -> {got:?}");
             let message = format!("failed: {list} (password {})", u.password);
             let scrubbed = scrub(&message, &list);
