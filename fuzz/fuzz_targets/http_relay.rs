@@ -52,8 +52,10 @@ fn fixture() -> &'static Fixture {
             .enable_all()
             .build()
             .expect("runtime");
-        let router = |toml: &str| {
-            let env = |name: &str| (name == "COMMISSAIRE_HTTP_TOKEN").then(|| TOKEN.to_owned());
+        // Only the guarded endpoint has a token (and an allow-list).
+        let router = |toml: &str, token: bool| {
+            let env =
+                |name: &str| (token && name == "COMMISSAIRE_HTTP_TOKEN").then(|| TOKEN.to_owned());
             let config = HostConfig::load_text(
                 Path::new("/nonexistent/host.toml"),
                 toml.to_owned(),
@@ -79,10 +81,11 @@ fn fixture() -> &'static Fixture {
                 )
             })
         };
-        let open = router("[bus]\nuri = \"memory://\"\n");
-        let guarded = router(&format!(
-            "[bus]\nuri = \"memory://\"\n[http]\nallow = {ALLOW:?}\n"
-        ));
+        let open = router("[bus]\nuri = \"memory://\"\n", false);
+        let guarded = router(
+            &format!("[bus]\nuri = \"memory://\"\n[http]\nallow = {ALLOW:?}\n"),
+            true,
+        );
         Fixture {
             runtime,
             open,

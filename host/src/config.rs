@@ -165,7 +165,7 @@ impl HttpToken {
 
     /// A token that can be sent in an `Authorization` header: visible ASCII
     /// without spaces, not empty.
-    fn parse(text: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         if text.is_empty() {
             Err("is empty")
         } else if !text.bytes().all(|b| b.is_ascii_graphic()) {

@@ -453,9 +453,7 @@ impl AmqpCaller {
         kind: ReplyQueue,
         correlation_id: Option<&str>,
     ) -> ReceivedReply {
-        let (data, reply) = self
-            .call_raw(routing_key, body, kind, correlation_id)
-            .await;
+        let (data, reply) = self.call_raw(routing_key, body, kind, correlation_id).await;
         ReceivedReply {
             body: serde_json::from_slice(&data).expect("reply is JSON"),
             ..reply

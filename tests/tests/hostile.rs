@@ -133,7 +133,10 @@ fn hostile_bodies_over_amqp_get_one_reply_each() {
                         .unwrap_or_else(|e| panic!("{what}: {e}: {shown}"));
                     let member = |name: &str| got.get(name).map(|v| v.get());
                     assert_eq!(member("result"), Some("3"), "{what}: {shown}");
-                    assert!(member("id") == Some(id.as_str()), "{what}: id not echoed: {shown}");
+                    assert!(
+                        member("id") == Some(id.as_str()),
+                        "{what}: id not echoed: {shown}"
+                    );
                 }
                 Want::Error(want_code, want_id) => {
                     let body: Value = serde_json::from_slice(&raw)
