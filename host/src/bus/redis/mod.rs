@@ -62,6 +62,8 @@ use crate::bus::{
 };
 use crate::redact::redact_uri;
 
+#[cfg(test)]
+mod bookkeeping_tests;
 mod connection;
 mod consumer;
 pub(crate) mod envelope;
