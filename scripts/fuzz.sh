@@ -8,7 +8,8 @@
 # named) for SECONDS (default 30), starting from its seeds (fuzz/seeds/) and
 # what earlier runs found (fuzz/corpus/, not committed). Exits non-zero if
 # any target crashed, after printing each reproducer's path; replay one with
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -s none TARGET PATH
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz -s none -a TARGET PATH
+# The build (fuzz/target/) is kept between runs: only the first is slow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
