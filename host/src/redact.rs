@@ -102,8 +102,9 @@ mod tests {
         }
     }
 
-    /// Found by fuzzing: a `;` in a password split the URI as if it
-    /// were a failover list, and both halves of the password were shown.
+    /// Found while writing the `redact` fuzz target's reference: a `;` in
+    /// a password split the URI as if it were a failover list, and both
+    /// halves of the password were shown.
     #[test]
     fn hides_passwords_holding_a_semicolon() {
         for password in ["pa;ss", ";", "a;b;c", "x;@y"] {
