@@ -172,7 +172,7 @@ impl HttpToken {
 
     /// A token that can be sent in an `Authorization` header: visible ASCII
     /// without spaces, not empty.
-    fn parse(text: &str) -> Result<Self, &'static str> {
+    pub(crate) fn parse(text: &str) -> Result<Self, &'static str> {
         if text.is_empty() {
             Err("is empty")
         } else if !text.bytes().all(|b| b.is_ascii_graphic()) {
@@ -409,12 +409,38 @@ impl HostConfig {
         overrides: &Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let (file, base, text) = match path {
+        let source = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
                     location: path.display().to_string(),
                     message: format!("cannot read: {e}"),
                 })?;
+                Some((path, text))
+            }
+            None => None,
+        };
+        Self::load_source(source, overrides, env)
+    }
+
+    /// As [`HostConfig::load`], with the file's text already read from
+    /// `path` (which names it in errors and is where relative paths start).
+    pub fn load_text(
+        path: &Path,
+        text: String,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::load_source(Some((path, text)), overrides, env)
+    }
+
+    fn load_source(
+        source: Option<(&Path, String)>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let path = source.as_ref().map(|(path, _)| *path);
+        let (file, base, text) = match source {
+            Some((path, text)) => {
                 let file: FileConfig = toml::from_str(&text).map_err(|e| {
                     let location = match e.span() {
                         Some(span) => {

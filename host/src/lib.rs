@@ -12,6 +12,8 @@ pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod listing;

@@ -453,6 +453,23 @@ impl AmqpCaller {
         kind: ReplyQueue,
         correlation_id: Option<&str>,
     ) -> ReceivedReply {
+        let (data, reply) = self.call_raw(routing_key, body, kind, correlation_id).await;
+        ReceivedReply {
+            body: serde_json::from_slice(&data).expect("reply is JSON"),
+            ..reply
+        }
+    }
+
+    /// As [`AmqpCaller::call`], with the reply's bytes as they came (for
+    /// JSON a `Value` cannot hold, such as a number `1e400`); `body` is
+    /// left `null`.
+    pub async fn call_raw(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        kind: ReplyQueue,
+        correlation_id: Option<&str>,
+    ) -> (Vec<u8>, ReceivedReply) {
         let ch = self.conn.create_channel().await.expect("channel");
         let (queue, no_ack) = match kind {
             ReplyQueue::DirectReplyTo => ("amq.rabbitmq.reply-to".to_owned(), true),
@@ -530,8 +547,8 @@ impl AmqpCaller {
                 .await;
         }
         let _ = ch.close(200, "bye".into()).await;
-        ReceivedReply {
-            body: serde_json::from_slice(&delivery.data).expect("reply is JSON"),
+        let reply = ReceivedReply {
+            body: Value::Null,
             correlation_id: delivery
                 .properties
                 .correlation_id()
@@ -542,7 +559,8 @@ impl AmqpCaller {
                 .content_type()
                 .as_ref()
                 .map(|s| s.to_string()),
-        }
+        };
+        (delivery.data, reply)
     }
 
     /// Closes the connection.

@@ -160,7 +160,7 @@ fn incoming(delivery: lapin::message::Delivery, settling: Option<&Settling>) -> 
             .correlation_id()
             .as_ref()
             .map(|s| s.as_bytes().to_vec()),
-        not_utf8: not_utf8(&delivery),
+        not_utf8: not_utf8(&delivery.exchange, &delivery.routing_key, properties),
         traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
         acker: settling.map(|settling| {
@@ -174,14 +174,17 @@ fn incoming(delivery: lapin::message::Delivery, settling: Option<&Settling>) -> 
     }
 }
 
-/// The first name or property of `delivery` whose bytes are not UTF-8
+/// The first name or property of a delivery whose bytes are not UTF-8
 /// (the broker passes any bytes through; the patched parser in `vendor/`
 /// keeps them instead of failing the connection).
-fn not_utf8(delivery: &lapin::message::Delivery) -> Option<&'static str> {
-    let p = &delivery.properties;
+pub(crate) fn not_utf8(
+    exchange: &lapin::types::ShortString,
+    routing_key: &lapin::types::ShortString,
+    p: &BasicProperties,
+) -> Option<&'static str> {
     let strings = [
-        ("routing_key", Some(&delivery.routing_key)),
-        ("exchange", Some(&delivery.exchange)),
+        ("routing_key", Some(routing_key)),
+        ("exchange", Some(exchange)),
         ("reply_to", p.reply_to().as_ref()),
         ("correlation_id", p.correlation_id().as_ref()),
         ("message_id", p.message_id().as_ref()),

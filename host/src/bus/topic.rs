@@ -201,7 +201,10 @@ fn kombu_steps(binding: &str) -> Option<Vec<Step>> {
             }
             "#" => steps.push(Step::Many(Class::NotNewline)),
             word => {
-                let mut after_char = false;
+                // A `*` opening a word repeats the `\.` before it
+                // (`x.*a` is `^x\.*a$`); only the first word has nothing
+                // to repeat.
+                let mut after_char = i > 0;
                 for c in word.chars() {
                     if c == '*' {
                         // A quantifier on the character before it.
@@ -386,6 +389,14 @@ mod tests {
             );
         }
         assert_eq!(kombu_matches("*a", "x"), None);
+        // Found while writing the `topic` fuzz target's reference: a `*`
+        // opening a later word repeats the `\.` (kombu 5.7 compiles
+        // `^x\.*a$`).
+        assert_eq!(kombu_matches("x.*a", "xa"), Some(true));
+        assert_eq!(kombu_matches("x.*a", "x..a"), Some(true));
+        assert_eq!(kombu_matches("#.*a", "b.a"), Some(true));
+        assert_eq!(kombu_matches("x.*a", "x.b"), Some(false));
+        assert_eq!(kombu_matches("a.**", "a"), None);
         assert_eq!(kombu_matches("a**", "x"), None);
         assert_eq!(kombu_regex("a.#.b-c"), r"^a\..*?\.b\-c$");
         assert_eq!(kombu_regex("simple.*"), r"^simple\.[^\.]+$");

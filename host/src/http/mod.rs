@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{
     ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -170,7 +171,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 
 async fn rpc(
     State(state): State<AppState>,
-    Path(routing_key): Path<String>,
+    // Taken as a `Result` so that a key that is not UTF-8 once
+    // percent-decoded is refused after the token check, as any other bad
+    // key (the extractor's own rejection came first, and in plain text).
+    routing_key: Result<Path<String>, PathRejection>,
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
@@ -186,6 +190,10 @@ async fn rpc(
             return response;
         }
     }
+    let routing_key = match routing_key {
+        Ok(Path(key)) => key,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     if let Err(e) = crate::bus::topic::check_routing_key(&routing_key) {
         return refuse(StatusCode::BAD_REQUEST, e.to_string());
     }
@@ -476,6 +484,47 @@ mod tests {
                 assert!(!answer.contains(secret), "{secret} in {answer}");
             }
         }
+        stop.cancel();
+    }
+
+    /// Found by fuzzing: a routing key that is not UTF-8 once
+    /// percent-decoded was refused by the path extractor, before the token
+    /// check and in plain text.
+    #[tokio::test]
+    async fn the_token_is_checked_before_a_key_that_is_not_utf8() {
+        let client = Arc::new(SharedClient::reconnecting(
+            "amqp://127.0.0.1:1/%2f",
+            "commissaire",
+            Duration::from_secs(1),
+            crate::bus::ReplyQueueKind::default(),
+        ));
+        let settings = HttpSettings {
+            token: Some(crate::config::HttpToken::parse("t0ken").unwrap()),
+            ..HttpSettings::default()
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let addr = serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            client,
+            Arc::new(Health::default()),
+            Arc::new(crate::supervise::metrics::MetricsBook::default()),
+            &settings,
+            1 << 20,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let request = |auth: &str| {
+            format!(
+                "POST /rpc/simple.%D4 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+                 Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+            )
+        };
+        let answer = exchange(addr, &request("")).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        let answer = exchange(addr, &request("Authorization: Bearer t0ken\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains(r#""code":-32600"#), "{answer}");
         stop.cancel();
     }
 }

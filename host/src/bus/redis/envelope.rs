@@ -92,7 +92,7 @@ pub fn envelope(message: &Outgoing<'_>) -> String {
 /// A received envelope, read leniently (kombu itself reads these fields
 /// and ignores the rest).
 #[derive(Debug)]
-pub(super) struct Received {
+pub(crate) struct Received {
     pub exchange: String,
     pub routing_key: String,
     pub body: Vec<u8>,
@@ -102,7 +102,7 @@ pub(super) struct Received {
     pub redelivered: bool,
 }
 
-pub(super) fn read_envelope(raw: &str) -> Result<Received, String> {
+pub(crate) fn read_envelope(raw: &str) -> Result<Received, String> {
     let v: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON: {e}"))?;
     let properties = v
         .get("properties")
@@ -145,7 +145,7 @@ pub(super) fn read_envelope(raw: &str) -> Result<Received, String> {
 /// Marks an envelope redelivered, as kombu's `_do_restore_message` does,
 /// and also when it has no `headers` (kombu then marks nothing, and the
 /// message would escape `crash_limit`).
-pub(super) fn mark_redelivered(payload: &mut Value) {
+pub(crate) fn mark_redelivered(payload: &mut Value) {
     let Some(envelope) = payload.as_object_mut() else {
         return;
     };

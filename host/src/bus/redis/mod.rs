@@ -66,9 +66,11 @@ use crate::bus::{
 };
 use crate::redact::redact_uri;
 
+#[cfg(test)]
+mod bookkeeping_tests;
 mod connection;
 mod consumer;
-mod envelope;
+pub(crate) mod envelope;
 pub mod keys;
 mod options;
 mod publish;
