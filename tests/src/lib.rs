@@ -266,7 +266,7 @@ impl RoutingBus {
             reply_to,
             correlation_id: Some("corr-1"),
             redelivered: false,
-            traceparent: None,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         };
         let handled = service.handle(&delivery, self);
         handled.reply.map(|r| {

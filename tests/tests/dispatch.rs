@@ -244,7 +244,9 @@ fn message_tells_the_handler_about_its_request() {
         reply["result"],
         json!({"routing_key": "demo.whoami", "method": "whoami", "id": "t-1",
                "reply_to": "reply-queue", "correlation_id": "corr-1",
-               "redelivered": false, "exchange": "commissaire"})
+               "redelivered": false, "exchange": "commissaire",
+               "trace_id": "0af7651916cd43dd8448eb211c80319c",
+               "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
     );
 }
 

@@ -573,7 +573,7 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
             .expect("publish");
         }
         let started = Instant::now();
-        while host.stderr().matches("reply refused").count() < 3 {
+        while !host.stderr().contains("reply refused") {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "{}",
@@ -589,10 +589,12 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
             "acked, no loop"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+        // One line for the three: such trouble is logged once per 10 s per
+        // kind (the metrics count each).
         assert_eq!(
             host.stderr().matches("reply refused").count(),
-            3,
-            "one warning each"
+            1,
+            "one warning"
         );
         assert_eq!(
             redis_command(&uri, &["TYPE", UNACKED_MUTEX]),
