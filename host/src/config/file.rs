@@ -1,0 +1,128 @@
+//! The file as written: its sections, read strictly (unknown keys are
+//! errors), with the spans that error messages point at.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::QueueConfig;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    pub(super) bus: BusSection,
+    #[serde(default)]
+    pub(super) plugins: PluginsSection,
+    #[serde(default)]
+    pub(super) http: HttpSection,
+    #[serde(default)]
+    pub(super) host: HostSection,
+    #[serde(default)]
+    pub(super) service: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HostSection {
+    /// Seconds stopping waits for in-flight handlers.
+    pub(super) shutdown_timeout: Option<Spanned<f64>>,
+    /// Seconds a timed-out handler may still run before its worker is
+    /// recycled.
+    pub(super) handler_grace: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BusSection {
+    /// One URI, or a failover list (also as kombu's `a;b;c`).
+    pub(super) uri: Option<UriList>,
+    pub(super) exchange: Option<String>,
+    /// Seconds a request waits for its reply.
+    pub(super) request_timeout: Option<Spanned<f64>>,
+    /// Ack a request only once the broker confirmed its reply.
+    pub(super) confirm_replies: Option<bool>,
+    /// Microseconds an ack may wait to go out with others (AMQP).
+    pub(super) ack_window_us: Option<Spanned<i64>>,
+    /// The largest request or reply, in bytes.
+    pub(super) max_message_bytes: Option<Spanned<i64>>,
+    /// Where the host's own requests wait for replies: `named`, `direct`.
+    pub(super) reply_queue: Option<crate::bus::ReplyQueueKind>,
+}
+
+#[derive(Debug)]
+pub(super) enum UriList {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for UriList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Uris;
+        impl<'de> serde::de::Visitor<'de> for Uris {
+            type Value = UriList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URI string or a list of URI strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UriList, E> {
+                Ok(UriList::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<UriList, A::Error> {
+                let mut uris = Vec::new();
+                while let Some(uri) = seq.next_element::<String>()? {
+                    uris.push(uri);
+                }
+                Ok(UriList::Several(uris))
+            }
+        }
+        d.deserialize_any(Uris)
+    }
+}
+
+impl UriList {
+    /// kombu's failover form: `a;b;c`.
+    pub(super) fn joined(self) -> String {
+        match self {
+            Self::One(uri) => uri,
+            Self::Several(uris) => uris.join(";"),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PluginsSection {
+    pub(super) dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HttpSection {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) token: Option<Spanned<String>>,
+    pub(super) allow: Option<Vec<Spanned<String>>>,
+    pub(super) cors_origins: Option<Vec<Spanned<String>>>,
+    pub(super) max_in_flight: Option<Spanned<i64>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServiceSection {
+    pub(super) name: Spanned<String>,
+    pub(super) queues: Option<Vec<QueueConfig>>,
+    pub(super) concurrency: Option<NonZeroU16>,
+    pub(super) workers: Option<Spanned<NonZeroU16>>,
+    pub(super) handler_timeout: Option<Spanned<f64>>,
+    pub(super) crash_limit: Option<std::num::NonZeroU32>,
+    pub(super) inline_handlers: Option<bool>,
+    pub(super) max_bus_waits: Option<u16>,
+    #[serde(default)]
+    pub(super) config: toml::Table,
+}

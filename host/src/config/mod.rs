@@ -1,0 +1,455 @@
+//! The host's TOML configuration, and how command-line flags and the
+//! environment override it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+mod file;
+mod http;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use file::FileConfig;
+use http::http_settings;
+pub use http::{HttpSettings, HttpToken};
+use service::file_services;
+pub use service::{QueueArgument, QueueConfig, ServiceSettings};
+
+/// The exchange Commissaire uses unless told otherwise.
+pub const DEFAULT_EXCHANGE: &str = "commissaire";
+/// The bus when nothing names one: the embedded in-process bus.
+pub const DEFAULT_BUS_URI: &str = "memory://";
+/// Handlers in flight per service unless configured.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// How long a request waits for its reply (Commissaire's default).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handler may run before its caller gets a timeout reply.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer a timed-out handler may run before its worker is
+/// recycled.
+pub const DEFAULT_HANDLER_GRACE: Duration = Duration::from_secs(10);
+/// How long stopping waits for in-flight handlers and their replies.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many worker crashes a request may cause before it is refused.
+pub const DEFAULT_CRASH_LIMIT: u32 = 3;
+/// The largest request (and reply) the host takes unless configured.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How long an ack may wait to go out with others unless configured.
+pub const DEFAULT_ACK_WINDOW: Duration = Duration::from_millis(1);
+/// The longest ack window: a waiting ack holds a prefetch slot, and is
+/// lost (its request delivered again) if the worker dies.
+pub const MAX_ACK_WINDOW_US: u64 = 100_000;
+/// Handlers waiting in bus calls at once, per worker, per unit of
+/// `concurrency`, unless configured.
+pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
+/// Environment variable read for the bus URI when neither a flag nor the
+/// file gives one.
+pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
+/// Environment variable holding the HTTP endpoint's bearer token; wins
+/// over `[http] token` (a secret is better kept out of files).
+pub const HTTP_TOKEN_ENV: &str = "COMMISSAIRE_HTTP_TOKEN";
+/// Requests the HTTP endpoint relays at once unless configured.
+pub const DEFAULT_HTTP_MAX_IN_FLIGHT: usize = 1024;
+/// Connections the HTTP endpoint holds open at once unless configured.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
+
+/// A configuration error: where, and what is wrong, on one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ConfigError {
+    /// `file:line:column`, or the file alone.
+    pub location: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Command-line values that win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--bus-uri`.
+    pub bus_uri: Option<String>,
+    /// `--bus-exchange`.
+    pub bus_exchange: Option<String>,
+    /// `--plugins-dir`.
+    pub plugins_dir: Option<PathBuf>,
+    /// `--http-listen`.
+    pub http_listen: Option<SocketAddr>,
+    /// `--allow-insecure-plugins`.
+    pub allow_insecure_plugins: bool,
+}
+
+/// The configuration in effect.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// The bus URI (may hold a password: print it with `redact_uri`).
+    pub bus_uri: String,
+    /// The topic exchange.
+    pub exchange: String,
+    /// How long a request waits for its reply.
+    pub request_timeout: Duration,
+    /// Ack a request only once the broker confirmed its reply (publisher
+    /// confirms). Off (the default), the reply goes out on the request's
+    /// own channel ahead of the ack, which the broker handles in order, as
+    /// kombu does; on survives a broker crash between the two, for about
+    /// 15% of throughput.
+    pub confirm_replies: bool,
+    /// How long a request's ack may wait to go out with others in one
+    /// `basic.ack multiple=true` (`[bus] ack_window_us`, AMQP); zero acks
+    /// each request on its own.
+    pub ack_window: Duration,
+    /// The largest request the host parses, and the largest reply it
+    /// sends (`[bus] max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// Where the host's own requests wait for their replies (`[bus]
+    /// reply_queue`): a named queue an original Python service can reply
+    /// to (the default), or RabbitMQ's direct reply-to.
+    pub reply_queue: crate::bus::ReplyQueueKind,
+    /// The plugin directory.
+    pub plugins_dir: PathBuf,
+    /// Which plugin files are trusted (`--allow-insecure-plugins`).
+    pub plugin_trust: crate::plugin::Trust,
+    /// The HTTP endpoint's address, if any.
+    pub http_listen: Option<SocketAddr>,
+    /// The HTTP endpoint's token, allow-list, CORS origins and limits.
+    pub http: HttpSettings,
+    /// `[[service]]` entries by name.
+    pub services: HashMap<String, ServiceSettings>,
+    /// How long stopping waits for in-flight handlers and their replies.
+    pub shutdown_timeout: Duration,
+    /// How long a timed-out handler may still run before its worker is
+    /// recycled.
+    pub handler_grace: Duration,
+    /// On Redis, the bus URI's `visibility_timeout` (`None` on other
+    /// buses), and where the URI was given, for errors.
+    pub visibility_timeout: Option<(Duration, String)>,
+}
+
+/// Whether a delivery held for `handler_timeout + handler_grace` is still
+/// unacked by then on Redis: otherwise it is handed to another worker while
+/// it runs. The error names the numbers.
+fn visibility_covers(
+    service: &str,
+    handler_timeout: Duration,
+    is_default: bool,
+    handler_grace: Duration,
+    visibility_timeout: Duration,
+) -> Result<(), String> {
+    let held = handler_timeout + handler_grace;
+    if visibility_timeout >= held {
+        return Ok(());
+    }
+    Err(format!(
+        "service `{service}`: handler_timeout ({} s{}) + [host] handler_grace ({} s) = {} s \
+         exceeds the Redis visibility_timeout ({} s): a request still running would be \
+         delivered again; raise visibility_timeout in the bus URI or lower handler_timeout",
+        handler_timeout.as_secs_f64(),
+        if is_default { ", the default" } else { "" },
+        handler_grace.as_secs_f64(),
+        held.as_secs_f64(),
+        visibility_timeout.as_secs_f64(),
+    ))
+}
+
+impl HostConfig {
+    /// Reads `path` (if given), then applies `overrides` and the
+    /// environment (`env` is `std::env::var` in production).
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let source = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    location: path.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                Some((path, text))
+            }
+            None => None,
+        };
+        Self::load_source(source, overrides, env)
+    }
+
+    /// As [`HostConfig::load`], with the file's text already read from
+    /// `path` (which names it in errors and is where relative paths start).
+    pub fn load_text(
+        path: &Path,
+        text: String,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::load_source(Some((path, text)), overrides, env)
+    }
+
+    fn load_source(
+        source: Option<(&Path, String)>,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let path = source.as_ref().map(|(path, _)| *path);
+        let (file, base, text) = match source {
+            Some((path, text)) => {
+                let file: FileConfig = toml::from_str(&text).map_err(|e| {
+                    let location = match e.span() {
+                        Some(span) => {
+                            let (line, col) = line_col(&text, span.start);
+                            format!("{}:{line}:{col}", path.display())
+                        }
+                        None => path.display().to_string(),
+                    };
+                    ConfigError {
+                        location,
+                        message: e.message().trim().to_owned(),
+                    }
+                })?;
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                let services = file_services(&file, path, &text)?;
+                ((file, services), base, Some(text))
+            }
+            None => (
+                (FileConfig::default(), HashMap::new()),
+                PathBuf::new(),
+                None,
+            ),
+        };
+        let (file, services) = file;
+        let worker_processes: Vec<(&String, &String)> = services
+            .iter()
+            .filter(|(_, s)| s.workers > 1)
+            .filter_map(|(name, s)| s.workers_location.as_ref().map(|l| (name, l)))
+            .collect();
+        let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
+        let uri_source = if overrides.bus_uri.is_some() {
+            "--bus-uri".to_owned()
+        } else if file.bus.uri.is_some() {
+            format!("{file_name}: [bus] uri")
+        } else {
+            BUS_URI_ENV.to_owned()
+        };
+        let bus_uri = overrides
+            .bus_uri
+            .clone()
+            .or(file.bus.uri.map(UriList::joined))
+            .or_else(|| env(BUS_URI_ENV))
+            .unwrap_or_else(|| DEFAULT_BUS_URI.to_owned());
+        let exchange = overrides
+            .bus_exchange
+            .clone()
+            .or(file.bus.exchange)
+            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        let text = text.unwrap_or_default();
+        let request_timeout = seconds(
+            file.bus.request_timeout.as_ref(),
+            "[bus] request_timeout",
+            DEFAULT_REQUEST_TIMEOUT,
+            &file_name,
+            &text,
+        )?;
+        let shutdown_timeout = seconds(
+            file.host.shutdown_timeout.as_ref(),
+            "[host] shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            &file_name,
+            &text,
+        )?;
+        let handler_grace = seconds(
+            file.host.handler_grace.as_ref(),
+            "[host] handler_grace",
+            DEFAULT_HANDLER_GRACE,
+            &file_name,
+            &text,
+        )?;
+        if bus_uri.contains(';') {
+            let kinds: Vec<_> = bus_uri
+                .split(';')
+                .map(|u| crate::bus::BusKind::of(u.trim()).ok())
+                .collect();
+            if kinds.iter().any(|k| *k != Some(crate::bus::BusKind::Amqp)) {
+                return Err(ConfigError {
+                    location: file_name.clone(),
+                    message: format!(
+                        "bus URI {}: a failover list takes amqp:// and amqps:// URIs only",
+                        crate::redact::redact_uri(&bus_uri)
+                    ),
+                });
+            }
+        }
+        let max_message_bytes = match &file.bus.max_message_bytes {
+            None => DEFAULT_MAX_MESSAGE_BYTES,
+            Some(v) => match usize::try_from(*v.get_ref()) {
+                Ok(n) if n >= 1024 => n,
+                _ => {
+                    let (line, col) = line_col(&text, v.span().start);
+                    return Err(ConfigError {
+                        location: format!("{file_name}:{line}:{col}"),
+                        message: format!(
+                            "[bus] max_message_bytes must be at least 1024, not {}",
+                            v.get_ref()
+                        ),
+                    });
+                }
+            },
+        };
+        let ack_window = match &file.bus.ack_window_us {
+            None => DEFAULT_ACK_WINDOW,
+            Some(v) => match u64::try_from(*v.get_ref()) {
+                Ok(us) if us <= MAX_ACK_WINDOW_US => Duration::from_micros(us),
+                _ => {
+                    let (line, col) = line_col(&text, v.span().start);
+                    return Err(ConfigError {
+                        location: format!("{file_name}:{line}:{col}"),
+                        message: format!(
+                            "[bus] ack_window_us must be 0 to {MAX_ACK_WINDOW_US}, not {}",
+                            v.get_ref()
+                        ),
+                    });
+                }
+            },
+        };
+        let http = http_settings(&file.http, &env, &file_name, &text)?;
+        if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
+            if let Some((name, location)) = worker_processes.first() {
+                return Err(ConfigError {
+                    location: (*location).clone(),
+                    message: format!(
+                        "service `{name}`: `workers` above 1 needs a shared bus (amqp:// or redis://); \
+                         {} is inside one process",
+                        crate::redact::redact_uri(&bus_uri)
+                    ),
+                });
+            }
+        }
+        let visibility_timeout = match crate::bus::BusKind::of(&bus_uri) {
+            Ok(crate::bus::BusKind::Redis) => {
+                let (_, options) =
+                    crate::bus::redis::parse_uri(&bus_uri).map_err(|message| ConfigError {
+                        location: uri_source.clone(),
+                        message: format!(
+                            "bus URI {}: {message}",
+                            crate::redact::redact_uri(&bus_uri)
+                        ),
+                    })?;
+                for (name, settings) in &services {
+                    visibility_covers(
+                        name,
+                        settings.handler_timeout,
+                        false,
+                        handler_grace,
+                        options.visibility_timeout,
+                    )
+                    .map_err(|message| ConfigError {
+                        location: settings.location.clone().unwrap_or_default(),
+                        message,
+                    })?;
+                }
+                Some((options.visibility_timeout, uri_source))
+            }
+            _ => None,
+        };
+        let plugins_dir = match &overrides.plugins_dir {
+            Some(dir) => dir.clone(),
+            None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
+        };
+        Ok(Self {
+            bus_uri,
+            exchange,
+            request_timeout,
+            confirm_replies: file.bus.confirm_replies.unwrap_or(false),
+            ack_window,
+            max_message_bytes,
+            reply_queue: file.bus.reply_queue.unwrap_or_default(),
+            plugins_dir,
+            plugin_trust: if overrides.allow_insecure_plugins {
+                crate::plugin::Trust::AnyPermissions
+            } else {
+                crate::plugin::Trust::OwnerOnly
+            },
+            http_listen: overrides.http_listen.or(file.http.listen),
+            http,
+            services,
+            shutdown_timeout,
+            handler_grace,
+            visibility_timeout,
+        })
+    }
+
+    /// Checks the services the plugin directory exports against the config:
+    /// at least one, and every `[[service]]` entry among them.
+    pub fn check_services(&self, loaded: &[&str]) -> Result<(), crate::error::HostError> {
+        if loaded.is_empty() {
+            return Err(crate::error::HostError::NoPlugins(
+                self.plugins_dir.display().to_string(),
+            ));
+        }
+        for (name, settings) in &self.services {
+            if !loaded.contains(&name.as_str()) {
+                return Err(crate::error::HostError::UnknownService {
+                    location: settings.location.clone().unwrap_or_default(),
+                    name: name.clone(),
+                    loaded: loaded.join(", "),
+                });
+            }
+        }
+        // Services without an entry run with the default handler_timeout.
+        if let Some((visibility, source)) = &self.visibility_timeout {
+            for name in loaded.iter().filter(|n| !self.services.contains_key(**n)) {
+                visibility_covers(
+                    name,
+                    DEFAULT_HANDLER_TIMEOUT,
+                    true,
+                    self.handler_grace,
+                    *visibility,
+                )
+                .map_err(|message| ConfigError {
+                    location: source.clone(),
+                    message,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How service `name` is served: its `[[service]]` entry or defaults.
+    pub fn service(&self, name: &str) -> ServiceSettings {
+        self.services
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| ServiceSettings::defaults(name))
+    }
+}
+
+
+/// A positive number of seconds from the file, or `default`.
+pub(super) fn seconds(
+    value: Option<&Spanned<f64>>,
+    key: &str,
+    default: Duration,
+    file: &str,
+    text: &str,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let secs = *value.get_ref();
+    if secs.is_finite() && secs > 0.0 && secs < 1e9 {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    let (line, col) = line_col(text, value.span().start);
+    Err(ConfigError {
+        location: format!("{file}:{line}:{col}"),
+        message: format!("{key} must be a positive number of seconds, not {secs}"),
+    })
+}
+
+pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}

@@ -1,0 +1,155 @@
+//! `[[service]]`: queues, their arguments, and how each service is served.
+
+use std::collections::HashMap;
+use std::num::NonZeroU16;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::file::FileConfig;
+use super::{
+    line_col, seconds, ConfigError, DEFAULT_BUS_WAITS_PER_SLOT, DEFAULT_CONCURRENCY,
+    DEFAULT_CRASH_LIMIT, DEFAULT_HANDLER_TIMEOUT,
+};
+
+/// One queue a service consumes, bound with its routing key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The queue name, e.g. `simple`.
+    pub name: String,
+    /// The binding pattern, e.g. `simple.*`.
+    pub routing_key: String,
+    /// Declaration arguments, as kombu's `queue_arguments`
+    /// (`x-queue-type = "quorum"`, `x-delivery-limit = 5`, ...): strings,
+    /// integers, booleans and floats (RabbitMQ only).
+    #[serde(default)]
+    pub arguments: std::collections::BTreeMap<String, QueueArgument>,
+}
+
+/// One queue declaration argument, typed as AMQP carries it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// A long string.
+    Text(String),
+    /// A signed 64-bit integer.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A double.
+    Float(f64),
+}
+
+/// How one service is served.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Its queues.
+    pub queues: Vec<QueueConfig>,
+    /// Handlers in flight (and the broker prefetch), per worker.
+    pub concurrency: u16,
+    /// Worker processes.
+    pub workers: u16,
+    /// How long a handler may run before its caller gets a timeout reply.
+    pub handler_timeout: Duration,
+    /// Worker crashes a request may cause before it is refused.
+    pub crash_limit: u32,
+    /// Run handlers on the async runtime's threads without handing the
+    /// thread over first (`Some(true)`), always hand it over
+    /// (`Some(false)`), or learn it per method (`None`, the default: see
+    /// [`crate::placement`]).
+    pub inline_handlers: Option<bool>,
+    /// Handlers that may wait in bus calls at once, per worker: each
+    /// lets the consumers take one more delivery while it waits, and a
+    /// call beyond this fails at once instead of raising the prefetch
+    /// further (a burst of self-calls cannot take every thread).
+    pub max_bus_waits: u16,
+    /// The section handed to the plugin's `init`.
+    pub config: serde_json::Value,
+    /// Where it was configured (`file:line`), for errors.
+    pub location: Option<String>,
+    /// Where `workers` was set, for errors.
+    pub workers_location: Option<String>,
+}
+
+impl ServiceSettings {
+    /// The defaults for a plugin dropped in with no `[[service]]` entry:
+    /// queue `<name>` bound with `<name>.*`.
+    pub fn defaults(name: &str) -> Self {
+        Self {
+            queues: vec![QueueConfig {
+                name: name.to_owned(),
+                routing_key: format!("{name}.*"),
+                arguments: std::collections::BTreeMap::new(),
+            }],
+            concurrency: DEFAULT_CONCURRENCY,
+            workers: 1,
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+            crash_limit: DEFAULT_CRASH_LIMIT,
+            inline_handlers: None,
+            max_bus_waits: DEFAULT_CONCURRENCY.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT),
+            config: serde_json::Value::Object(serde_json::Map::new()),
+            location: None,
+            workers_location: None,
+        }
+    }
+}
+
+pub(super) fn file_services(
+    file: &FileConfig,
+    path: &Path,
+    text: &str,
+) -> Result<HashMap<String, ServiceSettings>, ConfigError> {
+    let mut services = HashMap::new();
+    for section in &file.service {
+        let (line, col) = line_col(text, section.name.span().start);
+        let location = format!("{}:{line}:{col}", path.display());
+        let name = section.name.get_ref().clone();
+        let fail = |message: String| ConfigError {
+            location: location.clone(),
+            message,
+        };
+        let defaults = ServiceSettings::defaults(&name);
+        let queues = section.queues.clone().unwrap_or(defaults.queues);
+        if queues.is_empty() {
+            return Err(fail(format!("service `{name}` has an empty `queues` list")));
+        }
+        let config = serde_json::to_value(&section.config)
+            .map_err(|e| fail(format!("service `{name}`: config: {e}")))?;
+        let workers_location = section.workers.as_ref().map(|w| {
+            let (line, col) = line_col(text, w.span().start);
+            format!("{}:{line}:{col}", path.display())
+        });
+        let handler_timeout = seconds(
+            section.handler_timeout.as_ref(),
+            "handler_timeout",
+            DEFAULT_HANDLER_TIMEOUT,
+            &path.display().to_string(),
+            text,
+        )?;
+        let concurrency = section
+            .concurrency
+            .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get);
+        let settings = ServiceSettings {
+            queues,
+            concurrency,
+            workers: section.workers.as_ref().map_or(1, |w| w.get_ref().get()),
+            handler_timeout,
+            crash_limit: section
+                .crash_limit
+                .map_or(DEFAULT_CRASH_LIMIT, std::num::NonZeroU32::get),
+            inline_handlers: section.inline_handlers,
+            max_bus_waits: section
+                .max_bus_waits
+                .unwrap_or(concurrency.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT)),
+            config,
+            location: Some(location.clone()),
+            workers_location,
+        };
+        if services.insert(name.clone(), settings).is_some() {
+            return Err(fail(format!("service `{name}` is configured twice")));
+        }
+    }
+    Ok(services)
+}
