@@ -1,10 +1,10 @@
 //! `[http]`: the endpoint's token, allow-list, origins and limits.
 
+use toml::Spanned;
 
 use super::file::HttpSection;
 use super::{
-    line_col, ConfigError, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_IN_FLIGHT,
-    HTTP_TOKEN_ENV,
+    line_col, ConfigError, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_IN_FLIGHT, HTTP_TOKEN_ENV,
 };
 
 /// The HTTP endpoint's bearer token. Never printed: `Debug` shows `***`.

@@ -14,7 +14,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use file::FileConfig;
+use file::{FileConfig, UriList};
 use http::http_settings;
 pub use http::{HttpSettings, HttpToken};
 use service::file_services;
@@ -423,7 +423,6 @@ impl HostConfig {
             .unwrap_or_else(|| ServiceSettings::defaults(name))
     }
 }
-
 
 /// A positive number of seconds from the file, or `default`.
 pub(super) fn seconds(

@@ -1,10 +1,6 @@
 use super::*;
 
-fn load_text(
-    text: &str,
-    overrides: &Overrides,
-    env: Option<&str>,
-) -> Result<HostConfig, String> {
+fn load_text(text: &str, overrides: &Overrides, env: Option<&str>) -> Result<HostConfig, String> {
     let dir = std::env::temp_dir().join(format!("chcfg-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("host.toml");
@@ -304,9 +300,8 @@ fn the_environment_token_wins_over_the_file() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("host.toml");
     std::fs::write(&path, "[http]\ntoken = \"from-file\"\n").unwrap();
-    let env = |value: &'static str| {
-        move |name: &str| (name == HTTP_TOKEN_ENV).then(|| value.to_owned())
-    };
+    let env =
+        |value: &'static str| move |name: &str| (name == HTTP_TOKEN_ENV).then(|| value.to_owned());
     let c = HostConfig::load(Some(&path), &Overrides::default(), env("from-env")).unwrap();
     assert_eq!(c.http.token.unwrap().expose(), b"from-env");
     let e = HostConfig::load(Some(&path), &Overrides::default(), env("")).unwrap_err();
