@@ -74,7 +74,8 @@ for r in $(seq 1 "$rounds"); do
   measure "$r reference" "$pid" | tee -a "$results"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 
-  for variant in ${VARIANTS:-host host-w2} ${BASE_BIN:+base}; do
+  # `base` runs once a round, whether or not VARIANTS names it too.
+  for variant in $(printf '%s\n' ${VARIANTS:-host host-w2} | grep -vx base) ${BASE_BIN:+base}; do
     bin=target/release/commissaire-host config=$variant
     if [ "$variant" = base ]; then bin=$BASE_BIN config=host; fi
     # (`supervisor`: the module's name in older builds.)
