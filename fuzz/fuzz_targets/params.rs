@@ -68,12 +68,13 @@ fn expected(method: &str, params: &str) -> Option<Option<Value>> {
     };
     let parsed: Value = match serde_json::from_str(params) {
         Ok(v) => v,
-        // Valid JSON serde_json's `Value` refuses: too deep, or a lone
+        // Valid JSON serde_json's `Value` refuses: too deep, a lone
         // surrogate escape (`\ud800` not followed by a low one: "lone
-        // leading surrogate", "unexpected end of hex escape"), which binds
-        // in a member the handler ignores.
+        // leading surrogate", "unexpected end of hex escape"), or a number
+        // beyond f64 (`-1e4003`), which binds in a member the handler
+        // ignores.
         Err(e)
-            if ["recursion limit", "surrogate", "end of hex escape"]
+            if ["recursion limit", "surrogate", "end of hex escape", "out of range"]
                 .iter()
                 .any(|why| e.to_string().contains(why)) =>
         {
