@@ -13,8 +13,9 @@ use std::fmt;
 pub const HEADER: &str = "traceparent";
 
 /// The longest header read: version 00 is 55 bytes; later versions may
-/// append fields, which are ignored.
-const MAX_HEADER: usize = 256;
+/// append fields, which are ignored. Transports drop a longer one before
+/// copying it.
+pub const MAX_HEADER: usize = 256;
 
 /// One span's place in a trace: the trace it belongs to, its own id and the
 /// trace flags (bit 0: sampled).

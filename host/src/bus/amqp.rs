@@ -217,6 +217,9 @@ fn traceparent(headers: &FieldTable) -> Option<String> {
         AMQPValue::ShortString(s) => s.as_bytes(),
         _ => return None,
     };
+    if bytes.len() > crate::trace::MAX_HEADER {
+        return None;
+    }
     std::str::from_utf8(bytes).ok().map(str::to_owned)
 }
 

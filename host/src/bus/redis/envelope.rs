@@ -136,7 +136,12 @@ pub(crate) fn read_envelope(raw: &str) -> Result<Received, String> {
         body,
         reply_to: text(properties.get("reply_to")),
         correlation_id: text(properties.get("correlation_id")),
-        traceparent: text(v.get("headers").and_then(|h| h.get(crate::trace::HEADER))),
+        traceparent: v
+            .get("headers")
+            .and_then(|h| h.get(crate::trace::HEADER))
+            .and_then(Value::as_str)
+            .filter(|t| t.len() <= crate::trace::MAX_HEADER)
+            .map(str::to_owned),
         redelivered: flag(info.and_then(|i| i.get("redelivered")))
             || flag(v.get("headers").and_then(|h| h.get("redelivered"))),
     })
