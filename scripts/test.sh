@@ -25,6 +25,7 @@ export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 if [ $# -eq 0 ]; then
   cp Cargo.lock examples/plugin-template/Cargo.lock
   CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+    CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}" \
     cargo test --manifest-path examples/plugin-template/Cargo.toml
 fi
 
