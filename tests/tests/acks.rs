@@ -140,3 +140,33 @@ fn sigterm_under_load_leaves_nothing_unacked_and_loses_nothing() {
     }
     assert_eq!(settle(&queue), (0, 0), "{}", second.stderr());
 }
+
+#[test]
+fn a_recycled_worker_sends_its_waiting_acks_before_it_exits() {
+    // A long window and one worker: when the hung handler makes the worker
+    // recycle itself, acks of requests it already answered are waiting.
+    let mut spec = spec();
+    spec.plugins = vec!["demo"];
+    spec.bus_toml = "ack_window_us = 100000\n".to_owned();
+    spec.service_toml = "workers = 1\nhandler_timeout = 1\n".to_owned();
+    spec.extra_toml = "\n[host]\nhandler_grace = 1\n".to_owned();
+    let host = TestHost::start(spec);
+    // Requests of 5 ms each, 8 at a time, take well over the 2 s until the
+    // recycle: it happens while they flow.
+    let total = 2000;
+    let mut load = load(&host, total, |i| match i {
+        0 => ("demo.sleep".to_owned(), json!([600_000])),
+        _ => ("demo.sleep".to_owned(), json!([5])),
+    });
+    load.concurrency = 8;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt.block_on(load.run(Arc::new(Progress::default())));
+    let log = host.stderr();
+    assert!(log.contains("recycling this worker"), "{log}");
+    assert_eq!(report.answered, total, "{report}\n{log}");
+    // An ack the recycled worker did not send brings its request back, to
+    // be handled and answered a second time.
+    assert_eq!(report.duplicates, 0, "{report}\n{log}");
+    assert_eq!(report.replies[&0]["error"]["code"], json!(-32603));
+    assert_eq!(settle(&host.spec.queue("demo")), (0, 0), "{log}");
+}

@@ -155,6 +155,17 @@ impl InFlight {
         found
     }
 
+    /// How many requests their handlers may still answer at `now`: those
+    /// not past their timeout (the watchdog answered the others).
+    pub fn answerable(&self, now: Instant) -> usize {
+        let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        t.entries
+            .iter()
+            .flatten()
+            .filter(|i| now.saturating_duration_since(i.arrived()) < i.timeout())
+            .count()
+    }
+
     /// How many requests are in flight.
     pub fn len(&self) -> usize {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);

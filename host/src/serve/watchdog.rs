@@ -136,7 +136,7 @@ pub fn start(
                         hung,
                         running_s = now.duration_since(first.arrived()).as_secs(),
                         "a handler is still running past its timeout and grace period: recycling this worker \
-                         (its other unanswered requests go back to the queue)"
+                         (its other requests get 2 s to be answered, then go back to the queue)"
                     );
                     recycle.cancel();
                 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -159,6 +159,16 @@ pub async fn run_worker(
                     c.status(false);
                 }
                 session.stop.cancel();
+                // A request answered but not acked comes back to be answered
+                // twice: let the handlers that are not hung answer, then
+                // close, which sends the acks still waiting (both bounded,
+                // within the watchdog's RECYCLE_DEADLINE). What is still
+                // unanswered then goes back to the queue.
+                let until = Instant::now() + RECYCLE_DRAIN;
+                while process.inflight.answerable(Instant::now()) > 0 && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                session.client.bus().close().await;
                 if let Some(c) = &control {
                     report_now(c, &process);
                 }
@@ -177,6 +187,9 @@ pub async fn run_worker(
         }
     }
 }
+
+/// How long a recycling worker waits for its handlers that are not hung.
+const RECYCLE_DRAIN: Duration = Duration::from_secs(2);
 
 /// How often a worker sends its counts to the supervisor (when they
 /// changed): how stale `/metrics` may be, and what a killed worker's
