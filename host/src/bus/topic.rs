@@ -16,7 +16,13 @@
 /// The method a request's routing key names: its last `.`-separated
 /// segment (`simple.add` names `add`), as PROTOCOL.md says.
 pub fn method_of(routing_key: &str) -> &str {
-    routing_key.rsplit('.').next().unwrap_or(routing_key)
+    // A plain loop over the bytes: `rsplit('.')` and `rfind('.')` cost
+    // about 150 instructions here (their searcher's set-up), and this runs
+    // several times per request. A `.` is never inside a UTF-8 sequence.
+    match routing_key.bytes().rposition(|b| b == b'.') {
+        Some(dot) => &routing_key[dot + 1..],
+        None => routing_key,
+    }
 }
 
 /// The longest routing key a bus carries: an AMQP short string.

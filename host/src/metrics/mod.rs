@@ -10,7 +10,7 @@
 
 pub mod text;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -107,8 +107,7 @@ pub enum Dropped {
 /// One service's counts in this process.
 #[derive(Debug)]
 pub struct ServiceMetrics {
-    index: HashMap<Box<str>, usize>,
-    /// Per method of `index`, then [`UNKNOWN_METHOD`] last.
+    /// Per method, sorted by name, then [`UNKNOWN_METHOD`] last.
     methods: Vec<(Box<str>, MethodCounts)>,
     drops: [AtomicU64; 6],
     bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -123,14 +122,8 @@ impl ServiceMetrics {
             .collect();
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list.dedup_by(|a, b| a.0 == b.0);
-        let index = list
-            .iter()
-            .enumerate()
-            .map(|(i, (m, _))| (m.clone(), i))
-            .collect();
         list.push((Box::from(UNKNOWN_METHOD), MethodCounts::default()));
         Self {
-            index,
             methods: list,
             drops: Default::default(),
             bus_calls: Mutex::default(),
@@ -139,11 +132,12 @@ impl ServiceMetrics {
 
     fn method(&self, routing_key: &str) -> &MethodCounts {
         let name = crate::bus::topic::method_of(routing_key);
-        let i = self
-            .index
-            .get(name)
-            .copied()
-            .unwrap_or(self.methods.len() - 1);
+        // A binary search, not a hash map: a service has a few methods, and
+        // SipHash over the name cost more than the counting itself.
+        let known = &self.methods[..self.methods.len() - 1];
+        let i = known
+            .binary_search_by(|(m, _)| (**m).cmp(name))
+            .unwrap_or(known.len());
         &self.methods[i].1
     }
 
