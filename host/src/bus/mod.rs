@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub mod amqp;
-pub mod amqp_acks;
+
 mod error;
 pub mod memory;
 pub mod redis;

@@ -189,6 +189,7 @@ impl AckBook {
     }
 
     /// How many acks wait.
+    #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.waiting
     }
@@ -311,5 +312,5 @@ impl AckBatcher {
 }
 
 #[cfg(test)]
-#[path = "amqp_acks_tests.rs"]
+#[path = "acks_tests.rs"]
 mod tests;

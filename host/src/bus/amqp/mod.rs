@@ -1,0 +1,366 @@
+//! `amqp://` and `amqps://`: RabbitMQ through lapin.
+//!
+//! Topology as docs/protocol.md: a durable topic exchange, durable shared service
+//! queues, replies through the default exchange. The host's own requests
+//! wait on one reply queue per connection: by default a queue of its own
+//! that an original Python service can declare again (see
+//! [`super::reply_names`]), or RabbitMQ's direct reply-to; the caller's
+//! reply queue is never re-declared.
+//!
+//! Here: the connection (with failover) and the transport's operations.
+//! [`wire`] maps deliveries and properties, [`consume`] runs consumers and
+//! settles their deliveries (with [`acks`] coalescing them), [`reply`]
+//! owns the host's own reply queue.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use super::reply_names::{Note, ReplyName};
+use super::{BusError, BusTransport, Consumer, Incoming, Outgoing, ReplyQueueKind, Sink};
+use crate::redact::redact_uri;
+use acks::AckBatcher;
+use consume::{AmqpConsumers, Settling};
+pub(crate) use wire::not_utf8;
+use wire::{field_table, publish_on};
+
+mod acks;
+mod consume;
+mod reply;
+mod wire;
+
+/// RabbitMQ's direct reply-to pseudo-queue.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A RabbitMQ connection.
+pub struct AmqpBus {
+    uri: String,
+    connection: Connection,
+    /// Publishes requests and replies, and consumes direct reply-to (which
+    /// RabbitMQ requires to be the publishing channel).
+    publisher: Channel,
+    reply_queue_taken: AtomicBool,
+    /// The named reply queue, to delete at close.
+    named_reply: std::sync::Mutex<Option<(ReplyName, Option<Note>)>>,
+    /// Cancelled once the connection has failed: ends every consumer.
+    lost: tokio_util::sync::CancellationToken,
+    /// How long a request's ack may wait to go out with others, in
+    /// microseconds (`[bus] ack_window_us`; 0: each on its own).
+    ack_window_us: AtomicU64,
+    /// The consumer channels' ack batchers, flushed at close.
+    batchers: std::sync::Mutex<Vec<Weak<AckBatcher>>>,
+}
+
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus").field("uri", &self.uri).finish()
+    }
+}
+
+/// Where the next connection starts in a failover list: after the broker
+/// the last one used, so a reconnect moves on (kombu's round robin).
+static NEXT_BROKER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl AmqpBus {
+    /// Connects to `uri`, or to the first broker of a failover list
+    /// (`amqp://h1;amqp://h2`) that answers, starting after the one used
+    /// last.
+    pub async fn connect(uri: &str) -> Result<Self, BusError> {
+        let uris: Vec<&str> = uri
+            .split(';')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let start = NEXT_BROKER.load(Ordering::Relaxed);
+        let mut failure = BusError::UnsupportedUri(String::new());
+        for k in 0..uris.len() {
+            let i = (start + k) % uris.len();
+            match Self::connect_one(uris[i]).await {
+                Ok(bus) => {
+                    NEXT_BROKER.store(i + 1, Ordering::Relaxed);
+                    return Ok(bus);
+                }
+                Err(e) => {
+                    if uris.len() > 1 {
+                        tracing::warn!(bus = %redact_uri(uris[i]), error = %e, "broker unreachable; trying the next");
+                    }
+                    failure = e;
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    async fn connect_one(uri: &str) -> Result<Self, BusError> {
+        let redacted = redact_uri(uri);
+        let fail = |e: lapin::Error| BusError::connect(uri, e);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("commissaire-host pid {}", std::process::id()).into());
+        let connection = Connection::connect(uri, properties).await.map_err(fail)?;
+        let publisher = connection.create_channel().await.map_err(fail)?;
+        // Publisher confirms, for `Outgoing::confirm` (`[bus]
+        // confirm_replies`): such a reply counts as sent, and its request is
+        // acked, only once the broker has taken it.
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(fail)?;
+        // A failed connection does not reach consumers that have a delegate
+        // (lapin 4): watch the connection itself.
+        let lost = tokio_util::sync::CancellationToken::new();
+        let mut events = connection.events_listener();
+        let on_error = lost.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let lapin::Event::Error(e) = event {
+                    // A soft error closes one channel (a refused
+                    // declaration, a refused publish): whoever used that
+                    // channel sees it; the connection goes on.
+                    if e.is_amqp_soft_error() {
+                        tracing::debug!(error = %e, "a channel was closed by the broker");
+                        continue;
+                    }
+                    // lapin logs are off by default (main.rs): this is the
+                    // one event that says why.
+                    tracing::warn!(error = %e, "the bus connection failed");
+                    break;
+                }
+            }
+            on_error.cancel();
+        });
+        Ok(Self {
+            uri: redacted,
+            connection,
+            publisher,
+            reply_queue_taken: AtomicBool::new(false),
+            named_reply: std::sync::Mutex::default(),
+            lost,
+            ack_window_us: AtomicU64::new(0),
+            batchers: std::sync::Mutex::default(),
+        })
+    }
+}
+
+/// `s` as an AMQP short string, or why it cannot be one.
+pub(super) fn short(what: &'static str, s: &str) -> Result<lapin::types::ShortString, BusError> {
+    lapin::types::ShortString::try_new(s).map_err(|_| BusError::TooLong {
+        what,
+        shown: s.chars().take(40).collect(),
+        len: s.len(),
+    })
+}
+
+/// A lapin error as a bus error: every lapin failure of an operation on a
+/// connection leaves it (or the channel) unusable for the delivery.
+pub(super) fn lapin_error(operation: impl Into<String>, e: &lapin::Error) -> BusError {
+    BusError::lost(operation, e)
+}
+
+/// A failed declaration: the broker's refusal (PRECONDITION_FAILED: the
+/// queue exists with other arguments; ACCESS_REFUSED) is permanent, and its
+/// text names the difference; anything else is a lost connection.
+fn refusal_or_lost(operation: String, e: &lapin::Error) -> BusError {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => BusError::Refused {
+            operation,
+            reason: amqp.get_message().to_string(),
+        },
+        _ => lapin_error(operation, e),
+    }
+}
+
+#[async_trait]
+impl BusTransport for AmqpBus {
+    fn describe(&self) -> String {
+        self.uri.clone()
+    }
+
+    async fn declare_exchange(&self, exchange: &str) -> Result<(), BusError> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let operation = || format!("declaring exchange `{exchange}`");
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error(operation(), &e))?;
+        channel
+            .exchange_declare(
+                short("exchange", exchange)?,
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refusal_or_lost(operation(), &e))?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        exchange: &str,
+        queue: &str,
+        routing_key: &str,
+        arguments: &super::QueueArguments,
+    ) -> Result<(), BusError> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            ..QueueDeclareOptions::default()
+        };
+        // A declaration the broker refuses (the queue exists with other
+        // arguments) closes the channel we publish on: declare on a
+        // channel of its own, and report the refusal as permanent.
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error(format!("declaring queue `{queue}`"), &e))?;
+        let declared = channel
+            .queue_declare(short("queue", queue)?, options, field_table(arguments))
+            .await;
+        if let Err(e) = declared {
+            return Err(refusal_or_lost(format!("declaring queue `{queue}`"), &e));
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        self.publisher
+            .queue_bind(
+                short("queue", queue)?,
+                short("exchange", exchange)?,
+                short("routing key", routing_key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refusal_or_lost(format!("binding queue `{queue}` to `{routing_key}`"), &e))
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
+        let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
+        let channel = self.connection.create_channel().await.map_err(fail)?;
+        let window = Duration::from_micros(self.ack_window_us.load(Ordering::Relaxed));
+        let batcher =
+            (!window.is_zero()).then(|| AckBatcher::new(channel.clone(), window, prefetch));
+        if let Some(batcher) = &batcher {
+            let mut batchers = self
+                .batchers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            batchers.retain(|b| b.strong_count() > 0);
+            batchers.push(Arc::downgrade(batcher));
+        }
+        let settling = Settling {
+            channel: channel.clone(),
+            batcher,
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let ended = self.lost.child_token();
+        let consumers =
+            AmqpConsumers::start(settling, queue, sink, prefetch, ended.clone()).await?;
+        let (token, until, on_stop) = (stop.clone(), ended.clone(), consumers.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => on_stop.cancel_all().await,
+                () = until.cancelled() => {}
+            }
+        });
+        Ok(Consumer {
+            stop,
+            ended,
+            prefetch: consumers,
+        })
+    }
+
+    async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
+        let confirm = publish_on(&self.publisher, &m).await?;
+        // A mandatory message's return comes before its confirm: awaiting
+        // the confirm tells at once whether any queue took it.
+        if !m.confirm && m.expires.is_none() {
+            return Ok(());
+        }
+        let confirmed = confirm
+            .await
+            .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))?;
+        match confirmed {
+            lapin::Confirmation::Nack(_) => Err(BusError::op(
+                format!("publishing to `{}`", m.routing_key),
+                "the broker refused the message (nack)",
+            )),
+            lapin::Confirmation::Ack(Some(_returned)) => Err(BusError::Unroutable {
+                exchange: m.exchange.to_owned(),
+                routing_key: m.routing_key.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn reply_queue(
+        &self,
+        kind: ReplyQueueKind,
+    ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+        if self.reply_queue_taken.swap(true, Ordering::SeqCst) {
+            return Err(BusError::op(
+                "reply queue",
+                "already consumed on this connection",
+            ));
+        }
+        match kind {
+            ReplyQueueKind::Direct => self.consume_direct_reply_to().await,
+            ReplyQueueKind::Named => self.consume_named_reply_queue().await,
+        }
+    }
+
+    fn set_ack_window(&self, window: Duration) {
+        let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        self.ack_window_us.store(us, Ordering::Relaxed);
+    }
+
+    async fn close(&self) {
+        self.flush_acks().await;
+        self.delete_named_reply_queue().await;
+        // A connection the broker already dropped may never answer
+        // close-ok: do not wait for it forever.
+        let closing = self.connection.close(200, "bye".into());
+        match tokio::time::timeout(Duration::from_secs(2), closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
+            Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
+        }
+    }
+}
+
+impl AmqpBus {
+    /// Sends every ack still waiting in a batcher, before the channels
+    /// close (at most 2 s: a broker that stopped answering gets the
+    /// requests back anyway).
+    async fn flush_acks(&self) {
+        let batchers: Vec<Arc<AckBatcher>> = self
+            .batchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let flushing = futures_util::future::join_all(batchers.iter().map(|b| b.flush(true)));
+        if tokio::time::timeout(Duration::from_secs(2), flushing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "acks not all sent within 2 s at close; those requests may be delivered again"
+            );
+        }
+    }
+}
