@@ -128,7 +128,7 @@ impl AmqpBus {
                         tracing::debug!(error = %e, "a channel was closed by the broker");
                         continue;
                     }
-                    // lapin logs are off by default (main.rs): this is the
+                    // lapin logs are off by default (the binary's logging.rs): this is the
                     // one event that says why.
                     tracing::warn!(error = %e, "the bus connection failed");
                     break;

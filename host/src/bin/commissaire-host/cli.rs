@@ -1,0 +1,165 @@
+//! The command line: subcommands, their arguments and `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The environment variables the host reads, for every `--help`.
+const ENVIRONMENT: &str = "\
+Environment:
+  COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
+                       (keep a password here rather than in files or on the command line)
+  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
+                       [default: info]; RUST_LOG when it is unset
+  TRACEPARENT          call and notify: the W3C trace context their request joins";
+
+/// Serves Commissaire bus services from plugin libraries.
+#[derive(Debug, Parser)]
+#[command(name = "commissaire-host", version, about, after_help = ENVIRONMENT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the bus is: these flags win over the config file, which wins over
+/// `COMMISSAIRE_BUS_URI`. (Not clap's `env`: that would put the variable
+/// ahead of the file.)
+#[derive(Debug, Args)]
+pub struct BusArgs {
+    /// The host's TOML config file (see examples/host.toml).
+    #[arg(
+        short = 'c',
+        long = "config",
+        visible_alias = "config-file",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+    /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory://. Wins
+    /// over [bus] uri in the config file, which wins over
+    /// $COMMISSAIRE_BUS_URI; memory:// when none of them gives one.
+    #[arg(long, value_name = "URI")]
+    pub bus_uri: Option<String>,
+    /// The topic exchange. Wins over [bus] exchange in the config file;
+    /// commissaire when neither gives one.
+    #[arg(long, value_name = "NAME")]
+    pub bus_exchange: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serves every plugin of the plugin directory on the bus until
+    /// SIGINT/SIGTERM. On a broker, each service runs in `workers` worker
+    /// processes that are restarted when they die; SIGHUP restarts them one
+    /// at a time to pick up new or replaced plugins.
+    #[command(after_help = ENVIRONMENT)]
+    Run {
+        #[command(flatten)]
+        bus: BusArgs,
+        /// The directory of built plugins (.so files). Wins over [plugins]
+        /// dir in the config file; ./plugins when neither gives one.
+        #[arg(long, value_name = "DIR")]
+        plugins_dir: Option<PathBuf>,
+        /// Serve the HTTP endpoint here, e.g. 127.0.0.1:8080. Wins over
+        /// [http] listen in the config file; no HTTP endpoint when neither
+        /// gives one. Its bearer token comes from the environment variable
+        /// COMMISSAIRE_HTTP_TOKEN (preferred: kept out of files and argv)
+        /// or [http] token; without one, anyone who reaches the address can
+        /// call every service.
+        #[arg(long, value_name = "ADDR")]
+        http_listen: Option<SocketAddr>,
+        /// Exit at once if the broker is unreachable at startup, instead of
+        /// retrying. (A broker that refuses the login, the vhost or TLS
+        /// ends `run` after three attempts either way.)
+        #[arg(long)]
+        fail_fast: bool,
+        /// Load plugins from a directory, or files, that group or others
+        /// may write (refused by default: whoever can write them can run
+        /// code in the host).
+        #[arg(long)]
+        allow_insecure_plugins: bool,
+    },
+    /// Internal: one worker process of `run`.
+    #[command(hide = true)]
+    Worker {
+        #[command(flatten)]
+        bus: BusArgs,
+        /// The plugin directory.
+        #[arg(long)]
+        plugins_dir: Option<PathBuf>,
+        /// The service this worker serves.
+        #[arg(long)]
+        service: String,
+        /// Where it records the requests it is running.
+        #[arg(long)]
+        slot_file: Option<PathBuf>,
+        /// Exit if the broker is unreachable.
+        #[arg(long)]
+        fail_fast: bool,
+        /// As `run`'s.
+        #[arg(long)]
+        allow_insecure_plugins: bool,
+    },
+    /// Sends a request and prints its result as JSON. A JSON-RPC error goes
+    /// to stderr and exits 2; no reply or no bus exits 1.
+    #[command(after_help = ENVIRONMENT)]
+    Call {
+        /// Where to send it, e.g. `simple.add`.
+        routing_key: String,
+        /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
+        params: Option<String>,
+        #[command(flatten)]
+        bus: BusArgs,
+        /// Seconds to wait for the reply, at most 300. Wins over [bus]
+        /// request_timeout in the config file; 10 when neither gives one.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Sends a notification: the handler runs, nothing comes back.
+    #[command(after_help = ENVIRONMENT)]
+    Notify {
+        /// Where to send it, e.g. `demo.ping`.
+        routing_key: String,
+        /// The params: a JSON array or object.
+        #[arg(value_name = "PARAMS_JSON")]
+        params: Option<String>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Lists the plugins in a directory: service, versions, methods. Exits
+    /// non-zero if any file was refused.
+    Plugins {
+        /// The plugin directory.
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Load plugins from a directory, or files, that group or others
+        /// may write (refused by default: whoever can write them can run
+        /// code in the host).
+        #[arg(long)]
+        allow_insecure_plugins: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+
+    #[test]
+    fn help_names_every_environment_variable() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        for sub in ["run", "call", "notify"] {
+            let help = cli
+                .find_subcommand_mut(sub)
+                .map(|c| c.render_long_help().to_string())
+                .unwrap_or_default();
+            for var in ["COMMISSAIRE_BUS_URI", "COMMISSAIRE_LOG", "RUST_LOG"] {
+                assert!(help.contains(var), "`{sub} --help` does not name {var}");
+            }
+            assert!(!help.contains("[default: memory://]"), "{help}");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! What each subcommand does: `run` (the embedded bus in this process, or
+//! the supervisor of worker processes), `worker` (started by the
+//! supervisor), `call`, `notify` and `plugins`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use commissaire_host::client::{self, RpcClient};
+use commissaire_host::config::{HostConfig, Overrides};
+use commissaire_host::plugin::{PluginSet, Trust};
+use commissaire_host::redact::redact_uri;
+use commissaire_host::supervise::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
+use commissaire_host::{bus, control, listing, serve};
+
+use crate::cli::{Cli, Command};
+use crate::signals::{ignore_sighup, shutdown_signal};
+use crate::{load_config, runtime};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            bus,
+            plugins_dir,
+            http_listen,
+            fail_fast,
+            allow_insecure_plugins,
+        } => {
+            let config = load_config(
+                &bus,
+                Overrides {
+                    plugins_dir: plugins_dir.clone(),
+                    http_listen,
+                    allow_insecure_plugins,
+                    ..Overrides::default()
+                },
+            )?;
+            if !bus::BusKind::of(&config.bus_uri)?.is_shared() {
+                // The embedded bus lives in this process: serve here.
+                runtime()?.block_on(async {
+                    tokio::spawn(ignore_sighup());
+                    let host = serve::start(&config).await?;
+                    if config.http_listen.is_none() {
+                        tracing::warn!(
+                            "serving on memory:// without an HTTP endpoint: nothing outside this \
+                             process can reach it; give --http-listen 127.0.0.1:8080 (or [http] \
+                             listen), or serve on a broker with --bus-uri amqp://… or redis://…"
+                        );
+                    }
+                    shutdown_signal().await;
+                    host.shutdown().await;
+                    anyhow::Ok(())
+                })?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            // The supervisor lists the directory in a child process; an
+            // unreadable one is said here, once, rather than in its words.
+            PluginSet::plugin_files(&config.plugins_dir)?;
+            let mut worker_args: Vec<std::ffi::OsString> = Vec::new();
+            if let Some(path) = &bus.config {
+                worker_args.push("--config".into());
+                worker_args.push(absolute(path)?.into());
+            }
+            if let Some(exchange) = &bus.bus_exchange {
+                worker_args.push("--bus-exchange".into());
+                worker_args.push(exchange.into());
+            }
+            worker_args.push("--plugins-dir".into());
+            worker_args.push(absolute(&config.plugins_dir)?.into());
+            if allow_insecure_plugins {
+                worker_args.push("--allow-insecure-plugins".into());
+            }
+            let options = SupervisorOptions {
+                exe: std::env::current_exe().context("cannot find the commissaire-host binary")?,
+                worker_args,
+                fail_fast,
+            };
+            runtime()?.block_on(supervise::supervise(config, options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            mut bus,
+            plugins_dir,
+            service,
+            slot_file,
+            fail_fast,
+            allow_insecure_plugins,
+        } => {
+            // The supervisor's bus URI, as if given with --bus-uri.
+            bus.bus_uri = std::env::var(WORKER_BUS_URI_ENV).ok();
+            let config = load_config(
+                &bus,
+                Overrides {
+                    plugins_dir,
+                    allow_insecure_plugins,
+                    ..Overrides::default()
+                },
+            );
+            let options = serve::WorkerOptions {
+                service: service.clone(),
+                slot_file,
+                controlled: true,
+                fail_fast,
+                bus_owner: std::env::var(supervise::WORKER_BUS_OWNER_ENV).ok(),
+            };
+            let ended = config.and_then(|config| {
+                let span =
+                    tracing::info_span!("worker", service = %service, pid = std::process::id());
+                let _entered = span.enter();
+                let rt = runtime()?;
+                let ended = rt.block_on(serve::run_worker(&config, &options, shutdown_signal()));
+                // Do not wait for handlers still running (a hung one would
+                // hold the process forever).
+                rt.shutdown_background();
+                Ok(ended?)
+            });
+            // Exit without waiting for handlers still running (a hung one
+            // would hold the process forever): the broker requeues what
+            // this worker did not settle.
+            let code = match ended {
+                Ok(serve::WorkerEnd::Stopped) => control::EXIT_STOPPED,
+                Ok(serve::WorkerEnd::Recycle) => control::EXIT_RECYCLE,
+                Err(e) => {
+                    // The supervisor reports it (once, not once per worker).
+                    control::Control::fatal(&format!("{e:#}"));
+                    control::EXIT_FATAL
+                }
+            };
+            std::process::exit(code)
+        }
+        Command::Call {
+            routing_key,
+            params,
+            bus,
+            timeout,
+        } => {
+            let config = load_config(&bus, Overrides::default())?;
+            let params = checked_params(params)?;
+            bus::topic::check_routing_key(&routing_key)?;
+            let timeout = timeout
+                .map(client::timeout_from_secs)
+                .transpose()
+                .context("--timeout")?;
+            runtime()?.block_on(async {
+                let client = connect_client(&config, config.reply_queue).await?;
+                let parent = env_traceparent();
+                let reply = client
+                    .request(&routing_key, params.as_deref(), timeout, parent.as_ref())
+                    .await;
+                // Also after a timeout: closing deletes the reply queue.
+                client.bus().close().await;
+                match reply? {
+                    Ok(result) => {
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "{}", result.get()).context("cannot write to stdout")?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        let data = e.data.map(|d| format!(" {d}")).unwrap_or_default();
+                        eprintln!("error {}: {}{data}", e.code, e.message);
+                        Ok(ExitCode::from(2))
+                    }
+                }
+            })
+        }
+        Command::Notify {
+            routing_key,
+            params,
+            bus,
+        } => {
+            let config = load_config(&bus, Overrides::default())?;
+            let params = checked_params(params)?;
+            bus::topic::check_routing_key(&routing_key)?;
+            runtime()?.block_on(async {
+                let client = connect_client(&config, bus::ReplyQueueKind::Direct).await?;
+                let parent = env_traceparent();
+                let sent = client
+                    .notify(&routing_key, params.as_deref(), parent.as_ref())
+                    .await;
+                client.bus().close().await;
+                sent?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Plugins {
+            dir,
+            json,
+            allow_insecure_plugins,
+        } => {
+            let trust = if allow_insecure_plugins {
+                Trust::AnyPermissions
+            } else {
+                Trust::OwnerOnly
+            };
+            let set = PluginSet::load_dir(&dir, trust)?;
+            let text = if json {
+                let mut t = serde_json::to_string_pretty(&listing::render_json(&set))?;
+                t.push('\n');
+                t
+            } else {
+                listing::render_text(&set)
+            };
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .context("cannot write to stdout")?;
+            Ok(if set.refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// A client for `call` and `notify`; `reply_queue` is where its replies
+/// would come (`notify` expects none: it asks for direct reply-to, which
+/// has nothing to declare or delete).
+async fn connect_client(
+    config: &HostConfig,
+    reply_queue: bus::ReplyQueueKind,
+) -> anyhow::Result<std::sync::Arc<RpcClient>> {
+    if config.bus_uri.starts_with("memory:") {
+        bail!(
+            "memory:// is the embedded bus of one host process: another process cannot reach it. \
+             Call a host running on memory:// through its HTTP endpoint \
+             (curl -H 'Content-Type: application/json' -d '{{\"id\":1,\"params\":[1,2]}}' \
+             http://127.0.0.1:8080/rpc/simple.add), \
+             or give --bus-uri amqp://…"
+        );
+    }
+    let bus = bus::connect(&config.bus_uri).await?;
+    tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
+    Ok(RpcClient::start(bus, &config.exchange, config.request_timeout, reply_queue).await?)
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+/// The trace `call` and `notify` join: `TRACEPARENT` in the environment
+/// (the convention of OpenTelemetry's command-line tools), when valid.
+fn env_traceparent() -> Option<commissaire_host::trace::TraceContext> {
+    std::env::var("TRACEPARENT")
+        .ok()
+        .and_then(|t| commissaire_host::trace::TraceContext::parse(&t))
+}
+
+/// PARAMS_JSON, which must be a JSON array or object, re-serialised.
+fn checked_params(params: Option<String>) -> anyhow::Result<Option<String>> {
+    let Some(text) = params else { return Ok(None) };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("PARAMS_JSON is not JSON: {text}"))?;
+    if !(value.is_array() || value.is_object()) {
+        bail!("PARAMS_JSON must be a JSON array or object, not {text}");
+    }
+    Ok(Some(value.to_string()))
+}

@@ -1,0 +1,47 @@
+//! The `commissaire-host` command: [`cli`] parses it, [`commands`] does
+//! what it asks; [`logging`] and [`signals`] serve every process it runs.
+
+mod cli;
+mod commands;
+mod logging;
+mod signals;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use commissaire_host::config::{HostConfig, Overrides};
+
+use cli::{BusArgs, Cli};
+
+fn main() -> ExitCode {
+    logging::init_logging();
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("commissaire-host: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn load_config(args: &BusArgs, extra: Overrides) -> anyhow::Result<HostConfig> {
+    let overrides = Overrides {
+        bus_uri: args.bus_uri.clone(),
+        bus_exchange: args.bus_exchange.clone(),
+        ..extra
+    };
+    Ok(HostConfig::load(
+        args.config.as_deref(),
+        &overrides,
+        |name| std::env::var(name).ok(),
+    )?)
+}
