@@ -151,12 +151,13 @@ fn a_recycled_worker_sends_its_waiting_acks_before_it_exits() {
     spec.service_toml = "workers = 1\nhandler_timeout = 1\n".to_owned();
     spec.extra_toml = "\n[host]\nhandler_grace = 1\n".to_owned();
     let host = TestHost::start(spec);
-    // Requests of 5 ms each, 8 at a time, take well over the 2 s until the
-    // recycle: it happens while they flow.
-    let total = 2000;
+    // Requests of 10 ms each, 8 at a time, take 3.75 s at the very least,
+    // however fast the machine: the recycle, 2 s in, happens while they
+    // flow.
+    let total = 3000;
     let mut load = load(&host, total, |i| match i {
         0 => ("demo.sleep".to_owned(), json!([600_000])),
-        _ => ("demo.sleep".to_owned(), json!([5])),
+        _ => ("demo.sleep".to_owned(), json!([10])),
     });
     load.concurrency = 8;
     let rt = tokio::runtime::Runtime::new().expect("runtime");

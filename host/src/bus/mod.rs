@@ -317,6 +317,10 @@ pub trait BusTransport: Send + Sync + 'static {
     /// now on; zero acks each at once. Only AMQP coalesces.
     fn set_ack_window(&self, _window: std::time::Duration) {}
 
+    /// Sends the acks still waiting to go out with others (at most 2 s).
+    /// Only AMQP coalesces.
+    async fn flush_acks(&self) {}
+
     /// Closes the connection, after sending the acks still waiting;
     /// unsettled deliveries go back to their queues.
     async fn close(&self);

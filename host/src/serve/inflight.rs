@@ -155,15 +155,13 @@ impl InFlight {
         found
     }
 
-    /// How many requests their handlers may still answer at `now`: those
-    /// not past their timeout (the watchdog answered the others).
-    pub fn answerable(&self, now: Instant) -> usize {
+    /// How many requests are not settled yet: still handled, answered but
+    /// not acked, or past their timeout and not yet answered by the
+    /// watchdog. A hung handler's request is not one of them once the
+    /// watchdog has answered it.
+    pub fn unsettled(&self) -> usize {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        t.entries
-            .iter()
-            .flatten()
-            .filter(|i| now.saturating_duration_since(i.arrived()) < i.timeout())
-            .count()
+        t.entries.iter().flatten().filter(|i| !i.is_done()).count()
     }
 
     /// How many requests are in flight.
@@ -212,6 +210,7 @@ pub fn running_keys(path: &Path) -> std::io::Result<Vec<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use commissaire_plugin_api::RpcError;
 
     pub(crate) fn incoming(body: &str) -> Incoming {
         Incoming {
@@ -241,6 +240,28 @@ mod tests {
         let i = incoming(body);
         let key = request_key(&i);
         (key, Arc::new(Inbound::for_test(i, key, timeout)))
+    }
+
+    #[tokio::test]
+    async fn a_request_is_unsettled_until_its_way_out_is_over() {
+        let table = Arc::new(InFlight::default());
+        let (_, answered) = inbound("[1]", Duration::from_secs(60));
+        let (_, handed_back) = inbound("[2]", Duration::from_secs(60));
+        let _a = table.enter(answered.clone());
+        let _b = table.enter(handed_back.clone());
+        assert_eq!(table.unsettled(), 2);
+        // Claimed (a handler answered, or the watchdog at the timeout) is
+        // not settled: its reply and ack may still be on their way.
+        assert!(answered.claim());
+        assert_eq!(table.unsettled(), 2);
+        answered
+            .refuse(&RpcError::internal_error("timed out"))
+            .await;
+        assert_eq!(table.unsettled(), 1);
+        handed_back.requeue().await;
+        // Both still in flight (their guards live), neither unsettled: a
+        // hung handler's request stays in the table once answered.
+        assert_eq!((table.len(), table.unsettled()), (2, 0));
     }
 
     #[test]

@@ -64,7 +64,11 @@ pub struct Inbound {
     arrived: Instant,
     timeout: Duration,
     inline: OnceLock<InlineCall>,
+    /// Claimed: someone took the right to answer and settle it.
     settled: AtomicBool,
+    /// Its way out is over: acked, handed back, or left to the broker
+    /// after a lost connection.
+    done: AtomicBool,
     /// The span the host opened for it, in the caller's trace if it sent
     /// one: on its reply, its handler's bus requests and its log events.
     trace: TraceContext,
@@ -100,6 +104,7 @@ impl Inbound {
             timeout: s.handler_timeout,
             inline: OnceLock::new(),
             settled: AtomicBool::new(false),
+            done: AtomicBool::new(false),
             traceparent: trace.header(),
             trace,
             metrics: s.metrics.clone(),
@@ -121,6 +126,13 @@ impl Inbound {
     /// Whether it was claimed.
     pub fn is_claimed(&self) -> bool {
         self.settled.load(Ordering::Acquire)
+    }
+
+    /// Whether its way out is over (see [`InFlight::unsettled`]).
+    ///
+    /// [`InFlight::unsettled`]: super::inflight::InFlight::unsettled
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     /// Its identity across redeliveries (0 when no slot file needs it).
@@ -173,6 +185,7 @@ impl Inbound {
     async fn reply_then_ack(&self, reply: Option<Reply>) {
         if let Some(reply) = reply {
             if !self.publish(self.fit(reply)).await {
+                self.done.store(true, Ordering::Release);
                 return;
             }
         }
@@ -229,6 +242,7 @@ impl Inbound {
                 warn!(service = &*self.service, error = %e, "could not hand a delivery back")
             );
         }
+        self.done.store(true, Ordering::Release);
     }
 
     async fn ack(&self) {
@@ -238,6 +252,7 @@ impl Inbound {
                 "ack failed; the request may be delivered again"
             ));
         }
+        self.done.store(true, Ordering::Release);
     }
 
     /// `reply`, or in its place a -32603 reply naming its size when it is
@@ -337,6 +352,7 @@ impl Inbound {
             timeout,
             inline: OnceLock::new(),
             settled: AtomicBool::new(false),
+            done: AtomicBool::new(false),
             traceparent: trace.header(),
             trace,
             metrics: crate::metrics::Metrics::default().service("s", []),

@@ -22,6 +22,11 @@ const TICK: Duration = Duration::from_millis(20);
 /// the process (its runtime is stalled by handlers that never return).
 pub const RECYCLE_DEADLINE: Duration = Duration::from_secs(5);
 
+/// How long a recycling worker waits for its requests that are not hung
+/// to settle (then up to 2 s more for its acks: within
+/// [`RECYCLE_DEADLINE`]).
+pub const RECYCLE_DRAIN: Duration = Duration::from_secs(2);
+
 /// What the watchdog does about hung handlers.
 pub enum OnHung {
     /// Cancel this token (a worker recycles itself); exit with status 75
@@ -136,7 +141,8 @@ pub fn start(
                         hung,
                         running_s = now.duration_since(first.arrived()).as_secs(),
                         "a handler is still running past its timeout and grace period: recycling this worker \
-                         (its other requests get 2 s to be answered, then go back to the queue)"
+                         (its other requests get {}s to be answered, then go back to the queue)",
+                        RECYCLE_DRAIN.as_secs()
                     );
                     recycle.cancel();
                 }

@@ -40,8 +40,9 @@ pub struct WorkerOptions {
 pub enum WorkerEnd {
     /// Asked to stop; it finished its in-flight requests.
     Stopped,
-    /// A handler hung: its other requests go back to the queue, and the
-    /// supervisor starts a fresh worker.
+    /// A handler hung: its other requests had [`watchdog::RECYCLE_DRAIN`]
+    /// to settle, the rest go back to the queue, and the supervisor starts
+    /// a fresh worker.
     Recycle,
 }
 
@@ -160,15 +161,17 @@ pub async fn run_worker(
                 }
                 session.stop.cancel();
                 // A request answered but not acked comes back to be answered
-                // twice: let the handlers that are not hung answer, then
-                // close, which sends the acks still waiting (both bounded,
-                // within the watchdog's RECYCLE_DEADLINE). What is still
-                // unanswered then goes back to the queue.
-                let until = Instant::now() + RECYCLE_DRAIN;
-                while process.inflight.answerable(Instant::now()) > 0 && Instant::now() < until {
+                // twice: let the requests that are not hung settle, then
+                // send the acks still waiting (2 s at most each, within the
+                // watchdog's RECYCLE_DEADLINE). What is still unanswered
+                // goes back to the queue when the process ends: on Redis the
+                // supervisor hands it back then, not before, while its
+                // handler may still answer.
+                let until = Instant::now() + watchdog::RECYCLE_DRAIN;
+                while process.inflight.unsettled() > 0 && Instant::now() < until {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                session.client.bus().close().await;
+                session.client.bus().flush_acks().await;
                 if let Some(c) = &control {
                     report_now(c, &process);
                 }
@@ -187,9 +190,6 @@ pub async fn run_worker(
         }
     }
 }
-
-/// How long a recycling worker waits for its handlers that are not hung.
-const RECYCLE_DRAIN: Duration = Duration::from_secs(2);
 
 /// How often a worker sends its counts to the supervisor (when they
 /// changed): how stale `/metrics` may be, and what a killed worker's

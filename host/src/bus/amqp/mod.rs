@@ -327,24 +327,8 @@ impl BusTransport for AmqpBus {
         self.ack_window_us.store(us, Ordering::Relaxed);
     }
 
-    async fn close(&self) {
-        self.flush_acks().await;
-        self.delete_named_reply_queue().await;
-        // A connection the broker already dropped may never answer
-        // close-ok: do not wait for it forever.
-        let closing = self.connection.close(200, "bye".into());
-        match tokio::time::timeout(Duration::from_secs(2), closing).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
-            Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
-        }
-    }
-}
-
-impl AmqpBus {
-    /// Sends every ack still waiting in a batcher, before the channels
-    /// close (at most 2 s: a broker that stopped answering gets the
-    /// requests back anyway).
+    /// Sends every ack still waiting in a batcher (at most 2 s: a broker
+    /// that stopped answering gets the requests back anyway).
     async fn flush_acks(&self) {
         let batchers: Vec<Arc<AckBatcher>> = self
             .batchers
@@ -358,9 +342,23 @@ impl AmqpBus {
             .await
             .is_err()
         {
-            tracing::warn!(
-                "acks not all sent within 2 s at close; those requests may be delivered again"
-            );
+            tracing::warn!("acks not all sent within 2 s; those requests may be delivered again");
+        }
+    }
+
+    async fn close(&self) {
+        self.flush_acks().await;
+        self.delete_named_reply_queue().await;
+        // Again: a handler that answered while the reply queue was being
+        // deleted recorded its ack after the first flush.
+        self.flush_acks().await;
+        // A connection the broker already dropped may never answer
+        // close-ok: do not wait for it forever.
+        let closing = self.connection.close(200, "bye".into());
+        match tokio::time::timeout(Duration::from_secs(2), closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
+            Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
         }
     }
 }
