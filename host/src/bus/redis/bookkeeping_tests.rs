@@ -102,6 +102,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let suffix = format!(", \"\", \"{}\"]", k.queue);
     let mut published = 0u64;
     let mut acked = BTreeSet::new();
+    let mut replies = 0usize;
     let mut tags: Vec<String> = Vec::new();
     // (tag, record as read, envelope to push, front)
     let mut pending: Vec<(String, Option<String>, String, bool)> = Vec::new();
@@ -168,7 +169,15 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         .arg(tag)
                         .invoke(&mut k.conn)
                         .expect("reply and ack");
-                    prop_assert_eq!(answer, ::redis::Value::Int(0));
+                    // A request handed back is answered by its next
+                    // holder, never here too.
+                    let expected = if record.is_some() { 0 } else { 2 };
+                    prop_assert_eq!(answer, ::redis::Value::Int(expected));
+                    if record.is_some() {
+                        replies += 1;
+                    }
+                    let listed: usize = k.conn.llen(&k.replies).expect("LLEN");
+                    prop_assert_eq!(listed, replies);
                 }
                 // The record there just before is what the ack settled.
                 if let Some(record) = record {

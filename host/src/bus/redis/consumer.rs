@@ -106,6 +106,14 @@ impl Acker for RedisAcker {
             .arg(&self.tag);
         let what = format!("replying to `{}`", m.routing_key);
         let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
+            Ok(::redis::Value::Int(2)) => {
+                crate::throttled!(warn!(
+                    tag = %self.tag,
+                    "reply not sent: the request was handed back to its queue before it was \
+                     answered (a stop past its timeout, or a restore); its next holder answers it"
+                ));
+                Ok(())
+            }
             Ok(answer) => refused(&what, answer),
             Err(e) => Err(e),
         };

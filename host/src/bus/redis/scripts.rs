@@ -116,12 +116,16 @@ end
 return 0
 ";
 
-/// Replies and acks at once: pushes the reply onto its list (unless
-/// refused: then nothing is done) and removes the request's record.
+/// Replies and acks at once: pushes the reply onto its list and removes
+/// the request's record. Returns 0 once done; 2, doing nothing, if the
+/// record is gone (the request was handed back to its queue, where its next
+/// holder answers it: replying too would answer it twice); or why the
+/// reply list was refused (nothing done).
 ///
 /// KEYS: reply list, unacked, unacked_index, held set.
 /// ARGV: the reply's envelope, the request's tag.
 const REPLY_ACK: &str = r"
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 2 end
 local why = refusal(KEYS[1])
 if why then return why end
 redis.call('LPUSH', KEYS[1], ARGV[1])
