@@ -504,12 +504,14 @@ async fn a_recycled_worker_hands_back_what_it_held() {
         // Hangs: timeout reply at 4 s, worker recycled (exit 75) at 6 s.
         let hung = vec!["hung".to_owned()];
         caller.send("demo.sleep", "hung", json!([60_000])).await;
-        tokio::time::sleep(Duration::from_millis(4500)).await;
-        // Taken before the recycle, still running at it.
+        tokio::time::sleep(Duration::from_millis(5000)).await;
+        // Taken before the recycle, still running when its 2 s for the
+        // requests that are not hung end (at 8 s: these end at 8.5 s), and
+        // within the timeout when run again.
         let ids: Vec<String> = (0..3).map(|i| format!("held-{i}")).collect();
         let sent = Instant::now();
         for id in &ids {
-            caller.send("demo.sleep", id, json!([3000])).await;
+            caller.send("demo.sleep", id, json!([3500])).await;
         }
         let (u, q) = (uri.clone(), queue.clone());
         blocking(move || wait_for_records(&u, &q, 3));
