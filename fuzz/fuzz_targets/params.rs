@@ -74,9 +74,14 @@ fn expected(method: &str, params: &str) -> Option<Option<Value>> {
         // beyond f64 (`-1e4003`), which binds in a member the handler
         // ignores.
         Err(e)
-            if ["recursion limit", "surrogate", "end of hex escape", "out of range"]
-                .iter()
-                .any(|why| e.to_string().contains(why)) =>
+            if [
+                "recursion limit",
+                "surrogate",
+                "end of hex escape",
+                "out of range",
+            ]
+            .iter()
+            .any(|why| e.to_string().contains(why)) =>
         {
             return Some(None)
         }
