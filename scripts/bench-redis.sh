@@ -6,10 +6,10 @@
 # concurrency 1 and 32 on the same Redis. Prints every figure, the ratio
 # host/kombu per round and the medians.
 #
-# Then the ceiling: the commands the host and loadgen send per request
-# (captured with MONITOR, counted per request at c=1 and c=32) replayed by
-# redis-benchmark, each command kind as often per request as captured, at
-# 32 clients, pipeline 1 and 4: what Redis alone can do with that mix.
+# Then what the host asks of Redis: the commands the host and loadgen send
+# per request (MONITOR, at c=1 and c=32), Redis's time per command (INFO
+# commandstats), and the bound Redis's own CPU per request sets: one core
+# saturates at 1/that.
 #
 #   scripts/bench-redis.sh [ROUNDS] [REQUESTS]
 #
@@ -35,26 +35,8 @@ if ! "$python" -c 'import kombu.transport.redis, redis' 2>/dev/null; then
   .venv/bin/pip install -q 'kombu[redis]>=5.3,<6'
   python=$PWD/.venv/bin/python
 fi
-cargo build -q --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-bench
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/plugins"
-cp target/release/libsimple.so "$work/plugins/"
-cat > "$work/host.toml" <<TOML
-[bus]
-exchange = "$exchange"
-[plugins]
-dir = "$work/plugins"
-[[service]]
-name = "simple"
-queues = [{ name = "$queue", routing_key = "simple.*" }]
-concurrency = 64
-TOML
+source scripts/lib/bench-host.sh
 
-wait_ready() { # log-file pattern
-  for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
-  echo "bench: server not ready: $(cat "$1")" >&2; return 1
-}
 clean() { rcli del unacked unacked_index unacked_mutex > /dev/null; }
 
 # CPU time (clock ticks) of process $1 and its children, and of Redis.
@@ -79,7 +61,7 @@ measure() { # label server-pid
 }
 
 start_host() {
-  COMMISSAIRE_LOG=warn,commissaire_host::supervisor=info target/release/commissaire-host run \
+  COMMISSAIRE_LOG=warn,commissaire_host::supervise=info target/release/commissaire-host run \
     --config "$work/host.toml" --bus-uri "$uri" 2> "$work/host.log" &
   pid=$!; wait_ready "$work/host.log" "every service is consuming"
 }
@@ -207,46 +189,17 @@ for c in (1, 32):
             print(f"    {name:<10} {dc / window:>5.2f} calls/req  {du / window:>6.1f} µs/req")
     mixes[c] = (seen, first)
 
-# The ceiling: each command kind replayed by redis-benchmark as often per
-# request as captured, in the order a request meets them (so each finds
-# the lists as it would: taken messages were published, popped replies
-# were pushed).
-ORDER = ['SMEMBERS', 'publish', 'BLMOVE', 'take', 'reply+ack', 'BRPOP', 'BLMPOP', 'RPOP']
-def replay(cmd, k, per_call):
-    cmd = list(cmd)
-    if k == 'take':
-        cmd[3 + int(cmd[2])] = str(per_call).encode()
-    if k == 'BLMPOP':
-        cmd[-1] = str(per_call).encode()
-    return cmd
-
-print()
-print("ceiling: redis-benchmark replaying the c=32 mix, 32 clients")
-n = requests
-for pipeline in (1, 4):
-    seen, first = mixes[32]
-    total_s, parts = 0.0, []
-    for k in ORDER + sorted(set(seen) - set(ORDER)):
-        if k not in seen or k not in ORDER:
-            if k in seen:
-                parts.append(f"{k} skipped")
-            continue
-        calls = max(1, round(n * seen[k] / monitored))
-        per_call = max(1, round(n / calls))
-        cmd = replay(first[k], k, per_call)
-        out = subprocess.run(['redis-benchmark', '-h', rhost, '-p', rport, '--dbnum', db, '-c', '32',
-                              '-P', str(pipeline), '-n', str(calls), '--csv', *cmd],
-                             capture_output=True, check=True).stdout.decode()
-        # The command field is not escaped: rps is 7th from the right.
-        rps = float(out.strip().splitlines()[-1].split(',')[-7].strip('"'))
-        total_s += calls / rps
-        parts.append(f"{k} {calls}×{rps:.0f}/s")
-    ceiling = n / total_s
-    print(f"  pipeline {pipeline}: {ceiling:.0f} req/s ({'; '.join(parts)})")
-    if host_rps[32]:
-        print(f"  ceiling / host c=32 (median {statistics.median(host_rps[32]):.0f} req/s): {ceiling / statistics.median(host_rps[32]):.2f}")
+# The bound: Redis runs its commands on one core, so its CPU time per
+# request (the whole redis-server process) bounds what this mix can reach.
+cpu = [d["host"]["broker_cpu_us"] for (rnd, c), d in rows.items() if c == 32 and "host" in d]
+if cpu and host_rps[32]:
+    us, host = statistics.median(cpu), statistics.median(host_rps[32])
+    bound = 1e6 / max(us, 1)
+    print()
+    print(f"bound: Redis's CPU per request at c=32, {us} µs (median): one core saturates at about "
+          f"{bound:.0f} req/s, {bound / host:.1f}x the host's {host:.0f} req/s")
 PY
-# What the replay left: its lists and records.
+# What the run left: its lists and records.
 clean
 for pattern in "*$queue*" "_kombu.binding*.$exchange" '*commissaire-host-reply*' 'commissaire-host.held.*'; do
   rcli --scan --pattern "$pattern" | xargs -r -d '\n' redis-cli -h "$rhost" -p "$rport" -n "$db" del > /dev/null

@@ -24,31 +24,13 @@ exchange=bench
 queue=bench-simple
 
 scripts/ensure-brokers.sh
-cargo build -q --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-bench
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/plugins"
-cp target/release/libsimple.so "$work/plugins/"
-cat > "$work/host.toml" <<TOML
-[bus]
-exchange = "$exchange"
-[plugins]
-dir = "$work/plugins"
-[[service]]
-name = "simple"
-queues = [{ name = "$queue", routing_key = "simple.*" }]
-concurrency = 64
-TOML
+source scripts/lib/bench-host.sh
 sed 's/^concurrency = 64$/concurrency = 64\nworkers = 2/' "$work/host.toml" > "$work/host-w2.toml"
 sed 's/^\[bus\]$/[bus]\nconfirm_replies = true/' "$work/host.toml" > "$work/host-confirm.toml"
 sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = false/' "$work/host.toml" > "$work/host-handover.toml"
 sed 's/^concurrency = 64$/concurrency = 64\ninline_handlers = true/' "$work/host.toml" > "$work/host-inline.toml"
 sed 's/^\[bus\]$/[bus]\nack_window_us = 0/' "$work/host.toml" > "$work/host-ack0.toml"
 
-wait_ready() { # log-file pattern
-  for _ in $(seq 1 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
-  echo "bench: server not ready: $(cat "$1")" >&2; return 1
-}
 
 # CPU time (clock ticks) of process $1 and its children, and of the broker.
 ticks() { cat "/proc/$1/stat" $(pgrep -P "$1" | sed 's|.*|/proc/&/stat|') 2>/dev/null | awk '{t += $14 + $15} END {print t}'; }

@@ -29,32 +29,14 @@ queue=bench-simple
 
 command -v valgrind >/dev/null || { echo "metrics-cost.sh: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 scripts/ensure-brokers.sh
-cargo build -q --release -p commissaire-host -p commissaire-plugin-simple -p commissaire-bench
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-mkdir -p "$work/plugins"
-cp target/release/libsimple.so "$work/plugins/"
-cat > "$work/host.toml" <<TOML
-[bus]
-exchange = "$exchange"
-[plugins]
-dir = "$work/plugins"
-[[service]]
-name = "simple"
-queues = [{ name = "$queue", routing_key = "simple.*" }]
-concurrency = 64
-TOML
+source scripts/lib/bench-host.sh
 
 COMMISSAIRE_LOG=warn,commissaire_host::supervise=info \
   valgrind -q --tool=callgrind --trace-children=yes \
   --callgrind-out-file="$work/callgrind.%p" \
   target/release/commissaire-host run --config "$work/host.toml" --bus-uri "$uri" 2> "$work/host.log" &
 pid=$!
-for _ in $(seq 1 600); do
-  grep -q "every service is consuming" "$work/host.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "every service is consuming" "$work/host.log" || { echo "metrics-cost.sh: host not ready: $(cat "$work/host.log")" >&2; exit 1; }
+wait_ready "$work/host.log" "every service is consuming" 60
 target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency 32 \
   --requests "$requests" --warmup "$warmup" --json >&2
 kill -TERM "$pid"; wait "$pid" || true
