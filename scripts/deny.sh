@@ -84,5 +84,11 @@ fingerprint=$(cd "$snapshot" && find . -type f -not -path './.git/*' -print0 |
 echo "deny.sh: advisory snapshot $snapshot (newest advisory $snapshot_date)" >&2
 
 # --- The check. cargo-deny reads crate sources (license files) offline.
+# The fuzz crate is a workspace of its own, with its own lock file: the same
+# policy holds for it.
 cargo fetch --locked --quiet
-COMMISSAIRE_DENY_DB_PATH=$cache exec cargo deny --locked --offline check
+cargo fetch --locked --quiet --manifest-path fuzz/Cargo.toml
+export COMMISSAIRE_DENY_DB_PATH=$cache
+cargo deny --locked --offline check
+echo "deny.sh: the fuzz crate (fuzz/Cargo.lock)" >&2
+cargo deny --manifest-path fuzz/Cargo.toml --locked --offline --config deny.toml check
