@@ -28,11 +28,12 @@ impl Uri {
     /// such a password must be percent-encoded) and a host without `@` or
     /// `;`.
     fn unambiguous(&self) -> bool {
-        !self.password.is_empty()
-            && !self.user.contains([':', ';', '@'])
-            && !self.user.contains("://")
-            && !(self.password.contains(';') && self.password.contains("://"))
-            && !self.host.contains(['@', ';'])
+        let ambiguous = self.password.is_empty()
+            || self.user.contains([':', ';', '@'])
+            || self.user.contains("://")
+            || (self.password.contains(';') && self.password.contains("://"))
+            || self.host.contains(['@', ';']);
+        !ambiguous
     }
 
     fn text(&self) -> String {

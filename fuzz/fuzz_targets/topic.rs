@@ -26,7 +26,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// AMQP's rules by definition: `*` one word, `#` zero or more.
 fn amqp_reference(pattern: &[&str], key: &[&str]) -> bool {
-    fn go<'a>(p: &[&str], k: &[&str], memo: &mut HashMap<(usize, usize), bool>) -> bool {
+    fn go(p: &[&str], k: &[&str], memo: &mut HashMap<(usize, usize), bool>) -> bool {
         let at = (p.len(), k.len());
         if let Some(&known) = memo.get(&at) {
             return known;
