@@ -72,7 +72,9 @@ async fn concurrent_wordy_adds(host: &TestHost, n: i64, y: i64) {
         })
         .collect();
     for call in calls {
-        let (x, reply) = call.await.expect("caller task");
+        let (x, reply) = call
+            .await
+            .unwrap_or_else(|e| panic!("caller task: {e}\n{}", host.stderr()));
         assert_eq!(
             reply["result"],
             format!("Adding {x} plus {y} results in {}", x + y),

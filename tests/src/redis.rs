@@ -1,0 +1,204 @@
+//! The test Redis: its URIs, a minimal RESP client for what the tests
+//! inspect and clean up, and the host spec on it.
+
+use serde_json::Value;
+
+use crate::host::HostSpec;
+
+/// The Redis the tests use, without database number
+/// (`COMMISSAIRE_TEST_REDIS` overrides; default `redis://127.0.0.1:6379`).
+pub fn redis_server() -> String {
+    std::env::var("COMMISSAIRE_TEST_REDIS")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Database `db` of the test Redis, with an optional query
+/// (`?visibility_timeout=2`).
+pub fn redis_uri(db: u8, query: &str) -> String {
+    format!("{}/{db}{query}", redis_server())
+}
+
+impl HostSpec {
+    /// `simple` and `demo` on database `db` of the test Redis, with fresh
+    /// exchange and queue names.
+    pub fn redis(db: u8) -> Self {
+        Self {
+            bus_uri: redis_uri(db, ""),
+            ..Self::amqp()
+        }
+    }
+}
+
+/// A Redis reply, as the tests need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    /// A nil reply.
+    Nil,
+    /// An integer.
+    Int(i64),
+    /// A simple or bulk string (lossy UTF-8).
+    Str(String),
+    /// An array.
+    Array(Vec<Resp>),
+    /// An error reply.
+    Error(String),
+}
+
+impl Resp {
+    /// The strings of an array reply (empty for anything else).
+    pub fn strings(&self) -> Vec<String> {
+        match self {
+            Resp::Array(items) => items
+                .iter()
+                .filter_map(|i| match i {
+                    Resp::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The integer of an integer reply (0 for anything else).
+    pub fn int(&self) -> i64 {
+        match self {
+            Resp::Int(i) => *i,
+            _ => 0,
+        }
+    }
+}
+
+fn read_resp(r: &mut impl std::io::BufRead) -> std::io::Result<Resp> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    let (kind, rest) = line.split_at(line.len().min(1));
+    let bad = || std::io::Error::other(format!("bad RESP line {line:?}"));
+    Ok(match kind {
+        "+" => Resp::Str(rest.to_owned()),
+        "-" => Resp::Error(rest.to_owned()),
+        ":" => Resp::Int(rest.parse().map_err(|_| bad())?),
+        "$" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            if len < 0 {
+                Resp::Nil
+            } else {
+                let mut buf = vec![0; usize::try_from(len).map_err(|_| bad())? + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(buf.len() - 2);
+                Resp::Str(String::from_utf8_lossy(&buf).into_owned())
+            }
+        }
+        "*" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            if len < 0 {
+                Resp::Nil
+            } else {
+                let mut items = Vec::new();
+                for _ in 0..len {
+                    items.push(read_resp(r)?);
+                }
+                Resp::Array(items)
+            }
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Runs commands on the database of `uri` (`redis://[:password@]host:port/db`),
+/// one connection for all; a tiny RESP client so that the tests need no
+/// Redis crate of their own.
+pub fn redis_commands(uri: &str, commands: &[Vec<String>]) -> Vec<Resp> {
+    let rest = uri
+        .split_once("://")
+        .map_or(uri, |(_, r)| r)
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    let (authority, db) = rest.split_once('/').unwrap_or((rest, "0"));
+    let (password, addr) = match authority.rsplit_once('@') {
+        Some((userinfo, addr)) => (userinfo.split_once(':').map(|(_, p)| p.to_owned()), addr),
+        None => (None, authority),
+    };
+    let addr = if addr.contains(':') {
+        addr.to_owned()
+    } else {
+        format!("{addr}:6379")
+    };
+    let stream = std::net::TcpStream::connect(&addr).expect("connect to Redis");
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut writer = stream;
+    let mut all = Vec::new();
+    if let Some(p) = password {
+        all.push(vec!["AUTH".to_owned(), p]);
+    }
+    let db = if db.is_empty() { "0" } else { db };
+    all.push(vec!["SELECT".to_owned(), db.to_owned()]);
+    let setup = all.len();
+    all.extend(commands.iter().cloned());
+    let mut replies = Vec::new();
+    for command in &all {
+        let mut out = format!("*{}\r\n", command.len()).into_bytes();
+        for arg in command {
+            out.extend(format!("${}\r\n", arg.len()).into_bytes());
+            out.extend(arg.as_bytes());
+            out.extend(b"\r\n");
+        }
+        std::io::Write::write_all(&mut writer, &out).expect("write to Redis");
+        replies.push(read_resp(&mut reader).expect("read from Redis"));
+    }
+    replies.split_off(setup)
+}
+
+/// One command on the database of `uri`.
+pub fn redis_command(uri: &str, args: &[&str]) -> Resp {
+    let command = args.iter().map(|a| (*a).to_owned()).collect();
+    redis_commands(uri, &[command]).pop().unwrap_or(Resp::Nil)
+}
+
+/// Every key of the database of `uri`.
+pub fn redis_keys(uri: &str) -> std::collections::BTreeSet<String> {
+    redis_command(uri, &["KEYS", "*"])
+        .strings()
+        .into_iter()
+        .collect()
+}
+
+/// Deletes a test's Redis objects: the exchange's binding sets, the
+/// queues' lists (with their priority lists), and unacked entries of
+/// messages sent through the exchange.
+pub fn cleanup_redis(uri: &str, exchange: &str, queues: &[String]) {
+    let mut del = vec![
+        "DEL".to_owned(),
+        format!("_kombu.binding.{exchange}"),
+        format!("_kombu.binding_permanent.{exchange}"),
+    ];
+    for q in queues {
+        del.push(q.clone());
+        for step in [3, 6, 9] {
+            del.push(format!("{q}\x06\x16{step}"));
+        }
+    }
+    let mut commands = vec![del];
+    let unacked = redis_command(uri, &["HGETALL", "unacked"]).strings();
+    for pair in unacked.chunks(2) {
+        if let [tag, stored] = pair {
+            // kombu records the exchange; the host records the default
+            // exchange and the queue it took the message from.
+            let ours = serde_json::from_str::<Value>(stored).ok().is_some_and(|v| {
+                v[1] == exchange || (v[1] == "" && queues.iter().any(|q| v[2] == q.as_str()))
+            });
+            if ours {
+                commands.push(vec!["HDEL".to_owned(), "unacked".to_owned(), tag.clone()]);
+                commands.push(vec![
+                    "ZREM".to_owned(),
+                    "unacked_index".to_owned(),
+                    tag.clone(),
+                ]);
+            }
+        }
+    }
+    redis_commands(uri, &commands);
+}
