@@ -5,15 +5,22 @@
 //! Input: exchange and routing key bytes (one length byte each), then the
 //! frame.
 //!
-//! Properties: no frame fails other than with a parse error; `not_utf8`
-//! names a property exactly when one of the strings the host reads (or a
-//! header key or string, to 16 levels) is not UTF-8; every string keeps
-//! its bytes as sent, and a frame written back reads back the same (a
-//! reply copies `correlation_id` byte for byte).
+//! Properties: no frame fails other than with a parse error, however deep
+//! its headers nest; `malformed` names a property exactly when one of the
+//! strings the host reads (or a header key or string, to 16 levels) is not
+//! UTF-8, and says "too deep" exactly when the headers nest past 16 levels
+//! and nothing shallower is wrong; every string keeps its bytes as sent,
+//! and a frame written back reads back the same (a reply copies
+//! `correlation_id` byte for byte).
+//!
+//! Deep nesting is generated, not left to luck: input starting with `D`
+//! wraps the rest in headers nested as deep as its next two bytes say (up
+//! to 65,535 levels, tables or arrays), which random frames never reach.
 #![no_main]
 
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame};
-use commissaire_host::fuzzing::amqp_not_utf8;
+use commissaire_host::bus::{Malformed, MAX_HEADER_DEPTH};
+use commissaire_host::fuzzing::amqp_malformed;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
@@ -28,21 +35,67 @@ fn take<'a>(data: &mut &'a [u8]) -> &'a [u8] {
     taken
 }
 
-/// Whether every key and short string of `t`, to `depth` 16, is UTF-8: by
-/// the definition, over the bytes.
-fn table_utf8(t: &FieldTable, depth: u8) -> bool {
-    fn value_utf8(v: &AMQPValue, depth: u8) -> bool {
+/// What is wrong in the headers `t` at `depth` (1 for the headers), by
+/// the definition: the first key or short string that is not UTF-8, else
+/// whether a table or array nests past the limit.
+fn headers_model(t: &FieldTable, depth: usize) -> (bool, bool) {
+    fn value(v: &AMQPValue, depth: usize) -> (bool, bool) {
         match v {
-            AMQPValue::ShortString(s) => std::str::from_utf8(s.as_bytes()).is_ok(),
-            AMQPValue::FieldTable(t) => table_utf8(t, depth + 1),
-            AMQPValue::FieldArray(a) => a.as_slice().iter().all(|v| value_utf8(v, depth + 1)),
-            _ => true,
+            AMQPValue::ShortString(s) => (std::str::from_utf8(s.as_bytes()).is_err(), false),
+            AMQPValue::FieldTable(t) => headers_model(t, depth + 1),
+            AMQPValue::FieldArray(_) if depth + 1 > MAX_HEADER_DEPTH => (false, true),
+            AMQPValue::FieldArray(a) => a.as_slice().iter().fold((false, false), |acc, v| {
+                let (bad, deep) = value(v, depth + 1);
+                (acc.0 || bad, acc.1 || deep)
+            }),
+            _ => (false, false),
         }
     }
-    depth < 16
-        && t.inner()
-            .iter()
-            .all(|(k, v)| std::str::from_utf8(k.as_bytes()).is_ok() && value_utf8(v, depth))
+    if depth > MAX_HEADER_DEPTH {
+        return (false, true);
+    }
+    t.inner().iter().fold((false, false), |acc, (k, v)| {
+        let (bad, deep) = value(v, depth);
+        (
+            acc.0 || bad || std::str::from_utf8(k.as_bytes()).is_err(),
+            acc.1 || deep,
+        )
+    })
+}
+
+/// A content-header frame whose headers nest `depth` levels (arrays in
+/// arrays under one key when `arrays`), `rest` as the innermost key.
+/// Written backwards from the innermost level, then turned round.
+fn deep_frame(depth: usize, arrays: bool, rest: &[u8]) -> Vec<u8> {
+    let mut rev: Vec<u8> = Vec::new();
+    let push = |rev: &mut Vec<u8>, bytes: &[u8]| rev.extend(bytes.iter().rev());
+    let key = &rest[..rest.len().min(255)];
+    if !arrays || depth <= 1 {
+        push(&mut rev, &[&[key.len() as u8][..], key, b"V"].concat());
+    }
+    for level in (1..depth).rev() {
+        let len = (rev.len() as u32).to_be_bytes();
+        push(&mut rev, &len);
+        match (arrays, level) {
+            (true, 1) => push(&mut rev, b"\x01aA"),
+            (true, _) => push(&mut rev, b"A"),
+            (false, _) => push(&mut rev, b"\x01aF"),
+        }
+    }
+    let len = (rev.len() as u32).to_be_bytes();
+    push(&mut rev, &len);
+    // Basic properties: flags (headers only); class, weight, body size.
+    push(&mut rev, &0x2000u16.to_be_bytes());
+    push(&mut rev, &0u64.to_be_bytes());
+    push(&mut rev, &0u16.to_be_bytes());
+    push(&mut rev, &60u16.to_be_bytes());
+    let size = (rev.len() as u32).to_be_bytes();
+    push(&mut rev, &size);
+    push(&mut rev, &1u16.to_be_bytes());
+    push(&mut rev, &[2]);
+    rev.reverse();
+    rev.push(0xCE);
+    rev
 }
 
 fn strings(p: &BasicProperties) -> Vec<&ShortString> {
@@ -64,12 +117,22 @@ fn strings(p: &BasicProperties) -> Vec<&ShortString> {
 }
 
 fuzz_target!(|data: &[u8]| {
+    if let [b'D', hi, lo, flavour, rest @ ..] = data {
+        let depth = usize::from(u16::from_be_bytes([*hi, *lo]));
+        let frame = deep_frame(depth, flavour & 1 == 1, rest);
+        check(b"ex", b"rk", &frame);
+        return;
+    }
     let mut data = data;
     let exchange = take(&mut data).to_vec();
     let routing_key = take(&mut data).to_vec();
+    check(&exchange, &routing_key, data);
+});
+
+fn check(exchange: &[u8], routing_key: &[u8], data: &[u8]) {
     let (Ok(exchange), Ok(routing_key)) = (
-        ShortString::try_from_bytes(exchange),
-        ShortString::try_from_bytes(routing_key),
+        ShortString::try_from_bytes(exchange.to_vec()),
+        ShortString::try_from_bytes(routing_key.to_vec()),
     ) else {
         return;
     };
@@ -81,13 +144,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let p = &header.properties;
 
-    let all_utf8 = [&exchange, &routing_key]
+    let strings_utf8 = [&exchange, &routing_key]
         .into_iter()
         .chain(strings(p))
-        .all(|s| std::str::from_utf8(s.as_bytes()).is_ok())
-        && p.headers().as_ref().is_none_or(|h| table_utf8(h, 0));
-    let found = amqp_not_utf8(&exchange, &routing_key, p);
-    assert_eq!(found.is_none(), all_utf8, "not_utf8 said {found:?}");
+        .all(|s| std::str::from_utf8(s.as_bytes()).is_ok());
+    let (headers_bad, too_deep) = p
+        .headers()
+        .as_ref()
+        .map_or((false, false), |h| headers_model(h, 1));
+    let found = amqp_malformed(&exchange, &routing_key, p);
+    match found {
+        None => assert!(strings_utf8 && !headers_bad && !too_deep),
+        Some(Malformed::TooDeep) => assert!(strings_utf8 && too_deep),
+        Some(Malformed::NotUtf8("headers")) => assert!(strings_utf8 && headers_bad),
+        Some(Malformed::NotUtf8(_)) => assert!(!strings_utf8),
+    }
     for s in strings(p) {
         assert_eq!(s.is_utf8(), std::str::from_utf8(s.as_bytes()).is_ok());
         if s.is_utf8() {
@@ -111,4 +182,4 @@ fuzz_target!(|data: &[u8]| {
             .map(ShortString::as_bytes);
         assert_eq!(cid2, Some(cid.as_bytes()));
     }
-});
+}

@@ -167,6 +167,7 @@ impl RpcClient {
                 confirm: false,
                 expires: Some(timeout),
                 traceparent: Some(&traceparent),
+                reply_ttl: None,
             })
             .await;
         sent?;
@@ -221,6 +222,7 @@ impl RpcClient {
                 confirm: false,
                 expires: None,
                 traceparent: Some(&traceparent),
+                reply_ttl: None,
             })
             .await
     }
@@ -247,6 +249,7 @@ impl RpcClient {
                 confirm: true,
                 expires: None,
                 traceparent: Some(&traceparent),
+                reply_ttl: Some(crate::bus::REPLY_TTL),
             })
             .await
     }

@@ -41,12 +41,13 @@ pub fn mark_redelivered(payload: &mut serde_json::Value) {
     crate::bus::redis::envelope::mark_redelivered(payload);
 }
 
-/// The first name or property of an AMQP delivery whose bytes are not
-/// UTF-8 (such a request is refused before it is parsed).
-pub fn amqp_not_utf8(
+/// What makes an AMQP delivery's properties unreadable: a name or
+/// property whose bytes are not UTF-8, or headers nested too deep (such a
+/// request is refused before it is parsed).
+pub fn amqp_malformed(
     exchange: &ShortString,
     routing_key: &ShortString,
     properties: &BasicProperties,
-) -> Option<&'static str> {
-    crate::bus::amqp::not_utf8(exchange, routing_key, properties)
+) -> Option<crate::bus::Malformed> {
+    crate::bus::amqp::malformed(exchange, routing_key, properties)
 }

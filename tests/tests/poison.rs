@@ -103,6 +103,25 @@ fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Publishes `body` through `exchange` to `routing_key` with `property`
+/// set to `value` (raw_amqp_request.py says how; py-amqp passes bytes
+/// through), replies to `reply_to`: the script's output.
+fn publish_raw(
+    exchange: &str,
+    routing_key: &str,
+    body: &str,
+    reply_to: &str,
+    property: &str,
+    value: &str,
+) -> std::process::Output {
+    let script = workspace_root().join("tests/python/raw_amqp_request.py");
+    Command::new(python_with_kombu())
+        .arg(&script)
+        .args([exchange, routing_key, body, reply_to, property, value])
+        .output()
+        .expect("run raw_amqp_request.py")
+}
+
 /// Publishes `body` to `routing_key` with `property` set to `hex` bytes
 /// (py-amqp passes them through), and returns the reply and its
 /// correlation id's bytes, read with the (patched) lapin: `null` if none
@@ -129,19 +148,14 @@ fn raw_request(
         )
         .await
         .expect("declare the reply queue");
-        let script = workspace_root().join("tests/python/raw_amqp_request.py");
-        let output = Command::new(python_with_kombu())
-            .arg(&script)
-            .args([
-                &host.spec.exchange,
-                routing_key,
-                body,
-                &reply_to,
-                property,
-                hex,
-            ])
-            .output()
-            .expect("run raw_amqp_request.py");
+        let output = publish_raw(
+            &host.spec.exchange,
+            routing_key,
+            body,
+            &reply_to,
+            property,
+            hex,
+        );
         assert!(
             output.status.success(),
             "{}\n{}",
@@ -179,6 +193,130 @@ fn raw_request(
         let _ = conn.close(200, "bye".into()).await;
         got
     })
+}
+
+/// Nestings a frame can carry on RabbitMQ: its frames are at most 128 KiB,
+/// so about 18,700 levels of tables (7 bytes each); the parser stops
+/// descending at 32 whatever the depth.
+const DEEP: [(&str, &str); 6] = [
+    ("deep_tables", "17"),
+    ("deep_tables", "100"),
+    ("deep_tables", "1000"),
+    ("deep_tables", "18000"),
+    ("deep_arrays", "1000"),
+    ("deep_arrays", "18000"),
+];
+
+/// Headers nested 100,000 deep: 700 KB in one frame, which RabbitMQ
+/// refuses to the publisher (frame_too_large) before any consumer sees it.
+fn a_100_000_deep_frame_is_refused_by_the_broker(exchange: &str, routing_key: &str) {
+    let output = publish_raw(exchange, routing_key, "{}", "x", "deep_tables", "100000");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("frame_too_large"),
+        "the broker took a 700 KB header frame: {stderr}"
+    );
+}
+
+/// Headers nested past 16 levels, up to what a frame can hold: each
+/// request answered -32600 naming the reason, by the same two workers
+/// (no stack overflow, no restart), and the service serves on.
+#[test]
+fn headers_nested_too_deep_cost_one_answer_each_and_never_a_worker() {
+    let host = TestHost::start(spec(vec!["demo"]));
+    let workers = host.worker_pids("demo");
+    assert_eq!(workers.len(), 2, "{}", host.stderr());
+    let body = r#"{"jsonrpc": "2.0", "id": "p1", "method": "echo", "params": [1]}"#;
+    for (kind, depth) in DEEP {
+        let (reply, _) = raw_request(
+            &host,
+            "demo.echo",
+            body,
+            kind,
+            depth,
+            Duration::from_secs(10),
+        );
+        assert_eq!(reply["id"], "p1", "{kind} {depth}: {reply}");
+        assert_eq!(reply["error"]["code"], -32600, "{kind} {depth}: {reply}");
+        assert_eq!(
+            reply["error"]["message"], "the request's headers nest deeper than 16 levels",
+            "{kind} {depth}: {reply}"
+        );
+    }
+    // At the limit, headers are read and the request handled.
+    let (reply, _) = raw_request(
+        &host,
+        "demo.echo",
+        body,
+        "deep_tables",
+        "16",
+        Duration::from_secs(10),
+    );
+    assert_eq!(reply["result"], 1, "{reply}");
+    a_100_000_deep_frame_is_refused_by_the_broker(&host.spec.exchange, "demo.echo");
+
+    ordinary_requests_all_answered(&host, "demo.echo", |i| json!(i));
+    assert_eq!(host.worker_pids("demo"), workers, "a worker was replaced");
+    let log = host.stderr();
+    assert!(!log.contains("overflowed its stack"), "{log}");
+    assert_eq!(trouble_lines(&log), (0, 0), "{log}");
+    assert_eq!(
+        handler_runs(&log, "echo"),
+        301,
+        "no request nested too deep reached the handler"
+    );
+}
+
+/// The reply queues of the supervisor (its HTTP relay's) with process id
+/// `pid`, as the broker lists them.
+fn reply_queues_of(pid: u32) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages"])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    assert!(out.status.success(), "{out:?}");
+    let marker = format!("-{pid}-");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .filter(|name| name.starts_with("commissaire-host-reply-") && name.contains(&marker))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The name of every HTTP-relayed request's `reply_to` is no secret:
+/// headers nested too deep sent there cost the supervisor nothing (it
+/// once aborted, taking every worker and the endpoint with it).
+#[test]
+fn headers_nested_too_deep_on_the_supervisor_s_reply_queue_cost_it_nothing() {
+    let host = TestHost::start(spec(vec!["simple"]));
+    let (status, reply) = host.http_call("simple.add", &json!({"id": 1, "params": [1, 2]}));
+    assert_eq!((status, &reply["result"]), (200, &json!(3)), "{reply}");
+    let supervisor = host.pid().expect("the host runs");
+    let queues = reply_queues_of(supervisor);
+    assert_eq!(queues.len(), 1, "{queues:?}\n{}", host.stderr());
+    let queue = &queues[0];
+    let workers = host.worker_pids("simple");
+    for (kind, depth) in DEEP {
+        let output = publish_raw("", queue, r#"{"id": 9, "result": 0}"#, "x", kind, depth);
+        assert!(output.status.success(), "{output:?}");
+    }
+    a_100_000_deep_frame_is_refused_by_the_broker("", queue);
+    // The relay still answers, by the same process and workers.
+    for i in 0..20 {
+        let (status, reply) = host.http_call("simple.add", &json!({"id": i, "params": [i, 1]}));
+        assert_eq!((status, &reply["result"]), (200, &json!(i + 1)), "{reply}");
+    }
+    ordinary_requests_all_answered(&host, "simple.add", |i| json!(i + 1));
+    assert_eq!(host.worker_pids("simple"), workers, "a worker was replaced");
+    assert_eq!(
+        reply_queues_of(supervisor),
+        queues,
+        "the reply queue changed"
+    );
+    let log = host.stderr();
+    assert!(!log.contains("overflowed its stack"), "{log}");
+    assert_eq!(trouble_lines(&log), (0, 0), "{log}");
 }
 
 #[test]
@@ -322,7 +460,9 @@ fn a_flood_of_poison_messages_is_answered_each_and_logged_once() {
     let log = host.stderr();
     // Two workers, each logging a kind once per 10 s, and the flood may
     // straddle a window: at most 4 lines of each kind.
-    let refused = log.matches("is not valid UTF-8: answering -32600").count();
+    let refused = log
+        .matches("request with unreadable properties: answering -32600")
+        .count();
     let dropped = log.matches("dropped without a reply").count();
     assert!(
         (1..=4).contains(&refused),
@@ -446,6 +586,7 @@ fn a_redis_reply_to_a_set_is_refused_at_once_and_the_request_is_dropped() {
         confirm: false,
         expires: None,
         traceparent: None,
+        reply_ttl: None,
     });
     redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);
     wait_until(Duration::from_secs(15), "the request is dropped", || {

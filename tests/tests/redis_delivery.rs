@@ -58,6 +58,7 @@ fn message<'a>(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgo
         confirm: false,
         expires: None,
         traceparent: None,
+        reply_ttl: None,
     }
 }
 
@@ -376,6 +377,7 @@ impl Caller {
                 confirm: false,
                 expires: None,
                 traceparent: None,
+                reply_ttl: None,
             })
             .await
             .expect("publish");
@@ -570,6 +572,7 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
                 confirm: false,
                 expires: None,
                 traceparent: None,
+                reply_ttl: None,
             })
             .await
             .expect("publish");
@@ -741,6 +744,58 @@ async fn workers_killed_at_random_instants_under_load_lose_nothing() {
             panic!("the host is still shared");
         };
         assert!(blocking(move || host.wait(Duration::from_secs(30))).success());
+    }
+    assert_nothing_left(&uri, &before);
+}
+
+/// A caller that gave up leaves its reply list unread: the host's replies
+/// there expire (an hour after the last push) instead of piling up for
+/// ever. Database 11, its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_list_its_caller_abandoned_expires() {
+    let uri = redis_uri(11, "");
+    let before = redis_keys(&uri);
+    {
+        let mut spec = HostSpec::redis(11);
+        spec.plugins = vec!["simple"];
+        let host = blocking(move || TestHost::start(spec));
+        let bus = RedisBus::connect(&uri).await.expect("connect");
+        let abandoned = unique("abandoned-reply");
+        for i in 0..3 {
+            let body =
+                json!({"jsonrpc": "2.0", "id": i, "method": "add", "params": [i, 1]}).to_string();
+            bus.publish(Outgoing {
+                exchange: &host.spec.exchange,
+                routing_key: "simple.add",
+                body: body.as_bytes(),
+                reply_to: Some(&abandoned),
+                correlation_id: None,
+                durable: false,
+                confirm: false,
+                expires: None,
+                traceparent: None,
+                reply_ttl: None,
+            })
+            .await
+            .expect("publish");
+        }
+        let started = Instant::now();
+        while redis_command(&uri, &["LLEN", &abandoned]).int() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "3 replies not pushed: {}",
+                host.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ttl = redis_command(&uri, &["PTTL", &abandoned]).int();
+        eprintln!("abandoned reply list: 3 replies, PTTL {ttl} ms");
+        assert!(
+            (3_000_000..=3_600_000).contains(&ttl),
+            "the reply list expires in about an hour, not {ttl} ms"
+        );
+        redis_command(&uri, &["DEL", &abandoned]);
+        bus.close().await;
     }
     assert_nothing_left(&uri, &before);
 }

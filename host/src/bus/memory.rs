@@ -94,7 +94,7 @@ fn copy(m: &Incoming) -> Incoming {
         body: m.body.clone(),
         reply_to: m.reply_to.clone(),
         correlation_id: m.correlation_id.clone(),
-        not_utf8: m.not_utf8,
+        malformed: m.malformed,
         traceparent: m.traceparent.clone(),
         redelivered: m.redelivered,
         acker: None,
@@ -208,7 +208,7 @@ impl BusTransport for MemoryBus {
                 body: m.body.to_vec(),
                 reply_to: m.reply_to.map(str::to_owned),
                 correlation_id: m.correlation_id.map(<[u8]>::to_vec),
-                not_utf8: None,
+                malformed: None,
                 traceparent: m.traceparent.map(str::to_owned),
                 redelivered: false,
                 acker: None,
@@ -249,6 +249,7 @@ mod tests {
             confirm: false,
             expires: None,
             traceparent: None,
+            reply_ttl: None,
         }
     }
 

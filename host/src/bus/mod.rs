@@ -81,7 +81,18 @@ pub struct Outgoing<'a> {
     /// The W3C `traceparent` header to send (AMQP headers; kombu's
     /// `headers` on Redis).
     pub traceparent: Option<&'a str>,
+    /// Set on replies: how long the list they go to (on Redis) lives on
+    /// unread after this push, each push setting it again. A caller pops
+    /// its reply at once; one that gave up or died leaves a list that
+    /// would otherwise keep every reply sent to it for ever. AMQP ignores
+    /// it: there a reply queue is its caller's, with the caller's own
+    /// lifetime.
+    pub reply_ttl: Option<std::time::Duration>,
 }
+
+/// How long an unread reply list lives at least ([`Outgoing::reply_ttl`]):
+/// far beyond any caller's wait.
+pub const REPLY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How to settle a delivery.
 #[derive(Debug)]
@@ -109,6 +120,42 @@ pub trait Acker: Send + Sync {
     fn tag(&self) -> String;
 }
 
+/// How deep a delivery's headers may nest (tables in tables, arrays in
+/// them). Nothing the host or its callers send nests past 2; the patched
+/// AMQP parser (vendor/README.md) stops descending at 32, so that a frame
+/// nested 100,000 deep still parses and is refused here.
+pub const MAX_HEADER_DEPTH: usize = 16;
+
+/// Why a delivery's properties cannot be read as the host reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    /// This name or property (`reply_to`, `headers`, ...) is not valid
+    /// UTF-8.
+    NotUtf8(&'static str),
+    /// The headers nest deeper than [`MAX_HEADER_DEPTH`].
+    TooDeep,
+}
+
+impl Malformed {
+    /// Whether the reply address itself is unreadable (the request cannot
+    /// be answered).
+    pub fn unanswerable(self) -> bool {
+        self == Self::NotUtf8("reply_to")
+    }
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotUtf8(property) => write!(f, "the request's {property} is not valid UTF-8"),
+            Self::TooDeep => write!(
+                f,
+                "the request's headers nest deeper than {MAX_HEADER_DEPTH} levels"
+            ),
+        }
+    }
+}
+
 /// A delivered message.
 pub struct Incoming {
     /// The exchange it came through.
@@ -121,9 +168,9 @@ pub struct Incoming {
     pub reply_to: Option<String>,
     /// `correlation_id`, as sent (a reply copies it byte for byte).
     pub correlation_id: Option<Vec<u8>>,
-    /// The first property or header key that was not valid UTF-8, if any:
-    /// such a request is refused before it is parsed.
-    pub not_utf8: Option<&'static str>,
+    /// What makes its properties unreadable, if anything: such a request
+    /// is refused before it is parsed.
+    pub malformed: Option<Malformed>,
     /// The `traceparent` header, as sent (parsed by [`crate::trace`]).
     pub traceparent: Option<String>,
     /// Whether it was delivered before.
@@ -138,7 +185,7 @@ impl std::fmt::Debug for Incoming {
             .field("routing_key", &self.routing_key)
             .field("reply_to", &self.reply_to)
             .field("correlation_id", &self.correlation_id)
-            .field("not_utf8", &self.not_utf8)
+            .field("malformed", &self.malformed)
             .field("redelivered", &self.redelivered)
             .finish_non_exhaustive()
     }

@@ -94,6 +94,8 @@ pub enum Dropped {
     Oversize,
     /// A property that is not UTF-8 (answered -32600).
     NotUtf8,
+    /// Headers nested too deep (answered -32600).
+    TooDeep,
     /// A `reply_to` that is not UTF-8: acked without a reply.
     UnreadableReplyTo,
     /// A reply that could not be published: its request acked and dropped.
@@ -109,7 +111,7 @@ pub enum Dropped {
 pub struct ServiceMetrics {
     /// Per method, sorted by name, then [`UNKNOWN_METHOD`] last.
     methods: Vec<(Box<str>, MethodCounts)>,
-    drops: [AtomicU64; 6],
+    drops: [AtomicU64; Dropped::Timeout as usize + 1],
     bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
@@ -193,6 +195,7 @@ impl ServiceMetrics {
                 .collect(),
             oversize: d(Dropped::Oversize),
             not_utf8: d(Dropped::NotUtf8),
+            too_deep: d(Dropped::TooDeep),
             unreadable_reply_to: d(Dropped::UnreadableReplyTo),
             reply_dropped: d(Dropped::ReplyDropped),
             poison: d(Dropped::Poison),
@@ -290,6 +293,9 @@ pub struct ServiceSnapshot {
     pub oversize: u64,
     /// Requests with a property that is not UTF-8.
     pub not_utf8: u64,
+    /// Requests whose headers nest too deep.
+    #[serde(default)]
+    pub too_deep: u64,
     /// Requests dropped for a `reply_to` that is not UTF-8.
     pub unreadable_reply_to: u64,
     /// Replies that could not be published.

@@ -161,7 +161,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 9] = [
+        let simple: [Simple; 10] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -196,6 +196,11 @@ impl Collector for Views {
                 "commissaire_not_utf8_refused",
                 "Requests with a property that is not UTF-8, answered -32600 or dropped.",
                 |v| v.counts.not_utf8,
+            ),
+            (
+                "commissaire_too_deep_refused",
+                "Requests whose headers nest deeper than 16 levels, answered -32600.",
+                |v| v.counts.too_deep,
             ),
             (
                 "commissaire_unreadable_reply_to_dropped",

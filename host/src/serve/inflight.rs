@@ -219,7 +219,7 @@ mod tests {
             body: body.as_bytes().to_vec(),
             reply_to: Some("r".into()),
             correlation_id: Some(b"c".to_vec()),
-            not_utf8: None,
+            malformed: None,
             traceparent: None,
             redelivered: false,
             acker: None,

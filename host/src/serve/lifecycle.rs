@@ -21,7 +21,7 @@ use super::handler_bus::HandlerBus;
 use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
 use super::Process;
-use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
+use crate::bus::{BusError, BusTransport, Incoming, Malformed, Outgoing, Settle};
 use crate::dispatch::{error_body, parse_request, Delivery, Handled, Reply, Service};
 use crate::metrics::{Dropped, ServiceMetrics};
 use crate::trace::TraceContext;
@@ -296,6 +296,7 @@ impl Inbound {
             confirm: self.confirm,
             expires: None,
             traceparent: Some(&self.traceparent),
+            reply_ttl: Some(crate::bus::REPLY_TTL.max(self.timeout)),
         };
         let mut tries = 0;
         loop {
@@ -394,21 +395,24 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
         s.metrics.request(&incoming.routing_key, Some(error.code));
         return inbound.refuse_with_id("null", &error).await;
     }
-    if let Some(property) = incoming.not_utf8 {
+    if let Some(malformed) = incoming.malformed {
         inbound.claim();
-        s.metrics.dropped(Dropped::NotUtf8);
-        if property == "reply_to" {
+        s.metrics.dropped(match malformed {
+            Malformed::NotUtf8(_) => Dropped::NotUtf8,
+            Malformed::TooDeep => Dropped::TooDeep,
+        });
+        if malformed.unanswerable() {
             return inbound
                 .drop_unanswerable("a request whose reply_to is not valid UTF-8")
                 .await;
         }
         crate::throttled!(warn!(
-            service = &*s.name, queue = &*inbound.queue, delivery_tag = %incoming.tag(), property,
-            "request with a property that is not valid UTF-8: answering -32600"
+            service = &*s.name, queue = &*inbound.queue, delivery_tag = %incoming.tag(),
+            reason = %malformed, "request with unreadable properties: answering -32600"
         ));
-        let error =
-            RpcError::invalid_request(format!("the request's {property} is not valid UTF-8"));
-        return inbound.refuse(&error).await;
+        return inbound
+            .refuse(&RpcError::invalid_request(malformed.to_string()))
+            .await;
     }
 
     // A redelivered request may be the one that killed the last workers,

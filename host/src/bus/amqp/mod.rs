@@ -29,7 +29,7 @@ use super::{BusError, BusTransport, Consumer, Incoming, Outgoing, ReplyQueueKind
 use crate::redact::redact_uri;
 use acks::AckBatcher;
 use consume::{AmqpConsumers, Settling};
-pub(crate) use wire::not_utf8;
+pub(crate) use wire::malformed;
 use wire::{field_table, publish_on};
 
 mod acks;

@@ -8,7 +8,7 @@ use lapin::{BasicProperties, Channel};
 
 use super::consume::{AmqpAcker, Settling};
 use super::{lapin_error, short};
-use crate::bus::{BusError, Incoming, Outgoing, QueueArguments};
+use crate::bus::{BusError, Incoming, Malformed, Outgoing, QueueArguments, MAX_HEADER_DEPTH};
 
 /// A lapin delivery as the host sees it; how to settle it, if it must be.
 pub(super) fn incoming(
@@ -24,7 +24,7 @@ pub(super) fn incoming(
             .correlation_id()
             .as_ref()
             .map(|s| s.as_bytes().to_vec()),
-        not_utf8: not_utf8(&delivery.exchange, &delivery.routing_key, properties),
+        malformed: malformed(&delivery.exchange, &delivery.routing_key, properties),
         traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
         acker: settling.map(|settling| {
@@ -34,14 +34,16 @@ pub(super) fn incoming(
     }
 }
 
-/// The first name or property of a delivery whose bytes are not UTF-8
-/// (the broker passes any bytes through; the patched parser in `vendor/`
-/// keeps them instead of failing the connection).
-pub(crate) fn not_utf8(
+/// What makes a delivery unreadable: the first name or property whose
+/// bytes are not UTF-8 (the broker passes any bytes through; the patched
+/// parser in `vendor/` keeps them instead of failing the connection), or
+/// headers nested deeper than [`MAX_HEADER_DEPTH`] (the patched parser
+/// stops descending at 32 levels, so a hostile frame arrives that deep).
+pub(crate) fn malformed(
     exchange: &lapin::types::ShortString,
     routing_key: &lapin::types::ShortString,
     p: &BasicProperties,
-) -> Option<&'static str> {
+) -> Option<Malformed> {
     let strings = [
         ("routing_key", Some(routing_key)),
         ("exchange", Some(exchange)),
@@ -60,12 +62,9 @@ pub(crate) fn not_utf8(
         .iter()
         .find(|(_, s)| s.is_some_and(|s| !s.is_utf8()))
     {
-        return Some(name);
+        return Some(Malformed::NotUtf8(name));
     }
-    p.headers()
-        .as_ref()
-        .is_some_and(|h| !table_is_utf8(h, 0))
-        .then_some("headers")
+    p.headers().as_ref().and_then(|h| table_malformed(h, 1))
 }
 
 /// The `traceparent` header of `headers`, as text (a long or a short
@@ -83,23 +82,36 @@ fn traceparent(headers: &FieldTable) -> Option<String> {
     std::str::from_utf8(bytes).ok().map(str::to_owned)
 }
 
-/// Whether every key (and short-string value) of `table` and the tables
-/// in it is UTF-8; nesting past 16 levels counts as not.
-fn table_is_utf8(table: &FieldTable, depth: u8) -> bool {
-    use lapin::types::AMQPValue;
-    fn value_is_utf8(v: &AMQPValue, depth: u8) -> bool {
-        match v {
-            AMQPValue::ShortString(s) => s.is_utf8(),
-            AMQPValue::FieldTable(t) => table_is_utf8(t, depth + 1),
-            AMQPValue::FieldArray(a) => a.as_slice().iter().all(|v| value_is_utf8(v, depth + 1)),
-            _ => true,
-        }
+/// The first key or short-string value of `table` and of the tables and
+/// arrays in it that is not UTF-8, or [`Malformed::TooDeep`] for a table or
+/// array nested past [`MAX_HEADER_DEPTH`] (the headers themselves are at
+/// `depth` 1). The recursion stops at that depth.
+fn table_malformed(table: &FieldTable, depth: usize) -> Option<Malformed> {
+    if depth > MAX_HEADER_DEPTH {
+        return Some(Malformed::TooDeep);
     }
-    depth < 16
-        && table
-            .inner()
+    table.inner().iter().find_map(|(k, v)| {
+        if k.is_utf8() {
+            value_malformed(v, depth)
+        } else {
+            Some(Malformed::NotUtf8("headers"))
+        }
+    })
+}
+
+/// [`table_malformed`] for one value in a table or array at `depth`.
+fn value_malformed(v: &lapin::types::AMQPValue, depth: usize) -> Option<Malformed> {
+    use lapin::types::AMQPValue;
+    match v {
+        AMQPValue::ShortString(s) if !s.is_utf8() => Some(Malformed::NotUtf8("headers")),
+        AMQPValue::FieldTable(t) => table_malformed(t, depth + 1),
+        AMQPValue::FieldArray(_) if depth + 1 > MAX_HEADER_DEPTH => Some(Malformed::TooDeep),
+        AMQPValue::FieldArray(a) => a
+            .as_slice()
             .iter()
-            .all(|(k, v)| k.is_utf8() && value_is_utf8(v, depth))
+            .find_map(|v| value_malformed(v, depth + 1)),
+        _ => None,
+    }
 }
 
 /// Queue arguments as an AMQP field table.
@@ -180,4 +192,79 @@ pub(super) async fn publish_on(
         )
         .await
         .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of basic properties holding only headers, `depth` levels
+    /// deep: tables in tables (`{"a": {"a": ...}}`) with `leaf_key` -> void
+    /// in the innermost, or with `arrays` a table holding arrays in arrays.
+    /// Written backwards from the innermost level out (each level's length
+    /// is what lies inside it), then turned round.
+    fn nested_headers(depth: usize, arrays: bool, leaf_key: &[u8]) -> Vec<u8> {
+        let mut rev: Vec<u8> = Vec::new();
+        let push = |rev: &mut Vec<u8>, bytes: &[u8]| rev.extend(bytes.iter().rev());
+        if !arrays || depth == 1 {
+            push(
+                &mut rev,
+                &[&[leaf_key.len() as u8][..], leaf_key, b"V"].concat(),
+            );
+        }
+        for level in (1..depth).rev() {
+            let len = (rev.len() as u32).to_be_bytes();
+            push(&mut rev, &len);
+            match (arrays, level) {
+                (true, 1) => push(&mut rev, b"\x01aA"),
+                (true, _) => push(&mut rev, b"A"),
+                (false, _) => push(&mut rev, b"\x01aF"),
+            }
+        }
+        let len = (rev.len() as u32).to_be_bytes();
+        push(&mut rev, &len);
+        push(&mut rev, &0x2000u16.to_be_bytes());
+        rev.reverse();
+        rev
+    }
+
+    fn check(bytes: &[u8]) -> Option<Malformed> {
+        let (_, p) = lapin::protocol::basic::parse_properties(bytes).expect("the frame parses");
+        malformed(&"ex".into(), &"rk".into(), &p)
+    }
+
+    #[test]
+    fn headers_nested_to_the_limit_are_read() {
+        assert_eq!(check(&nested_headers(1, false, b"k")), None);
+        assert_eq!(check(&nested_headers(MAX_HEADER_DEPTH, false, b"k")), None);
+        assert_eq!(check(&nested_headers(MAX_HEADER_DEPTH, true, b"k")), None);
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_is_found_at_any_depth_within_the_limit() {
+        for depth in [1, 3, MAX_HEADER_DEPTH] {
+            assert_eq!(
+                check(&nested_headers(depth, false, b"\xff\xfe")),
+                Some(Malformed::NotUtf8("headers")),
+                "depth {depth}"
+            );
+        }
+    }
+
+    /// Upstream's parser recursed into every level and overflowed the
+    /// stack of lapin's I/O thread at about 1,000 (this test's thread has
+    /// the same 2 MiB); the patched one stops at 32 levels, and the host
+    /// refuses anything past 16.
+    #[test]
+    fn headers_nested_past_the_limit_are_too_deep_however_deep() {
+        for depth in [MAX_HEADER_DEPTH + 1, 100, 1_000, 100_000] {
+            for arrays in [false, true] {
+                assert_eq!(
+                    check(&nested_headers(depth, arrays, b"k")),
+                    Some(Malformed::TooDeep),
+                    "depth {depth}, arrays {arrays}"
+                );
+            }
+        }
+    }
 }

@@ -167,6 +167,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         .key(&k.held)
                         .arg(r#"{"reply":true}"#)
                         .arg(tag)
+                        .arg(3_600_000)
                         .invoke(&mut k.conn)
                         .expect("reply and ack");
                     // A request handed back is answered by its next
@@ -178,6 +179,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     }
                     let listed: usize = k.conn.llen(&k.replies).expect("LLEN");
                     prop_assert_eq!(listed, replies);
+                    // A reply list nobody reads expires (an hour here).
+                    let ttl: i64 = k.conn.pttl(&k.replies).expect("PTTL");
+                    prop_assert!(
+                        replies == 0 || (3_500_000..=3_600_000).contains(&ttl),
+                        "reply list TTL {ttl} ms"
+                    );
                 }
                 // The record there just before is what the ack settled.
                 if let Some(record) = record {

@@ -103,7 +103,8 @@ impl Acker for RedisAcker {
             .key(UNACKED_INDEX)
             .key(&self.inner.identity.held)
             .arg(envelope(&m))
-            .arg(&self.tag);
+            .arg(&self.tag)
+            .arg(super::ttl_ms(m.reply_ttl));
         let what = format!("replying to `{}`", m.routing_key);
         let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
             Ok(::redis::Value::Int(2)) => {
@@ -136,7 +137,7 @@ pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Inc
         body: received.body,
         reply_to: received.reply_to,
         correlation_id: received.correlation_id.map(String::into_bytes),
-        not_utf8: None,
+        malformed: None,
         traceparent: received.traceparent,
         redelivered: received.redelivered,
         acker,

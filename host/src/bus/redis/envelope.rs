@@ -207,6 +207,7 @@ mod tests {
             confirm: false,
             expires: None,
             traceparent: None,
+            reply_ttl: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         let tag = v["properties"]["delivery_tag"].as_str().unwrap().to_owned();

@@ -250,7 +250,9 @@ impl BusTransport for RedisBus {
         if m.exchange.is_empty() {
             // The default exchange: the routing key names the list.
             let mut inv = self.inner.scripts.publish.prepare_invoke();
-            inv.key(priority_list(m.routing_key, 0)).arg(envelope(&m));
+            inv.key(priority_list(m.routing_key, 0))
+                .arg(envelope(&m))
+                .arg(ttl_ms(m.reply_ttl));
             let what = format!("publishing to `{}`", m.routing_key);
             let answer = self.inner.script(&what, &inv).await?;
             refused(&what, answer)?;
@@ -294,4 +296,11 @@ impl BusTransport for RedisBus {
         }
         self.inner.restore_owner(owner).await
     }
+}
+
+/// A list's expiry for the scripts, in ms: 0 for none.
+fn ttl_ms(ttl: Option<std::time::Duration>) -> u64 {
+    ttl.map_or(0, |t| {
+        u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
 }

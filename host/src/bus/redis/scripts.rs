@@ -71,9 +71,11 @@ return out
 ";
 
 /// Publishes: pushes the envelope onto every list, unless one of them is
-/// refused (then onto none); returns 0, or why it was refused.
+/// refused (then onto none), and sets the lists to expire after `ARGV[2]`
+/// ms unless it is 0 (a reply: see `Outgoing::reply_ttl`); returns 0, or
+/// why it was refused.
 ///
-/// KEYS: the lists. ARGV: the envelope.
+/// KEYS: the lists. ARGV: the envelope, the expiry (ms, 0 for none).
 const PUBLISH: &str = r"
 for i = 1, #KEYS do
   local why = refusal(KEYS[i])
@@ -81,6 +83,8 @@ for i = 1, #KEYS do
 end
 for i = 1, #KEYS do
   redis.call('LPUSH', KEYS[i], ARGV[1])
+  local ttl = tonumber(ARGV[2] or '0') or 0
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return 0
 ";
@@ -122,13 +126,18 @@ return 0
 /// holder answers it: replying too would answer it twice); or why the
 /// reply list was refused (nothing done).
 ///
+/// The reply list expires after `ARGV[3]` ms unread unless it is 0 (see
+/// `Outgoing::reply_ttl`).
+///
 /// KEYS: reply list, unacked, unacked_index, held set.
-/// ARGV: the reply's envelope, the request's tag.
+/// ARGV: the reply's envelope, the request's tag, the list's expiry (ms).
 const REPLY_ACK: &str = r"
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 2 end
 local why = refusal(KEYS[1])
 if why then return why end
 redis.call('LPUSH', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[3] or '0') or 0
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('SREM', KEYS[4], ARGV[2])
