@@ -348,10 +348,12 @@ impl Service {
                         service = %self.name, method = %request.method, id = request.id_json,
                         latency_us, "handled"
                     ),
-                    Err(e) if e.code == RpcError::INTERNAL_ERROR => tracing::error!(
+                    // Any caller can make a handler fail: one line per
+                    // 10 s, the rest counted (requests_total by code).
+                    Err(e) if e.code == RpcError::INTERNAL_ERROR => crate::throttled!(error!(
                         service = %self.name, method = %request.method, id = request.id_json,
                         latency_us, code = e.code, error = %e.message, "handler failed"
-                    ),
+                    )),
                     Err(e) => tracing::debug!(
                         service = %self.name, method = %request.method, id = request.id_json,
                         latency_us, code = e.code, error = %e.message, "handled with an error"
@@ -363,11 +365,11 @@ impl Service {
                 }
             }
             Err(rejected) => {
-                tracing::warn!(
+                crate::throttled!(warn!(
                     service = %self.name, routing_key = delivery.routing_key,
                     id = rejected.id_json, code = rejected.error.code,
                     error = %rejected.error.message, "request rejected"
-                );
+                ));
                 Err((rejected.id_json.to_owned(), rejected.error))
             }
         };

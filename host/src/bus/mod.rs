@@ -134,13 +134,16 @@ pub enum Malformed {
     NotUtf8(&'static str),
     /// The headers nest deeper than [`MAX_HEADER_DEPTH`].
     TooDeep,
+    /// Not a message of the transport's format at all (on Redis, a list
+    /// item that is not a kombu envelope): nothing in it can be read.
+    NotAnEnvelope,
 }
 
 impl Malformed {
     /// Whether the reply address itself is unreadable (the request cannot
     /// be answered).
     pub fn unanswerable(self) -> bool {
-        self == Self::NotUtf8("reply_to")
+        matches!(self, Self::NotUtf8("reply_to") | Self::NotAnEnvelope)
     }
 }
 
@@ -152,6 +155,7 @@ impl std::fmt::Display for Malformed {
                 f,
                 "the request's headers nest deeper than {MAX_HEADER_DEPTH} levels"
             ),
+            Self::NotAnEnvelope => write!(f, "a message that is not a kombu envelope"),
         }
     }
 }

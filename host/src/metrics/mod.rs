@@ -96,6 +96,8 @@ pub enum Dropped {
     NotUtf8,
     /// Headers nested too deep (answered -32600).
     TooDeep,
+    /// Not a message of the transport's format (acked without a reply).
+    NotAnEnvelope,
     /// A `reply_to` that is not UTF-8: acked without a reply.
     UnreadableReplyTo,
     /// A reply that could not be published: its request acked and dropped.
@@ -196,6 +198,7 @@ impl ServiceMetrics {
             oversize: d(Dropped::Oversize),
             not_utf8: d(Dropped::NotUtf8),
             too_deep: d(Dropped::TooDeep),
+            not_an_envelope: d(Dropped::NotAnEnvelope),
             unreadable_reply_to: d(Dropped::UnreadableReplyTo),
             reply_dropped: d(Dropped::ReplyDropped),
             poison: d(Dropped::Poison),
@@ -296,6 +299,9 @@ pub struct ServiceSnapshot {
     /// Requests whose headers nest too deep.
     #[serde(default)]
     pub too_deep: u64,
+    /// Messages dropped for not being of the transport's format.
+    #[serde(default)]
+    pub not_an_envelope: u64,
     /// Requests dropped for a `reply_to` that is not UTF-8.
     pub unreadable_reply_to: u64,
     /// Replies that could not be published.

@@ -161,7 +161,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 10] = [
+        let simple: [Simple; 11] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -201,6 +201,11 @@ impl Collector for Views {
                 "commissaire_too_deep_refused",
                 "Requests whose headers nest deeper than 16 levels, answered -32600.",
                 |v| v.counts.too_deep,
+            ),
+            (
+                "commissaire_not_an_envelope_dropped",
+                "Messages on Redis that are not kombu envelopes, acked without a reply.",
+                |v| v.counts.not_an_envelope,
             ),
             (
                 "commissaire_unreadable_reply_to_dropped",

@@ -8,8 +8,8 @@
 //! result and the rest with a clear error, instead of taking every thread.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
@@ -31,8 +31,6 @@ pub struct HandlerBus {
     waiting: AtomicU16,
     /// The prefetch limit last set.
     limit: tokio::sync::Mutex<u16>,
-    /// When a refused call was last logged (one line a second at most).
-    refused_logged: Mutex<Option<Instant>>,
     /// On the multi-threaded runtime, where a handler may be running on a
     /// runtime thread (see `placement`): a bus call first hands the
     /// thread's other work over (a no-op if the handler already did).
@@ -71,7 +69,6 @@ impl HandlerBus {
             max_waits,
             waiting: AtomicU16::new(0),
             limit: tokio::sync::Mutex::new(concurrency),
-            refused_logged: Mutex::new(None),
             multi_thread,
             metrics,
         }
@@ -108,18 +105,11 @@ impl HandlerBus {
             }) {
             Ok(_) => Ok(Waiting(&self.waiting)),
             Err(_) => {
-                let mut logged = self
-                    .refused_logged
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                    *logged = Some(Instant::now());
-                    tracing::warn!(
-                        service = &*self.service,
-                        max_bus_waits = max,
-                        "handlers' bus calls refused: max_bus_waits handlers already wait on the bus"
-                    );
-                }
+                crate::throttled!(warn!(
+                    service = &*self.service,
+                    max_bus_waits = max,
+                    "handlers' bus calls refused: max_bus_waits handlers already wait on the bus"
+                ));
                 Err(RpcError::internal_error(format!(
                     "service `{}` already has {max} handlers waiting on the bus (max_bus_waits)",
                     self.service

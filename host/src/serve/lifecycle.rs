@@ -222,8 +222,8 @@ impl Inbound {
     }
 
     /// Acks without a reply: nothing can be answered (one warning).
-    async fn drop_unanswerable(&self, why: &str) {
-        self.metrics.dropped(Dropped::UnreadableReplyTo);
+    async fn drop_unanswerable(&self, why: &str, counted: Dropped) {
+        self.metrics.dropped(counted);
         self.metrics
             .request(&self.incoming.routing_key, Some(RpcError::INVALID_REQUEST));
         crate::throttled!(warn!(
@@ -397,13 +397,21 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
     if let Some(malformed) = incoming.malformed {
         inbound.claim();
+        if malformed == Malformed::NotAnEnvelope {
+            return inbound
+                .drop_unanswerable(&malformed.to_string(), Dropped::NotAnEnvelope)
+                .await;
+        }
         s.metrics.dropped(match malformed {
-            Malformed::NotUtf8(_) => Dropped::NotUtf8,
             Malformed::TooDeep => Dropped::TooDeep,
+            _ => Dropped::NotUtf8,
         });
         if malformed.unanswerable() {
             return inbound
-                .drop_unanswerable("a request whose reply_to is not valid UTF-8")
+                .drop_unanswerable(
+                    "a request whose reply_to is not valid UTF-8",
+                    Dropped::UnreadableReplyTo,
+                )
                 .await;
         }
         crate::throttled!(warn!(

@@ -94,6 +94,7 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
     into.oversize += from.oversize;
     into.not_utf8 += from.not_utf8;
     into.too_deep += from.too_deep;
+    into.not_an_envelope += from.not_an_envelope;
     into.unreadable_reply_to += from.unreadable_reply_to;
     into.reply_dropped += from.reply_dropped;
     into.poison += from.poison;

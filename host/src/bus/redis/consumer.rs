@@ -17,7 +17,7 @@ use super::connection::{now, refused, Inner, BLOCK_SECS};
 use super::envelope::{envelope, read_envelope, Received};
 use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
 use super::restore::Side;
-use crate::bus::{Acker, BusError, Incoming, Outgoing, PrefetchSlots, Settle, Sink};
+use crate::bus::{Acker, BusError, Incoming, Malformed, Outgoing, PrefetchSlots, Settle, Sink};
 use crate::redact::scrub;
 
 /// The most messages one take script moves.
@@ -195,7 +195,8 @@ async fn wait_for_message(conn: &mut MultiplexedConnection, list: &str) -> Resul
 }
 
 /// Makes the delivery of one taken message; one that is not an envelope is
-/// acked away.
+/// delivered marked [`Malformed::NotAnEnvelope`], for the service to count
+/// and ack.
 async fn deliver(
     inner: &Arc<Inner>,
     queue: &str,
@@ -203,23 +204,31 @@ async fn deliver(
     raw: &str,
     slot: OwnedSemaphorePermit,
 ) -> Option<Incoming> {
-    let received = match read_envelope(raw) {
-        Ok(r) => r,
-        Err(reason) => {
-            tracing::warn!(queue, %reason, "dropping a message that is not a kombu envelope");
-            if let Err(e) = inner.ack(&tag).await {
-                tracing::warn!(queue, error = %e, "cannot remove an unreadable message's record");
-            }
-            return None;
-        }
-    };
     let acker = RedisAcker {
         inner: inner.clone(),
         tag,
         slot: Mutex::new(Some(slot)),
         acked: AtomicBool::new(false),
     };
-    Some(incoming(received, Some(Box::new(acker))))
+    match read_envelope(raw) {
+        Ok(received) => Some(incoming(received, Some(Box::new(acker)))),
+        // Handed on, unreadable, so that the service counts and logs its
+        // drop as it does every other refusal, and acks it.
+        Err(reason) => {
+            tracing::debug!(queue, %reason, "a message that is not a kombu envelope");
+            Some(Incoming {
+                exchange: String::new(),
+                routing_key: String::new(),
+                body: Vec::new(),
+                reply_to: None,
+                correlation_id: None,
+                malformed: Some(Malformed::NotAnEnvelope),
+                traceparent: None,
+                redelivered: false,
+                acker: Some(Box::new(acker)),
+            })
+        }
+    }
 }
 
 /// A delivery taken after its consumer stopped goes back to the front of

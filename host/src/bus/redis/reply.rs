@@ -166,7 +166,11 @@ pub(super) async fn open(
                                 }
                             }
                             Err(reason) => {
-                                tracing::warn!(queue, %reason, "dropping a reply that is not a kombu envelope");
+                                crate::throttled!(warn!(
+                                    queue,
+                                    %reason,
+                                    "dropping a reply that is not a kombu envelope"
+                                ));
                             }
                         }
                     }
