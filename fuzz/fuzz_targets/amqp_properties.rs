@@ -158,6 +158,7 @@ fn check(exchange: &[u8], routing_key: &[u8], data: &[u8]) {
         Some(Malformed::TooDeep) => assert!(strings_utf8 && too_deep),
         Some(Malformed::NotUtf8("headers")) => assert!(strings_utf8 && headers_bad),
         Some(Malformed::NotUtf8(_)) => assert!(!strings_utf8),
+        Some(Malformed::NotAnEnvelope) => panic!("an AMQP delivery is never an envelope"),
     }
     for s in strings(p) {
         assert_eq!(s.is_utf8(), std::str::from_utf8(s.as_bytes()).is_ok());

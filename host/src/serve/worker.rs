@@ -201,17 +201,23 @@ fn report_now(control: &Control, process: &Process) {
 }
 
 /// Sends the supervisor this worker's counts every [`REPORT_EVERY`] while
-/// they change.
+/// they change, and every other tick regardless: the report is also the
+/// worker's heartbeat (a worker silent for long is wedged, and the
+/// supervisor stops pinging systemd's watchdog).
 async fn report_metrics(control: Arc<Control>, process: Process) {
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last = Vec::new();
+    let mut unchanged = 0u32;
     loop {
         tick.tick().await;
         let now = process.metrics.snapshot(process.inflight.len() as u64);
-        if now != last {
+        if now != last || unchanged >= 1 {
             control.metrics(now.clone());
             last = now;
+            unchanged = 0;
+        } else {
+            unchanged += 1;
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::workers::Worker;
 use super::Supervisor;
@@ -30,6 +31,8 @@ struct ServiceBook {
     crashes: u64,
     workers: Vec<(&'static str, u64)>,
     processes: Vec<WorkerView>,
+    /// When each live worker last reported (they do at least every 2 s).
+    heard: BTreeMap<u64, Instant>,
 }
 
 /// Every service's counts, over all its workers, living and dead.
@@ -104,6 +107,33 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
 }
 
 impl MetricsBook {
+    /// Requests answered (with a result or an error) since start, by every
+    /// worker, living and dead.
+    pub(super) fn requests_served(&self) -> u64 {
+        self.with(|services| {
+            services
+                .values()
+                .flat_map(|b| std::iter::once(&b.retired).chain(b.live.values()))
+                .flat_map(|s| &s.methods)
+                .map(|m| m.ok + m.errors.iter().map(|(_, n)| n).sum::<u64>())
+                .sum()
+        })
+    }
+
+    /// The worker heard from longest ago, if that is more than `limit`
+    /// before `now`: (its id, how long it has been silent). A worker that
+    /// never reported (still starting) is not counted.
+    pub(super) fn silent(&self, now: Instant, limit: Duration) -> Option<(u64, Duration)> {
+        self.with(|services| {
+            services
+                .values()
+                .flat_map(|b| &b.heard)
+                .map(|(id, at)| (*id, now.saturating_duration_since(*at)))
+                .filter(|(_, silent)| *silent > limit)
+                .max_by_key(|(_, silent)| *silent)
+        })
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, ServiceBook>) -> T) -> T {
         f(&mut self.services.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -114,11 +144,9 @@ impl MetricsBook {
             // A worker serves one service: anything else it claims is
             // ignored.
             if let Some(s) = snapshots.into_iter().find(|s| s.service == service) {
-                services
-                    .entry(service.to_owned())
-                    .or_default()
-                    .live
-                    .insert(id, s);
+                let book = services.entry(service.to_owned()).or_default();
+                book.live.insert(id, s);
+                book.heard.insert(id, Instant::now());
             }
         });
     }
@@ -127,6 +155,7 @@ impl MetricsBook {
     pub(super) fn ended(&self, id: u64, service: &str) {
         self.with(|services| {
             let book = services.entry(service.to_owned()).or_default();
+            book.heard.remove(&id);
             if let Some(mut last) = book.live.remove(&id) {
                 last.in_flight = 0;
                 add(&mut book.retired, &last);

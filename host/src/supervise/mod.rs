@@ -12,13 +12,15 @@
 //! - [`exits`]: a worker's end and its restart; [`backoff`]: when;
 //! - [`crashes`]: which requests were running at crashes;
 //! - [`roll`]: the SIGHUP roll; [`work_dir`]: the slot files' directory;
-//! - [`metrics`]: what `/healthz` and `/metrics` report.
+//! - [`metrics`]: what `/healthz` and `/metrics` report;
+//! - [`notify`]: what systemd is told (readiness, reload, watchdog).
 
 pub mod backoff;
 pub mod control;
 pub mod crashes;
 pub mod exits;
 pub mod metrics;
+pub mod notify;
 pub mod roll;
 pub mod work_dir;
 pub mod workers;
@@ -144,6 +146,8 @@ struct Supervisor {
     client: Option<Arc<SharedClient>>,
     /// Dead workers' deliveries being handed back.
     hand_backs: tokio_util::task::TaskTracker,
+    /// What systemd is told (nothing outside systemd).
+    notifier: notify::Notifier,
 }
 
 impl Supervisor {
@@ -201,6 +205,29 @@ impl Supervisor {
         }
     }
 
+    /// Tells systemd what is due (see [`notify`]).
+    fn notify_systemd(&mut self) {
+        let now = Instant::now();
+        let wedged = self
+            .metrics
+            .silent(now, notify::SILENT_LIMIT)
+            .and_then(|(id, silent)| {
+                let w = self.workers.get(&id)?;
+                Some((w.service.clone(), w.pid, silent))
+            });
+        let state = notify::State {
+            started: self.started,
+            rolling: self.roll.is_some() || !self.roll_queue.is_empty(),
+            stopping: self.stopping.is_some(),
+            services: self.services.len(),
+            consuming: self.workers.values().filter(|w| w.consuming).count(),
+            workers: self.workers.len(),
+            served: self.metrics.requests_served(),
+            wedged,
+        };
+        self.notifier.send(now, &state);
+    }
+
     fn all_started(&self) -> bool {
         self.services.keys().all(|name| {
             self.workers
@@ -244,6 +271,7 @@ pub async fn supervise(
         roll: None,
         client: None,
         hand_backs: tokio_util::task::TaskTracker::new(),
+        notifier: notify::Notifier::from_env(),
     };
     let result = run_loop(
         &mut s,
@@ -355,6 +383,7 @@ async fn run_loop(
         s.advance_roll();
         s.settle_ended();
         s.publish_health();
+        s.notify_systemd();
         if let Some(since) = s.stopping {
             if s.workers.is_empty() {
                 break;

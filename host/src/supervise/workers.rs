@@ -150,6 +150,11 @@ impl Supervisor {
             .env(WORKER_BUS_URI_ENV, &self.config.bus_uri)
             // Plugins have no business with the HTTP endpoint's secret.
             .env_remove(crate::config::HTTP_TOKEN_ENV)
+            // Only the supervisor speaks to systemd: a worker's READY=1
+            // would claim readiness the supervisor has not checked.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .env(WORKER_BUS_OWNER_ENV, &bus_owner)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
