@@ -1,4 +1,5 @@
-//! The host's TOML configuration, and how command-line flags and the
+//! The host's TOML configuration (or an original Commissaire service's
+//! JSON one, see [`original`]), and how command-line flags and the
 //! environment override it.
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use toml::Spanned;
 
 mod file;
 mod http;
+pub mod original;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -195,6 +197,11 @@ impl HostConfig {
         let path = source.as_ref().map(|(path, _)| *path);
         let (file, base, text) = match source {
             Some((path, text)) => {
+                let text = if original::is_json(&text) {
+                    original::to_toml(path, &text)?
+                } else {
+                    text
+                };
                 let file: FileConfig = toml::from_str(&text).map_err(|e| {
                     let location = match e.span() {
                         Some(span) => {

@@ -27,7 +27,9 @@ pub struct Cli {
 /// ahead of the file.)
 #[derive(Debug, Args)]
 pub struct BusArgs {
-    /// The host's TOML config file (see examples/host.toml).
+    /// The host's TOML config file (see examples/host.toml), or an
+    /// original Commissaire service's JSON one (storage.conf: it serves the
+    /// service its name names; see docs/deploy.md).
     #[arg(
         short = 'c',
         long = "config",
@@ -44,6 +46,19 @@ pub struct BusArgs {
     /// commissaire when neither gives one.
     #[arg(long, value_name = "NAME")]
     pub bus_exchange: Option<String>,
+}
+
+impl Cli {
+    /// The config file the command reads, if it names one.
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        match &self.command {
+            Command::Run { bus, .. }
+            | Command::Worker { bus, .. }
+            | Command::Call { bus, .. }
+            | Command::Notify { bus, .. } => bus.config.as_deref(),
+            Command::Plugins { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

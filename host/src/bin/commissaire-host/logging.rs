@@ -6,11 +6,11 @@
 const QUIET_DEPENDENCIES: &[&str] = &["lapin"];
 
 /// Logs go to stderr; the filter comes from `COMMISSAIRE_LOG` (or
-/// `RUST_LOG`), default `info`.
-pub fn init_logging() {
+/// `RUST_LOG`), else `default`.
+pub fn init_logging(default: &str) {
     let filter = std::env::var("COMMISSAIRE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_owned());
+        .unwrap_or_else(|_| default.to_owned());
     let filter = log_filter(&filter);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))

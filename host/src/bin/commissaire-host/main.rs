@@ -15,8 +15,13 @@ use commissaire_host::config::{HostConfig, Overrides};
 use cli::{BusArgs, Cli};
 
 fn main() -> ExitCode {
-    logging::init_logging();
     let cli = Cli::parse();
+    // An original Commissaire JSON config's `"debug": true` is a log level.
+    let debug = cli
+        .config_file()
+        .and_then(commissaire_host::config::original::debug)
+        .unwrap_or(false);
+    logging::init_logging(if debug { "debug" } else { "info" });
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
