@@ -43,7 +43,7 @@ use crate::error::HostError;
 use crate::health::Health;
 use crate::http::serve as serve_http;
 use crate::plugin::trust::Untrusted;
-use crate::plugin::{DirError, LoadError};
+use crate::plugin::DirError;
 use crate::retry::backoff;
 use backoff::ServiceState;
 use control::{verdict_line, WorkerEvent};
@@ -112,16 +112,6 @@ pub enum SupervisorError {
     /// The plugin directory is unreadable or not trusted.
     #[error(transparent)]
     PluginDir(#[from] DirError),
-    /// Every plugin file was refused as untrusted.
-    #[error("no plugin to serve: {count} file(s) refused in {}, the first: {first}", dir.display())]
-    AllRefused {
-        /// The plugin directory.
-        dir: PathBuf,
-        /// How many.
-        count: usize,
-        /// The first refusal's line.
-        first: LoadError,
-    },
     /// A plugin could not be copied for the workers.
     #[error("cannot copy plugin {} to {}: {error}", from.display(), to.display())]
     Copy {
@@ -207,18 +197,17 @@ impl Supervisor {
         for refused in &taken.refused {
             tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
         }
-        if taken.copied == 0 && !taken.refused.is_empty() {
-            self.copies.discard(&taken.copies);
+        if taken.copied == 0 {
             let count = taken.refused.len();
-            let first = taken.refused.into_iter().next();
-            return Err(match first {
-                Some(first) => SupervisorError::AllRefused {
+            if let Some(first) = taken.refused.into_iter().next() {
+                self.copies.discard(&taken.copies);
+                return Err(HostError::AllRefused {
                     dir: self.config.plugins_dir.clone(),
                     count,
                     first,
-                },
-                None => HostError::NoPlugins(self.config.plugins_dir.display().to_string()).into(),
-            });
+                }
+                .into());
+            }
         }
         let listed = list_services(&self.options.exe, &taken.copies, self.config.plugin_trust)
             .await
