@@ -189,7 +189,7 @@ impl PluginCopies {
     /// Makes `copies` the ones new workers load; the previous ones stay
     /// while workers use them (see [`Self::sweep`]).
     pub(super) fn adopt(&mut self, copies: Copies) {
-        tracing::info!(roll = copies.roll, dir = %copies.dir.display(), "workers load the plugin copies of this roll");
+        tracing::debug!(roll = copies.roll, dir = %copies.dir.display(), "workers load the plugin copies of this roll");
         if let Some(previous) = self.current.replace(copies) {
             self.older.push(previous);
         }
