@@ -358,8 +358,9 @@ fn sighup_with_a_replaced_plugin_rolls_the_workers_and_loses_nothing() {
 /// `cp` of another build over the plugin file the workers loaded: the file
 /// is rewritten in place (same inode), not renamed over. The workers run
 /// the private copy taken when the plugin was checked, so none of them
-/// dies and every request is answered by the build that was checked; the
-/// next SIGHUP checks, copies and rolls out the new build.
+/// dies and every request is answered by the build that was checked, by
+/// restarted workers too; the next SIGHUP checks, copies and rolls out the
+/// new build.
 #[test]
 fn cp_over_a_loaded_plugin_kills_no_worker() {
     let _serial = one_at_a_time();
@@ -397,6 +398,26 @@ fn cp_over_a_loaded_plugin_kills_no_worker() {
     assert_eq!(h["restarts"], 0, "{h}\n{log}");
     assert!(!log.contains("worker died"), "{log}");
     assert_eq!(host.worker_pids("older"), before);
+
+    // A worker restarted before the next SIGHUP loads the same copy, not
+    // the file now on disk.
+    kill("KILL", before[0]);
+    wait_until(
+        Duration::from_secs(20),
+        "the killed worker replaced",
+        &host,
+        || {
+            let pids = host.worker_pids("older");
+            pids.len() == 2
+                && !pids.contains(&before[0])
+                && service_health(&host, "older")["consuming"] == 2
+        },
+    );
+    let before = host.worker_pids("older");
+    for id in 0..20 {
+        let (status, reply) = host.http_call("older.version", &json!({"id": id}));
+        assert_eq!((status, reply["result"].clone()), (200, json!("0.9.0")));
+    }
 
     kill("HUP", host.pid().expect("running"));
     wait_until(
