@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use commissaire_plugin_api::RpcError;
 
 use crate::bus::BusError;
-use crate::plugin::DirError;
+use crate::plugin::{DirError, LoadError};
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,16 @@ pub enum HostError {
          the example plugins and serves them with -c examples/host.toml"
     )]
     NoPlugins(String),
+    /// Every plugin file was refused (as untrusted, or not loadable).
+    #[error("no plugin to serve: {}", refusals(dir, *count, first))]
+    AllRefused {
+        /// The plugin directory.
+        dir: PathBuf,
+        /// How many files were refused.
+        count: usize,
+        /// The first refusal.
+        first: LoadError,
+    },
     /// Two plugins export one service.
     #[error("{0}")]
     Duplicate(String),
@@ -74,4 +84,15 @@ pub enum HostError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// `cannot load plugin …: why`, with how many others were refused too.
+fn refusals(dir: &std::path::Path, count: usize, first: &LoadError) -> String {
+    match count {
+        0 | 1 => first.to_string(),
+        n => format!(
+            "all {n} .so files in {} were refused; the first: {first}",
+            dir.display()
+        ),
+    }
 }

@@ -57,6 +57,12 @@ pub struct HostSpec {
     pub http_toml: String,
     /// Extra environment variables of the host process.
     pub env: Vec<(String, String)>,
+    /// Extra arguments of `run` (`--allow-insecure-plugins`, …).
+    pub args: Vec<String>,
+    /// A plugin directory the test laid out itself, served instead of a
+    /// fresh one holding `plugins` (which still name the `[[service]]`
+    /// entries).
+    pub plugins_dir: Option<PathBuf>,
 }
 
 impl HostSpec {
@@ -73,6 +79,8 @@ impl HostSpec {
             bus_toml: String::new(),
             http_toml: String::new(),
             env: Vec::new(),
+            args: Vec::new(),
+            plugins_dir: None,
         }
     }
 
@@ -130,7 +138,9 @@ pub struct TestHost {
     pub config: PathBuf,
     stderr_path: PathBuf,
     _dir: tempfile::TempDir,
-    plugins: tempfile::TempDir,
+    /// The plugin directory made for it, unless the spec gave one.
+    _plugins: Option<tempfile::TempDir>,
+    plugins_dir: PathBuf,
 }
 
 impl TestHost {
@@ -163,17 +173,26 @@ impl TestHost {
     }
 
     fn spawn(spec: HostSpec, toml: impl FnOnce(SocketAddr, &std::path::Path) -> String) -> Self {
-        let plugins = plugin_dir(&spec.plugins);
+        let plugins = match &spec.plugins_dir {
+            Some(_) => None,
+            None => Some(plugin_dir(&spec.plugins)),
+        };
         let dir = tempfile::tempdir().expect("temp dir");
         let http = free_addr();
         let config = dir.path().join("host.toml");
-        std::fs::write(&config, toml(http, plugins.path())).expect("write config");
+        let plugins_dir = spec
+            .plugins_dir
+            .clone()
+            .or_else(|| plugins.as_ref().map(|p| p.path().to_owned()))
+            .unwrap_or_default();
+        std::fs::write(&config, toml(http, &plugins_dir)).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let child = Command::new(host_bin())
             .args(["run", "--config"])
             .arg(&config)
             .args(["--bus-uri", &spec.bus_uri])
+            .args(&spec.args)
             .env("COMMISSAIRE_LOG", &spec.log)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -188,7 +207,8 @@ impl TestHost {
             config,
             stderr_path,
             _dir: dir,
-            plugins,
+            _plugins: plugins,
+            plugins_dir,
         }
     }
 
@@ -256,7 +276,7 @@ impl TestHost {
 
     /// The plugin directory it serves.
     pub fn plugins_dir(&self) -> &std::path::Path {
-        self.plugins.path()
+        &self.plugins_dir
     }
 
     /// What `/healthz` says (status, body).

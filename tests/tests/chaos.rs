@@ -354,3 +354,110 @@ fn sighup_with_a_replaced_plugin_rolls_the_workers_and_loses_nothing() {
     let (status, reply) = host.http_call("older.version", &json!({"id": 1}));
     assert_eq!((status, reply["result"].clone()), (200, json!("0.10.0")));
 }
+
+/// `cp` of another build over the plugin file the workers loaded: the file
+/// is rewritten in place (same inode), not renamed over. The workers run
+/// the private copy taken when the plugin was checked, so none of them
+/// dies and every request is answered by the build that was checked, by
+/// restarted workers too; the next SIGHUP checks, copies and rolls out the
+/// new build.
+#[test]
+fn cp_over_a_loaded_plugin_kills_no_worker() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["fixture_older"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = Arc::new(TestHost::start(spec));
+    let before = host.worker_pids("older");
+    assert_eq!(before.len(), 2);
+    let mut load = load(&host, 2000, |_| ("older.version".to_owned(), json!([])));
+    load.concurrency = 16;
+    let writer = host.clone();
+    let report = run_with_chaos(load, move |progress, done| {
+        wait_for(&progress, 400, &done);
+        let installed = writer.plugins_dir().join("libfixture_older.so");
+        let copied = Command::new("cp")
+            .arg(commissaire_e2e::library("fixture_older_next"))
+            .arg(&installed)
+            .status();
+        assert!(copied.is_ok_and(|s| s.success()), "cp over the plugin");
+    });
+    let log = host.stderr();
+    let h = service_health(&host, "older");
+    eprintln!(
+        "cp over a loaded plugin: {} answered, {} restarts ({} SIGBUS), {} crash strikes, longest gap {:.2}s",
+        report.answered,
+        h["restarts"],
+        log.matches("SIGBUS").count(),
+        log.matches("a request was running when the worker died")
+            .count(),
+        report.max_gap.as_secs_f64()
+    );
+    assert_all_answered(&report, &log, |_, reply| reply["result"] == "0.9.0");
+    assert_eq!(report.answered, 2000, "{report}");
+    assert_eq!(h["restarts"], 0, "{h}\n{log}");
+    assert!(!log.contains("worker died"), "{log}");
+    assert_eq!(host.worker_pids("older"), before);
+
+    // A worker restarted before the next SIGHUP loads the same copy, not
+    // the file now on disk.
+    kill("KILL", before[0]);
+    wait_until(
+        Duration::from_secs(20),
+        "the killed worker replaced",
+        &host,
+        || {
+            let pids = host.worker_pids("older");
+            pids.len() == 2
+                && !pids.contains(&before[0])
+                && service_health(&host, "older")["consuming"] == 2
+        },
+    );
+    let before = host.worker_pids("older");
+    for id in 0..20 {
+        let (status, reply) = host.http_call("older.version", &json!({"id": id}));
+        assert_eq!((status, reply["result"].clone()), (200, json!("0.9.0")));
+    }
+
+    kill("HUP", host.pid().expect("running"));
+    wait_until(
+        Duration::from_secs(30),
+        "the new build rolled out",
+        &host,
+        || {
+            let pids = host.worker_pids("older");
+            pids.len() == 2
+                && pids.iter().all(|p| !before.contains(p))
+                && service_health(&host, "older")["consuming"] == 2
+        },
+    );
+    let (status, reply) = host.http_call("older.version", &json!({"id": 1}));
+    assert_eq!((status, reply["result"].clone()), (200, json!("0.10.0")));
+
+    // The first roll's copies go with its last worker, the rest at exit.
+    let work_dir = work_dir_of(host.pid().expect("running"));
+    wait_until(
+        Duration::from_secs(10),
+        "the first roll's copies removed",
+        &host,
+        || !work_dir.join("plugins-1").exists(),
+    );
+    assert!(work_dir.join("plugins-2/libfixture_older.so").exists());
+    let mut host = Arc::into_inner(host).expect("the only handle left");
+    host.signal("TERM");
+    assert!(host.wait(Duration::from_secs(30)).success());
+    assert!(!work_dir.exists(), "{} left behind", work_dir.display());
+}
+
+/// The work directory of the supervisor `pid` (see supervise/work_dir.rs).
+fn work_dir_of(pid: u32) -> std::path::PathBuf {
+    let prefix = format!("commissaire-host-{pid}-");
+    [std::path::PathBuf::from("/dev/shm"), std::env::temp_dir()]
+        .iter()
+        .filter_map(|base| std::fs::read_dir(base).ok())
+        .flatten()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .unwrap_or_else(|| panic!("no work directory {prefix}* in /dev/shm or the temp dir"))
+}

@@ -96,7 +96,7 @@ fn a_missing_directory_is_one_line_and_non_zero() {
 
 /// As ssh does with keys: a plugin file or directory that group or others
 /// may write is refused, with one line saying so, unless
-/// `--allow-insecure-plugins`.
+/// `--allow-insecure-plugins` (owners and symlinks: tests/plugin_trust.rs).
 #[test]
 fn plugins_writable_by_others_are_refused() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -115,7 +115,10 @@ fn plugins_writable_by_others_are_refused() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
-        text.contains("refused: writable by group or others (mode 666)"),
+        text.contains(&format!(
+            "refused: file {} is writable by group or others (mode 666)",
+            lib.display()
+        )),
         "{text}"
     );
     assert!(plugins(&["--allow-insecure-plugins"]).status.success());

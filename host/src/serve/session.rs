@@ -42,13 +42,23 @@ pub struct Prepared {
 /// Loads the plugin directory, checks the config against it and starts
 /// the services (all, or only `only`).
 pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>, HostError> {
-    let set = PluginSet::load_dir(&config.plugins_dir, config.plugin_trust)?;
+    let mut set = PluginSet::load_dir(&config.plugins_dir, config.plugin_trust)?;
     for refused in &set.refused {
         if let LoadErrorKind::DuplicateService { .. } = refused.kind {
             return Err(HostError::Duplicate(refused.to_string()));
         }
         if only.is_none() {
             tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
+        }
+    }
+    if set.plugins.is_empty() && !set.refused.is_empty() {
+        let count = set.refused.len();
+        if let Some(first) = set.refused.drain(..).next() {
+            return Err(HostError::AllRefused {
+                dir: config.plugins_dir.clone(),
+                count,
+                first,
+            });
         }
     }
     let loaded: Vec<&str> = set

@@ -12,6 +12,8 @@
 //! - [`exits`]: a worker's end and its restart; [`backoff`]: when;
 //! - [`crashes`]: which requests were running at crashes;
 //! - [`roll`]: the SIGHUP roll; [`work_dir`]: the slot files' directory;
+//! - [`plugin_copies`]: the checked, private copies of the plugins that
+//!   each roll's workers load;
 //! - [`metrics`]: what `/healthz` and `/metrics` report;
 //! - [`notify`]: what systemd is told (readiness, reload, watchdog).
 
@@ -21,6 +23,7 @@ pub mod crashes;
 pub mod exits;
 pub mod metrics;
 pub mod notify;
+pub mod plugin_copies;
 pub mod roll;
 pub mod work_dir;
 pub mod workers;
@@ -41,11 +44,14 @@ use crate::config::HostConfig;
 use crate::error::HostError;
 use crate::health::Health;
 use crate::http::serve as serve_http;
+use crate::plugin::trust::Untrusted;
+use crate::plugin::DirError;
 use crate::retry::backoff;
 use backoff::ServiceState;
 use control::{verdict_line, WorkerEvent};
 use crashes::CrashMemory;
 use metrics::MetricsBook;
+use plugin_copies::{Copies, PluginCopies};
 use roll::Roll;
 pub use workers::describe_exit;
 use workers::{list_services, Worker};
@@ -105,6 +111,40 @@ pub enum SupervisorError {
         /// Why.
         source: std::io::Error,
     },
+    /// The plugin directory is unreadable or not trusted.
+    #[error(transparent)]
+    PluginDir(#[from] DirError),
+    /// A plugin could not be copied for the workers.
+    #[error("cannot copy plugin {} to {}: {error}", from.display(), to.display())]
+    Copy {
+        /// The plugin file.
+        from: PathBuf,
+        /// Its copy.
+        to: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The directory of the plugin copies fails the trust check.
+    #[error("cannot keep the plugin copies in {}: {why}", dir.display())]
+    CopiesUntrusted {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        why: Untrusted,
+    },
+    /// Neither the work directory nor the temporary directory allows
+    /// loading libraries.
+    #[error(
+        "cannot keep the plugin copies workers load: {} and {} are on file systems mounted \
+         noexec; set TMPDIR to a directory that allows executables",
+        work_dir.display(), temp.display()
+    )]
+    NoExec {
+        /// The work directory.
+        work_dir: PathBuf,
+        /// The temporary directory.
+        temp: PathBuf,
+    },
 }
 
 /// How the supervisor starts workers.
@@ -112,8 +152,8 @@ pub enum SupervisorError {
 pub struct SupervisorOptions {
     /// The `commissaire-host` binary.
     pub exe: PathBuf,
-    /// Arguments every worker gets after `worker` (config file, plugin
-    /// directory, exchange).
+    /// Arguments every worker gets after `worker` (config file, exchange;
+    /// the plugin directory is its roll's copies).
     pub worker_args: Vec<OsString>,
     /// Workers give up at once when the broker is unreachable.
     pub fail_fast: bool,
@@ -123,6 +163,8 @@ struct Supervisor {
     config: HostConfig,
     options: SupervisorOptions,
     work_dir: PathBuf,
+    /// What each roll's workers load.
+    copies: PluginCopies,
     services: BTreeMap<String, ServiceState>,
     workers: BTreeMap<u64, Worker>,
     next_id: u64,
@@ -151,17 +193,47 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    /// The services to serve, checked against the config.
-    async fn services(&self) -> Result<Vec<String>, SupervisorError> {
-        let services = list_services(
-            &self.options.exe,
-            &self.config.plugins_dir,
-            self.config.plugin_trust,
-        )
-        .await?;
-        let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
-        self.config.check_services(&loaded)?;
-        Ok(services)
+    /// Checks and copies the plugins for a roll, and lists the services
+    /// of the copies, checked against the config. The copies are the
+    /// caller's to [`PluginCopies::adopt`]; on an error, none are left.
+    async fn check_plugins(&mut self) -> Result<(Vec<String>, Copies), SupervisorError> {
+        let taken = self.copies.take(&self.config.plugins_dir)?;
+        for refused in &taken.refused {
+            tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
+        }
+        if taken.copied == 0 {
+            let count = taken.refused.len();
+            if let Some(first) = taken.refused.into_iter().next() {
+                self.copies.discard(&taken.copies);
+                return Err(HostError::AllRefused {
+                    dir: self.config.plugins_dir.clone(),
+                    count,
+                    first,
+                }
+                .into());
+            }
+        }
+        let listed = list_services(&self.options.exe, &taken.copies, self.config.plugin_trust)
+            .await
+            .and_then(|services| {
+                let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
+                self.config.check_services(&loaded)?;
+                Ok(services)
+            });
+        match listed {
+            Ok(services) => Ok((services, taken.copies)),
+            Err(e) => {
+                self.copies.discard(&taken.copies);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the copies of older rolls that no worker runs any more.
+    fn sweep_copies(&mut self) {
+        let in_use: std::collections::BTreeSet<u64> =
+            self.workers.values().map(|w| w.roll).collect();
+        self.copies.sweep(&in_use);
     }
 
     fn event(&mut self, id: u64, event: WorkerEvent) {
@@ -251,11 +323,19 @@ pub async fn supervise(
         signal(SignalKind::child()).map_err(|e| SupervisorError::Signal("SIGCHLD", e))?;
 
     let work_dir = work_dir::create()?;
+    let copies = match PluginCopies::new(&work_dir, config.plugin_trust) {
+        Ok(copies) => copies,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work_dir);
+            return Err(e);
+        }
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut s = Supervisor {
         config,
         options,
         work_dir: work_dir.clone(),
+        copies,
         services: BTreeMap::new(),
         workers: BTreeMap::new(),
         next_id: 1,
@@ -281,6 +361,9 @@ pub async fn supervise(
         &mut chld,
     )
     .await;
+    // The workers are gone (or killed when `s` drops; a removed file stays
+    // mapped until then).
+    s.copies.remove_all();
     let _ = std::fs::remove_dir_all(&work_dir);
     result
 }
@@ -292,7 +375,9 @@ async fn run_loop(
     hup: &mut tokio::signal::unix::Signal,
     chld: &mut tokio::signal::unix::Signal,
 ) -> Result<(), SupervisorError> {
-    for name in s.services().await? {
+    let (services, copies) = s.check_plugins().await?;
+    s.copies.adopt(copies);
+    for name in services {
         s.add_service(&name);
     }
     let http_stop = CancellationToken::new();
@@ -375,6 +460,7 @@ async fn run_loop(
             _ = hup.recv() => s.begin_roll().await,
         }
         s.reap();
+        s.sweep_copies();
         s.spawn_due();
         if !s.started && s.all_started() {
             s.started = true;

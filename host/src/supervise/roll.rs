@@ -1,6 +1,7 @@
-//! The SIGHUP roll: new plugins start, removed ones stop, and every
-//! running worker is replaced by a fresh one, one at a time, the old one
-//! retired once the new one consumes.
+//! The SIGHUP roll: the plugins are checked and copied again (see
+//! [`super::plugin_copies`]), new plugins start, removed ones stop, and
+//! every running worker is replaced by a fresh one that loads the new
+//! copies, one at a time, the old one retired once the new one consumes.
 
 use super::Supervisor;
 
@@ -18,8 +19,11 @@ impl Supervisor {
         if self.stopping.is_some() {
             return;
         }
-        match self.services().await {
-            Ok(services) => {
+        match self.check_plugins().await {
+            Ok((services, copies)) => {
+                // Every worker started from now on, restarts included,
+                // loads these copies.
+                self.copies.adopt(copies);
                 for name in &services {
                     if !self.services.contains_key(name) {
                         tracing::info!(service = %name, "new plugin: starting its workers");

@@ -1,17 +1,23 @@
-//! The work directory of slot files, and sweeping the ones that killed
-//! supervisors left behind.
+//! The work directory of slot files and plugin copies, and sweeping the
+//! ones that killed supervisors left behind.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::SupervisorError;
 
 /// Sweeps dead supervisors' work directories, then makes ours.
 pub(super) fn create() -> Result<PathBuf, SupervisorError> {
-    let base = slot_dir();
-    remove_dead_work_dirs(&base);
+    create_in(&slot_dir())
+}
+
+/// Sweeps dead supervisors' work directories in `base`, then makes ours
+/// there.
+pub(super) fn create_in(base: &Path) -> Result<PathBuf, SupervisorError> {
+    remove_dead_work_dirs(base);
     // A name nobody can guess ahead, created here and now (never an
     // existing directory or link), readable by us alone: the slot files in
-    // it decide which requests are refused.
+    // it decide which requests are refused, and the plugin copies in it
+    // are the code workers run.
     let work_dir = base.join(format!(
         "commissaire-host-{}-{}",
         std::process::id(),

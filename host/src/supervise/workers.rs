@@ -11,6 +11,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use super::control::{read_line, Line, WorkerEvent, MAX_LINE, STOP_LINE};
+use super::plugin_copies::Copies;
 use super::{Supervisor, SupervisorError, WORKER_BUS_OWNER_ENV, WORKER_BUS_URI_ENV};
 use crate::listing::Listing;
 
@@ -51,6 +52,8 @@ pub(super) struct Worker {
     pub(super) pid: u32,
     pub(super) stdin: mpsc::UnboundedSender<String>,
     pub(super) slot_file: PathBuf,
+    /// The roll whose plugin copies it loaded.
+    pub(super) roll: u64,
     /// Who it consumes as on the bus.
     pub(super) bus_owner: String,
     pub(super) started: Instant,
@@ -77,15 +80,17 @@ impl Worker {
     }
 }
 
-/// Lists the services of the plugin directory by running `plugins --json`
-/// (a plugin that crashes while loading takes down that child, not us).
+/// Lists the services of a roll's plugin copies by running `plugins
+/// --json` on them (a plugin that crashes while loading takes down that
+/// child, not us); refusals are logged with the original file's name.
 pub(super) async fn list_services(
     exe: &Path,
-    dir: &Path,
+    copies: &Copies,
     trust: crate::plugin::Trust,
 ) -> Result<Vec<String>, SupervisorError> {
+    let dir = copies.dir.as_path();
     let fail = |reason: String| SupervisorError::Listing {
-        dir: dir.display().to_string(),
+        dir: copies.original(dir).display().to_string(),
         reason,
     };
     // The child loads every plugin: it gets only what it needs of our
@@ -112,7 +117,7 @@ pub(super) async fn list_services(
         )
     })?;
     for refused in &listing.refused {
-        tracing::warn!(file = %refused.file.display(), reason = %refused.reason, "plugin skipped");
+        tracing::warn!(file = %copies.original(&refused.file).display(), reason = %refused.reason, "plugin skipped");
     }
     let mut services: Vec<String> = listing.plugins.into_iter().map(|p| p.service).collect();
     services.sort();
@@ -122,6 +127,13 @@ pub(super) async fn list_services(
 
 impl Supervisor {
     pub(super) fn spawn(&mut self, service: &str, index: u16) -> Option<u64> {
+        // The current roll's copies, never the plugin directory: what runs
+        // is what was checked, whatever is on disk now.
+        let Some(copies) = self.copies.current() else {
+            tracing::error!(service, "no plugin copies to start a worker with");
+            return None;
+        };
+        let (roll, plugins_dir) = (copies.roll, copies.dir.clone());
         let id = self.next_id;
         self.next_id += 1;
         let safe: String = service
@@ -146,6 +158,8 @@ impl Supervisor {
             .arg(service)
             .arg("--slot-file")
             .arg(&slot_file)
+            .arg("--plugins-dir")
+            .arg(&plugins_dir)
             .args(&self.options.worker_args)
             .env(WORKER_BUS_URI_ENV, &self.config.bus_uri)
             // Plugins have no business with the HTTP endpoint's secret.
@@ -209,7 +223,7 @@ impl Supervisor {
                 }
             });
         }
-        tracing::info!(service, pid, worker = index, "worker started");
+        tracing::info!(service, pid, worker = index, roll, "worker started");
         self.workers.insert(
             id,
             Worker {
@@ -219,6 +233,7 @@ impl Supervisor {
                 pid,
                 stdin: stdin_tx,
                 slot_file,
+                roll,
                 bus_owner,
                 started: Instant::now(),
                 consuming: false,

@@ -88,9 +88,11 @@ pub enum Command {
         /// ends `run` after three attempts either way.)
         #[arg(long)]
         fail_fast: bool,
-        /// Load plugins from a directory, or files, that group or others
-        /// may write (refused by default: whoever can write them can run
-        /// code in the host).
+        /// Load plugins that someone other than root and the host's user
+        /// could change: a file, or a directory on its real path up to /,
+        /// owned by another user or writable by group or others (refused
+        /// by default, as ssh refuses such keys: whoever can change them
+        /// can run code in the host).
         #[arg(long)]
         allow_insecure_plugins: bool,
     },
@@ -150,9 +152,11 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// Load plugins from a directory, or files, that group or others
-        /// may write (refused by default: whoever can write them can run
-        /// code in the host).
+        /// Load plugins that someone other than root and the host's user
+        /// could change: a file, or a directory on its real path up to /,
+        /// owned by another user or writable by group or others (refused
+        /// by default, as ssh refuses such keys: whoever can change them
+        /// can run code in the host).
         #[arg(long)]
         allow_insecure_plugins: bool,
     },

@@ -66,8 +66,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 worker_args.push("--bus-exchange".into());
                 worker_args.push(exchange.into());
             }
-            worker_args.push("--plugins-dir".into());
-            worker_args.push(absolute(&config.plugins_dir)?.into());
+            // Not the plugin directory: the supervisor hands each worker
+            // its roll's checked copies.
             if allow_insecure_plugins {
                 worker_args.push("--allow-insecure-plugins".into());
             }

@@ -2,7 +2,10 @@
 //!
 //! Every file is loaded on its own with `lib_header_from_path` (abi_stable's
 //! `RootModule::load_from_*` would cache one module per type for the whole
-//! process). Libraries are never unloaded.
+//! process). Libraries are never unloaded. Which files are trusted at all:
+//! [`trust`].
+
+pub mod trust;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,6 +19,8 @@ use commissaire_plugin_api::host::{
 };
 use commissaire_plugin_api::RpcError;
 use serde::{Deserialize, Serialize};
+pub use trust::Trust;
+use trust::{Kind, Owners, Untrusted};
 
 /// Why a file was not accepted as a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +60,10 @@ pub enum LoadErrorKind {
     /// The root module failed to initialise.
     #[error("failed to initialise: {0}")]
     Init(String),
-    /// Group or others may write the file.
-    #[error("writable by group or others (mode {mode:o}): whoever can write it can run code in the host; `chmod go-w` it, or pass --allow-insecure-plugins")]
-    Insecure {
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// Someone other than root and the host's user can change the file or
+    /// its path (see [`trust`]).
+    #[error(transparent)]
+    Untrusted(#[from] Untrusted),
     /// Two plugins export the same service.
     #[error("service `{service}` is also exported by {other}")]
     DuplicateService {
@@ -258,24 +261,6 @@ fn host_major() -> u32 {
         .unwrap_or(1)
 }
 
-/// Which plugin files the host trusts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Trust {
-    /// Only those that group and others cannot write, in a directory they
-    /// cannot write (the default).
-    #[default]
-    OwnerOnly,
-    /// Any (`--allow-insecure-plugins`).
-    AnyPermissions,
-}
-
-/// The permission bits of `path` when group or others may write it.
-fn writable_by_others(path: &Path) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
-    (mode & 0o022 != 0).then_some(mode)
-}
-
 /// The outcome of loading a plugin directory.
 #[derive(Debug, Default)]
 pub struct PluginSet {
@@ -285,15 +270,26 @@ pub struct PluginSet {
     pub refused: Vec<LoadError>,
 }
 
-/// Why a plugin directory could not be read.
+/// Why a plugin directory cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read plugin directory {}", dir.display())]
-pub struct DirError {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The cause.
-    #[source]
-    pub source: std::io::Error,
+pub enum DirError {
+    /// It cannot be read.
+    #[error("cannot read plugin directory {}", dir.display())]
+    Unreadable {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Someone other than root and the host's user can change it.
+    #[error("cannot use plugin directory {}: {why}", dir.display())]
+    Untrusted {
+        /// The directory.
+        dir: PathBuf,
+        /// Which path on its way, and why (one line, part of this one's).
+        why: Untrusted,
+    },
 }
 
 impl PluginSet {
@@ -301,7 +297,7 @@ impl PluginSet {
     /// sorted, without loading them.
     pub fn plugin_files(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| DirError {
+            .map_err(|source| DirError::Unreadable {
                 dir: dir.to_owned(),
                 source,
             })?
@@ -321,34 +317,28 @@ impl PluginSet {
     /// refused file is recorded with its reason; a second plugin with an
     /// already-loaded service name is refused, naming the first file.
     ///
-    /// As ssh does with keys, a directory or library that group or others
-    /// may write is refused (whoever can write it can run code in the
-    /// host), unless `trust` says [`Trust::AnyPermissions`].
+    /// As ssh does with keys, a directory or library that someone other
+    /// than root and the host's user could change, on its real path up to
+    /// `/`, is refused (see [`trust`]), unless `trust` says
+    /// [`Trust::AnyPermissions`].
     pub fn load_dir(dir: &Path, trust: Trust) -> Result<Self, DirError> {
-        if trust == Trust::OwnerOnly {
-            if let Some(mode) = writable_by_others(dir) {
-                return Err(DirError {
-                    dir: dir.to_owned(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::PermissionDenied,
-                        format!(
-                            "it is writable by group or others (mode {mode:o}): whoever can write \
-                             there can run code in the host; `chmod go-w` it, or pass \
-                             --allow-insecure-plugins"
-                        ),
-                    ),
-                });
-            }
-        }
+        // Listed first: a missing directory is said as such.
         let files = Self::plugin_files(dir)?;
+        let owners = Owners::of_this_process();
+        if trust == Trust::OwnerOnly {
+            trust::check(dir, Kind::Directory, owners).map_err(|why| DirError::Untrusted {
+                dir: dir.to_owned(),
+                why,
+            })?;
+        }
         let mut set = PluginSet::default();
         let mut by_name: HashMap<String, PathBuf> = HashMap::new();
         for path in files {
             if trust == Trust::OwnerOnly {
-                if let Some(mode) = writable_by_others(&path) {
+                if let Err(e) = trust::check(&path, Kind::File, owners) {
                     set.refused.push(LoadError {
                         path,
-                        kind: LoadErrorKind::Insecure { mode },
+                        kind: e.into(),
                     });
                     continue;
                 }
