@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo_deb_version=3.6.3
+cargo_deb_version=3.8.0
 if [[ $(cargo deb --version 2>/dev/null || true) != "cargo-deb $cargo_deb_version"* ]]; then
     echo "package-test.sh: installing cargo-deb $cargo_deb_version" >&2
     cargo install --locked "cargo-deb@$cargo_deb_version"
