@@ -233,6 +233,44 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
     numeric_tag["properties"]["delivery_tag"] = json!(5);
     push(&numeric_tag);
 
+    // Headers nested 100,000 deep (serde_json reads 128 levels at most, so
+    // nothing recurses further): not an envelope, dropped once. Written as
+    // text: a `Value` that deep would overflow the stack being printed.
+    let plain = kombu_envelope(&spec, good, Some("x")).to_string();
+    let at = plain.find("\"headers\":{").expect("headers") + "\"headers\":{".len();
+    let comma = if plain[at..].starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    let deep_headers = format!(
+        "{}\"deep\":{}1{}{comma}{}",
+        &plain[..at],
+        "[".repeat(100_000),
+        "]".repeat(100_000),
+        &plain[at..]
+    );
+    assert!(deep_headers.len() > 200_000, "the headers were not nested");
+    redis_command(&uri, &["LPUSH", &queue, &deep_headers]);
+
+    // Params nested 100,000 deep: the host hands params on as raw JSON
+    // without walking them, and the handler's binding (serde_json, 128
+    // levels at most) refuses them: one -32602, no stack overflow.
+    let deep_reply = unique("fuzzcat-reply");
+    let deep_body = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"add","params":{}{}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    push(&kombu_envelope(
+        &spec,
+        deep_body.as_bytes(),
+        Some(&deep_reply),
+    ));
+    let reply =
+        reply_on(&uri, &deep_reply, Duration::from_secs(15)).expect("a reply to a deep body");
+    assert_eq!((code(&reply), &reply["id"]), (-32602, &json!(7)), "{reply}");
+
     // `reply_to: 5` is no reply address: handled as a notification.
     let mut numeric_reply_to = kombu_envelope(&spec, good, None);
     numeric_reply_to["properties"]["reply_to"] = json!(5);
@@ -283,7 +321,7 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
     }
     // Each unreadable envelope counted, and logged once per 10 s and
     // worker (two of them here), not once each.
-    let counted = "commissaire_not_an_envelope_dropped_total{service=\"simple\"} 2";
+    let counted = "commissaire_not_an_envelope_dropped_total{service=\"simple\"} 3";
     let started = Instant::now();
     loop {
         let (_, scrape) = http_get(host.http, "/metrics").expect("GET /metrics");
@@ -302,7 +340,7 @@ fn hostile_redis_envelopes_are_answered_or_dropped_once() {
         .matches("not a kombu envelope: dropped without a reply")
         .count();
     assert!((1..=2).contains(&lines), "{lines} lines:\n{log}");
-    for key in [&invalid, &twins, &after] {
+    for key in [&invalid, &twins, &after, &deep_reply] {
         redis_command(&uri, &["DEL", key]);
     }
     drop(host);
