@@ -98,6 +98,7 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
     into.poison += from.poison;
     into.timeouts += from.timeouts;
     into.reconnects += from.reconnects;
+    into.redeclared += from.redeclared;
     into.in_flight += from.in_flight;
 }
 

@@ -28,7 +28,7 @@ use super::reply_names::{Note, ReplyName};
 use super::{BusError, BusTransport, Consumer, Incoming, Outgoing, ReplyQueueKind, Sink};
 use crate::redact::redact_uri;
 use acks::AckBatcher;
-use consume::{AmqpConsumers, Settling};
+use consume::{AmqpConsumers, Ending, Settling};
 pub(crate) use wire::not_utf8;
 use wire::{field_table, publish_on};
 
@@ -57,6 +57,11 @@ pub struct AmqpBus {
     ack_window_us: AtomicU64,
     /// The consumer channels' ack batchers, flushed at close.
     batchers: std::sync::Mutex<Vec<Weak<AckBatcher>>>,
+    /// The channel of `still_declared`'s passive declarations (one that
+    /// finds nothing is closed by the broker, and opened anew next time).
+    checker: tokio::sync::Mutex<Option<Channel>>,
+    /// Cancelled by `close`: what it deletes is not declared again.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for AmqpBus {
@@ -145,6 +150,8 @@ impl AmqpBus {
             lost,
             ack_window_us: AtomicU64::new(0),
             batchers: std::sync::Mutex::default(),
+            checker: tokio::sync::Mutex::default(),
+            closing: tokio_util::sync::CancellationToken::new(),
         })
     }
 }
@@ -162,6 +169,17 @@ pub(super) fn short(what: &'static str, s: &str) -> Result<lapin::types::ShortSt
 /// connection leaves it (or the channel) unusable for the delivery.
 pub(super) fn lapin_error(operation: impl Into<String>, e: &lapin::Error) -> BusError {
     BusError::lost(operation, e)
+}
+
+/// Whether a failed passive declaration says the object is not there
+/// (NOT_FOUND), rather than that the connection failed.
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// A failed declaration: the broker's refusal (PRECONDITION_FAILED: the
@@ -247,6 +265,69 @@ impl BusTransport for AmqpBus {
             .map_err(|e| refusal_or_lost(format!("binding queue `{queue}` to `{routing_key}`"), &e))
     }
 
+    /// Passive declarations of the exchange and the queue, on a channel
+    /// kept for them: 2 round trips. A deleted exchange takes its bindings
+    /// along and RabbitMQ tells nobody; a deleted queue is also told by
+    /// `basic.cancel`. A binding removed alone (`queue.unbind`) cannot be
+    /// seen over AMQP.
+    async fn still_declared(
+        &self,
+        exchange: &str,
+        queue: &str,
+        _routing_key: &str,
+    ) -> Result<bool, BusError> {
+        let operation = || format!("checking exchange `{exchange}` and queue `{queue}`");
+        let mut slot = self.checker.lock().await;
+        let channel = match &*slot {
+            Some(c) if c.status().connected() => c.clone(),
+            _ => {
+                let c = self
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error(operation(), &e))?;
+                *slot = Some(c.clone());
+                c
+            }
+        };
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let checked = match channel
+            .exchange_declare(
+                short("exchange", exchange)?,
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                channel
+                    .queue_declare(short("queue", queue)?, passive, FieldTable::default())
+                    .await
+                    .map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => {
+                *slot = None;
+                Ok(false)
+            }
+            Err(e) => {
+                *slot = None;
+                Err(lapin_error(operation(), &e))
+            }
+        }
+    }
+
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
         let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
         let channel = self.connection.create_channel().await.map_err(fail)?;
@@ -267,8 +348,12 @@ impl BusTransport for AmqpBus {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let ended = self.lost.child_token();
-        let consumers =
-            AmqpConsumers::start(settling, queue, sink, prefetch, ended.clone()).await?;
+        let (state, watching) = tokio::sync::watch::channel(super::ConsumerState::Consuming);
+        let ending = Ending {
+            ended: ended.clone(),
+            state: Arc::new(state),
+        };
+        let consumers = AmqpConsumers::start(settling, queue, sink, prefetch, ending).await?;
         let (token, until, on_stop) = (stop.clone(), ended.clone(), consumers.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -280,6 +365,7 @@ impl BusTransport for AmqpBus {
             stop,
             ended,
             prefetch: consumers,
+            state: watching,
         })
     }
 
@@ -347,6 +433,7 @@ impl BusTransport for AmqpBus {
     }
 
     async fn close(&self) {
+        self.closing.cancel();
         self.flush_acks().await;
         self.delete_named_reply_queue().await;
         // Again: a handler that answered while the reply queue was being

@@ -228,7 +228,9 @@ impl Inner {
             match self.blocking_connection().await {
                 Ok(conn) => return Some(conn),
                 Err(e) => {
-                    tracing::warn!(error = %scrub(&e.to_string(), &self.secret_uri), "{what}: cannot reconnect")
+                    crate::throttled!(
+                        warn!(error = %scrub(&e.to_string(), &self.secret_uri), "{what}: cannot reconnect")
+                    )
                 }
             }
         }

@@ -17,7 +17,7 @@ use super::connection::{now, refused, Inner, BLOCK_SECS};
 use super::envelope::{envelope, read_envelope, Received};
 use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
 use super::restore::Side;
-use crate::bus::{Acker, BusError, Incoming, Outgoing, PrefetchSlots, Settle, Sink};
+use crate::bus::{Acker, BusError, ConsumerState, Incoming, Outgoing, PrefetchSlots, Settle, Sink};
 use crate::redact::scrub;
 
 /// The most messages one take script moves.
@@ -229,6 +229,27 @@ async fn hand_back(inner: &Inner, tag: &str) {
     }
 }
 
+/// Makes the consumer's connection again after a failed command; false
+/// once stopped. Interrupted until a new connection answers: the session
+/// shows the queue deaf meanwhile, and checks its binding once it is back
+/// (the server may have restarted empty).
+async fn reconnect(
+    inner: &Inner,
+    stop: &CancellationToken,
+    state: &tokio::sync::watch::Sender<ConsumerState>,
+    conn: &mut MultiplexedConnection,
+) -> bool {
+    state.send_replace(ConsumerState::Interrupted);
+    match inner.reconnect(stop, "consumer").await {
+        Some(c) => {
+            *conn = c;
+            state.send_replace(ConsumerState::Consuming);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Takes from `queue` whenever prefetch slots are free, as many as are
 /// free (up to [`MAX_TAKE`]) per script, until stopped; waits when the
 /// queue is empty.
@@ -239,7 +260,7 @@ pub(super) async fn consume_queue(
     limit: Arc<PrefetchSlots>,
     sink: Sink,
     stop: CancellationToken,
-    ended: CancellationToken,
+    (ended, state): (CancellationToken, tokio::sync::watch::Sender<ConsumerState>),
 ) {
     let _ended = ended.drop_guard();
     let lists = queue_lists(&queue);
@@ -271,10 +292,11 @@ pub(super) async fn consume_queue(
                 waited = wait_for_message(&mut conn, &lists[0]) => waited,
             };
             if let Err(e) = waited {
-                tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "waiting for messages failed; reconnecting");
-                match inner.reconnect(&stop, "consumer").await {
-                    Some(c) => conn = c,
-                    None => break,
+                crate::throttled!(
+                    warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "waiting for messages failed; reconnecting")
+                );
+                if !reconnect(&inner, &stop, &state, &mut conn).await {
+                    break;
                 }
                 continue;
             }
@@ -307,10 +329,11 @@ pub(super) async fn consume_queue(
             Err(e) => Some(e),
         };
         if let Some(e) = failed {
-            tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "taking messages failed; reconnecting");
-            match inner.reconnect(&stop, "consumer").await {
-                Some(c) => conn = c,
-                None => break,
+            crate::throttled!(
+                warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "taking messages failed; reconnecting")
+            );
+            if !reconnect(&inner, &stop, &state, &mut conn).await {
+                break;
             }
         }
     }
