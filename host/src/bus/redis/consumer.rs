@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::RedisError;
@@ -62,6 +63,8 @@ impl Inner {
 struct RedisAcker {
     inner: Arc<Inner>,
     tag: String,
+    /// The held-set mark it was taken under (see the take script).
+    mark: Arc<str>,
     slot: Mutex<Option<OwnedSemaphorePermit>>,
     /// Acked by the script that published its reply.
     acked: AtomicBool,
@@ -103,9 +106,18 @@ impl Acker for RedisAcker {
             .key(UNACKED_INDEX)
             .key(&self.inner.identity.held)
             .arg(envelope(&m))
-            .arg(&self.tag);
+            .arg(&self.tag)
+            .arg(&*self.mark);
         let what = format!("replying to `{}`", m.routing_key);
         let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
+            Ok(::redis::Value::Int(3)) => {
+                crate::throttled!(info!(
+                    tag = %self.tag,
+                    "answered a request whose record the Redis database lost meanwhile \
+                     (restarted without persistence, or flushed)"
+                ));
+                Ok(())
+            }
             Ok(::redis::Value::Int(2)) => {
                 crate::throttled!(warn!(
                     tag = %self.tag,
@@ -144,16 +156,18 @@ pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Inc
 }
 
 /// Takes up to `count` messages of `lists` (one script): their tags and
-/// envelopes.
+/// envelopes, and the held-set mark they were taken under.
 async fn take(
     inner: &Inner,
     conn: &mut MultiplexedConnection,
     lists: &[String],
     record_suffix: &str,
     count: usize,
-) -> Result<Vec<(String, String)>, RedisError> {
+) -> Result<(Vec<(String, String)>, Arc<str>), RedisError> {
     let identity = &inner.identity;
     let first = identity.reserve(count as u64);
+    let expiry_ms = inner.held_expiry_ms();
+    let (mark, expected, fresh) = identity.marks(Duration::from_millis(expiry_ms));
     let mut inv = inner.scripts.take.prepare_invoke();
     inv.key(UNACKED).key(UNACKED_INDEX).key(&identity.held);
     for list in lists {
@@ -164,9 +178,26 @@ async fn take(
         .arg(first)
         .arg(record_suffix)
         .arg(now())
-        .arg(inner.held_expiry_ms());
-    let items: Vec<Vec<u8>> = inv.invoke_async(conn).await?;
-    Ok(items
+        .arg(expiry_ms)
+        .arg(&*mark)
+        .arg(if expected { "1" } else { "0" })
+        .arg(&*fresh);
+    let mut items: Vec<Vec<u8>> = inv.invoke_async(conn).await?;
+    let lost = !items.is_empty() && items.remove(0) == b"1";
+    let used = if lost {
+        crate::throttled!(warn!(
+            held = %identity.held,
+            "the Redis database lost this consumer's records (restarted without persistence, \
+             or flushed): requests it holds are answered all the same"
+        ));
+        fresh
+    } else {
+        mark
+    };
+    if lost || !items.is_empty() {
+        identity.marked(&used);
+    }
+    let taken = items
         .into_iter()
         .zip(first..)
         .map(|(raw, n)| {
@@ -175,7 +206,8 @@ async fn take(
                 String::from_utf8_lossy(&raw).into_owned(),
             )
         })
-        .collect())
+        .collect();
+    Ok((taken, used))
 }
 
 /// Blocks until `list` holds a message (at most [`BLOCK_SECS`]), taking
@@ -198,7 +230,7 @@ async fn wait_for_message(conn: &mut MultiplexedConnection, list: &str) -> Resul
 async fn deliver(
     inner: &Arc<Inner>,
     queue: &str,
-    tag: String,
+    (tag, mark): (String, Arc<str>),
     raw: &str,
     slot: OwnedSemaphorePermit,
 ) -> Option<Incoming> {
@@ -215,6 +247,7 @@ async fn deliver(
     let acker = RedisAcker {
         inner: inner.clone(),
         tag,
+        mark,
         slot: Mutex::new(Some(slot)),
         acked: AtomicBool::new(false),
     };
@@ -304,20 +337,22 @@ pub(super) async fn consume_queue(
         }
         let asked = slots.len();
         let failed = match take(&inner, &mut conn, &lists, &record_suffix, asked).await {
-            Ok(taken) if taken.is_empty() => {
+            Ok((taken, _)) if taken.is_empty() => {
                 // Woken for a message another consumer took first (or one
                 // on a priority list, which the wait does not watch).
                 drop(slots);
                 drained = true;
                 None
             }
-            Ok(taken) => {
+            Ok((taken, mark)) => {
                 drained = taken.len() < asked;
                 let stopped = stop.is_cancelled();
                 for ((tag, raw), slot) in taken.into_iter().zip(slots) {
                     if stopped {
                         hand_back(&inner, &tag).await;
-                    } else if let Some(incoming) = deliver(&inner, &queue, tag, &raw, slot).await {
+                    } else if let Some(incoming) =
+                        deliver(&inner, &queue, (tag, mark.clone()), &raw, slot).await
+                    {
                         tokio::spawn(sink(incoming));
                     }
                 }

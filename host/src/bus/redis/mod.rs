@@ -313,6 +313,6 @@ impl BusTransport for RedisBus {
         if !keys::valid_owner(owner) {
             return Ok(0);
         }
-        self.inner.restore_owner(owner).await
+        self.inner.restore_owner(owner, true).await
     }
 }

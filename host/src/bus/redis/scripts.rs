@@ -29,14 +29,22 @@ end
 
 /// Takes up to `ARGV[1]` messages off a queue's lists, in order, and
 /// records each as unacked (kombu's hash and index) and held by this
-/// consumer, under tags `ARGV[2]..(ARGV[3] + n)`; returns the messages.
-/// A message is never out of its list without its record (the keys'
-/// types are checked before anything moves: a script stopped by an error
-/// keeps what it did).
+/// consumer, under tags `ARGV[2]..(ARGV[3] + n)`; returns a flag, then the
+/// messages. A message is never out of its list without its record (the
+/// keys' types are checked before anything moves: a script stopped by an
+/// error keeps what it did).
+///
+/// The held set also holds a *mark* (`ARGV[7]`) while it holds anything:
+/// a record gone with its mark still there was handed back, one gone with
+/// its mark was lost with the database (see `REPLY_ACK`). When the caller
+/// expects its mark (`ARGV[8]` = `1`) and it is gone, the database lost
+/// this consumer's records (a restart without persistence, a `FLUSHDB`):
+/// the take uses the new mark `ARGV[9]` and the flag is `1`, else `0`.
 ///
 /// KEYS: unacked, unacked_index, held set, the queue's lists.
 /// ARGV: count, tag prefix, first sequence number, record suffix
-/// (`, "", "<queue>"]`), now, held set expiry (ms).
+/// (`, "", "<queue>"]`), now, held set expiry (ms), mark, whether it is
+/// expected, the mark to use if it was lost.
 const TAKE: &str = r"
 local kinds = {'hash', 'zset', 'set'}
 for i = 1, #KEYS do
@@ -46,9 +54,14 @@ for i = 1, #KEYS do
     return redis.error_reply(KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
   end
 end
+local mark = ARGV[7]
+local out = {'0'}
+if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[3], mark) == 0 then
+  mark = ARGV[9]
+  out[1] = '1'
+end
 local want = tonumber(ARGV[1])
 local seq = tonumber(ARGV[3])
-local out = {}
 for i = 4, #KEYS do
   if want <= 0 then break end
   local items = redis.call('RPOP', KEYS[i], want)
@@ -64,7 +77,8 @@ for i = 4, #KEYS do
     want = want - #items
   end
 end
-if #out > 0 then
+if #out > 1 then
+  redis.call('SADD', KEYS[3], mark)
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
 return out
@@ -118,14 +132,24 @@ return 0
 
 /// Replies and acks at once: pushes the reply onto its list and removes
 /// the request's record. Returns 0 once done; 2, doing nothing, if the
-/// record is gone (the request was handed back to its queue, where its next
-/// holder answers it: replying too would answer it twice); or why the
-/// reply list was refused (nothing done).
+/// record is gone but the mark it was taken under is still held (the
+/// request was handed back to its queue, where its next holder answers
+/// it: replying too would answer it twice); 3 once the reply is pushed
+/// for a record gone with its mark (the database lost both: nobody else
+/// holds the request, so it is answered here); or why the reply list was
+/// refused (nothing done).
 ///
 /// KEYS: reply list, unacked, unacked_index, held set.
-/// ARGV: the reply's envelope, the request's tag.
+/// ARGV: the reply's envelope, the request's tag, the mark it was taken
+/// under.
 const REPLY_ACK: &str = r"
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 2 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return 2 end
+  local why = refusal(KEYS[1])
+  if why then return why end
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  return 3
+end
 local why = refusal(KEYS[1])
 if why then return why end
 redis.call('LPUSH', KEYS[1], ARGV[1])
