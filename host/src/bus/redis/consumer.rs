@@ -109,7 +109,7 @@ impl Acker for RedisAcker {
             .arg(&self.tag)
             .arg(&*self.mark);
         let what = format!("replying to `{}`", m.routing_key);
-        let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
+        let replied = match self.reply_while_away(&what, &inv).await {
             Ok(::redis::Value::Int(3)) => {
                 crate::throttled!(info!(
                     tag = %self.tag,
@@ -137,6 +137,43 @@ impl Acker for RedisAcker {
 
     fn tag(&self) -> String {
         self.tag.clone()
+    }
+}
+
+/// How long a reply waits for a Redis that went away, trying every
+/// [`AWAY_RETRY`]: a restart takes a second or two, and the request's
+/// record may not survive it (no persistence), so that nobody would answer
+/// it if this reply gave up.
+const AWAY_LIMIT: Duration = Duration::from_secs(15);
+const AWAY_RETRY: Duration = Duration::from_millis(100);
+
+impl RedisAcker {
+    /// Runs the reply script, again while Redis is unreachable (at most
+    /// [`AWAY_LIMIT`]). Running it twice is harmless: the second run finds
+    /// the record gone and the mark kept, and does nothing.
+    async fn reply_while_away(
+        &self,
+        what: &str,
+        inv: &::redis::ScriptInvocation<'_>,
+    ) -> Result<::redis::Value, BusError> {
+        let until = std::time::Instant::now() + AWAY_LIMIT;
+        loop {
+            match self.inner.script::<::redis::Value>(what, inv).await {
+                Err(e)
+                    if (e.is_lost() || matches!(e, BusError::Connect { .. }))
+                        && !e.is_permanent()
+                        && !self.inner.closing.is_cancelled()
+                        && std::time::Instant::now() < until =>
+                {
+                    crate::throttled!(warn!(
+                        tag = %self.tag, error = %e,
+                        "a reply waits for Redis to come back"
+                    ));
+                    tokio::time::sleep(AWAY_RETRY).await;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
