@@ -45,9 +45,14 @@ pub struct AmqpBus {
     uri: String,
     connection: Connection,
     /// Publishes requests and replies, and consumes direct reply-to (which
-    /// RabbitMQ requires to be the publishing channel).
-    publisher: Channel,
+    /// RabbitMQ requires to be the publishing channel). Opened anew when
+    /// the broker closed it (a publish to an exchange that was deleted),
+    /// unless direct reply-to is consumed on it: its client then sees its
+    /// replies end and connects again.
+    publisher: tokio::sync::Mutex<Channel>,
     reply_queue_taken: AtomicBool,
+    /// Direct reply-to is consumed on the publishing channel.
+    direct_reply_to: AtomicBool,
     /// The named reply queue, to delete at close.
     named_reply: std::sync::Mutex<Option<(ReplyName, Option<Note>)>>,
     /// Cancelled once the connection has failed: ends every consumer.
@@ -144,8 +149,9 @@ impl AmqpBus {
         Ok(Self {
             uri: redacted,
             connection,
-            publisher,
+            publisher: tokio::sync::Mutex::new(publisher),
             reply_queue_taken: AtomicBool::new(false),
+            direct_reply_to: AtomicBool::new(false),
             named_reply: std::sync::Mutex::default(),
             lost,
             ack_window_us: AtomicU64::new(0),
@@ -153,6 +159,30 @@ impl AmqpBus {
             checker: tokio::sync::Mutex::default(),
             closing: tokio_util::sync::CancellationToken::new(),
         })
+    }
+}
+
+impl AmqpBus {
+    /// The publishing channel; a new one if the broker closed it while the
+    /// connection goes on (one publish to a missing exchange would
+    /// otherwise fail every publish after it).
+    async fn publisher(&self) -> Result<Channel, BusError> {
+        let mut publisher = self.publisher.lock().await;
+        let direct = self.direct_reply_to.load(Ordering::Relaxed);
+        if publisher.status().connected() || direct || !self.connection.status().connected() {
+            return Ok(publisher.clone());
+        }
+        let fail = |e: lapin::Error| lapin_error("opening a publishing channel", &e);
+        let fresh = self.connection.create_channel().await.map_err(fail)?;
+        fresh
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(fail)?;
+        crate::throttled!(info!(
+            "the broker closed the publishing channel (a publish it refused); opened a new one"
+        ));
+        *publisher = fresh.clone();
+        Ok(fresh)
     }
 }
 
@@ -253,7 +283,8 @@ impl BusTransport for AmqpBus {
             return Err(refusal_or_lost(format!("declaring queue `{queue}`"), &e));
         }
         let _ = channel.close(200, "declared".into()).await;
-        self.publisher
+        self.publisher()
+            .await?
             .queue_bind(
                 short("queue", queue)?,
                 short("exchange", exchange)?,
@@ -370,7 +401,7 @@ impl BusTransport for AmqpBus {
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        let confirm = publish_on(&self.publisher, &m).await?;
+        let confirm = publish_on(&self.publisher().await?, &m).await?;
         // A mandatory message's return comes before its confirm: awaiting
         // the confirm tells at once whether any queue took it.
         if !m.confirm && m.expires.is_none() {
@@ -447,5 +478,25 @@ impl BusTransport for AmqpBus {
             Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
             Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::ShortString;
+
+    /// lapin finds a consumer by `&str` in a map keyed by `ShortString`: a
+    /// broker's `basic.cancel` reached no consumer while the patched type
+    /// hashed more than its text (vendor/README.md).
+    #[test]
+    fn a_short_string_is_found_by_its_text() {
+        let mut consumers = std::collections::HashMap::new();
+        consumers.insert(ShortString::from("amq.ctag-1"), 1);
+        let odd = ShortString::try_from_bytes(vec![b'a', 0xff]).expect("short");
+        consumers.insert(odd.clone(), 2);
+        assert_eq!(consumers.get("amq.ctag-1"), Some(&1));
+        let parsed = ShortString::try_from_bytes(b"amq.ctag-1".to_vec()).expect("short");
+        assert_eq!(consumers.get(parsed.as_str()), Some(&1));
+        assert_eq!(consumers.get(&odd), Some(&2));
     }
 }

@@ -10,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -127,8 +128,11 @@ impl AmqpBus {
     pub(super) async fn consume_direct_reply_to(
         &self,
     ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+        self.direct_reply_to.store(true, Ordering::Relaxed);
         let consumer = self
             .publisher
+            .lock()
+            .await
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
                 "".into(),

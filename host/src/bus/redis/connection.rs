@@ -272,18 +272,22 @@ impl Inner {
             .await
     }
 
-    /// Reconnects a blocking connection after a failure, waiting a second
-    /// between attempts; `None` once `stop` is cancelled.
+    /// Reconnects a blocking connection after a failure, waiting 100 ms
+    /// before the first attempt and doubling up to a second between the
+    /// next (a restarted server is served again soon after it is back);
+    /// `None` once `stop` is cancelled.
     pub async fn reconnect(
         &self,
         stop: &CancellationToken,
         what: &str,
     ) -> Option<MultiplexedConnection> {
+        let mut wait = Duration::from_millis(100);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return None,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = (wait * 2).min(Duration::from_secs(1));
             match self.blocking_connection().await {
                 Ok(conn) => return Some(conn),
                 Err(e) => {
