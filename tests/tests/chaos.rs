@@ -435,6 +435,18 @@ fn on_broker<T: Send + 'static>(
     })
 }
 
+/// Requests the workers answered with a result, as `/metrics` counts
+/// them (reported every second: wait a little first).
+fn host_answered(host: &TestHost) -> u64 {
+    let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
+    text.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("commissaire_requests_total{") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The workers' `commissaire_bus_redeclared_total` for `service`.
 fn redeclared(host: &TestHost, service: &str) -> u64 {
     let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
@@ -504,15 +516,30 @@ fn a_service_queue_deleted_under_load_is_declared_again_within_seconds() {
     });
     let (heal, ready) = *figures.lock().expect("figures");
     heal_row("RabbitMQ: the service queue deleted", heal, &report, ready);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The host answered what it got (the load's, and the probes'): a
+    // request lost never reached it.
+    eprintln!(
+        "the host answered {} requests, the load got {} answers",
+        host_answered(&host),
+        report.answered
+    );
     assert!(
         heal.is_some_and(|d| d < Duration::from_secs(15)),
         "{heal:?}\n{}",
         host.stderr()
     );
-    // Lost: exactly what the queue held (one published while it was gone
-    // is returned, and sent again); never what the host held.
+    // Lost: what the queue held, never what the host held. That is its
+    // ready messages (the count `queue.delete` answers) and those on their
+    // way into it when it went (RabbitMQ confirms them to the publisher as
+    // taken: a queue deleted is a normal end), at most the load's window.
+    // One published once it was gone is returned, and sent again.
     let lost = report.unanswered.len();
-    assert_eq!(lost, ready, "{report}; {ready} ready\n{}", host.stderr());
+    assert!(
+        lost >= ready && lost <= ready + CONCURRENCY,
+        "{report}; {ready} ready\n{}",
+        host.stderr()
+    );
     assert_eq!(report.answered + lost, report.sent, "{report}");
     assert_healed(&host, "queue");
 }
