@@ -591,7 +591,8 @@ fn the_exchange_deleted_under_load_is_declared_again_within_seconds() {
 
 /// Requests and replies that Redis holds now: `queue`'s lists and this
 /// process's reply lists (what a flush or a restart without persistence
-/// takes with it). Read-only, so that it runs while writes are paused.
+/// takes with it), and the records of the requests the host holds.
+/// Read-only, so that it runs while writes are paused.
 fn held_by_redis(queue: &str) -> Vec<String> {
     let count = "local n = 0 \
         for _, p in ipairs(ARGV) do \
@@ -599,7 +600,7 @@ fn held_by_redis(queue: &str) -> Vec<String> {
             if redis.call('TYPE', k)['ok'] == 'list' then n = n + redis.call('LLEN', k) end \
           end \
         end \
-        return n";
+        return {n, redis.call('HLEN', 'unacked')}";
     let replies = format!("*commissaire-host-reply-*-{}-*", std::process::id());
     vec![
         "EVAL_RO".to_owned(),
@@ -640,6 +641,21 @@ fn run_redis_with_chaos(
     report
 }
 
+/// The two counts of [`held_by_redis`].
+fn counts(reply: &commissaire_e2e::redis::Resp) -> (usize, usize) {
+    match reply {
+        commissaire_e2e::redis::Resp::Array(items) => {
+            let n = |i: usize| {
+                items
+                    .get(i)
+                    .map_or(0, |v| usize::try_from(v.int()).unwrap_or(0))
+            };
+            (n(0), n(1))
+        }
+        other => panic!("counting what Redis holds: {other:?}"),
+    }
+}
+
 /// What happens to Redis in the middle of the load.
 #[derive(Debug, Clone, Copy)]
 enum RedisEvent {
@@ -663,7 +679,7 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
     let host = TestHost::start(spec);
     let (queue, exchange) = (host.spec.queue("simple"), host.spec.exchange.clone());
     let load = redis_load(&uri, &host);
-    let figures = Arc::new(Mutex::new((None, 0usize)));
+    let figures = Arc::new(Mutex::new((None, (0usize, 0usize))));
     let measured = figures.clone();
     let driver_uri = uri.clone();
     // The driver restarts it; dropped (killed) after the host.
@@ -681,7 +697,7 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
                 let replies = commissaire_e2e::redis::redis_commands(&driver_uri, &commands);
                 let held = match replies.last() {
                     Some(commissaire_e2e::redis::Resp::Array(items)) => {
-                        items.first().map_or(0, |n| n.int())
+                        items.first().map_or((0, 0), counts)
                     }
                     other => panic!("MULTI/EXEC: {other:?}"),
                 };
@@ -702,7 +718,7 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
                         count,
                     ],
                 );
-                let held = replies.last().map_or(0, |n| n.int());
+                let held = replies.last().map_or((0, 0), counts);
                 restarting
                     .lock()
                     .expect("server")
@@ -711,10 +727,11 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
             }
         };
         let heal = time_to_serve(&driver_uri, &exchange, at, Duration::from_secs(30));
-        *measured.lock().expect("figures") = (heal, usize::try_from(held).unwrap_or(0));
+        *measured.lock().expect("figures") = (heal, held);
     });
-    let (heal, held) = *figures.lock().expect("figures");
+    let (heal, (held, in_host)) = *figures.lock().expect("figures");
     heal_row(case, heal, &report, held);
+    eprintln!("requests the host held then (answered all the same): {in_host}");
     assert!(
         heal.is_some_and(|d| d < Duration::from_secs(15)),
         "{heal:?}\n{}",
