@@ -494,3 +494,154 @@ impl QueueKeeper {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Outgoing, PrefetchSlots, ReplyQueueKind};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// A broker that forgets on demand: its binding check answers what
+    /// `present` says, and each consumer's state is the test's to set.
+    #[derive(Default)]
+    struct Forgetful {
+        declared: AtomicUsize,
+        consumed: AtomicUsize,
+        gone: AtomicBool,
+        states: std::sync::Mutex<Vec<tokio::sync::watch::Sender<ConsumerState>>>,
+    }
+
+    impl Forgetful {
+        fn set_last(&self, state: ConsumerState) {
+            let states = self.states.lock().expect("states");
+            states.last().expect("a consumer").send_replace(state);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BusTransport for Forgetful {
+        fn describe(&self) -> String {
+            "forgetful://".to_owned()
+        }
+        async fn declare_exchange(&self, _: &str) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn declare_queue(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &crate::bus::QueueArguments,
+        ) -> Result<(), BusError> {
+            self.declared.fetch_add(1, Ordering::SeqCst);
+            self.gone.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn still_declared(&self, _: &str, _: &str, _: &str) -> Result<bool, BusError> {
+            Ok(!self.gone.load(Ordering::SeqCst))
+        }
+        async fn consume(&self, _: &str, prefetch: u16, _: Sink) -> Result<Consumer, BusError> {
+            self.consumed.fetch_add(1, Ordering::SeqCst);
+            let (state, watching) = tokio::sync::watch::channel(ConsumerState::Consuming);
+            self.states.lock().expect("states").push(state);
+            Ok(Consumer {
+                stop: CancellationToken::new(),
+                ended: CancellationToken::new(),
+                prefetch: Arc::new(PrefetchSlots::new(prefetch)),
+                state: watching,
+            })
+        }
+        async fn publish(&self, _: Outgoing<'_>) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn reply_queue(
+            &self,
+            _: ReplyQueueKind,
+        ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+            Err(BusError::Closed)
+        }
+        async fn close(&self) {}
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !ok() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_keeper_declares_again_what_the_broker_lost_and_says_so_meanwhile() {
+        let fake = Arc::new(Forgetful::default());
+        let bus: Arc<dyn BusTransport> = fake.clone();
+        let process = Process {
+            inflight: Arc::default(),
+            control: None,
+            health: Arc::default(),
+            metrics: Arc::default(),
+        };
+        let queue = QueueConfig {
+            name: "q".to_owned(),
+            routing_key: "q.*".to_owned(),
+            arguments: Default::default(),
+        };
+        let sink: Sink = Arc::new(|_| Box::pin(async {}));
+        let consumer = bus.consume("q", 4, sink.clone()).await.expect("consume");
+        let keeper = QueueKeeper {
+            bus: bus.clone(),
+            exchange: "x".to_owned(),
+            queue,
+            concurrency: 4,
+            prefetch: Arc::new(SwitchedPrefetch::new(consumer.prefetch.clone(), 4)),
+            sink,
+            deafness: Arc::new(Deafness {
+                service: Arc::from("svc"),
+                process: process.clone(),
+                deaf: AtomicUsize::new(0),
+            }),
+        };
+        let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
+        let kept = tokio::spawn(keeper.keep(consumer, stop.clone(), lost.clone()));
+        let consuming = || process.health.snapshot().get("svc").map(|h| h.consuming);
+        let healed_before = heal::redeclared_total();
+
+        // The binding vanishes: found by the check, declared again.
+        fake.gone.store(true, Ordering::SeqCst);
+        until("declared again after the check", || {
+            fake.declared.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        until("consuming again", || consuming() == Some(1)).await;
+        assert_eq!(
+            fake.consumed.load(Ordering::SeqCst),
+            1,
+            "no new consumer needed"
+        );
+
+        // The broker cancels the consumer: declared again, consumed anew.
+        fake.set_last(ConsumerState::Cancelled);
+        until("consumed anew", || {
+            fake.consumed.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(fake.declared.load(Ordering::SeqCst), 2);
+        until("consuming again", || consuming() == Some(1)).await;
+        assert!(heal::redeclared_total() >= healed_before + 2);
+
+        // The connection is being made again: deaf meanwhile, nothing declared.
+        fake.set_last(ConsumerState::Interrupted);
+        until("not consuming while interrupted", || consuming() == Some(0)).await;
+        fake.set_last(ConsumerState::Consuming);
+        until("consuming once back", || consuming() == Some(1)).await;
+        assert_eq!(fake.declared.load(Ordering::SeqCst), 2);
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(2), kept)
+            .await
+            .expect("the keeper ends on stop")
+            .expect("the keeper's task");
+        assert!(!lost.is_cancelled());
+    }
+}
