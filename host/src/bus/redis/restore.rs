@@ -27,6 +27,10 @@ pub(super) enum Side {
     Back,
     /// The front: the next to be taken (a restore).
     Front,
+    /// The front, past the visibility timeout: whoever took it did so that
+    /// long ago, so a held set left with nothing but its marks goes too
+    /// (a host killed with its supervisor leaves no other trace).
+    Expired,
 }
 
 impl Inner {
@@ -88,7 +92,8 @@ impl Inner {
             .arg(stored.as_deref().unwrap_or(""))
             .arg(&payload_text)
             .arg(if side == Side::Back { "l" } else { "r" })
-            .arg(if held.is_some() { "1" } else { "0" });
+            .arg(if held.is_some() { "1" } else { "0" })
+            .arg(if side == Side::Expired { "1" } else { "0" });
         let what = "restoring an unacked delivery";
         let answer: ::redis::Value = self.script(what, &inv).await?;
         let pushed = matches!(answer, ::redis::Value::Int(1));
@@ -158,7 +163,7 @@ impl Inner {
                 .await?;
             let mut restored = 0;
             for tag in &tags {
-                if self.restore_by_tag(tag, Side::Front).await? {
+                if self.restore_by_tag(tag, Side::Expired).await? {
                     restored += 1;
                 }
             }

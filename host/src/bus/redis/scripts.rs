@@ -166,10 +166,14 @@ return 0
 /// restore, to its front). Returns 1 once pushed, 0 if there was nothing
 /// to push, or why a list was refused (the record then stays).
 ///
+/// With ARGV[6] `1` (a restore past the visibility timeout), a held set
+/// left holding nothing but marks (see `TAKE`) is deleted.
+///
 /// KEYS: unacked, unacked_index, held set (or any key if ARGV[5] is not
 /// `1`), the lists.
 /// ARGV: tag, the record as read (`''`: none), the envelope to push,
-/// `l` or `r`, whether KEYS[3] is a held set.
+/// `l` or `r`, whether KEYS[3] is a held set, whether to drop a held set
+/// of marks only.
 const RESTORE: &str = r"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and current ~= ARGV[2] then return 0 end
@@ -183,6 +187,13 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 if ARGV[5] == '1' then
   redis.call('SREM', KEYS[3], ARGV[1])
+  if ARGV[6] == '1' then
+    local marks_only = true
+    for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+      if string.sub(m, 1, 6) ~= '~mark-' then marks_only = false break end
+    end
+    if marks_only then redis.call('DEL', KEYS[3]) end
+  end
 end
 if not current then return 0 end
 for i = 4, #KEYS do
