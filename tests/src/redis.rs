@@ -267,15 +267,16 @@ impl PrivateRedis {
         }
     }
 
-    /// Kills it (`SIGKILL`: what is not on disk is lost), waits `down`,
-    /// and starts it again on the same port and directory.
-    pub fn kill_and_restart(&mut self, down: std::time::Duration) {
-        self.kill();
-        std::thread::sleep(down);
-        self.spawn();
+    /// Starts it again after [`Self::kill`], on the same port and
+    /// directory.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
     }
 
-    fn kill(&mut self) {
+    /// Kills it (`SIGKILL`: what is not on disk is lost).
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

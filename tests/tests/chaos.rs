@@ -682,6 +682,7 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
     let figures = Arc::new(Mutex::new((None, (0usize, 0usize))));
     let measured = figures.clone();
     let driver_uri = uri.clone();
+    let http = host.http;
     // The driver restarts it; dropped (killed) after the host.
     let server = Arc::new(Mutex::new(redis));
     let restarting = server.clone();
@@ -719,10 +720,30 @@ fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
                     ],
                 );
                 let held = replies.last().map_or((0, 0), counts);
-                restarting
-                    .lock()
-                    .expect("server")
-                    .kill_and_restart(Duration::from_secs(1));
+                let mut server = restarting.lock().expect("server");
+                let killed = Instant::now();
+                server.kill();
+                // Meanwhile `/healthz` tells the truth: the service named,
+                // not consuming.
+                let mut said = None;
+                while killed.elapsed() < Duration::from_secs(1) {
+                    if said.is_none() {
+                        if let Ok((503, body)) = commissaire_e2e::host::http_get(http, "/healthz") {
+                            said = Some((
+                                killed.elapsed(),
+                                body["services"]["simple"]["status"].clone(),
+                            ));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                server.start_again();
+                let (after, status) = said.expect("/healthz never said 503 while Redis was down");
+                eprintln!(
+                    "/healthz: 503 {:.2} s after the kill, simple {status}",
+                    after.as_secs_f64()
+                );
+                assert_eq!(status, "not consuming");
                 (held, Instant::now())
             }
         };
