@@ -814,3 +814,62 @@ fn a_redis_restart_with_an_append_only_file_under_load_loses_nothing() {
         "Redis restarted (kill -9), AOF (fsync always)",
     );
 }
+
+#[test]
+fn the_supervisor_s_reply_queue_deleted_is_declared_again() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    let host = TestHost::start(spec);
+    let add = |host: &TestHost| {
+        host.http_call("simple.add?timeout=2", &json!({"id": 1, "params": [1, 2]}))
+    };
+    assert_eq!(add(&host).1["result"], 3, "the HTTP client connects");
+    let supervisor = format!("-{}-", host.pid().expect("running"));
+    let listed = Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    let reply_queue = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|q| q.starts_with("commissaire-host-reply-") && q.contains(&supervisor))
+        .expect("the supervisor's reply queue")
+        .to_owned();
+    let deleting = reply_queue.clone();
+    on_broker(move |ch| {
+        Box::pin(async move {
+            ch.queue_delete(
+                deleting.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .expect("queue.delete");
+        })
+    });
+    let at = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "the HTTP endpoint answers again",
+        &host,
+        || add(&host).1["result"] == 3,
+    );
+    eprintln!(
+        "the supervisor's reply queue: answering again {:.2} s after its deletion",
+        at.elapsed().as_secs_f64()
+    );
+    let log = host.stderr();
+    assert!(
+        log.contains(&format!(
+            "declared again what=\"reply queue\" name=\"{reply_queue}\""
+        )),
+        "{log}"
+    );
+    let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
+    assert!(
+        text.as_str()
+            .unwrap_or_default()
+            .contains("commissaire_supervisor_bus_redeclared_total 1"),
+        "{text}"
+    );
+}
