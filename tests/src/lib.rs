@@ -13,6 +13,7 @@ pub mod caller;
 pub mod host;
 pub mod load;
 pub mod redis;
+pub mod redis_load;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;

@@ -6,7 +6,10 @@
 //! and are acked one by one (kombu's `SimpleQueue` style), so both survive
 //! a broker restart. A
 //! request counts as *sent* once the broker confirmed it: those are the
-//! ones that reached the queue and must be answered.
+//! ones that reached the queue and must be answered. Requests are
+//! published `mandatory`: one the broker returns (no queue bound, as while
+//! a deleted queue is declared again) never reached a queue, and is sent
+//! again 50 ms later, as a caller retrying would.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +48,11 @@ pub struct Load {
     /// is then a quorum queue, which outlives the loss of any one node of
     /// a cluster.
     pub broker: Option<String>,
+    /// Stop waiting for a request after this long, so that requests the
+    /// broker lost (a deleted queue) do not hold the window for ever; it
+    /// still counts as answered if its reply comes later. `None`: wait
+    /// until the deadline.
+    pub give_up_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Load {
@@ -62,12 +70,45 @@ impl std::fmt::Debug for Load {
 pub struct Progress {
     /// Distinct requests answered.
     pub answered: AtomicUsize,
+    /// Requests published so far (the next request's number).
+    pub published: AtomicUsize,
+    /// One more than the highest request number answered.
+    pub answered_up_to: AtomicUsize,
 }
 
 impl Progress {
     /// Distinct requests answered so far.
     pub fn answered(&self) -> usize {
         self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Requests published so far.
+    pub fn published(&self) -> usize {
+        self.published.load(Ordering::SeqCst)
+    }
+
+    /// Counts request `i` answered.
+    pub fn answer(&self, i: usize) {
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        self.answered_up_to.fetch_max(i + 1, Ordering::SeqCst);
+    }
+
+    /// Waits until a request numbered `from` or later is answered (at most
+    /// `limit`, or until `done`); how long that took.
+    pub fn wait_answered_from(
+        &self,
+        from: usize,
+        limit: Duration,
+        done: &std::sync::atomic::AtomicBool,
+    ) -> Option<Duration> {
+        let started = Instant::now();
+        while started.elapsed() < limit && !done.load(Ordering::SeqCst) {
+            if self.answered_up_to.load(Ordering::SeqCst) > from {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
     }
 }
 
@@ -120,10 +161,19 @@ struct State {
     replies: HashMap<usize, Value>,
     duplicates: usize,
     max_gap: Duration,
+    sent_at: HashMap<usize, Instant>,
+    /// Returned by the broker (no queue bound), to send again at.
+    returned: std::collections::VecDeque<(usize, Instant)>,
 }
 
+/// How long a returned request waits before it is sent again.
+const RETRY_RETURNED: Duration = Duration::from_millis(50);
+
 impl State {
-    fn reply(&mut self, body: &[u8], last: &mut Instant, progress: &Progress) {
+    /// A reply arrived; `again`: the broker delivered this very reply
+    /// before (our channel closed before its ack), which is no second
+    /// answer of the service.
+    fn reply(&mut self, body: &[u8], again: bool, last: &mut Instant, progress: &Progress) {
         let Ok(value) = serde_json::from_slice::<Value>(body) else {
             return;
         };
@@ -133,7 +183,9 @@ impl State {
         self.max_gap = self.max_gap.max(last.elapsed());
         *last = Instant::now();
         if self.replies.contains_key(&i) {
-            self.duplicates += 1;
+            if !again {
+                self.duplicates += 1;
+            }
             return;
         }
         self.replies.insert(i, value);
@@ -141,7 +193,22 @@ impl State {
         // An answer proves it reached the queue.
         self.unconfirmed.remove(&i);
         self.confirmed.insert(i);
-        progress.answered.fetch_add(1, Ordering::SeqCst);
+        progress.answer(i);
+    }
+
+    /// Whether a returned request is due to be sent again.
+    fn returned_due(&self) -> bool {
+        self.returned.front().is_some_and(|r| r.1 <= Instant::now())
+    }
+
+    /// Stops waiting for requests sent more than `limit` ago.
+    fn give_up(&mut self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            return;
+        };
+        let sent_at = &self.sent_at;
+        self.waiting
+            .retain(|i| sent_at.get(i).is_none_or(|at| at.elapsed() < limit));
     }
 
     /// The connection is gone: requests it never confirmed stop holding
@@ -216,8 +283,17 @@ impl Load {
             };
             let mut confirms = FuturesUnordered::new();
             loop {
-                while state.waiting.len() < self.concurrency && state.next < self.total {
-                    let i = state.next;
+                while state.waiting.len() < self.concurrency
+                    && (state.next < self.total || state.returned_due())
+                {
+                    // A request the broker returned (no queue bound) is
+                    // sent again: it never reached a queue.
+                    let fresh = !state.returned_due();
+                    let i = if fresh {
+                        state.next
+                    } else {
+                        state.returned.pop_front().map_or(state.next, |r| r.0)
+                    };
                     let (routing_key, params) = (self.request)(i);
                     let method = routing_key
                         .rsplit('.')
@@ -236,12 +312,19 @@ impl Load {
                         .basic_publish(
                             self.exchange.as_str().into(),
                             routing_key.as_str().into(),
-                            BasicPublishOptions::default(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..BasicPublishOptions::default()
+                            },
                             body.as_bytes(),
                             properties,
                         )
                         .await;
-                    state.next += 1;
+                    if fresh {
+                        state.next += 1;
+                        progress.published.store(state.next, Ordering::SeqCst);
+                    }
+                    state.sent_at.insert(i, Instant::now());
                     state.waiting.insert(i);
                     match published {
                         Ok(confirm) => confirms.push(async move { (i, confirm.await) }),
@@ -251,7 +334,9 @@ impl Load {
                         }
                     }
                 }
-                if state.next >= self.total && state.waiting.is_empty() {
+                state.give_up(self.give_up_after);
+                if state.next >= self.total && state.waiting.is_empty() && state.returned.is_empty()
+                {
                     break 'connection;
                 }
                 if started.elapsed() >= self.deadline {
@@ -260,7 +345,7 @@ impl Load {
                 tokio::select! {
                     delivery = consumer.next() => match delivery {
                         Some(Ok(d)) => {
-                            state.reply(&d.data, &mut last_reply, &progress);
+                            state.reply(&d.data, d.redelivered, &mut last_reply, &progress);
                             if d.acker.ack(BasicAckOptions::default()).await.is_err() {
                                 state.connection_lost();
                                 continue 'connection;
@@ -273,6 +358,12 @@ impl Load {
                     },
                     Some((i, confirmed)) = confirms.next(), if !confirms.is_empty() => {
                         match confirmed {
+                            // Returned: no queue took it; send it again.
+                            Ok(lapin::Confirmation::Ack(Some(_))) => {
+                                if state.waiting.remove(&i) {
+                                    state.returned.push_back((i, Instant::now() + RETRY_RETURNED));
+                                }
+                            }
                             Ok(c) if c.is_ack() => {
                                 state.confirmed.insert(i);
                             }
@@ -283,7 +374,11 @@ impl Load {
                             }
                         }
                     }
-                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    () = tokio::time::sleep(if state.returned.is_empty() {
+                        Duration::from_millis(250)
+                    } else {
+                        RETRY_RETURNED
+                    }) => {}
                 }
             }
         }

@@ -202,3 +202,90 @@ pub fn cleanup_redis(uri: &str, exchange: &str, queues: &[String]) {
     }
     redis_commands(uri, &commands);
 }
+
+/// A `redis-server` of the test's own, on a free port in a temporary
+/// directory: the tests that flush or restart Redis use one, never the
+/// machine's shared server. Killed on drop.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    /// Its port.
+    pub port: u16,
+    aof: bool,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// Starts one, with persistence (append-only file, fsync on every
+    /// write: a kill loses nothing) or without any (no RDB either).
+    pub fn start(aof: bool) -> Self {
+        let mut redis = Self {
+            port: crate::host::free_addr().port(),
+            aof,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Database `db` of it.
+    pub fn uri(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("redis log");
+        let aof = if self.aof { "yes" } else { "no" };
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", aof, "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(log)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "redis-server on port {} not up within 10 s",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Up once it answers (with an append-only file, once loaded).
+        while redis_command(&self.uri(0), &["PING"]) != Resp::Str("PONG".to_owned()) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Starts it again after [`Self::kill`], on the same port and
+    /// directory.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
+    /// Kills it (`SIGKILL`: what is not on disk is lost).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

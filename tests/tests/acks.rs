@@ -67,6 +67,7 @@ fn load(
         deadline: Duration::from_secs(60),
         request: Arc::new(request),
         broker: None,
+        give_up_after: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn load(
         deadline: Duration::from_secs(120),
         request: Arc::new(request),
         broker: None,
+        give_up_after: None,
     }
 }
 
@@ -353,6 +354,524 @@ fn sighup_with_a_replaced_plugin_rolls_the_workers_and_loses_nothing() {
     assert!(new > 0, "the new version answered none of the load");
     let (status, reply) = host.http_call("older.version", &json!({"id": 1}));
     assert_eq!((status, reply["result"].clone()), (200, json!("0.10.0")));
+}
+
+// The broker forgets (issue 31): what the host declared is lost while it
+// serves, and it notices, declares it again and serves within seconds.
+// Each case prints a row of the README's table: time to serve again,
+// requests answered, lost and duplicated.
+
+/// Prints one row of the healing table.
+fn heal_row(case: &str, heal: Option<Duration>, report: &Report, held: usize) {
+    let heal = heal.map_or_else(
+        || "never".to_owned(),
+        |d| format!("{:.2} s", d.as_secs_f64()),
+    );
+    eprintln!(
+        "| {case} | {heal} | {} | {} | {} | {} | {held} |",
+        report.sent,
+        report.answered,
+        report.unanswered.len(),
+        report.duplicates
+    );
+}
+
+/// How long after `since` a fresh caller (a new connection, `call`'s way)
+/// gets `simple.add` answered: one attempt every 50 ms, each waiting 1 s at
+/// most, for `limit` at most.
+fn time_to_serve(uri: &str, exchange: &str, since: Instant, limit: Duration) -> Option<Duration> {
+    use commissaire_host::bus::{connect, ReplyQueueKind};
+    use commissaire_host::client::RpcClient;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        while since.elapsed() < limit {
+            let attempt = async {
+                let bus = connect(uri).await.ok()?;
+                let second = Duration::from_secs(1);
+                let answered =
+                    match RpcClient::start(bus.clone(), exchange, second, ReplyQueueKind::Named)
+                        .await
+                    {
+                        Ok(client) => client
+                            .request("simple.add", Some("[1, 2]"), Some(second), None)
+                            .await
+                            .ok(),
+                        Err(_) => None,
+                    };
+                bus.close().await;
+                answered?.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                return Some(since.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    })
+}
+
+/// Runs `f` on a channel of a connection of its own to the test broker.
+fn on_broker<T: Send + 'static>(
+    f: impl FnOnce(lapin::Channel) -> futures_util::future::BoxFuture<'static, T> + Send + 'static,
+) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let conn = lapin::Connection::connect(
+            &commissaire_e2e::host::amqp_uri(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("connect to RabbitMQ");
+        let ch = conn.create_channel().await.expect("channel");
+        let out = f(ch).await;
+        let _ = conn.close(200, "bye".into()).await;
+        out
+    })
+}
+
+/// Requests the workers answered with a result, as `/metrics` counts
+/// them (reported every second: wait a little first).
+fn host_answered(host: &TestHost) -> u64 {
+    let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
+    text.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("commissaire_requests_total{") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The workers' `commissaire_bus_redeclared_total` for `service`.
+fn redeclared(host: &TestHost, service: &str) -> u64 {
+    let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
+    let prefix = format!("commissaire_bus_redeclared_total{{service=\"{service}\"}} ");
+    text.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn amqp_load(host: &TestHost) -> Load {
+    let mut load = load(host, TOTAL, |i| ("simple.add".to_owned(), json!([i, 1])));
+    // A request the broker lost frees its place in the window.
+    load.give_up_after = Some(Duration::from_secs(5));
+    load
+}
+
+/// After a healing case: healthy again, counted, logged.
+fn assert_healed(host: &TestHost, what: &str) {
+    wait_until(Duration::from_secs(15), "healthy again", host, || {
+        host.health().0 == 200
+    });
+    wait_until(Duration::from_secs(15), "the event counted", host, || {
+        redeclared(host, "simple") >= 1
+    });
+    let log = host.stderr();
+    assert!(
+        log.contains(&format!("declared again what=\"{what}\"")),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_service_queue_deleted_under_load_is_declared_again_within_seconds() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let (queue, exchange) = (host.spec.queue("simple"), host.spec.exchange.clone());
+    let figures = Arc::new(Mutex::new((None, 0usize)));
+    let measured = figures.clone();
+    let report = run_with_chaos(amqp_load(&host), move |progress, done| {
+        wait_for(&progress, TOTAL / 5, &done);
+        let at = Instant::now();
+        // Its ready messages go with it: the count is what the broker lost.
+        let ready = on_broker(move |ch| {
+            Box::pin(async move {
+                ch.queue_delete(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await
+                .expect("queue.delete")
+            })
+        });
+        let heal = time_to_serve(
+            &commissaire_e2e::host::amqp_uri(),
+            &exchange,
+            at,
+            Duration::from_secs(30),
+        );
+        *measured.lock().expect("figures") = (heal, ready as usize);
+    });
+    let (heal, ready) = *figures.lock().expect("figures");
+    heal_row("RabbitMQ: the service queue deleted", heal, &report, ready);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The host answered what it got (the load's, and the probes'): a
+    // request lost never reached it.
+    eprintln!(
+        "the host answered {} requests, the load got {} answers",
+        host_answered(&host),
+        report.answered
+    );
+    assert!(
+        heal.is_some_and(|d| d < Duration::from_secs(15)),
+        "{heal:?}\n{}",
+        host.stderr()
+    );
+    // Lost: what the queue held, never what the host held. That is its
+    // ready messages (the count `queue.delete` answers) and those on their
+    // way into it when it went (RabbitMQ confirms them to the publisher as
+    // taken: a queue deleted is a normal end), at most the load's window.
+    // One published once it was gone is returned, and sent again.
+    let lost = report.unanswered.len();
+    assert!(
+        lost >= ready && lost <= ready + CONCURRENCY,
+        "{report}; {ready} ready\n{}",
+        host.stderr()
+    );
+    assert_eq!(report.answered + lost, report.sent, "{report}");
+    assert_healed(&host, "queue");
+}
+
+#[test]
+fn the_exchange_deleted_under_load_is_declared_again_within_seconds() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let exchange = host.spec.exchange.clone();
+    let figures = Arc::new(Mutex::new(None));
+    let measured = figures.clone();
+    let report = run_with_chaos(amqp_load(&host), move |progress, done| {
+        wait_for(&progress, TOTAL / 5, &done);
+        let at = Instant::now();
+        let deleting = exchange.clone();
+        on_broker(move |ch| {
+            Box::pin(async move {
+                ch.exchange_delete(
+                    deleting.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await
+                .expect("exchange.delete");
+            })
+        });
+        let heal = time_to_serve(
+            &commissaire_e2e::host::amqp_uri(),
+            &exchange,
+            at,
+            Duration::from_secs(30),
+        );
+        *measured.lock().expect("figures") = heal;
+    });
+    let heal = *figures.lock().expect("figures");
+    heal_row("RabbitMQ: the exchange deleted", heal, &report, 0);
+    assert!(
+        heal.is_some_and(|d| d < Duration::from_secs(15)),
+        "{heal:?}\n{}",
+        host.stderr()
+    );
+    // The queue kept its messages: a publish to the missing exchange fails
+    // (unconfirmed), none that reached the queue is lost.
+    assert_all_answered(&report, &host.stderr(), add_result);
+    assert_healed(&host, "binding");
+}
+
+/// Requests and replies that Redis holds now: `queue`'s lists and this
+/// process's reply lists (what a flush or a restart without persistence
+/// takes with it), and the records of the requests the host holds.
+/// Read-only, so that it runs while writes are paused.
+fn held_by_redis(queue: &str) -> Vec<String> {
+    let count = "local n = 0 \
+        for _, p in ipairs(ARGV) do \
+          for _, k in ipairs(redis.call('KEYS', p)) do \
+            if redis.call('TYPE', k)['ok'] == 'list' then n = n + redis.call('LLEN', k) end \
+          end \
+        end \
+        return {n, redis.call('HLEN', 'unacked')}";
+    let replies = format!("*commissaire-host-reply-*-{}-*", std::process::id());
+    vec![
+        "EVAL_RO".to_owned(),
+        count.to_owned(),
+        "0".to_owned(),
+        format!("{queue}*"),
+        replies,
+    ]
+}
+
+fn redis_load(uri: &str, host: &TestHost) -> commissaire_e2e::redis_load::RedisLoad {
+    commissaire_e2e::redis_load::RedisLoad {
+        uri: uri.to_owned(),
+        exchange: host.spec.exchange.clone(),
+        total: TOTAL,
+        concurrency: CONCURRENCY,
+        deadline: Duration::from_secs(120),
+        give_up_after: Duration::from_secs(5),
+        request: Arc::new(|i| ("simple.add".to_owned(), json!([i, 1]))),
+    }
+}
+
+fn run_redis_with_chaos(
+    load: commissaire_e2e::redis_load::RedisLoad,
+    chaos: impl FnOnce(Arc<Progress>, Arc<AtomicBool>) + Send + 'static,
+) -> Report {
+    let progress = Arc::new(Progress::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (progress, done) = (progress.clone(), done.clone());
+        std::thread::spawn(move || chaos(progress, done))
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt.block_on(load.run(progress));
+    done.store(true, Ordering::SeqCst);
+    driver.join().expect("the chaos driver panicked");
+    eprintln!("{report}");
+    report
+}
+
+/// The two counts of [`held_by_redis`].
+fn counts(reply: &commissaire_e2e::redis::Resp) -> (usize, usize) {
+    match reply {
+        commissaire_e2e::redis::Resp::Array(items) => {
+            let n = |i: usize| {
+                items
+                    .get(i)
+                    .map_or(0, |v| usize::try_from(v.int()).unwrap_or(0))
+            };
+            (n(0), n(1))
+        }
+        other => panic!("counting what Redis holds: {other:?}"),
+    }
+}
+
+/// What happens to Redis in the middle of the load.
+#[derive(Debug, Clone, Copy)]
+enum RedisEvent {
+    /// `FLUSHDB` of the host's database.
+    Flush,
+    /// `kill -9` and a start again 1 s later.
+    Restart,
+}
+
+/// The load on a Redis of the test's own while `event` happens to it:
+/// back to serving within seconds; the loss is exactly what Redis held
+/// (nothing with an append-only file), never what the host held.
+fn redis_forgets(event: RedisEvent, aof: bool, case: &str) {
+    let _serial = one_at_a_time();
+    let redis = commissaire_e2e::redis::PrivateRedis::start(aof);
+    let uri = redis.uri(0);
+    let mut spec = HostSpec::amqp();
+    spec.bus_uri = uri.clone();
+    spec.plugins = vec!["simple"];
+    spec.service_toml = "workers = 2\n".to_owned();
+    let host = TestHost::start(spec);
+    let (queue, exchange) = (host.spec.queue("simple"), host.spec.exchange.clone());
+    let load = redis_load(&uri, &host);
+    let figures = Arc::new(Mutex::new((None, (0usize, 0usize))));
+    let measured = figures.clone();
+    let driver_uri = uri.clone();
+    let http = host.http;
+    // The driver restarts it; dropped (killed) after the host.
+    let server = Arc::new(Mutex::new(redis));
+    let restarting = server.clone();
+    let report = run_redis_with_chaos(load, move |progress, done| {
+        wait_for(&progress, TOTAL / 5, &done);
+        let count = held_by_redis(&queue);
+        let (held, at) = match event {
+            RedisEvent::Flush => {
+                // Counted and flushed in one transaction: exactly what went.
+                let mut commands = vec![vec!["MULTI".to_owned()], count];
+                commands.push(vec!["FLUSHDB".to_owned()]);
+                commands.push(vec!["EXEC".to_owned()]);
+                let replies = commissaire_e2e::redis::redis_commands(&driver_uri, &commands);
+                let held = match replies.last() {
+                    Some(commissaire_e2e::redis::Resp::Array(items)) => {
+                        items.first().map_or((0, 0), counts)
+                    }
+                    other => panic!("MULTI/EXEC: {other:?}"),
+                };
+                (held, Instant::now())
+            }
+            RedisEvent::Restart => {
+                // Writes paused, then counted, then killed: what it held
+                // is exactly what the count says (paused commands never ran).
+                let replies = commissaire_e2e::redis::redis_commands(
+                    &driver_uri,
+                    &[
+                        vec![
+                            "CLIENT".to_owned(),
+                            "PAUSE".to_owned(),
+                            "10000".to_owned(),
+                            "WRITE".to_owned(),
+                        ],
+                        count,
+                    ],
+                );
+                let held = replies.last().map_or((0, 0), counts);
+                let mut server = restarting.lock().expect("server");
+                let killed = Instant::now();
+                server.kill();
+                // Meanwhile `/healthz` tells the truth: the service named,
+                // not consuming.
+                let mut said = None;
+                while killed.elapsed() < Duration::from_secs(1) {
+                    if said.is_none() {
+                        if let Ok((503, body)) = commissaire_e2e::host::http_get(http, "/healthz") {
+                            said = Some((
+                                killed.elapsed(),
+                                body["services"]["simple"]["status"].clone(),
+                            ));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                server.start_again();
+                let (after, status) = said.expect("/healthz never said 503 while Redis was down");
+                eprintln!(
+                    "/healthz: 503 {:.2} s after the kill, simple {status}",
+                    after.as_secs_f64()
+                );
+                assert_eq!(status, "not consuming");
+                (held, Instant::now())
+            }
+        };
+        let heal = time_to_serve(&driver_uri, &exchange, at, Duration::from_secs(30));
+        *measured.lock().expect("figures") = (heal, held);
+    });
+    let (heal, (held, in_host)) = *figures.lock().expect("figures");
+    heal_row(case, heal, &report, held);
+    eprintln!("requests the host held then (answered all the same): {in_host}");
+    assert!(
+        heal.is_some_and(|d| d < Duration::from_secs(15)),
+        "{heal:?}\n{}",
+        host.stderr()
+    );
+    let lost = report.unanswered.len();
+    if aof {
+        assert_eq!(lost, 0, "{report}\n{}", host.stderr());
+    } else {
+        assert_eq!(
+            lost,
+            held,
+            "{report}: lost is what Redis held\n{}",
+            host.stderr()
+        );
+    }
+    assert_eq!(report.answered + lost, report.sent, "{report}");
+    for (i, reply) in &report.replies {
+        assert!(
+            add_result(*i, reply),
+            "request {i}: unexpected reply {reply}"
+        );
+    }
+    if aof {
+        // Nothing lost: no binding to declare again, only connections.
+        wait_until(Duration::from_secs(15), "healthy again", &host, || {
+            host.health().0 == 200
+        });
+    } else {
+        assert_healed(&host, "binding");
+    }
+    drop(host);
+    drop(server);
+}
+
+#[test]
+fn flushdb_of_the_host_s_redis_database_under_load_loses_only_what_redis_held() {
+    redis_forgets(
+        RedisEvent::Flush,
+        false,
+        "Redis: FLUSHDB of the host's database",
+    );
+}
+
+#[test]
+fn a_redis_restart_without_persistence_under_load_loses_only_what_redis_held() {
+    redis_forgets(
+        RedisEvent::Restart,
+        false,
+        "Redis restarted (kill -9), no persistence",
+    );
+}
+
+#[test]
+fn a_redis_restart_with_an_append_only_file_under_load_loses_nothing() {
+    redis_forgets(
+        RedisEvent::Restart,
+        true,
+        "Redis restarted (kill -9), AOF (fsync always)",
+    );
+}
+
+#[test]
+fn the_supervisor_s_reply_queue_deleted_is_declared_again() {
+    let _serial = one_at_a_time();
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple"];
+    let host = TestHost::start(spec);
+    let add = |host: &TestHost| {
+        host.http_call("simple.add?timeout=2", &json!({"id": 1, "params": [1, 2]}))
+    };
+    assert_eq!(add(&host).1["result"], 3, "the HTTP client connects");
+    let supervisor = format!("-{}-", host.pid().expect("running"));
+    let listed = Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl list_queues");
+    let reply_queue = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|q| q.starts_with("commissaire-host-reply-") && q.contains(&supervisor))
+        .expect("the supervisor's reply queue")
+        .to_owned();
+    let deleting = reply_queue.clone();
+    on_broker(move |ch| {
+        Box::pin(async move {
+            ch.queue_delete(
+                deleting.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .expect("queue.delete");
+        })
+    });
+    let at = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "the HTTP endpoint answers again",
+        &host,
+        || add(&host).1["result"] == 3,
+    );
+    eprintln!(
+        "the supervisor's reply queue: answering again {:.2} s after its deletion",
+        at.elapsed().as_secs_f64()
+    );
+    let log = host.stderr();
+    assert!(
+        log.contains(&format!(
+            "declared again what=\"reply queue\" name=\"{reply_queue}\""
+        )),
+        "{log}"
+    );
+    let (_, text) = commissaire_e2e::host::http_get(host.http, "/metrics").expect("GET /metrics");
+    assert!(
+        text.as_str()
+            .unwrap_or_default()
+            .contains("commissaire_supervisor_bus_redeclared_total 1"),
+        "{text}"
+    );
 }
 
 /// `cp` of another build over the plugin file the workers loaded: the file

@@ -86,6 +86,7 @@ fn node_and_leader_failures_under_load_lose_nothing() {
         deadline: Duration::from_secs(120),
         request: Arc::new(|i| ("simple.add".to_owned(), json!([i, 1]))),
         broker: Some(node_uri(3)),
+        give_up_after: None,
     };
     let check = |report: &Report, what: &str| {
         assert!(

@@ -42,6 +42,7 @@ fn run_load(
         deadline,
         request: Arc::new(request),
         broker: None,
+        give_up_after: None,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let report = rt.block_on(load.run(Arc::new(Progress::default())));

@@ -126,9 +126,10 @@ async fn a_dead_consumer_s_deliveries_come_back_and_its_late_ack_removes_nothing
     consumer.stop.cancel();
     assert!(taken.iter().all(|d| !d.redelivered));
     assert_eq!(records_of(&uri, &queue).len(), 3);
+    // Its three tags and its mark (see the take script).
     assert_eq!(
         redis_command(&uri, &["SCARD", &held_key("test-first")]).int(),
-        3
+        4
     );
 
     // The first consumer "dies": what it held goes back at once, to the

@@ -165,6 +165,7 @@ impl BusTransport for MemoryBus {
             stop,
             ended,
             prefetch: limit,
+            state: super::always_consuming(),
         })
     }
 

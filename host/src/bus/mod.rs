@@ -10,6 +10,7 @@ use async_trait::async_trait;
 pub mod amqp;
 
 mod error;
+pub mod heal;
 pub mod memory;
 pub mod redis;
 pub mod reply_names;
@@ -312,6 +313,26 @@ pub type Sink = Arc<dyn Fn(Incoming) -> BoxFuture<'static, ()> + Send + Sync>;
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+/// Whether a consumer receives deliveries now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// Deliveries arrive.
+    Consuming,
+    /// Its connection to the broker broke and the transport is making it
+    /// again (Redis): nothing arrives meanwhile.
+    Interrupted,
+    /// The broker cancelled it (RabbitMQ, when its queue is deleted); the
+    /// connection goes on. Nothing arrives any more: declare the queue
+    /// again and consume anew.
+    Cancelled,
+}
+
+/// A consumer state that never changes, for transports without such
+/// events (memory).
+pub(crate) fn always_consuming() -> tokio::sync::watch::Receiver<ConsumerState> {
+    tokio::sync::watch::channel(ConsumerState::Consuming).1
+}
+
 /// One queue's consumer, until stopped.
 pub struct Consumer {
     /// Stops the consumer: no more deliveries arrive after it.
@@ -321,6 +342,8 @@ pub struct Consumer {
     pub ended: tokio_util::sync::CancellationToken,
     /// Its prefetch limit.
     pub prefetch: std::sync::Arc<dyn Prefetch>,
+    /// Whether deliveries arrive now (see [`ConsumerState`]).
+    pub state: tokio::sync::watch::Receiver<ConsumerState>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -348,6 +371,21 @@ pub trait BusTransport: Send + Sync + 'static {
         routing_key: &str,
         arguments: &QueueArguments,
     ) -> Result<(), BusError>;
+
+    /// Whether what [`declare_exchange`](Self::declare_exchange) and
+    /// [`declare_queue`](Self::declare_queue) made is still there, as far
+    /// as the transport can tell cheaply: `Ok(false)` when the broker lost
+    /// some of it (RabbitMQ: the exchange or the queue; Redis: the
+    /// binding), and both should be declared again. Called every
+    /// [`heal::CHECK_EVERY`] per consumed queue.
+    async fn still_declared(
+        &self,
+        _exchange: &str,
+        _queue: &str,
+        _routing_key: &str,
+    ) -> Result<bool, BusError> {
+        Ok(true)
+    }
 
     /// Consumes `queue` with at most `prefetch` unsettled deliveries.
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError>;

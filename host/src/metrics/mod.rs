@@ -211,6 +211,7 @@ impl ServiceMetrics {
                 .map(|((t, o), n)| (t.clone(), (*o).to_owned(), *n))
                 .collect(),
             reconnects: process.reconnects,
+            redeclared: process.redeclared,
             in_flight: process.in_flight,
         }
     }
@@ -221,6 +222,9 @@ impl ServiceMetrics {
 pub struct ProcessFigures {
     /// Bus connections lost and made again.
     pub reconnects: u64,
+    /// Queues, bindings and reply queues the broker lost and this process
+    /// declared again.
+    pub redeclared: u64,
     /// Requests in flight now.
     pub in_flight: u64,
 }
@@ -257,6 +261,7 @@ impl Metrics {
     pub fn snapshot(&self, in_flight: u64) -> Vec<ServiceSnapshot> {
         let process = ProcessFigures {
             reconnects: self.reconnects.load(Relaxed),
+            redeclared: crate::bus::heal::redeclared_total(),
             in_flight,
         };
         self.services
@@ -314,6 +319,10 @@ pub struct ServiceSnapshot {
     pub bus_calls: Vec<(String, String, u64)>,
     /// Bus connections lost and made again.
     pub reconnects: u64,
+    /// Queues, bindings and reply queues the broker lost and the process
+    /// declared again (absent from an older worker's report: 0).
+    #[serde(default)]
+    pub redeclared: u64,
     /// Requests in flight now (a gauge).
     pub in_flight: u64,
 }

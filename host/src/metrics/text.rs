@@ -161,7 +161,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 11] = [
+        let simple: [Simple; 12] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -186,6 +186,11 @@ impl Collector for Views {
                 "commissaire_bus_reconnects",
                 "Bus connections of workers lost and made again.",
                 |v| v.counts.reconnects,
+            ),
+            (
+                "commissaire_bus_redeclared",
+                "Queues, bindings and reply queues of workers the broker lost and they declared again.",
+                |v| v.counts.redeclared,
             ),
             (
                 "commissaire_oversize_refused",

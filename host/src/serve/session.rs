@@ -12,8 +12,14 @@ use super::handler_bus::HandlerBus;
 use super::lifecycle::{serve, Served};
 use super::placement::Placement;
 use super::Process;
-use crate::bus::{BusTransport, Consumer, Incoming, Settle, Sink};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crate::bus::{
+    heal, BusError, BusTransport, Consumer, ConsumerState, Incoming, Prefetch, Settle, Sink,
+};
 use crate::client::RpcClient;
+use crate::config::QueueConfig;
 use crate::config::{HostConfig, ServiceSettings};
 use crate::dispatch::Service;
 use crate::error::HostError;
@@ -165,17 +171,37 @@ pub async fn open_session(
                 tracker.clone(),
                 stop.clone(),
             );
-            consumers.push(bus.consume(&queue.name, settings.concurrency, sink).await?);
-        }
-        handler_bus.set_prefetch(consumers.iter().map(|c| c.prefetch.clone()).collect());
-        for consumer in consumers {
-            tracker.spawn(watch_consumer(
-                served.name.clone(),
-                process.health.clone(),
-                consumer,
-                stop.clone(),
-                lost.clone(),
+            let consumer = bus
+                .consume(&queue.name, settings.concurrency, sink.clone())
+                .await?;
+            let prefetch = Arc::new(SwitchedPrefetch::new(
+                consumer.prefetch.clone(),
+                settings.concurrency,
             ));
+            consumers.push((queue.clone(), sink, consumer, prefetch));
+        }
+        handler_bus.set_prefetch(
+            consumers
+                .iter()
+                .map(|c| c.3.clone() as Arc<dyn Prefetch>)
+                .collect(),
+        );
+        let deafness = Arc::new(Deafness {
+            service: served.name.clone(),
+            process: process.clone(),
+            deaf: AtomicUsize::new(0),
+        });
+        for (queue, sink, consumer, prefetch) in consumers {
+            let keeper = QueueKeeper {
+                bus: bus.clone(),
+                exchange: config.exchange.clone(),
+                queue,
+                concurrency: settings.concurrency,
+                sink,
+                prefetch,
+                deafness: deafness.clone(),
+            };
+            tracker.spawn(keeper.keep(consumer, stop.clone(), lost.clone()));
         }
         process.health.update(name, |h| {
             h.workers = 1;
@@ -248,23 +274,384 @@ fn serve_sink(
     })
 }
 
-/// Stops `consumer` on `stop`; if its deliveries end otherwise, the bus
-/// connection is gone: `lost`.
-async fn watch_consumer(
-    service: Arc<str>,
-    health: Arc<crate::health::Health>,
-    consumer: Consumer,
-    stop: CancellationToken,
-    lost: CancellationToken,
-) {
-    tokio::select! {
-        () = stop.cancelled() => consumer.stop.cancel(),
-        () = consumer.ended.cancelled() => {
-            if !stop.is_cancelled() {
-                tracing::error!(service = &*service, "consumer ended: the bus connection is gone");
-                health.update(&service, |h| h.consuming = 0);
-                lost.cancel();
+/// A prefetch limit that outlives the consumer it applies to: a queue
+/// consumed anew after the broker lost it gets the limit its handlers
+/// raised meanwhile.
+struct SwitchedPrefetch {
+    current: tokio::sync::Mutex<(Arc<dyn Prefetch>, u16)>,
+}
+
+impl SwitchedPrefetch {
+    fn new(prefetch: Arc<dyn Prefetch>, limit: u16) -> Self {
+        Self {
+            current: tokio::sync::Mutex::new((prefetch, limit)),
+        }
+    }
+
+    /// Applies to `prefetch` from now on, with the limit last set.
+    async fn switch_to(&self, prefetch: Arc<dyn Prefetch>, initial: u16) {
+        let mut current = self.current.lock().await;
+        if current.1 != initial {
+            if let Err(e) = prefetch.set(current.1).await {
+                tracing::debug!(error = %e, "cannot set the new consumer's prefetch");
             }
         }
+        current.0 = prefetch;
+    }
+}
+
+#[async_trait::async_trait]
+impl Prefetch for SwitchedPrefetch {
+    async fn set(&self, limit: u16) -> Result<(), BusError> {
+        let mut current = self.current.lock().await;
+        current.1 = limit;
+        current.0.set(limit).await
+    }
+}
+
+/// Which of one service's queues receive nothing now, told to `/healthz`
+/// and, in a worker, to the supervisor (whose `/healthz` and
+/// `commissaire_workers{state}` then show the worker not consuming).
+struct Deafness {
+    service: Arc<str>,
+    process: Process,
+    deaf: AtomicUsize,
+}
+
+impl Deafness {
+    /// One more (or one fewer) queue of the service deaf.
+    fn set(&self, deaf: bool) {
+        let now = if deaf {
+            self.deaf.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.deaf.fetch_sub(1, Ordering::SeqCst).saturating_sub(1)
+        };
+        let consuming = u16::from(now == 0);
+        self.process
+            .health
+            .update(&self.service, |h| h.consuming = consuming);
+        if let Some(c) = &self.process.control {
+            c.status(now == 0);
+        }
+    }
+}
+
+/// Keeps one queue consumed for a session: declares again what the broker
+/// lost (told by the consumer's state, or found by a periodic
+/// [`BusTransport::still_declared`]) and consumes anew, until stopped or
+/// the connection is lost.
+struct QueueKeeper {
+    bus: Arc<dyn BusTransport>,
+    exchange: String,
+    queue: QueueConfig,
+    concurrency: u16,
+    sink: Sink,
+    prefetch: Arc<SwitchedPrefetch>,
+    deafness: Arc<Deafness>,
+}
+
+/// Why a queue receives nothing.
+#[derive(Debug, Clone, Copy)]
+enum Deaf {
+    /// The broker lost it (or its exchange or binding): declare again.
+    Lost(heal::Lost),
+    /// Its connection is being made again by the transport: wait.
+    Interrupted,
+}
+
+impl QueueKeeper {
+    async fn keep(self, mut consumer: Consumer, stop: CancellationToken, lost: CancellationToken) {
+        let mut check = tokio::time::interval(heal::CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
+        // Since when, and why, nothing arrives; `None` while consuming.
+        let mut deaf: Option<(Instant, Deaf)> = None;
+        let mut attempts = 0u32;
+        let mut state_open = true;
+        loop {
+            let state = *consumer.state.borrow_and_update();
+            let now_deaf = match (state, deaf) {
+                (ConsumerState::Cancelled, _) => Some(Deaf::Lost(heal::Lost::Queue)),
+                (ConsumerState::Interrupted, _) => Some(Deaf::Interrupted),
+                (ConsumerState::Consuming, Some((_, Deaf::Interrupted))) => None,
+                (ConsumerState::Consuming, other) => other.map(|d| d.1),
+            };
+            match (deaf, now_deaf) {
+                (None, Some(why)) => {
+                    self.deafness.set(true);
+                    crate::throttled!(warn!(
+                        service = &*self.deafness.service,
+                        queue = %self.queue.name,
+                        why = ?why,
+                        "not consuming: nothing arrives from this queue until it is back"
+                    ));
+                    deaf = Some((Instant::now(), why));
+                }
+                (Some((since, _)), Some(why)) => deaf = Some((since, why)),
+                (Some((since, Deaf::Interrupted)), None) => {
+                    self.deafness.set(false);
+                    tracing::info!(
+                        service = &*self.deafness.service,
+                        queue = %self.queue.name,
+                        deaf_ms = since.elapsed().as_millis() as u64,
+                        "consuming again"
+                    );
+                    deaf = None;
+                    // The broker may have come back empty (a Redis restart
+                    // without persistence): check at once.
+                    check.reset_immediately();
+                }
+                _ => {}
+            }
+            if let Some((since, Deaf::Lost(what))) = deaf {
+                match self.redeclare(&mut consumer, what).await {
+                    Ok(()) => {
+                        heal::redeclared(what, &self.queue.name, since.elapsed());
+                        self.deafness.set(false);
+                        deaf = None;
+                        attempts = 0;
+                        state_open = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        attempts += 1;
+                        crate::throttled!(warn!(
+                            queue = %self.queue.name, attempts, error = %e,
+                            "cannot declare the queue again yet"
+                        ));
+                        if attempts >= heal::MAX_ATTEMPTS {
+                            // Bounded: past this, the whole connection is
+                            // made anew (with the worker's backoff).
+                            tracing::error!(
+                                queue = %self.queue.name, attempts,
+                                "cannot declare the queue again; reconnecting"
+                            );
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => {
+                    consumer.stop.cancel();
+                    return;
+                }
+                () = consumer.ended.cancelled() => {
+                    if !stop.is_cancelled() {
+                        tracing::error!(service = &*self.deafness.service, "consumer ended: the bus connection is gone");
+                        if deaf.is_none() {
+                            self.deafness.set(true);
+                        }
+                        lost.cancel();
+                    }
+                    return;
+                }
+                changed = consumer.state.changed(), if state_open => {
+                    // The transport dropped its side: the state is final
+                    // (read above), nothing more to watch.
+                    state_open = changed.is_ok();
+                }
+                // While deaf for a loss, a tick is the next attempt (at
+                // the top of the loop).
+                _ = check.tick() => {
+                    if deaf.is_none() {
+                        let checked = self
+                            .bus
+                            .still_declared(&self.exchange, &self.queue.name, &self.queue.routing_key)
+                            .await;
+                        match checked {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                self.deafness.set(true);
+                                crate::throttled!(warn!(
+                                    service = &*self.deafness.service,
+                                    queue = %self.queue.name,
+                                    exchange = %self.exchange,
+                                    "not consuming: the broker lost this queue's exchange or binding"
+                                ));
+                                deaf = Some((Instant::now(), Deaf::Lost(heal::Lost::Binding)));
+                            }
+                            // A lost connection is told by the consumer.
+                            Err(e) => tracing::debug!(error = %e, "checking the declarations"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Declares the exchange and the queue (with its binding) again; after
+    /// a cancelled consumer, consumes anew. Deliveries the old consumer
+    /// still holds settle on its channel, which stays open.
+    async fn redeclare(&self, consumer: &mut Consumer, what: heal::Lost) -> Result<(), BusError> {
+        let q = &self.queue;
+        self.bus.declare_exchange(&self.exchange).await?;
+        self.bus
+            .declare_queue(&self.exchange, &q.name, &q.routing_key, &q.arguments)
+            .await?;
+        if what == heal::Lost::Queue {
+            let fresh = self
+                .bus
+                .consume(&q.name, self.concurrency, self.sink.clone())
+                .await?;
+            self.prefetch
+                .switch_to(fresh.prefetch.clone(), self.concurrency)
+                .await;
+            let old = std::mem::replace(consumer, fresh);
+            old.stop.cancel();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{Outgoing, PrefetchSlots, ReplyQueueKind};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// A broker that forgets on demand: its binding check answers what
+    /// `present` says, and each consumer's state is the test's to set.
+    #[derive(Default)]
+    struct Forgetful {
+        declared: AtomicUsize,
+        consumed: AtomicUsize,
+        gone: AtomicBool,
+        states: std::sync::Mutex<Vec<tokio::sync::watch::Sender<ConsumerState>>>,
+    }
+
+    impl Forgetful {
+        fn set_last(&self, state: ConsumerState) {
+            let states = self.states.lock().expect("states");
+            states.last().expect("a consumer").send_replace(state);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl BusTransport for Forgetful {
+        fn describe(&self) -> String {
+            "forgetful://".to_owned()
+        }
+        async fn declare_exchange(&self, _: &str) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn declare_queue(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &crate::bus::QueueArguments,
+        ) -> Result<(), BusError> {
+            self.declared.fetch_add(1, Ordering::SeqCst);
+            self.gone.store(false, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn still_declared(&self, _: &str, _: &str, _: &str) -> Result<bool, BusError> {
+            Ok(!self.gone.load(Ordering::SeqCst))
+        }
+        async fn consume(&self, _: &str, prefetch: u16, _: Sink) -> Result<Consumer, BusError> {
+            self.consumed.fetch_add(1, Ordering::SeqCst);
+            let (state, watching) = tokio::sync::watch::channel(ConsumerState::Consuming);
+            self.states.lock().expect("states").push(state);
+            Ok(Consumer {
+                stop: CancellationToken::new(),
+                ended: CancellationToken::new(),
+                prefetch: Arc::new(PrefetchSlots::new(prefetch)),
+                state: watching,
+            })
+        }
+        async fn publish(&self, _: Outgoing<'_>) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn reply_queue(
+            &self,
+            _: ReplyQueueKind,
+        ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+            Err(BusError::Closed)
+        }
+        async fn close(&self) {}
+    }
+
+    async fn until(what: &str, mut ok: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !ok() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_keeper_declares_again_what_the_broker_lost_and_says_so_meanwhile() {
+        let fake = Arc::new(Forgetful::default());
+        let bus: Arc<dyn BusTransport> = fake.clone();
+        let process = Process {
+            inflight: Arc::default(),
+            control: None,
+            health: Arc::default(),
+            metrics: Arc::default(),
+        };
+        let queue = QueueConfig {
+            name: "q".to_owned(),
+            routing_key: "q.*".to_owned(),
+            arguments: Default::default(),
+        };
+        let sink: Sink = Arc::new(|_| Box::pin(async {}));
+        let consumer = bus.consume("q", 4, sink.clone()).await.expect("consume");
+        let keeper = QueueKeeper {
+            bus: bus.clone(),
+            exchange: "x".to_owned(),
+            queue,
+            concurrency: 4,
+            prefetch: Arc::new(SwitchedPrefetch::new(consumer.prefetch.clone(), 4)),
+            sink,
+            deafness: Arc::new(Deafness {
+                service: Arc::from("svc"),
+                process: process.clone(),
+                deaf: AtomicUsize::new(0),
+            }),
+        };
+        let (stop, lost) = (CancellationToken::new(), CancellationToken::new());
+        let kept = tokio::spawn(keeper.keep(consumer, stop.clone(), lost.clone()));
+        let consuming = || process.health.snapshot().get("svc").map(|h| h.consuming);
+        let healed_before = heal::redeclared_total();
+
+        // The binding vanishes: found by the check, declared again.
+        fake.gone.store(true, Ordering::SeqCst);
+        until("declared again after the check", || {
+            fake.declared.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        until("consuming again", || consuming() == Some(1)).await;
+        assert_eq!(
+            fake.consumed.load(Ordering::SeqCst),
+            1,
+            "no new consumer needed"
+        );
+
+        // The broker cancels the consumer: declared again, consumed anew.
+        fake.set_last(ConsumerState::Cancelled);
+        until("consumed anew", || {
+            fake.consumed.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(fake.declared.load(Ordering::SeqCst), 2);
+        until("consuming again", || consuming() == Some(1)).await;
+        assert!(heal::redeclared_total() >= healed_before + 2);
+
+        // The connection is being made again: deaf meanwhile, nothing declared.
+        fake.set_last(ConsumerState::Interrupted);
+        until("not consuming while interrupted", || consuming() == Some(0)).await;
+        fake.set_last(ConsumerState::Consuming);
+        until("consuming once back", || consuming() == Some(1)).await;
+        assert_eq!(fake.declared.load(Ordering::SeqCst), 2);
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(2), kept)
+            .await
+            .expect("the keeper ends on stop")
+            .expect("the keeper's task");
+        assert!(!lost.is_cancelled());
     }
 }

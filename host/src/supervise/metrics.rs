@@ -103,6 +103,7 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
     into.poison += from.poison;
     into.timeouts += from.timeouts;
     into.reconnects += from.reconnects;
+    into.redeclared += from.redeclared;
     into.in_flight += from.in_flight;
 }
 
@@ -212,7 +213,17 @@ impl Exporter for MetricsBook {
                 })
                 .collect()
         });
-        render(views)
+        let mut text = render(views);
+        // The supervisor's own bus client (the HTTP endpoint's) is no
+        // service's: a family of its own.
+        text.push_str(&format!(
+            "# HELP commissaire_supervisor_bus_redeclared_total Reply queues of the supervisor's \
+             bus client (the HTTP endpoint's) the broker lost and it declared again.\n\
+             # TYPE commissaire_supervisor_bus_redeclared_total counter\n\
+             commissaire_supervisor_bus_redeclared_total {}\n",
+            crate::bus::heal::redeclared_total()
+        ));
+        text
     }
 }
 

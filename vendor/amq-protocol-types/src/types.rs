@@ -172,9 +172,20 @@ impl std::error::Error for ShortStringError {}
 /// commissaire-host patch: a short string received that is not valid UTF-8
 /// is kept, not refused: `as_str` gives it decoded lossily and `as_bytes`
 /// (what is written back on the wire) the bytes as received.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct ShortString(String, #[serde(skip)] Option<Box<[u8]>>);
+
+/// Hashes the text alone, as `str` does: lapin finds consumers by
+/// `&str` in maps keyed by `ShortString` (`Borrow<str>`), and a hash of
+/// the second field too made every such lookup miss (a broker's
+/// `basic.cancel` and `basic.cancel-ok` were never delivered to their
+/// consumer). commissaire-host patch.
+impl std::hash::Hash for ShortString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 /// A String
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 pub struct LongString(Vec<u8>);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::acks::AckBatcher;
 use super::wire::{incoming, publish_on};
 use super::{lapin_error, short};
-use crate::bus::{Acker, BusError, Outgoing, Prefetch, Settle, Sink};
+use crate::bus::{Acker, BusError, ConsumerState, Outgoing, Prefetch, Settle, Sink};
 
 /// Where a consumer's deliveries are settled: the channel they came on,
 /// and its ack batcher when acks are coalesced.
@@ -25,28 +25,45 @@ pub(super) struct Settling {
     pub(super) batcher: Option<Arc<AckBatcher>>,
 }
 
+/// How a queue's base consumer tells how it ended.
+#[derive(Clone)]
+pub(super) struct Ending {
+    /// Cancelled when its channel or connection failed.
+    pub(super) ended: tokio_util::sync::CancellationToken,
+    /// Set to [`ConsumerState::Cancelled`] when the broker cancelled it
+    /// (its queue deleted) on a channel that goes on.
+    pub(super) state: Arc<tokio::sync::watch::Sender<ConsumerState>>,
+}
+
 /// Hands each delivery of a lapin consumer to `sink`, as a task lapin
-/// spawns from its I/O thread: no stream to poll, no channel hop. `ended`
-/// is cancelled when the consumer ends (cancelled, or its channel or
-/// connection failed).
+/// spawns from its I/O thread: no stream to poll, no channel hop. `ending`
+/// says when the consumer ends: cancelled by the broker, or its channel or
+/// connection failed. (A consumer we cancel ourselves has no delegate any
+/// more when its end comes: see [`AmqpConsumers::cancel`].)
 fn deliver_to(
     sink: Sink,
     settling: Settling,
-    ended: Option<tokio_util::sync::CancellationToken>,
+    ending: Option<Ending>,
 ) -> impl lapin::ConsumerDelegate {
     move |delivery: lapin::message::DeliveryResult| {
         let answer = match delivery {
             Ok(Some(delivery)) => Some(sink(incoming(delivery, Some(&settling)))),
             Ok(None) => {
-                if let Some(ended) = &ended {
-                    ended.cancel();
+                if let Some(ending) = &ending {
+                    // A `basic.cancel` from the broker leaves the channel
+                    // open; a failed channel or connection does not.
+                    if settling.channel.status().connected() {
+                        ending.state.send_replace(ConsumerState::Cancelled);
+                    } else {
+                        ending.ended.cancel();
+                    }
                 }
                 None
             }
             Err(e) => {
                 tracing::error!(error = %e, "consuming failed");
-                if let Some(ended) = &ended {
-                    ended.cancel();
+                if let Some(ending) = &ending {
+                    ending.ended.cancel();
                 }
                 None
             }
@@ -79,15 +96,15 @@ pub(super) struct AmqpConsumers {
 
 impl AmqpConsumers {
     /// Starts consuming `queue` on the settling channel with `prefetch`;
-    /// `ended` is cancelled when the consumer ends.
+    /// `ending` tells when the consumer ends.
     pub(super) async fn start(
         settling: Settling,
         queue: &str,
         sink: Sink,
         prefetch: u16,
-        ended: tokio_util::sync::CancellationToken,
+        ending: Ending,
     ) -> Result<Arc<Self>, BusError> {
-        let base = start_consumer(&settling, queue, &sink, prefetch, Some(ended)).await?;
+        let base = start_consumer(&settling, queue, &sink, prefetch, Some(ending)).await?;
         Ok(Arc::new(Self {
             channel: settling.channel.clone(),
             settling,
@@ -134,7 +151,7 @@ async fn start_consumer(
     queue: &str,
     sink: &Sink,
     prefetch: u16,
-    ended: Option<tokio_util::sync::CancellationToken>,
+    ending: Option<Ending>,
 ) -> Result<lapin::Consumer, BusError> {
     let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
     let channel = &settling.channel;
@@ -151,7 +168,7 @@ async fn start_consumer(
         )
         .await
         .map_err(fail)?;
-    consumer.set_delegate(deliver_to(sink.clone(), settling.clone(), ended));
+    consumer.set_delegate(deliver_to(sink.clone(), settling.clone(), ending));
     Ok(consumer)
 }
 

@@ -28,7 +28,7 @@ use super::reply_names::{Note, ReplyName};
 use super::{BusError, BusTransport, Consumer, Incoming, Outgoing, ReplyQueueKind, Sink};
 use crate::redact::redact_uri;
 use acks::AckBatcher;
-use consume::{AmqpConsumers, Settling};
+use consume::{AmqpConsumers, Ending, Settling};
 pub(crate) use wire::malformed;
 use wire::{field_table, publish_on};
 
@@ -45,9 +45,14 @@ pub struct AmqpBus {
     uri: String,
     connection: Connection,
     /// Publishes requests and replies, and consumes direct reply-to (which
-    /// RabbitMQ requires to be the publishing channel).
-    publisher: Channel,
+    /// RabbitMQ requires to be the publishing channel). Opened anew when
+    /// the broker closed it (a publish to an exchange that was deleted),
+    /// unless direct reply-to is consumed on it: its client then sees its
+    /// replies end and connects again.
+    publisher: tokio::sync::Mutex<Channel>,
     reply_queue_taken: AtomicBool,
+    /// Direct reply-to is consumed on the publishing channel.
+    direct_reply_to: AtomicBool,
     /// The named reply queue, to delete at close.
     named_reply: std::sync::Mutex<Option<(ReplyName, Option<Note>)>>,
     /// Cancelled once the connection has failed: ends every consumer.
@@ -57,6 +62,11 @@ pub struct AmqpBus {
     ack_window_us: AtomicU64,
     /// The consumer channels' ack batchers, flushed at close.
     batchers: std::sync::Mutex<Vec<Weak<AckBatcher>>>,
+    /// The channel of `still_declared`'s passive declarations (one that
+    /// finds nothing is closed by the broker, and opened anew next time).
+    checker: tokio::sync::Mutex<Option<Channel>>,
+    /// Cancelled by `close`: what it deletes is not declared again.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for AmqpBus {
@@ -139,13 +149,40 @@ impl AmqpBus {
         Ok(Self {
             uri: redacted,
             connection,
-            publisher,
+            publisher: tokio::sync::Mutex::new(publisher),
             reply_queue_taken: AtomicBool::new(false),
+            direct_reply_to: AtomicBool::new(false),
             named_reply: std::sync::Mutex::default(),
             lost,
             ack_window_us: AtomicU64::new(0),
             batchers: std::sync::Mutex::default(),
+            checker: tokio::sync::Mutex::default(),
+            closing: tokio_util::sync::CancellationToken::new(),
         })
+    }
+}
+
+impl AmqpBus {
+    /// The publishing channel; a new one if the broker closed it while the
+    /// connection goes on (one publish to a missing exchange would
+    /// otherwise fail every publish after it).
+    async fn publisher(&self) -> Result<Channel, BusError> {
+        let mut publisher = self.publisher.lock().await;
+        let direct = self.direct_reply_to.load(Ordering::Relaxed);
+        if publisher.status().connected() || direct || !self.connection.status().connected() {
+            return Ok(publisher.clone());
+        }
+        let fail = |e: lapin::Error| lapin_error("opening a publishing channel", &e);
+        let fresh = self.connection.create_channel().await.map_err(fail)?;
+        fresh
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(fail)?;
+        crate::throttled!(info!(
+            "the broker closed the publishing channel (a publish it refused); opened a new one"
+        ));
+        *publisher = fresh.clone();
+        Ok(fresh)
     }
 }
 
@@ -162,6 +199,17 @@ pub(super) fn short(what: &'static str, s: &str) -> Result<lapin::types::ShortSt
 /// connection leaves it (or the channel) unusable for the delivery.
 pub(super) fn lapin_error(operation: impl Into<String>, e: &lapin::Error) -> BusError {
     BusError::lost(operation, e)
+}
+
+/// Whether a failed passive declaration says the object is not there
+/// (NOT_FOUND), rather than that the connection failed.
+fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// A failed declaration: the broker's refusal (PRECONDITION_FAILED: the
@@ -235,7 +283,8 @@ impl BusTransport for AmqpBus {
             return Err(refusal_or_lost(format!("declaring queue `{queue}`"), &e));
         }
         let _ = channel.close(200, "declared".into()).await;
-        self.publisher
+        self.publisher()
+            .await?
             .queue_bind(
                 short("queue", queue)?,
                 short("exchange", exchange)?,
@@ -245,6 +294,69 @@ impl BusTransport for AmqpBus {
             )
             .await
             .map_err(|e| refusal_or_lost(format!("binding queue `{queue}` to `{routing_key}`"), &e))
+    }
+
+    /// Passive declarations of the exchange and the queue, on a channel
+    /// kept for them: 2 round trips. A deleted exchange takes its bindings
+    /// along and RabbitMQ tells nobody; a deleted queue is also told by
+    /// `basic.cancel`. A binding removed alone (`queue.unbind`) cannot be
+    /// seen over AMQP.
+    async fn still_declared(
+        &self,
+        exchange: &str,
+        queue: &str,
+        _routing_key: &str,
+    ) -> Result<bool, BusError> {
+        let operation = || format!("checking exchange `{exchange}` and queue `{queue}`");
+        let mut slot = self.checker.lock().await;
+        let channel = match &*slot {
+            Some(c) if c.status().connected() => c.clone(),
+            _ => {
+                let c = self
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error(operation(), &e))?;
+                *slot = Some(c.clone());
+                c
+            }
+        };
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let checked = match channel
+            .exchange_declare(
+                short("exchange", exchange)?,
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                channel
+                    .queue_declare(short("queue", queue)?, passive, FieldTable::default())
+                    .await
+                    .map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => {
+                *slot = None;
+                Ok(false)
+            }
+            Err(e) => {
+                *slot = None;
+                Err(lapin_error(operation(), &e))
+            }
+        }
     }
 
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
@@ -267,8 +379,12 @@ impl BusTransport for AmqpBus {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let ended = self.lost.child_token();
-        let consumers =
-            AmqpConsumers::start(settling, queue, sink, prefetch, ended.clone()).await?;
+        let (state, watching) = tokio::sync::watch::channel(super::ConsumerState::Consuming);
+        let ending = Ending {
+            ended: ended.clone(),
+            state: Arc::new(state),
+        };
+        let consumers = AmqpConsumers::start(settling, queue, sink, prefetch, ending).await?;
         let (token, until, on_stop) = (stop.clone(), ended.clone(), consumers.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -280,11 +396,12 @@ impl BusTransport for AmqpBus {
             stop,
             ended,
             prefetch: consumers,
+            state: watching,
         })
     }
 
     async fn publish(&self, m: Outgoing<'_>) -> Result<(), BusError> {
-        let confirm = publish_on(&self.publisher, &m).await?;
+        let confirm = publish_on(&self.publisher().await?, &m).await?;
         // A mandatory message's return comes before its confirm: awaiting
         // the confirm tells at once whether any queue took it.
         if !m.confirm && m.expires.is_none() {
@@ -347,6 +464,7 @@ impl BusTransport for AmqpBus {
     }
 
     async fn close(&self) {
+        self.closing.cancel();
         self.flush_acks().await;
         self.delete_named_reply_queue().await;
         // Again: a handler that answered while the reply queue was being
@@ -360,5 +478,25 @@ impl BusTransport for AmqpBus {
             Ok(Err(e)) => tracing::debug!(error = %e, "closing the connection"),
             Err(_) => tracing::debug!("no close-ok from the broker within 2 s"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::types::ShortString;
+
+    /// lapin finds a consumer by `&str` in a map keyed by `ShortString`: a
+    /// broker's `basic.cancel` reached no consumer while the patched type
+    /// hashed more than its text (vendor/README.md).
+    #[test]
+    fn a_short_string_is_found_by_its_text() {
+        let mut consumers = std::collections::HashMap::new();
+        consumers.insert(ShortString::from("amq.ctag-1"), 1);
+        let odd = ShortString::try_from_bytes(vec![b'a', 0xff]).expect("short");
+        consumers.insert(odd.clone(), 2);
+        assert_eq!(consumers.get("amq.ctag-1"), Some(&1));
+        let parsed = ShortString::try_from_bytes(b"amq.ctag-1".to_vec()).expect("short");
+        assert_eq!(consumers.get(parsed.as_str()), Some(&1));
+        assert_eq!(consumers.get(&odd), Some(&2));
     }
 }

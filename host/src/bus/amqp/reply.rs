@@ -10,34 +10,129 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use super::wire::incoming;
 use super::{AmqpBus, DIRECT_REPLY_TO};
 use crate::bus::reply_names::{abandoned_notes, Note, ReplyName};
-use crate::bus::{BusError, Incoming};
+use crate::bus::{heal, BusError, Incoming};
 
 /// Replies to the host's own requests, auto-acked, until the consumer ends
-/// (the client sees the channel close).
-fn forward_replies(consumer: lapin::Consumer) -> async_channel::Receiver<Incoming> {
+/// (the client sees the channel close). A named reply queue the broker
+/// cancelled (deleted) on a channel that goes on is declared again on it
+/// and consumed anew: the requests waiting keep waiting, and only replies
+/// sent to it while it was gone are lost.
+fn forward_replies(
+    consumer: lapin::Consumer,
+    named: Option<(lapin::Channel, String, CancellationToken)>,
+) -> async_channel::Receiver<Incoming> {
     let (tx, rx) = async_channel::unbounded();
     tokio::spawn(async move {
         let mut consumer = consumer;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            if tx.send(incoming(delivery, None)).await.is_err() {
-                break;
+        loop {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                if tx.send(incoming(delivery, None)).await.is_err() {
+                    return;
+                }
+            }
+            let Some((channel, name, closing)) = &named else {
+                return;
+            };
+            // Deleted by our own `close`: gone for good.
+            if closing.is_cancelled() {
+                return;
+            }
+            let deaf_since = std::time::Instant::now();
+            let mut again = None;
+            // Bounded: a channel or connection that failed makes every
+            // attempt fail, and the client then reconnects as a whole.
+            for attempt in 0..heal::MAX_ATTEMPTS {
+                if !channel.status().connected() || tx.is_closed() || closing.is_cancelled() {
+                    return;
+                }
+                match declare_named(channel, name).await {
+                    Ok(c) => {
+                        again = Some(c);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = %name, attempt, error = %e, "declaring the reply queue again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            match again {
+                Some(c) => {
+                    heal::redeclared(heal::Lost::ReplyQueue, name, deaf_since.elapsed());
+                    consumer = c;
+                }
+                None => return,
             }
         }
     });
     rx
 }
 
+/// Declares the reply queue as kombu's `SimpleQueue(name)` does, on
+/// `channel`, and consumes it (auto-ack).
+async fn declare_named(channel: &lapin::Channel, q: &str) -> Result<lapin::Consumer, BusError> {
+    let fail = |what: &str, e: lapin::Error| BusError::op(format!("{what} `{q}`"), e);
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            q.into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("declaring reply exchange", e))?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(q.into(), durable_queue, FieldTable::default())
+        .await
+        .map_err(|e| fail("declaring reply queue", e))?;
+    channel
+        .queue_bind(
+            q.into(),
+            q.into(),
+            q.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("binding reply queue", e))?;
+    channel
+        .basic_consume(
+            q.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| fail("consuming reply queue", e))
+}
+
 impl AmqpBus {
     pub(super) async fn consume_direct_reply_to(
         &self,
     ) -> Result<(String, async_channel::Receiver<Incoming>), BusError> {
+        self.direct_reply_to.store(true, Ordering::Relaxed);
         let consumer = self
             .publisher
+            .lock()
+            .await
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
                 "".into(),
@@ -49,7 +144,7 @@ impl AmqpBus {
             )
             .await
             .map_err(|e| BusError::op("consuming direct reply-to", e))?;
-        Ok((DIRECT_REPLY_TO.to_owned(), forward_replies(consumer)))
+        Ok((DIRECT_REPLY_TO.to_owned(), forward_replies(consumer, None)))
     }
 
     /// Declares the reply queue exactly as kombu's `SimpleQueue(name)`
@@ -73,53 +168,17 @@ impl AmqpBus {
             .create_channel()
             .await
             .map_err(|e| fail("opening a channel for reply queue", e))?;
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        channel
-            .exchange_declare(
-                q.into(),
-                ExchangeKind::Direct,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail("declaring reply exchange", e))?;
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
         // Held from here: close deletes what was declared even if a later
         // step fails.
         *self.named_reply_slot() = Some((name, note));
-        channel
-            .queue_declare(q.into(), durable_queue, FieldTable::default())
-            .await
-            .map_err(|e| fail("declaring reply queue", e))?;
-        channel
-            .queue_bind(
-                q.into(),
-                q.into(),
-                q.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail("binding reply queue", e))?;
-        let consumer = channel
-            .basic_consume(
-                q.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| fail("consuming reply queue", e))?;
-        Ok((q.to_owned(), forward_replies(consumer)))
+        let consumer = declare_named(&channel, q).await?;
+        Ok((
+            q.to_owned(),
+            forward_replies(
+                consumer,
+                Some((channel, q.to_owned(), self.closing.clone())),
+            ),
+        ))
     }
 
     fn named_reply_slot(&self) -> std::sync::MutexGuard<'_, Option<(ReplyName, Option<Note>)>> {

@@ -119,7 +119,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Take(count) => {
                 let first = tags.len();
-                let taken: Vec<String> = scripts
+                let mut taken: Vec<String> = scripts
                     .take
                     .key(&k.unacked)
                     .key(&k.index)
@@ -131,8 +131,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     .arg(&suffix)
                     .arg(1_700_000_000)
                     .arg(60_000)
+                    .arg("~mark-t")
+                    .arg(if tags.is_empty() { "0" } else { "1" })
+                    .arg("~mark-u")
                     .invoke(&mut k.conn)
                     .expect("take");
+                // The database never loses anything here: the mark stays.
+                prop_assert_eq!(taken.remove(0), "0");
                 tags.extend((first..first + taken.len()).map(|n| format!("t.{n}")));
             }
             Op::Ack(n) | Op::ReplyAck(n) => {
@@ -167,6 +172,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         .key(&k.held)
                         .arg(r#"{"reply":true}"#)
                         .arg(tag)
+                        .arg("~mark-t")
                         .arg(3_600_000)
                         .invoke(&mut k.conn)
                         .expect("reply and ack");
@@ -263,7 +269,9 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         // kombu's index and our held set name exactly the unacked tags.
         let record_tags: BTreeSet<String> = records.keys().cloned().collect();
         let index: BTreeSet<String> = k.conn.zrange(&k.index, 0, -1).expect("ZRANGE");
-        let held: BTreeSet<String> = k.conn.smembers(&k.held).expect("SMEMBERS");
+        let mut held: BTreeSet<String> = k.conn.smembers(&k.held).expect("SMEMBERS");
+        // Besides its mark, which stays (see the take script).
+        held.remove("~mark-t");
         prop_assert_eq!(&index, &record_tags);
         prop_assert_eq!(&held, &record_tags);
     }
@@ -277,4 +285,74 @@ proptest! {
     fn no_interleaving_loses_or_duplicates_a_delivery(ops in proptest::collection::vec(op(), 1..60)) {
         run(&ops)?;
     }
+}
+
+/// A database that lost everything (a restart without persistence, a
+/// `FLUSHDB`; here: this test's keys deleted) under a held request: its
+/// reply still goes out (3), while a request handed back keeps its mark
+/// and is not answered twice (2); the next take finds its mark gone and
+/// switches to the new one.
+#[test]
+fn a_request_held_when_the_database_lost_its_record_is_answered_once() {
+    let scripts = Scripts::new();
+    let mut k = Keys::new();
+    let suffix = format!(", \"\", \"{}\"]", k.queue);
+    let take = |k: &mut Keys, expected: &str, first: u64| -> Vec<String> {
+        scripts
+            .take
+            .key(&k.unacked)
+            .key(&k.index)
+            .key(&k.held)
+            .key(&k.queue)
+            .arg(2)
+            .arg("t.")
+            .arg(first)
+            .arg(&suffix)
+            .arg(1_700_000_000)
+            .arg(60_000)
+            .arg("~mark-old")
+            .arg(expected)
+            .arg("~mark-new")
+            .invoke(&mut k.conn)
+            .expect("take")
+    };
+    let reply_ack = |k: &mut Keys, tag: &str, mark: &str| -> ::redis::Value {
+        scripts
+            .reply_ack
+            .key(&k.replies)
+            .key(&k.unacked)
+            .key(&k.index)
+            .key(&k.held)
+            .arg(r#"{"reply":true}"#)
+            .arg(tag)
+            .arg(mark)
+            .invoke(&mut k.conn)
+            .expect("reply and ack")
+    };
+    let _: () = k.conn.lpush(&k.queue, r#"{"m":1}"#).expect("LPUSH");
+    let _: () = k.conn.lpush(&k.queue, r#"{"m":2}"#).expect("LPUSH");
+    assert_eq!(take(&mut k, "0", 0).len(), 3, "the flag and two messages");
+    // t.0 handed back (its record gone, the mark kept): not answered here.
+    let _: () = k.conn.hdel(&k.unacked, "t.0").expect("HDEL");
+    assert_eq!(
+        reply_ack(&mut k, "t.0", "~mark-old"),
+        ::redis::Value::Int(2)
+    );
+    // The database loses everything: t.1 is answered all the same.
+    let _: () = k
+        .conn
+        .del(&[&k.unacked, &k.index, &k.held, &k.queue])
+        .expect("DEL");
+    assert_eq!(
+        reply_ack(&mut k, "t.1", "~mark-old"),
+        ::redis::Value::Int(3)
+    );
+    let replies: usize = k.conn.llen(&k.replies).expect("LLEN");
+    assert_eq!(replies, 1);
+    // The next take sees the loss and marks with the new mark.
+    let _: () = k.conn.lpush(&k.queue, r#"{"m":3}"#).expect("LPUSH");
+    let taken = take(&mut k, "1", 2);
+    assert_eq!(taken[0], "1", "{taken:?}");
+    let marked: bool = k.conn.sismember(&k.held, "~mark-new").expect("SISMEMBER");
+    assert!(marked);
 }

@@ -62,6 +62,17 @@ pub(super) struct Identity {
     /// `<owner>.<this connection>.`: tags are this and a sequence number.
     pub tag_prefix: String,
     next: AtomicU64,
+    /// The mark the held set holds while it holds anything (see the take
+    /// script), and when a take last put it there.
+    mark: std::sync::Mutex<(std::sync::Arc<str>, Option<std::time::Instant>)>,
+}
+
+/// The prefix of held-set marks: never a tag (see [`super::keys::held_key_of_tag`]).
+pub(super) const MARK_PREFIX: &str = "~mark-";
+
+fn new_mark() -> std::sync::Arc<str> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{MARK_PREFIX}{}", &id[..12]).into()
 }
 
 impl Identity {
@@ -72,7 +83,29 @@ impl Identity {
             tag_prefix: format!("{owner}.{}.", &connection[..12]),
             owner,
             next: AtomicU64::new(0),
+            mark: std::sync::Mutex::new((new_mark(), None)),
         }
+    }
+
+    /// For a take: the current mark, whether the held set should still
+    /// hold it (a take put it there within `expiry`), and a new mark for
+    /// the take to use if it was lost.
+    pub fn marks(&self, expiry: Duration) -> (std::sync::Arc<str>, bool, std::sync::Arc<str>) {
+        let mark = self
+            .mark
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let expected = mark.1.is_some_and(|at| at.elapsed() < expiry);
+        (mark.0.clone(), expected, new_mark())
+    }
+
+    /// A take put `mark` in the held set just now.
+    pub fn marked(&self, mark: &std::sync::Arc<str>) {
+        let mut current = self
+            .mark
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = (mark.clone(), Some(std::time::Instant::now()));
     }
 
     /// Reserves `n` sequence numbers; returns the first.
@@ -145,28 +178,49 @@ impl Inner {
         error
     }
 
+    /// Whether a command failed because the command connection was found
+    /// broken: after a Redis restart, the first command on the old
+    /// connection. It is made anew and the command sent once more (at
+    /// least once: a command whose answer alone was lost runs twice, as a
+    /// redelivery would).
+    fn retry_after(&self, e: &RedisError, retried: &mut bool) -> bool {
+        let again = !*retried && (e.is_connection_dropped() || e.is_io_error());
+        *retried = true;
+        again
+    }
+
     pub async fn query<T: ::redis::FromRedisValue>(
         &self,
         what: &str,
         cmd: &::redis::Cmd,
     ) -> Result<T, BusError> {
-        let mut conn = self.conn().await?;
-        match cmd.query_async(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.check(&e).await;
-                Err(self.fail(what, &e))
+        let mut retried = false;
+        loop {
+            let mut conn = self.conn().await?;
+            match cmd.query_async(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.check(&e).await;
+                    if !self.retry_after(&e, &mut retried) {
+                        return Err(self.fail(what, &e));
+                    }
+                }
             }
         }
     }
 
     pub async fn pipe(&self, what: &str, pipe: &::redis::Pipeline) -> Result<(), BusError> {
-        let mut conn = self.conn().await?;
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.check(&e).await;
-                Err(self.fail(what, &e))
+        let mut retried = false;
+        loop {
+            let mut conn = self.conn().await?;
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.check(&e).await;
+                    if !self.retry_after(&e, &mut retried) {
+                        return Err(self.fail(what, &e));
+                    }
+                }
             }
         }
     }
@@ -176,12 +230,17 @@ impl Inner {
         what: &str,
         inv: &::redis::ScriptInvocation<'_>,
     ) -> Result<T, BusError> {
-        let mut conn = self.conn().await?;
-        match inv.invoke_async::<T>(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.check(&e).await;
-                Err(self.fail(what, &e))
+        let mut retried = false;
+        loop {
+            let mut conn = self.conn().await?;
+            match inv.invoke_async::<T>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    self.check(&e).await;
+                    if !self.retry_after(&e, &mut retried) {
+                        return Err(self.fail(what, &e));
+                    }
+                }
             }
         }
     }
@@ -213,22 +272,28 @@ impl Inner {
             .await
     }
 
-    /// Reconnects a blocking connection after a failure, waiting a second
-    /// between attempts; `None` once `stop` is cancelled.
+    /// Reconnects a blocking connection after a failure, waiting 100 ms
+    /// before the first attempt and doubling up to a second between the
+    /// next (a restarted server is served again soon after it is back);
+    /// `None` once `stop` is cancelled.
     pub async fn reconnect(
         &self,
         stop: &CancellationToken,
         what: &str,
     ) -> Option<MultiplexedConnection> {
+        let mut wait = Duration::from_millis(100);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return None,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = (wait * 2).min(Duration::from_secs(1));
             match self.blocking_connection().await {
                 Ok(conn) => return Some(conn),
                 Err(e) => {
-                    tracing::warn!(error = %scrub(&e.to_string(), &self.secret_uri), "{what}: cannot reconnect")
+                    crate::throttled!(
+                        warn!(error = %scrub(&e.to_string(), &self.secret_uri), "{what}: cannot reconnect")
+                    )
                 }
             }
         }

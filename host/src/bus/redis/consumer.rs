@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::RedisError;
@@ -17,7 +18,9 @@ use super::connection::{now, refused, Inner, BLOCK_SECS};
 use super::envelope::{envelope, read_envelope, Received};
 use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
 use super::restore::Side;
-use crate::bus::{Acker, BusError, Incoming, Malformed, Outgoing, PrefetchSlots, Settle, Sink};
+use crate::bus::{
+    Acker, BusError, ConsumerState, Incoming, Malformed, Outgoing, PrefetchSlots, Settle, Sink,
+};
 use crate::redact::scrub;
 
 /// The most messages one take script moves.
@@ -62,6 +65,8 @@ impl Inner {
 struct RedisAcker {
     inner: Arc<Inner>,
     tag: String,
+    /// The held-set mark it was taken under (see the take script).
+    mark: Arc<str>,
     slot: Mutex<Option<OwnedSemaphorePermit>>,
     /// Acked by the script that published its reply.
     acked: AtomicBool,
@@ -104,9 +109,18 @@ impl Acker for RedisAcker {
             .key(&self.inner.identity.held)
             .arg(envelope(&m))
             .arg(&self.tag)
+            .arg(&*self.mark)
             .arg(super::ttl_ms(m.reply_ttl));
         let what = format!("replying to `{}`", m.routing_key);
-        let replied = match self.inner.script::<::redis::Value>(&what, &inv).await {
+        let replied = match self.reply_while_away(&what, &inv).await {
+            Ok(::redis::Value::Int(3)) => {
+                crate::throttled!(info!(
+                    tag = %self.tag,
+                    "answered a request whose record the Redis database lost meanwhile \
+                     (restarted without persistence, or flushed)"
+                ));
+                Ok(())
+            }
             Ok(::redis::Value::Int(2)) => {
                 crate::throttled!(warn!(
                     tag = %self.tag,
@@ -129,6 +143,43 @@ impl Acker for RedisAcker {
     }
 }
 
+/// How long a reply waits for a Redis that went away, trying every
+/// [`AWAY_RETRY`]: a restart takes a second or two, and the request's
+/// record may not survive it (no persistence), so that nobody would answer
+/// it if this reply gave up.
+const AWAY_LIMIT: Duration = Duration::from_secs(15);
+const AWAY_RETRY: Duration = Duration::from_millis(100);
+
+impl RedisAcker {
+    /// Runs the reply script, again while Redis is unreachable (at most
+    /// [`AWAY_LIMIT`]). Running it twice is harmless: the second run finds
+    /// the record gone and the mark kept, and does nothing.
+    async fn reply_while_away(
+        &self,
+        what: &str,
+        inv: &::redis::ScriptInvocation<'_>,
+    ) -> Result<::redis::Value, BusError> {
+        let until = std::time::Instant::now() + AWAY_LIMIT;
+        loop {
+            match self.inner.script::<::redis::Value>(what, inv).await {
+                Err(e)
+                    if (e.is_lost() || matches!(e, BusError::Connect { .. }))
+                        && !e.is_permanent()
+                        && !self.inner.closing.is_cancelled()
+                        && std::time::Instant::now() < until =>
+                {
+                    crate::throttled!(warn!(
+                        tag = %self.tag, error = %e,
+                        "a reply waits for Redis to come back"
+                    ));
+                    tokio::time::sleep(AWAY_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// A delivery from a received envelope.
 pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Incoming {
     Incoming {
@@ -145,16 +196,18 @@ pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Inc
 }
 
 /// Takes up to `count` messages of `lists` (one script): their tags and
-/// envelopes.
+/// envelopes, and the held-set mark they were taken under.
 async fn take(
     inner: &Inner,
     conn: &mut MultiplexedConnection,
     lists: &[String],
     record_suffix: &str,
     count: usize,
-) -> Result<Vec<(String, String)>, RedisError> {
+) -> Result<(Vec<(String, String)>, Arc<str>), RedisError> {
     let identity = &inner.identity;
     let first = identity.reserve(count as u64);
+    let expiry_ms = inner.held_expiry_ms();
+    let (mark, expected, fresh) = identity.marks(Duration::from_millis(expiry_ms));
     let mut inv = inner.scripts.take.prepare_invoke();
     inv.key(UNACKED).key(UNACKED_INDEX).key(&identity.held);
     for list in lists {
@@ -165,9 +218,26 @@ async fn take(
         .arg(first)
         .arg(record_suffix)
         .arg(now())
-        .arg(inner.held_expiry_ms());
-    let items: Vec<Vec<u8>> = inv.invoke_async(conn).await?;
-    Ok(items
+        .arg(expiry_ms)
+        .arg(&*mark)
+        .arg(if expected { "1" } else { "0" })
+        .arg(&*fresh);
+    let mut items: Vec<Vec<u8>> = inv.invoke_async(conn).await?;
+    let lost = !items.is_empty() && items.remove(0) == b"1";
+    let used = if lost {
+        crate::throttled!(warn!(
+            held = %identity.held,
+            "the Redis database lost this consumer's records (restarted without persistence, \
+             or flushed): requests it holds are answered all the same"
+        ));
+        fresh
+    } else {
+        mark
+    };
+    if lost || !items.is_empty() {
+        identity.marked(&used);
+    }
+    let taken = items
         .into_iter()
         .zip(first..)
         .map(|(raw, n)| {
@@ -176,7 +246,8 @@ async fn take(
                 String::from_utf8_lossy(&raw).into_owned(),
             )
         })
-        .collect())
+        .collect();
+    Ok((taken, used))
 }
 
 /// Blocks until `list` holds a message (at most [`BLOCK_SECS`]), taking
@@ -200,13 +271,14 @@ async fn wait_for_message(conn: &mut MultiplexedConnection, list: &str) -> Resul
 async fn deliver(
     inner: &Arc<Inner>,
     queue: &str,
-    tag: String,
+    (tag, mark): (String, Arc<str>),
     raw: &str,
     slot: OwnedSemaphorePermit,
 ) -> Option<Incoming> {
     let acker = RedisAcker {
         inner: inner.clone(),
         tag,
+        mark,
         slot: Mutex::new(Some(slot)),
         acked: AtomicBool::new(false),
     };
@@ -239,6 +311,27 @@ async fn hand_back(inner: &Inner, tag: &str) {
     }
 }
 
+/// Makes the consumer's connection again after a failed command; false
+/// once stopped. Interrupted until a new connection answers: the session
+/// shows the queue deaf meanwhile, and checks its binding once it is back
+/// (the server may have restarted empty).
+async fn reconnect(
+    inner: &Inner,
+    stop: &CancellationToken,
+    state: &tokio::sync::watch::Sender<ConsumerState>,
+    conn: &mut MultiplexedConnection,
+) -> bool {
+    state.send_replace(ConsumerState::Interrupted);
+    match inner.reconnect(stop, "consumer").await {
+        Some(c) => {
+            *conn = c;
+            state.send_replace(ConsumerState::Consuming);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Takes from `queue` whenever prefetch slots are free, as many as are
 /// free (up to [`MAX_TAKE`]) per script, until stopped; waits when the
 /// queue is empty.
@@ -249,7 +342,7 @@ pub(super) async fn consume_queue(
     limit: Arc<PrefetchSlots>,
     sink: Sink,
     stop: CancellationToken,
-    ended: CancellationToken,
+    (ended, state): (CancellationToken, tokio::sync::watch::Sender<ConsumerState>),
 ) {
     let _ended = ended.drop_guard();
     let lists = queue_lists(&queue);
@@ -281,10 +374,11 @@ pub(super) async fn consume_queue(
                 waited = wait_for_message(&mut conn, &lists[0]) => waited,
             };
             if let Err(e) = waited {
-                tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "waiting for messages failed; reconnecting");
-                match inner.reconnect(&stop, "consumer").await {
-                    Some(c) => conn = c,
-                    None => break,
+                crate::throttled!(
+                    warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "waiting for messages failed; reconnecting")
+                );
+                if !reconnect(&inner, &stop, &state, &mut conn).await {
+                    break;
                 }
                 continue;
             }
@@ -292,20 +386,22 @@ pub(super) async fn consume_queue(
         }
         let asked = slots.len();
         let failed = match take(&inner, &mut conn, &lists, &record_suffix, asked).await {
-            Ok(taken) if taken.is_empty() => {
+            Ok((taken, _)) if taken.is_empty() => {
                 // Woken for a message another consumer took first (or one
                 // on a priority list, which the wait does not watch).
                 drop(slots);
                 drained = true;
                 None
             }
-            Ok(taken) => {
+            Ok((taken, mark)) => {
                 drained = taken.len() < asked;
                 let stopped = stop.is_cancelled();
                 for ((tag, raw), slot) in taken.into_iter().zip(slots) {
                     if stopped {
                         hand_back(&inner, &tag).await;
-                    } else if let Some(incoming) = deliver(&inner, &queue, tag, &raw, slot).await {
+                    } else if let Some(incoming) =
+                        deliver(&inner, &queue, (tag, mark.clone()), &raw, slot).await
+                    {
                         tokio::spawn(sink(incoming));
                     }
                 }
@@ -317,10 +413,11 @@ pub(super) async fn consume_queue(
             Err(e) => Some(e),
         };
         if let Some(e) = failed {
-            tracing::warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "taking messages failed; reconnecting");
-            match inner.reconnect(&stop, "consumer").await {
-                Some(c) => conn = c,
-                None => break,
+            crate::throttled!(
+                warn!(queue = %queue, error = %scrub(&e.to_string(), &inner.secret_uri), "taking messages failed; reconnecting")
+            );
+            if !reconnect(&inner, &stop, &state, &mut conn).await {
+                break;
             }
         }
     }

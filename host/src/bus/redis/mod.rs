@@ -61,8 +61,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::reply_names::ReplyName;
 use crate::bus::{
-    BusError, BusTransport, ConnectCause, Consumer, Incoming, Outgoing, PrefetchSlots,
-    ReplyQueueKind, Sink,
+    BusError, BusTransport, ConnectCause, Consumer, ConsumerState, Incoming, Outgoing,
+    PrefetchSlots, ReplyQueueKind, Sink,
 };
 use crate::redact::redact_uri;
 
@@ -218,6 +218,25 @@ impl BusTransport for RedisBus {
             .await
     }
 
+    /// One `SISMEMBER`: whether the binding set still holds the queue's
+    /// member. kombu keeps nothing else of an exchange in Redis, and the
+    /// queue's lists come and go with their messages.
+    async fn still_declared(
+        &self,
+        exchange: &str,
+        queue: &str,
+        routing_key: &str,
+    ) -> Result<bool, BusError> {
+        self.inner
+            .query(
+                &format!("checking the binding of `{queue}`"),
+                ::redis::cmd("SISMEMBER")
+                    .arg(binding_key(exchange))
+                    .arg(binding_member(routing_key, queue)),
+            )
+            .await
+    }
+
     async fn consume(&self, queue: &str, prefetch: u16, sink: Sink) -> Result<Consumer, BusError> {
         let what = format!("consuming `{queue}`");
         let conn = self
@@ -229,6 +248,7 @@ impl BusTransport for RedisBus {
         let limit = Arc::new(PrefetchSlots::new(prefetch));
         let stop = self.inner.closing.child_token();
         let ended = CancellationToken::new();
+        let (state, watching) = tokio::sync::watch::channel(ConsumerState::Consuming);
         tokio::spawn(consumer::consume_queue(
             self.inner.clone(),
             queue.to_owned(),
@@ -236,13 +256,14 @@ impl BusTransport for RedisBus {
             limit.clone(),
             sink,
             stop.clone(),
-            ended.clone(),
+            (ended.clone(), state),
         ));
         restore::start_restorer(&self.inner);
         Ok(Consumer {
             stop,
             ended,
             prefetch: limit,
+            state: watching,
         })
     }
 
@@ -294,7 +315,7 @@ impl BusTransport for RedisBus {
         if !keys::valid_owner(owner) {
             return Ok(0);
         }
-        self.inner.restore_owner(owner).await
+        self.inner.restore_owner(owner, true).await
     }
 }
 

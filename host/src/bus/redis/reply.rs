@@ -206,7 +206,7 @@ pub(super) async fn open(
 pub(super) async fn close(bus: &RedisBus) {
     let inner = &bus.inner;
     inner.closing.cancel();
-    if let Err(e) = inner.restore_owner(&inner.identity.owner).await {
+    if let Err(e) = inner.restore_owner(&inner.identity.owner, false).await {
         tracing::warn!(error = %e, "unsettled deliveries stay unacked until the visibility timeout");
     }
     let reply = bus

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::connection::{now, refused, Inner};
+use super::connection::{now, refused, Inner, MARK_PREFIX};
 use super::envelope::mark_redelivered;
 use super::keys::{
     held_key, held_key_of_tag, priority_list, priority_step, UNACKED, UNACKED_INDEX, UNACKED_MUTEX,
@@ -27,6 +27,10 @@ pub(super) enum Side {
     Back,
     /// The front: the next to be taken (a restore).
     Front,
+    /// The front, past the visibility timeout: whoever took it did so that
+    /// long ago, so a held set left with nothing but its marks goes too
+    /// (a host killed with its supervisor leaves no other trace).
+    Expired,
 }
 
 impl Inner {
@@ -88,7 +92,8 @@ impl Inner {
             .arg(stored.as_deref().unwrap_or(""))
             .arg(&payload_text)
             .arg(if side == Side::Back { "l" } else { "r" })
-            .arg(if held.is_some() { "1" } else { "0" });
+            .arg(if held.is_some() { "1" } else { "0" })
+            .arg(if side == Side::Expired { "1" } else { "0" });
         let what = "restoring an unacked delivery";
         let answer: ::redis::Value = self.script(what, &inv).await?;
         let pushed = matches!(answer, ::redis::Value::Int(1));
@@ -98,18 +103,32 @@ impl Inner {
 
     /// Hands back every delivery consumer `owner` holds; returns how many
     /// went back. Those restored or acked meanwhile are only forgotten.
-    pub async fn restore_owner(&self, owner: &str) -> Result<usize, BusError> {
+    /// Its marks go too, and the set with them, when its process is dead
+    /// (`gone`) or nothing went back; else they stay until the set
+    /// expires, so that a handler still running cannot answer what was
+    /// handed back (see the reply script).
+    pub async fn restore_owner(&self, owner: &str, gone: bool) -> Result<usize, BusError> {
         let tags: Vec<String> = self
             .query(
                 "reading a consumer's held deliveries",
                 ::redis::cmd("SMEMBERS").arg(held_key(owner)),
             )
             .await?;
+        let (marks, tags): (Vec<&String>, Vec<&String>) =
+            tags.iter().partition(|t| t.starts_with(MARK_PREFIX));
         let mut restored = 0;
-        for tag in &tags {
+        for tag in tags {
             if self.restore_by_tag(tag, Side::Front).await? {
                 restored += 1;
             }
+        }
+        // The marks last, so that the set goes once it names nothing.
+        if (gone || restored == 0) && !marks.is_empty() {
+            self.query::<i64>(
+                "removing a consumer's marks",
+                ::redis::cmd("SREM").arg(held_key(owner)).arg(marks),
+            )
+            .await?;
         }
         Ok(restored)
     }
@@ -144,7 +163,7 @@ impl Inner {
                 .await?;
             let mut restored = 0;
             for tag in &tags {
-                if self.restore_by_tag(tag, Side::Front).await? {
+                if self.restore_by_tag(tag, Side::Expired).await? {
                     restored += 1;
                 }
             }
@@ -178,7 +197,9 @@ pub(super) fn start_restorer(inner: &Arc<Inner>) {
                     restored = n,
                     "unacked deliveries past the visibility timeout went back to their queues"
                 ),
-                Err(e) => tracing::warn!(error = %e, "restoring unacked deliveries failed"),
+                Err(e) => {
+                    crate::throttled!(warn!(error = %e, "restoring unacked deliveries failed"))
+                }
             }
             tokio::select! {
                 () = inner.closing.cancelled() => break,

@@ -29,14 +29,22 @@ end
 
 /// Takes up to `ARGV[1]` messages off a queue's lists, in order, and
 /// records each as unacked (kombu's hash and index) and held by this
-/// consumer, under tags `ARGV[2]..(ARGV[3] + n)`; returns the messages.
-/// A message is never out of its list without its record (the keys'
-/// types are checked before anything moves: a script stopped by an error
-/// keeps what it did).
+/// consumer, under tags `ARGV[2]..(ARGV[3] + n)`; returns a flag, then the
+/// messages. A message is never out of its list without its record (the
+/// keys' types are checked before anything moves: a script stopped by an
+/// error keeps what it did).
+///
+/// The held set also holds a *mark* (`ARGV[7]`) while it holds anything:
+/// a record gone with its mark still there was handed back, one gone with
+/// its mark was lost with the database (see `REPLY_ACK`). When the caller
+/// expects its mark (`ARGV[8]` = `1`) and it is gone, the database lost
+/// this consumer's records (a restart without persistence, a `FLUSHDB`):
+/// the take uses the new mark `ARGV[9]` and the flag is `1`, else `0`.
 ///
 /// KEYS: unacked, unacked_index, held set, the queue's lists.
 /// ARGV: count, tag prefix, first sequence number, record suffix
-/// (`, "", "<queue>"]`), now, held set expiry (ms).
+/// (`, "", "<queue>"]`), now, held set expiry (ms), mark, whether it is
+/// expected, the mark to use if it was lost.
 const TAKE: &str = r"
 local kinds = {'hash', 'zset', 'set'}
 for i = 1, #KEYS do
@@ -46,9 +54,14 @@ for i = 1, #KEYS do
     return redis.error_reply(KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
   end
 end
+local mark = ARGV[7]
+local out = {'0'}
+if ARGV[8] == '1' and redis.call('SISMEMBER', KEYS[3], mark) == 0 then
+  mark = ARGV[9]
+  out[1] = '1'
+end
 local want = tonumber(ARGV[1])
 local seq = tonumber(ARGV[3])
-local out = {}
 for i = 4, #KEYS do
   if want <= 0 then break end
   local items = redis.call('RPOP', KEYS[i], want)
@@ -64,7 +77,8 @@ for i = 4, #KEYS do
     want = want - #items
   end
 end
-if #out > 0 then
+if #out > 1 then
+  redis.call('SADD', KEYS[3], mark)
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
 return out
@@ -122,21 +136,32 @@ return 0
 
 /// Replies and acks at once: pushes the reply onto its list and removes
 /// the request's record. Returns 0 once done; 2, doing nothing, if the
-/// record is gone (the request was handed back to its queue, where its next
-/// holder answers it: replying too would answer it twice); or why the
-/// reply list was refused (nothing done).
+/// record is gone but the mark it was taken under is still held (the
+/// request was handed back to its queue, where its next holder answers
+/// it: replying too would answer it twice); 3 once the reply is pushed
+/// for a record gone with its mark (the database lost both: nobody else
+/// holds the request, so it is answered here); or why the reply list was
+/// refused (nothing done).
 ///
-/// The reply list expires after `ARGV[3]` ms unread unless it is 0 (see
+/// The reply list expires after `ARGV[4]` ms unread unless it is 0 (see
 /// `Outgoing::reply_ttl`).
 ///
 /// KEYS: reply list, unacked, unacked_index, held set.
-/// ARGV: the reply's envelope, the request's tag, the list's expiry (ms).
+/// ARGV: the reply's envelope, the request's tag, the mark it was taken
+/// under, the list's expiry (ms).
 const REPLY_ACK: &str = r"
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 2 end
+local ttl = tonumber(ARGV[4] or '0') or 0
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return 2 end
+  local why = refusal(KEYS[1])
+  if why then return why end
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  return 3
+end
 local why = refusal(KEYS[1])
 if why then return why end
 redis.call('LPUSH', KEYS[1], ARGV[1])
-local ttl = tonumber(ARGV[3] or '0') or 0
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -151,10 +176,14 @@ return 0
 /// restore, to its front). Returns 1 once pushed, 0 if there was nothing
 /// to push, or why a list was refused (the record then stays).
 ///
+/// With ARGV[6] `1` (a restore past the visibility timeout), a held set
+/// left holding nothing but marks (see `TAKE`) is deleted.
+///
 /// KEYS: unacked, unacked_index, held set (or any key if ARGV[5] is not
 /// `1`), the lists.
 /// ARGV: tag, the record as read (`''`: none), the envelope to push,
-/// `l` or `r`, whether KEYS[3] is a held set.
+/// `l` or `r`, whether KEYS[3] is a held set, whether to drop a held set
+/// of marks only.
 const RESTORE: &str = r"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if current and current ~= ARGV[2] then return 0 end
@@ -168,6 +197,13 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 if ARGV[5] == '1' then
   redis.call('SREM', KEYS[3], ARGV[1])
+  if ARGV[6] == '1' then
+    local marks_only = true
+    for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+      if string.sub(m, 1, 6) ~= '~mark-' then marks_only = false break end
+    end
+    if marks_only then redis.call('DEL', KEYS[3]) end
+  end
 end
 if not current then return 0 end
 for i = 4, #KEYS do
