@@ -14,6 +14,7 @@ use std::sync::{Mutex, PoisonError};
 use super::workers::Worker;
 use super::Supervisor;
 use crate::health::ServiceHealth;
+use crate::metrics::http::HttpSnapshot;
 use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
 use crate::metrics::{MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
 
@@ -158,7 +159,7 @@ impl MetricsBook {
 }
 
 impl Exporter for MetricsBook {
-    fn render(&self) -> String {
+    fn render(&self, http: &HttpSnapshot) -> String {
         let views = self.with(|services| {
             services
                 .iter()
@@ -181,7 +182,7 @@ impl Exporter for MetricsBook {
                 })
                 .collect()
         });
-        render(views)
+        render(views, http)
     }
 }
 
@@ -249,7 +250,7 @@ mod tests {
         book.report(1, "calc", vec![snapshot(5, 1)]);
         book.report(2, "calc", vec![snapshot(3, 0)]);
         book.report(2, "other", vec![snapshot(100, 0)]);
-        let text = book.render();
+        let text = book.render(&HttpSnapshot::default());
         assert!(
             text.contains(
                 r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 8"#
@@ -264,7 +265,7 @@ mod tests {
         book.crashed("calc");
         book.restarted("calc");
         book.report(3, "calc", vec![snapshot(1, 0)]);
-        let text = book.render();
+        let text = book.render(&HttpSnapshot::default());
         assert!(
             text.contains(
                 r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 9"#
