@@ -414,13 +414,14 @@ async fn serve_connection(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // The clock above times heads; hyper's timer would also cut idle
-    // keep-alive connections at the head timeout. The read buffer bounds
-    // what a connection holds, its request head included (431 beyond):
-    // hyper's 400 KiB would let slow heads hold 400 MiB at
-    // max_connections.
+    // keep-alive connections at the head timeout. A head over
+    // MAX_HEAD_BYTES is refused 431, and the read buffer bounds what a
+    // connection holds: hyper's 400 KiB would let slow heads hold 400 MiB
+    // at max_connections.
     builder
         .header_read_timeout(None)
         .keep_alive(true)
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES);
     let served = builder.serve_connection(io, service);
     let mut served = std::pin::pin!(served);

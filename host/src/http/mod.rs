@@ -683,4 +683,78 @@ mod tests {
         assert!(answer.contains(r#""code":-32600"#), "{answer}");
         stop.cancel();
     }
+
+    /// The endpoint on a bus it cannot reach, with `settings`.
+    async fn unreachable(
+        settings: &HttpSettings,
+    ) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+        let client = Arc::new(SharedClient::reconnecting(
+            "amqp://127.0.0.1:1/%2f",
+            "commissaire",
+            Duration::from_secs(1),
+            crate::bus::ReplyQueueKind::default(),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let addr = serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            client,
+            Arc::new(Health::default()),
+            Arc::new(crate::supervise::metrics::MetricsBook::default()),
+            settings,
+            1 << 20,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn a_body_that_cannot_fit_the_budget_is_refused_before_it_is_sent() {
+        let settings = HttpSettings {
+            max_buffered_bytes: 4096,
+            ..HttpSettings::default()
+        };
+        let (addr, stop) = unreachable(&settings).await;
+        // The head alone: the refusal does not wait for the body.
+        let answer = exchange(
+            addr,
+            "POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 5000\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 1"), "{answer}");
+        assert!(answer.contains(r#""code":-32600"#), "{answer}");
+        assert!(answer.contains("max_buffered_bytes"), "{answer}");
+        let metrics = exchange(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            metrics.contains(r#"commissaire_http_refused_total{reason="buffer_full"} 1"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("commissaire_http_buffered_bytes 0"),
+            "{metrics}"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_head_over_64_kib_is_refused() {
+        let (addr, stop) = unreachable(&HttpSettings::default()).await;
+        let head = |pad: usize| {
+            let start = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ";
+            let end = "\r\n\r\n";
+            format!("{start}{}{end}", "a".repeat(pad - start.len() - end.len()))
+        };
+        let answer = exchange(addr, &head(connection::MAX_HEAD_BYTES + 1)).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let answer = exchange(addr, &head(connection::MAX_HEAD_BYTES - 1)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "healthz: {answer}");
+        stop.cancel();
+    }
 }
