@@ -67,6 +67,14 @@ impl Held {
         self.bytes
     }
 
+    /// Holds `total` bytes in all, giving back the rest (nothing if it
+    /// holds less).
+    pub(super) fn shrink_to(&mut self, total: usize) {
+        let back = self.bytes.saturating_sub(total);
+        self.budget.used.fetch_sub(back, Ordering::AcqRel);
+        self.bytes -= back;
+    }
+
     /// Holds `total` bytes in all, if the budget has room for the rest.
     pub(super) fn grow_to(&mut self, total: usize) -> bool {
         let more = total.saturating_sub(self.bytes);
@@ -104,6 +112,9 @@ mod tests {
         assert!(a.grow_to(100));
         assert!(a.grow_to(80), "growing to less takes nothing");
         assert_eq!((a.bytes(), budget.used()), (100, 100));
+        a.shrink_to(30);
+        a.shrink_to(50);
+        assert_eq!((a.bytes(), budget.used()), (30, 30));
         drop(a);
         assert_eq!(budget.used(), 0);
         let empty = budget.take(0).unwrap();

@@ -15,6 +15,8 @@ mod connection;
 mod envelope;
 mod guard;
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +37,7 @@ use axum::{Json, Router};
 use commissaire_plugin_api::RpcError;
 use futures_util::StreamExt as _;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+
 use tokio::sync::Semaphore;
 
 use budget::{BodyBudget, Held};
@@ -131,19 +133,28 @@ struct RpcQuery {
     timeout: Option<f64>,
 }
 
-fn error_response(status: StatusCode, id: &Value, error: RpcError) -> Response {
-    (
-        status,
-        Json(json!({"jsonrpc": "2.0", "id": id, "error": error})),
-    )
-        .into_response()
+/// A JSON-RPC error with the caller's `id` as sent (`null` without one).
+fn error_response(status: StatusCode, id: Option<&RawValue>, error: RpcError) -> Response {
+    /// The members in the order they always had (a `Value`'s, sorted).
+    #[derive(serde::Serialize)]
+    struct ErrorAnswer<'a> {
+        error: RpcError,
+        id: Option<&'a RawValue>,
+        jsonrpc: &'static str,
+    }
+    let answer = ErrorAnswer {
+        error,
+        id,
+        jsonrpc: "2.0",
+    };
+    (status, Json(answer)).into_response()
 }
 
 /// A request refused before it was read: no id to answer with.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     let message = message.into();
     tracing::debug!(status = status.as_u16(), %message, "HTTP request refused");
-    error_response(status, &Value::Null, RpcError::invalid_request(message))
+    error_response(status, None, RpcError::invalid_request(message))
 }
 
 /// A request refused for want of room: 503, to try again in a second.
@@ -364,40 +375,37 @@ async fn relay(
     state: &AppState,
     routing_key: &str,
     body: Vec<u8>,
-    held: Held,
+    mut held: Held,
     timeout: Option<Duration>,
     parent: Option<&crate::trace::TraceContext>,
 ) -> Response {
-    let null = Value::Null;
     let envelope = match Envelope::read(&body) {
         Ok(e) => e,
         Err(e @ EnvelopeError::NotJson(_)) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                &null,
+                None,
                 RpcError::parse_error(e.to_string()),
             )
         }
         Err(e @ EnvelopeError::NotAnObject) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                &null,
+                None,
                 RpcError::invalid_request(e.to_string()),
             )
         }
     };
     let id = envelope.id;
-    let expected = crate::bus::topic::method_of(routing_key);
-    if let Some(method) = &envelope.method {
-        if method.as_str() != Some(expected) {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                id.as_ref().unwrap_or(&null),
-                RpcError::invalid_request(format!(
-                    "method {method} does not match routing key `{routing_key}`"
-                )),
-            );
-        }
+    if !envelope.method_is(crate::bus::topic::method_of(routing_key)) {
+        let method = envelope.method.map_or("null", RawValue::get);
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            id,
+            RpcError::invalid_request(format!(
+                "method {method} does not match routing key `{routing_key}`"
+            )),
+        );
     }
     // As sent: an array or an object, passed on without a copy.
     let params = match envelope.params.map(RawValue::get) {
@@ -406,7 +414,7 @@ async fn relay(
         Some(_) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                id.as_ref().unwrap_or(&null),
+                id,
                 RpcError::invalid_request("`params` must be an array or an object"),
             )
         }
@@ -418,72 +426,100 @@ async fn relay(
             tracing::warn!(error = %e, "HTTP request: the bus is unreachable");
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                id.as_ref().unwrap_or(&null),
+                id,
                 RpcError::internal_error("the bus is unreachable"),
             );
         }
     };
     let Some(id) = id else {
         // A notification: sent, nothing to wait for.
-        return match client.notify(routing_key, params, parent).await {
+        let notified = {
+            let _turn = large_publish_turn(state, params).await;
+            client.notify(routing_key, params, parent).await
+        };
+        return match notified {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
-                &null,
+                None,
                 RpcError::internal_error(e.to_string()),
             ),
         };
     };
+    // The body goes before the reply comes: the id is kept apart.
+    let id = id.to_owned();
     let sent = {
-        // Held until published; waiting here, the body still holds its
-        // bytes of the budget.
-        let _turn = match params {
-            Some(p) if p.len() >= LARGE_BODY_BYTES => state.large_publish.acquire().await.ok(),
-            _ => None,
-        };
+        let _turn = large_publish_turn(state, params).await;
         client
             .send_request(routing_key, params, timeout, parent)
             .await
     };
     // On the bus (or not sent at all): the body is no longer needed while
-    // the reply is awaited, which may take minutes.
+    // the reply is awaited, which may take minutes; the id is, and stays
+    // counted.
     drop(body);
-    drop(held);
-    match sent {
-        Ok(awaited) => answer(id, awaited.reply().await),
-        Err(e) => answer(id, Err(e)),
+    held.shrink_to(id.get().len());
+    let reply = match sent {
+        Ok(awaited) => awaited.reply().await,
+        Err(e) => Err(e),
+    };
+    answer(&id, reply)
+}
+
+/// The caller's turn to publish `params`, when they are large: waiting
+/// for it, the body still holds its bytes of the budget.
+async fn large_publish_turn<'s>(
+    state: &'s AppState,
+    params: Option<&str>,
+) -> Option<tokio::sync::SemaphorePermit<'s>> {
+    match params {
+        Some(p) if p.len() >= LARGE_BODY_BYTES => state.large_publish.acquire().await.ok(),
+        _ => None,
     }
 }
 
 /// The HTTP answer to a relayed request with the caller's `id`.
-fn answer(id: Value, reply: Result<Vec<u8>, RequestError>) -> Response {
+fn answer(id: &RawValue, reply: Result<Vec<u8>, RequestError>) -> Response {
     match reply {
-        Ok(reply) => match serde_json::from_slice::<Value>(&reply) {
-            Ok(mut response) => {
-                // The bus request carried our own id; answer with the caller's.
-                if let Some(o) = response.as_object_mut() {
-                    o.insert("id".to_owned(), id);
-                }
-                (StatusCode::OK, Json(response)).into_response()
-            }
-            Err(e) => error_response(
-                StatusCode::BAD_GATEWAY,
-                &id,
-                RpcError::internal_error(format!("unreadable reply: {e}")),
-            ),
-        },
+        Ok(reply) => {
+            let unreadable = |e: serde_json::Error| {
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    Some(id),
+                    RpcError::internal_error(format!("unreadable reply: {e}")),
+                )
+            };
+            let whole = match serde_json::from_slice::<&RawValue>(&reply) {
+                Ok(whole) => whole,
+                Err(e) => return unreadable(e),
+            };
+            // Each member as it came, but the id: the bus request carried
+            // our own. A reply that is no object is relayed as it is.
+            let Ok(mut members) =
+                serde_json::from_slice::<BTreeMap<Cow<'_, str>, &RawValue>>(&reply)
+            else {
+                return (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    whole.get().to_owned(),
+                )
+                    .into_response();
+            };
+            members.insert(Cow::Borrowed("id"), id);
+            (StatusCode::OK, Json(members)).into_response()
+        }
         Err(e @ RequestError::Timeout { .. }) => error_response(
             StatusCode::GATEWAY_TIMEOUT,
-            &id,
+            Some(id),
             RpcError::internal_error(e.to_string()),
         ),
         // No queue takes this routing key: -32601, as the client maps it.
         Err(e @ RequestError::Bus(crate::bus::BusError::Unroutable { .. })) => {
-            error_response(StatusCode::NOT_FOUND, &id, RpcError::from(e))
+            error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e))
         }
         Err(e) => error_response(
             StatusCode::BAD_GATEWAY,
-            &id,
+            Some(id),
             RpcError::internal_error(e.to_string()),
         ),
     }
