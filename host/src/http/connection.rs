@@ -221,7 +221,7 @@ impl Connections {
     /// or sat idle longest, which is told to close. `None` when every
     /// connection serves a request.
     pub(super) fn admit(self: &Arc<Self>, now: Instant) -> Option<(Place, Admitted)> {
-        let (place, admitted, open) = self.with(|(next, open)| {
+        self.with(|(next, open)| {
             let mut admitted = Admitted::Free;
             while open.len() >= self.max {
                 // The victim's state may change between the look and the
@@ -242,24 +242,23 @@ impl Connections {
                 evicted: Notify::new(),
             });
             open.insert(*next, conn.clone());
+            // Under the lock, so that the gauge never goes back in time.
+            self.counts.connections(open.len() as u64);
             let place = Place {
                 connections: self.clone(),
                 id: *next,
                 conn,
             };
-            Some((place, admitted, open.len()))
-        })?;
-        self.counts.connections(open as u64);
-        Some((place, admitted))
+            Some((place, admitted))
+        })
     }
 
     /// A connection ended (or was evicted and has closed).
     fn remove(&self, id: u64) {
-        let open = self.with(|(_, open)| {
+        self.with(|(_, open)| {
             open.remove(&id);
-            open.len()
+            self.counts.connections(open.len() as u64);
         });
-        self.counts.connections(open as u64);
     }
 }
 
