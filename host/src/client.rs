@@ -142,6 +142,22 @@ impl RpcClient {
         timeout: Option<Duration>,
         parent: Option<&TraceContext>,
     ) -> Result<Vec<u8>, RequestError> {
+        self.send_request(routing_key, params, timeout, parent)
+            .await?
+            .reply()
+            .await
+    }
+
+    /// Sends a request as [`RpcClient::request_raw`] does, and returns once
+    /// it is published: the caller may drop what `params` borrows from (a
+    /// large HTTP body) before it waits for the reply.
+    pub async fn send_request(
+        &self,
+        routing_key: &str,
+        params: Option<&str>,
+        timeout: Option<Duration>,
+        parent: Option<&TraceContext>,
+    ) -> Result<AwaitedReply, RequestError> {
         crate::bus::topic::check_routing_key(routing_key).map_err(BusError::from)?;
         let timeout = timeout.unwrap_or(self.default_timeout);
         let traceparent = TraceContext::child_of(parent).header();
@@ -149,36 +165,33 @@ impl RpcClient {
         let body = request_body(routing_key, Some(&id), params);
         let (tx, rx) = oneshot::channel();
         self.pending_map().insert(id.clone(), tx);
-        // Removes the entry however this future ends: reply, timeout, or
-        // dropped by its caller (an HTTP client that went away).
-        let _entry = PendingEntry {
-            pending: &self.pending,
-            id: &id,
+        // Removes the entry however this ends: reply, timeout, a failed
+        // publish, or dropped by its caller (an HTTP client that went
+        // away).
+        let entry = PendingEntry {
+            pending: self.pending.clone(),
+            id,
         };
-        let sent = self
-            .bus
+        self.bus
             .publish(Outgoing {
                 exchange: &self.exchange,
                 routing_key,
                 body: &body,
                 reply_to: Some(&self.reply_to),
-                correlation_id: Some(id.as_bytes()),
+                correlation_id: Some(entry.id.as_bytes()),
                 durable: false,
                 confirm: false,
                 expires: Some(timeout),
                 traceparent: Some(&traceparent),
                 reply_ttl: None,
             })
-            .await;
-        sent?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(BusError::Closed.into()),
-            Err(_) => Err(RequestError::Timeout {
-                routing_key: routing_key.to_owned(),
-                timeout,
-            }),
-        }
+            .await?;
+        Ok(AwaitedReply {
+            rx,
+            _entry: entry,
+            routing_key: routing_key.to_owned(),
+            timeout,
+        })
     }
 
     /// Sends a request and returns its result's JSON text, or the error the
@@ -275,17 +288,48 @@ fn read_response(reply: &[u8]) -> Result<Result<Box<RawValue>, RpcError>, String
 }
 
 /// A request's entry in the pending map, removed on drop.
-struct PendingEntry<'a> {
-    pending: &'a Pending,
-    id: &'a str,
+struct PendingEntry {
+    pending: Pending,
+    id: String,
 }
 
-impl Drop for PendingEntry<'_> {
+impl Drop for PendingEntry {
     fn drop(&mut self) {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(self.id);
+            .remove(&self.id);
+    }
+}
+
+/// A request sent, its reply still to come ([`RpcClient::send_request`]).
+pub struct AwaitedReply {
+    rx: oneshot::Receiver<Vec<u8>>,
+    _entry: PendingEntry,
+    routing_key: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for AwaitedReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwaitedReply")
+            .field("routing_key", &self.routing_key)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwaitedReply {
+    /// The raw reply body, within the request's timeout.
+    pub async fn reply(self) -> Result<Vec<u8>, RequestError> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(BusError::Closed.into()),
+            Err(_) => Err(RequestError::Timeout {
+                routing_key: self.routing_key,
+                timeout: self.timeout,
+            }),
+        }
     }
 }
 
@@ -316,10 +360,17 @@ pub fn timeout_from_secs(secs: f64) -> Result<Duration, BadTimeout> {
 pub fn request_body(routing_key: &str, id: Option<&str>, params: Option<&str>) -> Vec<u8> {
     let method = crate::bus::topic::method_of(routing_key);
     let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned());
-    let mut body = format!(r#"{{"jsonrpc":"2.0","method":{}"#, quote(method));
+    let (method, id) = (quote(method), id.map(quote));
+    // Allocated once, at its size: params may be a 16 MiB HTTP body, and
+    // growing by doubling would hold up to twice that.
+    let mut body = String::with_capacity(
+        64 + method.len() + id.as_ref().map_or(0, String::len) + params.map_or(0, str::len),
+    );
+    body.push_str(r#"{"jsonrpc":"2.0","method":"#);
+    body.push_str(&method);
     if let Some(id) = id {
         body.push_str(r#","id":"#);
-        body.push_str(&quote(id));
+        body.push_str(&id);
     }
     if let Some(params) = params {
         body.push_str(r#","params":"#);

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod fd_limit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

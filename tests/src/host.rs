@@ -297,6 +297,19 @@ impl TestHost {
             .unwrap_or_default()
     }
 
+    /// The value of one `/metrics` series, named as rendered
+    /// (`name{labels}`); 0 when absent.
+    pub fn metric(&self, series: &str) -> u64 {
+        let (status, text) = http_get(self.http, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        text.as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     /// `POST /rpc/{routing_key}` with `body`: (status, JSON body).
     pub fn http_call(&self, routing_key: &str, body: &Value) -> (u16, Value) {
         http_post(self.http, &format!("/rpc/{routing_key}"), body).expect("HTTP request")

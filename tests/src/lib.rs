@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod caller;
 pub mod host;
+pub mod http;
 pub mod load;
 pub mod redis;
 pub mod redis_load;

@@ -3,13 +3,13 @@
 //! checked numbers and names, limits on bodies, requests and connections,
 //! clients that never finish their headers or walk away before the reply.
 
-use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use commissaire_e2e::host::{amqp_uri, free_addr, unique, HostSpec, TestHost};
+use commissaire_e2e::http::{read_reply, send, try_send, Reply};
 use commissaire_e2e::{host_bin, plugin_dir};
 use serde_json::{json, Value};
 
@@ -53,75 +53,36 @@ impl Parked {
     }
 }
 
+impl Parked {
+    /// The requests waiting in the queue.
+    fn messages(&self) -> u32 {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let conn = lapin::Connection::connect(&amqp_uri(), Default::default())
+                .await
+                .expect("connect");
+            let ch = conn.create_channel().await.expect("channel");
+            let queue = ch
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .expect("declare");
+            let _ = conn.close(200, "bye".into()).await;
+            queue.message_count()
+        })
+    }
+}
+
 impl Drop for Parked {
     fn drop(&mut self) {
         commissaire_e2e::host::cleanup_broker("", std::slice::from_ref(&self.queue));
     }
-}
-
-/// An HTTP answer, read to the end.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    /// Header names in lower case.
-    headers: HashMap<String, String>,
-    body: Value,
-}
-
-/// Sends `head` (request line and headers, without the blank line) and
-/// `body` on a connection of its own, with `Connection: close`.
-fn send(addr: SocketAddr, head: &str, body: &[u8]) -> Reply {
-    try_send(addr, head, body).expect("an HTTP reply")
-}
-
-fn try_send(addr: SocketAddr, head: &str, body: &[u8]) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut request = format!(
-        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body);
-    stream.write_all(&request)?;
-    try_read_reply(&mut stream)
-}
-
-fn read_reply(stream: &mut TcpStream) -> Reply {
-    try_read_reply(stream).expect("an HTTP reply")
-}
-
-/// The reply on `stream`. A refusal may come before the whole request was
-/// read; the reset that follows does not undo what already arrived.
-fn try_read_reply(stream: &mut TcpStream) -> std::io::Result<Reply> {
-    let mut raw = Vec::new();
-    if let Err(e) = stream.read_to_end(&mut raw) {
-        if raw.is_empty() {
-            return Err(e);
-        }
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let body = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
-    };
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// `POST path` with `headers` (each `Name: value`) and `body`.
@@ -492,37 +453,88 @@ fn ten_thousand_abandoned_requests_leave_no_pending_entry() {
     assert_no_panic(&host);
 }
 
+/// Whether the endpoint closed (or reset) `stream`, waiting at most
+/// `patience` for it.
+fn closed_by_the_endpoint(stream: &mut TcpStream, patience: Duration) -> bool {
+    stream
+        .set_read_timeout(Some(patience))
+        .expect("a read timeout");
+    let mut buf = [0; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
 #[test]
-fn max_connections_closes_new_connections_at_once() {
+fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
     let mut spec = HostSpec::amqp();
     spec.http_toml = "max_connections = 4\n".to_owned();
     let host = TestHost::start(spec);
     let addr = host.http;
-    // The host's own readiness probes may still hold a slot for a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let held: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(addr).expect("connect"))
-        .collect();
-    let mut extra = TcpStream::connect(addr).expect("the kernel still accepts");
-    extra
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut buf = [0; 16];
-    match extra.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("a fifth connection was kept: {other:?}"),
-    }
-    drop(held);
     let add = json!({"id": 1, "params": [1, 2]}).to_string();
-    wait_until(Duration::from_secs(5), "a slot free again", || {
+    let rpc = |addr| {
         try_send(
             addr,
             &format!("POST /rpc/simple.add HTTP/1.1\r\n{JSON}"),
             add.as_bytes(),
         )
-        .is_ok_and(|r| r.status == 200)
+    };
+
+    // Four connections that never send a byte, opened when the endpoint
+    // holds no other (the scrape's own connection aside).
+    wait_until(Duration::from_secs(10), "no other connection", || {
+        host.metric("commissaire_http_connections") == 1
     });
+    let mut waiting: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let r = rpc(addr).expect("a request past four waiting connections");
+    assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
+    assert!(
+        closed_by_the_endpoint(&mut waiting[0], Duration::from_secs(5)),
+        "the oldest waiting connection was not evicted"
+    );
+    for s in &mut waiting[1..] {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0; 16];
+        let read = s.read(&mut buf);
+        assert!(
+            matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a younger waiting connection was closed: {read:?}"
+        );
+    }
+    drop(waiting);
+
+    // Four connections serving requests (waiting for a reply nobody
+    // sends): never evicted, so a fifth is closed at once.
+    let key = format!("{}.x", unique("nobody"));
+    let parked = Parked::new(&host.spec.exchange, &key);
+    let request = format!(
+        "POST /rpc/{key}?timeout=60 HTTP/1.1\r\nHost: x\r\n{JSON}\r\nContent-Length: 8\r\n\r\n{{\"id\":1}}"
+    );
+    let serving: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(request.as_bytes()).expect("send");
+            s
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "four requests relayed", || {
+        parked.messages() == 4
+    });
+    let mut extra = TcpStream::connect(addr).expect("the kernel still accepts");
+    assert!(
+        closed_by_the_endpoint(&mut extra, Duration::from_secs(5)),
+        "a fifth connection was kept"
+    );
+    drop(serving);
+    wait_until(Duration::from_secs(10), "a place free again", || {
+        rpc(addr).is_ok_and(|r| r.status == 200)
+    });
+    assert!(host.metric(r#"commissaire_http_refused_total{reason="evicted"}"#) >= 1);
+    assert!(host.metric(r#"commissaire_http_refused_total{reason="connections_full"}"#) >= 1);
     assert!(
         host.stderr().contains("max_connections"),
         "the limit is logged"

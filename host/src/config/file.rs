@@ -110,6 +110,10 @@ pub(super) struct HttpSection {
     pub(super) cors_origins: Option<Vec<Spanned<String>>>,
     pub(super) max_in_flight: Option<Spanned<i64>>,
     pub(super) max_connections: Option<Spanned<i64>>,
+    /// Bytes of request bodies held at once.
+    pub(super) max_buffered_bytes: Option<Spanned<i64>>,
+    /// Seconds a request head may take.
+    pub(super) header_timeout: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

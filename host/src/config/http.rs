@@ -1,10 +1,13 @@
 //! `[http]`: the endpoint's token, allow-list, origins and limits.
 
+use std::time::Duration;
+
 use toml::Spanned;
 
 use super::file::HttpSection;
 use super::{
-    line_col, ConfigError, DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_IN_FLIGHT, HTTP_TOKEN_ENV,
+    line_col, seconds, ConfigError, DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_BUFFERED_BYTES,
+    DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_IN_FLIGHT, HTTP_TOKEN_ENV,
 };
 
 /// The HTTP endpoint's bearer token. Never printed: `Debug` shows `***`.
@@ -47,8 +50,15 @@ pub struct HttpSettings {
     pub cors_origins: Vec<String>,
     /// Requests relayed at once; beyond, 503.
     pub max_in_flight: usize,
-    /// Connections open at once; beyond, new ones are closed at once.
+    /// Connections open at once; beyond, a new one takes the place of the
+    /// one waiting longest for a request head (or idle longest), or is
+    /// closed at once when every one serves a request.
     pub max_connections: usize,
+    /// Bytes of request bodies held in memory at once, all requests
+    /// together; a body beyond gets 503.
+    pub max_buffered_bytes: usize,
+    /// How long a client has to send a whole request head.
+    pub header_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -59,6 +69,8 @@ impl Default for HttpSettings {
             cors_origins: Vec::new(),
             max_in_flight: DEFAULT_HTTP_MAX_IN_FLIGHT,
             max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            max_buffered_bytes: DEFAULT_HTTP_MAX_BUFFERED_BYTES,
+            header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
         }
     }
 }
@@ -146,6 +158,18 @@ pub(super) fn http_settings(
             &section.max_connections,
             "max_connections",
             DEFAULT_HTTP_MAX_CONNECTIONS,
+        )?,
+        max_buffered_bytes: limit(
+            &section.max_buffered_bytes,
+            "max_buffered_bytes",
+            DEFAULT_HTTP_MAX_BUFFERED_BYTES,
+        )?,
+        header_timeout: seconds(
+            section.header_timeout.as_ref(),
+            "[http] header_timeout",
+            DEFAULT_HTTP_HEADER_TIMEOUT,
+            file,
+            text,
         )?,
     })
 }

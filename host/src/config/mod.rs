@@ -59,6 +59,12 @@ pub const HTTP_TOKEN_ENV: &str = "COMMISSAIRE_HTTP_TOKEN";
 pub const DEFAULT_HTTP_MAX_IN_FLIGHT: usize = 1024;
 /// Connections the HTTP endpoint holds open at once unless configured.
 pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
+/// Bytes of request bodies the HTTP endpoint holds at once unless
+/// configured: sixteen bodies of the default `max_message_bytes`.
+pub const DEFAULT_HTTP_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
+/// How long a client has to send a whole request head, from its first byte
+/// (or from connecting), unless configured.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A configuration error: where, and what is wrong, on one line.
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +326,32 @@ impl HostConfig {
             },
         };
         let http = http_settings(&file.http, &env, &file_name, &text)?;
+        let http_listen = overrides.http_listen.or(file.http.listen);
+        if http_listen.is_some() && http.max_buffered_bytes < max_message_bytes {
+            // A body the bus may carry must fit: otherwise it would always
+            // be refused 503, "try again", and never taken.
+            let span = file
+                .http
+                .max_buffered_bytes
+                .as_ref()
+                .map(Spanned::span)
+                .or_else(|| file.bus.max_message_bytes.as_ref().map(Spanned::span));
+            let location = span.map_or_else(
+                || file_name.clone(),
+                |span| {
+                    let (line, col) = line_col(&text, span.start);
+                    format!("{file_name}:{line}:{col}")
+                },
+            );
+            return Err(ConfigError {
+                location,
+                message: format!(
+                    "[http] max_buffered_bytes ({}) must be at least [bus] max_message_bytes ({}): \
+                     a body of the largest size allowed must fit",
+                    http.max_buffered_bytes, max_message_bytes
+                ),
+            });
+        }
         if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
             if let Some((name, location)) = worker_processes.first() {
                 return Err(ConfigError {
@@ -377,7 +409,7 @@ impl HostConfig {
             } else {
                 crate::plugin::Trust::OwnerOnly
             },
-            http_listen: overrides.http_listen.or(file.http.listen),
+            http_listen,
             http,
             services,
             shutdown_timeout,

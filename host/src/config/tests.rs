@@ -273,9 +273,12 @@ fn http_settings_and_their_defaults() {
     let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
     assert_eq!(c.http, HttpSettings::default());
     assert_eq!(c.http.max_in_flight, 1024);
+    assert_eq!(c.http.max_buffered_bytes, 256 << 20);
+    assert_eq!(c.http.header_timeout, Duration::from_secs(10));
     let text = "[http]\ntoken = \"s3cret\"\nallow = [\"simple.*\", \"demo.ping\"]\n\
                 cors_origins = [\"https://Ops.example.com:8443\"]\n\
-                max_in_flight = 8\nmax_connections = 16\n";
+                max_in_flight = 8\nmax_connections = 16\nmax_buffered_bytes = 33554432\n\
+                header_timeout = 2.5\n";
     let c = load_text(text, &Overrides::default(), None).unwrap();
     assert_eq!(c.http_listen, None);
     assert_eq!(
@@ -288,6 +291,8 @@ fn http_settings_and_their_defaults() {
     );
     assert_eq!(c.http.cors_origins, ["https://ops.example.com:8443"]);
     assert_eq!((c.http.max_in_flight, c.http.max_connections), (8, 16));
+    assert_eq!(c.http.max_buffered_bytes, 32 << 20);
+    assert_eq!(c.http.header_timeout, Duration::from_millis(2500));
     assert!(
         !format!("{c:?}").contains("s3cret"),
         "the token is never printed"
@@ -346,6 +351,24 @@ fn bad_http_settings_name_the_line() {
             "host.toml:2:19: [http] max_connections must be at least 1, not -5",
         ),
         (
+            "[http]\nmax_buffered_bytes = 0\n",
+            "host.toml:2:22: [http] max_buffered_bytes must be at least 1, not 0",
+        ),
+        (
+            "[http]\nheader_timeout = 0\n",
+            "host.toml:2:18: [http] header_timeout must be a positive number of seconds",
+        ),
+        (
+            "[http]\nlisten = \"127.0.0.1:0\"\nmax_buffered_bytes = 1048576\n",
+            "host.toml:3:22: [http] max_buffered_bytes (1048576) must be at least \
+             [bus] max_message_bytes (16777216)",
+        ),
+        (
+            "[bus]\nmax_message_bytes = 300000000\n[http]\nlisten = \"127.0.0.1:0\"\n",
+            "host.toml:2:21: [http] max_buffered_bytes (268435456) must be at least \
+             [bus] max_message_bytes (300000000)",
+        ),
+        (
             "[http]\ntokens = \"x\"\n",
             "host.toml:2:1: unknown field `tokens`",
         ),
@@ -355,6 +378,20 @@ fn bad_http_settings_name_the_line() {
         assert!(e.starts_with(expected), "{text:?}: {e}");
         assert_eq!(e.lines().count(), 1, "{e}");
     }
+}
+
+#[test]
+fn the_buffered_bytes_are_checked_against_the_message_size_only_with_an_endpoint() {
+    let text = "[bus]\nmax_message_bytes = 300000000\n";
+    assert!(load_text(text, &Overrides::default(), None).is_ok());
+    let listen = Overrides {
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Overrides::default()
+    };
+    let e = load_text(text, &listen, None).unwrap_err();
+    assert!(e.contains("max_buffered_bytes"), "{e}");
+    let text = "[bus]\nmax_message_bytes = 300000000\n[http]\nmax_buffered_bytes = 300000000\n";
+    assert!(load_text(text, &listen, None).is_ok());
 }
 
 #[test]

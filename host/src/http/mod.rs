@@ -5,16 +5,23 @@
 //! Before a request is relayed it must carry the bearer token (when one is
 //! set), name a routing key the bus can carry and `[http] allow` lets
 //! through, declare a JSON body, ask for a sane timeout, find a free
-//! in-flight slot and send its body, within size and time, in that order.
+//! in-flight slot and room for its body among those held
+//! (`[http] max_buffered_bytes`), and send its body, within size and time,
+//! in that order. The body is held until the request is on the bus, not
+//! while it waits for the reply.
 
+mod budget;
 mod connection;
+mod envelope;
 mod guard;
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::{
@@ -29,19 +36,32 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use commissaire_plugin_api::RpcError;
 use futures_util::StreamExt as _;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
+
 use tokio::sync::Semaphore;
+
+use budget::{BodyBudget, Held};
+use envelope::{Envelope, EnvelopeError};
 
 use crate::client::{RequestError, SharedClient};
 use crate::config::HttpSettings;
 use crate::error::HostError;
 use crate::health::Health;
+use crate::metrics::http::{HttpCounts, HttpRefusal};
 use crate::metrics::text::{Exporter, CONTENT_TYPE};
 
-pub use connection::{HEADER_READ_TIMEOUT, IDLE_TIMEOUT};
+pub use connection::IDLE_TIMEOUT;
 
 /// How long a client has to send a request's body once its head arrived.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a chunked body takes from `[http] max_buffered_bytes` before its
+/// first byte: a new body is refused at once when not even this is left.
+const FIRST_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Bodies from this size on are published one at a time (see
+/// [`AppState::large_publish`]).
+const LARGE_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone)]
 struct AppState {
@@ -50,7 +70,36 @@ struct AppState {
     metrics: Arc<dyn Exporter>,
     settings: Arc<HttpSettings>,
     in_flight: Arc<Semaphore>,
+    budget: Arc<BodyBudget>,
+    /// Publishing copies a request twice more (the bus request body, then
+    /// the transport's frames): large ones go one at a time, so that those
+    /// copies stay at one body's worth whatever the crowd. They share one
+    /// bus connection, so this costs them no throughput.
+    large_publish: Arc<Semaphore>,
+    counts: Arc<HttpCounts>,
     max_body: usize,
+}
+
+impl AppState {
+    fn new(
+        client: Arc<SharedClient>,
+        health: Arc<Health>,
+        metrics: Arc<dyn Exporter>,
+        settings: &HttpSettings,
+        max_body: usize,
+    ) -> Self {
+        Self {
+            client,
+            health,
+            metrics,
+            settings: Arc::new(settings.clone()),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            budget: BodyBudget::new(settings.max_buffered_bytes),
+            large_publish: Arc::new(Semaphore::new(1)),
+            counts: Arc::default(),
+            max_body,
+        }
+    }
 }
 
 /// The endpoint's routes; a body over `max_body` bytes gets 413.
@@ -61,16 +110,12 @@ pub fn router(
     settings: &HttpSettings,
     max_body: usize,
 ) -> Router {
-    let state = AppState {
-        client,
-        health,
-        metrics,
-        settings: Arc::new(settings.clone()),
-        in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
-        max_body,
-    };
+    routes(AppState::new(client, health, metrics, settings, max_body))
+}
+
+fn routes(state: AppState) -> Router {
     let mut rpc_route = post(rpc);
-    if !settings.cors_origins.is_empty() {
+    if !state.settings.cors_origins.is_empty() {
         rpc_route = rpc_route
             .options(preflight)
             .layer(axum::middleware::from_fn_with_state(state.clone(), cors));
@@ -88,19 +133,37 @@ struct RpcQuery {
     timeout: Option<f64>,
 }
 
-fn error_response(status: StatusCode, id: &Value, error: RpcError) -> Response {
-    (
-        status,
-        Json(json!({"jsonrpc": "2.0", "id": id, "error": error})),
-    )
-        .into_response()
+/// A JSON-RPC error with the caller's `id` as sent (`null` without one).
+fn error_response(status: StatusCode, id: Option<&RawValue>, error: RpcError) -> Response {
+    /// The members in the order they always had (a `Value`'s, sorted).
+    #[derive(serde::Serialize)]
+    struct ErrorAnswer<'a> {
+        error: RpcError,
+        id: Option<&'a RawValue>,
+        jsonrpc: &'static str,
+    }
+    let answer = ErrorAnswer {
+        error,
+        id,
+        jsonrpc: "2.0",
+    };
+    (status, Json(answer)).into_response()
 }
 
 /// A request refused before it was read: no id to answer with.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     let message = message.into();
     tracing::debug!(status = status.as_u16(), %message, "HTTP request refused");
-    error_response(status, &Value::Null, RpcError::invalid_request(message))
+    error_response(status, None, RpcError::invalid_request(message))
+}
+
+/// A request refused for want of room: 503, to try again in a second.
+fn refuse_busy(message: impl Into<String>) -> Response {
+    let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// `[http] cors_origins` is set: listed origins get
@@ -140,33 +203,56 @@ async fn preflight(State(state): State<AppState>, headers: HeaderMap) -> Respons
 enum BodyError {
     TooLarge,
     TooSlow,
+    /// The bodies held already fill `[http] max_buffered_bytes`.
+    NoRoom,
     Read(axum::Error),
 }
 
-/// The whole body, at most `limit` bytes, within [`BODY_READ_TIMEOUT`].
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// The whole body, at most `limit` bytes, within [`BODY_READ_TIMEOUT`],
+/// with the bytes of `budget` it holds: a declared length's whole before
+/// a byte is read, a chunked body's as its buffer grows (doubling, as a
+/// `Vec` would, and as much as is left when doubling does not fit).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    budget: &Arc<BodyBudget>,
+) -> Result<(Vec<u8>, Held), BodyError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(BodyError::TooLarge);
-    }
+    let first = match declared {
+        Some(n) if n > limit as u64 => return Err(BodyError::TooLarge),
+        // At most `limit`, so it fits a `usize`.
+        Some(n) => usize::try_from(n).unwrap_or(limit),
+        None => FIRST_CHUNK_BYTES.min(limit),
+    };
+    let mut held = budget.take(first).ok_or(BodyError::NoRoom)?;
     let read = async {
         let mut stream = body.into_data_stream();
-        let mut buf = Vec::new();
+        let mut buf = Vec::with_capacity(first);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(BodyError::Read)?;
-            if buf.len() + chunk.len() > limit {
+            let needed = buf.len() + chunk.len();
+            if needed > limit {
                 return Err(BodyError::TooLarge);
+            }
+            if needed > held.bytes() {
+                let doubled = held.bytes().saturating_mul(2).clamp(needed, limit);
+                if !held.grow_to(doubled) && !held.grow_to(needed) {
+                    return Err(BodyError::NoRoom);
+                }
+                buf.reserve_exact(held.bytes() - buf.len());
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok(Bytes::from(buf))
+        Ok(buf)
     };
-    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+    let buf = tokio::time::timeout(BODY_READ_TIMEOUT, read)
         .await
-        .unwrap_or(Err(BodyError::TooSlow))
+        .unwrap_or(Err(BodyError::TooSlow))?;
+    Ok((buf, held))
 }
 
 async fn rpc(
@@ -220,31 +306,51 @@ async fn rpc(
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad ?timeout: {e}")),
     };
     let Ok(_slot) = state.in_flight.clone().try_acquire_owned() else {
-        let mut response = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many requests in flight ([http] max_in_flight); try again",
-        );
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
+        state.counts.refused(HttpRefusal::InFlightFull);
+        crate::throttled!(warn!(
+            max_in_flight = state.settings.max_in_flight,
+            "HTTP requests refused 503: [http] max_in_flight requests in flight already"
+        ));
+        return refuse_busy("too many requests in flight ([http] max_in_flight); try again");
     };
-    let body = match read_body(&parts.headers, body, state.max_body).await {
-        Ok(body) => body,
+    let (body, held) = match read_body(&parts.headers, body, state.max_body, &state.budget).await {
+        Ok(read) => read,
+        Err(BodyError::NoRoom) => {
+            state.counts.refused(HttpRefusal::BufferFull);
+            crate::throttled!(warn!(
+                max_buffered_bytes = state.budget.max(),
+                buffered_bytes = state.budget.used(),
+                "HTTP request bodies refused 503: the bodies held already fill \
+                 [http] max_buffered_bytes"
+            ));
+            return refuse_busy(
+                "the request bodies held now fill [http] max_buffered_bytes; try again",
+            );
+        }
         Err(BodyError::TooLarge) => {
+            state.counts.refused(HttpRefusal::BodyTooLarge);
+            crate::throttled!(info!(
+                max_message_bytes = state.max_body,
+                "HTTP request bodies refused 413: over [bus] max_message_bytes"
+            ));
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "the body is over {} bytes ([bus] max_message_bytes)",
                     state.max_body
                 ),
-            )
+            );
         }
         Err(BodyError::TooSlow) => {
+            state.counts.refused(HttpRefusal::BodyTimeout);
+            crate::throttled!(info!(
+                timeout = ?BODY_READ_TIMEOUT,
+                "HTTP request bodies refused 408: not arrived in time"
+            ));
             return refuse(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
-            )
+            );
         }
         Err(BodyError::Read(e)) => {
             return refuse(
@@ -259,55 +365,56 @@ async fn rpc(
         .get(crate::trace::HEADER)
         .and_then(|h| h.to_str().ok())
         .and_then(crate::trace::TraceContext::parse);
-    relay(&state, &routing_key, &body, timeout, parent.as_ref()).await
+    relay(&state, &routing_key, body, held, timeout, parent.as_ref()).await
 }
 
-/// Sends a checked request over the bus and answers with its reply.
+/// Sends a checked request over the bus and answers with its reply. The
+/// body, and the bytes it `held` of the budget, are let go once the
+/// request is on the bus.
 async fn relay(
     state: &AppState,
     routing_key: &str,
-    body: &[u8],
+    body: Vec<u8>,
+    mut held: Held,
     timeout: Option<Duration>,
     parent: Option<&crate::trace::TraceContext>,
 ) -> Response {
-    let null = Value::Null;
-    let request: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => {
+    let envelope = match Envelope::read(&body) {
+        Ok(e) => e,
+        Err(e @ EnvelopeError::NotJson(_)) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                &null,
-                RpcError::parse_error(format!("body is not valid JSON: {e}")),
+                None,
+                RpcError::parse_error(e.to_string()),
+            )
+        }
+        Err(e @ EnvelopeError::NotAnObject) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                None,
+                RpcError::invalid_request(e.to_string()),
             )
         }
     };
-    let Some(object) = request.as_object() else {
+    let id = envelope.id;
+    if !envelope.method_is(crate::bus::topic::method_of(routing_key)) {
+        let method = envelope.method.map_or("null", RawValue::get);
         return error_response(
             StatusCode::BAD_REQUEST,
-            &null,
-            RpcError::invalid_request("the body is not a JSON-RPC request object"),
+            id,
+            RpcError::invalid_request(format!(
+                "method {method} does not match routing key `{routing_key}`"
+            )),
         );
-    };
-    let id = object.get("id").cloned();
-    let expected = crate::bus::topic::method_of(routing_key);
-    if let Some(method) = object.get("method") {
-        if method.as_str() != Some(expected) {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                id.as_ref().unwrap_or(&null),
-                RpcError::invalid_request(format!(
-                    "method {method} does not match routing key `{routing_key}`"
-                )),
-            );
-        }
     }
-    let params = match object.get("params") {
+    // As sent: an array or an object, passed on without a copy.
+    let params = match envelope.params.map(RawValue::get) {
         None => None,
-        Some(p @ (Value::Array(_) | Value::Object(_))) => Some(p.to_string()),
+        Some(p) if p.starts_with(['[', '{']) => Some(p),
         Some(_) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                id.as_ref().unwrap_or(&null),
+                id,
                 RpcError::invalid_request("`params` must be an array or an object"),
             )
         }
@@ -319,52 +426,100 @@ async fn relay(
             tracing::warn!(error = %e, "HTTP request: the bus is unreachable");
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                id.as_ref().unwrap_or(&null),
+                id,
                 RpcError::internal_error("the bus is unreachable"),
             );
         }
     };
     let Some(id) = id else {
         // A notification: sent, nothing to wait for.
-        return match client.notify(routing_key, params.as_deref(), parent).await {
+        let notified = {
+            let _turn = large_publish_turn(state, params).await;
+            client.notify(routing_key, params, parent).await
+        };
+        return match notified {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
-                &null,
+                None,
                 RpcError::internal_error(e.to_string()),
             ),
         };
     };
-    match client
-        .request_raw(routing_key, params.as_deref(), timeout, parent)
-        .await
-    {
-        Ok(reply) => match serde_json::from_slice::<Value>(&reply) {
-            Ok(mut response) => {
-                // The bus request carried our own id; answer with the caller's.
-                if let Some(o) = response.as_object_mut() {
-                    o.insert("id".to_owned(), id);
-                }
-                (StatusCode::OK, Json(response)).into_response()
-            }
-            Err(e) => error_response(
-                StatusCode::BAD_GATEWAY,
-                &id,
-                RpcError::internal_error(format!("unreadable reply: {e}")),
-            ),
-        },
+    // The body goes before the reply comes: the id is kept apart.
+    let id = id.to_owned();
+    let sent = {
+        let _turn = large_publish_turn(state, params).await;
+        client
+            .send_request(routing_key, params, timeout, parent)
+            .await
+    };
+    // On the bus (or not sent at all): the body is no longer needed while
+    // the reply is awaited, which may take minutes; the id is, and stays
+    // counted.
+    drop(body);
+    held.shrink_to(id.get().len());
+    let reply = match sent {
+        Ok(awaited) => awaited.reply().await,
+        Err(e) => Err(e),
+    };
+    answer(&id, reply)
+}
+
+/// The caller's turn to publish `params`, when they are large: waiting
+/// for it, the body still holds its bytes of the budget.
+async fn large_publish_turn<'s>(
+    state: &'s AppState,
+    params: Option<&str>,
+) -> Option<tokio::sync::SemaphorePermit<'s>> {
+    match params {
+        Some(p) if p.len() >= LARGE_BODY_BYTES => state.large_publish.acquire().await.ok(),
+        _ => None,
+    }
+}
+
+/// The HTTP answer to a relayed request with the caller's `id`.
+fn answer(id: &RawValue, reply: Result<Vec<u8>, RequestError>) -> Response {
+    match reply {
+        Ok(reply) => {
+            let unreadable = |e: serde_json::Error| {
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    Some(id),
+                    RpcError::internal_error(format!("unreadable reply: {e}")),
+                )
+            };
+            let whole = match serde_json::from_slice::<&RawValue>(&reply) {
+                Ok(whole) => whole,
+                Err(e) => return unreadable(e),
+            };
+            // Each member as it came, but the id: the bus request carried
+            // our own. A reply that is no object is relayed as it is.
+            let Ok(mut members) =
+                serde_json::from_slice::<BTreeMap<Cow<'_, str>, &RawValue>>(&reply)
+            else {
+                return (
+                    StatusCode::OK,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    whole.get().to_owned(),
+                )
+                    .into_response();
+            };
+            members.insert(Cow::Borrowed("id"), id);
+            (StatusCode::OK, Json(members)).into_response()
+        }
         Err(e @ RequestError::Timeout { .. }) => error_response(
             StatusCode::GATEWAY_TIMEOUT,
-            &id,
+            Some(id),
             RpcError::internal_error(e.to_string()),
         ),
         // No queue takes this routing key: -32601, as the client maps it.
         Err(e @ RequestError::Bus(crate::bus::BusError::Unroutable { .. })) => {
-            error_response(StatusCode::NOT_FOUND, &id, RpcError::from(e))
+            error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e))
         }
         Err(e) => error_response(
             StatusCode::BAD_GATEWAY,
-            &id,
+            Some(id),
             RpcError::internal_error(e.to_string()),
         ),
     }
@@ -391,10 +546,41 @@ async fn healthz(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: every service's counts, in Prometheus text.
 async fn scrape(State(state): State<AppState>) -> Response {
     let exporter = state.metrics.clone();
+    let http = state.counts.snapshot(state.budget.used() as u64);
     // Reading `/proc` for each worker: off the runtime's threads.
-    match tokio::task::spawn_blocking(move || exporter.render()).await {
+    match tokio::task::spawn_blocking(move || exporter.render(&http)).await {
         Ok(text) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Raises the process's open-file limit to hold `max_connections` and the
+/// rest ([`crate::fd_limit::HEADROOM`]), as far as the hard limit allows;
+/// says so when it cannot: connections beyond fail in `accept`.
+fn hold_enough_descriptors(max_connections: usize) {
+    let wanted = max_connections as u64 + crate::fd_limit::HEADROOM;
+    match crate::fd_limit::raise_to(wanted) {
+        Ok(limit) if limit.allows(wanted) => {
+            if limit.before != limit.now {
+                tracing::debug!(
+                    before = ?limit.before,
+                    now = ?limit.now,
+                    "raised the open-file limit for [http] max_connections"
+                );
+            }
+        }
+        Ok(limit) => tracing::warn!(
+            max_connections,
+            open_file_limit = ?limit.now,
+            wanted,
+            "the open-file limit is too low for [http] max_connections: raise the hard limit \
+             (LimitNOFILE= in a systemd unit, ulimit -Hn) or lower max_connections"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            wanted,
+            "cannot raise the open-file limit for [http] max_connections"
+        ),
     }
 }
 
@@ -421,11 +607,17 @@ pub async fn serve(
              it can call every service it relays; set COMMISSAIRE_HTTP_TOKEN (or [http] token)"
         );
     }
-    let app = router(client, health, metrics, settings, max_body);
+    hold_enough_descriptors(settings.max_connections);
+    let state = AppState::new(client, health, metrics, settings, max_body);
+    let connections = connection::Connections::new(
+        settings.max_connections,
+        settings.header_timeout,
+        state.counts.clone(),
+    );
     tokio::spawn(connection::accept_loop(
         listener,
-        app,
-        settings.max_connections,
+        routes(state),
+        connections,
         stop,
     ));
     tracing::info!(
@@ -525,6 +717,80 @@ mod tests {
         let answer = exchange(addr, &request("Authorization: Bearer t0ken\r\n")).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains(r#""code":-32600"#), "{answer}");
+        stop.cancel();
+    }
+
+    /// The endpoint on a bus it cannot reach, with `settings`.
+    async fn unreachable(
+        settings: &HttpSettings,
+    ) -> (SocketAddr, tokio_util::sync::CancellationToken) {
+        let client = Arc::new(SharedClient::reconnecting(
+            "amqp://127.0.0.1:1/%2f",
+            "commissaire",
+            Duration::from_secs(1),
+            crate::bus::ReplyQueueKind::default(),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let addr = serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            client,
+            Arc::new(Health::default()),
+            Arc::new(crate::supervise::metrics::MetricsBook::default()),
+            settings,
+            1 << 20,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn a_body_that_cannot_fit_the_budget_is_refused_before_it_is_sent() {
+        let settings = HttpSettings {
+            max_buffered_bytes: 4096,
+            ..HttpSettings::default()
+        };
+        let (addr, stop) = unreachable(&settings).await;
+        // The head alone: the refusal does not wait for the body.
+        let answer = exchange(
+            addr,
+            "POST /rpc/simple.add HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 5000\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 1"), "{answer}");
+        assert!(answer.contains(r#""code":-32600"#), "{answer}");
+        assert!(answer.contains("max_buffered_bytes"), "{answer}");
+        let metrics = exchange(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            metrics.contains(r#"commissaire_http_refused_total{reason="buffer_full"} 1"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("commissaire_http_buffered_bytes 0"),
+            "{metrics}"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_head_over_64_kib_is_refused() {
+        let (addr, stop) = unreachable(&HttpSettings::default()).await;
+        let head = |pad: usize| {
+            let start = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ";
+            let end = "\r\n\r\n";
+            format!("{start}{}{end}", "a".repeat(pad - start.len() - end.len()))
+        };
+        let answer = exchange(addr, &head(connection::MAX_HEAD_BYTES + 1)).await;
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let answer = exchange(addr, &head(connection::MAX_HEAD_BYTES - 1)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "healthz: {answer}");
         stop.cancel();
     }
 }

@@ -8,6 +8,7 @@
 //! to the supervisor, which adds up every worker's (see
 //! `supervise::metrics`).
 
+pub mod http;
 pub mod text;
 
 use std::collections::BTreeMap;

@@ -7,12 +7,14 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use super::http::HttpSnapshot;
 use super::{ServiceSnapshot, BUCKETS};
 
 /// What `/metrics` renders.
 pub trait Exporter: Send + Sync {
-    /// The Prometheus text exposition.
-    fn render(&self) -> String;
+    /// The Prometheus text exposition, the HTTP endpoint's own counts
+    /// (`http`) included.
+    fn render(&self, http: &HttpSnapshot) -> String;
 }
 
 /// The content type of [`Exporter::render`]'s text.
@@ -329,10 +331,48 @@ fn read_proc(pid: u32) -> Option<ProcFigures> {
     })
 }
 
-/// Renders `views` as Prometheus text.
-pub fn render(views: Vec<ServiceView>) -> String {
+/// The HTTP endpoint's refusals and what it holds.
+#[derive(Debug)]
+struct HttpView(HttpSnapshot);
+
+impl Collector for HttpView {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let refused: Vec<(Labels<'_>, u64)> = self
+            .0
+            .refused
+            .iter()
+            .map(|(reason, n)| (vec![("reason", *reason)], *n))
+            .collect();
+        counter(
+            &mut enc,
+            "commissaire_http_refused",
+            "Connections and requests the HTTP endpoint refused to protect itself, by reason.",
+            &refused,
+        )?;
+        for (name, help, value) in [
+            (
+                "commissaire_http_connections",
+                "Connections the HTTP endpoint holds open now.",
+                self.0.connections,
+            ),
+            (
+                "commissaire_http_buffered_bytes",
+                "Bytes of request bodies the HTTP endpoint holds now ([http] max_buffered_bytes).",
+                self.0.buffered_bytes,
+            ),
+        ] {
+            enc.encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Renders `views` and the HTTP endpoint's counts as Prometheus text.
+pub fn render(views: Vec<ServiceView>, http: &HttpSnapshot) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Views(views)));
+    registry.register_collector(Box::new(HttpView(http.clone())));
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
         tracing::error!(error = %e, "cannot render the metrics");
@@ -350,7 +390,7 @@ pub struct Local {
 }
 
 impl Exporter for Local {
-    fn render(&self) -> String {
+    fn render(&self, http: &HttpSnapshot) -> String {
         let views = self
             .metrics
             .snapshot(self.in_flight.len() as u64)
@@ -365,6 +405,6 @@ impl Exporter for Local {
                 ..ServiceView::default()
             })
             .collect();
-        render(views)
+        render(views, http)
     }
 }

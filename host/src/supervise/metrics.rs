@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::workers::Worker;
 use super::Supervisor;
 use crate::health::ServiceHealth;
+use crate::metrics::http::HttpSnapshot;
 use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
 use crate::metrics::{MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
 
@@ -190,7 +191,7 @@ impl MetricsBook {
 }
 
 impl Exporter for MetricsBook {
-    fn render(&self) -> String {
+    fn render(&self, http: &HttpSnapshot) -> String {
         let views = self.with(|services| {
             services
                 .iter()
@@ -213,7 +214,7 @@ impl Exporter for MetricsBook {
                 })
                 .collect()
         });
-        let mut text = render(views);
+        let mut text = render(views, http);
         // The supervisor's own bus client (the HTTP endpoint's) is no
         // service's: a family of its own.
         text.push_str(&format!(
@@ -291,7 +292,7 @@ mod tests {
         book.report(1, "calc", vec![snapshot(5, 1)]);
         book.report(2, "calc", vec![snapshot(3, 0)]);
         book.report(2, "other", vec![snapshot(100, 0)]);
-        let text = book.render();
+        let text = book.render(&HttpSnapshot::default());
         assert!(
             text.contains(
                 r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 8"#
@@ -306,7 +307,7 @@ mod tests {
         book.crashed("calc");
         book.restarted("calc");
         book.report(3, "calc", vec![snapshot(1, 0)]);
-        let text = book.render();
+        let text = book.render(&HttpSnapshot::default());
         assert!(
             text.contains(
                 r#"commissaire_requests_total{service="calc",method="add",outcome="ok",code=""} 9"#
