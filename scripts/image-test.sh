@@ -41,12 +41,13 @@ if ! buildah inspect --type image "$builder" >/dev/null 2>&1; then
 fi
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
-mkdir -p target/image-build
+# The repository's own target directory: what was built before is reused.
+mkdir -p target
 buildah bud --isolation chroot --format docker --layers=false \
     --build-arg BUILDER="$builder" --build-arg BASE="$base" \
     -v "$rustup_home:/root/.rustup:ro" -v "$cargo_home/bin:/root/.cargo/bin:ro" \
     -v "$cargo_home/registry:/root/.cargo/registry" \
-    -v "$PWD/target/image-build:/src/target" \
+    -v "$PWD/target:/src/target" \
     -f dist/container/Containerfile -t "$image" .
 echo "image-test.sh: built $image in $(($(date +%s) - started)) s" >&2
 buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$image" >&2
@@ -85,7 +86,15 @@ answer=$(cargo run -q -p commissaire-host -- call simple.add '[1, 2]' \
     --bus-uri "$uri" --bus-exchange "$exchange")
 [[ $answer == 3 ]] || { cat "$mnt_log" >&2; echo "image-test.sh: simple.add answered '$answer'" >&2; exit 1; }
 echo "image-test.sh: the image answered simple.add [1, 2] = $answer over RabbitMQ and /healthz 200 over HTTP" >&2
-kill -TERM "$pid"
+# SIGTERM to the host itself, as `podman stop` or Kubernetes send it to a
+# container's first process (buildah run would SIGKILL its child instead
+# of passing the signal on).
+inside=$(pgrep -f "^/usr/bin/commissaire-host run --config /etc/commissaire/host.toml --http-listen 127.0.0.1:$port\$")
+kill -TERM "$inside"
 if wait "$pid"; then echo "image-test.sh: stopped cleanly on SIGTERM" >&2; else
-    echo "image-test.sh: exit status $? on SIGTERM" >&2; exit 1; fi
+    status=$?
+    cat "$mnt_log" >&2
+    echo "image-test.sh: exit status $status on SIGTERM" >&2
+    exit 1
+fi
 pid=""
