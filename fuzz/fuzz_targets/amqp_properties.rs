@@ -20,7 +20,7 @@
 
 use amq_protocol::frame::{gen_frame, parse_frame, AMQPFrame};
 use commissaire_host::bus::{Malformed, MAX_HEADER_DEPTH};
-use commissaire_host::fuzzing::amqp_malformed;
+use commissaire_host::fuzzing::{amqp_malformed, nested_headers};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use libfuzzer_sys::fuzz_target;
@@ -65,37 +65,20 @@ fn headers_model(t: &FieldTable, depth: usize) -> (bool, bool) {
 
 /// A content-header frame whose headers nest `depth` levels (arrays in
 /// arrays under one key when `arrays`), `rest` as the innermost key.
-/// Written backwards from the innermost level, then turned round.
 fn deep_frame(depth: usize, arrays: bool, rest: &[u8]) -> Vec<u8> {
-    let mut rev: Vec<u8> = Vec::new();
-    let push = |rev: &mut Vec<u8>, bytes: &[u8]| rev.extend(bytes.iter().rev());
-    let key = &rest[..rest.len().min(255)];
-    if !arrays || depth <= 1 {
-        push(&mut rev, &[&[key.len() as u8][..], key, b"V"].concat());
-    }
-    for level in (1..depth).rev() {
-        let len = (rev.len() as u32).to_be_bytes();
-        push(&mut rev, &len);
-        match (arrays, level) {
-            (true, 1) => push(&mut rev, b"\x01aA"),
-            (true, _) => push(&mut rev, b"A"),
-            (false, _) => push(&mut rev, b"\x01aF"),
-        }
-    }
-    let len = (rev.len() as u32).to_be_bytes();
-    push(&mut rev, &len);
-    // Basic properties: flags (headers only); class, weight, body size.
-    push(&mut rev, &0x2000u16.to_be_bytes());
-    push(&mut rev, &0u64.to_be_bytes());
-    push(&mut rev, &0u16.to_be_bytes());
-    push(&mut rev, &60u16.to_be_bytes());
-    let size = (rev.len() as u32).to_be_bytes();
-    push(&mut rev, &size);
-    push(&mut rev, &1u16.to_be_bytes());
-    push(&mut rev, &[2]);
-    rev.reverse();
-    rev.push(0xCE);
-    rev
+    let properties = nested_headers(depth, arrays, rest);
+    // Frame type 2 on channel 1; class 60 (basic), weight 0, body size 0.
+    let mut payload = Vec::with_capacity(properties.len() + 12);
+    payload.extend_from_slice(&60u16.to_be_bytes());
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    payload.extend_from_slice(&0u64.to_be_bytes());
+    payload.extend_from_slice(&properties);
+    let mut frame = vec![2];
+    frame.extend_from_slice(&1u16.to_be_bytes());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.push(0xCE);
+    frame
 }
 
 fn strings(p: &BasicProperties) -> Vec<&ShortString> {

@@ -51,3 +51,33 @@ pub fn amqp_malformed(
 ) -> Option<crate::bus::Malformed> {
     crate::bus::amqp::malformed(exchange, routing_key, properties)
 }
+
+/// The bytes of AMQP basic properties holding only headers, `depth` levels
+/// deep: tables in tables (`{"a": {"a": ...}}`) with `leaf_key` -> void in
+/// the innermost, or with `arrays` a table holding arrays in arrays (the
+/// key cut to 255 bytes). Written backwards from the innermost level out
+/// (each level's length is what lies inside it), then turned round: no
+/// recursion, whatever the depth.
+pub fn nested_headers(depth: usize, arrays: bool, leaf_key: &[u8]) -> Vec<u8> {
+    let leaf_key = &leaf_key[..leaf_key.len().min(255)];
+    let mut rev: Vec<u8> = Vec::new();
+    let push = |rev: &mut Vec<u8>, bytes: &[u8]| rev.extend(bytes.iter().rev());
+    if !arrays || depth <= 1 {
+        let len = [u8::try_from(leaf_key.len()).unwrap_or(u8::MAX)];
+        push(&mut rev, &[&len[..], leaf_key, b"V"].concat());
+    }
+    for level in (1..depth).rev() {
+        let len = u32::try_from(rev.len()).unwrap_or(u32::MAX).to_be_bytes();
+        push(&mut rev, &len);
+        match (arrays, level) {
+            (true, 1) => push(&mut rev, b"\x01aA"),
+            (true, _) => push(&mut rev, b"A"),
+            (false, _) => push(&mut rev, b"\x01aF"),
+        }
+    }
+    let len = u32::try_from(rev.len()).unwrap_or(u32::MAX).to_be_bytes();
+    push(&mut rev, &len);
+    push(&mut rev, &0x2000u16.to_be_bytes());
+    rev.reverse();
+    rev
+}

@@ -45,6 +45,18 @@ fn run_with_chaos(
     load: Load,
     chaos: impl FnOnce(Arc<Progress>, Arc<AtomicBool>) + Send + 'static,
 ) -> Report {
+    drive_with_chaos(
+        move |progress| async move { load.run(progress).await },
+        chaos,
+    )
+}
+
+/// Runs the load `run` starts (AMQP or Redis) beside `chaos`, as
+/// [`run_with_chaos`] says.
+fn drive_with_chaos<F: std::future::Future<Output = Report>>(
+    run: impl FnOnce(Arc<Progress>) -> F,
+    chaos: impl FnOnce(Arc<Progress>, Arc<AtomicBool>) + Send + 'static,
+) -> Report {
     let progress = Arc::new(Progress::default());
     let done = Arc::new(AtomicBool::new(false));
     let driver = {
@@ -52,7 +64,7 @@ fn run_with_chaos(
         std::thread::spawn(move || chaos(progress, done))
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let report = rt.block_on(load.run(progress));
+    let report = rt.block_on(run(progress));
     done.store(true, Ordering::SeqCst);
     driver.join().expect("the chaos driver panicked");
     eprintln!("{report}");
@@ -627,18 +639,10 @@ fn run_redis_with_chaos(
     load: commissaire_e2e::redis_load::RedisLoad,
     chaos: impl FnOnce(Arc<Progress>, Arc<AtomicBool>) + Send + 'static,
 ) -> Report {
-    let progress = Arc::new(Progress::default());
-    let done = Arc::new(AtomicBool::new(false));
-    let driver = {
-        let (progress, done) = (progress.clone(), done.clone());
-        std::thread::spawn(move || chaos(progress, done))
-    };
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let report = rt.block_on(load.run(progress));
-    done.store(true, Ordering::SeqCst);
-    driver.join().expect("the chaos driver panicked");
-    eprintln!("{report}");
-    report
+    drive_with_chaos(
+        move |progress| async move { load.run(progress).await },
+        chaos,
+    )
 }
 
 /// The two counts of [`held_by_redis`].

@@ -564,16 +564,8 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
             let body =
                 json!({"jsonrpc": "2.0", "id": i, "method": "add", "params": [1, 2]}).to_string();
             bus.publish(Outgoing {
-                exchange: &host.spec.exchange,
-                routing_key: "simple.add",
-                body: body.as_bytes(),
                 reply_to: Some(reply_to),
-                correlation_id: None,
-                durable: false,
-                confirm: false,
-                expires: None,
-                traceparent: None,
-                reply_ttl: None,
+                ..message(&host.spec.exchange, "simple.add", body.as_bytes())
             })
             .await
             .expect("publish");
@@ -766,16 +758,8 @@ async fn a_reply_list_its_caller_abandoned_expires() {
             let body =
                 json!({"jsonrpc": "2.0", "id": i, "method": "add", "params": [i, 1]}).to_string();
             bus.publish(Outgoing {
-                exchange: &host.spec.exchange,
-                routing_key: "simple.add",
-                body: body.as_bytes(),
                 reply_to: Some(&abandoned),
-                correlation_id: None,
-                durable: false,
-                confirm: false,
-                expires: None,
-                traceparent: None,
-                reply_ttl: None,
+                ..message(&host.spec.exchange, "simple.add", body.as_bytes())
             })
             .await
             .expect("publish");

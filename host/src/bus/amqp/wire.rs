@@ -198,35 +198,7 @@ pub(super) async fn publish_on(
 mod tests {
     use super::*;
 
-    /// The bytes of basic properties holding only headers, `depth` levels
-    /// deep: tables in tables (`{"a": {"a": ...}}`) with `leaf_key` -> void
-    /// in the innermost, or with `arrays` a table holding arrays in arrays.
-    /// Written backwards from the innermost level out (each level's length
-    /// is what lies inside it), then turned round.
-    fn nested_headers(depth: usize, arrays: bool, leaf_key: &[u8]) -> Vec<u8> {
-        let mut rev: Vec<u8> = Vec::new();
-        let push = |rev: &mut Vec<u8>, bytes: &[u8]| rev.extend(bytes.iter().rev());
-        if !arrays || depth == 1 {
-            push(
-                &mut rev,
-                &[&[leaf_key.len() as u8][..], leaf_key, b"V"].concat(),
-            );
-        }
-        for level in (1..depth).rev() {
-            let len = (rev.len() as u32).to_be_bytes();
-            push(&mut rev, &len);
-            match (arrays, level) {
-                (true, 1) => push(&mut rev, b"\x01aA"),
-                (true, _) => push(&mut rev, b"A"),
-                (false, _) => push(&mut rev, b"\x01aF"),
-            }
-        }
-        let len = (rev.len() as u32).to_be_bytes();
-        push(&mut rev, &len);
-        push(&mut rev, &0x2000u16.to_be_bytes());
-        rev.reverse();
-        rev
-    }
+    use crate::fuzzing::nested_headers;
 
     fn check(bytes: &[u8]) -> Option<Malformed> {
         let (_, p) = lapin::protocol::basic::parse_properties(bytes).expect("the frame parses");
