@@ -44,7 +44,10 @@ pub fn debug(path: &Path) -> Option<bool> {
 
 /// The host's TOML for the original JSON config `text` read from `path`.
 pub fn to_toml(path: &Path, text: &str) -> Result<String, ConfigError> {
-    let location = |line: usize, column: usize| format!("{}:{line}:{column}", path.display());
+    // serde_json counts columns from 0 at a line's start (an error at a
+    // newline); editors and the TOML errors count from 1.
+    let location =
+        |line: usize, column: usize| format!("{}:{line}:{}", path.display(), column.max(1));
     let object: Map<String, Value> = serde_json::from_str(text).map_err(|e| ConfigError {
         location: location(e.line(), e.column()),
         message: format!("not a Commissaire JSON config: {e}"),
@@ -174,10 +177,7 @@ mod tests {
         assert_eq!(e.location, "/etc/commissaire/clusterexec.conf");
         assert!(e.message.contains("`bus_uri` must be a string"), "{e:?}");
         let e = to_toml(path, "{\n  \"debug\": fals\n}").unwrap_err();
-        assert!(
-            e.location.starts_with("/etc/commissaire/clusterexec.conf:"),
-            "{e:?}"
-        );
+        assert_eq!(e.location, "/etc/commissaire/clusterexec.conf:3:1");
         assert!(e.message.contains("not a Commissaire JSON config"), "{e:?}");
         let e = to_toml(path, "{\"debug\": \"yes\"}").unwrap_err();
         assert!(e.message.contains("`debug` must be true or false"), "{e:?}");
