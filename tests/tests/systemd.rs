@@ -126,7 +126,7 @@ fn systemd_is_told_ready_reloading_stopping_and_pinged_while_healthy() {
     );
     let (_, status) = socket.wait_for("STATUS=serving", Duration::from_secs(5), &host);
     assert!(
-        status.contains("1 services, 1 of 1 workers consuming"),
+        status.contains("1 service, 1 of 1 worker consuming"),
         "{status}"
     );
 

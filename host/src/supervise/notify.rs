@@ -156,9 +156,13 @@ fn status_line(state: &State) -> String {
     } else {
         "starting"
     };
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut line = format!(
-        "{doing}: {} services, {} of {} workers consuming, {} requests served",
-        state.services, state.consuming, state.workers, state.served
+        "{doing}: {}, {} of {} consuming, {} served",
+        plural(state.services as u64, "service", "services"),
+        state.consuming,
+        plural(state.workers as u64, "worker", "workers"),
+        plural(state.served, "request", "requests"),
     );
     if let Some((service, pid, silent)) = &state.wedged {
         line.push_str(&format!(
