@@ -169,6 +169,16 @@ struct State {
 /// How long a returned request waits before it is sent again.
 const RETRY_RETURNED: Duration = Duration::from_millis(50);
 
+/// The longest one broker round trip of the load may take: a broker
+/// stopping or starting can leave a connect, a channel or a publish
+/// unanswered for good, and the load must still end by its deadline.
+const ROUND_TRIP: Duration = Duration::from_secs(5);
+
+/// `f`, or `None` once [`ROUND_TRIP`] passed.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(ROUND_TRIP, f).await.ok()
+}
+
 impl State {
     /// A reply arrived; `again`: the broker delivered this very reply
     /// before (our channel closed before its ack), which is no second
@@ -237,13 +247,14 @@ impl Load {
         let mut last_reply = Instant::now();
         'connection: while started.elapsed() < self.deadline {
             let uri = self.broker.clone().unwrap_or_else(amqp_uri);
-            let conn = match Connection::connect(&uri, ConnectionProperties::default()).await {
-                Ok(c) => c,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
+            let conn =
+                match within(Connection::connect(&uri, ConnectionProperties::default())).await {
+                    Some(Ok(c)) => c,
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
             let setup = async {
                 let ch = conn.create_channel().await?;
                 ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -273,10 +284,10 @@ impl Load {
                     .await?;
                 Ok::<_, lapin::Error>((ch, consumer))
             };
-            let (ch, mut consumer) = match setup.await {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = conn.close(200, "retry".into()).await;
+            let (ch, mut consumer) = match within(setup).await {
+                Some(Ok(s)) => s,
+                _ => {
+                    let _ = within(conn.close(200, "retry".into())).await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -308,18 +319,17 @@ impl Load {
                         .with_delivery_mode(2)
                         .with_reply_to(reply_queue.as_str().into())
                         .with_correlation_id(i.to_string().into());
-                    let published = ch
-                        .basic_publish(
-                            self.exchange.as_str().into(),
-                            routing_key.as_str().into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..BasicPublishOptions::default()
-                            },
-                            body.as_bytes(),
-                            properties,
-                        )
-                        .await;
+                    let published = within(ch.basic_publish(
+                        self.exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        body.as_bytes(),
+                        properties,
+                    ))
+                    .await;
                     if fresh {
                         state.next += 1;
                         progress.published.store(state.next, Ordering::SeqCst);
@@ -327,8 +337,8 @@ impl Load {
                     state.sent_at.insert(i, Instant::now());
                     state.waiting.insert(i);
                     match published {
-                        Ok(confirm) => confirms.push(async move { (i, confirm.await) }),
-                        Err(_) => {
+                        Some(Ok(confirm)) => confirms.push(async move { (i, confirm.await) }),
+                        _ => {
                             state.connection_lost();
                             continue 'connection;
                         }
@@ -346,7 +356,7 @@ impl Load {
                     delivery = consumer.next() => match delivery {
                         Some(Ok(d)) => {
                             state.reply(&d.data, d.redelivered, &mut last_reply, &progress);
-                            if d.acker.ack(BasicAckOptions::default()).await.is_err() {
+                            if !matches!(within(d.acker.ack(BasicAckOptions::default())).await, Some(Ok(_))) {
                                 state.connection_lost();
                                 continue 'connection;
                             }
@@ -382,7 +392,7 @@ impl Load {
                 }
             }
         }
-        delete_queue(&reply_queue).await;
+        let _ = within(delete_queue(&reply_queue)).await;
         let mut unanswered: Vec<usize> = state
             .confirmed
             .iter()
