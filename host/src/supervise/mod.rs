@@ -279,6 +279,10 @@ impl Supervisor {
 
     /// Tells systemd what is due (see [`notify`]).
     fn notify_systemd(&mut self) {
+        // Outside systemd, no state to gather every tick.
+        if !self.notifier.active() {
+            return;
+        }
         let now = Instant::now();
         let wedged = self
             .metrics

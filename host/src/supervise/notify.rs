@@ -77,6 +77,11 @@ impl Notifier {
         }
     }
 
+    /// Whether anything is ever sent or watched: not outside systemd.
+    pub fn active(&self) -> bool {
+        self.enabled || self.ping_every.is_some()
+    }
+
     /// The messages due at `now` in `state`, each one datagram.
     pub fn messages(&mut self, now: Instant, state: &State) -> Vec<String> {
         let mut out = Vec::new();
