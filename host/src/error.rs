@@ -47,8 +47,13 @@ pub enum HostError {
         loaded: String,
     },
     /// A service's `init` failed.
-    #[error("service `{service}` failed to start: {error}")]
+    #[error("{entry}service `{service}` ({plugin}) failed to start: {error}")]
     ServiceInit {
+        /// Its `[[service]]` entry, `host.toml:12:8: `, or nothing when it
+        /// has none.
+        entry: String,
+        /// The plugin file's name.
+        plugin: String,
         /// The service.
         service: String,
         /// Its error.

@@ -584,9 +584,19 @@ fn hold_enough_descriptors(max_connections: usize) {
     }
 }
 
-/// Serves the HTTP endpoint until `stop`; returns its bound address.
+/// Takes `addr` for the HTTP endpoint: done before anything starts, so
+/// that a port already in use ends the host before any service says it is
+/// ready.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HostError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Http { addr, source })
+}
+
+/// Serves the HTTP endpoint on `listener` (from [`bind`]) until `stop`;
+/// returns its bound address.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     client: Arc<SharedClient>,
     health: Arc<Health>,
     metrics: Arc<dyn Exporter>,
@@ -594,12 +604,10 @@ pub async fn serve(
     max_body: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<SocketAddr, HostError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HostError::Http { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| HostError::Http { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| HostError::Http {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     if settings.token.is_none() && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -652,7 +660,9 @@ mod tests {
         ));
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),
@@ -696,7 +706,9 @@ mod tests {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),
@@ -732,7 +744,9 @@ mod tests {
         ));
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),

@@ -88,8 +88,19 @@ pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>,
             continue;
         }
         let settings = config.service(&name);
+        let plugin = library
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let service =
             Service::start(library, &settings.config).map_err(|error| HostError::ServiceInit {
+                entry: settings
+                    .location
+                    .as_ref()
+                    .map(|l| format!("{l}: "))
+                    .unwrap_or_default(),
+                plugin,
                 service: name.clone(),
                 error,
             })?;
