@@ -47,14 +47,10 @@ pub enum HostError {
         loaded: String,
     },
     /// A service's `init` failed.
-    #[error("{entry}service `{service}` ({plugin}) failed to start: {error}")]
+    #[error("{service} failed to start: {error}")]
     ServiceInit {
-        /// Its `[[service]]` entry, `host.toml:12:8: `, or nothing when it
-        /// has none.
-        entry: String,
-        /// The plugin file's name.
-        plugin: String,
-        /// The service.
+        /// The service, its `[[service]]` entry and its plugin file:
+        /// ``host.toml:12:8: service `demo` (libdemo.so)``.
         service: String,
         /// Its error.
         error: RpcError,

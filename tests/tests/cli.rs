@@ -524,3 +524,30 @@ fn a_failing_init_names_the_service_entry_and_the_plugin_file() {
     );
     assert!(err.contains("`greeting` must be a string, not 3"), "{err}");
 }
+
+/// `call` to an exchange no service declared (no host running, or another
+/// `[bus] exchange`): said in those words, not as a lost connection.
+#[test]
+fn a_call_to_an_exchange_nobody_declared_says_so() {
+    let exchange = format!("cli-no-exchange-{}", uuid::Uuid::new_v4().simple());
+    let (code, err) = run_default_logs(
+        &[
+            "call",
+            "simple.add",
+            "[1,2]",
+            "--bus-uri",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--bus-exchange",
+            &exchange,
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.ends_with(&format!(
+            "commissaire-host: no exchange `{exchange}` on this broker: no service has declared \
+             it (is a host serving here with the same [bus] exchange, or --bus-exchange?)\n"
+        )),
+        "{err}"
+    );
+}

@@ -108,7 +108,7 @@ pub struct HostConfig {
     /// Settings given in two places where the one that wins hides the
     /// other (an environment variable under a flag, a file's value under
     /// an environment variable): one warning each, for the command to log.
-    pub overridden: Vec<String>,
+    pub warnings: Vec<String>,
     /// The topic exchange.
     pub exchange: String,
     /// How long a request waits for its reply.
@@ -252,17 +252,17 @@ impl HostConfig {
             .collect();
         let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
         let env_uri = env(BUS_URI_ENV).filter(|u| !u.is_empty());
-        let mut overridden = Vec::new();
+        let mut warnings = Vec::new();
         let (bus_uri, uri_source) = match (&overrides.bus_uri, env_uri, file.bus.uri) {
             (Some(flag), env_uri, _) => {
                 if env_uri.is_some() {
-                    overridden.push(format!("{BUS_URI_ENV} is set, but --bus-uri wins over it"));
+                    warnings.push(format!("{BUS_URI_ENV} is set, but --bus-uri wins over it"));
                 }
                 (flag.clone(), "--bus-uri".to_owned())
             }
             (None, Some(env_uri), file_uri) => {
                 if file_uri.is_some() {
-                    overridden.push(format!(
+                    warnings.push(format!(
                         "{file_name}: [bus] uri is not used: {BUS_URI_ENV} is set and wins over it"
                     ));
                 }
@@ -347,7 +347,7 @@ impl HostConfig {
         };
         let http = http_settings(&file.http, &env, &file_name, &text)?;
         if file.http.token.is_some() && env(HTTP_TOKEN_ENV).is_some() {
-            overridden.push(format!(
+            warnings.push(format!(
                 "{file_name}: [http] token is not used: {HTTP_TOKEN_ENV} is set and wins over it"
             ));
         }
@@ -436,6 +436,13 @@ impl HostConfig {
             }
             _ => None,
         };
+        if !queue_prefix.is_empty() && exchange == DEFAULT_EXCHANGE {
+            warnings.push(format!(
+                "{file_name}: [bus] queue_prefix keeps this deployment's queues apart, but its \
+                 exchange is the default `{DEFAULT_EXCHANGE}`: every deployment using it gets a copy \
+                 of each request; give each its own [bus] exchange too"
+            ));
+        }
         let plugins_dir = match &overrides.plugins_dir {
             Some(dir) => dir.clone(),
             None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
@@ -444,7 +451,7 @@ impl HostConfig {
             bus_uri,
             bus_uri_source: uri_source,
             queue_prefix,
-            overridden,
+            warnings,
             exchange,
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),

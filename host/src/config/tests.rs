@@ -176,7 +176,7 @@ fn flag_wins_over_env_which_wins_over_file() {
         ("amqp://flag", "--bus-uri")
     );
     assert_eq!(
-        c.overridden,
+        c.warnings,
         ["COMMISSAIRE_BUS_URI is set, but --bus-uri wins over it"]
     );
     let c = load_text(EXAMPLE, &Overrides::default(), Some("amqp://env")).unwrap();
@@ -184,26 +184,23 @@ fn flag_wins_over_env_which_wins_over_file() {
         (c.bus_uri.as_str(), c.bus_uri_source.as_str()),
         ("amqp://env", "COMMISSAIRE_BUS_URI")
     );
-    assert_eq!(c.overridden.len(), 1);
+    assert_eq!(c.warnings.len(), 1);
     assert!(
-        c.overridden[0].ends_with(
+        c.warnings[0].ends_with(
             "host.toml: [bus] uri is not used: COMMISSAIRE_BUS_URI is set and wins over it"
         ),
         "{:?}",
-        c.overridden
+        c.warnings
     );
     let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
     assert_eq!(c.bus_uri, "memory://");
     assert!(c.bus_uri_source.ends_with("host.toml: [bus] uri"));
-    assert!(c.overridden.is_empty(), "{:?}", c.overridden);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     // A flag over a file is what flags are for: no warning.
-    assert!(load_text(EXAMPLE, &flag, None)
-        .unwrap()
-        .overridden
-        .is_empty());
+    assert!(load_text(EXAMPLE, &flag, None).unwrap().warnings.is_empty());
     let c = load_text("", &Overrides::default(), Some("amqp://env")).unwrap();
     assert_eq!(c.bus_uri, "amqp://env");
-    assert!(c.overridden.is_empty(), "{:?}", c.overridden);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     // Set but empty, as `COMMISSAIRE_BUS_URI=` in an environment file
     // leaves it: not a URI, so the file's stands.
     assert_eq!(
@@ -232,6 +229,14 @@ fn queue_prefix_goes_before_every_service_queue() {
     );
     // A plugin without an entry: its default queue too.
     assert_eq!(names(c.service("demo")), ["staging.demo"]);
+    // The default exchange would still hand every deployment a copy.
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("give each its own [bus] exchange too"));
+    let separate = "[bus]\nqueue_prefix = \"staging.\"\nexchange = \"staging\"\n";
+    assert!(load_text(separate, &Overrides::default(), None)
+        .unwrap()
+        .warnings
+        .is_empty());
     // Routing keys are the callers' and stay as they are.
     assert_eq!(c.service("demo").queues[0].routing_key, "demo.*");
     assert_eq!(
@@ -373,7 +378,7 @@ fn the_environment_token_wins_over_the_file() {
         |value: &'static str| move |name: &str| (name == HTTP_TOKEN_ENV).then(|| value.to_owned());
     let c = HostConfig::load(Some(&path), &Overrides::default(), env("from-env")).unwrap();
     assert_eq!(
-        c.overridden,
+        c.warnings,
         [format!(
             "{}: [http] token is not used: COMMISSAIRE_HTTP_TOKEN is set and wins over it",
             path.display()

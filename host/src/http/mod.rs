@@ -514,9 +514,11 @@ fn answer(id: &RawValue, reply: Result<Vec<u8>, RequestError>) -> Response {
             RpcError::internal_error(e.to_string()),
         ),
         // No queue takes this routing key: -32601, as the client maps it.
-        Err(e @ RequestError::Bus(crate::bus::BusError::Unroutable { .. })) => {
-            error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e))
-        }
+        Err(
+            e @ RequestError::Bus(
+                crate::bus::BusError::Unroutable { .. } | crate::bus::BusError::NoExchange { .. },
+            ),
+        ) => error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e)),
         Err(e) => error_response(
             StatusCode::BAD_GATEWAY,
             Some(id),

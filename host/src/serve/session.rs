@@ -88,6 +88,11 @@ pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>,
             continue;
         }
         let settings = config.service(&name);
+        let entry = settings
+            .location
+            .as_ref()
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default();
         let plugin = library
             .path
             .file_name()
@@ -95,13 +100,7 @@ pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>,
             .unwrap_or_default();
         let service =
             Service::start(library, &settings.config).map_err(|error| HostError::ServiceInit {
-                entry: settings
-                    .location
-                    .as_ref()
-                    .map(|l| format!("{l}: "))
-                    .unwrap_or_default(),
-                plugin,
-                service: name.clone(),
+                service: format!("{entry}service `{name}` ({plugin})"),
                 error,
             })?;
         prepared.push(Prepared { service, settings });

@@ -60,8 +60,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// each setting given in two places where the winner hides the other.
 fn load_config(args: &BusArgs, extra: Overrides) -> anyhow::Result<HostConfig> {
     let config = load_config_quietly(args, extra)?;
-    for overridden in &config.overridden {
-        tracing::warn!("{overridden}");
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
     Ok(config)
 }
