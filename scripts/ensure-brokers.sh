@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure RabbitMQ (5672) and Redis (6379) answer on 127.0.0.1, starting
-# them (and installing their Debian packages) when they do not.
+# them (and installing their Debian packages) when they do not, and that
+# etcd is installed (scripts/etcd.sh starts a private one per test run).
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -39,3 +40,7 @@ if ! listening 6379; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
   wait_for 6379 Redis 30
 fi
+
+# Installed, never started here: the storage tests start their own etcd
+# on a free port with a fresh data directory (scripts/etcd.sh).
+command -v etcd >/dev/null || install_pkg etcd-server
