@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub mod caller;
+pub mod etcd;
 pub mod host;
 pub mod http;
 pub mod load;
@@ -121,6 +122,9 @@ pub fn host_bin() -> PathBuf {
 /// `fixture_older`).
 pub fn library(lib_name: &str) -> PathBuf {
     build_all();
+    if lib_name == "storage" {
+        build_storage();
+    }
     artifact_dir().join(format!(
         "{}{lib_name}{}",
         std::env::consts::DLL_PREFIX,
@@ -146,6 +150,15 @@ pub fn host_1_1_bin() -> PathBuf {
         ]);
     });
     artifact_dir().join(format!("host-1-1{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Builds the storage plugin (once per process), in a `cargo build` of
+/// its own: in [`build_all`]'s it changes the features that build unifies
+/// for the host's dependencies, and every `cargo test` after it then
+/// rebuilt them.
+fn build_storage() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| cargo(&["build", "-p", "commissaire-plugin-storage"]));
 }
 
 /// Builds `examples/plugin-template` as its users do (out of tree, with

@@ -156,9 +156,9 @@ fn register(handlers: &mut Vec<HandlerDef>, entry: Value) -> Result<(), ConfigEr
         Some(Value::Array(items)) => items
             .iter()
             .map(|p| {
-                p.as_str().map(str::to_owned).ok_or_else(|| {
-                    ConfigError(format!("\"models\" must hold strings, not {p}"))
-                })
+                p.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ConfigError(format!("\"models\" must hold strings, not {p}")))
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
@@ -188,7 +188,11 @@ fn register(handlers: &mut Vec<HandlerDef>, entry: Value) -> Result<(), ConfigEr
     let given = match config.get("name") {
         None => String::new(),
         Some(Value::String(s)) => s.trim().to_owned(),
-        Some(other) => return Err(ConfigError(format!("\"name\" must be a string, not {other}"))),
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "\"name\" must be a string, not {other}"
+            )))
+        }
     };
     let name = if given.is_empty() {
         let mut name = ETCD_MODULE.to_owned();
@@ -311,24 +315,24 @@ mod tests {
     #[test]
     fn secret_models_go_to_custodia_and_the_rest_by_pattern() {
         let r = Routing::from_config(&json!({
-            "custodia_socket_path": "/tmp/c.sock",
-            "storage_handlers": [
-                {"type": "etcd", "name": "a", "models": ["Host*"]},
-                {"type": "commissaire.storage.etcd", "server_url": "http://127.0.0.1:1",
-                 "models": ["Cluster*"]},
-            ]}))
+        "custodia_socket_path": "/tmp/c.sock",
+        "storage_handlers": [
+            {"type": "etcd", "name": "a", "models": ["Host*"]},
+            {"type": "commissaire.storage.etcd", "server_url": "http://127.0.0.1:1",
+             "models": ["Cluster*"]},
+        ]}))
         .unwrap();
         let names: Vec<_> = r.handlers.iter().map(|h| h.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [CUSTODIA_MODULE, "a", "commissaire.storage.etcd"]
-        );
+        assert_eq!(names, [CUSTODIA_MODULE, "a", "commissaire.storage.etcd"]);
         let host = crate::models::class("Host").unwrap();
         let creds = crate::models::class("HostCreds").unwrap();
         let cluster = crate::models::class("Cluster").unwrap();
         assert_eq!(r.handler_for(host).unwrap().name, "a");
         assert_eq!(r.handler_for(creds).unwrap().kind, StoreKind::Custodia);
-        assert_eq!(r.handler_for(cluster).unwrap().server_url(), "http://127.0.0.1:1");
+        assert_eq!(
+            r.handler_for(cluster).unwrap().server_url(),
+            "http://127.0.0.1:1"
+        );
         assert_eq!(r.handlers[0].config["socket_path"], json!("/tmp/c.sock"));
     }
 
@@ -336,8 +340,10 @@ mod tests {
     fn the_originals_configuration_errors() {
         let err = |c: Value| Routing::from_config(&c).unwrap_err().to_string();
         assert!(err(json!({"storage_handlers": [{"models": ["*"]}]})).contains("missing \"type\""));
-        assert!(err(json!({"storage_handlers": [{"type": "etcd", "models": ["Nope"]}]}))
-            .contains("No match for model: Nope"));
+        assert!(
+            err(json!({"storage_handlers": [{"type": "etcd", "models": ["Nope"]}]}))
+                .contains("No match for model: Nope")
+        );
         assert!(err(json!({"storage_handlers": [
             {"type": "etcd", "models": ["Host"]}, {"type": "etcd", "models": ["Host"]}]}))
         .contains("Model \"Host\" already assigned"));
@@ -345,7 +351,9 @@ mod tests {
             {"type": "etcd", "name": "x", "models": ["Host"]},
             {"type": "etcd", "name": "x", "models": ["Cluster"]}]}))
         .contains("Duplicate storage handlers named \"x\""));
-        assert!(err(json!({"storage_handlers": [{"type": "etcd", "models": ["HostCreds"]}]}))
-            .contains("No match for model: HostCreds"));
+        assert!(
+            err(json!({"storage_handlers": [{"type": "etcd", "models": ["HostCreds"]}]}))
+                .contains("No match for model: HostCreds")
+        );
     }
 }

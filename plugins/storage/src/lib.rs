@@ -55,8 +55,8 @@ impl Storage {
     /// `storage_handlers` (a list of `{"type": "etcd", "server_url": ...,
     /// "models": [patterns], "name": ...}`) and `custodia_socket_path`.
     fn init(config: Value) -> Result<Self, RpcError> {
-        let routing = Routing::from_config(&config)
-            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+        let routing =
+            Routing::from_config(&config).map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let etcd = routing
             .handlers
             .iter()
@@ -94,7 +94,11 @@ impl Storage {
 
     /// Reads one model, or a list of models of one class, identified by
     /// their primary keys; answers the full stored model(s).
-    fn on_get(&self, model_type_name: String, model_json_data: Value) -> Result<Value, StorageError> {
+    fn on_get(
+        &self,
+        model_type_name: String,
+        model_json_data: Value,
+    ) -> Result<Value, StorageError> {
         let (models, many) = build_all(&model_type_name, &model_json_data)?;
         let mut found = Vec::with_capacity(models.len());
         for model in models {
@@ -254,9 +258,10 @@ impl Storage {
 
     fn etcd_client(&self, handler: &HandlerDef) -> Result<&EtcdClient, StorageError> {
         match handler.kind {
-            StoreKind::Etcd => self.etcd.get(&handler.name).ok_or_else(|| {
-                StorageError::KeyError(pyfmt::repr_str(&handler.name))
-            }),
+            StoreKind::Etcd => self
+                .etcd
+                .get(&handler.name)
+                .ok_or_else(|| StorageError::KeyError(pyfmt::repr_str(&handler.name))),
             StoreKind::Custodia => Err(StorageError::Unsupported(format!(
                 "the custodia store ({}) is not in this version of the storage plugin",
                 handler.name
@@ -415,28 +420,49 @@ mod tests {
     fn bad_input_is_refused_before_etcd() {
         let s = svc();
         let e = s
-            .call("save", json!({"model_type_name": "Nope", "model_json_data": {}}))
+            .call(
+                "save",
+                json!({"model_type_name": "Nope", "model_json_data": {}}),
+            )
             .unwrap_err();
         assert_eq!((e.code, e.message.as_str()), (-32600, "'Nope'"));
         assert_eq!(e.data, Some(json!({"exception": "<class 'KeyError'>"})));
         let e = s
-            .call("get", json!({"model_type_name": "Host", "model_json_data": "{"}))
+            .call(
+                "get",
+                json!({"model_type_name": "Host", "model_json_data": "{"}),
+            )
             .unwrap_err();
         assert_eq!(e.code, -32700);
         let e = s
-            .call("save", json!({"model_type_name": "Host", "model_json_data": {"address": 1}}))
+            .call(
+                "save",
+                json!({"model_type_name": "Host", "model_json_data": {"address": 1}}),
+            )
             .unwrap_err();
         assert_eq!(e.code, -32600);
-        assert!(e.message.contains("Host.address: Expected type <class 'str'>"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("Host.address: Expected type <class 'str'>"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
     fn etcd_down_is_a_clear_error() {
         let e = svc()
-            .call("get", json!({"model_type_name": "Host", "model_json_data": {"address": "a"}}))
+            .call(
+                "get",
+                json!({"model_type_name": "Host", "model_json_data": {"address": "a"}}),
+            )
             .unwrap_err();
         assert_eq!(e.code, -32600);
-        assert!(e.message.starts_with("Connection to etcd failed"), "{}", e.message);
+        assert!(
+            e.message.starts_with("Connection to etcd failed"),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("http://127.0.0.1:1"), "{}", e.message);
     }
 }

@@ -305,9 +305,8 @@ impl Model {
             }
             Extra::IsoDate => match self.get("last_check") {
                 Some(Value::String(s)) if pyfmt::is_iso_datetime(s) => {}
-                Some(Value::String(_)) => errors.push(
-                    "last_check must be in isoformat: \"%Y-%m-%dT%H:%M:%S.%f\"".to_owned(),
-                ),
+                Some(Value::String(_)) => errors
+                    .push("last_check must be in isoformat: \"%Y-%m-%dT%H:%M:%S.%f\"".to_owned()),
                 Some(other) => {
                     return Err(StorageError::TypeError(format!(
                         "strptime() argument 1 must be str, not {}",
@@ -424,7 +423,11 @@ mod tests {
             e.to_string(),
             r#"('Host instance is invalid due to 2 errors.', ["Host.address: Expected type <class 'str'>. Got <class 'int'>", "Host.cpus: Expected type <class 'int'>. Got <class 'str'>"])"#
         );
-        let net = Model::new(class("Network").unwrap(), &json!({"name": "n", "type": "x"})).unwrap();
+        let net = Model::new(
+            class("Network").unwrap(),
+            &json!({"name": "n", "type": "x"}),
+        )
+        .unwrap();
         assert!(net
             .validate()
             .unwrap_err()

@@ -74,11 +74,7 @@ pub fn is_iso_datetime(s: &str) -> bool {
     };
     let d: Vec<&str> = date.split('-').collect();
     let t: Vec<&str> = hms.split(':').collect();
-    let (
-        [y, mo, da],
-        [h, mi, se],
-    ) = (d.as_slice(), t.as_slice())
-    else {
+    let ([y, mo, da], [h, mi, se]) = (d.as_slice(), t.as_slice()) else {
         return false;
     };
     let fields = (

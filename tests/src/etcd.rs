@@ -1,0 +1,67 @@
+//! A private etcd per test, started and stopped by `scripts/etcd.sh`: its
+//! own ports and data directory, never the machine's etcd.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::workspace_root;
+
+/// A running etcd with the v2 keys API; stopped and its data removed on
+/// drop.
+#[derive(Debug)]
+pub struct PrivateEtcd {
+    /// Its client URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+fn script() -> PathBuf {
+    workspace_root().join("scripts/etcd.sh")
+}
+
+impl PrivateEtcd {
+    /// Starts one and waits until its keys API answers.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new(script())
+            .arg("up")
+            .arg(dir.path())
+            .output()
+            .expect("run scripts/etcd.sh");
+        assert!(
+            out.status.success(),
+            "scripts/etcd.sh up failed (etcd installed? scripts/ensure-brokers.sh installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Self { url, dir }
+    }
+
+    /// Stops it (its data stays until drop).
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.dir.path().join("etcd.pid")).unwrap_or_default();
+        let pid = pid.trim();
+        if !pid.is_empty() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+            // Reaped by nobody but gone: wait until the port refuses.
+            let port = self.url.rsplit(':').next().unwrap_or_default().to_owned();
+            let started = std::time::Instant::now();
+            while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok() {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(10),
+                    "etcd on port {port} still answers 10 s after SIGKILL"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for PrivateEtcd {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("down")
+            .arg(self.dir.path())
+            .status();
+    }
+}

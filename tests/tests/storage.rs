@@ -1,0 +1,634 @@
+//! The `storage` plugin through the real host on RabbitMQ, against a real
+//! etcd of each test's own (`scripts/etcd.sh`): every method on the model
+//! classes, lists, the original's errors, the notifications, routing by
+//! `storage_handlers`, etcd going away, and the requests captured from the
+//! original (`wire.txt`, see README of plugins/storage) replayed.
+//!
+//! Every broker name starts with `st-` and is unique per test; each test
+//! removes its queues and exchange. Needs `etcd` (Debian's `etcd-server`,
+//! which scripts/ensure-brokers.sh installs).
+
+use std::time::Duration;
+
+use commissaire_e2e::etcd::PrivateEtcd;
+use commissaire_e2e::host::{cleanup_broker, unique, AmqpCaller, HostSpec, ReplyQueue, TestHost};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+
+/// A host serving the storage plugin on its own queue and exchange, a
+/// private etcd, and a queue bound to `notify.storage.*.*`.
+struct Rig {
+    host: TestHost,
+    etcd: PrivateEtcd,
+    caller: AmqpCaller,
+    events: lapin::Consumer,
+    queues: Vec<String>,
+}
+
+/// The `[[service]]` entry of the storage plugin on `queue`, with
+/// `config` (a TOML inline table).
+fn storage_service(queue: &str, config: &str) -> String {
+    format!(
+        "[[service]]\nname = \"storage\"\nqueues = [{{ name = \"{queue}\", routing_key = \"storage.*\" }}]\nconfig = {config}\n"
+    )
+}
+
+impl Rig {
+    /// Every model on the test's etcd.
+    async fn start() -> Self {
+        Self::start_with(|url| {
+            format!(
+                "{{ storage_handlers = [{{ type = \"etcd\", server_url = \"{url}\", models = [\"*\"] }}] }}"
+            )
+        })
+        .await
+    }
+
+    /// The plugin configured by `config(etcd url)`.
+    async fn start_with(config: impl FnOnce(&str) -> String) -> Self {
+        let etcd = PrivateEtcd::start();
+        let queue = unique("st-storage");
+        let notify_queue = unique("st-notify");
+        let spec = HostSpec {
+            plugins: vec!["storage"],
+            exchange: unique("st-ex"),
+            ..HostSpec::amqp()
+        };
+        let host =
+            TestHost::start_with_services(spec, &storage_service(&queue, &config(&etcd.url)));
+        let caller = AmqpCaller::connect(&host.spec.exchange).await;
+        let events = listen(&host.spec.exchange, &notify_queue).await;
+        Self {
+            host,
+            etcd,
+            caller,
+            events,
+            queues: vec![queue, notify_queue],
+        }
+    }
+
+    /// The whole reply to `storage.<method>` with `params`.
+    async fn reply(&self, method: &str, params: Value) -> Value {
+        let body =
+            json!({"jsonrpc": "2.0", "id": unique("st-id"), "method": method, "params": params});
+        self.caller
+            .call(
+                &format!("storage.{method}"),
+                body.to_string().as_bytes(),
+                ReplyQueue::AutoDelete,
+                None,
+            )
+            .await
+            .body
+    }
+
+    /// The result of `storage.<method>`; fails on an error reply.
+    async fn ok(&self, method: &str, params: Value) -> Value {
+        let reply = self.reply(method, params).await;
+        assert!(
+            reply.get("error").is_none() && reply.get("result").is_some(),
+            "storage.{method}: {reply}\n{}",
+            self.host.stderr()
+        );
+        reply["result"].clone()
+    }
+
+    /// The error of `storage.<method>`; fails on a result.
+    async fn err(&self, method: &str, params: Value) -> Value {
+        let reply = self.reply(method, params).await;
+        assert!(
+            reply.get("result").is_none(),
+            "storage.{method} succeeded: {reply}"
+        );
+        reply["error"].clone()
+    }
+
+    /// The next storage notification: (routing key, what it carries).
+    async fn event(&mut self) -> (String, Value) {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), self.events.next())
+            .await
+            .expect("a storage notification within 10 s")
+            .expect("consumer open")
+            .expect("delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("notification is JSON");
+        (delivery.routing_key.to_string(), notification_of(body))
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        cleanup_broker(&self.host.spec.exchange, &self.queues);
+    }
+}
+
+/// `{event, class, model}` of a notification. The host's `notify` wraps
+/// it as the params of a JSON-RPC notification; see plugins/storage's
+/// README (the original sent the object as the whole body).
+fn notification_of(body: Value) -> Value {
+    assert_eq!(body["jsonrpc"], "2.0", "{body}");
+    assert_eq!(body["method"], body["params"]["event"], "{body}");
+    body["params"].clone()
+}
+
+async fn listen(exchange: &str, queue: &str) -> lapin::Consumer {
+    let conn = lapin::Connection::connect(
+        &commissaire_e2e::host::amqp_uri(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the notification queue");
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "notify.storage.*.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind notify.storage.*.*");
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    // The connection lives as long as the consumer needs it.
+    std::mem::forget(conn);
+    consumer
+}
+
+fn params(model_type_name: &str, data: Value) -> Value {
+    json!({"model_type_name": model_type_name, "model_json_data": data})
+}
+
+/// A model class, a minimal model of it, and the full model the original
+/// answers for it (defaults applied).
+fn classes() -> Vec<(&'static str, Value, Value)> {
+    vec![
+        (
+            "Cluster",
+            json!({"name": "st-c1"}),
+            json!({"name": "st-c1", "status": "", "network": "default", "hostset": [],
+                   "container_manager": ""}),
+        ),
+        (
+            "Host",
+            json!({"address": "10.9.8.7"}),
+            json!({"address": "10.9.8.7", "status": "", "os": "", "cpus": 0, "memory": 0,
+                   "space": 0, "last_check": "", "source": ""}),
+        ),
+        (
+            "Network",
+            json!({"name": "st-n1"}),
+            json!({"name": "st-n1", "type": "flannel_etcd", "options": {}}),
+        ),
+        (
+            "ContainerManagerConfig",
+            json!({"name": "st-m1"}),
+            json!({"name": "st-m1", "type": "openshift", "options": {}}),
+        ),
+        (
+            "ClusterDeploy",
+            json!({"name": "st-c1", "version": "7"}),
+            json!({"name": "st-c1", "status": "", "version": "7", "deployed": [],
+                   "in_process": [], "started_at": "", "finished_at": ""}),
+        ),
+        (
+            "ClusterRestart",
+            json!({"name": "st-c1"}),
+            json!({"name": "st-c1", "status": "", "restarted": [], "in_process": [],
+                   "started_at": "", "finished_at": ""}),
+        ),
+        (
+            "ClusterUpgrade",
+            json!({"name": "st-c1"}),
+            json!({"name": "st-c1", "status": "", "upgraded": [], "in_process": [],
+                   "started_at": "", "finished_at": ""}),
+        ),
+    ]
+}
+
+/// What notifications and lookup errors carry: without hidden attributes.
+fn safe(class: &str, mut model: Value) -> Value {
+    if class == "Cluster" {
+        model.as_object_mut().map(|m| m.remove("hostset"));
+    }
+    model
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_method_on_every_class_with_its_notifications() {
+    let mut rig = Rig::start().await;
+    for (class, minimal, full) in classes() {
+        // Created: the full model back, and a `created` notification.
+        assert_eq!(
+            rig.ok("save", params(class, minimal.clone())).await,
+            full,
+            "{class}"
+        );
+        assert_eq!(
+            rig.event().await,
+            (
+                format!("notify.storage.{class}.created"),
+                json!({"event": "created", "class": class, "model": safe(class, full.clone())})
+            )
+        );
+        assert_eq!(
+            rig.ok("get", params(class, minimal.clone())).await,
+            full,
+            "{class}"
+        );
+
+        // Saved again (status changed): `updated`, and the new value wins.
+        let mut changed = full.clone();
+        if full.get("status").is_some() {
+            changed["status"] = json!("st-changed");
+        } else {
+            changed["options"] = json!({"st": "changed"});
+        }
+        assert_eq!(
+            rig.ok("save", params(class, changed.clone())).await,
+            changed,
+            "{class}"
+        );
+        assert_eq!(
+            rig.event().await,
+            (
+                format!("notify.storage.{class}.updated"),
+                json!({"event": "updated", "class": class, "model": safe(class, changed.clone())})
+            )
+        );
+        assert_eq!(rig.ok("get", params(class, minimal.clone())).await, changed);
+
+        // Deleted: null, a `deleted` notification with the model as it was,
+        // then a lookup error.
+        assert_eq!(
+            rig.ok("delete", params(class, minimal.clone())).await,
+            Value::Null
+        );
+        assert_eq!(
+            rig.event().await,
+            (
+                format!("notify.storage.{class}.deleted"),
+                json!({"event": "deleted", "class": class, "model": safe(class, changed.clone())})
+            )
+        );
+        let err = rig.err("get", params(class, minimal.clone())).await;
+        assert_eq!(err["code"], -20000, "{class}: {err}");
+        assert_eq!(err["data"]["model_type_name"], class);
+        assert_eq!(
+            err["data"]["model_json_data"],
+            json!([safe(class, full.clone())])
+        );
+        let err = rig.err("delete", params(class, minimal)).await;
+        assert_eq!(err["code"], -20000, "{class}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_of_models_in_one_call_and_list() {
+    let mut rig = Rig::start().await;
+    // Nothing stored yet: empty lists (the original answered -32600).
+    for list in ["Hosts", "Clusters", "Networks", "ContainerManagerConfigs"] {
+        assert_eq!(
+            rig.ok("list", json!({"model_type_name": list})).await,
+            json!([]),
+            "{list}"
+        );
+    }
+    let hosts: Vec<Value> = (1..=3)
+        .map(|i| json!({"address": format!("10.0.0.{i}"), "cpus": i}))
+        .collect();
+    let saved = rig
+        .ok("save", params("Host", Value::Array(hosts.clone())))
+        .await;
+    let saved = saved.as_array().expect("a list for a list").clone();
+    assert_eq!(saved.len(), 3);
+    for (i, host) in saved.iter().enumerate() {
+        assert_eq!(host["address"], hosts[i]["address"]);
+        assert_eq!(host["cpus"], hosts[i]["cpus"]);
+        assert_eq!(host["os"], "");
+        assert_eq!(rig.event().await.0, "notify.storage.Host.created");
+    }
+    // A model may come as a JSON string, alone or in a list.
+    let as_text = json!(["{\"address\": \"10.0.0.2\"}", {"address": "10.0.0.3"}]);
+    let got = rig.ok("get", params("Host", as_text)).await;
+    assert_eq!(got, json!([saved[1], saved[2]]));
+    let got = rig
+        .ok("get", params("Host", json!("{\"address\": \"10.0.0.1\"}")))
+        .await;
+    assert_eq!(got, saved[0]);
+
+    let listed = rig.ok("list", json!({"model_type_name": "Hosts"})).await;
+    assert_eq!(listed, Value::Array(saved.clone()));
+    // A record etcd holds that is not a model is skipped, not fatal.
+    ureq::put(&format!("{}/v2/keys/commissaire/hosts/junk", rig.etcd.url))
+        .send_form([("value", "{\"not\": \"a host\"}")])
+        .expect("write junk to etcd");
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Hosts"})).await,
+        Value::Array(saved.clone())
+    );
+
+    // A list whose one item is invalid changes nothing.
+    let err = rig
+        .err(
+            "delete",
+            params("Host", json!([{"address": "10.0.0.1"}, {"cpus": 1}])),
+        )
+        .await;
+    assert_eq!(err["code"], -32600, "{err}");
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Hosts"}))
+            .await
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    rig.ok(
+        "delete",
+        params(
+            "Host",
+            json!([{"address": "10.0.0.1"}, {"address": "10.0.0.2"}]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Hosts"})).await,
+        json!([saved[2]])
+    );
+
+    // Clusters keep their hidden hostset in a listing (to_dict), as saved.
+    let c = rig
+        .ok(
+            "save",
+            params("Cluster", json!({"name": "st-c", "hostset": ["10.0.0.3"]})),
+        )
+        .await;
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Clusters"})).await,
+        json!([c])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_originals_validation_errors() {
+    let rig = Rig::start().await;
+    let exception = |e: &Value| {
+        e["data"]["exception"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let e = rig
+        .err(
+            "save",
+            params("Host", json!({"address": "a", "cpus": "2", "memory": 1.5})),
+        )
+        .await;
+    assert_eq!(e["code"], -32600);
+    assert_eq!(
+        e["message"],
+        "('Host instance is invalid due to 2 errors.', [\"Host.cpus: Expected type <class 'int'>. \
+         Got <class 'str'>\", \"Host.memory: Expected type <class 'int'>. Got <class 'float'>\"])"
+    );
+    assert_eq!(
+        exception(&e),
+        "<class 'commissaire.models.ValidationError'>"
+    );
+
+    let e = rig
+        .err(
+            "save",
+            params("Network", json!({"name": "n", "type": "bogus"})),
+        )
+        .await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Container type must be one of the following: flannel_etcd, flannel_server"),
+        "{e}"
+    );
+    let e = rig
+        .err("save", params("ClusterDeploy", json!({"name": "c"})))
+        .await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("version must be a non empty string"),
+        "{e}"
+    );
+
+    let e = rig
+        .err("get", params("Host", json!({"os": "fedora"})))
+        .await;
+    assert_eq!(e["code"], -32600);
+    assert_eq!(
+        e["message"],
+        "Host.__init__() missing 1 or more required keyword arguments: \
+         address, status, os, cpus, memory, space, last_check, source"
+    );
+    assert_eq!(exception(&e), "<class 'TypeError'>");
+
+    let e = rig.err("list", json!({"model_type_name": "Nope"})).await;
+    assert_eq!(
+        (e["code"].clone(), e["message"].clone()),
+        (json!(-32600), json!("'Nope'"))
+    );
+    assert_eq!(exception(&e), "<class 'KeyError'>");
+
+    let e = rig.err("save", params("Host", json!("{not json"))).await;
+    assert_eq!(e["code"], -32700, "{e}");
+
+    // Nothing of the above reached etcd.
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Hosts"})).await,
+        json!([])
+    );
+    assert_eq!(
+        rig.ok("list", json!({"model_type_name": "Networks"})).await,
+        json!([])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_handlers_route_by_pattern_and_host_source() {
+    // Nothing listens on `dead`: what is routed there fails, the rest works.
+    let dead = format!("http://{}", commissaire_e2e::host::free_addr());
+    let dead_for_config = dead.clone();
+    let rig = Rig::start_with(move |url| {
+        format!(
+            "{{ storage_handlers = [\
+               {{ type = \"etcd\", name = \"st-dead\", server_url = \"{dead_for_config}\", models = [\"Host*\"] }}, \
+               {{ type = \"commissaire.storage.etcd\", server_url = \"{url}\", models = [\"Cluster*\", \"Network*\"] }}] }}"
+        )
+    })
+    .await;
+    rig.ok("save", params("Cluster", json!({"name": "st-routed"})))
+        .await;
+    let e = rig
+        .err("save", params("Host", json!({"address": "10.1.1.1"})))
+        .await;
+    assert_eq!(e["code"], -32600, "{e}");
+    assert!(
+        e["message"].as_str().unwrap_or_default().contains(&dead),
+        "{e}"
+    );
+    // A Host whose `source` names a handler goes there instead.
+    let h = rig
+        .ok(
+            "save",
+            params(
+                "Host",
+                json!({"address": "10.1.1.2", "source": "commissaire.storage.etcd"}),
+            ),
+        )
+        .await;
+    assert_eq!(h["source"], "commissaire.storage.etcd");
+    let e = rig
+        .err(
+            "save",
+            params("Host", json!({"address": "10.1.1.3", "source": "st-nope"})),
+        )
+        .await;
+    assert_eq!(e["message"], "'st-nope'");
+    // A class no pattern routes has no handler.
+    let e = rig
+        .err(
+            "save",
+            params("ContainerManagerConfig", json!({"name": "m"})),
+        )
+        .await;
+    assert_eq!(
+        e["message"],
+        "<class 'commissaire.models.ContainerManagerConfig'>"
+    );
+
+    let handlers = rig.ok("list_store_handlers", json!({})).await;
+    assert_eq!(
+        handlers,
+        json!([
+            {"handler_type": "CustodiaStoreHandler",
+             "config": {"name": "commissaire_service.storage.custodia"},
+             "model_types": ["HostCreds", "SecretModel"]},
+            {"handler_type": "EtcdStoreHandler",
+             "config": {"name": "st-dead", "server_url": dead},
+             "model_types": ["Host", "HostStatus", "Hosts"]},
+            {"handler_type": "EtcdStoreHandler",
+             "config": {"name": "commissaire.storage.etcd", "server_url": rig.etcd.url},
+             "model_types": ["Cluster", "ClusterDeploy", "ClusterRestart", "ClusterUpgrade",
+                             "Clusters", "Network", "Networks"]},
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_down_is_a_clear_error_not_a_hang() {
+    let rig = Rig::start().await;
+    rig.ok("save", params("Host", json!({"address": "10.2.2.2"})))
+        .await;
+    rig.etcd.stop();
+    for (method, p) in [
+        ("get", params("Host", json!({"address": "10.2.2.2"}))),
+        ("save", params("Host", json!({"address": "10.2.2.3"}))),
+        ("list", json!({"model_type_name": "Hosts"})),
+    ] {
+        let e = rig.err(method, p).await;
+        assert_eq!(e["code"], -32600, "{method}: {e}");
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("Connection to etcd failed"),
+            "{method}: {e}"
+        );
+        assert!(message.contains(&rig.etcd.url), "{method}: {e}");
+        assert_eq!(
+            e["data"]["exception"],
+            "<class 'etcd.EtcdConnectionFailed'>"
+        );
+    }
+    // The service still answers what needs no etcd.
+    assert!(rig.ok("list_store_handlers", json!([])).await.is_array());
+}
+
+/// The envelopes of wire.txt (the original's replies during Commissaire's
+/// own end-to-end suite), replayed as they were sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_the_captured_wire_samples() {
+    let mut rig = Rig::start().await;
+    // The lookup error: `get` of a missing Host, as a list, on an etcd
+    // with clusters but no hosts (as in the original's suite).
+    rig.ok("save", params("Cluster", json!({"name": "st-wire"})))
+        .await;
+    assert_eq!(rig.event().await.0, "notify.storage.Cluster.created");
+    let request = r#"{"jsonrpc": "2.0", "id": "f46ac975-70bb-4847-844d-1dadd2a6477d", "method": "get", "params": {"model_type_name": "Host", "model_json_data": [{"address": "192.168.152.254", "status": "", "os": "", "cpus": 0, "memory": 0, "space": 0, "last_check": "", "source": ""}]}}"#;
+    let reply = raw(&rig, "storage.get", request).await;
+    let expected: Value = serde_json::from_str(r#"{"jsonrpc": "2.0", "id": "f46ac975-70bb-4847-844d-1dadd2a6477d", "error": {"code": -20000, "message": "(-20000) Key not found : /commissaire/hosts", "data": {"model_json_data": [{"address": "192.168.152.254", "status": "", "os": "", "cpus": 0, "memory": 0, "space": 0, "last_check": "", "source": ""}], "model_type_name": "Host"}}}"#).unwrap();
+    assert_eq!(reply, expected);
+
+    // The `get` sample, after the host it reads was stored.
+    let stored = json!({"address": "192.168.152.110", "status": "active", "os": "fedora",
+                        "cpus": 1, "memory": 1234, "space": 12345, "last_check": "", "source": ""});
+    rig.ok("save", params("Host", json!([stored]))).await;
+    assert_eq!(rig.event().await.0, "notify.storage.Host.created");
+    let request = r#"{"jsonrpc": "2.0", "id": "5aaaeb73-24da-48dd-9cd2-01298cc6cef7", "method": "get", "params": {"model_type_name": "Host", "model_json_data": {"address": "192.168.152.110", "status": "", "os": "", "cpus": 0, "memory": 0, "space": 0, "last_check": "", "source": ""}}}"#;
+    let reply = raw(&rig, "storage.get", request).await;
+    let expected: Value = serde_json::from_str(r#"{"jsonrpc": "2.0", "id": "5aaaeb73-24da-48dd-9cd2-01298cc6cef7", "result": {"address": "192.168.152.110", "status": "active", "os": "fedora", "cpus": 1, "memory": 1234, "space": 12345, "last_check": "", "source": ""}}"#).unwrap();
+    assert_eq!(reply, expected);
+
+    // The `deleted` notification sample.
+    let request = r#"{"jsonrpc": "2.0", "id": "st-del", "method": "delete", "params": {"model_type_name": "Host", "model_json_data": {"address": "192.168.152.110"}}}"#;
+    assert_eq!(
+        raw(&rig, "storage.delete", request).await["result"],
+        Value::Null
+    );
+    let (key, body) = rig.event().await;
+    assert_eq!(key, "notify.storage.Host.deleted");
+    let expected: Value = serde_json::from_str(r#"{"event": "deleted", "class": "Host", "model": {"address": "192.168.152.110", "status": "active", "os": "fedora", "cpus": 1, "memory": 1234, "space": 12345, "last_check": "", "source": ""}}"#).unwrap();
+    assert_eq!(body, expected);
+
+    // The -32600 sample (`list` of Clusters after the suite's clean-up
+    // deleted the clusters directory) is where the plugin differs on
+    // purpose: an empty list.
+    ureq::delete(&format!(
+        "{}/v2/keys/commissaire/clusters?recursive=true",
+        rig.etcd.url
+    ))
+    .call()
+    .expect("delete the clusters directory");
+    let request = r#"{"jsonrpc": "2.0", "id": "1d736ace-968b-4f2b-9807-cc738b801992", "method": "list", "params": {"model_type_name": "Clusters"}}"#;
+    let reply = raw(&rig, "storage.list", request).await;
+    assert_eq!(
+        reply,
+        json!({"jsonrpc": "2.0", "id": "1d736ace-968b-4f2b-9807-cc738b801992", "result": []})
+    );
+}
+
+/// The reply to `body` sent as is, as kombu sends a dict.
+async fn raw(rig: &Rig, routing_key: &str, body: &str) -> Value {
+    rig.caller
+        .call(routing_key, body.as_bytes(), ReplyQueue::AutoDelete, None)
+        .await
+        .body
+}
