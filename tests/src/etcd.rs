@@ -37,12 +37,29 @@ impl PrivateEtcd {
         Self { url, dir }
     }
 
+    fn pid(&self) -> String {
+        let pid = std::fs::read_to_string(self.dir.path().join("etcd.pid")).unwrap_or_default();
+        pid.trim().to_owned()
+    }
+
+    /// Freezes it (`SIGSTOP`): connections still open (the kernel accepts
+    /// them) but nothing answers, as with a hung server.
+    pub fn freeze(&self) {
+        let pid = self.pid();
+        if !pid.is_empty() {
+            let _ = Command::new("kill").args(["-STOP", &pid]).status();
+        }
+    }
+
     /// Stops it (its data stays until drop).
     pub fn stop(&self) {
-        let pid = std::fs::read_to_string(self.dir.path().join("etcd.pid")).unwrap_or_default();
-        let pid = pid.trim();
+        let pid = self.pid();
+        let pid = pid.as_str();
         if !pid.is_empty() {
+            // A frozen etcd must run again to die of SIGTERM at `down`;
+            // SIGKILL needs no such thing, but say CONT for the record.
             let _ = Command::new("kill").args(["-KILL", pid]).status();
+            let _ = Command::new("kill").args(["-CONT", pid]).status();
             // Reaped by nobody but gone: wait until the port refuses.
             let port = self.url.rsplit(':').next().unwrap_or_default().to_owned();
             let started = std::time::Instant::now();
@@ -59,6 +76,11 @@ impl PrivateEtcd {
 
 impl Drop for PrivateEtcd {
     fn drop(&mut self) {
+        // A frozen etcd would sit out `down`'s SIGTERM grace.
+        let pid = self.pid();
+        if !pid.is_empty() {
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        }
         let _ = Command::new(script())
             .arg("down")
             .arg(self.dir.path())

@@ -544,11 +544,37 @@ async fn storage_handlers_route_by_pattern_and_host_source() {
     );
 }
 
+fn assert_etcd_failed(method: &str, e: &Value, url: &str, why: &str) {
+    assert_eq!(e["code"], -32600, "{method}: {e}");
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("Connection to etcd failed due to"),
+        "{method}: {e}"
+    );
+    assert!(
+        message.contains(url) && message.contains(why),
+        "{method}: {e}"
+    );
+    assert_eq!(
+        e["data"]["exception"],
+        "<class 'etcd.EtcdConnectionFailed'>"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_down_is_a_clear_error_not_a_hang() {
     let rig = Rig::start().await;
     rig.ok("save", params("Host", json!({"address": "10.2.2.2"})))
         .await;
+
+    // Hung: the plugin's time limit answers, well before the caller's 30 s.
+    rig.etcd.freeze();
+    let e = rig
+        .err("get", params("Host", json!({"address": "10.2.2.2"})))
+        .await;
+    assert_etcd_failed("get", &e, &rig.etcd.url, "timeout");
+
+    // Gone: refused at once.
     rig.etcd.stop();
     for (method, p) in [
         ("get", params("Host", json!({"address": "10.2.2.2"}))),
@@ -556,17 +582,7 @@ async fn etcd_down_is_a_clear_error_not_a_hang() {
         ("list", json!({"model_type_name": "Hosts"})),
     ] {
         let e = rig.err(method, p).await;
-        assert_eq!(e["code"], -32600, "{method}: {e}");
-        let message = e["message"].as_str().unwrap_or_default();
-        assert!(
-            message.starts_with("Connection to etcd failed"),
-            "{method}: {e}"
-        );
-        assert!(message.contains(&rig.etcd.url), "{method}: {e}");
-        assert_eq!(
-            e["data"]["exception"],
-            "<class 'etcd.EtcdConnectionFailed'>"
-        );
+        assert_etcd_failed(method, &e, &rig.etcd.url, "");
     }
     // The service still answers what needs no etcd.
     assert!(rig.ok("list_store_handlers", json!([])).await.is_array());
