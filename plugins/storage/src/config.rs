@@ -9,6 +9,10 @@ use crate::models::{ModelClass, CLASSES};
 /// Where the original's etcd store looks when its entry names no server.
 pub const DEFAULT_ETCD_URL: &str = "http://127.0.0.1:2379";
 
+/// The custodia socket of the original when `custodia_socket_path` is
+/// not set.
+pub const DEFAULT_CUSTODIA_SOCKET: &str = "/var/run/custodia/custodia.sock";
+
 /// The etcd store's module in the original: its default handler name.
 const ETCD_MODULE: &str = "commissaire.storage.etcd";
 /// The custodia store's module in the original: its handler name.
@@ -111,6 +115,17 @@ impl Routing {
             register(&mut handlers, entry)?;
         }
         Ok(Self { handlers })
+    }
+
+    /// The custodia socket: `custodia_socket_path`, else the original's
+    /// default.
+    pub fn custodia_socket(&self) -> &str {
+        self.handlers
+            .iter()
+            .find(|h| h.kind == StoreKind::Custodia)
+            .and_then(|h| h.config.get("socket_path"))
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_CUSTODIA_SOCKET)
     }
 
     /// The handler a model of `class` goes to.

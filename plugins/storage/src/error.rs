@@ -49,9 +49,16 @@ pub enum StorageError {
     /// API (`EtcdConnectionFailed`).
     #[error("Connection to etcd failed due to {0}")]
     EtcdDown(String),
-    /// The custodia store is not available in this version.
+    /// custodia answered an HTTP error (`requests.HTTPError`).
+    #[error("{status} {} Error: {reason} for url: {url}", if *status >= 500 { "Server" } else { "Client" })]
+    CustodiaHttp {
+        status: u16,
+        reason: String,
+        url: String,
+    },
+    /// custodia could not be reached (`requests.ConnectionError`).
     #[error("{0}")]
-    Unsupported(String),
+    CustodiaDown(String),
 }
 
 fn validation_message(class: &str, errors: &[String]) -> String {
@@ -108,7 +115,8 @@ impl StorageError {
             StorageError::Validation { .. } => "commissaire.models.ValidationError".to_owned(),
             StorageError::Etcd { code, .. } => etcd_exception(*code).to_owned(),
             StorageError::EtcdDown(_) => "etcd.EtcdConnectionFailed".to_owned(),
-            StorageError::Unsupported(_) => "NotImplementedError".to_owned(),
+            StorageError::CustodiaHttp { .. } => "requests.exceptions.HTTPError".to_owned(),
+            StorageError::CustodiaDown(_) => "requests.exceptions.ConnectionError".to_owned(),
         };
         RpcError::invalid_request(message)
             .with_data(json!({"exception": format!("<class '{exception}'>")}))

@@ -8,12 +8,15 @@ use std::collections::HashMap;
 use commissaire_plugin_api::prelude::*;
 
 mod config;
+mod custodia;
 mod error;
 mod etcd;
 mod models;
 mod pyfmt;
+mod secrets;
 
 use config::{HandlerDef, Routing, StoreKind};
+use custodia::CustodiaClient;
 use error::{StorageError, ETCD_KEY_NOT_FOUND};
 use etcd::EtcdClient;
 use models::{Model, ModelClass};
@@ -28,6 +31,14 @@ pub struct Storage {
     routing: Routing,
     /// One client per etcd handler, by handler name.
     etcd: HashMap<String, EtcdClient>,
+    /// The secrets store.
+    custodia: CustodiaClient,
+}
+
+/// The store a handler is, ready to call.
+enum Store<'a> {
+    Etcd(&'a EtcdClient),
+    Custodia(&'a CustodiaClient),
 }
 
 /// A store event, as the original announces it.
@@ -73,7 +84,12 @@ impl Storage {
                 "storage handler"
             );
         }
-        Ok(Self { routing, etcd })
+        let custodia = CustodiaClient::new(std::path::Path::new(routing.custodia_socket()));
+        Ok(Self {
+            routing,
+            etcd,
+            custodia,
+        })
     }
 
     /// Saves one model, or a list of models of one class, applying the
@@ -127,8 +143,13 @@ impl Storage {
     fn on_list(&self, model_type_name: String) -> Result<Vec<Value>, StorageError> {
         let class = models::class(&model_type_name)?;
         let list = Model::new(class, &json!({}))?;
-        let handler = self.handler(&list)?;
-        let client = self.etcd_client(handler)?;
+        let Store::Etcd(client) = self.store(self.handler(&list)?)? else {
+            // The original's custodia store has no list.
+            return Err(StorageError::TypeError(format!(
+                "{} cannot be listed",
+                class.name
+            )));
+        };
         let key = etcd_key(&list)?;
         let Some((_, item_class)) = class.list_of else {
             // The original reads the key and then fails on the class;
@@ -256,22 +277,27 @@ impl Storage {
         })
     }
 
-    fn etcd_client(&self, handler: &HandlerDef) -> Result<&EtcdClient, StorageError> {
+    fn store(&self, handler: &HandlerDef) -> Result<Store<'_>, StorageError> {
         match handler.kind {
             StoreKind::Etcd => self
                 .etcd
                 .get(&handler.name)
+                .map(Store::Etcd)
                 .ok_or_else(|| StorageError::KeyError(pyfmt::repr_str(&handler.name))),
-            StoreKind::Custodia => Err(StorageError::Unsupported(format!(
-                "the custodia store ({}) is not in this version of the storage plugin",
-                handler.name
-            ))),
+            StoreKind::Custodia => Ok(Store::Custodia(&self.custodia)),
         }
     }
 
     fn save(&self, msg: &Message, model: Model) -> Result<Model, StorageError> {
-        let client = self.etcd_client(self.handler(&model)?)?;
+        let store = self.store(self.handler(&model)?)?;
         model.validate()?;
+        let client = match store {
+            Store::Etcd(client) => client,
+            Store::Custodia(custodia) => {
+                secrets::save(custodia, &model)?;
+                return Ok(model);
+            }
+        };
         let key = etcd_key(&model)?;
         let mut text = model.to_json();
         if model.class.name == "Host" {
@@ -297,7 +323,14 @@ impl Storage {
     }
 
     fn get(&self, model: &Model) -> Result<Model, StorageError> {
-        let client = self.etcd_client(self.handler(model)?)?;
+        let client = match self.store(self.handler(model)?)? {
+            Store::Etcd(client) => client,
+            Store::Custodia(custodia) => {
+                let found = secrets::get(custodia, model)?;
+                found.validate()?;
+                return Ok(found);
+            }
+        };
         let key = etcd_key(model)?;
         let node = client.get(&key, false).map_err(|e| lookup(e, model))?;
         let Some(text) = node.value else {
@@ -312,7 +345,10 @@ impl Storage {
     }
 
     fn delete(&self, msg: &Message, model: &Model) -> Result<(), StorageError> {
-        let client = self.etcd_client(self.handler(model)?)?;
+        let client = match self.store(self.handler(model)?)? {
+            Store::Etcd(client) => client,
+            Store::Custodia(custodia) => return secrets::delete(custodia, model),
+        };
         let key = etcd_key(model)?;
         let deleted = client.delete(&key).map_err(|e| lookup(e, model))?;
         let prev: Value = deleted
