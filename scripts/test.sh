@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 scripts/ensure-brokers.sh
 
 # kombu from PyPI, for the tests that play a Python Commissaire caller;
-# prometheus_client, whose parser reads the /metrics scrapes.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.redis, redis, prometheus_client' 2>/dev/null; then
+# prometheus_client, whose parser reads the /metrics scrapes; custodia, the
+# secrets store the storage plugin keeps HostCreds in (the version
+# Commissaire ran with).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import kombu.transport.redis, redis, prometheus_client, custodia.server' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q 'kombu[redis]>=5.3,<6' 'prometheus_client>=0.17,<1'
+  .venv/bin/pip install -q 'kombu[redis]>=5.3,<6' 'prometheus_client>=0.17,<1' 'custodia==0.5.0'
 fi
 export COMMISSAIRE_TEST_PYTHON="$PWD/.venv/bin/python"
 

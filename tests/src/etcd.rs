@@ -1,5 +1,6 @@
-//! A private etcd per test, started and stopped by `scripts/etcd.sh`: its
-//! own ports and data directory, never the machine's etcd.
+//! A private etcd per test, started and stopped by `scripts/etcd.sh` (its
+//! own ports and data directory, never the machine's etcd), and a private
+//! custodia.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -85,5 +86,83 @@ impl Drop for PrivateEtcd {
             .arg("down")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// A custodia server of the test's own (`custodia==0.5.0` from the test
+/// venv that scripts/test.sh makes), on a Unix socket in a temporary
+/// directory, keeping secrets in SQLite there. Killed on drop.
+#[derive(Debug)]
+pub struct PrivateCustodia {
+    /// Its socket.
+    pub socket: PathBuf,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateCustodia {
+    /// Starts one and waits until its socket accepts.
+    pub fn start() -> Self {
+        let python = crate::python_with_kombu();
+        let custodia = python.with_file_name("custodia");
+        assert!(
+            custodia.exists(),
+            "no custodia at {}: run scripts/test.sh (it installs custodia==0.5.0 in .venv)",
+            custodia.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("custodia.sock");
+        let d = dir.path().display();
+        let conf = format!(
+            "[global]\nserver_socket = {}\nmakedirs = True\nauditlog = {d}/audit.log\n\n\
+             [store:sqlite]\nhandler = SqliteStore\ndburi = {d}/secrets.db\ntable = secrets\n\n\
+             [auth:header]\nhandler = SimpleHeaderAuth\nheader = REMOTE_USER\n\n\
+             [authz:paths]\nhandler = SimplePathAuthz\npaths = / /secrets/\n\n\
+             [/]\nhandler = Root\n\n[/secrets]\nhandler = Secrets\nstore = sqlite\n",
+            socket.display()
+        );
+        let conf_path = dir.path().join("custodia.conf");
+        std::fs::write(&conf_path, conf).expect("write custodia.conf");
+        let log = std::fs::File::create(dir.path().join("custodia.log")).expect("log file");
+        let child = Command::new(&custodia)
+            .arg(&conf_path)
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start custodia");
+        let mut me = Self {
+            socket,
+            child: Some(child),
+            _dir: dir,
+        };
+        let started = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&me.socket).is_err() {
+            if let Some(status) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("custodia exited at start with {status}");
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "custodia not up on {} within 20 s",
+                me.socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        me
+    }
+
+    /// Kills it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateCustodia {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use commissaire_e2e::etcd::PrivateEtcd;
+use commissaire_e2e::etcd::{PrivateCustodia, PrivateEtcd};
 use commissaire_e2e::host::{cleanup_broker, unique, AmqpCaller, HostSpec, ReplyQueue, TestHost};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
@@ -647,4 +647,92 @@ async fn raw(rig: &Rig, routing_key: &str, body: &str) -> Value {
         .call(routing_key, body.as_bytes(), ReplyQueue::AutoDelete, None)
         .await
         .body
+}
+
+/// Secret models go to custodia (over its Unix socket), never to etcd,
+/// and announce nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_creds_are_kept_in_custodia() {
+    let mut custodia = PrivateCustodia::start();
+    let socket = custodia.socket.display().to_string();
+    let config_socket = socket.clone();
+    let mut rig = Rig::start_with(move |url| {
+        format!(
+            "{{ custodia_socket_path = \"{config_socket}\", storage_handlers = [{{ type = \"etcd\", server_url = \"{url}\" }}] }}"
+        )
+    })
+    .await;
+    let full = json!({"address": "10.3.3.3", "ssh_priv_key": "c2VjcmV0", "remote_user": "root"});
+    let saved = rig
+        .ok(
+            "save",
+            params(
+                "HostCreds",
+                json!({"address": "10.3.3.3", "ssh_priv_key": "c2VjcmV0"}),
+            ),
+        )
+        .await;
+    assert_eq!(saved, full);
+    let only_key = params("HostCreds", json!({"address": "10.3.3.3"}));
+    assert_eq!(rig.ok("get", only_key.clone()).await, full);
+    // Saved again: custodia refuses to overwrite (409), and the original
+    // passed that on; so does the plugin, and the secret is unchanged.
+    let mut changed = full.clone();
+    changed["remote_user"] = json!("st-admin");
+    let e = rig.err("save", params("HostCreds", changed)).await;
+    assert_eq!(e["code"], -32600, "{e}");
+    assert_eq!(
+        e["data"]["exception"],
+        "<class 'requests.exceptions.HTTPError'>"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("409 Client Error: Conflict for url: http+unix://"),
+        "{e}"
+    );
+    assert_eq!(rig.ok("get", only_key.clone()).await, full);
+    // Not in etcd.
+    let in_etcd = ureq::get(&format!(
+        "{}/v2/keys/commissaire/hosts/10.3.3.3",
+        rig.etcd.url
+    ))
+    .call();
+    assert!(
+        matches!(in_etcd, Err(ureq::Error::StatusCode(404))),
+        "{in_etcd:?}"
+    );
+
+    assert_eq!(rig.ok("delete", only_key.clone()).await, Value::Null);
+    let e = rig.err("get", only_key.clone()).await;
+    let url = format!(
+        "http+unix://{}/secrets/hosts/10.3.3.3",
+        socket.replace('/', "%2F")
+    );
+    assert_eq!(
+        e,
+        json!({"code": -20000,
+               "message": format!("(-20000) 404 Client Error: Not Found for url: {url}"),
+               "data": {"model_type_name": "HostCreds",
+                        "model_json_data": [{"address": "10.3.3.3", "ssh_priv_key": "", "remote_user": "root"}]}})
+    );
+    assert_eq!(rig.err("delete", only_key.clone()).await["code"], -20000);
+
+    // No notification came for the secrets: the first one is this.
+    rig.ok("save", params("Cluster", json!({"name": "st-after-creds"})))
+        .await;
+    assert_eq!(rig.event().await.0, "notify.storage.Cluster.created");
+
+    custodia.stop();
+    let e = rig.err("get", only_key).await;
+    assert_eq!(e["code"], -32600, "{e}");
+    assert_eq!(
+        e["data"]["exception"],
+        "<class 'requests.exceptions.ConnectionError'>"
+    );
+    assert!(
+        e["message"].as_str().unwrap_or_default().contains(&socket),
+        "{e}"
+    );
 }
