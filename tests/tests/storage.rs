@@ -589,7 +589,8 @@ async fn etcd_down_is_a_clear_error_not_a_hang() {
 }
 
 /// The envelopes of wire.txt (the original's replies during Commissaire's
-/// own end-to-end suite), replayed as they were sent.
+/// own end-to-end suite), replayed as they were sent, through lapin and
+/// through kombu.
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_the_captured_wire_samples() {
     let mut rig = Rig::start().await;
@@ -641,12 +642,43 @@ async fn replay_the_captured_wire_samples() {
     );
 }
 
-/// The reply to `body` sent as is, as kombu sends a dict.
+/// The reply to `body` sent as captured, through lapin byte for byte and
+/// through kombu as Commissaire's `BusMixin.request` publishes (the
+/// replies must agree).
 async fn raw(rig: &Rig, routing_key: &str, body: &str) -> Value {
-    rig.caller
+    let reply = rig
+        .caller
         .call(routing_key, body.as_bytes(), ReplyQueue::AutoDelete, None)
         .await
-        .body
+        .body;
+    if !body.contains("\"method\": \"delete\"") {
+        assert_eq!(
+            kombu(rig, routing_key, body),
+            reply,
+            "{routing_key} via kombu"
+        );
+    }
+    reply
+}
+
+/// The reply to `body` published by kombu (tests/python/commissaire_request.py).
+fn kombu(rig: &Rig, routing_key: &str, body: &str) -> Value {
+    let script = commissaire_e2e::workspace_root().join("tests/python/commissaire_request.py");
+    let output = std::process::Command::new(commissaire_e2e::python_with_kombu())
+        .arg(&script)
+        .arg(&rig.host.spec.bus_uri)
+        .arg(&rig.host.spec.exchange)
+        .arg(routing_key)
+        .args(["unused", "null", "--raw-body", body])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{routing_key} via kombu: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("kombu's reply is JSON")
 }
 
 /// Secret models go to custodia (over its Unix socket), never to etcd,
