@@ -14,12 +14,18 @@ mod etcd;
 mod models;
 mod pyfmt;
 mod secrets;
+mod throttle;
 
 use config::{HandlerDef, Routing, StoreKind};
 use custodia::CustodiaClient;
 use error::{StorageError, ETCD_KEY_NOT_FOUND};
 use etcd::EtcdClient;
 use models::{Model, ModelClass};
+use throttle::Throttle;
+
+/// Log budgets of the problems that can repeat on every request.
+static BAD_RECORD_LOG: Throttle = Throttle::new();
+static NOTIFY_FAILED_LOG: Throttle = Throttle::new();
 
 /// Where the original keeps every model in etcd.
 const NAMESPACE: &str = "/commissaire";
@@ -176,7 +182,9 @@ impl Storage {
             match item {
                 Ok(item) => items.push(item.to_dict()),
                 Err(e) => {
-                    tracing::warn!(%key, error = %e, "etcd holds a record that is not a model: skipped")
+                    if let Some(left_out) = BAD_RECORD_LOG.allow() {
+                        tracing::warn!(%key, error = %e, left_out, "etcd holds a record that is not a model: skipped");
+                    }
                 }
             }
         }
@@ -422,7 +430,9 @@ fn announce(msg: &Message, event: Event, model: &Model) {
         "model": model.to_dict_safe(),
     });
     if let Err(e) = msg.bus().notify(&routing_key, body) {
-        tracing::warn!(%routing_key, error = %e.message, "cannot send the storage notification");
+        if let Some(left_out) = NOTIFY_FAILED_LOG.allow() {
+            tracing::warn!(%routing_key, error = %e.message, left_out, "cannot send the storage notification");
+        }
     }
 }
 
