@@ -376,6 +376,39 @@ async fn lists_of_models_in_one_call_and_list() {
         rig.ok("list", json!({"model_type_name": "Hosts"})).await,
         json!([saved[2]])
     );
+    for host in &saved[..2] {
+        assert_eq!(
+            rig.event().await,
+            (
+                "notify.storage.Host.deleted".to_owned(),
+                json!({"event": "deleted", "class": "Host", "model": host})
+            )
+        );
+    }
+
+    for (class, list, model) in [
+        (
+            "Network",
+            "Networks",
+            json!({"name": "st-net", "options": {"a": 1}}),
+        ),
+        (
+            "ContainerManagerConfig",
+            "ContainerManagerConfigs",
+            json!({"name": "st-cm", "type": "trivial"}),
+        ),
+    ] {
+        let saved = rig.ok("save", params(class, model)).await;
+        assert_eq!(
+            rig.event().await.0,
+            format!("notify.storage.{class}.created")
+        );
+        assert_eq!(
+            rig.ok("list", json!({"model_type_name": list})).await,
+            json!([saved]),
+            "{list}"
+        );
+    }
 
     // Clusters keep their hidden hostset in a listing (to_dict), as saved.
     let c = rig

@@ -352,6 +352,24 @@ mod tests {
     }
 
     #[test]
+    fn no_handlers_means_one_etcd_for_every_model() {
+        for config in [json!({}), json!({"storage_handlers": []}), Value::Null] {
+            let r = Routing::from_config(&config).unwrap();
+            assert_eq!(r.handlers.len(), 2, "{config}");
+            let etcd = &r.handlers[1];
+            assert_eq!(
+                (etcd.name.as_str(), etcd.server_url()),
+                ("etcd", DEFAULT_ETCD_URL)
+            );
+            assert_eq!(
+                etcd.classes.len(),
+                CLASSES.iter().filter(|c| !c.secret).count()
+            );
+            assert_eq!(r.custodia_socket(), DEFAULT_CUSTODIA_SOCKET);
+        }
+    }
+
+    #[test]
     fn the_originals_configuration_errors() {
         let err = |c: Value| Routing::from_config(&c).unwrap_err().to_string();
         assert!(err(json!({"storage_handlers": [{"models": ["*"]}]})).contains("missing \"type\""));
