@@ -45,7 +45,25 @@ pub fn artifact_dir() -> PathBuf {
 
 fn cargo(args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // `cargo test` runs a test with the package's own variables set
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...). Build scripts that watch
+    // them (ring's does) would see them changed from the `cargo test`
+    // build and rebuild ring, rustls, lapin and the host each time; the
+    // next `cargo test` then rebuilt them back.
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("CARGO_PKG_")
+            || key_text.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key_text.as_ref(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            command.env_remove(&key);
+        }
+    }
+    let status = command
         .args(args)
         .current_dir(workspace_root())
         .status()
