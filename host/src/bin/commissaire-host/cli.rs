@@ -14,7 +14,7 @@ Environment:
   COMMISSAIRE_HTTP_TOKEN  run: the HTTP endpoint's bearer token; wins over [http] token
   COMMISSAIRE_LOG         The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
                           [default: info, or debug for an original JSON config saying
-                          "debug": true]; RUST_LOG when it is unset
+                          \"debug\": true]; RUST_LOG when it is unset
   TRACEPARENT             call and notify: the W3C trace context their request joins
 Each setting comes from its flag, else its environment variable, else the config file; a
 value hidden by another is named in one warning at start.";
