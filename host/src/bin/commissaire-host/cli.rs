@@ -16,8 +16,8 @@ Environment:
                           [default: info, or debug for an original JSON config saying
                           \"debug\": true]; RUST_LOG when it is unset
   TRACEPARENT             call and notify: the W3C trace context their request joins
-Each setting comes from its flag, else its environment variable, else the config file; a
-value hidden by another is named in one warning at start.";
+A setting comes from its flag, else its environment variable, else the config file; a bus
+URI or token set in one place but hidden by another is named in one warning at start.";
 
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
