@@ -94,7 +94,7 @@ async fn a_reply_over_max_message_bytes_is_replaced_by_minus_32603_naming_its_si
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn replies_are_persistent_json_with_the_request_s_correlation_id() {
+async fn replies_are_persistent_and_json() {
     let host = TestHost::start(spec(&["simple"]));
     let mut caller = RawCaller::connect(&host.spec.exchange).await;
     caller
