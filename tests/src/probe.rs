@@ -315,3 +315,18 @@ fn nul_separated(path: &str) -> Vec<String> {
         .map(|part| String::from_utf8_lossy(part).into_owned())
         .collect()
 }
+
+/// The value of one series of the `/metrics` at `addr`, named as rendered
+/// (`name{labels}`); `None` when the scrape has no such series.
+pub fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (status, text) = crate::host::http_get(addr, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    let text = text.as_str().unwrap_or_default().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{series}: not a number: {v}"))
+        })
+}
