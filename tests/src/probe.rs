@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
@@ -75,6 +77,11 @@ impl RawCaller {
             .await
             .expect("connect to RabbitMQ");
         let channel = conn.create_channel().await.expect("channel");
+        // Confirms: once `send` returns, the request is in its queue.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
         let exclusive = QueueDeclareOptions {
             exclusive: true,
             ..Default::default()
@@ -110,7 +117,8 @@ impl RawCaller {
     }
 
     /// Publishes `body` on `routing_key` with its reply queue as
-    /// `reply_to`, and `traceparent` as a header when given.
+    /// `reply_to`, and `traceparent` as a header when given; returns once
+    /// the broker confirmed it.
     pub async fn send(&self, routing_key: &str, body: &Value, traceparent: Option<&str>) {
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -214,11 +222,7 @@ impl CuttableProxy {
             closed: Arc::new(AtomicBool::new(false)),
             open: Arc::new(Mutex::new(Vec::new())),
         };
-        let (cut, closed, open) = (
-            proxy.cut.clone(),
-            proxy.closed.clone(),
-            proxy.open.clone(),
-        );
+        let (cut, closed, open) = (proxy.cut.clone(), proxy.closed.clone(), proxy.open.clone());
         std::thread::spawn(move || {
             while !closed.load(Ordering::Acquire) {
                 let client = match listener.accept() {
@@ -329,4 +333,30 @@ pub fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
                 .parse()
                 .unwrap_or_else(|_| panic!("{series}: not a number: {v}"))
         })
+}
+
+/// The address of the test broker `amqp_uri` names.
+pub fn amqp_addr() -> SocketAddr {
+    let uri = amqp_uri();
+    let authority = authority(&uri);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host_port
+        .parse()
+        .unwrap_or_else(|e| panic!("{host_port} (from {uri}) is not an address: {e}"))
+}
+
+/// The test broker's URI with `proxy` in place of the broker's address.
+pub fn amqp_uri_via(proxy: &CuttableProxy) -> String {
+    let uri = amqp_uri();
+    let authority = authority(&uri);
+    let via = match authority.rsplit_once('@') {
+        Some((userinfo, _)) => format!("{userinfo}@{}", proxy.addr),
+        None => proxy.addr.to_string(),
+    };
+    uri.replacen(authority, &via, 1)
+}
+
+fn authority(uri: &str) -> &str {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
 }

@@ -175,9 +175,11 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
 
     std::fs::remove_file(dir.path().join("libfixture_older.so")).expect("remove the plugin");
     host.signal("HUP");
-    wait_for(Duration::from_secs(60), "`older` gone from /healthz", || {
-        services(&host) == ["simple"]
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "`older` gone from /healthz",
+        || services(&host) == ["simple"],
+    );
     wait_for(Duration::from_secs(60), "`older`'s workers exit", || {
         older_pids
             .iter()
@@ -185,7 +187,10 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
     });
     let log = host.stderr();
     assert!(log.contains("new plugin: starting its workers"), "{log}");
-    assert!(log.contains("plugin removed: stopping its workers"), "{log}");
+    assert!(
+        log.contains("plugin removed: stopping its workers"),
+        "{log}"
+    );
     // `simple` served throughout.
     caller
         .send("simple.add", &request("s", "add", json!([1, 2])), None)
@@ -217,7 +222,8 @@ fn workers_get_neither_the_http_token_nor_the_bus_uri_on_their_command_line() {
         let env = environ(pid);
         let args = cmdline(pid);
         assert!(
-            args.first().is_some_and(|a| a.ends_with("commissaire-host"))
+            args.first()
+                .is_some_and(|a| a.ends_with("commissaire-host"))
                 && args.get(1).is_some_and(|a| a == "worker"),
             "pid {pid} is a worker: {args:?}"
         );

@@ -1,17 +1,16 @@
 //! The bounds the README's "Reliability" and "Configuration" sections
-//! promise, on the real binary and brokers: a non-default `crash_limit`;
+//! promise, on the real binary and RabbitMQ: a non-default `crash_limit`;
 //! a request delivered more than `crash_limit + 3` times refused; a quorum
 //! queue's `x-delivery-limit` sending a request that kills every worker to
 //! its dead-letter exchange; `[bus] request_timeout` and the handler's
 //! default request timeout of 10 s.
-//!
-//! Redis: database 14, names of each test's own.
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use commissaire_e2e::host::{amqp_uri, redis_command, redis_uri, unique, HostSpec, Resp, TestHost};
-use commissaire_e2e::probe::{metric, wait_for, RawCaller};
+use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
+use commissaire_e2e::probe::{
+    amqp_addr, amqp_uri_via, metric, ready_messages, wait_for, CuttableProxy, RawCaller,
+};
 use futures_util::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -46,7 +45,8 @@ async fn a_crash_limit_of_1_refuses_a_request_after_its_first_crash() {
     assert_eq!(reply.body["id"], "a", "{}", reply.body);
     assert_eq!(reply.body["error"]["code"], -32603, "{}", reply.body);
     assert_eq!(
-        reply.body["error"]["message"], "request crashed the worker 1 times",
+        reply.body["error"]["message"],
+        "request crashed the worker 1 times",
         "{}\n{}",
         reply.body,
         host.stderr()
@@ -61,64 +61,60 @@ async fn a_crash_limit_of_1_refuses_a_request_after_its_first_crash() {
     caller.close().await;
 }
 
-/// A kombu envelope of `body` for `routing_key` on `exchange`.
-fn kombu_envelope(exchange: &str, routing_key: &str, body: &Value, reply_to: &str) -> String {
-    json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {},
-        "properties": {
-            "reply_to": reply_to,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    })
-    .to_string()
+/// Waits until `queue` holds `ready` messages ready for delivery.
+async fn wait_ready(queue: &str, ready: u32, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready_messages(queue).await != ready {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
-/// A request whose handler outlives Redis's visibility timeout comes back
-/// again and again, with no worker dying: the `crash_limit + 3` bound
-/// (here 1 + 3) ends it.
-#[test]
-fn a_request_delivered_more_than_crash_limit_plus_3_times_is_refused() {
+/// A request whose worker loses its connection while the handler runs
+/// comes back, again and again, with no worker dying: the
+/// `crash_limit + 3` bound (here 1 + 3) ends it. The connection is lost
+/// through a proxy the test cuts, never by touching the broker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_delivered_more_than_crash_limit_plus_3_times_is_refused() {
+    let proxy = CuttableProxy::start(amqp_addr());
     let mut spec = spec(&["demo"]);
-    spec.bus_uri = redis_uri(14, "?visibility_timeout=1&unacked_restore_interval=0.2");
-    spec.service_toml = "crash_limit = 1\nhandler_timeout = 300\n".to_owned();
+    spec.bus_uri = amqp_uri_via(&proxy);
+    spec.service_toml = "crash_limit = 1\n".to_owned();
     spec.extra_toml = "\n[host]\nshutdown_timeout = 1\n".to_owned();
     let host = TestHost::start(spec);
-    let uri = host.spec.bus_uri.clone();
-    let reply_list = unique("gap-reply");
-    let envelope = kombu_envelope(
-        &host.spec.exchange,
-        "demo.sleep",
-        &request("stuck", "sleep", json!([120_000])),
-        &reply_list,
-    );
-    let pushed = redis_command(&uri, &["LPUSH", &host.spec.queue("demo"), &envelope]);
-    assert_eq!(pushed, Resp::Int(1));
-    let popped = redis_command(&uri, &["BRPOP", &reply_list, "60"]);
-    let Resp::Array(items) = &popped else {
-        panic!("no reply within 60 s: {popped:?}\n{}", host.stderr());
-    };
-    let Some(Resp::Str(raw)) = items.get(1) else {
-        panic!("BRPOP answered {popped:?}");
-    };
-    let envelope: Value = serde_json::from_str(raw).expect("a JSON envelope");
-    let body = base64::engine::general_purpose::STANDARD
-        .decode(envelope["body"].as_str().unwrap_or_default())
-        .expect("base64");
-    let reply: Value = serde_json::from_slice(&body).expect("a JSON reply");
-    assert_eq!(reply["id"], "stuck", "{reply}");
-    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    let queue = host.spec.queue("demo");
+    // The caller talks to the broker itself: the cuts do not reach it.
+    let mut caller = RawCaller::connect(&host.spec.exchange).await;
+    caller
+        .send(
+            "demo.sleep",
+            &request("stuck", "sleep", json!([120_000])),
+            None,
+        )
+        .await;
+    // The first delivery, then four redeliveries the host runs: each time
+    // its connection goes while the handler sleeps.
+    for delivery in 1..=5 {
+        wait_ready(&queue, 0, &format!("delivery {delivery} taken")).await;
+        proxy.cut();
+        wait_ready(&queue, 1, &format!("delivery {delivery} back in the queue")).await;
+        proxy.restore();
+    }
+    // The fifth redelivery is over the bound.
+    let reply = caller.next(Duration::from_secs(60)).await;
+    assert_eq!(reply.body["id"], "stuck", "{}", reply.body);
+    assert_eq!(reply.body["error"]["code"], -32603, "{}", reply.body);
     assert_eq!(
-        reply["error"]["message"], "request delivered 5 times without being answered",
-        "{reply}"
+        reply.body["error"]["message"],
+        "request delivered 5 times without being answered",
+        "{}\n{}",
+        reply.body,
+        host.stderr()
     );
-    redis_command(&uri, &["DEL", &reply_list]);
+    caller.close().await;
     drop(host);
 }
 

@@ -5,35 +5,20 @@
 //! machine's RabbitMQ, cut and restored: the broker itself is never
 //! stopped.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
-use commissaire_e2e::probe::{wait_for, CuttableProxy, RawCaller};
+use commissaire_e2e::host::{unique, HostSpec, TestHost};
+use commissaire_e2e::probe::{amqp_addr, amqp_uri_via, wait_for, CuttableProxy, RawCaller};
 use serde_json::json;
-
-/// The machine's RabbitMQ, as `amqp_uri` names it.
-fn broker() -> (SocketAddr, String) {
-    let uri = amqp_uri();
-    let rest = uri.split_once("://").map_or(uri.as_str(), |(_, r)| r);
-    let (userinfo, rest) = rest.rsplit_once('@').unwrap_or(("", rest));
-    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr = authority
-        .parse()
-        .unwrap_or_else(|e| panic!("{authority} is not an address: {e}"));
-    (addr, format!("{userinfo}@/{vhost}"))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn healthz_answers_503_while_the_broker_is_away_and_200_once_it_is_back() {
-    let (addr, tail) = broker();
-    let proxy = CuttableProxy::start(addr);
-    let (userinfo, vhost) = tail.split_once("@/").unwrap_or(("", ""));
+    let proxy = CuttableProxy::start(amqp_addr());
     let mut spec = HostSpec::amqp();
     spec.plugins = vec!["simple"];
     spec.suffix = unique("gap");
     spec.exchange = unique("gap-ex");
-    spec.bus_uri = format!("amqp://{userinfo}@{}/{vhost}", proxy.addr);
+    spec.bus_uri = amqp_uri_via(&proxy);
     let host = TestHost::start(spec);
     let workers = host.worker_pids("simple");
     assert_eq!(workers.len(), 1, "{:?}", host.health());

@@ -65,7 +65,8 @@ async fn a_reply_over_max_message_bytes_is_replaced_by_minus_32603_naming_its_si
     assert_eq!(reply.body["error"]["code"], -32603, "{}", reply.body);
     let message = reply.body["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.starts_with("the reply of ") && message.ends_with(" bytes exceeds max_message_bytes (1024)"),
+        message.starts_with("the reply of ")
+            && message.ends_with(" bytes exceeds max_message_bytes (1024)"),
         "{message}"
     );
     let size: usize = message
@@ -76,7 +77,8 @@ async fn a_reply_over_max_message_bytes_is_replaced_by_minus_32603_naming_its_si
         .unwrap_or_else(|| panic!("no size in {message:?}"));
     assert!(size > 2000, "the size named is the reply's: {message}");
     assert!(
-        host.stderr().contains("reply too large: answering -32603 instead"),
+        host.stderr()
+            .contains("reply too large: answering -32603 instead"),
         "one error line:\n{}",
         host.stderr()
     );
@@ -133,7 +135,11 @@ async fn a_handler_s_respond_reaches_the_queue_it_names_in_the_request_s_trace()
     let mut waiting = RawCaller::connect(&host.spec.exchange).await;
     let params = json!([waiting.reply_queue(), {"done": true}]);
     caller
-        .send("demo.later", &request("job-1", "later", params), Some(PARENT))
+        .send(
+            "demo.later",
+            &request("job-1", "later", params),
+            Some(PARENT),
+        )
         .await;
     let reply = caller.next(Duration::from_secs(30)).await;
     assert_eq!(reply.body["result"], "responded", "{}", reply.body);
@@ -151,7 +157,10 @@ async fn a_handler_s_respond_reaches_the_queue_it_names_in_the_request_s_trace()
     assert_ne!(span, PARENT_SPAN);
     // Sent once: the caller got the reply only.
     assert!(
-        caller.next_within(Duration::from_millis(500)).await.is_none(),
+        caller
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
         "the response went to the queue it named, not to the caller"
     );
     caller.close().await;
@@ -174,7 +183,10 @@ fn http_rpc_joins_the_caller_s_trace() {
     assert_eq!(result["trace_id"], PARENT_TRACE, "{}", reply.body);
     let (trace, span) = ids(result["traceparent"].as_str().expect("a traceparent"));
     assert_eq!(trace, PARENT_TRACE);
-    assert_ne!(span, PARENT_SPAN, "the handler runs in a span of the host's");
+    assert_ne!(
+        span, PARENT_SPAN,
+        "the handler runs in a span of the host's"
+    );
 
     // Without the header, a trace of its own.
     let reply = commissaire_e2e::http::send(
@@ -183,14 +195,22 @@ fn http_rpc_joins_the_caller_s_trace() {
         body.as_bytes(),
     );
     assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let trace = reply.body["result"]["trace_id"].as_str().unwrap_or_default();
+    let trace = reply.body["result"]["trace_id"]
+        .as_str()
+        .unwrap_or_default();
     assert_eq!(trace.len(), 32, "{}", reply.body);
     assert_ne!(trace, PARENT_TRACE);
 }
 
 /// A kombu envelope of `body` for `routing_key` on `exchange`, as
 /// kombu's `Producer.publish` makes it, with `headers`.
-fn kombu_envelope(exchange: &str, routing_key: &str, body: &Value, reply_to: &str, headers: Value) -> String {
+fn kombu_envelope(
+    exchange: &str,
+    routing_key: &str,
+    body: &Value,
+    reply_to: &str,
+    headers: Value,
+) -> String {
     json!({
         "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
         "content-encoding": "utf-8",
@@ -276,7 +296,9 @@ fn a_handler_s_respond_reaches_the_list_it_names_on_redis() {
         responded,
         json!({"jsonrpc": "2.0", "id": "job-2", "result": [1, 2]})
     );
-    let (trace, _) = ids(envelope["headers"]["traceparent"].as_str().unwrap_or_default());
+    let (trace, _) = ids(envelope["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default());
     assert_eq!(trace, PARENT_TRACE, "{envelope}");
     redis_command(&uri, &["DEL", &reply_list, &job_list]);
 }

@@ -149,7 +149,11 @@ fn serves_over_tls(uri: String, ca: &Path) {
     let (code, stdout, stderr) = call(&uri, &exchange, Some(ca));
     assert_eq!((code, stdout.as_str()), (Some(0), "3"), "{stderr}");
     let (code, _, stderr) = call(&uri, &exchange, None);
-    assert_eq!(code, Some(1), "an untrusted certificate is refused: {stderr}");
+    assert_eq!(
+        code,
+        Some(1),
+        "an untrusted certificate is refused: {stderr}"
+    );
     assert!(
         stderr.contains("invalid peer certificate: UnknownIssuer"),
         "{stderr}"
