@@ -156,7 +156,12 @@ impl Demo {
 
     /// Sends `result` to `queue` as a reply to this request's id, outside
     /// the request/reply cycle, then answers "responded".
-    fn on_later(&self, msg: &Message, queue: String, result: Value) -> Result<&'static str, RpcError> {
+    fn on_later(
+        &self,
+        msg: &Message,
+        queue: String,
+        result: Value,
+    ) -> Result<&'static str, RpcError> {
         msg.bus().respond(&queue, msg.id(), result)?;
         Ok("responded")
     }
@@ -209,7 +214,10 @@ mod tests {
     fn ask_requests_with_the_timeout_given_and_later_responds() {
         let svc = TestService::<Demo>::new().with_route("simple.*", |_, _| Ok(json!(3)));
         assert_eq!(svc.call("ask", json!(["simple.add", [1, 2]])), Ok(json!(3)));
-        assert_eq!(svc.call("ask", json!(["simple.add", [1, 2], 1500])), Ok(json!(3)));
+        assert_eq!(
+            svc.call("ask", json!(["simple.add", [1, 2], 1500])),
+            Ok(json!(3))
+        );
         let timeouts: Vec<_> = svc.requests().into_iter().map(|(_, _, t)| t).collect();
         assert_eq!(
             timeouts,
