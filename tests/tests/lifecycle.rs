@@ -2,7 +2,8 @@
 //! sections tell it, on the real binary and RabbitMQ: `run` exits 1 for
 //! two plugins exporting one service or a failing `init`; `SIGTERM` with a
 //! handler that outlives `shutdown_timeout` hands its request back;
-//! `SIGHUP` starts a new plugin's workers and stops a removed one's;
+//! `SIGHUP` starts a new plugin's workers and stops a removed one's (one
+//! without a `[[service]]` entry: removing a configured one is refused);
 //! workers never see the HTTP token nor carry the bus URI on their
 //! command line.
 
@@ -199,6 +200,41 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
     caller.close().await;
     drop(host);
     delete_if_unused("older").await;
+}
+
+/// A plugin a `[[service]]` entry names cannot be removed by `SIGHUP`:
+/// the reload is refused as for a directory that fails the check, and its
+/// workers go on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_serving() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    install("simple", dir.path(), "libsimple.so");
+    install("demo", dir.path(), "libdemo.so");
+    let mut spec = spec(&["simple", "demo"]);
+    spec.plugins_dir = Some(dir.path().to_owned());
+    let host = TestHost::start(spec);
+    std::fs::remove_file(dir.path().join("libdemo.so")).expect("remove the plugin");
+    host.signal("HUP");
+    wait_for(Duration::from_secs(60), "the reload refused", || {
+        host.stderr()
+            .contains("reload refused; the running workers stay")
+    });
+    let log = host.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .unwrap_or_default();
+    assert!(line.contains("`demo`"), "the line names the service: {line}");
+    assert_eq!(services(&host), ["demo", "simple"]);
+    let mut caller = RawCaller::connect(&host.spec.exchange).await;
+    caller
+        .send("demo.ping", &request("p", "ping", json!([])), None)
+        .await;
+    assert_eq!(
+        caller.next(Duration::from_secs(30)).await.body["result"],
+        "pong"
+    );
+    caller.close().await;
 }
 
 #[test]
