@@ -224,7 +224,10 @@ async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_ser
         .lines()
         .find(|l| l.contains("reload refused"))
         .unwrap_or_default();
-    assert!(line.contains("`demo`"), "the line names the service: {line}");
+    assert!(
+        line.contains("`demo`"),
+        "the line names the service: {line}"
+    );
     assert_eq!(services(&host), ["demo", "simple"]);
     let mut caller = RawCaller::connect(&host.spec.exchange).await;
     caller
