@@ -360,3 +360,21 @@ fn authority(uri: &str) -> &str {
     let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest)
 }
+
+/// [`wait_for`], naming what `host` logged when `ok` never holds.
+pub fn wait_for_host(
+    host: &crate::host::TestHost,
+    limit: Duration,
+    what: &str,
+    mut ok: impl FnMut() -> bool,
+) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not within {limit:?}; the host logged:\n{}",
+            host.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

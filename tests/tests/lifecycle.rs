@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
 use commissaire_e2e::library;
-use commissaire_e2e::probe::{cmdline, environ, metric, ready_messages, wait_for, RawCaller};
+use commissaire_e2e::probe::{cmdline, environ, metric, ready_messages, wait_for_host, RawCaller};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
@@ -94,7 +94,7 @@ async fn sigterm_past_shutdown_timeout_exits_0_and_hands_the_request_back() {
         .send("demo.sleep", &request("slow", "sleep", json!([8000])), None)
         .await;
     let in_flight = "commissaire_in_flight{service=\"demo\"}";
-    wait_for(Duration::from_secs(30), "the handler runs", || {
+    wait_for_host(&host, Duration::from_secs(30), "the handler runs", || {
         metric(host.http, in_flight).is_some_and(|n| n >= 1.0)
     });
 
@@ -163,7 +163,7 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
     // A plugin without a [[service]] entry: served on queue `older`.
     install("fixture_older", dir.path(), "libfixture_older.so");
     host.signal("HUP");
-    wait_for(Duration::from_secs(60), "`older` consuming", || {
+    wait_for_host(&host, Duration::from_secs(60), "`older` consuming", || {
         host.health().1["services"]["older"]["status"] == "consuming"
     });
     caller
@@ -176,16 +176,22 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
 
     std::fs::remove_file(dir.path().join("libfixture_older.so")).expect("remove the plugin");
     host.signal("HUP");
-    wait_for(
+    wait_for_host(
+        &host,
         Duration::from_secs(60),
         "`older` gone from /healthz",
         || services(&host) == ["simple"],
     );
-    wait_for(Duration::from_secs(60), "`older`'s workers exit", || {
-        older_pids
-            .iter()
-            .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-    });
+    wait_for_host(
+        &host,
+        Duration::from_secs(60),
+        "`older`'s workers exit",
+        || {
+            older_pids
+                .iter()
+                .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        },
+    );
     let log = host.stderr();
     assert!(log.contains("new plugin: starting its workers"), "{log}");
     assert!(
@@ -215,7 +221,7 @@ async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_ser
     let host = TestHost::start(spec);
     std::fs::remove_file(dir.path().join("libdemo.so")).expect("remove the plugin");
     host.signal("HUP");
-    wait_for(Duration::from_secs(60), "the reload refused", || {
+    wait_for_host(&host, Duration::from_secs(60), "the reload refused", || {
         host.stderr()
             .contains("reload refused; the running workers stay")
     });

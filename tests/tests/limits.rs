@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
 use commissaire_e2e::probe::{
-    amqp_addr, amqp_uri_via, metric, ready_messages, wait_for, CuttableProxy, RawCaller,
+    amqp_addr, amqp_uri_via, metric, ready_messages, wait_for_host, CuttableProxy, RawCaller,
 };
 use futures_util::StreamExt as _;
 use lapin::options::{
@@ -191,7 +191,7 @@ async fn a_quorum_queue_dead_letters_a_request_past_its_delivery_limit() {
     // Workers died for it: the delivery limit, not the host, ended it
     // (with crash_limit 100 the host would have gone on).
     let crashes = "commissaire_crashes_total{service=\"demo\"}";
-    wait_for(Duration::from_secs(30), "3 crashes counted", || {
+    wait_for_host(&host, Duration::from_secs(30), "3 crashes counted", || {
         metric(host.http, crashes).is_some_and(|n| n >= 3.0)
     });
     assert!(

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use commissaire_e2e::host::{unique, HostSpec, TestHost};
-use commissaire_e2e::probe::{amqp_addr, amqp_uri_via, wait_for, CuttableProxy, RawCaller};
+use commissaire_e2e::probe::{amqp_addr, amqp_uri_via, wait_for_host, CuttableProxy, RawCaller};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,7 +24,7 @@ async fn healthz_answers_503_while_the_broker_is_away_and_200_once_it_is_back() 
     assert_eq!(workers.len(), 1, "{:?}", host.health());
 
     proxy.cut();
-    wait_for(Duration::from_secs(30), "/healthz says 503", || {
+    wait_for_host(&host, Duration::from_secs(30), "/healthz says 503", || {
         host.health().0 == 503
     });
     let (status, health) = host.health();
@@ -40,9 +40,12 @@ async fn healthz_answers_503_while_the_broker_is_away_and_200_once_it_is_back() 
     );
 
     proxy.restore();
-    wait_for(Duration::from_secs(60), "/healthz says 200 again", || {
-        host.health().0 == 200
-    });
+    wait_for_host(
+        &host,
+        Duration::from_secs(60),
+        "/healthz says 200 again",
+        || host.health().0 == 200,
+    );
     assert_eq!(host.worker_pids("simple"), workers, "the same worker");
     // And it serves: a caller on the broker itself is answered.
     let mut caller = RawCaller::connect(&host.spec.exchange).await;
