@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use commissaire_e2e::host::{unique, HostSpec, TestHost};
+use commissaire_e2e::host::{http_get, unique};
 use commissaire_e2e::probe::wait_for;
-use commissaire_e2e::{host_bin, workspace_root};
+use commissaire_e2e::{host_bin, plugin_dir, workspace_root};
 
 /// A port nobody listens on now.
 fn free_port() -> u16 {
@@ -131,21 +131,106 @@ fn call(uri: &str, exchange: &str, ca: Option<&Path>) -> (Option<i32>, String, S
     )
 }
 
+/// A host serving `simple` on a private TLS broker. Not a `TestHost`:
+/// that one's cleanup speaks plain TCP to the machine's brokers, and the
+/// private broker goes with everything on it anyway.
+struct TlsHost {
+    child: Child,
+    http: std::net::SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    _plugins: tempfile::TempDir,
+}
+
+impl TlsHost {
+    fn start(uri: &str, exchange: &str, ca: &Path) -> Self {
+        let plugins = plugin_dir(&["simple"]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dir.path().join("host.toml");
+        let queue = unique("gap-simple");
+        std::fs::write(
+            &config,
+            format!(
+                "[bus]\nexchange = \"{exchange}\"\n[plugins]\ndir = \"{}\"\n[http]\nlisten = \"{http}\"\n\n\
+                 [[service]]\nname = \"simple\"\nqueues = [{{ name = \"{queue}\", routing_key = \"simple.*\" }}]\n",
+                plugins.path().display()
+            ),
+        )
+        .expect("write the config");
+        let log = dir.path().join("stderr.log");
+        let child = Command::new(host_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .args(["--bus-uri", uri])
+            .env("SSL_CERT_FILE", ca)
+            .env("COMMISSAIRE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn commissaire-host");
+        let mut host = Self {
+            child,
+            http,
+            log,
+            _dir: dir,
+            _plugins: plugins,
+        };
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = host.child.try_wait() {
+                panic!("host exited with {status}:\n{}", host.stderr());
+            }
+            if let Ok((200, _)) = http_get(host.http, "/healthz") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "host not serving within 60 s:\n{}",
+                host.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        host
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then its exit status (within 60 s).
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "host did not stop within 60 s:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Serves `simple` on `uri`, trusting `ca`; checks a caller trusting it is
 /// answered and one that does not is refused for the certificate.
 fn serves_over_tls(uri: String, ca: &Path) {
-    let mut spec = HostSpec::amqp();
-    spec.plugins = vec!["simple"];
-    spec.suffix = unique("gap");
-    spec.exchange = unique("gap-ex");
-    spec.bus_uri = uri.clone();
-    spec.env = vec![("SSL_CERT_FILE".to_owned(), ca.display().to_string())];
-    let mut host = TestHost::start(spec);
-    // The private broker goes with everything on it; the tests' cleanup
-    // speaks plain TCP to the machine's brokers, not TLS to this one.
-    host.spec.bus_uri = "private-tls-broker://".to_owned();
-    let exchange = host.spec.exchange.clone();
-
+    let exchange = unique("gap-ex");
+    let mut host = TlsHost::start(&uri, &exchange, ca);
     let (code, stdout, stderr) = call(&uri, &exchange, Some(ca));
     assert_eq!((code, stdout.as_str()), (Some(0), "3"), "{stderr}");
     let (code, _, stderr) = call(&uri, &exchange, None);
@@ -159,9 +244,7 @@ fn serves_over_tls(uri: String, ca: &Path) {
         "{stderr}"
     );
     assert!(!stderr.contains("guest:guest"), "{stderr}");
-
-    host.signal("TERM");
-    let status = host.wait(Duration::from_secs(60));
+    let status = host.stop();
     assert!(status.success(), "{status}\n{}", host.stderr());
 }
 
