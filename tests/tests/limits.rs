@@ -177,7 +177,7 @@ async fn a_quorum_queue_dead_letters_a_request_past_its_delivery_limit() {
          \"x-dead-letter-exchange\" = \"{dlx}\" }} }}]\n"
     );
     let host = TestHost::start_with_services(spec, &services);
-    let mut caller = RawCaller::connect(&host.spec.exchange).await;
+    let caller = RawCaller::connect(&host.spec.exchange).await;
     let body = request("doomed", "abort", json!([]));
     caller.send("demo.abort", &body, None).await;
 
