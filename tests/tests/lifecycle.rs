@@ -124,22 +124,37 @@ async fn sigterm_past_shutdown_timeout_exits_0_and_hands_the_request_back() {
     drop(host);
 }
 
-/// Deletes queue `name` unless somebody consumes it.
-async fn delete_if_unused(name: &str) {
-    let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let _ = ch
-        .queue_delete(
-            name.into(),
-            QueueDeleteOptions {
-                if_unused: true,
-                ..Default::default()
-            },
-        )
-        .await;
-    let _ = conn.close(200, "bye".into()).await;
+/// Deletes queue `name` when dropped (also when the test fails), unless
+/// somebody consumes it: `older` is the default queue of a plugin without
+/// a `[[service]]` entry, a name no test can make its own.
+struct DeletedIfUnused(&'static str);
+
+impl Drop for DeletedIfUnused {
+    fn drop(&mut self) {
+        let name = self.0;
+        let delete = async move {
+            let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            let _ = ch
+                .queue_delete(
+                    name.into(),
+                    QueueDeleteOptions {
+                        if_unused: true,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            conn.close(200, "bye".into()).await
+        };
+        // On a thread of its own: the test itself runs on a runtime.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(delete))
+        })
+        .join();
+    }
 }
 
 fn services(host: &TestHost) -> Vec<String> {
@@ -152,6 +167,7 @@ fn services(host: &TestHost) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
+    let _older = DeletedIfUnused("older");
     let dir = tempfile::tempdir().expect("temp dir");
     install("simple", dir.path(), "libsimple.so");
     let mut spec = spec(&["simple"]);
@@ -205,7 +221,6 @@ async fn sighup_starts_a_new_plugin_s_workers_and_stops_a_removed_one_s() {
     assert_eq!(caller.next(Duration::from_secs(30)).await.body["result"], 3);
     caller.close().await;
     drop(host);
-    delete_if_unused("older").await;
 }
 
 /// A plugin a `[[service]]` entry names cannot be removed by `SIGHUP`:

@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
-use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
+use commissaire_e2e::host::{amqp_uri, cleanup_broker, unique, HostSpec, TestHost};
 use commissaire_e2e::probe::{
     amqp_addr, amqp_uri_via, metric, ready_messages, wait_for_host, CuttableProxy, RawCaller,
 };
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -127,6 +126,10 @@ async fn a_quorum_queue_dead_letters_a_request_past_its_delivery_limit() {
     let queue = spec.queue("demo");
     let dlx = unique("gap-dlx");
     let dead = unique("gap-dead");
+    let _cleanup = Deleted {
+        exchange: dlx.clone(),
+        queue: dead.clone(),
+    };
     // The dead-letter exchange and a queue to see what reaches it.
     let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
         .await
@@ -201,15 +204,21 @@ async fn a_quorum_queue_dead_letters_a_request_past_its_delivery_limit() {
     );
 
     caller.close().await;
-    drop(host);
-    let ch = conn.create_channel().await.expect("channel");
-    let _ = ch
-        .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = ch
-        .exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
     let _ = conn.close(200, "bye".into()).await;
+    drop(host);
+}
+
+/// Deletes an exchange and a queue of the test's own when dropped, also
+/// when the test fails.
+struct Deleted {
+    exchange: String,
+    queue: String,
+}
+
+impl Drop for Deleted {
+    fn drop(&mut self) {
+        cleanup_broker(&self.exchange, std::slice::from_ref(&self.queue));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
