@@ -74,10 +74,13 @@ fn run_exits_1_when_a_plugin_s_init_fails() {
         let status = host.wait(Duration::from_secs(60));
         let log = host.stderr();
         assert_eq!(status.code(), Some(1), "on {bus}:\n{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("failed to start"))
+            .unwrap_or_else(|| panic!("no line says it, on {bus}:\n{log}"));
         assert!(
-            log.contains("service `demo` failed to start")
-                && log.contains("`greeting` must be a string, not 3"),
-            "on {bus}:\n{log}"
+            line.contains("service `demo`") && line.contains("`greeting` must be a string, not 3"),
+            "on {bus}: {line}"
         );
     }
 }
