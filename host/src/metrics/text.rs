@@ -40,6 +40,10 @@ pub struct ServiceView {
     pub restarts: u64,
     /// Workers that died unasked.
     pub crashes: u64,
+    /// Workers killed because their plugins' `init` passed `init_timeout`.
+    pub init_timeouts: u64,
+    /// Workers replaced for passing `max_worker_rss`.
+    pub rss_recycles: u64,
     /// The worker processes running now.
     pub processes: Vec<WorkerView>,
 }
@@ -163,7 +167,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 12] = [
+        let simple: [Simple; 14] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -173,6 +177,16 @@ impl Collector for Views {
                 "commissaire_crashes",
                 "Workers that died unasked (not stopped, not recycled).",
                 |v| v.crashes,
+            ),
+            (
+                "commissaire_init_timeouts",
+                "Workers killed because their plugins' init did not return within init_timeout.",
+                |v| v.init_timeouts,
+            ),
+            (
+                "commissaire_rss_recycles",
+                "Workers replaced because their resident memory passed max_worker_rss.",
+                |v| v.rss_recycles,
             ),
             (
                 "commissaire_poison_refused",

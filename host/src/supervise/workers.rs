@@ -59,8 +59,17 @@ pub(super) struct Worker {
     pub(super) started: Instant,
     pub(super) consuming: bool,
     pub(super) ever_consumed: bool,
+    /// Its plugins' `init` returned (it said so, or it consumed).
+    pub(super) initialized: bool,
+    /// How long `init` may take (its service's `init_timeout`).
+    pub(super) init_timeout: std::time::Duration,
+    /// Killed for passing `init_timeout`: it failed to start.
+    pub(super) init_timed_out: bool,
     /// Asked to stop: its exit is not a crash.
     pub(super) retiring: bool,
+    /// Killed when asked to stop before its `init` returned: it held no
+    /// request, and a stuck `init` would never read the request to stop.
+    pub(super) killed_in_init: bool,
     /// Why it cannot start, as it said.
     pub(super) fatal: Option<String>,
     /// Reads its control socket; finished once the worker closed it.
@@ -75,7 +84,12 @@ impl Worker {
     pub(super) fn retire(&mut self) {
         if !self.retiring {
             self.retiring = true;
-            self.send(STOP_LINE.to_owned());
+            if self.initialized {
+                self.send(STOP_LINE.to_owned());
+            } else {
+                self.killed_in_init = true;
+                let _ = self.child.start_kill();
+            }
         }
     }
 }
@@ -126,13 +140,19 @@ pub(super) async fn list_services(
 }
 
 impl Supervisor {
+    /// Starts worker `index` of `service` on the service's copies: its
+    /// last good version, never the plugin directory (what runs is what
+    /// was checked, whatever is on disk now).
     pub(super) fn spawn(&mut self, service: &str, index: u16) -> Option<u64> {
-        // The current roll's copies, never the plugin directory: what runs
-        // is what was checked, whatever is on disk now.
-        let Some(copies) = self.copies.current() else {
+        let Some(copies) = self.services.get(service).and_then(|s| s.copies.clone()) else {
             tracing::error!(service, "no plugin copies to start a worker with");
             return None;
         };
+        self.spawn_with(service, index, &copies)
+    }
+
+    /// Starts worker `index` of `service` on `copies`.
+    pub(super) fn spawn_with(&mut self, service: &str, index: u16, copies: &Copies) -> Option<u64> {
         let (roll, plugins_dir) = (copies.roll, copies.dir.clone());
         let id = self.next_id;
         self.next_id += 1;
@@ -238,12 +258,43 @@ impl Supervisor {
                 started: Instant::now(),
                 consuming: false,
                 ever_consumed: false,
+                initialized: false,
+                init_timeout: self.config.service(service).init_timeout,
+                init_timed_out: false,
                 retiring: false,
+                killed_in_init: false,
                 fatal: None,
                 control,
             },
         );
         Some(id)
+    }
+}
+
+impl Supervisor {
+    /// Kills the workers whose plugins' `init` passed `init_timeout`: they
+    /// failed to start (see [`super::exits`]).
+    pub(super) fn check_inits(&mut self) {
+        for w in self.workers.values_mut() {
+            if w.initialized || w.init_timed_out || w.retiring {
+                continue;
+            }
+            if w.started.elapsed() <= w.init_timeout {
+                continue;
+            }
+            let secs = w.init_timeout.as_secs_f64();
+            tracing::error!(
+                service = %w.service, pid = w.pid, init_timeout_s = secs,
+                "the plugin's init did not return within init_timeout; killing the worker"
+            );
+            w.init_timed_out = true;
+            w.fatal = Some(format!(
+                "service `{}`: the plugin's init did not return within {secs} s (init_timeout)",
+                w.service
+            ));
+            self.metrics.init_timed_out(&w.service);
+            let _ = w.child.start_kill();
+        }
     }
 }
 

@@ -1,0 +1,158 @@
+//! Misbehaving plugins (issue 33): the last good version keeps serving
+//! after a failed roll, a stuck `init` is caught, plugin output and worker
+//! memory are bounded. The plugin is `tests/fixtures/plugin-misbehave`
+//! (service `bp`), built in several versions; queues are `bp-…`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use commissaire_e2e::host::{cleanup_broker, unique, HostSpec, TestHost};
+use commissaire_e2e::{library, misbehave_library};
+use serde_json::{json, Value};
+
+fn kill(signal: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status();
+}
+
+fn wait_until(limit: Duration, what: &str, host: &TestHost, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} within {limit:?}:\n{}",
+            host.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn service_health(host: &TestHost, service: &str) -> Value {
+    host.health().1["services"][service].clone()
+}
+
+/// `service` has `n` workers, all consuming, none of them in `old`.
+fn replaced(host: &TestHost, service: &str, n: usize, old: &[u32]) -> bool {
+    let pids = host.worker_pids(service);
+    pids.len() == n
+        && pids.iter().all(|p| !old.contains(p))
+        && service_health(host, service)["consuming"] == n
+}
+
+/// Puts `library` in `dir` as `libmisbehave.so`, renamed into place (as a
+/// package manager installs).
+fn install(dir: &Path, library: &Path) {
+    let name = library.file_name().expect("a file name");
+    let staged = dir.join("incoming.tmp");
+    std::fs::copy(library, &staged).expect("stage the plugin");
+    std::fs::rename(&staged, dir.join(name)).expect("install the plugin");
+}
+
+/// The queues of one test, deleted at its end (after its host stopped).
+struct Queues {
+    exchange: String,
+    names: Vec<String>,
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        cleanup_broker(&self.exchange, &self.names);
+    }
+}
+
+/// A host serving `bp` (with `bp_toml` in its entry) and `simple`, both
+/// with `workers = 2`, from a plugin directory of the test's own.
+fn start(bp_toml: &str, plugins: &Path) -> (TestHost, Queues) {
+    let mut spec = HostSpec::amqp();
+    spec.plugins_dir = Some(plugins.to_owned());
+    let (bp, simple) = (unique("bp-bp"), unique("bp-simple"));
+    let queues = Queues {
+        exchange: spec.exchange.clone(),
+        names: vec![bp.clone(), simple.clone()],
+    };
+    let services = format!(
+        "[[service]]\nname = \"bp\"\nworkers = 2\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n{bp_toml}\n\
+         [[service]]\nname = \"simple\"\nworkers = 2\nqueues = [{{ name = \"{simple}\", routing_key = \"simple.*\" }}]\n"
+    );
+    (TestHost::start_with_services(spec, &services), queues)
+}
+
+fn plugin_dir_with(v: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    install(dir.path(), &misbehave_library(v));
+    install(dir.path(), &library("simple"));
+    dir
+}
+
+fn version(host: &TestHost, id: u64) -> (u16, Value) {
+    let (status, reply) = host.http_call("bp.version", &json!({"id": id}));
+    (status, reply["result"].clone())
+}
+
+/// A roll whose new `bp` fails in its `init`: `bp` stays on v1 even when
+/// every one of its workers is then killed, `simple` (queued behind it) is
+/// rolled, one line names `bp` as not rolled, and the next SIGHUP with a
+/// good build rolls `bp` too.
+#[test]
+fn a_failed_roll_keeps_the_last_good_version_through_kill_9() {
+    let plugins = plugin_dir_with("v1");
+    let (host, _queues) = start("config = { fail_init_in = [\"v2\"] }", plugins.path());
+    assert_eq!(version(&host, 1), (200, json!("v1")));
+    let (bp_before, simple_before) = (host.worker_pids("bp"), host.worker_pids("simple"));
+    assert_eq!((bp_before.len(), simple_before.len()), (2, 2));
+
+    install(plugins.path(), &misbehave_library("v2"));
+    host.signal("HUP");
+    wait_until(
+        Duration::from_secs(60),
+        "the roll finished",
+        &host,
+        || host.stderr().contains("roll finished"),
+    );
+    let log = host.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("roll finished"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("not_rolled=bp") && line.contains("last good version"),
+        "{line}\n{log}"
+    );
+    // The service queued behind the failed one was rolled.
+    wait_until(Duration::from_secs(20), "simple rolled", &host, || {
+        replaced(&host, "simple", 2, &simple_before)
+    });
+    assert_eq!(host.worker_pids("bp"), bp_before, "bp's workers stay");
+
+    // Every bp worker killed: the restarts load v1, not the file on disk.
+    for pid in &bp_before {
+        kill("KILL", *pid);
+    }
+    wait_until(Duration::from_secs(30), "bp's workers restarted", &host, || {
+        replaced(&host, "bp", 2, &bp_before)
+    });
+    let mut answered_v1 = 0;
+    for id in 0..200 {
+        if version(&host, id) == (200, json!("v1")) {
+            answered_v1 += 1;
+        }
+    }
+    let log = host.stderr();
+    eprintln!(
+        "failed roll then kill -9 of both workers: {answered_v1} of 200 answered v1, \
+         {} failed starts",
+        log.matches("could not start").count()
+    );
+    assert_eq!(answered_v1, 200, "{log}");
+    assert!(!log.contains("worker could not start"), "{log}");
+
+    // The next SIGHUP tries bp again.
+    install(plugins.path(), &misbehave_library("v3"));
+    let bp_before = host.worker_pids("bp");
+    host.signal("HUP");
+    wait_until(Duration::from_secs(60), "bp rolled to v3", &host, || {
+        replaced(&host, "bp", 2, &bp_before) && version(&host, 7) == (200, json!("v3"))
+    });
+}
