@@ -156,3 +156,122 @@ fn a_failed_roll_keeps_the_last_good_version_through_kill_9() {
         replaced(&host, "bp", 2, &bp_before) && version(&host, 7) == (200, json!("v3"))
     });
 }
+
+/// An `init` that never returns at start-up: `run` ends with status 1 and
+/// one line naming the service once `init_timeout` passed.
+#[test]
+fn an_init_that_never_returns_at_start_up_ends_run() {
+    let plugins = plugin_dir_with("v1");
+    let mut spec = HostSpec::amqp();
+    spec.plugins_dir = Some(plugins.path().to_owned());
+    let bp = unique("bp-bp");
+    let _queues = Queues {
+        exchange: spec.exchange.clone(),
+        names: vec![bp.clone()],
+    };
+    let services = format!(
+        "[[service]]\nname = \"bp\"\ninit_timeout = 1\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n\
+         config = {{ hang_init_in = [\"v1\"] }}\n"
+    );
+    let mut host = TestHost::start_expecting_failure(spec, &services);
+    let status = host.wait(Duration::from_secs(60));
+    let log = host.stderr();
+    assert_eq!(status.code(), Some(1), "{log}");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("init did not return within"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("service=bp") && l.contains("ERROR")),
+        "{log}"
+    );
+    assert!(
+        log.contains("service `bp`: the plugin's init did not return within 1 s (init_timeout)"),
+        "{log}"
+    );
+}
+
+/// SIGTERM while a worker is stuck in `init` (long before its
+/// `init_timeout`): the worker holds no request, it is killed at once and
+/// `run` ends well before `shutdown_timeout`.
+#[test]
+fn sigterm_does_not_wait_for_a_stuck_init() {
+    let plugins = plugin_dir_with("v1");
+    let mut spec = HostSpec::amqp();
+    spec.plugins_dir = Some(plugins.path().to_owned());
+    spec.extra_toml = "\n[host]\nshutdown_timeout = 120\n".to_owned();
+    let bp = unique("bp-bp");
+    let _queues = Queues {
+        exchange: spec.exchange.clone(),
+        names: vec![bp.clone()],
+    };
+    let services = format!(
+        "[[service]]\nname = \"bp\"\ninit_timeout = 600\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n\
+         config = {{ hang_init_in = [\"v1\"] }}\n"
+    );
+    let mut host = TestHost::start_expecting_failure(spec, &services);
+    wait_until(Duration::from_secs(30), "bp's worker started", &host, || {
+        host.stderr().contains("worker started")
+    });
+    host.signal("TERM");
+    // shutdown_timeout + 5 s is 125 s: the stuck worker must not hold it.
+    let status = host.wait(Duration::from_secs(30));
+    assert!(status.success(), "{}", host.stderr());
+}
+
+/// A worker whose `init` hangs once the host served (what it depends on
+/// went away) is killed at `init_timeout`, with one line and a metric;
+/// the other service is served meanwhile, and a SIGHUP with a build that
+/// copes replaces the stuck service's workers.
+#[test]
+fn an_init_stuck_after_start_is_caught_and_a_sighup_fix_takes_effect() {
+    let plugins = plugin_dir_with("v1");
+    let flags = tempfile::tempdir().expect("temp dir");
+    let prefix = flags.path().join("hang-");
+    let (host, _queues) = start(
+        &format!(
+            "init_timeout = 2\nconfig = {{ hang_init_while = \"{}\" }}",
+            prefix.display()
+        ),
+        plugins.path(),
+    );
+    assert_eq!(version(&host, 1), (200, json!("v1")));
+    let bp_before = host.worker_pids("bp");
+    std::fs::write(format!("{}v1", prefix.display()), b"").expect("the hang flag");
+    for pid in &bp_before {
+        kill("KILL", *pid);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "both stuck inits caught",
+        &host,
+        || host.metric("commissaire_init_timeouts_total{service=\"bp\"}") >= 2,
+    );
+    let log = host.stderr();
+    let caught = log
+        .lines()
+        .filter(|l| l.contains("init did not return within init_timeout"))
+        .count();
+    assert!(caught >= 2, "{log}");
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("init did not return within init_timeout"))
+            .all(|l| l.contains("ERROR") && l.contains("service=bp")),
+        "{log}"
+    );
+    // The other service is served meanwhile.
+    for id in 0..20 {
+        let (status, reply) = host.http_call("simple.add", &json!({"id": id, "params": [id, 1]}));
+        assert_eq!((status, reply["result"].clone()), (200, json!(id + 1)));
+    }
+    assert_ne!(host.health().0, 200, "bp is not served: /healthz says so");
+
+    install(plugins.path(), &misbehave_library("v2"));
+    host.signal("HUP");
+    wait_until(Duration::from_secs(60), "bp served by v2", &host, || {
+        replaced(&host, "bp", 2, &bp_before) && version(&host, 9) == (200, json!("v2"))
+    });
+    assert_eq!(host.health().0, 200);
+    let caught = host.metric("commissaire_init_timeouts_total{service=\"bp\"}");
+    eprintln!("a stuck init after start: {caught} workers killed at init_timeout before the SIGHUP fix");
+}
