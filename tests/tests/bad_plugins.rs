@@ -275,3 +275,68 @@ fn an_init_stuck_after_start_is_caught_and_a_sighup_fix_takes_effect() {
     let caught = host.metric("commissaire_init_timeouts_total{service=\"bp\"}");
     eprintln!("a stuck init after start: {caught} workers killed at init_timeout before the SIGHUP fix");
 }
+
+/// About 100 MB of plugin output, on stdout and stderr, in short lines and
+/// in two 20 MB lines: the log grows by a bounded amount (at most 100
+/// lines a second per worker, each cut at 4 KiB), every line left out is
+/// counted in a `suppressed=N` line, and the service still answers.
+#[test]
+fn a_hundred_megabytes_of_plugin_output_make_a_bounded_log() {
+    let plugins = plugin_dir_with("v1");
+    let (host, _queues) = start("", plugins.path());
+    let log_before = host.stderr().len();
+    let mut written = 0u64;
+    let mut id = 0;
+    let mut shout = |stream: &str, lines: u64, bytes: u64| {
+        id += 1;
+        let (status, reply) = host.http_call(
+            "bp.shout",
+            &json!({"id": id, "params": [stream, lines, bytes]}),
+        );
+        assert_eq!((status, &reply["result"]), (200, &json!(lines)), "{reply}");
+        written += lines;
+    };
+    for _ in 0..4 {
+        shout("stdout", 100_000, 100);
+        shout("stderr", 100_000, 100);
+    }
+    shout("stdout", 1, 20 << 20);
+    shout("stderr", 1, 20 << 20);
+    // Every line is either logged or counted as left out.
+    let accounted = |log: &str| -> (u64, u64) {
+        let shown = log
+            .lines()
+            .filter(|l| l.contains("worker output") && l.contains("service=bp") && l.contains("output="))
+            .count() as u64;
+        let suppressed = log
+            .lines()
+            .filter_map(|l| l.split("suppressed=").nth(1))
+            .filter_map(|n| n.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        (shown, suppressed)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "every line logged or counted",
+        &host,
+        || {
+            let (shown, suppressed) = accounted(&host.stderr());
+            shown + suppressed == written
+        },
+    );
+    let log = host.stderr();
+    let grown = log.len() - log_before;
+    let (shown, suppressed) = accounted(&log);
+    let longest = log.lines().map(str::len).max().unwrap_or_default();
+    eprintln!(
+        "~100 MB of plugin output ({written} lines): the log grew by {grown} bytes, \
+         {shown} lines shown, {suppressed} counted as left out, longest log line {longest} bytes"
+    );
+    assert!(grown < 4 << 20, "the log grew by {grown} bytes");
+    assert!(longest < 8 << 10, "a log line of {longest} bytes");
+    assert!(
+        log.contains("a long line, cut at 4096 bytes") && log.contains("bytes=20971519"),
+        "the long lines are cut, their length said"
+    );
+    assert_eq!(version(&host, 99), (200, json!("v1")));
+}

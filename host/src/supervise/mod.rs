@@ -15,7 +15,8 @@
 //! - [`plugin_copies`]: the checked, private copies of the plugins that
 //!   each roll's workers load;
 //! - [`metrics`]: what `/healthz` and `/metrics` report;
-//! - [`notify`]: what systemd is told (readiness, reload, watchdog).
+//! - [`notify`]: what systemd is told (readiness, reload, watchdog);
+//! - [`output`]: plugins' output, bounded and throttled.
 
 pub mod backoff;
 pub mod control;
@@ -23,6 +24,7 @@ pub mod crashes;
 pub mod exits;
 pub mod metrics;
 pub mod notify;
+pub mod output;
 pub mod plugin_copies;
 pub mod roll;
 pub mod work_dir;

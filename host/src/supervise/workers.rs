@@ -226,22 +226,9 @@ impl Supervisor {
             self.metrics.clone(),
         ));
         if let Some(stdout) = child.stdout.take() {
-            let name = service.to_owned();
-            tokio::spawn(async move {
-                // Plugins' output: logged, never parsed.
-                let mut out = tokio::io::BufReader::new(stdout);
-                loop {
-                    match read_line(&mut out, MAX_LINE).await {
-                        Ok(Line::Text(line)) => {
-                            tracing::info!(service = %name, pid, output = %line, "worker output");
-                        }
-                        Ok(Line::TooLong) => {
-                            tracing::info!(service = %name, pid, max = MAX_LINE, "worker output: an overlong line skipped");
-                        }
-                        Ok(Line::End) | Err(_) => break,
-                    }
-                }
-            });
+            // Plugins' output, stdout and stderr: logged, bounded, never
+            // parsed.
+            tokio::spawn(super::output::log_output(stdout, service.to_owned(), pid));
         }
         tracing::info!(service, pid, worker = index, roll, "worker started");
         self.workers.insert(
