@@ -114,7 +114,7 @@ async fn read_output_line<R: AsyncBufRead + Unpin>(
 
 fn report(service: &str, pid: u32, suppressed: u64) {
     tracing::warn!(
-        service,
+        %service,
         pid,
         suppressed,
         "worker output: lines left out (over {LINES_PER_WINDOW} a second)"
@@ -158,9 +158,9 @@ pub(super) async fn log_output<R: AsyncRead + Unpin + Send + 'static>(
             continue;
         }
         match cut {
-            None => tracing::info!(service, pid, output = %line, "worker output"),
+            None => tracing::info!(%service, pid, output = %line, "worker output"),
             Some(bytes) => tracing::info!(
-                service, pid, output = %line, bytes,
+                %service, pid, output = %line, bytes,
                 "worker output (a long line, cut at {MAX_OUTPUT_LINE} bytes)"
             ),
         }
