@@ -340,3 +340,51 @@ fn a_hundred_megabytes_of_plugin_output_make_a_bounded_log() {
     );
     assert_eq!(version(&host, 99), (200, json!("v1")));
 }
+
+/// A handler that leaks 20 MiB a call, 100 calls from 4 callers, under
+/// `max_worker_rss = "128 MiB"`: workers are replaced as they pass the
+/// cap (one line and a count each), no worker ever grows far past it, and
+/// every call is answered.
+#[test]
+fn a_leaking_handler_is_recycled_at_the_cap_with_no_failed_request() {
+    let plugins = plugin_dir_with("v1");
+    let (host, _queues) = start("max_worker_rss = \"128 MiB\"", plugins.path());
+    let host = std::sync::Arc::new(host);
+    let callers: Vec<_> = (0..4)
+        .map(|c| {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                for i in 0..25 {
+                    let (status, reply) =
+                        host.http_call("bp.leak", &json!({"id": c * 100 + i, "params": [20]}));
+                    if status != 200 || !reply["result"].is_u64() {
+                        failed.push((status, reply));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let failed: Vec<_> = callers
+        .into_iter()
+        .flat_map(|c| c.join().expect("a caller"))
+        .collect();
+    let recycled = host.metric("commissaire_rss_recycles_total{service=\"bp\"}");
+    let log = host.stderr();
+    let lines = log.matches("worker over max_worker_rss").count();
+    eprintln!(
+        "100 calls leaking 20 MiB each under max_worker_rss = 128 MiB: {} failed, \
+         {recycled} workers recycled ({lines} lines), {} crashes",
+        failed.len(),
+        host.metric("commissaire_crashes_total{service=\"bp\"}")
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{log}");
+    assert!(recycled >= 5, "{recycled} recycled\n{log}");
+    assert_eq!(lines as u64, recycled, "one line per recycled worker");
+    assert_eq!(host.metric("commissaire_crashes_total{service=\"bp\"}"), 0, "{log}");
+    wait_until(Duration::from_secs(30), "bp's 2 workers consuming", &host, || {
+        service_health(&host, "bp")["consuming"] == 2
+    });
+    assert_eq!(version(&host, 1), (200, json!("v1")));
+}

@@ -316,14 +316,21 @@ struct ProcFigures {
     open_fds: u64,
 }
 
-/// Reads a process's figures from `/proc`; `None` if it is gone.
-fn read_proc(pid: u32) -> Option<ProcFigures> {
+/// A process's resident memory in bytes, from `/proc`; `None` if it is
+/// gone.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0);
+    Some(rss_kb * 1024)
+}
+
+/// Reads a process's figures from `/proc`; `None` if it is gone.
+fn read_proc(pid: u32) -> Option<ProcFigures> {
+    let rss_bytes = resident_bytes(pid)?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces and parens.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -339,7 +346,7 @@ fn read_proc(pid: u32) -> Option<ProcFigures> {
     let cpu_seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     Some(ProcFigures {
-        rss_bytes: rss_kb * 1024,
+        rss_bytes,
         cpu_seconds,
         open_fds,
     })

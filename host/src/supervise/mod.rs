@@ -192,6 +192,8 @@ struct Supervisor {
     hand_backs: tokio_util::task::TaskTracker,
     /// What systemd is told (nothing outside systemd).
     notifier: notify::Notifier,
+    /// When workers' memory was last checked against `max_worker_rss`.
+    memory_checked: Instant,
 }
 
 impl Supervisor {
@@ -373,6 +375,7 @@ pub async fn supervise(
         client: None,
         hand_backs: tokio_util::task::TaskTracker::new(),
         notifier: notify::Notifier::from_env(),
+        memory_checked: Instant::now(),
     };
     let result = run_loop(
         &mut s,
@@ -481,6 +484,7 @@ async fn run_loop(
             _ = hup.recv() => s.begin_roll().await,
         }
         s.check_inits();
+        s.check_memory();
         s.reap();
         s.sweep_copies();
         s.spawn_due();

@@ -65,6 +65,8 @@ pub(super) struct Worker {
     pub(super) init_timeout: std::time::Duration,
     /// Killed for passing `init_timeout`: it failed to start.
     pub(super) init_timed_out: bool,
+    /// Its service's `max_worker_rss`.
+    pub(super) max_rss: Option<u64>,
     /// Asked to stop: its exit is not a crash.
     pub(super) retiring: bool,
     /// Killed when asked to stop before its `init` returned: it held no
@@ -231,6 +233,7 @@ impl Supervisor {
             tokio::spawn(super::output::log_output(stdout, service.to_owned(), pid));
         }
         tracing::info!(service, pid, worker = index, roll, "worker started");
+        let settings = self.config.service(service);
         self.workers.insert(
             id,
             Worker {
@@ -246,8 +249,9 @@ impl Supervisor {
                 consuming: false,
                 ever_consumed: false,
                 initialized: false,
-                init_timeout: self.config.service(service).init_timeout,
+                init_timeout: settings.init_timeout,
                 init_timed_out: false,
+                max_rss: settings.max_worker_rss,
                 retiring: false,
                 killed_in_init: false,
                 fatal: None,
@@ -284,6 +288,54 @@ impl Supervisor {
         }
     }
 }
+
+impl Supervisor {
+    /// Replaces the workers over their service's `max_worker_rss`: each
+    /// stops taking requests and finishes what it holds (as at a roll),
+    /// while a fresh one takes its place at once. Checked every
+    /// [`MEMORY_CHECK_EVERY`].
+    pub(super) fn check_memory(&mut self) {
+        if self.stopping.is_some() || self.memory_checked.elapsed() < MEMORY_CHECK_EVERY {
+            return;
+        }
+        self.memory_checked = std::time::Instant::now();
+        // A roll's two workers of a slot are its to settle.
+        let rolling: Vec<u64> = self
+            .roll
+            .iter()
+            .filter_map(|r| r.current.as_ref())
+            .flat_map(|c| c.old.into_iter().chain([c.new]))
+            .collect();
+        let mut over = Vec::new();
+        for (id, w) in &self.workers {
+            let Some(max) = w.max_rss else { continue };
+            if w.retiring || !w.ever_consumed || rolling.contains(id) {
+                continue;
+            }
+            if let Some(rss) = crate::metrics::text::resident_bytes(w.pid) {
+                if rss > max {
+                    over.push((*id, rss, max));
+                }
+            }
+        }
+        for (id, rss, max) in over {
+            let Some(w) = self.workers.get_mut(&id) else { continue };
+            tracing::warn!(
+                service = %w.service, pid = w.pid, rss_bytes = rss, max_worker_rss = max,
+                "worker over max_worker_rss: it finishes what it holds and a fresh one takes its place"
+            );
+            w.retire();
+            let (service, index) = (w.service.clone(), w.index);
+            self.metrics.rss_recycled(&service);
+            if self.spawn(&service, index).is_none() {
+                self.schedule(&service, index, true);
+            }
+        }
+    }
+}
+
+/// How often workers' memory is checked against `max_worker_rss`.
+const MEMORY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A connected socket pair: the supervisor's end (async) and the worker's.
 fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
