@@ -79,6 +79,19 @@ fn start(bp_toml: &str, plugins: &Path) -> (TestHost, Queues) {
     (TestHost::start_with_services(spec, &services), queues)
 }
 
+/// A process's resident memory, in bytes (0 once it is gone).
+fn resident_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn plugin_dir_with(v: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     install(dir.path(), &misbehave_library(v));
@@ -350,6 +363,20 @@ fn a_leaking_handler_is_recycled_at_the_cap_with_no_failed_request() {
     let plugins = plugin_dir_with("v1");
     let (host, _queues) = start("max_worker_rss = \"128 MiB\"", plugins.path());
     let host = std::sync::Arc::new(host);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (host, done) = (host.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                for pid in host.worker_pids("bp") {
+                    peak = peak.max(resident_bytes(pid));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
     let callers: Vec<_> = (0..4)
         .map(|c| {
             let host = host.clone();
@@ -370,14 +397,17 @@ fn a_leaking_handler_is_recycled_at_the_cap_with_no_failed_request() {
         .into_iter()
         .flat_map(|c| c.join().expect("a caller"))
         .collect();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().expect("the sampler");
     let recycled = host.metric("commissaire_rss_recycles_total{service=\"bp\"}");
     let log = host.stderr();
     let lines = log.matches("worker over max_worker_rss").count();
     eprintln!(
         "100 calls leaking 20 MiB each under max_worker_rss = 128 MiB: {} failed, \
-         {recycled} workers recycled ({lines} lines), {} crashes",
+         {recycled} workers recycled ({lines} lines), {} crashes, peak worker RSS {} MiB",
         failed.len(),
-        host.metric("commissaire_crashes_total{service=\"bp\"}")
+        host.metric("commissaire_crashes_total{service=\"bp\"}"),
+        peak >> 20
     );
     assert!(failed.is_empty(), "{failed:?}\n{log}");
     assert!(recycled >= 5, "{recycled} recycled\n{log}");

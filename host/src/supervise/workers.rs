@@ -335,7 +335,7 @@ impl Supervisor {
 }
 
 /// How often workers' memory is checked against `max_worker_rss`.
-const MEMORY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const MEMORY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A connected socket pair: the supervisor's end (async) and the worker's.
 fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
