@@ -118,12 +118,9 @@ fn a_failed_roll_keeps_the_last_good_version_through_kill_9() {
 
     install(plugins.path(), &misbehave_library("v2"));
     host.signal("HUP");
-    wait_until(
-        Duration::from_secs(60),
-        "the roll finished",
-        &host,
-        || host.stderr().contains("roll finished"),
-    );
+    wait_until(Duration::from_secs(60), "the roll finished", &host, || {
+        host.stderr().contains("roll finished")
+    });
     let log = host.stderr();
     let line = log
         .lines()
@@ -143,9 +140,12 @@ fn a_failed_roll_keeps_the_last_good_version_through_kill_9() {
     for pid in &bp_before {
         kill("KILL", *pid);
     }
-    wait_until(Duration::from_secs(30), "bp's workers restarted", &host, || {
-        replaced(&host, "bp", 2, &bp_before)
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "bp's workers restarted",
+        &host,
+        || replaced(&host, "bp", 2, &bp_before),
+    );
     let mut answered_v1 = 0;
     for id in 0..200 {
         if version(&host, id) == (200, json!("v1")) {
@@ -195,7 +195,9 @@ fn an_init_that_never_returns_at_start_up_ends_run() {
         .filter(|l| l.contains("init did not return within"))
         .collect();
     assert!(
-        lines.iter().any(|l| l.contains("service=bp") && l.contains("ERROR")),
+        lines
+            .iter()
+            .any(|l| l.contains("service=bp") && l.contains("ERROR")),
         "{log}"
     );
     assert!(
@@ -223,9 +225,12 @@ fn sigterm_does_not_wait_for_a_stuck_init() {
          config = {{ hang_init_in = [\"v1\"] }}\n"
     );
     let mut host = TestHost::start_expecting_failure(spec, &services);
-    wait_until(Duration::from_secs(30), "bp's worker started", &host, || {
-        host.stderr().contains("worker started")
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "bp's worker started",
+        &host,
+        || host.stderr().contains("worker started"),
+    );
     host.signal("TERM");
     // shutdown_timeout + 5 s is 125 s: the stuck worker must not hold it.
     let status = host.wait(Duration::from_secs(30));
@@ -286,7 +291,9 @@ fn an_init_stuck_after_start_is_caught_and_a_sighup_fix_takes_effect() {
     });
     assert_eq!(host.health().0, 200);
     let caught = host.metric("commissaire_init_timeouts_total{service=\"bp\"}");
-    eprintln!("a stuck init after start: {caught} workers killed at init_timeout before the SIGHUP fix");
+    eprintln!(
+        "a stuck init after start: {caught} workers killed at init_timeout before the SIGHUP fix"
+    );
 }
 
 /// About 100 MB of plugin output, on stdout and stderr, in short lines and
@@ -319,7 +326,9 @@ fn a_hundred_megabytes_of_plugin_output_make_a_bounded_log() {
     let accounted = |log: &str| -> (u64, u64) {
         let shown = log
             .lines()
-            .filter(|l| l.contains("worker output") && l.contains("service=bp") && l.contains("output="))
+            .filter(|l| {
+                l.contains("worker output") && l.contains("service=bp") && l.contains("output=")
+            })
             .count() as u64;
         let suppressed = log
             .lines()
@@ -412,9 +421,16 @@ fn a_leaking_handler_is_recycled_at_the_cap_with_no_failed_request() {
     assert!(failed.is_empty(), "{failed:?}\n{log}");
     assert!(recycled >= 5, "{recycled} recycled\n{log}");
     assert_eq!(lines as u64, recycled, "one line per recycled worker");
-    assert_eq!(host.metric("commissaire_crashes_total{service=\"bp\"}"), 0, "{log}");
-    wait_until(Duration::from_secs(30), "bp's 2 workers consuming", &host, || {
-        service_health(&host, "bp")["consuming"] == 2
-    });
+    assert_eq!(
+        host.metric("commissaire_crashes_total{service=\"bp\"}"),
+        0,
+        "{log}"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "bp's 2 workers consuming",
+        &host,
+        || service_health(&host, "bp")["consuming"] == 2,
+    );
     assert_eq!(version(&host, 1), (200, json!("v1")));
 }

@@ -152,13 +152,11 @@ impl ByteSize {
             Self::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
             Self::Text(text) => {
                 let t = text.trim();
-                let split = t
-                    .find(|c: char| !c.is_ascii_digit())
-                    .unwrap_or(t.len());
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
                 let (number, unit) = t.split_at(split);
-                let number: u64 = number
-                    .parse()
-                    .map_err(|_| format!("`{text}` is not a size (write e.g. 536870912 or \"512 MiB\")"))?;
+                let number: u64 = number.parse().map_err(|_| {
+                    format!("`{text}` is not a size (write e.g. 536870912 or \"512 MiB\")")
+                })?;
                 let scale: u64 = match unit.trim() {
                     "" | "B" => 1,
                     "K" | "KiB" | "k" => 1 << 10,

@@ -174,7 +174,12 @@ impl MetricsBook {
 
     /// A worker of `service` was killed for passing `init_timeout`.
     pub(super) fn init_timed_out(&self, service: &str) {
-        self.with(|services| services.entry(service.to_owned()).or_default().init_timeouts += 1);
+        self.with(|services| {
+            services
+                .entry(service.to_owned())
+                .or_default()
+                .init_timeouts += 1
+        });
     }
 
     /// A worker of `service` passed `max_worker_rss` and is replaced.

@@ -240,7 +240,11 @@ impl Supervisor {
             .workers
             .values()
             .map(|w| w.roll)
-            .chain(self.services.values().filter_map(|s| s.copies.as_ref().map(|c| c.roll)))
+            .chain(
+                self.services
+                    .values()
+                    .filter_map(|s| s.copies.as_ref().map(|c| c.roll)),
+            )
             .collect();
         self.copies.sweep(&in_use);
     }

@@ -109,7 +109,10 @@ async fn read_output_line<R: AsyncBufRead + Unpin>(
             }
         }
     }
-    Ok(Some((String::from_utf8_lossy(&buf).into_owned(), Some(total))))
+    Ok(Some((
+        String::from_utf8_lossy(&buf).into_owned(),
+        Some(total),
+    )))
 }
 
 fn report(service: &str, pid: u32, suppressed: u64) {

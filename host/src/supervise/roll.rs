@@ -100,7 +100,11 @@ impl Supervisor {
             }
             queue.extend(state.slots.keys().map(|index| (name.clone(), *index)));
         }
-        tracing::info!(workers = queue.len(), roll = copies.roll, "SIGHUP: rolling restart");
+        tracing::info!(
+            workers = queue.len(),
+            roll = copies.roll,
+            "SIGHUP: rolling restart"
+        );
         self.roll = Some(RollRun {
             copies,
             queue,
@@ -213,7 +217,11 @@ impl Supervisor {
             }
         }
         if run.failed.is_empty() {
-            tracing::info!(workers = run.rolled, roll = run.copies.roll, "roll finished");
+            tracing::info!(
+                workers = run.rolled,
+                roll = run.copies.roll,
+                "roll finished"
+            );
         } else {
             let names: Vec<&str> = run.failed.iter().map(String::as_str).collect();
             tracing::error!(

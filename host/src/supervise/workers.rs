@@ -319,7 +319,9 @@ impl Supervisor {
             }
         }
         for (id, rss, max) in over {
-            let Some(w) = self.workers.get_mut(&id) else { continue };
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
             tracing::warn!(
                 service = %w.service, pid = w.pid, rss_bytes = rss, max_worker_rss = max,
                 "worker over max_worker_rss: it finishes what it holds and a fresh one takes its place"
