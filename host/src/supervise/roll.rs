@@ -156,9 +156,25 @@ impl Supervisor {
         };
         if let Some(current) = &mut run.current {
             if !current.retired_old {
-                if !self.workers.get(&current.new).is_some_and(|w| w.consuming) {
-                    self.roll = Some(run);
-                    return;
+                match self.workers.get(&current.new) {
+                    Some(new) if new.consuming => {}
+                    Some(_) => {
+                        self.roll = Some(run);
+                        return;
+                    }
+                    None => {
+                        // It consumed, then died before it was seen to:
+                        // not proven; its old worker stays.
+                        tracing::error!(
+                            service = %current.service,
+                            "the new worker died as it started: the service stays on its last \
+                             good version; the roll goes on with the other services"
+                        );
+                        run.failed.insert(current.service.clone());
+                        run.current = None;
+                        self.roll = Some(run);
+                        return self.advance_roll();
+                    }
                 }
                 // Proven: restarts of this service load these copies now.
                 if let Some(state) = self.services.get_mut(&current.service) {
