@@ -277,7 +277,10 @@ fn worker_settings_and_their_defaults() {
     let d = c.service("other");
     assert_eq!((d.workers, d.crash_limit), (1, DEFAULT_CRASH_LIMIT));
     assert_eq!(d.handler_timeout, DEFAULT_HANDLER_TIMEOUT);
-    assert_eq!((d.init_timeout, d.max_worker_rss), (DEFAULT_INIT_TIMEOUT, None));
+    assert_eq!(
+        (d.init_timeout, d.max_worker_rss),
+        (DEFAULT_INIT_TIMEOUT, None)
+    );
     for (rss, bytes) in [
         ("536870912", 512 << 20),
         ("\"512 MiB\"", 512 << 20),
@@ -287,7 +290,9 @@ fn worker_settings_and_their_defaults() {
         let text = format!(
             "[bus]\nuri = \"amqp://h\"\n[[service]]\nname = \"s\"\ninit_timeout = 2.5\nmax_worker_rss = {rss}\n"
         );
-        let s = load_text(&text, &Overrides::default(), None).unwrap().service("s");
+        let s = load_text(&text, &Overrides::default(), None)
+            .unwrap()
+            .service("s");
         assert_eq!(s.init_timeout, Duration::from_millis(2500));
         assert_eq!(s.max_worker_rss, Some(bytes), "{rss}");
     }
