@@ -434,3 +434,37 @@ fn a_leaking_handler_is_recycled_at_the_cap_with_no_failed_request() {
     );
     assert_eq!(version(&host, 1), (200, json!("v1")));
 }
+
+/// A second file exporting `bp` dropped beside the first: every new worker
+/// refuses the directory, so no service is rolled, one line names them
+/// all, and the running workers, restarts included, keep serving v1.
+#[test]
+fn a_second_file_exporting_the_same_service_rolls_nothing() {
+    let plugins = plugin_dir_with("v1");
+    let (host, _queues) = start("", plugins.path());
+    let bp_before = host.worker_pids("bp");
+    let twin = plugins.path().join("libmisbehave_twin.so");
+    std::fs::copy(misbehave_library("v2"), &twin).expect("the twin");
+    host.signal("HUP");
+    wait_until(Duration::from_secs(60), "the roll finished", &host, || {
+        host.stderr().contains("roll finished")
+    });
+    let log = host.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("roll finished"))
+        .unwrap_or_default();
+    assert!(line.contains("not_rolled=bp, simple"), "{line}\n{log}");
+    for pid in &bp_before {
+        kill("KILL", *pid);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "bp's workers restarted",
+        &host,
+        || replaced(&host, "bp", 2, &bp_before),
+    );
+    for id in 0..20 {
+        assert_eq!(version(&host, id), (200, json!("v1")));
+    }
+}
