@@ -241,7 +241,7 @@ async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_ser
     host.signal("HUP");
     wait_for_host(&host, Duration::from_secs(60), "the reload refused", || {
         host.stderr()
-            .contains("reload refused; the running workers stay")
+            .contains("reload refused: every service stays on its last good version")
     });
     let log = host.stderr();
     let line = log
