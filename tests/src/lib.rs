@@ -15,6 +15,7 @@ pub mod http;
 pub mod load;
 pub mod redis;
 pub mod redis_load;
+pub mod tally;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;

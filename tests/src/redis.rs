@@ -47,25 +47,28 @@ pub enum Resp {
 }
 
 impl Resp {
-    /// The strings of an array reply (empty for anything else).
+    /// The strings of an array reply. Panics on anything else (an error
+    /// reply above all: a failed `KEYS` or a `WRONGTYPE` is no empty
+    /// list), and on an item that is not a string.
     pub fn strings(&self) -> Vec<String> {
         match self {
             Resp::Array(items) => items
                 .iter()
-                .filter_map(|i| match i {
-                    Resp::Str(s) => Some(s.clone()),
-                    _ => None,
+                .map(|i| match i {
+                    Resp::Str(s) => s.clone(),
+                    other => panic!("Redis array item is not a string: {other:?} in {self:?}"),
                 })
                 .collect(),
-            _ => Vec::new(),
+            other => panic!("Redis replied {other:?}, not an array of strings"),
         }
     }
 
-    /// The integer of an integer reply (0 for anything else).
+    /// The integer of an integer reply. Panics on anything else (an error
+    /// reply above all: a `WRONGTYPE` is no 0).
     pub fn int(&self) -> i64 {
         match self {
             Resp::Int(i) => *i,
-            _ => 0,
+            other => panic!("Redis replied {other:?}, not an integer"),
         }
     }
 }
@@ -139,7 +142,7 @@ pub fn redis_commands(uri: &str, commands: &[Vec<String>]) -> Vec<Resp> {
     let setup = all.len();
     all.extend(commands.iter().cloned());
     let mut replies = Vec::new();
-    for command in &all {
+    for (n, command) in all.iter().enumerate() {
         let mut out = format!("*{}\r\n", command.len()).into_bytes();
         for arg in command {
             out.extend(format!("${}\r\n", arg.len()).into_bytes());
@@ -147,7 +150,18 @@ pub fn redis_commands(uri: &str, commands: &[Vec<String>]) -> Vec<Resp> {
             out.extend(b"\r\n");
         }
         std::io::Write::write_all(&mut writer, &out).expect("write to Redis");
-        replies.push(read_resp(&mut reader).expect("read from Redis"));
+        let reply = read_resp(&mut reader).expect("read from Redis");
+        // A failed SELECT would leave the test on database 0, a failed
+        // AUTH unable to do anything: neither goes unnoticed.
+        if n < setup {
+            assert_eq!(
+                reply,
+                Resp::Str("OK".to_owned()),
+                "{} on {addr}: {reply:?}",
+                command[0]
+            );
+        }
+        replies.push(reply);
     }
     replies.split_off(setup)
 }
@@ -260,11 +274,27 @@ impl PrivateRedis {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        // Up once it answers (with an append-only file, once loaded).
-        while redis_command(&self.uri(0), &["PING"]) != Resp::Str("PONG".to_owned()) {
+        // Up once it answers (with an append-only file, once loaded:
+        // until then it answers -LOADING).
+        while !self.pongs() {
             assert!(started.elapsed() < std::time::Duration::from_secs(10));
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    /// Whether it answers PING with PONG (not -LOADING).
+    fn pongs(&self) -> bool {
+        let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let Ok(mut writer) = stream.try_clone() else {
+            return false;
+        };
+        if std::io::Write::write_all(&mut writer, b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut reader = std::io::BufReader::new(stream);
+        matches!(read_resp(&mut reader), Ok(Resp::Str(s)) if s == "PONG")
     }
 
     /// Starts it again after [`Self::kill`], on the same port and
