@@ -411,7 +411,8 @@ impl Load {
                 }
             }
         }
-        let _ = within(delete_queue(&reply_queue)).await;
+        let uri = self.broker.clone().unwrap_or_else(amqp_uri);
+        let _ = within(delete_queue(&uri, &reply_queue)).await;
         let mut unanswered: Vec<usize> = state
             .confirmed
             .iter()
@@ -433,8 +434,8 @@ impl Load {
     }
 }
 
-async fn delete_queue(queue: &str) {
-    if let Ok(conn) = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await {
+async fn delete_queue(uri: &str, queue: &str) {
+    if let Ok(conn) = Connection::connect(uri, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
                 .queue_delete(queue.into(), QueueDeleteOptions::default())

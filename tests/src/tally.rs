@@ -261,6 +261,15 @@ impl<K: Debug> Counts<K> {
         self
     }
 
+    /// Every answer (the later ones too) one the test accepts.
+    pub fn answers_as_expected(&self) -> &Self {
+        self.check(self.wrong.is_empty(), "every answer as expected")
+            .check(
+                self.wrong_duplicates.is_empty(),
+                "every later answer as expected",
+            )
+    }
+
     /// Nothing lost: every request was sent (none unsent, none left
     /// unconfirmed), every one sent answered, and every answer (the later
     /// ones too) one the test accepts.
