@@ -597,9 +597,17 @@ async fn a_reply_onto_the_transport_s_own_keys_is_dropped_with_one_warning() {
             0,
             "acked, no loop"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // One line for the three: such trouble is logged once per 10 s per
-        // kind (the metrics count each).
+        // All three counted (workers report every second), then: one line
+        // for the three, such trouble being logged once per 10 s per kind.
+        let started = Instant::now();
+        while host.metric(r#"commissaire_replies_dropped_total{service="simple"}"#) < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "three dropped replies not counted within 20 s:\n{}",
+                host.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(
             host.stderr().matches("reply refused").count(),
             1,
