@@ -37,6 +37,16 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
+/// `filter` with the line that reports the HTTP endpoint's address kept,
+/// whatever level the test wants of the rest.
+fn log_filter(filter: &str) -> String {
+    if filter.contains("commissaire_host::http") {
+        filter.to_owned()
+    } else {
+        format!("{filter},commissaire_host::http=info")
+    }
+}
+
 /// The address a host logged as bound (`HTTP endpoint ready
 /// listen=ADDR`), once it did.
 pub fn bound_http_addr(log: &str) -> Option<SocketAddr> {
@@ -204,7 +214,10 @@ impl TestHost {
         let dir = tempfile::tempdir().expect("temp dir");
         let http = SocketAddr::from(([127, 0, 0, 1], 0));
         let config = dir.path().join("host.toml");
-        let tmpdir = spec.tmpdir.clone().unwrap_or_else(|| dir.path().join("tmp"));
+        let tmpdir = spec
+            .tmpdir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("tmp"));
         std::fs::create_dir_all(&tmpdir).expect("the host's TMPDIR");
         let plugins_dir = spec
             .plugins_dir
@@ -219,7 +232,7 @@ impl TestHost {
             .arg(&config)
             .args(["--bus-uri", &spec.bus_uri])
             .args(&spec.args)
-            .env("COMMISSAIRE_LOG", &spec.log)
+            .env("COMMISSAIRE_LOG", log_filter(&spec.log))
             .env("TMPDIR", &tmpdir)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

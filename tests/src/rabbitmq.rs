@@ -93,7 +93,11 @@ impl PrivateRabbit {
         all.extend(args.iter().map(|a| (*a).to_owned()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = self.script(&all);
-        assert!(out.status.success(), "rabbitmqctl {args:?} on node {n}: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on node {n}: {}",
+            text(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

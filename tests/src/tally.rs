@@ -118,7 +118,11 @@ impl<K: Ord + Clone + Debug> Tally<K> {
     /// answer the test accepts (`"result"`, `"refused"`, …), `None` for a
     /// wrong one. `what` names the run in the printed numbers, which are
     /// printed at once.
-    pub fn judge(&self, what: &str, judge: impl Fn(&K, &Value) -> Option<&'static str>) -> Counts<K> {
+    pub fn judge(
+        &self,
+        what: &str,
+        judge: impl Fn(&K, &Value) -> Option<&'static str>,
+    ) -> Counts<K> {
         let mut counts = Counts {
             what: what.to_owned(),
             requests: self.requests,
@@ -235,7 +239,11 @@ impl<K: Debug> Display for Counts<K> {
             write!(f, "; {} ids beyond those meant", self.strangers)?;
         }
         if !self.wrong.is_empty() {
-            write!(f, "\n  wrong: {:?}", &self.wrong[..self.wrong.len().min(10)])?;
+            write!(
+                f,
+                "\n  wrong: {:?}",
+                &self.wrong[..self.wrong.len().min(10)]
+            )?;
         }
         if !self.wrong_duplicates.is_empty() {
             let n = self.wrong_duplicates.len().min(10);
@@ -329,7 +337,10 @@ impl<K: Debug> Counts<K> {
     /// At least `n` first answers had `outcome`.
     pub fn outcome_at_least(&self, outcome: &str, n: usize) -> &Self {
         let got = self.outcome(outcome);
-        self.check(got >= n, &format!("at least {n} answers {outcome}, not {got}"))
+        self.check(
+            got >= n,
+            &format!("at least {n} answers {outcome}, not {got}"),
+        )
     }
 }
 

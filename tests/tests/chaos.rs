@@ -118,7 +118,9 @@ fn judge(
 ) -> Counts<usize> {
     report
         .tally
-        .judge(what, |i, reply| expected(*i, reply).then_some("as expected"))
+        .judge(what, |i, reply| {
+            expected(*i, reply).then_some("as expected")
+        })
         .with_context(host_log)
 }
 
@@ -170,11 +172,16 @@ fn kill_9_of_random_workers_every_200ms_loses_nothing() {
     // The load's own connection never broke: every publish confirmed. A
     // killed worker's requests are answered again if it answered before
     // its ack went: at most the load's window per kill.
-    judge(&report, "kill -9 of random workers", host.stderr(), add_result)
-        .lost_none()
-        .errors_exactly(0)
-        .unconfirmed_at_most(0, "the load's connection stays")
-        .duplicated_at_most(kills * CONCURRENCY, "the window of requests per kill");
+    judge(
+        &report,
+        "kill -9 of random workers",
+        host.stderr(),
+        add_result,
+    )
+    .lost_none()
+    .errors_exactly(0)
+    .unconfirmed_at_most(0, "the load's connection stays")
+    .duplicated_at_most(kills * CONCURRENCY, "the window of requests per kill");
     // Every worker is back, and the restarts were counted.
     wait_until(
         Duration::from_secs(30),
@@ -213,13 +220,18 @@ fn one_odd_request_among_echoes(
         }
     });
     let report = run_with_chaos(load, |_, _| {});
-    judge(&report, "one odd request among echoes", host.stderr(), |i, reply| {
-        if i == at {
-            reply["error"]["code"] == -32603 && reply["error"]["message"] == message
-        } else {
-            reply["result"] == json!(i)
-        }
-    })
+    judge(
+        &report,
+        "one odd request among echoes",
+        host.stderr(),
+        |i, reply| {
+            if i == at {
+                reply["error"]["code"] == -32603 && reply["error"]["message"] == message
+            } else {
+                reply["result"] == json!(i)
+            }
+        },
+    )
     .lost_none()
     .errors_exactly(1)
     .unconfirmed_at_most(0, "the load's connection stays")
@@ -357,9 +369,14 @@ fn sigterm_during_the_load_with_a_second_host_loses_nothing() {
     );
     // A stop finishes what it took and hands back the rest: nothing
     // answered twice.
-    judge(&report, "SIGTERM with a second host", second.stderr(), add_result)
-        .each_answered_once()
-        .errors_exactly(0);
+    judge(
+        &report,
+        "SIGTERM with a second host",
+        second.stderr(),
+        add_result,
+    )
+    .each_answered_once()
+    .errors_exactly(0);
     let log = first.stderr();
     assert_eq!(log.matches("worker stopped").count(), 2, "{log}");
 }
@@ -489,12 +506,10 @@ fn on_broker<T: Send + 'static>(
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let conn = lapin::Connection::connect(
-            &broker().uri(1),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .expect("connect to RabbitMQ");
+        let conn =
+            lapin::Connection::connect(&broker().uri(1), lapin::ConnectionProperties::default())
+                .await
+                .expect("connect to RabbitMQ");
         let ch = conn.create_channel().await.expect("channel");
         let out = f(ch).await;
         let _ = conn.close(200, "bye".into()).await;
@@ -573,12 +588,7 @@ fn a_service_queue_deleted_under_load_is_declared_again_within_seconds() {
                 .expect("queue.delete")
             })
         });
-        let heal = time_to_serve(
-            &broker().uri(1),
-            &exchange,
-            at,
-            Duration::from_secs(30),
-        );
+        let heal = time_to_serve(&broker().uri(1), &exchange, at, Duration::from_secs(30));
         *measured.lock().expect("figures") = (heal, ready as usize);
     });
     let (heal, ready) = *figures.lock().expect("figures");
@@ -613,9 +623,14 @@ fn a_service_queue_deleted_under_load_is_declared_again_within_seconds() {
         host.stderr()
     );
     assert_eq!(report.answered + lost, report.sent, "{report}");
-    judge(&report, "the service queue deleted", host.stderr(), add_result)
-        .answers_as_expected()
-        .errors_exactly(0);
+    judge(
+        &report,
+        "the service queue deleted",
+        host.stderr(),
+        add_result,
+    )
+    .answers_as_expected()
+    .errors_exactly(0);
     assert_healed(&host, "queue");
 }
 
@@ -643,12 +658,7 @@ fn the_exchange_deleted_under_load_is_declared_again_within_seconds() {
                 .expect("exchange.delete");
             })
         });
-        let heal = time_to_serve(
-            &broker().uri(1),
-            &exchange,
-            at,
-            Duration::from_secs(30),
-        );
+        let heal = time_to_serve(&broker().uri(1), &exchange, at, Duration::from_secs(30));
         *measured.lock().expect("figures") = heal;
     });
     let heal = *figures.lock().expect("figures");
@@ -974,9 +984,12 @@ fn cp_over_a_loaded_plugin_kills_no_worker() {
             .count(),
         report.max_gap.as_secs_f64()
     );
-    judge(&report, "cp over a loaded plugin", log.clone(), |_, reply| {
-        reply["result"] == "0.9.0"
-    })
+    judge(
+        &report,
+        "cp over a loaded plugin",
+        log.clone(),
+        |_, reply| reply["result"] == "0.9.0",
+    )
     .each_answered_once()
     .errors_exactly(0);
     assert_eq!(h["restarts"], 0, "{h}\n{log}");
@@ -1037,12 +1050,15 @@ fn cp_over_a_loaded_plugin_kills_no_worker() {
 fn work_dir_of(host: &TestHost) -> std::path::PathBuf {
     let pid = host.pid().expect("running");
     let prefix = format!("commissaire-host-{pid}-");
-    [std::path::PathBuf::from("/dev/shm"), host.tmpdir().to_owned()]
-        .iter()
-        .filter_map(|base| std::fs::read_dir(base).ok())
-        .flatten()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .unwrap_or_else(|| panic!("no work directory {prefix}* in /dev/shm or the temp dir"))
+    [
+        std::path::PathBuf::from("/dev/shm"),
+        host.tmpdir().to_owned(),
+    ]
+    .iter()
+    .filter_map(|base| std::fs::read_dir(base).ok())
+    .flatten()
+    .flatten()
+    .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    .map(|e| e.path())
+    .unwrap_or_else(|| panic!("no work directory {prefix}* in /dev/shm or the temp dir"))
 }

@@ -288,7 +288,12 @@ fn queue_counts(queue: &str) -> Option<(u64, u64)> {
         if fields.next()? != queue {
             return None;
         }
-        let mut n = || -> u64 { fields.next().and_then(|n| n.trim().parse().ok()).expect("a count") };
+        let mut n = || -> u64 {
+            fields
+                .next()
+                .and_then(|n| n.trim().parse().ok())
+                .expect("a count")
+        };
         Some((n(), n()))
     })
 }
@@ -297,7 +302,13 @@ fn queue_counts(queue: &str) -> Option<(u64, u64)> {
 /// `None` while it is not listed.
 fn queue_messages(queue: &str) -> Option<u64> {
     let out = Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages", "--no-table-headers"])
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages",
+            "--no-table-headers",
+        ])
         .output()
         .expect("rabbitmqctl list_queues");
     assert!(out.status.success(), "{out:?}");

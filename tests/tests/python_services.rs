@@ -153,9 +153,8 @@ impl PyService {
         let mut handled = Vec::new();
         loop {
             match self.lines.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) => handled.push(
-                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")),
-                ),
+                Ok(line) => handled
+                    .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return handled,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     panic!("the Python service's output did not end within 10 s of its exit")

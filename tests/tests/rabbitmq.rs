@@ -160,7 +160,10 @@ async fn a_request_to_a_queue_without_consumer_expires_with_its_caller() {
         .await
         .expect("join")
         .expect("wait for call");
-    assert!(queued, "the request never showed in the queue before its caller gave up");
+    assert!(
+        queued,
+        "the request never showed in the queue before its caller gave up"
+    );
     assert_eq!(status.code(), Some(1));
     let started = Instant::now();
     while count(ch.clone(), lonely.clone()).await > 0 {

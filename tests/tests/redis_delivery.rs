@@ -13,8 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use commissaire_e2e::tally::Tally;
 use commissaire_e2e::host::{redis_command, redis_keys, redis_uri, unique, HostSpec, TestHost};
+use commissaire_e2e::tally::Tally;
 use commissaire_host::bus::redis::{
     binding_key, binding_permanent_key, held_key, queue_lists, RedisBus, UNACKED, UNACKED_INDEX,
     UNACKED_MUTEX,
