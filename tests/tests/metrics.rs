@@ -159,16 +159,17 @@ fn counts_add_up_over_workers_and_survive_a_killed_one() {
         ("outcome", "ok"),
         ("code", ""),
     ];
-    let before = scrape_until(&host, "20 simple.add counted", |s| {
-        s.value("commissaire_requests_total", &ok) == Some(20.0)
-    });
     let raised = [
         ("service", "demo"),
         ("method", "raise"),
         ("outcome", "error"),
         ("code", "4000"),
     ];
-    assert_eq!(before.get("commissaire_requests_total", &raised), 3.0);
+    // Each worker reports on its own second: wait for both services'.
+    let before = scrape_until(&host, "20 simple.add and 3 demo.raise counted", |s| {
+        s.value("commissaire_requests_total", &ok) == Some(20.0)
+            && s.value("commissaire_requests_total", &raised) == Some(3.0)
+    });
     let add = [("service", "simple"), ("method", "add")];
     assert_eq!(
         before.get("commissaire_request_duration_seconds_count", &add),
