@@ -319,3 +319,37 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "not an integer")]
+    fn an_error_reply_is_no_zero() {
+        Resp::Error("WRONGTYPE Operation against a key holding the wrong kind of value".into())
+            .int();
+    }
+
+    #[test]
+    #[should_panic(expected = "not an array of strings")]
+    fn an_error_reply_is_no_empty_list() {
+        Resp::Error("ERR unknown command".into()).strings();
+    }
+
+    #[test]
+    #[should_panic(expected = "not an integer")]
+    fn a_wrongtype_from_redis_is_no_zero() {
+        // A key of this run's own, gone in a minute whatever happens.
+        let key = crate::host::unique("fuzzcat-wrongtype");
+        let uri = redis_uri(1, "");
+        redis_command(&uri, &["SET", &key, "x", "EX", "60"]);
+        redis_command(&uri, &["LLEN", &key]).int();
+    }
+
+    #[test]
+    #[should_panic(expected = "SELECT")]
+    fn a_failed_select_is_no_database_0() {
+        redis_command(&redis_uri(99, ""), &["PING"]);
+    }
+}
