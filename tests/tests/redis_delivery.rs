@@ -500,15 +500,16 @@ async fn a_recycled_worker_hands_back_what_it_held() {
     {
         let mut spec = HostSpec::redis(6);
         spec.plugins = vec!["demo"];
-        spec.service_toml = "concurrency = 4\nhandler_timeout = 4\n".to_owned();
+        spec.service_toml = "concurrency = 4\nhandler_timeout = 6\n".to_owned();
         spec.extra_toml = "\n[host]\nhandler_grace = 2\n".to_owned();
         let queue = spec.queue("demo");
         let host = blocking(move || TestHost::start(spec));
         let mut caller = Caller::connect(&uri, &host.spec.exchange).await;
-        // Hangs: timeout reply at 4 s, worker recycled (exit 75) at 6 s.
+        // Hangs: timeout reply at 6 s, the worker's recycling at 8 s, its
+        // other requests handed back at 10 s (exit 75).
         let hung = vec!["hung".to_owned()];
         caller.send("demo.sleep", "hung", json!([60_000])).await;
-        // Its timeout reply (at 4 s) comes before the recycle (2 s later).
+        // Its timeout reply comes before the recycling (2 s later).
         assert_eq!(
             caller
                 .wait_for(&hung, Instant::now() + Duration::from_secs(30))
@@ -518,23 +519,24 @@ async fn a_recycled_worker_hands_back_what_it_held() {
             host.stderr()
         );
         assert_eq!(caller.seen["hung"][0]["error"]["code"], -32603);
-        // Taken before the recycle, still running when its 2 s for the
-        // requests that are not hung end, and within the timeout when run
-        // again.
+        // Taken before the recycling starts (within 2 s of the timeout
+        // reply), still running when its 2 s for the requests that are not
+        // hung end (5 s from anywhere in those 2 s is past them), and within
+        // the timeout (6 s) when run again.
         let ids: Vec<String> = (0..3).map(|i| format!("held-{i}")).collect();
         let sent = Instant::now();
         for id in &ids {
-            caller.send("demo.sleep", id, json!([3500])).await;
+            caller.send("demo.sleep", id, json!([5000])).await;
         }
         let (u, q) = (uri.clone(), queue.clone());
         blocking(move || wait_for_records(&u, &q, 3));
         assert!(
-            !host.stderr().contains("worker recycled"),
+            !host.stderr().contains("recycling this worker"),
             "the worker was recycled before it took the requests: this test \
              shows nothing\n{}",
             host.stderr()
         );
-        let missing = caller.wait_for(&ids, sent + Duration::from_secs(20)).await;
+        let missing = caller.wait_for(&ids, sent + Duration::from_secs(40)).await;
         assert_eq!(missing, 0, "{}", host.stderr());
         for id in &ids {
             assert_eq!(
