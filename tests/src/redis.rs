@@ -239,8 +239,17 @@ impl PrivateRedis {
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
-        redis.spawn();
-        redis
+        // The port was free a moment ago: another process may have taken
+        // it since, then another one.
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match redis.try_spawn() {
+                Ok(()) => return redis,
+                Err(e) => failures.push(e),
+            }
+            redis.port = crate::host::free_addr().port();
+        }
+        panic!("cannot start a redis-server: {failures:?}");
     }
 
     /// Database `db` of it.
@@ -249,6 +258,14 @@ impl PrivateRedis {
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts redis-server on its port; an error if it exits (the port
+    /// taken meanwhile, above all).
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -266,18 +283,31 @@ impl PrivateRedis {
             .expect("redis-server (apt-get install redis-server)");
         self.child = Some(child);
         let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Up once it answers (with an append-only file, once loaded:
+        // until then it answers -LOADING), and still running: if another
+        // process took the port first, what answers there is not ours.
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log"));
+                return Err(format!(
+                    "redis-server on port {} exited ({status}): {}",
+                    self.port,
+                    log.unwrap_or_default()
+                ));
+            }
+            if self.pongs() {
+                return Ok(());
+            }
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(10),
                 "redis-server on port {} not up within 10 s",
                 self.port
             );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        // Up once it answers (with an append-only file, once loaded:
-        // until then it answers -LOADING).
-        while !self.pongs() {
-            assert!(started.elapsed() < std::time::Duration::from_secs(10));
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
