@@ -44,9 +44,9 @@ impl From<RequestError> for RpcError {
     /// any other failure -32603.
     fn from(e: RequestError) -> Self {
         match e {
-            RequestError::Bus(unroutable @ BusError::Unroutable { .. }) => {
-                RpcError::new(RpcError::METHOD_NOT_FOUND, unroutable.to_string())
-            }
+            RequestError::Bus(
+                unroutable @ (BusError::Unroutable { .. } | BusError::NoExchange { .. }),
+            ) => RpcError::new(RpcError::METHOD_NOT_FOUND, unroutable.to_string()),
             e => RpcError::internal_error(e.to_string()),
         }
     }

@@ -47,9 +47,10 @@ pub enum HostError {
         loaded: String,
     },
     /// A service's `init` failed.
-    #[error("service `{service}` failed to start: {error}")]
+    #[error("{service} failed to start: {error}")]
     ServiceInit {
-        /// The service.
+        /// The service, its `[[service]]` entry and its plugin file:
+        /// ``host.toml:12:8: service `demo` (libdemo.so)``.
         service: String,
         /// Its error.
         error: RpcError,

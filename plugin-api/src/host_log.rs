@@ -2,7 +2,8 @@
 //! `tracing` event of the host process, at its level, with the plugin's
 //! target, inside a span naming the service (and the request, when it was
 //! emitted during one), so that the host's subscriber filters and formats
-//! it like the host's own (`COMMISSAIRE_LOG=info,my_plugin::db=debug`).
+//! it like the host's own. The target is put under the service's name
+//! (`COMMISSAIRE_LOG=info,storage=debug`, `info,storage::my_crate::db=debug`).
 //!
 //! `tracing`'s macros need a target known at compile time; a plugin's
 //! targets are known only when its events arrive. So each (target, level)
@@ -22,7 +23,7 @@ use tracing_core::subscriber::Interest;
 use crate::abi::log_level;
 use crate::host::RequestMeta;
 
-/// Beyond this many distinct targets, events share the target
+/// Beyond this many distinct (service, target) pairs, events share the target
 /// [`OVERFLOW_TARGET`] rather than grow the table forever.
 const MAX_TARGETS: usize = 1024;
 const OVERFLOW_TARGET: &str = "commissaire_plugin";
@@ -127,30 +128,54 @@ impl TargetCallsites {
     }
 }
 
-/// The callsites of `target`, made on its first event.
-fn callsites(target: &str) -> &'static TargetCallsites {
-    static TABLE: OnceLock<RwLock<HashMap<String, &'static TargetCallsites>>> = OnceLock::new();
+/// The target the host's filter sees for a plugin's `target`: under the
+/// service's name, so that `COMMISSAIRE_LOG=info,storage=debug` reaches
+/// everything service `storage` logs (its crate's modules and its
+/// dependencies'), and `storage::etcd_client=trace` one of them. A target
+/// already under the service's name (a crate named after its service, or
+/// a 1.1 plugin's `Message::log_*`) is kept as it is.
+fn service_target(service: &str, target: &str) -> String {
+    let under = target
+        .strip_prefix(service)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"));
+    if under {
+        target.to_owned()
+    } else {
+        format!("{service}::{target}")
+    }
+}
+
+/// The callsites of `target` of `service`, made on its first event.
+fn callsites(service: &str, target: &str) -> &'static TargetCallsites {
+    type Table = HashMap<String, HashMap<String, &'static TargetCallsites>>;
+    static TABLE: OnceLock<RwLock<(Table, usize)>> = OnceLock::new();
     let table = TABLE.get_or_init(RwLock::default);
     if let Some(found) = table
         .read()
         .unwrap_or_else(PoisonError::into_inner)
-        .get(target)
+        .0
+        .get(service)
+        .and_then(|targets| targets.get(target))
     {
         return found;
     }
-    let mut table = table.write().unwrap_or_else(PoisonError::into_inner);
-    let target = if table.len() < MAX_TARGETS {
-        target
-    } else {
-        OVERFLOW_TARGET
-    };
+    let mut guard = table.write().unwrap_or_else(PoisonError::into_inner);
+    let (table, made_count) = &mut *guard;
     // Another thread may have made them meanwhile.
-    if let Some(found) = table.get(target) {
+    if let Some(found) = table.get(service).and_then(|targets| targets.get(target)) {
         return found;
     }
-    let leaked: &'static str = Box::leak(target.to_owned().into_boxed_str());
+    if *made_count >= MAX_TARGETS {
+        static OVERFLOW: OnceLock<TargetCallsites> = OnceLock::new();
+        return OVERFLOW.get_or_init(|| TargetCallsites::new(OVERFLOW_TARGET));
+    }
+    *made_count += 1;
+    let leaked: &'static str = Box::leak(service_target(service, target).into_boxed_str());
     let made: &'static TargetCallsites = Box::leak(Box::new(TargetCallsites::new(leaked)));
-    table.insert(target.to_owned(), made);
+    table
+        .entry(service.to_owned())
+        .or_default()
+        .insert(target.to_owned(), made);
     made
 }
 
@@ -165,7 +190,7 @@ pub(crate) fn emit(
     let Some(level) = log_level::to_tracing(level) else {
         return;
     };
-    let sites = callsites(target);
+    let sites = callsites(service, target);
     let event = sites.event(level);
     if !tracing::dispatcher::get_default(|d| d.enabled(event)) {
         return;
@@ -220,5 +245,23 @@ fn span(sites: &TargetCallsites, service: &str, request: Option<&RequestMeta<'_>
             ),
             None => Span::none(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_target;
+
+    #[test]
+    fn a_plugins_targets_go_under_its_service() {
+        assert_eq!(
+            service_target("text", "commissaire_text::db"),
+            "text::commissaire_text::db"
+        );
+        assert_eq!(service_target("text", "hyper"), "text::hyper");
+        assert_eq!(service_target("text", "text"), "text");
+        assert_eq!(service_target("text", "text::db"), "text::db");
+        // A crate whose name only begins like the service's is not under it.
+        assert_eq!(service_target("text", "textwrap"), "text::textwrap");
     }
 }

@@ -13,6 +13,7 @@ pub mod caller;
 pub mod host;
 pub mod http;
 pub mod load;
+pub mod probe;
 pub mod rabbitmq;
 pub mod redis;
 pub mod redis_load;

@@ -127,6 +127,11 @@ fn unreachable_broker_is_a_clear_error_without_the_password() {
         err.starts_with("commissaire-host: cannot connect to amqp://guest:***@127.0.0.1:1/%2f"),
         "{err}"
     );
+    assert!(
+        err.trim_end()
+            .ends_with("(the bus URI came from --bus-uri)"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
@@ -147,6 +152,10 @@ fn bus_uri_from_the_environment_when_no_flag_or_file_gives_one() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot connect to amqp://guest:***@127.0.0.1:1/%2f"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(the bus URI came from COMMISSAIRE_BUS_URI)"),
         "{err}"
     );
     assert!(!err.contains("hunter2"), "{err}");
@@ -252,6 +261,11 @@ fn call_with_a_wrong_password_is_one_line_from_the_host() {
         err.starts_with("commissaire-host: cannot connect to amqp://guest:***@127.0.0.1:5672/%2f: ACCESS_REFUSED"),
         "{err}"
     );
+    assert!(
+        err.trim_end()
+            .ends_with("(the bus URI came from --bus-uri)"),
+        "{err}"
+    );
     assert!(!err.contains("not-the-password"), "{err}");
 }
 
@@ -281,7 +295,9 @@ fn run_ends_on_a_refused_login_or_vhost_instead_of_retrying_forever() {
         assert_eq!(err.lines().count(), 1, "{uri}: {err}");
         assert!(err.contains(said), "{uri}: {err}");
         assert!(
-            err.contains("tried 3 times; retrying cannot fix this"),
+            err.contains(
+                "(the bus URI came from --bus-uri; tried 3 times, retrying cannot fix this)"
+            ),
             "{uri}: {err}"
         );
         assert!(!err.contains("not-the-password"), "{err}");
@@ -369,4 +385,169 @@ fn the_embedded_bus_without_http_says_nothing_can_reach_it() {
         "{text}"
     );
     assert!(warnings[0].contains("--http-listen"), "{text}");
+}
+
+/// Flag, then environment, then file: each row of the README's table, as
+/// `call` sees it (each candidate URI names a port nothing listens on, so
+/// the error says which one was used, and where it came from).
+#[test]
+fn settings_come_from_the_flag_then_the_environment_then_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        "[bus]\nuri = \"amqp://guest:guest@127.0.0.1:3/file\"\n[http]\ntoken = \"from-the-file\"\n",
+    )
+    .expect("write config");
+    let config = config.to_str().expect("UTF-8 temp path");
+    let call = |flag: Option<&str>, env: &[(&str, &str)], with_file: bool| {
+        let mut command = Command::new(host_bin());
+        command.args(["call", "simple.add", "[1,2]", "--timeout", "5"]);
+        if with_file {
+            command.args(["--config", config]);
+        }
+        if let Some(uri) = flag {
+            command.args(["--bus-uri", uri]);
+        }
+        command
+            .env_remove("COMMISSAIRE_BUS_URI")
+            .env_remove("COMMISSAIRE_HTTP_TOKEN")
+            .env("COMMISSAIRE_LOG", "warn");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let out = command.output().expect("run commissaire-host");
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).replace(config, "host.toml")
+    };
+    let flag = Some("amqp://guest:guest@127.0.0.1:1/flag");
+    let env = [("COMMISSAIRE_BUS_URI", "amqp://guest:guest@127.0.0.1:2/env")];
+    let env_and_token = [env[0], ("COMMISSAIRE_HTTP_TOKEN", "from-the-environment")];
+    let rows: [(&str, String, &[&str]); 5] = [
+        (
+            "flag, environment and file",
+            call(flag, &env, true),
+            &[
+                "127.0.0.1:1/flag",
+                "(the bus URI came from --bus-uri)",
+                "WARN",
+                "COMMISSAIRE_BUS_URI is set, but --bus-uri wins over it",
+            ],
+        ),
+        (
+            "environment and file",
+            call(None, &env_and_token, true),
+            &[
+                "127.0.0.1:2/env",
+                "(the bus URI came from COMMISSAIRE_BUS_URI)",
+                "host.toml: [bus] uri is not used: COMMISSAIRE_BUS_URI is set and wins over it",
+                "host.toml: [http] token is not used: COMMISSAIRE_HTTP_TOKEN is set and wins over it",
+            ],
+        ),
+        (
+            "file alone",
+            call(None, &[], true),
+            &["127.0.0.1:3/file", "(the bus URI came from host.toml: [bus] uri)"],
+        ),
+        (
+            "flag over a file, as flags are for",
+            call(flag, &[], true),
+            &["127.0.0.1:1/flag", "(the bus URI came from --bus-uri)"],
+        ),
+        (
+            "nothing: the embedded bus",
+            call(None, &[], false),
+            &["memory:// is the embedded bus of one host process"],
+        ),
+    ];
+    for (row, err, says) in rows {
+        for said in says {
+            assert!(err.contains(said), "{row}: no `{said}` in\n{err}");
+        }
+        let warnings = err.lines().filter(|l| l.contains("WARN")).count();
+        let expected = says
+            .iter()
+            .filter(|s| s.contains("not used") || s.contains("wins over it"))
+            .count();
+        assert_eq!(
+            warnings, expected,
+            "{row}: one warning per hidden setting\n{err}"
+        );
+        assert!(
+            !err.contains("from-the-"),
+            "{row}: a token in the output\n{err}"
+        );
+    }
+}
+
+/// A port already taken ends `run` before any service says it is ready,
+/// with the OS's words once.
+#[test]
+fn an_http_port_in_use_is_said_once_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let plugins = plugin_dir(&["simple"]);
+    let dir = plugins.path().to_str().expect("UTF-8 temp path");
+    let (code, err) = run_default_logs(
+        &["run", "--plugins-dir", dir, "--http-listen", &addr],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: Address already in use")),
+        "{err}"
+    );
+    assert!(
+        !err.contains(": ready"),
+        "a service said ready first: {err}"
+    );
+}
+
+/// A plugin whose `init` refuses its `config` table: the error names the
+/// `[[service]]` entry, the plugin file and the plugin's own words.
+#[test]
+fn a_failing_init_names_the_service_entry_and_the_plugin_file() {
+    let plugins = plugin_dir(&["demo"]);
+    let text = format!(
+        "[plugins]\ndir = \"{}\"\n\n[[service]]\nname = \"demo\"\nconfig = {{ greeting = 3 }}\n",
+        plugins.path().display()
+    );
+    let (code, err) = run_with_config(&text, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(
+            "commissaire-host: host.toml:5:8: service `demo` (libdemo.so) failed to start: "
+        ),
+        "{err}"
+    );
+    assert!(err.contains("`greeting` must be a string, not 3"), "{err}");
+}
+
+/// `call` to an exchange no service declared (no host running, or another
+/// `[bus] exchange`): said in those words, not as a lost connection.
+#[test]
+fn a_call_to_an_exchange_nobody_declared_says_so() {
+    let exchange = format!("cli-no-exchange-{}", uuid::Uuid::new_v4().simple());
+    let (code, err) = run_default_logs(
+        &[
+            "call",
+            "simple.add",
+            "[1,2]",
+            "--bus-uri",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--bus-exchange",
+            &exchange,
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.ends_with(&format!(
+            "commissaire-host: no exchange `{exchange}` on this broker: no service has declared \
+             it (is a host serving here with the same [bus] exchange, or --bus-exchange?)\n"
+        )),
+        "{err}"
+    );
 }

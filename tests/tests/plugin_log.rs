@@ -158,10 +158,11 @@ fn a_handlers_events_arrive_at_their_level_in_the_request_span() {
             format!("{chatter}error words={word}"),
             &[request],
         ),
-        // A dependency's `log` record keeps its target.
+        // A dependency's `log` record keeps its target, under the
+        // service's name.
         event(
             Level::INFO,
-            "chatty_dependency",
+            "demo::chatty_dependency",
             format!("{chatter}log record: {word}"),
             &[request],
         ),
@@ -224,7 +225,9 @@ fn a_1_1_plugins_log_arrives_in_the_request_span() {
 fn the_hosts_log_filter_applies_to_plugin_events_by_target_and_level() {
     let host = TestHost::start(HostSpec {
         plugins: vec!["demo"],
-        log: "warn,demo=debug".to_owned(),
+        // Everything service `demo` logs is under `demo`, its dependency
+        // `chatty_dependency` under `demo::chatty_dependency`.
+        log: "warn,demo=debug,demo::chatty_dependency=warn".to_owned(),
         ..HostSpec::memory()
     });
     let word = unique("w");
@@ -261,7 +264,7 @@ fn the_hosts_log_filter_applies_to_plugin_events_by_target_and_level() {
         ),
         "{log}"
     );
-    // Above `demo=debug`; and `chatty_dependency` falls under `warn`.
+    // Above `demo=debug`; and the dependency is held to `warn`.
     assert!(!has("TRACE", "trace words=WORD"), "{log}");
     assert!(!has("INFO", "log record: WORD"), "{log}");
     assert!(

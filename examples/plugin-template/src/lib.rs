@@ -9,6 +9,23 @@ pub struct Hello {
     greeting: String,
 }
 
+/// The `config` table of the service's `[[service]]` entry. Unknown keys
+/// are refused, so that a typo (`greting = "Hi"`) stops the host at start-up
+/// with the entry's place in the file instead of being quietly ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Config {
+    greeting: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            greeting: "Hello".to_owned(),
+        }
+    }
+}
+
 /// Someone to greet, as callers send it: `{"name": "Ada", "title": "Countess"}`.
 #[derive(Debug, Deserialize)]
 pub struct Person {
@@ -22,10 +39,7 @@ impl Hello {
     /// Builds the service once per worker from the `config` table of its
     /// `[[service]]` entry (`config = { greeting = "Hi" }`).
     fn init(config: Value) -> Result<Self, RpcError> {
-        let greeting = match config.get("greeting") {
-            None | Some(Value::Null) => "Hello".to_owned(),
-            Some(greeting) => serde_json::from_value(greeting.clone())?,
-        };
+        let Config { greeting } = serde_json::from_value(config)?;
         tracing::info!(%greeting, "hello starting");
         Ok(Self { greeting })
     }
@@ -92,6 +106,12 @@ mod tests {
         );
         let err = TestService::<Hello>::with_config(json!({"greeting": 3})).unwrap_err();
         assert_eq!(err.code, RpcError::INTERNAL_ERROR);
+        let err = TestService::<Hello>::with_config(json!({"greting": "Hi"})).unwrap_err();
+        assert!(
+            err.message.contains("unknown field `greting`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

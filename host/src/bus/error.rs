@@ -57,6 +57,16 @@ pub enum BusError {
         /// The routing key.
         routing_key: String,
     },
+    /// A request sent to an exchange the broker does not have: no service
+    /// has declared it, so none can take the request.
+    #[error(
+        "no exchange `{exchange}` on this broker: no service has declared it (is a host \
+         serving here with the same [bus] exchange, or --bus-exchange?)"
+    )]
+    NoExchange {
+        /// The exchange.
+        exchange: String,
+    },
     /// A name the transport cannot carry (an AMQP short string holds at
     /// most 255 bytes).
     #[error("{what} `{shown}` is {len} bytes long; at most 255 can be sent")]
@@ -217,6 +227,7 @@ pub fn is_permanent(error: &BusError) -> bool {
         BusError::Operation { .. }
         | BusError::Lost { .. }
         | BusError::Unroutable { .. }
+        | BusError::NoExchange { .. }
         | BusError::Closed => return false,
     };
     match cause {

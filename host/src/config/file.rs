@@ -51,6 +51,8 @@ pub(super) struct BusSection {
     pub(super) max_message_bytes: Option<Spanned<i64>>,
     /// Where the host's own requests wait for replies: `named`, `direct`.
     pub(super) reply_queue: Option<crate::bus::ReplyQueueKind>,
+    /// Prefixed to every service queue's name.
+    pub(super) queue_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug)]

@@ -16,7 +16,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use file::{FileConfig, UriList};
+use file::FileConfig;
 use http::http_settings;
 pub use http::{HttpSettings, HttpToken};
 use service::file_services;
@@ -49,12 +49,14 @@ pub const MAX_ACK_WINDOW_US: u64 = 100_000;
 /// Handlers waiting in bus calls at once, per worker, per unit of
 /// `concurrency`, unless configured.
 pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
-/// Environment variable read for the bus URI when neither a flag nor the
-/// file gives one.
+/// Environment variable for the bus URI: wins over `[bus] uri` in the
+/// file, loses to `--bus-uri` (flag, then environment, then file).
 pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
 /// Environment variable holding the HTTP endpoint's bearer token; wins
 /// over `[http] token` (a secret is better kept out of files).
 pub const HTTP_TOKEN_ENV: &str = "COMMISSAIRE_HTTP_TOKEN";
+/// The longest `[bus] queue_prefix`: a queue name is at most 255 bytes.
+pub const MAX_QUEUE_PREFIX_BYTES: usize = 64;
 /// Requests the HTTP endpoint relays at once unless configured.
 pub const DEFAULT_HTTP_MAX_IN_FLIGHT: usize = 1024;
 /// Connections the HTTP endpoint holds open at once unless configured.
@@ -96,6 +98,17 @@ pub struct Overrides {
 pub struct HostConfig {
     /// The bus URI (may hold a password: print it with `redact_uri`).
     pub bus_uri: String,
+    /// Where [`HostConfig::bus_uri`] came from (`--bus-uri`,
+    /// `COMMISSAIRE_BUS_URI`, `host.toml: [bus] uri` or `the default`), for
+    /// every "cannot connect".
+    pub bus_uri_source: String,
+    /// Prefixed to every service queue's name (`[bus] queue_prefix`), so
+    /// that deployments sharing a vhost keep their queues apart.
+    pub queue_prefix: String,
+    /// Settings given in two places where the one that wins hides the
+    /// other (an environment variable under a flag, a file's value under
+    /// an environment variable): one warning each, for the command to log.
+    pub warnings: Vec<String>,
     /// The topic exchange.
     pub exchange: String,
     /// How long a request waits for its reply.
@@ -238,19 +251,26 @@ impl HostConfig {
             .filter_map(|(name, s)| s.workers_location.as_ref().map(|l| (name, l)))
             .collect();
         let file_name = path.map(|p| p.display().to_string()).unwrap_or_default();
-        let uri_source = if overrides.bus_uri.is_some() {
-            "--bus-uri".to_owned()
-        } else if file.bus.uri.is_some() {
-            format!("{file_name}: [bus] uri")
-        } else {
-            BUS_URI_ENV.to_owned()
+        let env_uri = env(BUS_URI_ENV).filter(|u| !u.is_empty());
+        let mut warnings = Vec::new();
+        let (bus_uri, uri_source) = match (&overrides.bus_uri, env_uri, file.bus.uri) {
+            (Some(flag), env_uri, _) => {
+                if env_uri.is_some() {
+                    warnings.push(format!("{BUS_URI_ENV} is set, but --bus-uri wins over it"));
+                }
+                (flag.clone(), "--bus-uri".to_owned())
+            }
+            (None, Some(env_uri), file_uri) => {
+                if file_uri.is_some() {
+                    warnings.push(format!(
+                        "{file_name}: [bus] uri is not used: {BUS_URI_ENV} is set and wins over it"
+                    ));
+                }
+                (env_uri, BUS_URI_ENV.to_owned())
+            }
+            (None, None, Some(file_uri)) => (file_uri.joined(), format!("{file_name}: [bus] uri")),
+            (None, None, None) => (DEFAULT_BUS_URI.to_owned(), "the default".to_owned()),
         };
-        let bus_uri = overrides
-            .bus_uri
-            .clone()
-            .or(file.bus.uri.map(UriList::joined))
-            .or_else(|| env(BUS_URI_ENV))
-            .unwrap_or_else(|| DEFAULT_BUS_URI.to_owned());
         let exchange = overrides
             .bus_exchange
             .clone()
@@ -285,7 +305,7 @@ impl HostConfig {
                 .collect();
             if kinds.iter().any(|k| *k != Some(crate::bus::BusKind::Amqp)) {
                 return Err(ConfigError {
-                    location: file_name.clone(),
+                    location: uri_source,
                     message: format!(
                         "bus URI {}: a failover list takes amqp:// and amqps:// URIs only",
                         crate::redact::redact_uri(&bus_uri)
@@ -326,6 +346,31 @@ impl HostConfig {
             },
         };
         let http = http_settings(&file.http, &env, &file_name, &text)?;
+        if file.http.token.is_some() && env(HTTP_TOKEN_ENV).is_some() {
+            warnings.push(format!(
+                "{file_name}: [http] token is not used: {HTTP_TOKEN_ENV} is set and wins over it"
+            ));
+        }
+        let queue_prefix = match &file.bus.queue_prefix {
+            None => String::new(),
+            Some(prefix) => {
+                let p = prefix.get_ref();
+                let fine = p.len() <= MAX_QUEUE_PREFIX_BYTES
+                    && p.bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'#');
+                if !fine {
+                    let (line, col) = line_col(&text, prefix.span().start);
+                    return Err(ConfigError {
+                        location: format!("{file_name}:{line}:{col}"),
+                        message: format!(
+                            "[bus] queue_prefix must be at most {MAX_QUEUE_PREFIX_BYTES} visible ASCII \
+                             characters other than `*` and `#`, e.g. \"staging.\", not {p:?}"
+                        ),
+                    });
+                }
+                p.clone()
+            }
+        };
         let http_listen = overrides.http_listen.or(file.http.listen);
         if http_listen.is_some() && http.max_buffered_bytes < max_message_bytes {
             // A body the bus may carry must fit: otherwise it would always
@@ -387,16 +432,26 @@ impl HostConfig {
                         message,
                     })?;
                 }
-                Some((options.visibility_timeout, uri_source))
+                Some((options.visibility_timeout, uri_source.clone()))
             }
             _ => None,
         };
+        if !queue_prefix.is_empty() && exchange == DEFAULT_EXCHANGE {
+            warnings.push(format!(
+                "{file_name}: [bus] queue_prefix keeps this deployment's queues apart, but its \
+                 exchange is the default `{DEFAULT_EXCHANGE}`: every deployment using it gets a copy \
+                 of each request; give each its own [bus] exchange too"
+            ));
+        }
         let plugins_dir = match &overrides.plugins_dir {
             Some(dir) => dir.clone(),
             None => base.join(file.plugins.dir.unwrap_or_else(|| PathBuf::from("plugins"))),
         };
         Ok(Self {
             bus_uri,
+            bus_uri_source: uri_source,
+            queue_prefix,
+            warnings,
             exchange,
             request_timeout,
             confirm_replies: file.bus.confirm_replies.unwrap_or(false),
@@ -454,12 +509,20 @@ impl HostConfig {
         Ok(())
     }
 
-    /// How service `name` is served: its `[[service]]` entry or defaults.
+    /// How service `name` is served: its `[[service]]` entry or defaults,
+    /// with `[bus] queue_prefix` before each queue's name.
     pub fn service(&self, name: &str) -> ServiceSettings {
-        self.services
+        let mut settings = self
+            .services
             .get(name)
             .cloned()
-            .unwrap_or_else(|| ServiceSettings::defaults(name))
+            .unwrap_or_else(|| ServiceSettings::defaults(name));
+        if !self.queue_prefix.is_empty() {
+            for queue in &mut settings.queues {
+                queue.name.insert_str(0, &self.queue_prefix);
+            }
+        }
+        settings
     }
 }
 

@@ -5,7 +5,8 @@ fn load_text(text: &str, overrides: &Overrides, env: Option<&str>) -> Result<Hos
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("host.toml");
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
-    let r = HostConfig::load(Some(&path), overrides, |_| env.map(str::to_owned)).map_err(|e| {
+    let bus_uri = |name: &str| env.filter(|_| name == BUS_URI_ENV).map(str::to_owned);
+    let r = HostConfig::load(Some(&path), overrides, bus_uri).map_err(|e| {
         e.to_string()
             .replace(&path.display().to_string(), "host.toml")
     });
@@ -164,33 +165,101 @@ fn a_redis_visibility_timeout_shorter_than_a_handler_s_time_is_refused() {
 }
 
 #[test]
-fn flag_wins_over_file_which_wins_over_env() {
+fn flag_wins_over_env_which_wins_over_file() {
     let flag = Overrides {
         bus_uri: Some("amqp://flag".into()),
         ..Overrides::default()
     };
+    let c = load_text(EXAMPLE, &flag, Some("amqp://env")).unwrap();
     assert_eq!(
-        load_text(EXAMPLE, &flag, Some("amqp://env"))
-            .unwrap()
-            .bus_uri,
-        "amqp://flag"
+        (c.bus_uri.as_str(), c.bus_uri_source.as_str()),
+        ("amqp://flag", "--bus-uri")
     );
     assert_eq!(
-        load_text(EXAMPLE, &Overrides::default(), Some("amqp://env"))
+        c.warnings,
+        ["COMMISSAIRE_BUS_URI is set, but --bus-uri wins over it"]
+    );
+    let c = load_text(EXAMPLE, &Overrides::default(), Some("amqp://env")).unwrap();
+    assert_eq!(
+        (c.bus_uri.as_str(), c.bus_uri_source.as_str()),
+        ("amqp://env", "COMMISSAIRE_BUS_URI")
+    );
+    assert_eq!(c.warnings.len(), 1);
+    assert!(
+        c.warnings[0].ends_with(
+            "host.toml: [bus] uri is not used: COMMISSAIRE_BUS_URI is set and wins over it"
+        ),
+        "{:?}",
+        c.warnings
+    );
+    let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
+    assert_eq!(c.bus_uri, "memory://");
+    assert!(c.bus_uri_source.ends_with("host.toml: [bus] uri"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // A flag over a file is what flags are for: no warning.
+    assert!(load_text(EXAMPLE, &flag, None).unwrap().warnings.is_empty());
+    let c = load_text("", &Overrides::default(), Some("amqp://env")).unwrap();
+    assert_eq!(c.bus_uri, "amqp://env");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Set but empty, as `COMMISSAIRE_BUS_URI=` in an environment file
+    // leaves it: not a URI, so the file's stands.
+    assert_eq!(
+        load_text(EXAMPLE, &Overrides::default(), Some(""))
             .unwrap()
             .bus_uri,
         "memory://"
     );
+    let c = load_text("", &Overrides::default(), None).unwrap();
     assert_eq!(
-        load_text("", &Overrides::default(), Some("amqp://env"))
-            .unwrap()
-            .bus_uri,
-        "amqp://env"
+        (c.bus_uri.as_str(), c.bus_uri_source.as_str()),
+        (DEFAULT_BUS_URI, "the default")
     );
+}
+
+#[test]
+fn queue_prefix_goes_before_every_service_queue() {
+    let text = "[bus]\nqueue_prefix = \"staging.\"\n\n[[service]]\nname = \"simple\"\n\
+                queues = [{ name = \"simple\", routing_key = \"simple.*\" }, \
+                { name = \"extra\", routing_key = \"simple.extra\" }]\n";
+    let c = load_text(text, &Overrides::default(), None).unwrap();
+    let names = |s: ServiceSettings| s.queues.into_iter().map(|q| q.name).collect::<Vec<_>>();
     assert_eq!(
-        load_text("", &Overrides::default(), None).unwrap().bus_uri,
-        DEFAULT_BUS_URI
+        names(c.service("simple")),
+        ["staging.simple", "staging.extra"]
     );
+    // A plugin without an entry: its default queue too.
+    assert_eq!(names(c.service("demo")), ["staging.demo"]);
+    // The default exchange would still hand every deployment a copy.
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("give each its own [bus] exchange too"));
+    let separate = "[bus]\nqueue_prefix = \"staging.\"\nexchange = \"staging\"\n";
+    assert!(load_text(separate, &Overrides::default(), None)
+        .unwrap()
+        .warnings
+        .is_empty());
+    // Routing keys are the callers' and stay as they are.
+    assert_eq!(c.service("demo").queues[0].routing_key, "demo.*");
+    assert_eq!(
+        names(
+            load_text("", &Overrides::default(), None)
+                .unwrap()
+                .service("demo")
+        ),
+        ["demo"]
+    );
+    for bad in ["a b", "st*", "x#", &"p".repeat(65)] {
+        let e = load_text(
+            &format!("[bus]\nqueue_prefix = \"{bad}\"\n"),
+            &Overrides::default(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("host.toml:2:16: [bus] queue_prefix must be"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -308,6 +377,13 @@ fn the_environment_token_wins_over_the_file() {
     let env =
         |value: &'static str| move |name: &str| (name == HTTP_TOKEN_ENV).then(|| value.to_owned());
     let c = HostConfig::load(Some(&path), &Overrides::default(), env("from-env")).unwrap();
+    assert_eq!(
+        c.warnings,
+        [format!(
+            "{}: [http] token is not used: COMMISSAIRE_HTTP_TOKEN is set and wins over it",
+            path.display()
+        )]
+    );
     assert_eq!(c.http.token.unwrap().expose(), b"from-env");
     let e = HostConfig::load(Some(&path), &Overrides::default(), env("")).unwrap_err();
     assert_eq!(

@@ -514,9 +514,11 @@ fn answer(id: &RawValue, reply: Result<Vec<u8>, RequestError>) -> Response {
             RpcError::internal_error(e.to_string()),
         ),
         // No queue takes this routing key: -32601, as the client maps it.
-        Err(e @ RequestError::Bus(crate::bus::BusError::Unroutable { .. })) => {
-            error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e))
-        }
+        Err(
+            e @ RequestError::Bus(
+                crate::bus::BusError::Unroutable { .. } | crate::bus::BusError::NoExchange { .. },
+            ),
+        ) => error_response(StatusCode::NOT_FOUND, Some(id), RpcError::from(e)),
         Err(e) => error_response(
             StatusCode::BAD_GATEWAY,
             Some(id),
@@ -584,9 +586,19 @@ fn hold_enough_descriptors(max_connections: usize) {
     }
 }
 
-/// Serves the HTTP endpoint until `stop`; returns its bound address.
+/// Takes `addr` for the HTTP endpoint: done before anything starts, so
+/// that a port already in use ends the host before any service says it is
+/// ready.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HostError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Http { addr, source })
+}
+
+/// Serves the HTTP endpoint on `listener` (from [`bind`]) until `stop`;
+/// returns its bound address.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     client: Arc<SharedClient>,
     health: Arc<Health>,
     metrics: Arc<dyn Exporter>,
@@ -594,12 +606,10 @@ pub async fn serve(
     max_body: usize,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<SocketAddr, HostError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HostError::Http { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| HostError::Http { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| HostError::Http {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     if settings.token.is_none() && !bound.ip().is_loopback() {
         tracing::warn!(
             listen = %bound,
@@ -652,7 +662,9 @@ mod tests {
         ));
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),
@@ -696,7 +708,9 @@ mod tests {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),
@@ -732,7 +746,9 @@ mod tests {
         ));
         let stop = tokio_util::sync::CancellationToken::new();
         let addr = serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("bind"),
             client,
             Arc::new(Health::default()),
             Arc::new(crate::supervise::metrics::MetricsBook::default()),

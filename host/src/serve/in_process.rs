@@ -44,6 +44,10 @@ impl std::fmt::Debug for RunningHost {
 /// process; returns once every service is consuming.
 pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
     let services = prepare(config, None)?;
+    let listener = match config.http_listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
     let bus = bus::connect(&config.bus_uri).await?;
     tracing::info!(bus = %bus.describe(), exchange = %config.exchange, "connected");
     let process = Process {
@@ -62,10 +66,10 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
         watchdog_stop.clone(),
     );
     let http_stop = CancellationToken::new();
-    let http_addr = match config.http_listen {
-        Some(addr) => Some(
+    let http_addr = match listener {
+        Some(listener) => Some(
             crate::http::serve(
-                addr,
+                listener,
                 Arc::new(SharedClient::fixed(session.client.clone())),
                 process.health.clone(),
                 Arc::new(crate::metrics::text::Local {

@@ -88,9 +88,19 @@ pub fn prepare(config: &HostConfig, only: Option<&str>) -> Result<Vec<Prepared>,
             continue;
         }
         let settings = config.service(&name);
+        let entry = settings
+            .location
+            .as_ref()
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default();
+        let plugin = library
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let service =
             Service::start(library, &settings.config).map_err(|error| HostError::ServiceInit {
-                service: name.clone(),
+                service: format!("{entry}service `{name}` ({plugin})"),
                 error,
             })?;
         prepared.push(Prepared { service, settings });

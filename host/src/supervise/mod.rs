@@ -93,12 +93,22 @@ pub enum SupervisorError {
     },
     /// The broker refused the connection at startup for a reason retrying
     /// does not change.
-    #[error("{cause} (tried {attempts} times; retrying cannot fix this)")]
+    #[error("{cause} (the bus URI came from {uri_from}; tried {attempts} times, retrying cannot fix this)")]
     BusRefused {
         /// The last refusal.
         cause: BusError,
+        /// Where the bus URI was given.
+        uri_from: String,
         /// How many attempts were refused.
         attempts: u32,
+    },
+    /// The broker could not be reached at startup, with `--fail-fast`.
+    #[error("{cause} (the bus URI came from {uri_from})")]
+    BusUnreachable {
+        /// Why.
+        cause: BusError,
+        /// Where the bus URI was given.
+        uri_from: String,
     },
     /// A signal handler could not be installed.
     #[error("cannot listen for {0}: {1}")]
@@ -379,6 +389,12 @@ async fn run_loop(
     hup: &mut tokio::signal::unix::Signal,
     chld: &mut tokio::signal::unix::Signal,
 ) -> Result<(), SupervisorError> {
+    // The port first: taken by another process, it ends `run` before any
+    // worker starts.
+    let listener = match s.config.http_listen {
+        Some(addr) => Some(crate::http::bind(addr).await?),
+        None => None,
+    };
     let (services, copies) = s.check_plugins().await?;
     s.copies.adopt(copies);
     for name in services {
@@ -399,7 +415,12 @@ async fn run_loop(
     loop {
         match client.get().await {
             Ok(_) => break,
-            Err(e) if s.options.fail_fast => return Err(HostError::Bus(e).into()),
+            Err(e) if s.options.fail_fast => {
+                return Err(SupervisorError::BusUnreachable {
+                    cause: e,
+                    uri_from: s.config.bus_uri_source.clone(),
+                })
+            }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 let delay = backoff(attempt);
@@ -408,6 +429,7 @@ async fn run_loop(
                     if refused >= PERMANENT_ATTEMPTS {
                         return Err(SupervisorError::BusRefused {
                             cause: e,
+                            uri_from: s.config.bus_uri_source.clone(),
                             attempts: refused,
                         });
                     }
@@ -417,6 +439,7 @@ async fn run_loop(
                     refused = 0;
                     tracing::warn!(
                         attempt, retry_in_ms = delay.as_millis() as u64, error = %e,
+                        uri_from = %s.config.bus_uri_source,
                         "cannot connect to the bus; retrying (--fail-fast exits instead)"
                     );
                 }
@@ -429,9 +452,9 @@ async fn run_loop(
         }
     }
     s.client = Some(client.clone());
-    if let Some(addr) = s.config.http_listen {
+    if let Some(listener) = listener {
         serve_http(
-            addr,
+            listener,
             client.clone(),
             s.health.clone(),
             s.metrics.clone(),

@@ -16,7 +16,7 @@ use commissaire_host::{bus, control, listing, serve};
 
 use crate::cli::{Cli, Command};
 use crate::signals::{ignore_sighup, shutdown_signal};
-use crate::{load_config, runtime};
+use crate::{load_config, load_config_quietly, runtime};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -89,7 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             // The supervisor's bus URI, as if given with --bus-uri.
             bus.bus_uri = std::env::var(WORKER_BUS_URI_ENV).ok();
-            let config = load_config(
+            let config = load_config_quietly(
                 &bus,
                 Overrides {
                     plugins_dir,
@@ -229,7 +229,9 @@ async fn connect_client(
              or give --bus-uri amqp://…"
         );
     }
-    let bus = bus::connect(&config.bus_uri).await?;
+    let bus = bus::connect(&config.bus_uri)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (the bus URI came from {})", config.bus_uri_source))?;
     tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
     Ok(RpcClient::start(bus, &config.exchange, config.request_timeout, reply_queue).await?)
 }

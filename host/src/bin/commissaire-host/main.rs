@@ -25,10 +25,28 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("commissaire-host: {e:#}");
+            eprintln!("commissaire-host: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes on one line, each said once: an error that already
+/// quotes its cause (`cannot listen on …: Address already in use`) is not
+/// followed by the cause again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -38,7 +56,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The configuration of `run`, `call` and `notify`, with one warning for
+/// each setting given in two places where the winner hides the other.
 fn load_config(args: &BusArgs, extra: Overrides) -> anyhow::Result<HostConfig> {
+    let config = load_config_quietly(args, extra)?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
+/// As [`load_config`], without the warnings: a worker's configuration is
+/// its supervisor's, which said them once.
+fn load_config_quietly(args: &BusArgs, extra: Overrides) -> anyhow::Result<HostConfig> {
     let overrides = Overrides {
         bus_uri: args.bus_uri.clone(),
         bus_exchange: args.bus_exchange.clone(),

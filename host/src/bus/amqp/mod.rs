@@ -407,9 +407,7 @@ impl BusTransport for AmqpBus {
         if !m.confirm && m.expires.is_none() {
             return Ok(());
         }
-        let confirmed = confirm
-            .await
-            .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))?;
+        let confirmed = confirm.await.map_err(|e| wire::publish_error(&m, &e))?;
         match confirmed {
             lapin::Confirmation::Nack(_) => Err(BusError::op(
                 format!("publishing to `{}`", m.routing_key),

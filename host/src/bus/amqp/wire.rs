@@ -191,7 +191,18 @@ pub(super) async fn publish_on(
             properties(m)?,
         )
         .await
-        .map_err(|e| lapin_error(format!("publishing to `{}`", m.routing_key), &e))
+        .map_err(|e| publish_error(m, &e))
+}
+
+/// A failed publish: to an exchange nobody declared (NOT_FOUND), or on a
+/// connection that is gone.
+pub(super) fn publish_error(m: &Outgoing<'_>, e: &lapin::Error) -> BusError {
+    if super::is_not_found(e) {
+        return BusError::NoExchange {
+            exchange: m.exchange.to_owned(),
+        };
+    }
+    lapin_error(format!("publishing to `{}`", m.routing_key), e)
 }
 
 #[cfg(test)]
