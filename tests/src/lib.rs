@@ -14,8 +14,10 @@ pub mod host;
 pub mod http;
 pub mod load;
 pub mod probe;
+pub mod rabbitmq;
 pub mod redis;
 pub mod redis_load;
+pub mod tally;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
