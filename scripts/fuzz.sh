@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every decoder of outside bytes (fuzz/, one
-# target per decoder; see README "Fuzzing").
+# target per decoder; see docs/fuzzing.md).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #

@@ -10,8 +10,10 @@ cargo build --release -p commissaire-host -p commissaire-plugin-simple -p commis
 # wherever cargo builds (CARGO_TARGET_DIR).
 built="${CARGO_TARGET_DIR:-target}/release"
 mkdir -p target/example-plugins
-# Copy beside, then rename over: a running host keeps the old file mapped
-# (see "Worker processes and reliability" in the README).
+# Copy beside, then rename over: a SIGHUP to a running host in the middle
+# of a copy would check and load half a file (see the SIGHUP row of
+# docs/reliability.md, and "Which plugin files the host trusts" in
+# docs/plugins.md).
 for lib in libsimple.so libdemo.so; do
   cp "$built/$lib" "target/example-plugins/.$lib.new"
   mv "target/example-plugins/.$lib.new" "target/example-plugins/$lib"

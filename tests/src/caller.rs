@@ -32,6 +32,7 @@ pub struct AmqpCaller {
     conn: Connection,
     channel: Channel,
     exchange: String,
+    content_type: String,
 }
 
 impl std::fmt::Debug for AmqpCaller {
@@ -64,7 +65,16 @@ impl AmqpCaller {
             conn,
             channel,
             exchange: exchange.to_owned(),
+            content_type: "application/json".to_owned(),
         }
+    }
+
+    /// The same caller, its requests sent with `content_type` (kombu's
+    /// `text/plain` for a string it publishes as is) instead of
+    /// `application/json`.
+    pub fn with_content_type(mut self, content_type: &str) -> Self {
+        content_type.clone_into(&mut self.content_type);
+        self
     }
 
     /// Publishes raw `body` on `routing_key` (no reply wanted).
@@ -155,7 +165,7 @@ impl AmqpCaller {
             .await
             .expect("consume");
         let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(self.content_type.as_str().into())
             .with_reply_to(queue.as_str().into());
         if let Some(c) = correlation_id {
             properties = properties.with_correlation_id(c.into());

@@ -28,10 +28,34 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// A free local TCP port.
+/// A local TCP port free a moment ago, for servers that cannot bind port 0
+/// and report it (a test's own `redis-server`): another process may take
+/// it first, so whoever uses it retries on another when its bind fails.
+/// Test hosts never use it: they bind port 0 and report the address.
 pub fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("local addr")
+}
+
+/// `filter` with the line that reports the HTTP endpoint's address kept,
+/// whatever level the test wants of the rest.
+fn log_filter(filter: &str) -> String {
+    if filter.contains("commissaire_host::http") {
+        filter.to_owned()
+    } else {
+        format!("{filter},commissaire_host::http=info")
+    }
+}
+
+/// The address a host logged as bound (`HTTP endpoint ready
+/// listen=ADDR`), once it did.
+pub fn bound_http_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .find(|l| l.contains("HTTP endpoint ready"))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("listen="))?
+        .parse()
+        .ok()
 }
 
 /// How to start a host.
@@ -63,6 +87,11 @@ pub struct HostSpec {
     /// fresh one holding `plugins` (which still name the `[[service]]`
     /// entries).
     pub plugins_dir: Option<PathBuf>,
+    /// The host's `TMPDIR` (where it notes its reply queues, and sweeps
+    /// those of dead processes noted there), when a test shares one with
+    /// another process; by default each host has a private one, so that
+    /// no host of another test or checkout sweeps what it noted.
+    pub tmpdir: Option<PathBuf>,
 }
 
 impl HostSpec {
@@ -81,6 +110,7 @@ impl HostSpec {
             env: Vec::new(),
             args: Vec::new(),
             plugins_dir: None,
+            tmpdir: None,
         }
     }
 
@@ -132,8 +162,12 @@ pub struct TestHost {
     child: Option<Child>,
     /// What it was started with.
     pub spec: HostSpec,
-    /// Its HTTP endpoint.
+    /// Its HTTP endpoint: the host binds port 0 and logs the address (a
+    /// port chosen beforehand could be taken by anyone in between); known
+    /// once it is up (`127.0.0.1:0` for a host expected to fail).
     pub http: SocketAddr,
+    /// Its `TMPDIR`.
+    tmpdir: PathBuf,
     /// Its config file.
     pub config: PathBuf,
     stderr_path: PathBuf,
@@ -178,8 +212,13 @@ impl TestHost {
             None => Some(plugin_dir(&spec.plugins)),
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let http = free_addr();
+        let http = SocketAddr::from(([127, 0, 0, 1], 0));
         let config = dir.path().join("host.toml");
+        let tmpdir = spec
+            .tmpdir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("tmp"));
+        std::fs::create_dir_all(&tmpdir).expect("the host's TMPDIR");
         let plugins_dir = spec
             .plugins_dir
             .clone()
@@ -193,7 +232,8 @@ impl TestHost {
             .arg(&config)
             .args(["--bus-uri", &spec.bus_uri])
             .args(&spec.args)
-            .env("COMMISSAIRE_LOG", &spec.log)
+            .env("COMMISSAIRE_LOG", log_filter(&spec.log))
+            .env("TMPDIR", &tmpdir)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -204,6 +244,7 @@ impl TestHost {
             child: Some(child),
             spec,
             http,
+            tmpdir,
             config,
             stderr_path,
             _dir: dir,
@@ -222,8 +263,15 @@ impl TestHost {
             {
                 panic!("host exited with {status}:\n{}", self.stderr());
             }
-            if let Ok((200, _)) = http_get(self.http, "/healthz") {
-                return;
+            if self.http.port() == 0 {
+                if let Some(addr) = bound_http_addr(&self.stderr()) {
+                    self.http = addr;
+                }
+            }
+            if self.http.port() != 0 {
+                if let Ok((200, _)) = http_get(self.http, "/healthz") {
+                    return;
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -274,6 +322,12 @@ impl TestHost {
         }
     }
 
+    /// Its `TMPDIR` (its reply-queue notes, its work directory unless
+    /// `/dev/shm` takes it).
+    pub fn tmpdir(&self) -> &std::path::Path {
+        &self.tmpdir
+    }
+
     /// The plugin directory it serves.
     pub fn plugins_dir(&self) -> &std::path::Path {
         &self.plugins_dir
@@ -298,16 +352,21 @@ impl TestHost {
     }
 
     /// The value of one `/metrics` series, named as rendered
-    /// (`name{labels}`); 0 when absent.
+    /// (`name{labels}`). Panics when the series is missing or not a
+    /// number: a series renamed or gone is no 0.
     pub fn metric(&self, series: &str) -> u64 {
         let (status, text) = http_get(self.http, "/metrics").expect("GET /metrics");
         assert_eq!(status, 200, "GET /metrics: {text}");
-        text.as_str()
-            .unwrap_or_default()
+        let text = text.as_str().expect("/metrics is text");
+        let value = text
             .lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
+            .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"));
+        let value: f64 = value
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{series} {value}: {e}"));
+        value as u64
     }
 
     /// `POST /rpc/{routing_key}` with `body`: (status, JSON body).
@@ -335,7 +394,8 @@ impl Drop for TestHost {
         }
         if self.spec.bus_uri.starts_with("amqp") {
             let spec = self.spec.clone();
-            cleanup_broker(
+            cleanup_broker_at(
+                first_uri(&spec.bus_uri),
                 &spec.exchange,
                 &SERVICES.map(|(_, service)| spec.queue(service)),
             );
@@ -350,12 +410,23 @@ impl Drop for TestHost {
     }
 }
 
-/// Deletes the test's exchange and queues.
+/// The first URI of a failover list (`uri;uri;…`).
+fn first_uri(uris: &str) -> &str {
+    uris.split(';').next().unwrap_or(uris)
+}
+
+/// Deletes the test's exchange and queues on the test broker.
 pub fn cleanup_broker(exchange: &str, queues: &[String]) {
+    cleanup_broker_at(&amqp_uri(), exchange, queues);
+}
+
+/// Deletes the test's exchange and queues on the broker at `uri`.
+pub fn cleanup_broker_at(uri: &str, exchange: &str, queues: &[String]) {
     let exchange = exchange.to_owned();
     let queues = queues.to_vec();
+    let uri = uri.to_owned();
     let cleanup = async move {
-        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await?;
+        let conn = Connection::connect(&uri, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         for q in &queues {
             // A queue that was never declared closes the channel: use one each.

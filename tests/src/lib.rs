@@ -14,8 +14,11 @@ pub mod etcd;
 pub mod host;
 pub mod http;
 pub mod load;
+pub mod probe;
+pub mod rabbitmq;
 pub mod redis;
 pub mod redis_load;
+pub mod tally;
 
 use commissaire_host::dispatch::{Delivery, Service};
 use commissaire_host::plugin::PluginLibrary;
@@ -148,6 +151,45 @@ pub fn library(lib_name: &str) -> PathBuf {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ))
+}
+
+/// Builds the misbehaving fixture plugin (`tests/fixtures/plugin-misbehave`,
+/// service `bp`, its own workspace) as version `version` (what its
+/// `version` method answers) and returns a copy of its library kept for
+/// that version. The builds share one artifact path: one at a time.
+pub fn misbehave_library(version: &str) -> PathBuf {
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let kept = artifact_dir()
+        .join(format!("misbehave-{version}"))
+        .join(format!(
+            "{}misbehave{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ));
+    let dir = workspace_root().join("tests/fixtures/plugin-misbehave");
+    let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));
+    let manifest = dir.join("Cargo.toml");
+    let target = target_dir();
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo_bin)
+        .args(["build", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .env("BP_VERSION", version)
+        .current_dir(workspace_root())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo_bin}: {e}"));
+    assert!(status.success(), "building the misbehaving fixture failed");
+    let built = artifact_dir().join(kept.file_name().unwrap_or_default());
+    if let Some(parent) = kept.parent() {
+        std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{}: {e}", parent.display()));
+    }
+    std::fs::copy(&built, &kept).unwrap_or_else(|e| panic!("{}: {e}", built.display()));
+    kept
 }
 
 /// Builds the fixture host that speaks plugin-api 1.1

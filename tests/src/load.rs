@@ -27,6 +27,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
 use crate::host::{amqp_uri, unique};
+pub use crate::tally::{Counts, Tally};
 
 /// The request number `i` is: its routing key and params.
 pub type RequestFn = Arc<dyn Fn(usize) -> (String, Value) + Send + Sync>;
@@ -113,8 +114,11 @@ impl Progress {
 }
 
 /// What happened.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Report {
+    /// Every request and reply, by request number: judge it with
+    /// [`Tally::judge`] to assert what the test promises.
+    pub tally: Tally,
     /// Requests the broker confirmed (they reached the queue).
     pub sent: usize,
     /// Requests whose publish was not confirmed (the connection went away
@@ -151,8 +155,8 @@ impl std::fmt::Display for Report {
     }
 }
 
-#[derive(Default)]
 struct State {
+    tally: Tally,
     next: usize,
     /// Published, not answered, not given up.
     waiting: HashSet<usize>,
@@ -192,6 +196,7 @@ impl State {
         };
         self.max_gap = self.max_gap.max(last.elapsed());
         *last = Instant::now();
+        self.tally.reply(i, value.clone(), again);
         if self.replies.contains_key(&i) {
             if !again {
                 self.duplicates += 1;
@@ -233,6 +238,7 @@ impl State {
         for i in lost {
             self.waiting.remove(&i);
             self.unconfirmed.insert(i);
+            self.tally.unconfirmed(i);
         }
     }
 }
@@ -243,7 +249,18 @@ impl Load {
     pub async fn run(&self, progress: Arc<Progress>) -> Report {
         let started = Instant::now();
         let reply_queue = unique("chaos-reply");
-        let mut state = State::default();
+        let mut state = State {
+            tally: Tally::new(self.total),
+            next: 0,
+            waiting: HashSet::new(),
+            confirmed: HashSet::new(),
+            unconfirmed: HashSet::new(),
+            replies: HashMap::new(),
+            duplicates: 0,
+            max_gap: Duration::ZERO,
+            sent_at: HashMap::new(),
+            returned: std::collections::VecDeque::new(),
+        };
         let mut last_reply = Instant::now();
         'connection: while started.elapsed() < self.deadline {
             let uri = self.broker.clone().unwrap_or_else(amqp_uri);
@@ -376,10 +393,12 @@ impl Load {
                             }
                             Ok(c) if c.is_ack() => {
                                 state.confirmed.insert(i);
+                                state.tally.sent(i);
                             }
                             _ => {
                                 if !state.replies.contains_key(&i) && state.waiting.remove(&i) {
                                     state.unconfirmed.insert(i);
+                                    state.tally.unconfirmed(i);
                                 }
                             }
                         }
@@ -392,7 +411,8 @@ impl Load {
                 }
             }
         }
-        let _ = within(delete_queue(&reply_queue)).await;
+        let uri = self.broker.clone().unwrap_or_else(amqp_uri);
+        let _ = within(delete_queue(&uri, &reply_queue)).await;
         let mut unanswered: Vec<usize> = state
             .confirmed
             .iter()
@@ -401,6 +421,7 @@ impl Load {
             .collect();
         unanswered.sort_unstable();
         Report {
+            tally: state.tally,
             sent: state.confirmed.len(),
             unconfirmed: state.unconfirmed.len(),
             answered: state.replies.len(),
@@ -413,8 +434,8 @@ impl Load {
     }
 }
 
-async fn delete_queue(queue: &str) {
-    if let Ok(conn) = Connection::connect(&amqp_uri(), ConnectionProperties::default()).await {
+async fn delete_queue(uri: &str, queue: &str) {
+    if let Ok(conn) = Connection::connect(uri, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
                 .queue_delete(queue.into(), QueueDeleteOptions::default())

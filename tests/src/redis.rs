@@ -47,25 +47,28 @@ pub enum Resp {
 }
 
 impl Resp {
-    /// The strings of an array reply (empty for anything else).
+    /// The strings of an array reply. Panics on anything else (an error
+    /// reply above all: a failed `KEYS` or a `WRONGTYPE` is no empty
+    /// list), and on an item that is not a string.
     pub fn strings(&self) -> Vec<String> {
         match self {
             Resp::Array(items) => items
                 .iter()
-                .filter_map(|i| match i {
-                    Resp::Str(s) => Some(s.clone()),
-                    _ => None,
+                .map(|i| match i {
+                    Resp::Str(s) => s.clone(),
+                    other => panic!("Redis array item is not a string: {other:?} in {self:?}"),
                 })
                 .collect(),
-            _ => Vec::new(),
+            other => panic!("Redis replied {other:?}, not an array of strings"),
         }
     }
 
-    /// The integer of an integer reply (0 for anything else).
+    /// The integer of an integer reply. Panics on anything else (an error
+    /// reply above all: a `WRONGTYPE` is no 0).
     pub fn int(&self) -> i64 {
         match self {
             Resp::Int(i) => *i,
-            _ => 0,
+            other => panic!("Redis replied {other:?}, not an integer"),
         }
     }
 }
@@ -139,7 +142,7 @@ pub fn redis_commands(uri: &str, commands: &[Vec<String>]) -> Vec<Resp> {
     let setup = all.len();
     all.extend(commands.iter().cloned());
     let mut replies = Vec::new();
-    for command in &all {
+    for (n, command) in all.iter().enumerate() {
         let mut out = format!("*{}\r\n", command.len()).into_bytes();
         for arg in command {
             out.extend(format!("${}\r\n", arg.len()).into_bytes());
@@ -147,7 +150,18 @@ pub fn redis_commands(uri: &str, commands: &[Vec<String>]) -> Vec<Resp> {
             out.extend(b"\r\n");
         }
         std::io::Write::write_all(&mut writer, &out).expect("write to Redis");
-        replies.push(read_resp(&mut reader).expect("read from Redis"));
+        let reply = read_resp(&mut reader).expect("read from Redis");
+        // A failed SELECT would leave the test on database 0, a failed
+        // AUTH unable to do anything: neither goes unnoticed.
+        if n < setup {
+            assert_eq!(
+                reply,
+                Resp::Str("OK".to_owned()),
+                "{} on {addr}: {reply:?}",
+                command[0]
+            );
+        }
+        replies.push(reply);
     }
     replies.split_off(setup)
 }
@@ -225,8 +239,17 @@ impl PrivateRedis {
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
         };
-        redis.spawn();
-        redis
+        // The port was free a moment ago: another process may have taken
+        // it since, then another one.
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match redis.try_spawn() {
+                Ok(()) => return redis,
+                Err(e) => failures.push(e),
+            }
+            redis.port = crate::host::free_addr().port();
+        }
+        panic!("cannot start a redis-server: {failures:?}");
     }
 
     /// Database `db` of it.
@@ -235,6 +258,14 @@ impl PrivateRedis {
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts redis-server on its port; an error if it exits (the port
+    /// taken meanwhile, above all).
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -252,7 +283,26 @@ impl PrivateRedis {
             .expect("redis-server (apt-get install redis-server)");
         self.child = Some(child);
         let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Up once it answers (with an append-only file, once loaded:
+        // until then it answers -LOADING), and still running: if another
+        // process took the port first, what answers there is not ours.
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log"));
+                return Err(format!(
+                    "redis-server on port {} exited ({status}): {}",
+                    self.port,
+                    log.unwrap_or_default()
+                ));
+            }
+            if self.pongs() {
+                return Ok(());
+            }
             assert!(
                 started.elapsed() < std::time::Duration::from_secs(10),
                 "redis-server on port {} not up within 10 s",
@@ -260,11 +310,21 @@ impl PrivateRedis {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        // Up once it answers (with an append-only file, once loaded).
-        while redis_command(&self.uri(0), &["PING"]) != Resp::Str("PONG".to_owned()) {
-            assert!(started.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    /// Whether it answers PING with PONG (not -LOADING).
+    fn pongs(&self) -> bool {
+        let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let Ok(mut writer) = stream.try_clone() else {
+            return false;
+        };
+        if std::io::Write::write_all(&mut writer, b"PING\r\n").is_err() {
+            return false;
         }
+        let mut reader = std::io::BufReader::new(stream);
+        matches!(read_resp(&mut reader), Ok(Resp::Str(s)) if s == "PONG")
     }
 
     /// Starts it again after [`Self::kill`], on the same port and
@@ -287,5 +347,39 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "not an integer")]
+    fn an_error_reply_is_no_zero() {
+        Resp::Error("WRONGTYPE Operation against a key holding the wrong kind of value".into())
+            .int();
+    }
+
+    #[test]
+    #[should_panic(expected = "not an array of strings")]
+    fn an_error_reply_is_no_empty_list() {
+        Resp::Error("ERR unknown command".into()).strings();
+    }
+
+    #[test]
+    #[should_panic(expected = "not an integer")]
+    fn a_wrongtype_from_redis_is_no_zero() {
+        // A key of this run's own, gone in a minute whatever happens.
+        let key = crate::host::unique("fuzzcat-wrongtype");
+        let uri = redis_uri(1, "");
+        redis_command(&uri, &["SET", &key, "x", "EX", "60"]);
+        redis_command(&uri, &["LLEN", &key]).int();
+    }
+
+    #[test]
+    #[should_panic(expected = "SELECT")]
+    fn a_failed_select_is_no_database_0() {
+        redis_command(&redis_uri(99, ""), &["PING"]);
     }
 }

@@ -19,6 +19,7 @@ use commissaire_host::bus::{BusError, BusTransport, Outgoing, ReplyQueueKind};
 use serde_json::{json, Value};
 
 use crate::load::{Progress, Report, RequestFn};
+use crate::tally::Tally;
 
 /// What to send, where.
 #[derive(Clone)]
@@ -71,6 +72,7 @@ impl RedisLoad {
             .reply_queue(ReplyQueueKind::Named)
             .await
             .expect("a reply list");
+        let mut tally = Tally::new(self.total);
         let mut next = 0usize;
         let mut retry: VecDeque<(usize, Instant)> = VecDeque::new();
         let mut waiting: HashMap<usize, Instant> = HashMap::new();
@@ -120,6 +122,7 @@ impl RedisLoad {
                     .await;
                 match published {
                     Ok(()) => {
+                        tally.sent(i);
                         confirmed.insert(i);
                         waiting.insert(i, Instant::now());
                     }
@@ -128,6 +131,7 @@ impl RedisLoad {
                         break;
                     }
                     Err(_) => {
+                        tally.unconfirmed(i);
                         unconfirmed.insert(i);
                         // Redis is away: do not spin.
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -147,6 +151,7 @@ impl RedisLoad {
                     };
                     max_gap = max_gap.max(last_reply.elapsed());
                     last_reply = Instant::now();
+                    tally.reply(i, value.clone(), false);
                     if answered.contains_key(&i) {
                         duplicates += 1;
                         continue;
@@ -169,6 +174,7 @@ impl RedisLoad {
             .collect();
         unanswered.sort_unstable();
         Report {
+            tally,
             sent: confirmed.len(),
             unconfirmed: unconfirmed.len(),
             answered: answered.len(),

@@ -144,12 +144,21 @@ fn a_fast_method_that_starts_blocking_stops_holding_up_the_others() {
         .map(|_| {
             let host = host.clone();
             std::thread::spawn(move || {
-                host.http_call("demo.sleep", &json!({"id": 2, "params": [1500]}));
+                host.http_call("demo.sleep", &json!({"id": 2, "params": [8000]}));
                 std::time::Instant::now()
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // All four running (the workers report every second), then greetings.
+    let started = std::time::Instant::now();
+    while host.metric(r#"commissaire_in_flight{service="demo"}"#) < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the four sleepers not in flight within 30 s:\n{}",
+            host.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for _ in 0..5 {
         let (status, reply) = host.http_call("demo.greet", &json!({"id": 3, "params": ["x"]}));
         assert_eq!(status, 200, "{reply}");
@@ -295,13 +304,28 @@ async fn every_error_row_over_the_wire() {
 async fn double_encoded_and_text_plain_bodies() {
     let host = TestHost::start(HostSpec::amqp());
     let inner = r#"{"jsonrpc":"2.0","id":"d","method":"add","params":[20,22]}"#;
-    let body = serde_json::to_vec(inner).unwrap();
-    let reply = call(&host, "simple.add", &body).await;
-    assert_eq!(reply, json!({"jsonrpc": "2.0", "id": "d", "result": 42}));
+    let double = serde_json::to_vec(inner).unwrap();
+    let want = json!({"jsonrpc": "2.0", "id": "d", "result": 42});
+    let reply = call(&host, "simple.add", &double).await;
+    assert_eq!(reply, want, "double-encoded, application/json");
+    // As kombu sends a string it publishes as is: text/plain, the body
+    // JSON all the same (once or twice encoded).
+    let caller = AmqpCaller::connect(&host.spec.exchange)
+        .await
+        .with_content_type("text/plain");
+    for (body, what) in [(inner.as_bytes(), "plain"), (&double[..], "double-encoded")] {
+        let reply = caller
+            .call("simple.add", body, ReplyQueue::AutoDelete, None)
+            .await;
+        assert_eq!(reply.body, want, "{what}, text/plain");
+    }
+    caller.close().await;
 }
 
+/// A notification has no `reply_to` (docs/protocol.md): nowhere a reply
+/// could go, so what shows is that its handler ran.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_notification_runs_its_handler_and_gets_no_reply() {
+async fn a_notification_runs_its_handler() {
     let host = TestHost::start(HostSpec::amqp());
     // Watch what the handler sends: demo.relay notifies `observe.seen`.
     let caller = AmqpCaller::connect(&host.spec.exchange).await;

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use commissaire_e2e::host::{amqp_uri, free_addr, unique, HostSpec, TestHost};
+use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
 use commissaire_e2e::http::{read_reply, send, try_send, Reply};
 use commissaire_e2e::{host_bin, plugin_dir};
 use serde_json::{json, Value};
@@ -496,6 +496,12 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
         closed_by_the_endpoint(&mut waiting[0], Duration::from_secs(5)),
         "the oldest waiting connection was not evicted"
     );
+    // One eviction counted, that one: the younger three were not closed
+    // later either.
+    assert_eq!(
+        host.metric(r#"commissaire_http_refused_total{reason="evicted"}"#),
+        1
+    );
     for s in &mut waiting[1..] {
         s.set_nonblocking(true).unwrap();
         let mut buf = [0; 16];
@@ -542,6 +548,18 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
     assert_no_panic(&host);
 }
 
+/// `unshare`'s arguments for a network namespace of the process's own (a
+/// user namespace too when not root).
+fn own_network_namespace() -> &'static [&'static str] {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if root {
+        &["--net"]
+    } else {
+        &["--net", "--map-root-user"]
+    }
+}
+
 #[test]
 fn listening_beyond_loopback_without_a_token_warns() {
     let help = Command::new(host_bin())
@@ -556,12 +574,15 @@ fn listening_beyond_loopback_without_a_token_warns() {
     for token in [None, Some(TOKEN)] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("stderr.log");
-        let addr = free_addr();
-        let mut command = Command::new(host_bin());
+        // In a network namespace of its own: 0.0.0.0 there is reachable
+        // from nowhere, so an endpoint without a token is open to no one.
+        let mut command = Command::new("unshare");
         command
+            .args(own_network_namespace())
+            .arg(host_bin())
             .args(["run", "--bus-uri", "memory://", "--plugins-dir"])
             .arg(plugins.path())
-            .args(["--http-listen", &format!("0.0.0.0:{}", addr.port())])
+            .args(["--http-listen", "0.0.0.0:0"])
             .env_remove("COMMISSAIRE_HTTP_TOKEN")
             .env("COMMISSAIRE_LOG", "info")
             .stdout(Stdio::null())

@@ -80,16 +80,21 @@ impl Scrape {
         }
     }
 
-    /// The value of `name{labels}` (0 when absent).
+    /// The value of `name{labels}`. Panics when the series is missing: a
+    /// series gone or renamed is no 0.
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", self.text))
+    }
+
+    /// The value of `name{labels}`, `None` while the series is missing
+    /// (for a scrape that waits for it).
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let labels = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        self.samples
-            .get(&(name.to_owned(), labels))
-            .copied()
-            .unwrap_or(0.0)
+        self.samples.get(&(name.to_owned(), labels)).copied()
     }
 
     /// Every sample of a counter or histogram family.
@@ -154,16 +159,17 @@ fn counts_add_up_over_workers_and_survive_a_killed_one() {
         ("outcome", "ok"),
         ("code", ""),
     ];
-    let before = scrape_until(&host, "20 simple.add counted", |s| {
-        s.get("commissaire_requests_total", &ok) == 20.0
-    });
     let raised = [
         ("service", "demo"),
         ("method", "raise"),
         ("outcome", "error"),
         ("code", "4000"),
     ];
-    assert_eq!(before.get("commissaire_requests_total", &raised), 3.0);
+    // Each worker reports on its own second: wait for both services'.
+    let before = scrape_until(&host, "20 simple.add and 3 demo.raise counted", |s| {
+        s.value("commissaire_requests_total", &ok) == Some(20.0)
+            && s.value("commissaire_requests_total", &raised) == Some(3.0)
+    });
     let add = [("service", "simple"), ("method", "add")];
     assert_eq!(
         before.get("commissaire_request_duration_seconds_count", &add),
@@ -202,15 +208,20 @@ fn counts_add_up_over_workers_and_survive_a_killed_one() {
         .expect("kill");
     assert!(status.success());
     let after = scrape_until(&host, "the killed worker replaced", |s| {
-        s.get(
+        s.value(
             "commissaire_worker_restarts_total",
             &[("service", "simple")],
-        ) >= 1.0
-            && s.get("commissaire_workers", &consuming) == 2.0
+        )
+        .is_some_and(|n| n >= 1.0)
+            && s.value("commissaire_workers", &consuming) == Some(2.0)
     });
     assert!(after.get("commissaire_crashes_total", &[("service", "simple")]) >= 1.0);
     for (key, value) in before.monotonic() {
-        let now = after.samples.get(key).copied().unwrap_or(0.0);
+        let now = after
+            .samples
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key:?} ({value}) gone:\n{}", after.text));
         assert!(now >= *value, "{key:?} went from {value} to {now}");
     }
     // The dead worker's requests are still counted, and more add up.
@@ -219,7 +230,7 @@ fn counts_add_up_over_workers_and_survive_a_killed_one() {
         call(&host, "simple.add", json!([i, 1]));
     }
     scrape_until(&host, "24 simple.add counted", |s| {
-        s.get("commissaire_requests_total", &ok) == 24.0
+        s.value("commissaire_requests_total", &ok) == Some(24.0)
     });
 }
 
@@ -244,7 +255,7 @@ fn unknown_methods_count_as_one_series() {
         ("code", "-32601"),
     ];
     let scrape = scrape_until(&host, "1000 unknown methods counted", |s| {
-        s.get("commissaire_requests_total", &unknown) == 1000.0
+        s.value("commissaire_requests_total", &unknown) == Some(1000.0)
     });
     let methods: std::collections::BTreeSet<&str> = scrape
         .samples
@@ -281,7 +292,7 @@ fn a_plugin_printing_control_lines_forges_nothing() {
     }
     // Past a report of the worker's own counts.
     let scrape = scrape_until(&host, "demo.print counted", |s| {
-        s.get(
+        s.value(
             "commissaire_requests_total",
             &[
                 ("service", "demo"),
@@ -289,7 +300,7 @@ fn a_plugin_printing_control_lines_forges_nothing() {
                 ("outcome", "ok"),
                 ("code", ""),
             ],
-        ) == 4.0
+        ) == Some(4.0)
     });
     assert_eq!(
         scrape.get("commissaire_poison_refused_total", &[("service", "demo")]),

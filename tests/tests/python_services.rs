@@ -147,12 +147,20 @@ impl PyService {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     }
 
-    /// Every message it handled since the last look.
-    fn handled_so_far(&self) -> Vec<Value> {
-        self.lines
-            .try_iter()
-            .map(|line| serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect()
+    /// Every message it handled since the last look, up to the end of its
+    /// output (once it stopped).
+    fn handled_to_the_end(&self) -> Vec<Value> {
+        let mut handled = Vec::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) => handled
+                    .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return handled,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the Python service's output did not end within 10 s of its exit")
+                }
+            }
+        }
     }
 
     /// Stops it (SIGTERM): it deletes its queues.
@@ -375,7 +383,7 @@ fn a_python_caller_reaches_the_host_on_rabbitmq() {
 
 #[test]
 fn a_python_caller_reaches_the_host_on_redis() {
-    a_python_caller_reaches_the_host(Broker::Redis(13));
+    a_python_caller_reaches_the_host(Broker::Redis(3));
 }
 
 fn the_host_and_a_python_service_share_a_queue(broker: Broker) {
@@ -428,16 +436,16 @@ fn the_host_and_a_python_service_share_a_queue(broker: Broker) {
                 other => panic!("call {i} was not answered: {other:?}"),
             }
         }
-        // Anything handled twice would show up by now.
-        std::thread::sleep(Duration::from_millis(500));
-        let python_ids: Vec<String> = service
-            .handled_so_far()
-            .iter()
-            .map(|seen| seen["id"].to_string())
-            .collect();
+        // Both stopped, nothing can be handled any more: their logs are
+        // complete, a request handled twice is in them.
         service.stop();
         host.signal("TERM");
         assert!(host.wait(Duration::from_secs(20)).success());
+        let python_ids: Vec<String> = service
+            .handled_to_the_end()
+            .iter()
+            .map(|seen| seen["id"].to_string())
+            .collect();
         (host.stderr(), python_ids)
     };
     let by_host = host_log
@@ -466,7 +474,7 @@ fn the_host_and_a_python_service_share_a_queue_on_rabbitmq() {
 
 #[test]
 fn the_host_and_a_python_service_share_a_queue_on_redis() {
-    the_host_and_a_python_service_share_a_queue(Broker::Redis(14));
+    the_host_and_a_python_service_share_a_queue(Broker::Redis(4));
 }
 
 /// A caller killed while it waits: its reply queue stays, a Python reply
@@ -478,9 +486,15 @@ fn a_killed_caller_s_reply_queue_is_swept(broker: Broker) {
     let before = host_objects(broker, &spec.bus_uri, &[]);
     let py_queue = format!("py-{}", spec.suffix);
     let service = PyService::start(broker, &spec, &[(&py_queue, "pysvc.*")]);
+    // The caller notes its reply queue in its TMPDIR, where the next host
+    // finds it: one of this test's own, so that no other host on the
+    // machine (of another test, or another checkout) sweeps it first.
+    let notes = tempfile::tempdir().expect("a temp dir");
+    spec.tmpdir = Some(notes.path().to_owned());
     let mut caller = Command::new(host_bin())
         .args(["call", "pysvc.slow", "[1]"])
         .args(["--bus-uri", &spec.bus_uri, "--bus-exchange", &spec.exchange])
+        .env("TMPDIR", notes.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -552,7 +566,7 @@ fn a_killed_caller_s_reply_queue_is_swept_on_rabbitmq() {
 
 #[test]
 fn a_killed_caller_s_reply_queue_is_swept_on_redis() {
-    a_killed_caller_s_reply_queue_is_swept(Broker::Redis(15));
+    a_killed_caller_s_reply_queue_is_swept(Broker::Redis(5));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! their caller, queue arguments reach the broker, and a queue that exists
 //! with other arguments is one clear startup error.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use commissaire_e2e::host::{amqp_uri, unique, AmqpCaller, HostSpec, ReplyQueue, TestHost};
@@ -13,27 +13,47 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
+/// Runs `command` to its end, which must come within `limit`: a
+/// generous deadline, far below what the command would wait otherwise.
+fn output_within(command: &mut Command, limit: Duration, what: &str) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{what}: still running after {limit:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
 #[test]
 fn a_call_nobody_can_take_fails_at_once_with_one_line() {
     let host = TestHost::start(HostSpec::amqp());
-    let started = Instant::now();
-    let out = Command::new(host_bin())
-        .args(["call", "nobody.home", "[]", "--timeout", "30"])
-        .args([
-            "--bus-uri",
-            &amqp_uri(),
-            "--bus-exchange",
-            &host.spec.exchange,
-        ])
-        .output()
-        .expect("run call");
-    let took = started.elapsed();
+    // Its timeout is 300 s: ended within 60, it did not wait for it.
+    let out = output_within(
+        Command::new(host_bin())
+            .args(["call", "nobody.home", "[]", "--timeout", "300"])
+            .args([
+                "--bus-uri",
+                &amqp_uri(),
+                "--bus-exchange",
+                &host.spec.exchange,
+            ]),
+        Duration::from_secs(60),
+        "a call nobody can take waits for its timeout",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        took < Duration::from_secs(10),
-        "answered without waiting its 30 s timeout ({took:?})"
-    );
     let line = format!(
         "no queue is bound to nobody.home on exchange {}",
         host.spec.exchange
@@ -101,17 +121,6 @@ async fn a_request_to_a_queue_without_consumer_expires_with_its_caller() {
     )
     .await
     .expect("bind");
-    let out = Command::new(host_bin())
-        .args(["call", "lonely.x", "[]", "--timeout", "1"])
-        .args([
-            "--bus-uri",
-            &amqp_uri(),
-            "--bus-exchange",
-            &host.spec.exchange,
-        ])
-        .output()
-        .expect("run call");
-    assert_eq!(out.status.code(), Some(1));
     let count = |ch: lapin::Channel, name: String| async move {
         ch.queue_declare(
             name.as_str().into(),
@@ -125,11 +134,42 @@ async fn a_request_to_a_queue_without_consumer_expires_with_its_caller() {
         .expect("passive declare")
         .message_count()
     };
+    // The call waits 5 s, its request as long in the queue: seen there,
+    // then gone once it expired with its caller.
+    let mut caller = Command::new(host_bin())
+        .args(["call", "lonely.x", "[]", "--timeout", "5"])
+        .args([
+            "--bus-uri",
+            &amqp_uri(),
+            "--bus-exchange",
+            &host.spec.exchange,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run call");
+    let mut queued = false;
+    while caller.try_wait().expect("try_wait").is_none() {
+        if count(ch.clone(), lonely.clone()).await == 1 {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = tokio::task::spawn_blocking(move || caller.wait())
+        .await
+        .expect("join")
+        .expect("wait for call");
+    assert!(
+        queued,
+        "the request never showed in the queue before its caller gave up"
+    );
+    assert_eq!(status.code(), Some(1));
     let started = Instant::now();
     while count(ch.clone(), lonely.clone()).await > 0 {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the request expired with its caller"
+            started.elapsed() < Duration::from_secs(30),
+            "the request did not expire with its caller within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -223,11 +223,15 @@ async fn without_a_valid_traceparent_a_request_starts_its_own_trace() {
     let _ = caller.conn.close(200, "bye".into()).await;
 }
 
+/// Redis database of this file's tests, its own (never 0, the
+/// machine's default).
+const REDIS_DB: u8 = 1;
+
 /// `call` joins `TRACEPARENT`; on Redis the context travels in kombu's
 /// `headers`, both ways.
 #[test]
 fn call_joins_the_trace_in_its_environment_on_redis_too() {
-    for spec in [HostSpec::amqp(), HostSpec::redis(0)] {
+    for spec in [HostSpec::amqp(), HostSpec::redis(REDIS_DB)] {
         let host = TestHost::start(spec);
         let out = Command::new(host_bin())
             .args(["call", "demo.whoami", "[]", "--bus-uri"])

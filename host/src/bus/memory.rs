@@ -267,19 +267,30 @@ mod tests {
         bus.publish(out("ex", "other.add", b"lost")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"1")).await.unwrap();
         bus.publish(out("ex", "simple.add", b"2")).await.unwrap();
+        let second = std::time::Duration::from_secs(2);
+        // Prefetch 1 each: one message for each consumer.
         let first = a_deliveries.recv().await.unwrap();
-        // `a` stops: what it holds goes back to the queue, for `b`.
-        a.stop.cancel();
-        while let Ok(m) = a_deliveries.try_recv() {
-            m.settle(Settle::Requeue).await.unwrap();
-        }
-        let second = tokio::time::timeout(std::time::Duration::from_secs(2), b_deliveries.recv())
+        let other = tokio::time::timeout(second, b_deliveries.recv())
             .await
             .expect("b gets the other message")
             .unwrap();
-        let mut bodies = vec![first.body, second.body];
+        let mut bodies = vec![first.body.clone(), other.body.clone()];
         bodies.sort();
         assert_eq!(bodies, vec![b"1".to_vec(), b"2".to_vec()]);
+        // `a` stops: what it holds goes back to the queue, for `b` once
+        // `b` has a free slot.
+        a.stop.cancel();
+        first.settle(Settle::Requeue).await.unwrap();
+        other.settle(Settle::Ack).await.unwrap();
+        let again = tokio::time::timeout(second, b_deliveries.recv())
+            .await
+            .expect("b gets what a held")
+            .unwrap();
+        assert_eq!(again.body, first.body);
+        assert!(again.redelivered);
+        again.settle(Settle::Ack).await.unwrap();
+        assert!(a_deliveries.is_empty(), "a stopped: it takes nothing more");
+        assert!(b_deliveries.is_empty(), "nothing else was routed here");
     }
 
     #[tokio::test]

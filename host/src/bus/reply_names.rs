@@ -9,7 +9,7 @@
 //! process on the same machine and broker deletes the ones of its machine
 //! whose process is gone, or whose process is itself but no connection of
 //! it uses them any more (a connection lost and made again). Leftovers of
-//! other machines are for the operator (README, "Reply queues").
+//! other machines are for the operator (docs/transports.md, "Reply queues").
 
 use std::collections::HashSet;
 use std::path::PathBuf;

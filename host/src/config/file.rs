@@ -129,6 +129,54 @@ pub(super) struct ServiceSection {
     pub(super) crash_limit: Option<std::num::NonZeroU32>,
     pub(super) inline_handlers: Option<bool>,
     pub(super) max_bus_waits: Option<u16>,
+    /// Seconds a plugin's `init` may take in a new worker.
+    pub(super) init_timeout: Option<Spanned<f64>>,
+    /// A worker's resident memory past which it is replaced: bytes, or a
+    /// string with a unit (`"512 MiB"`).
+    pub(super) max_worker_rss: Option<Spanned<ByteSize>>,
     #[serde(default)]
     pub(super) config: toml::Table,
+}
+
+/// A size in bytes as the file may write it: a number, or a string with
+/// a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum ByteSize {
+    Bytes(i64),
+    Text(String),
+}
+
+impl ByteSize {
+    /// The number of bytes, or why it is not one.
+    pub(super) fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Self::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            Self::Text(text) => {
+                let t = text.trim();
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (number, unit) = t.split_at(split);
+                let number: u64 = number.parse().map_err(|_| {
+                    format!("`{text}` is not a size (write e.g. 536870912 or \"512 MiB\")")
+                })?;
+                let scale: u64 = match unit.trim() {
+                    "" | "B" => 1,
+                    "K" | "KiB" | "k" => 1 << 10,
+                    "KB" | "kB" => 1000,
+                    "M" | "MiB" => 1 << 20,
+                    "MB" => 1_000_000,
+                    "G" | "GiB" => 1 << 30,
+                    "GB" => 1_000_000_000,
+                    other => {
+                        return Err(format!(
+                            "`{text}`: unknown unit `{other}` (B, KiB, MiB, GiB, KB, MB or GB)"
+                        ))
+                    }
+                };
+                number
+                    .checked_mul(scale)
+                    .ok_or_else(|| format!("`{text}` is too large"))
+            }
+        }
+    }
 }

@@ -39,6 +39,12 @@ pub const DEFAULT_HANDLER_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many worker crashes a request may cause before it is refused.
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
+/// How long a plugin's `init` may run in a new worker before the worker
+/// is killed and the service counts as failed to start.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The smallest `max_worker_rss`: below it a worker is over the cap
+/// before it serves anything, and would be replaced for ever.
+pub const MIN_WORKER_RSS: u64 = 32 * 1024 * 1024;
 /// The largest request (and reply) the host takes unless configured.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// How long an ack may wait to go out with others unless configured.

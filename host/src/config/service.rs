@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::file::FileConfig;
 use super::{
     line_col, seconds, ConfigError, DEFAULT_BUS_WAITS_PER_SLOT, DEFAULT_CONCURRENCY,
-    DEFAULT_CRASH_LIMIT, DEFAULT_HANDLER_TIMEOUT,
+    DEFAULT_CRASH_LIMIT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_INIT_TIMEOUT, MIN_WORKER_RSS,
 };
 
 /// One queue a service consumes, bound with its routing key.
@@ -65,6 +65,12 @@ pub struct ServiceSettings {
     /// call beyond this fails at once instead of raising the prefetch
     /// further (a burst of self-calls cannot take every thread).
     pub max_bus_waits: u16,
+    /// How long the plugin's `init` may run in a new worker: past it the
+    /// worker is killed and counts as failed to start.
+    pub init_timeout: Duration,
+    /// Resident memory past which a worker stops taking requests, finishes
+    /// what it holds and is replaced (`None`: no cap).
+    pub max_worker_rss: Option<u64>,
     /// The section handed to the plugin's `init`.
     pub config: serde_json::Value,
     /// Where it was configured (`file:line`), for errors.
@@ -89,6 +95,8 @@ impl ServiceSettings {
             crash_limit: DEFAULT_CRASH_LIMIT,
             inline_handlers: None,
             max_bus_waits: DEFAULT_CONCURRENCY.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT),
+            init_timeout: DEFAULT_INIT_TIMEOUT,
+            max_worker_rss: None,
             config: serde_json::Value::Object(serde_json::Map::new()),
             location: None,
             workers_location: None,
@@ -128,6 +136,35 @@ pub(super) fn file_services(
             &path.display().to_string(),
             text,
         )?;
+        let init_timeout = seconds(
+            section.init_timeout.as_ref(),
+            "init_timeout",
+            DEFAULT_INIT_TIMEOUT,
+            &path.display().to_string(),
+            text,
+        )?;
+        let max_worker_rss = match &section.max_worker_rss {
+            None => None,
+            Some(size) => {
+                let (line, col) = line_col(text, size.span().start);
+                let at = format!("{}:{line}:{col}", path.display());
+                let bytes = size.get_ref().bytes().map_err(|why| ConfigError {
+                    location: at.clone(),
+                    message: format!("service `{name}`: max_worker_rss: {why}"),
+                })?;
+                if bytes < MIN_WORKER_RSS {
+                    return Err(ConfigError {
+                        location: at,
+                        message: format!(
+                            "service `{name}`: max_worker_rss must be at least {} MiB \
+                             (a worker needs about that to start), not {bytes} bytes",
+                            MIN_WORKER_RSS >> 20
+                        ),
+                    });
+                }
+                Some(bytes)
+            }
+        };
         let concurrency = section
             .concurrency
             .map_or(DEFAULT_CONCURRENCY, NonZeroU16::get);
@@ -143,6 +180,8 @@ pub(super) fn file_services(
             max_bus_waits: section
                 .max_bus_waits
                 .unwrap_or(concurrency.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT)),
+            init_timeout,
+            max_worker_rss,
             config,
             location: Some(location.clone()),
             workers_location,

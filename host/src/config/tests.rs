@@ -289,6 +289,27 @@ fn errors_name_file_line_and_problem() {
             "host.toml:3:19: handler_timeout must be a positive number of seconds, not -1",
         ),
         (
+            "[[service]]\nname = \"s\"\ninit_timeout = 0\n",
+            "host.toml:3:16: init_timeout must be a positive number of seconds, not 0",
+        ),
+        (
+            "[[service]]\nname = \"s\"\nmax_worker_rss = \"12 parsecs\"\n",
+            "host.toml:3:18: service `s`: max_worker_rss: `12 parsecs`: unknown unit `parsecs`",
+        ),
+        (
+            "[[service]]\nname = \"s\"\nmax_worker_rss = \"lots\"\n",
+            "host.toml:3:18: service `s`: max_worker_rss: `lots` is not a size",
+        ),
+        (
+            "[[service]]\nname = \"s\"\nmax_worker_rss = -5\n",
+            "host.toml:3:18: service `s`: max_worker_rss: -5 is negative",
+        ),
+        (
+            "[[service]]\nname = \"s\"\nmax_worker_rss = \"16 MiB\"\n",
+            "host.toml:3:18: service `s`: max_worker_rss must be at least 32 MiB \
+             (a worker needs about that to start), not 16777216 bytes",
+        ),
+        (
             "[bus]\nrequest_timeout = \"x\"\n",
             "host.toml:2:19: invalid type: string \"x\", expected f64",
         ),
@@ -325,6 +346,25 @@ fn worker_settings_and_their_defaults() {
     let d = c.service("other");
     assert_eq!((d.workers, d.crash_limit), (1, DEFAULT_CRASH_LIMIT));
     assert_eq!(d.handler_timeout, DEFAULT_HANDLER_TIMEOUT);
+    assert_eq!(
+        (d.init_timeout, d.max_worker_rss),
+        (DEFAULT_INIT_TIMEOUT, None)
+    );
+    for (rss, bytes) in [
+        ("536870912", 512 << 20),
+        ("\"512 MiB\"", 512 << 20),
+        ("\"512MB\"", 512_000_000),
+        ("\"2 GiB\"", 2 << 30),
+    ] {
+        let text = format!(
+            "[bus]\nuri = \"amqp://h\"\n[[service]]\nname = \"s\"\ninit_timeout = 2.5\nmax_worker_rss = {rss}\n"
+        );
+        let s = load_text(&text, &Overrides::default(), None)
+            .unwrap()
+            .service("s");
+        assert_eq!(s.init_timeout, Duration::from_millis(2500));
+        assert_eq!(s.max_worker_rss, Some(bytes), "{rss}");
+    }
     // The bus given on the command line decides too.
     let memory = Overrides {
         bus_uri: Some("memory://".into()),

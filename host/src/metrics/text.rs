@@ -40,6 +40,10 @@ pub struct ServiceView {
     pub restarts: u64,
     /// Workers that died unasked.
     pub crashes: u64,
+    /// Workers killed because their plugins' `init` passed `init_timeout`.
+    pub init_timeouts: u64,
+    /// Workers replaced for passing `max_worker_rss`.
+    pub rss_recycles: u64,
     /// The worker processes running now.
     pub processes: Vec<WorkerView>,
 }
@@ -163,7 +167,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 12] = [
+        let simple: [Simple; 14] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -173,6 +177,16 @@ impl Collector for Views {
                 "commissaire_crashes",
                 "Workers that died unasked (not stopped, not recycled).",
                 |v| v.crashes,
+            ),
+            (
+                "commissaire_init_timeouts",
+                "Workers killed because their plugins' init did not return within init_timeout.",
+                |v| v.init_timeouts,
+            ),
+            (
+                "commissaire_rss_recycles",
+                "Workers replaced because their resident memory passed max_worker_rss.",
+                |v| v.rss_recycles,
             ),
             (
                 "commissaire_poison_refused",
@@ -302,14 +316,21 @@ struct ProcFigures {
     open_fds: u64,
 }
 
-/// Reads a process's figures from `/proc`; `None` if it is gone.
-fn read_proc(pid: u32) -> Option<ProcFigures> {
+/// A process's resident memory in bytes, from `/proc`; `None` if it is
+/// gone.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0);
+    Some(rss_kb * 1024)
+}
+
+/// Reads a process's figures from `/proc`; `None` if it is gone.
+fn read_proc(pid: u32) -> Option<ProcFigures> {
+    let rss_bytes = resident_bytes(pid)?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces and parens.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -325,7 +346,7 @@ fn read_proc(pid: u32) -> Option<ProcFigures> {
     let cpu_seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
     Some(ProcFigures {
-        rss_bytes: rss_kb * 1024,
+        rss_bytes,
         cpu_seconds,
         open_fds,
     })

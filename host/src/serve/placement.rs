@@ -316,13 +316,23 @@ mod thread_tests {
         let me = current_tid().expect("/proc");
         assert_eq!(thread_asleep(me), Some(false), "this thread is running");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (wake, sleep) = std::sync::mpsc::channel::<()>();
+        // Blocked until told, however long the check below takes to see it.
         let sleeper = std::thread::spawn(move || {
             tx.send(current_tid()).expect("send");
-            std::thread::sleep(Duration::from_millis(500));
+            let _ = sleep.recv();
         });
         let tid = rx.recv().expect("tid").expect("/proc");
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(thread_asleep(tid), Some(true));
+        let started = std::time::Instant::now();
+        while thread_asleep(tid) != Some(true) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "a thread blocked on a channel never seen asleep: {:?}",
+                thread_asleep(tid)
+            );
+            std::thread::yield_now();
+        }
+        wake.send(()).expect("wake");
         sleeper.join().expect("sleeper");
     }
 }

@@ -65,6 +65,9 @@ pub async fn run_worker(
         .controlled
         .then(|| Control::start(stop.clone(), deadline));
     let services = prepare(config, Some(&options.service))?;
+    if let Some(c) = &control {
+        c.initialized();
+    }
     let inflight = match &options.slot_file {
         Some(path) => InFlight::with_slot_file(path).map_err(|source| HostError::SlotFile {
             path: path.clone(),

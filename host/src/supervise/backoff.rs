@@ -14,6 +14,11 @@ pub(super) const HEALTHY_LIFETIME: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub(super) struct ServiceState {
     pub(super) workers: u16,
+    /// The plugin copies its workers load, restarts included: its last
+    /// good version once [`Self::proven`] (see [`super::roll`]).
+    pub(super) copies: Option<super::plugin_copies::Copies>,
+    /// A worker loading [`Self::copies`] consumed.
+    pub(super) proven: bool,
     pub(super) restarts: u32,
     /// Per worker index: deaths in a row of short-lived workers, and when
     /// to start the next one.
@@ -29,8 +34,10 @@ pub(super) struct SlotState {
 impl Supervisor {
     pub(super) fn add_service(&mut self, name: &str) {
         let workers = self.config.service(name).workers;
+        let copies = self.copies.current().cloned();
         let state = self.services.entry(name.to_owned()).or_default();
         state.workers = workers;
+        state.copies = copies;
         for index in 0..workers {
             state.slots.insert(
                 index,

@@ -6,7 +6,8 @@
 //! can pass for a control line. Every line is at most [`MAX_LINE`] bytes:
 //! a longer one is skipped whole.
 //!
-//! Worker → supervisor, each line starting with [`PREFIX`]: `consuming`,
+//! Worker → supervisor, each line starting with [`PREFIX`]: `initialized`
+//! (its plugins' `init` returned), `consuming`,
 //! `idle` (not consuming: connecting or reconnecting), `check <key>` for a
 //! redelivered request, answered with how many workers it killed and how
 //! many times it was checked (delivered again), `metrics <json>` (its
@@ -45,6 +46,8 @@ pub const EXIT_FATAL: i32 = 78;
 /// A message from a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
+    /// Its plugins' `init` returned.
+    Initialized,
     /// Its consumers are up.
     Consuming,
     /// It is not consuming (connecting, or the connection was lost).
@@ -71,6 +74,7 @@ impl WorkerEvent {
         let mut words = rest.split_whitespace();
         match (words.next()?, words.next()) {
             ("consuming", None) => Some(Self::Consuming),
+            ("initialized", None) => Some(Self::Initialized),
             ("idle", None) => Some(Self::Idle),
             ("check", Some(key)) => u64::from_str_radix(key, 16).ok().map(Self::Check),
             _ => None,
@@ -81,6 +85,7 @@ impl WorkerEvent {
     pub fn line(&self) -> String {
         match self {
             Self::Consuming => format!("{PREFIX}consuming\n"),
+            Self::Initialized => format!("{PREFIX}initialized\n"),
             Self::Idle => format!("{PREFIX}idle\n"),
             Self::Check(key) => format!("{PREFIX}check {key:x}\n"),
             Self::Fatal(why) => {
@@ -289,6 +294,12 @@ impl Control {
         Self::write(&WorkerEvent::Metrics(snapshot));
     }
 
+    /// Tells the supervisor its plugins' `init` returned (past the
+    /// service's `init_timeout` without this, the worker is killed).
+    pub fn initialized(&self) {
+        Self::write(&WorkerEvent::Initialized);
+    }
+
     /// Tells the supervisor whether this worker consumes.
     pub fn status(&self, consuming: bool) {
         Self::write(if consuming {
@@ -331,6 +342,7 @@ mod tests {
     fn events_round_trip_and_other_output_is_not_an_event() {
         for e in [
             WorkerEvent::Consuming,
+            WorkerEvent::Initialized,
             WorkerEvent::Idle,
             WorkerEvent::Check(0xdead_beef_0123),
             WorkerEvent::Fatal("service `demo` failed to start: no".into()),

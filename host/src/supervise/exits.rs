@@ -103,19 +103,17 @@ impl Supervisor {
             .values()
             .any(|w| w.service == service && w.index == worker.index && !w.retiring);
         let vanished = !self.services.contains_key(&service);
-        if let Some(roll) = &self.roll {
-            if roll.new == id && !worker.ever_consumed {
-                tracing::error!(
-                    service, pid = worker.pid, status = %what,
-                    "the new worker did not start: the roll stops here, the running workers stay"
-                );
-                self.roll = None;
-                self.roll_queue.clear();
-            } else if roll.old == id {
-                self.roll = None;
-            }
+        // A worker killed for its init, or that said it cannot start.
+        let failed_start = worker.init_timed_out || status.code() == Some(EXIT_FATAL);
+        let mut roll_worker = None;
+        if !worker.ever_consumed && !worker.retiring {
+            let what = match &worker.fatal {
+                Some(why) => format!("{what}: {why}"),
+                None => what.clone(),
+            };
+            roll_worker = self.roll_failed(id, &what);
         }
-        if worker.retiring && status.code() == Some(EXIT_STOPPED) {
+        if worker.retiring && (status.code() == Some(EXIT_STOPPED) || worker.killed_in_init) {
             tracing::info!(service, pid = worker.pid, "worker stopped");
             return;
         }
@@ -123,7 +121,16 @@ impl Supervisor {
             tracing::warn!(service, pid = worker.pid, status = %what, "worker ended while stopping");
             return;
         }
-        if status.code() == Some(EXIT_FATAL) {
+        if let Some(orphan) = roll_worker {
+            // A roll's new worker that never consumed held no request, and
+            // its line is out. Its slot needs a worker only when the old
+            // one is gone too.
+            if orphan {
+                self.schedule(&service, worker.index, true);
+            }
+            return;
+        }
+        if failed_start {
             let why = worker.fatal.clone().unwrap_or_else(|| {
                 format!("the worker for service `{service}` could not start ({what})")
             });
@@ -132,13 +139,16 @@ impl Supervisor {
                 self.begin_stop();
                 return;
             }
-            tracing::error!(service, pid = worker.pid, error = %why, "worker could not start");
+            // A timed-out init has had its line.
+            if !worker.init_timed_out {
+                tracing::error!(service, pid = worker.pid, error = %why, "worker could not start");
+            }
         }
         if status.code() == Some(EXIT_RECYCLE) {
             let restarts = self.services.get(&service).map_or(0, |s| s.restarts) + 1;
             tracing::warn!(service, pid = worker.pid, status = %what, restarts, "worker recycled after a hung handler; starting a fresh one");
         } else {
-            if status.code() != Some(EXIT_FATAL) {
+            if !failed_start {
                 self.metrics.crashed(&service);
             }
             for key in &running {

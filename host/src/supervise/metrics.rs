@@ -30,6 +30,8 @@ struct ServiceBook {
     live: BTreeMap<u64, ServiceSnapshot>,
     restarts: u64,
     crashes: u64,
+    init_timeouts: u64,
+    rss_recycles: u64,
     workers: Vec<(&'static str, u64)>,
     processes: Vec<WorkerView>,
     /// When each live worker last reported (they do at least every 2 s).
@@ -170,6 +172,21 @@ impl MetricsBook {
         self.with(|services| services.entry(service.to_owned()).or_default().crashes += 1);
     }
 
+    /// A worker of `service` was killed for passing `init_timeout`.
+    pub(super) fn init_timed_out(&self, service: &str) {
+        self.with(|services| {
+            services
+                .entry(service.to_owned())
+                .or_default()
+                .init_timeouts += 1
+        });
+    }
+
+    /// A worker of `service` passed `max_worker_rss` and is replaced.
+    pub(super) fn rss_recycled(&self, service: &str) {
+        self.with(|services| services.entry(service.to_owned()).or_default().rss_recycles += 1);
+    }
+
     /// A worker of `service` is started again.
     pub(super) fn restarted(&self, service: &str) {
         self.with(|services| services.entry(service.to_owned()).or_default().restarts += 1);
@@ -209,6 +226,8 @@ impl Exporter for MetricsBook {
                         workers: book.workers.clone(),
                         restarts: book.restarts,
                         crashes: book.crashes,
+                        init_timeouts: book.init_timeouts,
+                        rss_recycles: book.rss_recycles,
                         processes: book.processes.clone(),
                     }
                 })

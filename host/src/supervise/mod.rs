@@ -15,7 +15,8 @@
 //! - [`plugin_copies`]: the checked, private copies of the plugins that
 //!   each roll's workers load;
 //! - [`metrics`]: what `/healthz` and `/metrics` report;
-//! - [`notify`]: what systemd is told (readiness, reload, watchdog).
+//! - [`notify`]: what systemd is told (readiness, reload, watchdog);
+//! - [`output`]: plugins' output, bounded and throttled.
 
 pub mod backoff;
 pub mod control;
@@ -23,12 +24,13 @@ pub mod crashes;
 pub mod exits;
 pub mod metrics;
 pub mod notify;
+pub mod output;
 pub mod plugin_copies;
 pub mod roll;
 pub mod work_dir;
 pub mod workers;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,7 +54,7 @@ use control::{verdict_line, WorkerEvent};
 use crashes::CrashMemory;
 use metrics::MetricsBook;
 use plugin_copies::{Copies, PluginCopies};
-use roll::Roll;
+use roll::RollRun;
 pub use workers::describe_exit;
 use workers::{list_services, Worker};
 
@@ -192,14 +194,16 @@ struct Supervisor {
     started: bool,
     stopping: Option<Instant>,
     failure: Option<SupervisorError>,
-    roll_queue: VecDeque<u64>,
-    roll: Option<Roll>,
+    /// The SIGHUP roll in progress.
+    roll: Option<RollRun>,
     /// The supervisor's own bus connection, once up.
     client: Option<Arc<SharedClient>>,
     /// Dead workers' deliveries being handed back.
     hand_backs: tokio_util::task::TaskTracker,
     /// What systemd is told (nothing outside systemd).
     notifier: notify::Notifier,
+    /// When workers' memory was last checked against `max_worker_rss`.
+    memory_checked: Instant,
 }
 
 impl Supervisor {
@@ -239,10 +243,19 @@ impl Supervisor {
         }
     }
 
-    /// Removes the copies of older rolls that no worker runs any more.
+    /// Removes the copies of older rolls that no worker runs any more and
+    /// no service keeps as its last good version.
     fn sweep_copies(&mut self) {
-        let in_use: std::collections::BTreeSet<u64> =
-            self.workers.values().map(|w| w.roll).collect();
+        let in_use: std::collections::BTreeSet<u64> = self
+            .workers
+            .values()
+            .map(|w| w.roll)
+            .chain(
+                self.services
+                    .values()
+                    .filter_map(|s| s.copies.as_ref().map(|c| c.roll)),
+            )
+            .collect();
         self.copies.sweep(&in_use);
     }
 
@@ -253,6 +266,18 @@ impl Supervisor {
                 if let Some(w) = self.workers.get_mut(&id) {
                     w.consuming = consuming;
                     w.ever_consumed |= consuming;
+                    w.initialized |= consuming;
+                    if let Some(state) = self.services.get_mut(&w.service) {
+                        // Its service's copies served: the last good version.
+                        if consuming && state.copies.as_ref().map(|c| c.roll) == Some(w.roll) {
+                            state.proven = true;
+                        }
+                    }
+                }
+            }
+            WorkerEvent::Initialized => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.initialized = true;
                 }
             }
             // Read by the socket's reader, straight into the book.
@@ -279,8 +304,7 @@ impl Supervisor {
     fn begin_stop(&mut self) {
         if self.stopping.is_none() {
             self.stopping = Some(Instant::now());
-            self.roll = None;
-            self.roll_queue.clear();
+            self.abandon_roll();
         }
         for w in self.workers.values_mut() {
             w.retire();
@@ -303,7 +327,7 @@ impl Supervisor {
             });
         let state = notify::State {
             started: self.started,
-            rolling: self.roll.is_some() || !self.roll_queue.is_empty(),
+            rolling: self.roll.is_some(),
             stopping: self.stopping.is_some(),
             services: self.services.len(),
             consuming: self.workers.values().filter(|w| w.consuming).count(),
@@ -361,11 +385,11 @@ pub async fn supervise(
         started: false,
         stopping: None,
         failure: None,
-        roll_queue: VecDeque::new(),
         roll: None,
         client: None,
         hand_backs: tokio_util::task::TaskTracker::new(),
         notifier: notify::Notifier::from_env(),
+        memory_checked: Instant::now(),
     };
     let result = run_loop(
         &mut s,
@@ -486,6 +510,8 @@ async fn run_loop(
             }
             _ = hup.recv() => s.begin_roll().await,
         }
+        s.check_inits();
+        s.check_memory();
         s.reap();
         s.sweep_copies();
         s.spawn_due();

@@ -59,8 +59,19 @@ pub(super) struct Worker {
     pub(super) started: Instant,
     pub(super) consuming: bool,
     pub(super) ever_consumed: bool,
+    /// Its plugins' `init` returned (it said so, or it consumed).
+    pub(super) initialized: bool,
+    /// How long `init` may take (its service's `init_timeout`).
+    pub(super) init_timeout: std::time::Duration,
+    /// Killed for passing `init_timeout`: it failed to start.
+    pub(super) init_timed_out: bool,
+    /// Its service's `max_worker_rss`.
+    pub(super) max_rss: Option<u64>,
     /// Asked to stop: its exit is not a crash.
     pub(super) retiring: bool,
+    /// Killed when asked to stop before its `init` returned: it held no
+    /// request, and a stuck `init` would never read the request to stop.
+    pub(super) killed_in_init: bool,
     /// Why it cannot start, as it said.
     pub(super) fatal: Option<String>,
     /// Reads its control socket; finished once the worker closed it.
@@ -75,7 +86,12 @@ impl Worker {
     pub(super) fn retire(&mut self) {
         if !self.retiring {
             self.retiring = true;
-            self.send(STOP_LINE.to_owned());
+            if self.initialized {
+                self.send(STOP_LINE.to_owned());
+            } else {
+                self.killed_in_init = true;
+                let _ = self.child.start_kill();
+            }
         }
     }
 }
@@ -126,13 +142,19 @@ pub(super) async fn list_services(
 }
 
 impl Supervisor {
+    /// Starts worker `index` of `service` on the service's copies: its
+    /// last good version, never the plugin directory (what runs is what
+    /// was checked, whatever is on disk now).
     pub(super) fn spawn(&mut self, service: &str, index: u16) -> Option<u64> {
-        // The current roll's copies, never the plugin directory: what runs
-        // is what was checked, whatever is on disk now.
-        let Some(copies) = self.copies.current() else {
+        let Some(copies) = self.services.get(service).and_then(|s| s.copies.clone()) else {
             tracing::error!(service, "no plugin copies to start a worker with");
             return None;
         };
+        self.spawn_with(service, index, &copies)
+    }
+
+    /// Starts worker `index` of `service` on `copies`.
+    pub(super) fn spawn_with(&mut self, service: &str, index: u16, copies: &Copies) -> Option<u64> {
         let (roll, plugins_dir) = (copies.roll, copies.dir.clone());
         let id = self.next_id;
         self.next_id += 1;
@@ -206,24 +228,12 @@ impl Supervisor {
             self.metrics.clone(),
         ));
         if let Some(stdout) = child.stdout.take() {
-            let name = service.to_owned();
-            tokio::spawn(async move {
-                // Plugins' output: logged, never parsed.
-                let mut out = tokio::io::BufReader::new(stdout);
-                loop {
-                    match read_line(&mut out, MAX_LINE).await {
-                        Ok(Line::Text(line)) => {
-                            tracing::info!(service = %name, pid, output = %line, "worker output");
-                        }
-                        Ok(Line::TooLong) => {
-                            tracing::info!(service = %name, pid, max = MAX_LINE, "worker output: an overlong line skipped");
-                        }
-                        Ok(Line::End) | Err(_) => break,
-                    }
-                }
-            });
+            // Plugins' output, stdout and stderr: logged, bounded, never
+            // parsed.
+            tokio::spawn(super::output::log_output(stdout, service.to_owned(), pid));
         }
         tracing::info!(service, pid, worker = index, roll, "worker started");
+        let settings = self.config.service(service);
         self.workers.insert(
             id,
             Worker {
@@ -238,7 +248,12 @@ impl Supervisor {
                 started: Instant::now(),
                 consuming: false,
                 ever_consumed: false,
+                initialized: false,
+                init_timeout: settings.init_timeout,
+                init_timed_out: false,
+                max_rss: settings.max_worker_rss,
                 retiring: false,
+                killed_in_init: false,
                 fatal: None,
                 control,
             },
@@ -246,6 +261,83 @@ impl Supervisor {
         Some(id)
     }
 }
+
+impl Supervisor {
+    /// Kills the workers whose plugins' `init` passed `init_timeout`: they
+    /// failed to start (see [`super::exits`]).
+    pub(super) fn check_inits(&mut self) {
+        for w in self.workers.values_mut() {
+            if w.initialized || w.init_timed_out || w.retiring {
+                continue;
+            }
+            if w.started.elapsed() <= w.init_timeout {
+                continue;
+            }
+            let secs = w.init_timeout.as_secs_f64();
+            tracing::error!(
+                service = %w.service, pid = w.pid, init_timeout_s = secs,
+                "the plugin's init did not return within init_timeout; killing the worker"
+            );
+            w.init_timed_out = true;
+            w.fatal = Some(format!(
+                "service `{}`: the plugin's init did not return within {secs} s (init_timeout)",
+                w.service
+            ));
+            self.metrics.init_timed_out(&w.service);
+            let _ = w.child.start_kill();
+        }
+    }
+}
+
+impl Supervisor {
+    /// Replaces the workers over their service's `max_worker_rss`: each
+    /// stops taking requests and finishes what it holds (as at a roll),
+    /// while a fresh one takes its place at once. Checked every
+    /// [`MEMORY_CHECK_EVERY`].
+    pub(super) fn check_memory(&mut self) {
+        if self.stopping.is_some() || self.memory_checked.elapsed() < MEMORY_CHECK_EVERY {
+            return;
+        }
+        self.memory_checked = std::time::Instant::now();
+        // A roll's two workers of a slot are its to settle.
+        let rolling: Vec<u64> = self
+            .roll
+            .iter()
+            .filter_map(|r| r.current.as_ref())
+            .flat_map(|c| c.old.into_iter().chain([c.new]))
+            .collect();
+        let mut over = Vec::new();
+        for (id, w) in &self.workers {
+            let Some(max) = w.max_rss else { continue };
+            if w.retiring || !w.ever_consumed || rolling.contains(id) {
+                continue;
+            }
+            if let Some(rss) = crate::metrics::text::resident_bytes(w.pid) {
+                if rss > max {
+                    over.push((*id, rss, max));
+                }
+            }
+        }
+        for (id, rss, max) in over {
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
+            tracing::warn!(
+                service = %w.service, pid = w.pid, rss_bytes = rss, max_worker_rss = max,
+                "worker over max_worker_rss: it finishes what it holds and a fresh one takes its place"
+            );
+            w.retire();
+            let (service, index) = (w.service.clone(), w.index);
+            self.metrics.rss_recycled(&service);
+            if self.spawn(&service, index).is_none() {
+                self.schedule(&service, index, true);
+            }
+        }
+    }
+}
+
+/// How often workers' memory is checked against `max_worker_rss`.
+const MEMORY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A connected socket pair: the supervisor's end (async) and the worker's.
 fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {

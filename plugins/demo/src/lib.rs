@@ -133,6 +133,38 @@ impl Demo {
     fn on_relay(&self, msg: &Message, routing_key: String, params: Value) -> Result<(), RpcError> {
         msg.bus().notify(&routing_key, params)
     }
+
+    /// Requests `routing_key` with `params` over the bus and returns its
+    /// result: within `timeout_ms` when given, else the host's default
+    /// (`[bus] request_timeout`).
+    fn on_ask(
+        &self,
+        msg: &Message,
+        routing_key: String,
+        params: Value,
+        timeout_ms: Option<u64>,
+    ) -> Result<Value, RpcError> {
+        match timeout_ms {
+            Some(ms) => msg.bus().request_with_timeout(
+                &routing_key,
+                params,
+                std::time::Duration::from_millis(ms),
+            ),
+            None => msg.bus().request(&routing_key, params),
+        }
+    }
+
+    /// Sends `result` to `queue` as a reply to this request's id, outside
+    /// the request/reply cycle, then answers "responded".
+    fn on_later(
+        &self,
+        msg: &Message,
+        queue: String,
+        result: Value,
+    ) -> Result<&'static str, RpcError> {
+        msg.bus().respond(&queue, msg.id(), result)?;
+        Ok("responded")
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +208,28 @@ mod tests {
         let err = svc.call("parse", json!(["[1"])).unwrap_err();
         assert_eq!(err.code, RpcError::INTERNAL_ERROR);
         assert!(err.message.contains("EOF while parsing"), "{}", err.message);
+    }
+
+    #[test]
+    fn ask_requests_with_the_timeout_given_and_later_responds() {
+        let svc = TestService::<Demo>::new().with_route("simple.*", |_, _| Ok(json!(3)));
+        assert_eq!(svc.call("ask", json!(["simple.add", [1, 2]])), Ok(json!(3)));
+        assert_eq!(
+            svc.call("ask", json!(["simple.add", [1, 2], 1500])),
+            Ok(json!(3))
+        );
+        let timeouts: Vec<_> = svc.requests().into_iter().map(|(_, _, t)| t).collect();
+        assert_eq!(
+            timeouts,
+            [None, Some(std::time::Duration::from_millis(1500))]
+        );
+        assert_eq!(
+            svc.call("later", json!(["elsewhere", {"done": true}])),
+            Ok(json!("responded"))
+        );
+        assert_eq!(svc.responses().len(), 1);
+        assert_eq!(svc.responses()[0].0, "elsewhere");
+        assert_eq!(svc.responses()[0].2, json!({"done": true}));
     }
 
     #[test]

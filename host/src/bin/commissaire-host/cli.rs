@@ -8,11 +8,16 @@ use clap::{Args, Parser, Subcommand};
 /// The environment variables the host reads, for every `--help`.
 const ENVIRONMENT: &str = "\
 Environment:
-  COMMISSAIRE_BUS_URI  The bus URI when neither --bus-uri nor the config file gives one
-                       (keep a password here rather than in files or on the command line)
-  COMMISSAIRE_LOG      The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
-                       [default: info]; RUST_LOG when it is unset
-  TRACEPARENT          call and notify: the W3C trace context their request joins";
+  COMMISSAIRE_BUS_URI     The bus URI when --bus-uri does not give one; wins over [bus] uri
+                          in the config file (keep a password here rather than in files or
+                          on the command line)
+  COMMISSAIRE_HTTP_TOKEN  run: the HTTP endpoint's bearer token; wins over [http] token
+  COMMISSAIRE_LOG         The log filter, e.g. `debug` or `info,commissaire_host::supervise=debug`
+                          [default: info, or debug for an original JSON config saying
+                          \"debug\": true]; RUST_LOG when it is unset
+  TRACEPARENT             call and notify: the W3C trace context their request joins
+A setting comes from its flag, else its environment variable, else the config file; a bus
+URI or token set in one place but hidden by another is named in one warning at start.";
 
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
@@ -22,9 +27,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the bus is: these flags win over the config file, which wins over
-/// `COMMISSAIRE_BUS_URI`. (Not clap's `env`: that would put the variable
-/// ahead of the file.)
+/// Where the bus is: these flags win over `COMMISSAIRE_BUS_URI`, which wins
+/// over the config file. (Not clap's `env`: the configuration resolves the
+/// variable itself, to warn once about each value a winner hides and to
+/// say where the URI came from when the bus cannot be reached.)
 #[derive(Debug, Args)]
 pub struct BusArgs {
     /// The host's TOML config file (see examples/host.toml), or an
@@ -38,8 +44,8 @@ pub struct BusArgs {
     )]
     pub config: Option<PathBuf>,
     /// The bus URI: amqp://, amqps://, redis://, rediss:// or memory://. Wins
-    /// over [bus] uri in the config file, which wins over
-    /// $COMMISSAIRE_BUS_URI; memory:// when none of them gives one.
+    /// over $COMMISSAIRE_BUS_URI, which wins over [bus] uri in the config
+    /// file; memory:// when none of them gives one.
     #[arg(long, value_name = "URI")]
     pub bus_uri: Option<String>,
     /// The topic exchange. Wins over [bus] exchange in the config file;
@@ -175,7 +181,12 @@ mod tests {
                 .find_subcommand_mut(sub)
                 .map(|c| c.render_long_help().to_string())
                 .unwrap_or_default();
-            for var in ["COMMISSAIRE_BUS_URI", "COMMISSAIRE_LOG", "RUST_LOG"] {
+            for var in [
+                "COMMISSAIRE_BUS_URI",
+                "COMMISSAIRE_HTTP_TOKEN",
+                "COMMISSAIRE_LOG",
+                "RUST_LOG",
+            ] {
                 assert!(help.contains(var), "`{sub} --help` does not name {var}");
             }
             assert!(!help.contains("[default: memory://]"), "{help}");

@@ -21,7 +21,12 @@ fn main() -> ExitCode {
         .config_file()
         .and_then(commissaire_host::config::original::debug)
         .unwrap_or(false);
-    logging::init_logging(if debug { "debug" } else { "info" });
+    let level = if debug { "debug" } else { "info" };
+    if matches!(cli.command, cli::Command::Worker { .. }) {
+        logging::init_worker_logging(level);
+    } else {
+        logging::init_logging(level);
+    }
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -1,5 +1,5 @@
 //! The unacked bookkeeping as a state machine (issue 14), against the real
-//! Redis (database 4) and the real scripts: take, ack, reply-and-ack,
+//! Redis (database 2 of the test Redis) and the real scripts: take, ack, reply-and-ack,
 //! requeue and restore, with each restore's read and its script as two
 //! steps that other operations may come between, in any interleaving,
 //! never lose or duplicate a delivery, and leave kombu's hash, its index
@@ -18,9 +18,17 @@ use serde_json::Value;
 use super::envelope::mark_redelivered;
 use super::scripts::Scripts;
 
-/// Redis database of these tests (the e2e `hostile` tests share it, under
-/// other key names).
-const URI: &str = "redis://127.0.0.1:6379/4";
+/// Redis database of these tests, their own (the e2e tests use 1 and 3
+/// to 12), on the test Redis: `COMMISSAIRE_TEST_REDIS` (which
+/// `scripts/test.sh` points at a Redis of its run's own), else the
+/// machine's.
+const DB: u8 = 2;
+
+fn uri() -> String {
+    let server = std::env::var("COMMISSAIRE_TEST_REDIS")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    format!("{}/{DB}", server.trim_end_matches('/'))
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -61,9 +69,10 @@ struct Keys {
 
 impl Keys {
     fn new() -> Self {
-        let conn = ::redis::Client::open(URI)
+        let uri = uri();
+        let conn = ::redis::Client::open(uri.as_str())
             .and_then(|c| c.get_connection())
-            .expect("Redis at 127.0.0.1:6379 (database 4)");
+            .unwrap_or_else(|e| panic!("Redis at {uri}: {e}"));
         let run = uuid::Uuid::new_v4().simple().to_string();
         let key = |what: &str| format!("fuzzcat-bookkeeping-{run}-{what}");
         Self {
