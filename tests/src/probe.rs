@@ -17,7 +17,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
 
-use crate::host::amqp_uri;
+use crate::host::{amqp_uri, unique, HostSpec};
 
 /// Polls `ok` every 50 ms until it holds; panics naming `what` after
 /// `limit`.
@@ -377,4 +377,20 @@ pub fn wait_for_host(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A host spec on RabbitMQ serving `plugins`, with names of its own
+/// (`gap-…`).
+pub fn spec(plugins: &[&'static str]) -> HostSpec {
+    HostSpec {
+        plugins: plugins.to_vec(),
+        suffix: unique("gap"),
+        exchange: unique("gap-ex"),
+        ..HostSpec::amqp()
+    }
+}
+
+/// A JSON-RPC 2.0 request body.
+pub fn request(id: &str, method: &str, params: Value) -> Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
 }

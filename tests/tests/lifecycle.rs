@@ -10,24 +10,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use commissaire_e2e::host::{amqp_uri, unique, HostSpec, TestHost};
+use commissaire_e2e::host::{amqp_uri, HostSpec, TestHost};
 use commissaire_e2e::library;
-use commissaire_e2e::probe::{cmdline, environ, metric, ready_messages, wait_for_host, RawCaller};
+use commissaire_e2e::probe::{
+    cmdline, environ, metric, ready_messages, request, spec, wait_for_host, RawCaller,
+};
 use lapin::options::QueueDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
-use serde_json::{json, Value};
-
-fn spec(plugins: &[&'static str]) -> HostSpec {
-    let mut spec = HostSpec::amqp();
-    spec.plugins = plugins.to_vec();
-    spec.suffix = unique("gap");
-    spec.exchange = unique("gap-ex");
-    spec
-}
-
-fn request(id: &str, method: &str, params: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
-}
+use serde_json::json;
 
 /// Copies built plugin `lib_name` into `dir` as `file`, by rename as the
 /// README says to install one.

@@ -7,9 +7,10 @@
 
 use std::time::Duration;
 
-use commissaire_e2e::host::{amqp_uri, cleanup_broker, unique, HostSpec, TestHost};
+use commissaire_e2e::host::{amqp_uri, cleanup_broker, unique, TestHost};
 use commissaire_e2e::probe::{
-    amqp_addr, amqp_uri_via, metric, ready_messages, wait_for_host, CuttableProxy, RawCaller,
+    amqp_addr, amqp_uri_via, metric, ready_messages, request, spec, wait_for_host, CuttableProxy,
+    RawCaller,
 };
 use futures_util::StreamExt as _;
 use lapin::options::{
@@ -18,18 +19,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{json, Value};
-
-fn spec(plugins: &[&'static str]) -> HostSpec {
-    let mut spec = HostSpec::amqp();
-    spec.plugins = plugins.to_vec();
-    spec.suffix = unique("gap");
-    spec.exchange = unique("gap-ex");
-    spec
-}
-
-fn request(id: &str, method: &str, params: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_limit_of_1_refuses_a_request_after_its_first_crash() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use commissaire_e2e::host::{redis_command, unique, HostSpec, Resp, TestHost};
-use commissaire_e2e::probe::RawCaller;
+use commissaire_e2e::probe::{request, spec, RawCaller};
 use serde_json::{json, Value};
 
 const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -20,14 +20,6 @@ const PARENT_SPAN: &str = "00f067aa0ba902b7";
 
 /// The Redis database of these tests.
 const DB: u8 = 14;
-
-fn spec(plugins: &[&'static str]) -> HostSpec {
-    let mut spec = HostSpec::amqp();
-    spec.plugins = plugins.to_vec();
-    spec.suffix = unique("gap");
-    spec.exchange = unique("gap-ex");
-    spec
-}
 
 fn redis_spec(plugins: &[&'static str]) -> HostSpec {
     HostSpec {
@@ -42,10 +34,6 @@ fn ids(traceparent: &str) -> (String, String) {
     assert_eq!(parts.len(), 4, "not a traceparent: {traceparent}");
     assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
     (parts[1].to_owned(), parts[2].to_owned())
-}
-
-fn request(id: &str, method: &str, params: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
 }
 
 #[tokio::test(flavor = "multi_thread")]
