@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Makes sure RabbitMQ (5672) and Redis (6379) answer on 127.0.0.1, starting
 # them (and installing their Debian packages) when they do not, and that
-# etcd is installed (scripts/etcd.sh starts a private one per test run).
+# the programs the tests start themselves are installed even when the
+# brokers answer from elsewhere (a container, another machine's port
+# forward): private RabbitMQ nodes (chaos, cluster, TLS), a private Redis
+# per run (scripts/test.sh) and per TLS test, etcd (scripts/etcd.sh),
+# openssl (scripts/tls-ca.sh).
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -41,6 +45,10 @@ if ! listening 6379; then
   wait_for 6379 Redis 30
 fi
 
-# Installed, never started here: the storage tests start their own etcd
-# on a free port with a fresh data directory (scripts/etcd.sh).
-command -v etcd >/dev/null || install_pkg etcd-server
+# Installed, never started here: the tests start their own.
+need() { command -v "$1" >/dev/null || install_pkg "$2"; }
+need rabbitmq-server rabbitmq-server
+need redis-server redis-server
+need redis-cli redis-tools
+need etcd etcd-server
+need openssl openssl
