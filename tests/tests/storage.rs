@@ -450,6 +450,30 @@ async fn the_originals_validation_errors() {
         "<class 'commissaire.models.ValidationError'>"
     );
 
+    // A primary key that would climb to another model's path in etcd
+    // (`/commissaire/hosts/../clusters/x`) or custodia: refused, and
+    // nothing written where it points.
+    for (method, class, data) in [
+        ("save", "Host", json!({"address": "../clusters/x"})),
+        ("save", "Host", json!({"address": ".."})),
+        ("delete", "Host", json!({"address": "../clusters/x"})),
+        ("save", "HostCreds", json!({"address": "../../x"})),
+    ] {
+        let e = rig.err(method, params(class, data.clone())).await;
+        assert_eq!(e["code"], -32600, "{method} {data}: {e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cannot be a store key: it must not hold"),
+            "{method} {data}: {e}"
+        );
+    }
+    let e = rig
+        .err("get", params("Cluster", json!({"name": "x"})))
+        .await;
+    assert_eq!(e["code"], -20000, "no cluster `x` was written: {e}");
+
     let e = rig
         .err(
             "save",

@@ -259,7 +259,7 @@ fn etcd_key(model: &Model) -> Result<String, StorageError> {
         .class
         .etcd_key
         .ok_or_else(|| StorageError::KeyError(pyfmt::repr_str(model.class.name)))?;
-    Ok(match model.primary_key() {
+    Ok(match model.store_key()? {
         Some(pk) => format!("{NAMESPACE}{}", pattern.replacen("{}", &pk, 1)),
         None => format!("{NAMESPACE}{pattern}"),
     })

@@ -260,9 +260,32 @@ impl Model {
         self.attrs.get(name)
     }
 
+    /// The primary key as a path segment of a store (etcd's
+    /// `/commissaire/hosts/<key>`, custodia's `/secrets/<container>/<key>`):
+    /// one that holds `/` or is `.` or `..` would reach another model's
+    /// path (`../clusters/x` saved as a Host overwrites a Cluster), so it
+    /// is refused as a validation error. Commissaire's own keys (addresses,
+    /// names) never hold one.
+    pub fn store_key(&self) -> Result<Option<String>, StorageError> {
+        let Some(key) = self.primary_key() else {
+            return Ok(None);
+        };
+        if key.contains('/') || key == "." || key == ".." {
+            let attribute = self.class.primary_key.unwrap_or_default();
+            return Err(StorageError::Validation {
+                class: self.class.name,
+                errors: vec![format!(
+                    "{attribute}: {} cannot be a store key: it must not hold \"/\" or be \".\" or \"..\"",
+                    pyfmt::repr_str(&key)
+                )],
+            });
+        }
+        Ok(Some(key))
+    }
+
     /// The primary key's value as the original formats it into a key
     /// (`'{}'.format(value)`; validation has made it a string).
-    pub fn primary_key(&self) -> Option<String> {
+    fn primary_key(&self) -> Option<String> {
         let value = self.get(self.class.primary_key?)?;
         Some(match value {
             Value::String(s) => s.clone(),
@@ -403,6 +426,19 @@ mod tests {
         assert_eq!(c.get("network"), Some(&json!("default")));
         assert!(c.to_dict_safe().get("hostset").is_none());
         assert_eq!(c.to_dict()["hostset"], json!([]));
+    }
+
+    #[test]
+    fn a_primary_key_that_would_leave_its_directory_is_refused() {
+        for bad in ["../clusters/x", "a/b", ".", ".."] {
+            let m = Model::new(host(), &json!({"address": bad})).unwrap();
+            assert!(
+                matches!(m.store_key(), Err(StorageError::Validation { .. })),
+                "{bad}"
+            );
+        }
+        let m = Model::new(host(), &json!({"address": "10.0.0.1"})).unwrap();
+        assert_eq!(m.store_key().unwrap().as_deref(), Some("10.0.0.1"));
     }
 
     #[test]

@@ -17,10 +17,10 @@ fn container(model: &Model) -> &'static str {
     }
 }
 
-fn paths(model: &Model) -> (String, String) {
+fn paths(model: &Model) -> Result<(String, String), StorageError> {
     let container = format!("/secrets/{}/", container(model));
-    let key = format!("{container}{}", model.primary_key().unwrap_or_default());
-    (container, key)
+    let key = format!("{container}{}", model.store_key()?.unwrap_or_default());
+    Ok((container, key))
 }
 
 fn call(
@@ -69,7 +69,7 @@ fn ok(answer: &Answer) -> bool {
 /// Makes the key container (custodia answers 409 when it exists), then
 /// writes the model.
 pub fn save(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError> {
-    let (container, key) = paths(model);
+    let (container, key) = paths(model)?;
     let made = call(custodia, "POST", &container, None, None)?;
     if !ok(&made) && made.status != 409 {
         return Err(http_error(custodia, &container, &made));
@@ -90,7 +90,7 @@ pub fn save(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError
 
 /// Reads the model.
 pub fn get(custodia: &CustodiaClient, model: &Model) -> Result<Model, StorageError> {
-    let (_, key) = paths(model);
+    let (_, key) = paths(model)?;
     let got = call(
         custodia,
         "GET",
@@ -107,7 +107,7 @@ pub fn get(custodia: &CustodiaClient, model: &Model) -> Result<Model, StorageErr
 
 /// Deletes the model.
 pub fn delete(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError> {
-    let (_, key) = paths(model);
+    let (_, key) = paths(model)?;
     let gone = call(custodia, "DELETE", &key, None, None)?;
     if !ok(&gone) {
         return Err(not_found_is_lookup(custodia, &key, &gone, model));
