@@ -84,7 +84,7 @@ impl CustodiaClient {
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let mut head = format!(
             "{method} {} HTTP/1.1\r\nHost: localhost\r\nREMOTE_USER: commissaire\r\nConnection: close\r\n",
-            encode_path(path)
+            crate::url_path(path)
         );
         if let Some(accept) = accept {
             head.push_str(&format!("Accept: {accept}\r\n"));
@@ -131,20 +131,6 @@ fn parse(raw: &[u8]) -> Option<Answer> {
         reason,
         body,
     })
-}
-
-/// `path` with every byte outside the unreserved set and `/`
-/// percent-encoded.
-fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

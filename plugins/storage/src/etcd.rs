@@ -100,7 +100,7 @@ impl EtcdClient {
     }
 
     fn url(&self, key: &str) -> String {
-        format!("{}/v2/keys{}", self.base, encode_key(key))
+        format!("{}/v2/keys{}", self.base, crate::url_path(key))
     }
 
     /// Reads `key`; with `recursive`, every node below it too (sorted by
@@ -172,32 +172,9 @@ impl EtcdClient {
     }
 }
 
-/// `key` as a URL path: every byte outside the unreserved set and `/`
-/// percent-encoded, so that any primary key reaches etcd as sent.
-fn encode_key(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_are_percent_encoded_but_slashes() {
-        assert_eq!(
-            encode_key("/commissaire/hosts/10.0.0.1"),
-            "/commissaire/hosts/10.0.0.1"
-        );
-        assert_eq!(encode_key("/a/b c?d#é"), "/a/b%20c%3Fd%23%C3%A9");
-    }
 
     #[test]
     fn leaves_of_a_recursive_read() {

@@ -16,6 +16,21 @@ mod pyfmt;
 mod secrets;
 mod throttle;
 
+/// Bytes a store's URL path keeps as they are: RFC 3986's unreserved set,
+/// and `/` between the path's segments.
+const URL_PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// `path` for an etcd or custodia URL: any primary key reaches the store
+/// as sent (`/a/b c?d#é` is `/a/b%20c%3Fd%23%C3%A9`).
+fn url_path(path: &str) -> String {
+    percent_encoding::utf8_percent_encode(path, URL_PATH).to_string()
+}
+
 use config::{HandlerDef, Routing, StoreKind};
 use custodia::CustodiaClient;
 use error::{StorageError, ETCD_KEY_NOT_FOUND};
@@ -439,6 +454,15 @@ fn announce(msg: &Message, event: Event, model: &Model) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_paths_are_percent_encoded_but_slashes() {
+        assert_eq!(
+            url_path("/commissaire/hosts/10.0.0.1"),
+            "/commissaire/hosts/10.0.0.1"
+        );
+        assert_eq!(url_path("/a/b c?d#é"), "/a/b%20c%3Fd%23%C3%A9");
+    }
     use commissaire_plugin_api::testing::TestService;
 
     fn svc() -> TestService<Storage> {
