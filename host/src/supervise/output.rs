@@ -109,10 +109,9 @@ async fn read_output_line<R: AsyncBufRead + Unpin>(
             }
         }
     }
-    Ok(Some((
-        String::from_utf8_lossy(&buf).into_owned(),
-        Some(total),
-    )))
+    // A line of exactly the limit, its newline read after it, was whole.
+    let cut = (total > MAX_OUTPUT_LINE as u64).then_some(total);
+    Ok(Some((String::from_utf8_lossy(&buf).into_owned(), cut)))
 }
 
 fn report(service: &str, pid: u32, suppressed: u64) {
@@ -215,17 +214,23 @@ mod tests {
     #[tokio::test]
     async fn long_lines_are_cut_and_the_rest_of_them_skipped() {
         let long = "y".repeat(MAX_OUTPUT_LINE * 3);
-        let input = format!("short\n{long}\nafter\ntail");
+        let exact = "x".repeat(MAX_OUTPUT_LINE);
+        let input = format!("short\n{long}\n{exact}\nafter\ntail");
         let mut r = tokio::io::BufReader::with_capacity(64, input.as_bytes());
         let mut lines = Vec::new();
         while let Ok(Some(line)) = read_output_line(&mut r).await {
             lines.push(line);
         }
-        assert_eq!(lines.len(), 4);
+        assert_eq!(lines.len(), 5);
         assert_eq!(lines[0], ("short".to_owned(), None));
         assert_eq!(lines[1].0.len(), MAX_OUTPUT_LINE);
         assert_eq!(lines[1].1, Some((MAX_OUTPUT_LINE * 3) as u64));
-        assert_eq!(lines[2], ("after".to_owned(), None));
-        assert_eq!(lines[3], ("tail".to_owned(), None));
+        assert_eq!(
+            lines[2],
+            (exact, None),
+            "a line of exactly the limit is whole"
+        );
+        assert_eq!(lines[3], ("after".to_owned(), None));
+        assert_eq!(lines[4], ("tail".to_owned(), None));
     }
 }
