@@ -170,23 +170,34 @@ fn a_failed_roll_keeps_the_last_good_version_through_kill_9() {
     });
 }
 
-/// An `init` that never returns at start-up: `run` ends with status 1 and
-/// one line naming the service once `init_timeout` passed.
-#[test]
-fn an_init_that_never_returns_at_start_up_ends_run() {
+/// A host whose `bp` plugin's `init` hangs (v1), with `init_timeout`
+/// seconds and `extra_toml`; not waited for (it may never be healthy).
+fn hanging_init(init_timeout: u32, extra_toml: &str) -> (TestHost, tempfile::TempDir, Queues) {
     let plugins = plugin_dir_with("v1");
     let mut spec = HostSpec::amqp();
     spec.plugins_dir = Some(plugins.path().to_owned());
+    spec.extra_toml = extra_toml.to_owned();
     let bp = unique("bp-bp");
-    let _queues = Queues {
+    let queues = Queues {
         exchange: spec.exchange.clone(),
         names: vec![bp.clone()],
     };
     let services = format!(
-        "[[service]]\nname = \"bp\"\ninit_timeout = 1\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n\
+        "[[service]]\nname = \"bp\"\ninit_timeout = {init_timeout}\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n\
          config = {{ hang_init_in = [\"v1\"] }}\n"
     );
-    let mut host = TestHost::start_expecting_failure(spec, &services);
+    (
+        TestHost::start_expecting_failure(spec, &services),
+        plugins,
+        queues,
+    )
+}
+
+/// An `init` that never returns at start-up: `run` ends with status 1 and
+/// one line naming the service once `init_timeout` passed.
+#[test]
+fn an_init_that_never_returns_at_start_up_ends_run() {
+    let (mut host, _plugins, _queues) = hanging_init(1, "");
     let status = host.wait(Duration::from_secs(60));
     let log = host.stderr();
     assert_eq!(status.code(), Some(1), "{log}");
@@ -211,20 +222,7 @@ fn an_init_that_never_returns_at_start_up_ends_run() {
 /// `run` ends well before `shutdown_timeout`.
 #[test]
 fn sigterm_does_not_wait_for_a_stuck_init() {
-    let plugins = plugin_dir_with("v1");
-    let mut spec = HostSpec::amqp();
-    spec.plugins_dir = Some(plugins.path().to_owned());
-    spec.extra_toml = "\n[host]\nshutdown_timeout = 120\n".to_owned();
-    let bp = unique("bp-bp");
-    let _queues = Queues {
-        exchange: spec.exchange.clone(),
-        names: vec![bp.clone()],
-    };
-    let services = format!(
-        "[[service]]\nname = \"bp\"\ninit_timeout = 600\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n\
-         config = {{ hang_init_in = [\"v1\"] }}\n"
-    );
-    let mut host = TestHost::start_expecting_failure(spec, &services);
+    let (mut host, _plugins, _queues) = hanging_init(600, "\n[host]\nshutdown_timeout = 120\n");
     wait_until(
         Duration::from_secs(30),
         "bp's worker started",
