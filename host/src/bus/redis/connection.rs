@@ -129,6 +129,9 @@ pub(super) struct Inner {
     /// Cancelled by `close`.
     pub closing: CancellationToken,
     pub restorer_started: AtomicBool,
+    /// The restore sweep's task: `close` waits for a sweep under way, so
+    /// that its lock on the unacked index is released, not left to expire.
+    pub restorer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub scripts: Scripts,
     /// The binding sets last read, to route publishes by.
     pub bindings: super::publish::Bindings,

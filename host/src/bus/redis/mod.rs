@@ -151,6 +151,7 @@ impl RedisBus {
                 commands: tokio::sync::Mutex::new(Some(conn)),
                 closing: CancellationToken::new(),
                 restorer_started: AtomicBool::new(false),
+                restorer: std::sync::Mutex::new(None),
                 scripts: scripts::Scripts::new(),
                 bindings: publish::Bindings::default(),
             }),

@@ -206,6 +206,7 @@ pub(super) async fn open(
 pub(super) async fn close(bus: &RedisBus) {
     let inner = &bus.inner;
     inner.closing.cancel();
+    super::restore::stop_restorer(inner).await;
     if let Err(e) = inner.restore_owner(&inner.identity.owner, false).await {
         tracing::warn!(error = %e, "unsettled deliveries stay unacked until the visibility timeout");
     }

@@ -188,8 +188,9 @@ pub(super) fn start_restorer(inner: &Arc<Inner>) {
     if inner.restorer_started.swap(true, Ordering::SeqCst) {
         return;
     }
-    let inner = inner.clone();
-    tokio::spawn(async move {
+    let sweeping = inner.clone();
+    let task = tokio::spawn(async move {
+        let inner = sweeping;
         loop {
             match inner.restore_visible().await {
                 Ok(0) => {}
@@ -207,4 +208,26 @@ pub(super) fn start_restorer(inner: &Arc<Inner>) {
             }
         }
     });
+    *inner
+        .restorer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+}
+
+/// After `closing` is cancelled: waits for a sweep under way to end
+/// (bounded: a sweep stuck on a dead server is left to its lock's expiry).
+pub(super) async fn stop_restorer(inner: &Inner) {
+    let task = inner
+        .restorer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(task) = task {
+        if tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the restore sweep did not end within 15 s; its lock expires by itself");
+        }
+    }
 }
