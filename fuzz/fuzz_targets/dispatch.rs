@@ -8,8 +8,7 @@
 //! `serde_json::Value` reading of the body says it is.
 #![no_main]
 
-use commissaire_host::bus::topic::method_of;
-use commissaire_host::dispatch::{error_body, parse_request, result_body};
+use commissaire_host::protocol::{error_body, method_of, parse_request, result_body};
 use commissaire_plugin_api::RpcError;
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::bus::{BusError, BusTransport, Incoming, Outgoing, ReplyQueueKind};
+use crate::protocol::{read_response, request_body};
 use crate::trace::TraceContext;
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
@@ -50,23 +51,6 @@ impl From<RequestError> for RpcError {
             e => RpcError::internal_error(e.to_string()),
         }
     }
-}
-
-/// A JSON-RPC response, decoded.
-#[derive(Debug, serde::Deserialize)]
-pub struct Response {
-    /// The result, when it succeeded: `Some` whenever the member is
-    /// present, `null` included (a Python handler returning `None`).
-    #[serde(default, deserialize_with = "present")]
-    pub result: Option<Box<RawValue>>,
-    /// The error, when it failed.
-    pub error: Option<RpcError>,
-}
-
-/// A member that is present, whatever its value: serde's `Option` would
-/// read `null` as absent.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    serde::Deserialize::deserialize(d).map(Some)
 }
 
 /// Sends requests and matches replies to them.
@@ -249,7 +233,7 @@ impl RpcClient {
         result_json: &str,
         parent: Option<&TraceContext>,
     ) -> Result<(), BusError> {
-        let body = crate::dispatch::result_body(id_json, result_json);
+        let body = crate::protocol::result_body(id_json, result_json);
         let traceparent = TraceContext::child_of(parent).header();
         self.bus
             .publish(Outgoing {
@@ -274,16 +258,6 @@ impl RpcClient {
 
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The result or the error of a reply body; why not, if it has neither.
-fn read_response(reply: &[u8]) -> Result<Result<Box<RawValue>, RpcError>, String> {
-    let response: Response = serde_json::from_slice(reply).map_err(|e| e.to_string())?;
-    match (response.result, response.error) {
-        (_, Some(error)) => Ok(Err(error)),
-        (Some(result), None) => Ok(Ok(result)),
-        (None, None) => Err("neither `result` nor `error`".to_owned()),
     }
 }
 
@@ -353,31 +327,6 @@ pub fn timeout_from_secs(secs: f64) -> Result<Duration, BadTimeout> {
     } else {
         Err(BadTimeout(secs))
     }
-}
-
-/// `{"jsonrpc":"2.0","id":…,"method":…,"params":…}`; the method is the
-/// routing key's last segment.
-pub fn request_body(routing_key: &str, id: Option<&str>, params: Option<&str>) -> Vec<u8> {
-    let method = crate::bus::topic::method_of(routing_key);
-    let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "null".to_owned());
-    let (method, id) = (quote(method), id.map(quote));
-    // Allocated once, at its size: params may be a 16 MiB HTTP body, and
-    // growing by doubling would hold up to twice that.
-    let mut body = String::with_capacity(
-        64 + method.len() + id.as_ref().map_or(0, String::len) + params.map_or(0, str::len),
-    );
-    body.push_str(r#"{"jsonrpc":"2.0","method":"#);
-    body.push_str(&method);
-    if let Some(id) = id {
-        body.push_str(r#","id":"#);
-        body.push_str(&id);
-    }
-    if let Some(params) = params {
-        body.push_str(r#","params":"#);
-        body.push_str(params);
-    }
-    body.push('}');
-    body.into_bytes()
 }
 
 /// Hands each reply to its waiting request: by correlation id, or by the

@@ -20,6 +20,7 @@ pub mod http;
 pub mod listing;
 pub mod metrics;
 pub mod plugin;
+pub mod protocol;
 pub mod redact;
 pub mod retry;
 pub mod serve;

@@ -354,7 +354,7 @@ impl RoutingBus {
 
     /// Calls `routing_key` with `params`, returning the JSON-RPC reply.
     pub fn call(&self, routing_key: &str, params: Value) -> Value {
-        let method = commissaire_host::bus::topic::method_of(routing_key);
+        let method = commissaire_host::protocol::method_of(routing_key);
         let body = json!({"jsonrpc": "2.0", "id": "t-1", "method": method, "params": params});
         self.deliver(routing_key, body.to_string().as_bytes())
             .unwrap_or_else(|| panic!("no reply from {routing_key}"))

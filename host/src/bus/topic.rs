@@ -1,5 +1,5 @@
-//! Routing keys: the two flavours of topic matching, and the method a
-//! routing key names.
+//! Routing keys: the two flavours of topic matching, and the checks on a
+//! key a caller gives.
 //!
 //! - [`matches`]: AMQP's rules, which RabbitMQ and the embedded bus apply:
 //!   words split on `.`, `*` is exactly one word, `#` is zero or more words.
@@ -12,18 +12,6 @@
 //! Both run as a set of states stepped once per word (or character): time
 //! is bounded by input length times pattern length, never exponential, and
 //! nothing recurses on the input, so a binding of any length is safe.
-
-/// The method a request's routing key names: its last `.`-separated
-/// segment (`simple.add` names `add`), as PROTOCOL.md says.
-pub fn method_of(routing_key: &str) -> &str {
-    // A plain loop over the bytes: `rsplit('.')` and `rfind('.')` cost
-    // about 150 instructions here (their searcher's set-up), and this runs
-    // several times per request. A `.` is never inside a UTF-8 sequence.
-    match routing_key.bytes().rposition(|b| b == b'.') {
-        Some(dot) => &routing_key[dot + 1..],
-        None => routing_key,
-    }
-}
 
 /// The longest routing key a bus carries: an AMQP short string.
 pub const MAX_ROUTING_KEY_BYTES: usize = 255;
@@ -266,7 +254,7 @@ pub fn kombu_matches(binding: &str, routing_key: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{kombu_matches, kombu_regex, matches, method_of};
+    use super::{kombu_matches, kombu_regex, matches};
 
     #[test]
     fn star_is_exactly_one_word() {
@@ -284,14 +272,6 @@ mod tests {
         assert!(!matches("queues.#.x", "queues.a.b"));
         assert!(matches("#.#.x", "x"));
         assert!(matches("a.#.#", "a"));
-    }
-
-    #[test]
-    fn the_method_is_the_last_segment() {
-        assert_eq!(method_of("simple.add"), "add");
-        assert_eq!(method_of("a.b.c"), "c");
-        assert_eq!(method_of("plain"), "plain");
-        assert_eq!(method_of("trailing."), "");
     }
 
     #[test]

@@ -397,7 +397,7 @@ async fn relay(
         }
     };
     let id = envelope.id;
-    if !envelope.method_is(crate::bus::topic::method_of(routing_key)) {
+    if !envelope.method_is(crate::protocol::method_of(routing_key)) {
         let method = envelope.method.map_or("null", RawValue::get);
         return error_response(
             StatusCode::BAD_REQUEST,

@@ -136,7 +136,7 @@ impl ServiceMetrics {
     }
 
     fn method(&self, routing_key: &str) -> &MethodCounts {
-        let name = crate::bus::topic::method_of(routing_key);
+        let name = crate::protocol::method_of(routing_key);
         // A binary search, not a hash map: a service has a few methods, and
         // SipHash over the name cost more than the counting itself.
         let known = &self.methods[..self.methods.len() - 1];

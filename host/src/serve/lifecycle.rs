@@ -22,8 +22,9 @@ use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
 use super::Process;
 use crate::bus::{BusError, BusTransport, Incoming, Malformed, Outgoing, Settle};
-use crate::dispatch::{error_body, parse_request, Delivery, Handled, Reply, Service};
+use crate::dispatch::{Delivery, Handled, Reply, Service};
 use crate::metrics::{Dropped, ServiceMetrics};
+use crate::protocol::{error_body, parse_request};
 use crate::trace::TraceContext;
 
 /// Tries for a reply whose publishing fails for another reason than a lost

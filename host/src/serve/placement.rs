@@ -96,7 +96,7 @@ impl Placement {
     /// The method a routing key names (its last segment); `None` for one
     /// the service does not have.
     pub fn method(&self, routing_key: &str) -> Option<&Arc<Method>> {
-        let name = crate::bus::topic::method_of(routing_key);
+        let name = crate::protocol::method_of(routing_key);
         self.methods.get(name)
     }
 
