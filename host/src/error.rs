@@ -14,13 +14,6 @@ pub enum HostError {
     /// The plugin directory is unreadable.
     #[error(transparent)]
     PluginDir(#[from] DirError),
-    /// Nothing to serve.
-    #[error(
-        "no plugin to serve: the plugin directory {0} holds no .so file. Point --plugins-dir (or [plugins] dir in a \
-         config file given with -c) at a directory of built plugins; scripts/run-example.sh builds \
-         the example plugins and serves them with -c examples/host.toml"
-    )]
-    NoPlugins(String),
     /// Every plugin file was refused (as untrusted, or not loadable).
     #[error("no plugin to serve: {}", refusals(dir, *count, first))]
     AllRefused {
@@ -34,18 +27,6 @@ pub enum HostError {
     /// Two plugins export one service.
     #[error("{0}")]
     Duplicate(String),
-    /// A `[[service]]` entry names no loaded plugin.
-    #[error(
-        "{location}: [[service]] `{name}` is not exported by any loaded plugin (loaded: {loaded})"
-    )]
-    UnknownService {
-        /// `file:line:col`.
-        location: String,
-        /// The name.
-        name: String,
-        /// The services that did load.
-        loaded: String,
-    },
     /// A service's `init` failed.
     #[error("{service} failed to start: {error}")]
     ServiceInit {
@@ -60,7 +41,7 @@ pub enum HostError {
     Bus(#[from] BusError),
     /// The configuration does not fit the plugins loaded.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Services(#[from] crate::config::ServicesError),
     /// The slot file cannot be written.
     #[error("cannot open the slot file {path}: {source}")]
     SlotFile {

@@ -426,7 +426,10 @@ extern "C" fn log<'a>(data: &'a ErasedObject, level: u8, message: RStr<'a>) {
         host_log::emit(
             level,
             env.service,
-            Some(&env.meta),
+            Some(host_log::Call {
+                method: env.meta.method,
+                id_json: env.meta.id_json,
+            }),
             env.service,
             message.as_str(),
         );
@@ -440,7 +443,12 @@ extern "C" fn host_log_record<'a>(record: &'a LogRecord<'a>) {
     let _ = guarded("log", || {
         let service = record.service.as_str();
         current_call(|call| {
-            let meta = call.filter(|c| c.service == service).map(|c| &c.meta);
+            let meta = call
+                .filter(|c| c.service == service)
+                .map(|c| host_log::Call {
+                    method: c.meta.method,
+                    id_json: c.meta.id_json,
+                });
             host_log::emit(
                 record.level,
                 service,

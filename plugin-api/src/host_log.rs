@@ -21,7 +21,6 @@ use tracing_core::metadata::Kind;
 use tracing_core::subscriber::Interest;
 
 use crate::abi::log_level;
-use crate::host::RequestMeta;
 
 /// Beyond this many distinct (service, target) pairs, events share the target
 /// [`OVERFLOW_TARGET`] rather than grow the table forever.
@@ -179,11 +178,20 @@ fn callsites(service: &str, target: &str) -> &'static TargetCallsites {
     made
 }
 
+/// The request an event was logged during: what its span names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call<'a> {
+    /// The method, e.g. `add`.
+    pub method: &'a str,
+    /// The id as JSON text.
+    pub id_json: &'a str,
+}
+
 /// Emits one plugin log event through this process's `tracing` dispatcher.
 pub(crate) fn emit(
     level: u8,
     service: &str,
-    request: Option<&RequestMeta<'_>>,
+    request: Option<Call<'_>>,
     target: &str,
     message: &str,
 ) {
@@ -209,7 +217,7 @@ pub(crate) fn emit(
 
 /// The span an event goes in: `request{service, method, id}` during a
 /// call, else `plugin{service}`.
-fn span(sites: &TargetCallsites, service: &str, request: Option<&RequestMeta<'_>>) -> Span {
+fn span(sites: &TargetCallsites, service: &str, request: Option<Call<'_>>) -> Span {
     let meta = match request {
         Some(_) => sites.request_span,
         None => sites.plugin_span,

@@ -48,7 +48,21 @@ impl BusKind {
 }
 
 /// Queue declaration arguments (`x-queue-type`, ...), by name.
-pub type QueueArguments = std::collections::BTreeMap<String, crate::config::QueueArgument>;
+pub type QueueArguments = std::collections::BTreeMap<String, QueueArgument>;
+
+/// One queue declaration argument, typed as AMQP carries it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// A long string.
+    Text(String),
+    /// A signed 64-bit integer.
+    Integer(i64),
+    /// A boolean.
+    Bool(bool),
+    /// A double.
+    Float(f64),
+}
 
 /// A message to publish.
 #[derive(Debug, Clone, Copy)]

@@ -20,7 +20,7 @@ use file::FileConfig;
 use http::http_settings;
 pub use http::{HttpSettings, HttpToken};
 use service::file_services;
-pub use service::{QueueArgument, QueueConfig, ServiceSettings};
+pub use service::{QueueConfig, ServiceSettings};
 
 /// The exchange Commissaire uses unless told otherwise.
 pub const DEFAULT_EXCHANGE: &str = "commissaire";
@@ -85,6 +85,33 @@ pub struct ConfigError {
 }
 
 /// Command-line values that win over the file.
+/// Why the plugins loaded do not fit the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    /// Nothing to serve.
+    #[error(
+        "no plugin to serve: the plugin directory {0} holds no .so file. Point --plugins-dir (or [plugins] dir in a \
+         config file given with -c) at a directory of built plugins; scripts/run-example.sh builds \
+         the example plugins and serves them with -c examples/host.toml"
+    )]
+    NoPlugins(String),
+    /// A `[[service]]` entry names no loaded plugin.
+    #[error(
+        "{location}: [[service]] `{name}` is not exported by any loaded plugin (loaded: {loaded})"
+    )]
+    UnknownService {
+        /// `file:line:col`.
+        location: String,
+        /// The name.
+        name: String,
+        /// The services that did load.
+        loaded: String,
+    },
+    /// A setting does not fit a loaded service.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     /// `--bus-uri`.
@@ -481,15 +508,15 @@ impl HostConfig {
 
     /// Checks the services the plugin directory exports against the config:
     /// at least one, and every `[[service]]` entry among them.
-    pub fn check_services(&self, loaded: &[&str]) -> Result<(), crate::error::HostError> {
+    pub fn check_services(&self, loaded: &[&str]) -> Result<(), ServicesError> {
         if loaded.is_empty() {
-            return Err(crate::error::HostError::NoPlugins(
+            return Err(ServicesError::NoPlugins(
                 self.plugins_dir.display().to_string(),
             ));
         }
         for (name, settings) in &self.services {
             if !loaded.contains(&name.as_str()) {
-                return Err(crate::error::HostError::UnknownService {
+                return Err(ServicesError::UnknownService {
                     location: settings.location.clone().unwrap_or_default(),
                     name: name.clone(),
                     loaded: loaded.join(", "),

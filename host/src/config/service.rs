@@ -25,21 +25,7 @@ pub struct QueueConfig {
     /// (`x-queue-type = "quorum"`, `x-delivery-limit = 5`, ...): strings,
     /// integers, booleans and floats (RabbitMQ only).
     #[serde(default)]
-    pub arguments: std::collections::BTreeMap<String, QueueArgument>,
-}
-
-/// One queue declaration argument, typed as AMQP carries it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum QueueArgument {
-    /// A long string.
-    Text(String),
-    /// A signed 64-bit integer.
-    Integer(i64),
-    /// A boolean.
-    Bool(bool),
-    /// A double.
-    Float(f64),
+    pub arguments: crate::bus::QueueArguments,
 }
 
 /// How one service is served.
@@ -58,7 +44,7 @@ pub struct ServiceSettings {
     /// Run handlers on the async runtime's threads without handing the
     /// thread over first (`Some(true)`), always hand it over
     /// (`Some(false)`), or learn it per method (`None`, the default: see
-    /// [`crate::placement`]).
+    /// [`crate::serve::placement`]).
     pub inline_handlers: Option<bool>,
     /// Handlers that may wait in bus calls at once, per worker: each
     /// lets the consumers take one more delivery while it waits, and a

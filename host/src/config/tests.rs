@@ -1,4 +1,5 @@
 use super::*;
+use crate::bus::QueueArgument;
 
 fn load_text(text: &str, overrides: &Overrides, env: Option<&str>) -> Result<HostConfig, String> {
     let dir = std::env::temp_dir().join(format!("chcfg-{}", uuid::Uuid::new_v4()));

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::lifecycle::Inbound;
+use super::inbound::Inbound;
 use super::placement::SLOW;
 use crate::bus::Incoming;
 
@@ -161,7 +161,11 @@ impl InFlight {
     /// watchdog has answered it.
     pub fn unsettled(&self) -> usize {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        t.entries.iter().flatten().filter(|i| !i.is_done()).count()
+        t.entries
+            .iter()
+            .flatten()
+            .filter(|i| !i.is_settled())
+            .count()
     }
 
     /// How many requests are in flight.

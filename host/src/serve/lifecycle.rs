@@ -2,15 +2,12 @@
 //! [`serve`] screens the delivery, checks a redelivered one with the
 //! supervisor, runs the handler, then replies and acks.
 //!
-//! Every way out is a method of [`Inbound`], used alike by the handler's
-//! path and by the watchdog, and each is bounded: a reply that cannot be
-//! published is tried [`REPLY_TRIES`] times, then its request is acked and
-//! dropped with one error line; a lost connection leaves the request
-//! unsettled for the broker to deliver again; a request delivered again and
-//! again is refused after `crash_limit` crashes or
-//! `crash_limit + `[`EXTRA_DELIVERIES`] deliveries.
+//! Every way out is a method of [`Inbound`] (its states are written down
+//! there). A request delivered again and again is refused after
+//! `crash_limit` crashes or `crash_limit + `[`EXTRA_DELIVERIES`]
+//! deliveries.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,20 +15,14 @@ use commissaire_plugin_api::RpcError;
 use tracing::Instrument as _;
 
 use super::handler_bus::HandlerBus;
+use super::inbound::Inbound;
 use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
 use super::Process;
-use crate::bus::{BusError, BusTransport, Incoming, Malformed, Outgoing, Settle};
-use crate::dispatch::{Delivery, Handled, Reply, Service};
+use crate::bus::{BusTransport, Incoming, Malformed};
+use crate::dispatch::{Handled, Service};
 use crate::metrics::{Dropped, ServiceMetrics};
-use crate::protocol::{error_body, parse_request};
 use crate::trace::TraceContext;
-
-/// Tries for a reply whose publishing fails for another reason than a lost
-/// connection or a refusal (a broker nack): then the request is acked and
-/// dropped. A refused reply ([`BusError::Refused`]: a Redis `reply_to`
-/// naming a key that is not a list) is dropped at once.
-pub const REPLY_TRIES: u32 = 3;
 
 /// Deliveries beyond `crash_limit` a request may have, whatever brought it
 /// back (a lost connection while its reply went out, a shutdown past its
@@ -53,312 +44,29 @@ pub(super) struct Served {
     pub metrics: Arc<ServiceMetrics>,
 }
 
-/// A delivery from its arrival to its settlement.
-pub struct Inbound {
-    incoming: Incoming,
-    queue: Arc<str>,
-    key: u64,
-    service: Arc<str>,
-    bus: Arc<dyn BusTransport>,
-    confirm: bool,
-    max_message_bytes: usize,
-    arrived: Instant,
-    timeout: Duration,
-    inline: OnceLock<InlineCall>,
-    /// Claimed: someone took the right to answer and settle it.
-    settled: AtomicBool,
-    /// Its way out is over: acked, handed back, or left to the broker
-    /// after a lost connection.
-    done: AtomicBool,
-    /// The span the host opened for it, in the caller's trace if it sent
-    /// one: on its reply, its handler's bus requests and its log events.
-    trace: TraceContext,
-    traceparent: String,
-    metrics: Arc<ServiceMetrics>,
-}
-
-impl std::fmt::Debug for Inbound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbound")
-            .field("queue", &self.queue)
-            .field("routing_key", &self.incoming.routing_key)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Inbound {
-    fn new(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Self {
-        let parent = incoming
-            .traceparent
-            .as_deref()
-            .and_then(TraceContext::parse);
-        let trace = TraceContext::child_of(parent.as_ref());
-        Self {
-            incoming,
-            queue,
-            key,
-            service: s.name.clone(),
-            bus: s.bus.clone(),
-            confirm: s.confirm_replies,
-            max_message_bytes: s.max_message_bytes,
-            arrived: Instant::now(),
-            timeout: s.handler_timeout,
-            inline: OnceLock::new(),
-            settled: AtomicBool::new(false),
-            done: AtomicBool::new(false),
-            traceparent: trace.header(),
-            trace,
-            metrics: s.metrics.clone(),
-        }
-    }
-
-    /// Its trace context (see [`crate::trace`]).
-    pub fn trace(&self) -> &TraceContext {
-        &self.trace
-    }
-
-    /// Takes the right to answer and settle the request: true for the
-    /// first caller only (the handler's path, or the watchdog at the
-    /// timeout).
-    pub fn claim(&self) -> bool {
-        !self.settled.swap(true, Ordering::AcqRel)
-    }
-
-    /// Whether it was claimed.
-    pub fn is_claimed(&self) -> bool {
-        self.settled.load(Ordering::Acquire)
-    }
-
-    /// Whether its way out is over (see [`InFlight::unsettled`]).
-    ///
-    /// [`InFlight::unsettled`]: super::inflight::InFlight::unsettled
-    pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// Its identity across redeliveries (0 when no slot file needs it).
-    pub fn key(&self) -> u64 {
-        self.key
-    }
-
-    /// When it arrived.
-    pub fn arrived(&self) -> Instant {
-        self.arrived
-    }
-
-    /// The handler's time limit, counted from the arrival.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    /// The service serving it.
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    /// Its routing key.
-    pub fn routing_key(&self) -> &str {
-        &self.incoming.routing_key
-    }
-
-    /// Set while its handler runs on the runtime thread.
-    pub fn inline(&self) -> Option<&InlineCall> {
-        self.inline.get()
-    }
-
-    fn delivery(&self) -> Delivery<'_> {
-        let i = &self.incoming;
-        Delivery {
-            exchange: &i.exchange,
-            routing_key: &i.routing_key,
-            body: &i.body,
-            reply_to: i.reply_to.as_deref(),
-            correlation_id: i
-                .correlation_id
-                .as_deref()
-                .and_then(|c| std::str::from_utf8(c).ok()),
-            redelivered: i.redelivered,
-            traceparent: Some(&self.traceparent),
-        }
-    }
-
-    /// The way out of a handled request: its reply, if any, then the ack.
-    async fn reply_then_ack(&self, reply: Option<Reply>) {
-        if let Some(reply) = reply {
-            if !self.publish(self.fit(reply)).await {
-                self.done.store(true, Ordering::Release);
-                return;
-            }
-        }
-        self.ack().await;
-    }
-
-    /// Answers with `error` (the id read from the body, if it parses) and
-    /// acks.
-    pub async fn refuse(&self, error: &RpcError) {
-        self.metrics
-            .request(&self.incoming.routing_key, Some(error.code));
-        let mut holder = None;
-        let id_json =
-            match parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder) {
-                Ok(request) => request.id_json,
-                Err(rejected) => rejected.id_json,
-            };
-        self.refuse_with_id(id_json, error).await;
-    }
-
-    /// Counts a request refused (or dropped) for `why`.
-    pub fn count_dropped(&self, why: Dropped) {
-        self.metrics.dropped(why);
-    }
-
-    /// Answers with `error` and the id `id_json`, without reading the body,
-    /// and acks.
-    async fn refuse_with_id(&self, id_json: &str, error: &RpcError) {
-        let reply = self.incoming.reply_to.as_ref().map(|to| Reply {
-            to: to.clone(),
-            body: error_body(id_json, error),
-        });
-        self.reply_then_ack(reply).await;
-    }
-
-    /// Acks without a reply: nothing can be answered (one warning).
-    async fn drop_unanswerable(&self, why: &str, counted: Dropped) {
-        self.metrics.dropped(counted);
-        self.metrics
-            .request(&self.incoming.routing_key, Some(RpcError::INVALID_REQUEST));
-        crate::throttled!(warn!(
-            service = &*self.service,
-            queue = &*self.queue,
-            delivery_tag = %self.incoming.tag(),
-            "{why}: dropped without a reply"
-        ));
-        self.ack().await;
-    }
-
-    /// Hands the delivery back to its queue, for another consumer.
-    pub async fn requeue(&self) {
-        if let Err(e) = self.incoming.settle(Settle::Requeue).await {
-            crate::throttled!(
-                warn!(service = &*self.service, error = %e, "could not hand a delivery back")
-            );
-        }
-        self.done.store(true, Ordering::Release);
-    }
-
-    async fn ack(&self) {
-        if let Err(e) = self.incoming.settle(Settle::Ack).await {
-            crate::throttled!(warn!(
-                service = &*self.service, routing_key = %self.incoming.routing_key, error = %e,
-                "ack failed; the request may be delivered again"
-            ));
-        }
-        self.done.store(true, Ordering::Release);
-    }
-
-    /// `reply`, or in its place a -32603 reply naming its size when it is
-    /// over `max_message_bytes`.
-    fn fit(&self, reply: Reply) -> Reply {
-        let size = reply.body.len();
-        if size <= self.max_message_bytes {
-            return reply;
-        }
-        crate::throttled!(error!(
-            service = &*self.service, routing_key = %self.incoming.routing_key, size,
-            max_message_bytes = self.max_message_bytes,
-            "reply too large: answering -32603 instead"
-        ));
-        let mut holder = None;
-        let id_json = parse_request(&self.incoming.body, &self.incoming.routing_key, &mut holder)
-            .map_or("null", |r| r.id_json);
-        let error = RpcError::internal_error(format!(
-            "the reply of {size} bytes exceeds max_message_bytes ({})",
-            self.max_message_bytes
-        ));
-        Reply {
-            to: reply.to,
-            body: error_body(id_json, &error),
-        }
-    }
-
-    /// Publishes `reply` ahead of the ack. False if the connection went
-    /// away (the request must stay unsettled, for the broker to deliver it
-    /// again); true once published, or once given up on after
-    /// [`REPLY_TRIES`] (the request is then acked: retrying a permanent
-    /// failure only loops).
-    async fn publish(&self, reply: Reply) -> bool {
-        let out = Outgoing {
-            exchange: "",
-            routing_key: &reply.to,
-            body: &reply.body,
-            reply_to: None,
-            correlation_id: self.incoming.correlation_id.as_deref(),
-            durable: true,
-            confirm: self.confirm,
-            expires: None,
-            traceparent: Some(&self.traceparent),
-            reply_ttl: Some(crate::bus::REPLY_TTL.max(self.timeout)),
-        };
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let error: BusError = match self.incoming.publish_reply(&*self.bus, out).await {
-                Ok(()) => return true,
-                Err(e) => e,
-            };
-            if error.is_lost() {
-                crate::throttled!(warn!(
-                    service = &*self.service, routing_key = %self.incoming.routing_key,
-                    error = %error,
-                    "reply not published: the connection is gone; the request goes back to its queue"
-                ));
-                return false;
-            }
-            if error.is_refused() {
-                crate::throttled!(warn!(
-                    service = &*self.service, routing_key = %self.incoming.routing_key,
-                    reply_to = %reply.to, error = %error,
-                    "reply refused by the broker; the request is acked and dropped"
-                ));
-                self.metrics.dropped(Dropped::ReplyDropped);
-                return true;
-            }
-            if tries >= REPLY_TRIES {
-                crate::throttled!(error!(
-                    service = &*self.service, routing_key = %self.incoming.routing_key,
-                    reply_to = %reply.to, tries, error = %error,
-                    "reply not published; the request is acked and dropped"
-                ));
-                self.metrics.dropped(Dropped::ReplyDropped);
-                return true;
-            }
-            tokio::time::sleep(crate::retry::backoff(tries)).await;
-        }
-    }
-}
-
-#[cfg(test)]
-impl Inbound {
-    /// A request arriving now, outside any service, for tests.
-    pub(crate) fn for_test(incoming: Incoming, key: u64, timeout: Duration) -> Self {
-        let trace = TraceContext::child_of(None);
-        Self {
-            incoming,
-            queue: Arc::from("q"),
-            key,
-            service: Arc::from("s"),
-            bus: Arc::new(crate::bus::memory::MemoryBus::new()),
-            confirm: false,
-            max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
-            arrived: Instant::now(),
-            timeout,
-            inline: OnceLock::new(),
-            settled: AtomicBool::new(false),
-            done: AtomicBool::new(false),
-            traceparent: trace.header(),
-            trace,
-            metrics: crate::metrics::Metrics::default().service("s", []),
-        }
+/// The request as it arrives: nothing claimed, nothing settled.
+fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound {
+    let parent = incoming
+        .traceparent
+        .as_deref()
+        .and_then(TraceContext::parse);
+    let trace = TraceContext::child_of(parent.as_ref());
+    Inbound {
+        incoming,
+        queue,
+        key,
+        service: s.name.clone(),
+        bus: s.bus.clone(),
+        confirm: s.confirm_replies,
+        max_message_bytes: s.max_message_bytes,
+        arrived: Instant::now(),
+        timeout: s.handler_timeout,
+        inline: OnceLock::new(),
+        claimed: AtomicBool::new(false),
+        settled: AtomicBool::new(false),
+        traceparent: trace.header(),
+        trace,
+        metrics: s.metrics.clone(),
     }
 }
 
@@ -370,7 +78,7 @@ pub(super) async fn serve(s: Arc<Served>, queue: Arc<str>, incoming: Incoming) {
     } else {
         0
     };
-    let inbound = Arc::new(Inbound::new(&s, queue, incoming, key));
+    let inbound = Arc::new(arrive(&s, queue, incoming, key));
     let span = tracing::info_span!("request", trace_id = %inbound.trace.trace_id());
     live(s, inbound).instrument(span).await;
 }

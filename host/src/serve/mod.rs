@@ -1,8 +1,8 @@
 //! Serving: load the plugins, connect, declare, consume every service with
 //! `concurrency` handlers in flight, answer, and stop cleanly.
 //!
-//! - [`lifecycle`]: one request's life, from delivery to ack, and its ways
-//!   out.
+//! - [`lifecycle`]: one request's life, from delivery to ack.
+//! - [`inbound`]: the request itself, its states and its ways out.
 //! - [`session`]: one connection's declarations and consumers.
 //! - [`worker`]: a worker process serving one service, reconnecting.
 //! - [`in_process`]: every service in this process (the embedded
@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 pub mod handler_bus;
 pub mod in_process;
+pub mod inbound;
 pub mod inflight;
 pub mod lifecycle;
 pub mod placement;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use commissaire_plugin_api::RpcError;
 use tokio_util::sync::CancellationToken;
 
+use super::inbound::Inbound;
 use super::inflight::{InFlight, Overdue};
-use super::lifecycle::Inbound;
 
 /// How often the watchdog looks.
 const TICK: Duration = Duration::from_millis(20);

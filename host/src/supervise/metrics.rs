@@ -12,9 +12,6 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::workers::Worker;
-use super::Supervisor;
-use crate::health::ServiceHealth;
 use crate::metrics::http::HttpSnapshot;
 use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
 use crate::metrics::{MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
@@ -244,43 +241,6 @@ impl Exporter for MetricsBook {
             crate::bus::heal::redeclared_total()
         ));
         text
-    }
-}
-
-impl Supervisor {
-    /// Tells `/healthz` and `/metrics` the workers of each service now.
-    pub(super) fn publish_health(&self) {
-        for (name, state) in &self.services {
-            let all: Vec<&Worker> = self
-                .workers
-                .values()
-                .filter(|w| &w.service == name)
-                .collect();
-            let workers: Vec<&Worker> = all.iter().copied().filter(|w| !w.retiring).collect();
-            let consuming = workers.iter().filter(|w| w.consuming).count();
-            self.health.set(
-                name,
-                ServiceHealth {
-                    workers: state.workers,
-                    consuming: consuming as u16,
-                    pids: workers.iter().map(|w| w.pid).collect(),
-                    restarts: state.restarts,
-                },
-            );
-            let by_state = vec![
-                ("consuming", consuming as u64),
-                ("starting", (workers.len() - consuming) as u64),
-                ("retiring", (all.len() - workers.len()) as u64),
-            ];
-            let processes = all
-                .iter()
-                .map(|w| WorkerView {
-                    index: w.index,
-                    pid: w.pid,
-                })
-                .collect();
-            self.metrics.set_workers(name, by_state, processes);
-        }
     }
 }
 

@@ -231,7 +231,9 @@ impl Supervisor {
             .await
             .and_then(|services| {
                 let loaded: Vec<&str> = services.iter().map(String::as_str).collect();
-                self.config.check_services(&loaded)?;
+                self.config
+                    .check_services(&loaded)
+                    .map_err(HostError::from)?;
                 Ok(services)
             });
         match listed {

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use super::control::{read_line, Line, WorkerEvent, MAX_LINE, STOP_LINE};
 use super::plugin_copies::Copies;
 use super::{Supervisor, SupervisorError, WORKER_BUS_OWNER_ENV, WORKER_BUS_URI_ENV};
+use crate::health::ServiceHealth;
 use crate::listing::Listing;
+use crate::metrics::text::WorkerView;
 
 /// How a process ended, for logs: `exit status 3` or `signal 9 (SIGKILL)`.
 pub fn describe_exit(status: ExitStatus) -> String {
@@ -383,6 +385,43 @@ async fn read_control(
                 );
             }
             Ok(Line::End) | Err(_) => break,
+        }
+    }
+}
+
+impl Supervisor {
+    /// Tells `/healthz` and `/metrics` the workers of each service now.
+    pub(super) fn publish_health(&self) {
+        for (name, state) in &self.services {
+            let all: Vec<&Worker> = self
+                .workers
+                .values()
+                .filter(|w| &w.service == name)
+                .collect();
+            let workers: Vec<&Worker> = all.iter().copied().filter(|w| !w.retiring).collect();
+            let consuming = workers.iter().filter(|w| w.consuming).count();
+            self.health.set(
+                name,
+                ServiceHealth {
+                    workers: state.workers,
+                    consuming: consuming as u16,
+                    pids: workers.iter().map(|w| w.pid).collect(),
+                    restarts: state.restarts,
+                },
+            );
+            let by_state = vec![
+                ("consuming", consuming as u64),
+                ("starting", (workers.len() - consuming) as u64),
+                ("retiring", (all.len() - workers.len()) as u64),
+            ];
+            let processes = all
+                .iter()
+                .map(|w| WorkerView {
+                    index: w.index,
+                    pid: w.pid,
+                })
+                .collect();
+            self.metrics.set_workers(name, by_state, processes);
         }
     }
 }

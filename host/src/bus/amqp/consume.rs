@@ -13,9 +13,9 @@ use lapin::Channel;
 use std::sync::Arc;
 
 use super::acks::AckBatcher;
-use super::wire::{incoming, publish_on};
+use super::wire::{malformed, publish_on, traceparent};
 use super::{lapin_error, short};
-use crate::bus::{Acker, BusError, ConsumerState, Outgoing, Prefetch, Settle, Sink};
+use crate::bus::{Acker, BusError, ConsumerState, Incoming, Outgoing, Prefetch, Settle, Sink};
 
 /// Where a consumer's deliveries are settled: the channel they came on,
 /// and its ack batcher when acks are coalesced.
@@ -251,5 +251,29 @@ impl Acker for AmqpAcker {
     /// follows. Without a confirm, as the reference and kombu publish.
     async fn publish_before_ack(&self, m: Outgoing<'_>) -> Option<Result<(), BusError>> {
         Some(publish_on(&self.settling.channel, &m).await.map(drop))
+    }
+}
+
+/// A lapin delivery as the host sees it; how to settle it, if it must be.
+pub(super) fn incoming(
+    delivery: lapin::message::Delivery,
+    settling: Option<&Settling>,
+) -> Incoming {
+    let properties = &delivery.properties;
+    Incoming {
+        exchange: delivery.exchange.to_string(),
+        routing_key: delivery.routing_key.to_string(),
+        reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_bytes().to_vec()),
+        malformed: malformed(&delivery.exchange, &delivery.routing_key, properties),
+        traceparent: properties.headers().as_ref().and_then(traceparent),
+        redelivered: delivery.redelivered,
+        acker: settling.map(|settling| {
+            AmqpAcker::boxed(delivery.delivery_tag, delivery.acker, settling.clone())
+        }),
+        body: delivery.data,
     }
 }

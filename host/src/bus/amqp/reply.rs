@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::incoming;
+use super::consume::incoming;
 use super::{AmqpBus, DIRECT_REPLY_TO};
 use crate::bus::reply_names::{abandoned_notes, Note, ReplyName};
 use crate::bus::{heal, BusError, Incoming};

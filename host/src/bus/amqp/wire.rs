@@ -1,38 +1,13 @@
-//! What lapin's frames mean to the host: an [`Incoming`] from a delivery
-//! (with the properties that are not UTF-8 found, not fatal), and the
-//! properties of an [`Outgoing`] as kombu sets them.
+//! What lapin's frames mean to the host: a delivery's properties read
+//! (those that are not UTF-8 found, not fatal), and the properties of an
+//! [`Outgoing`] as kombu sets them.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 
-use super::consume::{AmqpAcker, Settling};
 use super::{lapin_error, short};
-use crate::bus::{BusError, Incoming, Malformed, Outgoing, QueueArguments, MAX_HEADER_DEPTH};
-
-/// A lapin delivery as the host sees it; how to settle it, if it must be.
-pub(super) fn incoming(
-    delivery: lapin::message::Delivery,
-    settling: Option<&Settling>,
-) -> Incoming {
-    let properties = &delivery.properties;
-    Incoming {
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
-        reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
-        correlation_id: properties
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.as_bytes().to_vec()),
-        malformed: malformed(&delivery.exchange, &delivery.routing_key, properties),
-        traceparent: properties.headers().as_ref().and_then(traceparent),
-        redelivered: delivery.redelivered,
-        acker: settling.map(|settling| {
-            AmqpAcker::boxed(delivery.delivery_tag, delivery.acker, settling.clone())
-        }),
-        body: delivery.data,
-    }
-}
+use crate::bus::{BusError, Malformed, Outgoing, QueueArguments, MAX_HEADER_DEPTH};
 
 /// What makes a delivery unreadable: the first name or property whose
 /// bytes are not UTF-8 (the broker passes any bytes through; the patched
@@ -69,7 +44,7 @@ pub(crate) fn malformed(
 
 /// The `traceparent` header of `headers`, as text (a long or a short
 /// string: senders use either).
-fn traceparent(headers: &FieldTable) -> Option<String> {
+pub(super) fn traceparent(headers: &FieldTable) -> Option<String> {
     use lapin::types::AMQPValue;
     let bytes = match headers.inner().get(crate::trace::HEADER)? {
         AMQPValue::LongString(s) => s.as_bytes(),
@@ -116,7 +91,7 @@ fn value_malformed(v: &lapin::types::AMQPValue, depth: usize) -> Option<Malforme
 
 /// Queue arguments as an AMQP field table.
 pub(super) fn field_table(arguments: &QueueArguments) -> FieldTable {
-    use crate::config::QueueArgument;
+    use crate::bus::QueueArgument;
     use lapin::types::AMQPValue;
     let mut table = FieldTable::default();
     for (name, value) in arguments {

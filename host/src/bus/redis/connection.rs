@@ -134,7 +134,7 @@ pub(super) struct Inner {
     pub restorer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub scripts: Scripts,
     /// The binding sets last read, to route publishes by.
-    pub bindings: super::publish::Bindings,
+    pub bindings: super::bindings::Bindings,
 }
 
 pub(super) fn command_config() -> AsyncConnectionConfig {

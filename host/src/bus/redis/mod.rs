@@ -66,6 +66,7 @@ use crate::bus::{
 };
 use crate::redact::redact_uri;
 
+mod bindings;
 #[cfg(test)]
 mod bookkeeping_tests;
 mod connection;
@@ -153,7 +154,7 @@ impl RedisBus {
                 restorer_started: AtomicBool::new(false),
                 restorer: std::sync::Mutex::new(None),
                 scripts: scripts::Scripts::new(),
-                bindings: publish::Bindings::default(),
+                bindings: bindings::Bindings::default(),
             }),
             reply_queue: Mutex::new(None),
         })
