@@ -10,6 +10,7 @@
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod fd_limit;
@@ -27,6 +28,3 @@ pub mod serve;
 pub mod supervise;
 pub mod throttle;
 pub mod trace;
-
-/// The control protocol, where the serving side finds it.
-pub use supervise::control;

@@ -400,32 +400,3 @@ pub fn render(views: Vec<ServiceView>, http: &HttpSnapshot) -> String {
     }
     out
 }
-
-/// Every service of this process (the in-process host): no supervisor,
-/// no workers to add up.
-pub struct Local {
-    /// The counts.
-    pub metrics: std::sync::Arc<super::Metrics>,
-    /// What is in flight.
-    pub in_flight: std::sync::Arc<crate::serve::inflight::InFlight>,
-}
-
-impl Exporter for Local {
-    fn render(&self, http: &HttpSnapshot) -> String {
-        let views = self
-            .metrics
-            .snapshot(self.in_flight.len() as u64)
-            .into_iter()
-            .map(|counts| ServiceView {
-                counts,
-                workers: vec![("consuming", 1)],
-                processes: vec![WorkerView {
-                    index: 0,
-                    pid: std::process::id(),
-                }],
-                ..ServiceView::default()
-            })
-            .collect();
-        render(views, http)
-    }
-}

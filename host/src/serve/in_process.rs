@@ -17,6 +17,8 @@ use crate::client::{RpcClient, SharedClient};
 use crate::config::HostConfig;
 use crate::error::HostError;
 use crate::health::Health;
+use crate::metrics::http::HttpSnapshot;
+use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
 
 /// A host serving every service in this process.
 pub struct RunningHost {
@@ -72,7 +74,7 @@ pub async fn start(config: &HostConfig) -> Result<RunningHost, HostError> {
                 listener,
                 Arc::new(SharedClient::fixed(session.client.clone())),
                 process.health.clone(),
-                Arc::new(crate::metrics::text::Local {
+                Arc::new(Local {
                     metrics: process.metrics.clone(),
                     in_flight: process.inflight.clone(),
                 }),
@@ -112,4 +114,33 @@ pub async fn run(config: &HostConfig, signal: impl Future<Output = ()>) -> Resul
     signal.await;
     host.shutdown().await;
     Ok(())
+}
+
+/// Every service of this process (the in-process host): no supervisor,
+/// no workers to add up.
+struct Local {
+    /// The counts.
+    metrics: Arc<crate::metrics::Metrics>,
+    /// What is in flight.
+    in_flight: Arc<InFlight>,
+}
+
+impl Exporter for Local {
+    fn render(&self, http: &HttpSnapshot) -> String {
+        let views = self
+            .metrics
+            .snapshot(self.in_flight.len() as u64)
+            .into_iter()
+            .map(|counts| ServiceView {
+                counts,
+                workers: vec![("consuming", 1)],
+                processes: vec![WorkerView {
+                    index: 0,
+                    pid: std::process::id(),
+                }],
+                ..ServiceView::default()
+            })
+            .collect();
+        render(views, http)
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::control::Seen;
+use crate::control::Seen;
 
 /// Requests remembered at most (oldest forgotten first).
 const CRASH_MEMORY: usize = 10_000;

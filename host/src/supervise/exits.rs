@@ -5,9 +5,9 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::backoff::HEALTHY_LIFETIME;
-use super::control::{EXIT_FATAL, EXIT_RECYCLE, EXIT_STOPPED};
 use super::workers::{describe_exit, Worker};
 use super::{Supervisor, SupervisorError};
+use crate::control::{EXIT_FATAL, EXIT_RECYCLE, EXIT_STOPPED};
 
 /// When a dead worker's deliveries are handed back a second time: a
 /// command it sent just before it died may reach the broker after the

@@ -8,7 +8,7 @@
 
 //!
 //! - [`workers`]: starting a worker, its pipes and control socket;
-//! - [`control`]: the control protocol on that socket;
+//! - [`crate::control`]: the control protocol on that socket;
 //! - [`exits`]: a worker's end and its restart; [`backoff`]: when;
 //! - [`crashes`]: which requests were running at crashes;
 //! - [`roll`]: the SIGHUP roll; [`work_dir`]: the slot files' directory;
@@ -19,7 +19,6 @@
 //! - [`output`]: plugins' output, bounded and throttled.
 
 pub mod backoff;
-pub mod control;
 pub mod crashes;
 pub mod exits;
 pub mod metrics;
@@ -43,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{is_permanent, BusError};
 use crate::client::SharedClient;
 use crate::config::HostConfig;
+use crate::control::{verdict_line, WorkerEvent};
 use crate::error::HostError;
 use crate::health::Health;
 use crate::http::serve as serve_http;
@@ -50,7 +50,6 @@ use crate::plugin::trust::Untrusted;
 use crate::plugin::DirError;
 use crate::retry::backoff;
 use backoff::ServiceState;
-use control::{verdict_line, WorkerEvent};
 use crashes::CrashMemory;
 use metrics::MetricsBook;
 use plugin_copies::{Copies, PluginCopies};

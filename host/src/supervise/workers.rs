@@ -10,9 +10,9 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::control::{read_line, Line, WorkerEvent, MAX_LINE, STOP_LINE};
 use super::plugin_copies::Copies;
 use super::{Supervisor, SupervisorError, WORKER_BUS_OWNER_ENV, WORKER_BUS_URI_ENV};
+use crate::control::{read_line, Line, WorkerEvent, MAX_LINE, STOP_LINE};
 use crate::health::ServiceHealth;
 use crate::listing::Listing;
 use crate::metrics::text::WorkerView;
