@@ -26,7 +26,7 @@ pub use service::{QueueConfig, ServiceSettings};
 pub const DEFAULT_EXCHANGE: &str = "commissaire";
 /// The bus when nothing names one: the embedded in-process bus.
 pub const DEFAULT_BUS_URI: &str = "memory://";
-/// Handlers in flight per service unless configured.
+/// Handlers in flight per queue, in each worker, unless configured.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// How long a request waits for its reply (Commissaire's default).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

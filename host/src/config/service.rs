@@ -33,7 +33,9 @@ pub struct QueueConfig {
 pub struct ServiceSettings {
     /// Its queues.
     pub queues: Vec<QueueConfig>,
-    /// Handlers in flight (and the broker prefetch), per worker.
+    /// Handlers in flight (and the broker prefetch), per queue, in each
+    /// worker: each queue has its own window, so that a flood on one queue
+    /// never holds up another's requests.
     pub concurrency: u16,
     /// Worker processes.
     pub workers: u16,

@@ -1,5 +1,5 @@
 //! Serving: load the plugins, connect, declare, consume every service with
-//! `concurrency` handlers in flight, answer, and stop cleanly.
+//! `concurrency` handlers in flight per queue, answer, and stop cleanly.
 //!
 //! - [`lifecycle`]: one request's life, from delivery to ack.
 //! - [`inbound`]: the request itself, its states and its ways out.
