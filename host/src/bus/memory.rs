@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 
 use super::{
-    topic, Acker, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Sink,
+    topic, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Settlement,
+    Sink,
 };
 
 type Queue = (
@@ -56,13 +57,13 @@ impl MemoryBus {
 
 /// Settles one delivery: a requeue puts a copy back, marked redelivered;
 /// either way its prefetch slot is freed.
-struct MemoryAcker {
+struct MemorySettlement {
     pending: Mutex<Option<(async_channel::Sender<Incoming>, Incoming)>>,
     slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 #[async_trait]
-impl Acker for MemoryAcker {
+impl Settlement for MemorySettlement {
     async fn settle(&self, how: Settle) -> Result<(), BusError> {
         let pending = self
             .pending
@@ -97,7 +98,7 @@ fn copy(m: &Incoming) -> Incoming {
         malformed: m.malformed,
         traceparent: m.traceparent.clone(),
         redelivered: m.redelivered,
-        acker: None,
+        settlement: None,
     }
 }
 
@@ -154,7 +155,7 @@ impl BusTransport for MemoryBus {
                     () = token.cancelled() => break,
                     m = shared.recv() => match m { Ok(m) => m, Err(_) => break },
                 };
-                message.acker = Some(Box::new(MemoryAcker {
+                message.settlement = Some(Box::new(MemorySettlement {
                     pending: Mutex::new(Some((shared_tx.clone(), copy(&message)))),
                     slot: Mutex::new(Some(slot)),
                 }));
@@ -212,7 +213,7 @@ impl BusTransport for MemoryBus {
                 malformed: None,
                 traceparent: m.traceparent.map(str::to_owned),
                 redelivered: false,
-                acker: None,
+                settlement: None,
             };
             // A queue nobody consumes any more still holds the message, as a
             // durable queue would.

@@ -118,9 +118,11 @@ pub enum Settle {
     Requeue,
 }
 
-/// Settles one delivery with its transport.
+/// How one delivery is answered and settled with its transport: its reply
+/// published ahead of its settlement where the transport can, then the
+/// ack or the requeue.
 #[async_trait]
-pub trait Acker: Send + Sync {
+pub trait Settlement: Send + Sync {
     /// Acks or requeues.
     async fn settle(&self, how: Settle) -> Result<(), BusError>;
 
@@ -195,7 +197,7 @@ pub struct Incoming {
     /// Whether it was delivered before.
     pub redelivered: bool,
     /// How to settle it; `None` for auto-acked deliveries (replies).
-    pub acker: Option<Box<dyn Acker>>,
+    pub settlement: Option<Box<dyn Settlement>>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -213,15 +215,15 @@ impl std::fmt::Debug for Incoming {
 impl Incoming {
     /// Publishes the reply to this delivery, ahead of its ack: confirmed by
     /// the broker if `m.confirm`, else on the delivery's own channel where
-    /// the transport has one (see [`Acker::publish_before_ack`]).
+    /// the transport has one (see [`Settlement::publish_before_ack`]).
     pub async fn publish_reply(
         &self,
         bus: &dyn BusTransport,
         m: Outgoing<'_>,
     ) -> Result<(), BusError> {
         if !m.confirm {
-            if let Some(acker) = &self.acker {
-                if let Some(published) = acker.publish_before_ack(m).await {
+            if let Some(settlement) = &self.settlement {
+                if let Some(published) = settlement.publish_before_ack(m).await {
                     return published;
                 }
             }
@@ -231,15 +233,15 @@ impl Incoming {
 
     /// The delivery tag, for log lines (`-` for auto-acked deliveries).
     pub fn tag(&self) -> String {
-        self.acker
+        self.settlement
             .as_ref()
             .map_or_else(|| "-".to_owned(), |a| a.tag())
     }
 
     /// Acks or requeues (no-op for auto-acked deliveries).
     pub async fn settle(&self, how: Settle) -> Result<(), BusError> {
-        match &self.acker {
-            Some(acker) => acker.settle(how).await,
+        match &self.settlement {
+            Some(settlement) => settlement.settle(how).await,
             None => Ok(()),
         }
     }
@@ -258,7 +260,7 @@ pub trait Prefetch: Send + Sync {
 
 /// Prefetch kept by the host itself, for transports without a broker-side
 /// limit (memory, Redis): a consumer takes a slot before each delivery and
-/// the delivery's acker frees it. Lowering the limit while every slot is
+/// the delivery's settlement frees it. Lowering the limit while every slot is
 /// taken leaves a debt, paid by the next slots that come free.
 pub(crate) struct PrefetchSlots {
     slots: std::sync::Arc<tokio::sync::Semaphore>,

@@ -226,7 +226,7 @@ mod tests {
             malformed: None,
             traceparent: None,
             redelivered: false,
-            acker: None,
+            settlement: None,
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use super::acks::AckBatcher;
 use super::wire::{malformed, publish_on, traceparent};
 use super::{lapin_error, short};
-use crate::bus::{Acker, BusError, ConsumerState, Incoming, Outgoing, Prefetch, Settle, Sink};
+use crate::bus::{BusError, ConsumerState, Incoming, Outgoing, Prefetch, Settle, Settlement, Sink};
 
 /// Where a consumer's deliveries are settled: the channel they came on,
 /// and its ack batcher when acks are coalesced.
@@ -199,15 +199,15 @@ impl Prefetch for AmqpConsumers {
     }
 }
 
-pub(super) struct AmqpAcker {
+pub(super) struct AmqpSettlement {
     tag: u64,
     acker: lapin::Acker,
     settling: Settling,
 }
 
-impl AmqpAcker {
+impl AmqpSettlement {
     /// How delivery `tag` is settled, on `settling`.
-    pub(super) fn boxed(tag: u64, acker: lapin::Acker, settling: Settling) -> Box<dyn Acker> {
+    pub(super) fn boxed(tag: u64, acker: lapin::Acker, settling: Settling) -> Box<dyn Settlement> {
         Box::new(Self {
             tag,
             acker,
@@ -217,7 +217,7 @@ impl AmqpAcker {
 }
 
 #[async_trait]
-impl Acker for AmqpAcker {
+impl Settlement for AmqpSettlement {
     async fn settle(&self, how: Settle) -> Result<(), BusError> {
         if let Some(batcher) = &self.settling.batcher {
             return match how {
@@ -271,8 +271,8 @@ pub(super) fn incoming(
         malformed: malformed(&delivery.exchange, &delivery.routing_key, properties),
         traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
-        acker: settling.map(|settling| {
-            AmqpAcker::boxed(delivery.delivery_tag, delivery.acker, settling.clone())
+        settlement: settling.map(|settling| {
+            AmqpSettlement::boxed(delivery.delivery_tag, delivery.acker, settling.clone())
         }),
         body: delivery.data,
     }

@@ -19,7 +19,7 @@ use super::envelope::{envelope, read_envelope, Received};
 use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
 use super::restore::Side;
 use crate::bus::{
-    Acker, BusError, ConsumerState, Incoming, Malformed, Outgoing, PrefetchSlots, Settle, Sink,
+    BusError, ConsumerState, Incoming, Malformed, Outgoing, PrefetchSlots, Settle, Settlement, Sink,
 };
 use crate::redact::scrub;
 
@@ -62,7 +62,7 @@ impl Inner {
 /// Settles one delivery: an ack removes its record, a requeue moves it
 /// back onto its queue (kombu's `basic_reject(requeue=True)`); either way
 /// its prefetch slot is freed.
-struct RedisAcker {
+struct RedisSettlement {
     inner: Arc<Inner>,
     tag: String,
     /// The held-set mark it was taken under (see the take script).
@@ -73,7 +73,7 @@ struct RedisAcker {
 }
 
 #[async_trait]
-impl Acker for RedisAcker {
+impl Settlement for RedisSettlement {
     async fn settle(&self, how: Settle) -> Result<(), BusError> {
         let settled = if self.acked.load(Ordering::Acquire) {
             Ok(())
@@ -150,7 +150,7 @@ impl Acker for RedisAcker {
 const AWAY_LIMIT: Duration = Duration::from_secs(15);
 const AWAY_RETRY: Duration = Duration::from_millis(100);
 
-impl RedisAcker {
+impl RedisSettlement {
     /// Runs the reply script, again while Redis is unreachable (at most
     /// [`AWAY_LIMIT`]). Running it twice is harmless: the second run finds
     /// the record gone and the mark kept, and does nothing.
@@ -181,7 +181,7 @@ impl RedisAcker {
 }
 
 /// A delivery from a received envelope.
-pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Incoming {
+pub(super) fn incoming(received: Received, settlement: Option<Box<dyn Settlement>>) -> Incoming {
     Incoming {
         exchange: received.exchange,
         routing_key: received.routing_key,
@@ -191,7 +191,7 @@ pub(super) fn incoming(received: Received, acker: Option<Box<dyn Acker>>) -> Inc
         malformed: None,
         traceparent: received.traceparent,
         redelivered: received.redelivered,
-        acker,
+        settlement,
     }
 }
 
@@ -275,7 +275,7 @@ async fn deliver(
     raw: &str,
     slot: OwnedSemaphorePermit,
 ) -> Option<Incoming> {
-    let acker = RedisAcker {
+    let settlement = RedisSettlement {
         inner: inner.clone(),
         tag,
         mark,
@@ -283,7 +283,7 @@ async fn deliver(
         acked: AtomicBool::new(false),
     };
     match read_envelope(raw) {
-        Ok(received) => Some(incoming(received, Some(Box::new(acker)))),
+        Ok(received) => Some(incoming(received, Some(Box::new(settlement)))),
         // Handed on, unreadable, so that the service counts and logs its
         // drop as it does every other refusal, and acks it.
         Err(reason) => {
@@ -297,7 +297,7 @@ async fn deliver(
                 malformed: Some(Malformed::NotAnEnvelope),
                 traceparent: None,
                 redelivered: false,
-                acker: Some(Box::new(acker)),
+                settlement: Some(Box::new(settlement)),
             })
         }
     }
