@@ -464,6 +464,12 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     // it waited for its verdict or its turn above: requests redelivered
     // beside a poison one wait there together.
     let _entered = held.enter(inbound.clone(), alone).await;
+    if alone {
+        // The requests that ran before it are answered: their acks go out
+        // now, not with a batch its crash would lose (and answer them
+        // twice).
+        s.bus.flush_acks().await;
+    }
     let Some(handled) = run_handler(&s, &inbound).await else {
         return;
     };
