@@ -35,7 +35,9 @@ pub const REPLY_TRIES: u32 = 3;
 
 /// Deliveries beyond `crash_limit` a request may have, whatever brought it
 /// back (a lost connection while its reply went out, a shutdown past its
-/// timeout, a Redis visibility timeout), before it is refused.
+/// timeout, a Redis visibility timeout), before it is refused. Its worker's
+/// death does not count, a bounded number of times (see
+/// `supervise::crashes`).
 pub const EXTRA_DELIVERIES: u32 = 3;
 
 /// What serving one service takes: shared by its consumers' deliveries.

@@ -177,7 +177,11 @@ mod tests {
         }
         // MAX_EXCUSED excuses in all, the first one above.
         let counted = 1 + (MAX_EXCUSED + 10) - (MAX_EXCUSED - 1);
-        assert_eq!(m.check(5).deliveries, counted + 1, "excused at most MAX_EXCUSED");
+        assert_eq!(
+            m.check(5).deliveries,
+            counted + 1,
+            "excused at most MAX_EXCUSED"
+        );
         // The culprit's own crashes are not excused.
         assert_eq!(m.check(9).deliveries, 1);
         assert_eq!(m.records[&9].deliveries, 1);
