@@ -13,7 +13,9 @@
 //! many times it was checked (delivered again), `metrics <json>` (its
 //! cumulative counts, see [`crate::metrics`]) and `fatal <why>`.
 //!
-//! Supervisor → worker: `verdict <key> <crashes> <deliveries>` and `stop`.
+//! Supervisor → worker: `verdict <key> <crashes> <deliveries> <alone>`
+//! (`alone` is 1 when the request must run alone: it was running when a
+//! worker died) and `stop`.
 //! End of input means the supervisor is gone: stop too.
 
 use std::collections::HashMap;
@@ -160,19 +162,44 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
     Ok(Line::Text(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-/// What the supervisor knows of a request: how many workers died while it
-/// was in flight, and how many times it came back.
+/// What the supervisor tells a worker of a redelivered request: how many
+/// workers it killed, how many times it came back, and whether it must
+/// run alone (see [`super::crashes`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
-    /// Workers that died while it was in flight.
+    /// Workers that died while it ran alone.
     pub crashes: u32,
-    /// Redeliveries checked, this one included.
+    /// Redeliveries counted, this one included.
     pub deliveries: u32,
+    /// It was running when a worker died: it runs alone until it is
+    /// cleared or refused.
+    pub alone: bool,
 }
 
 /// The line answering `check <key>`.
 pub fn verdict_line(key: u64, seen: Seen) -> String {
-    format!("verdict {key:x} {} {}\n", seen.crashes, seen.deliveries)
+    format!(
+        "verdict {key:x} {} {} {}\n",
+        seen.crashes,
+        seen.deliveries,
+        u8::from(seen.alone)
+    )
+}
+
+/// Reads a `verdict` line (its words after `verdict`).
+fn parse_verdict<'a>(mut words: impl Iterator<Item = &'a str>) -> Option<(u64, Seen)> {
+    let key = u64::from_str_radix(words.next()?, 16).ok()?;
+    let crashes = words.next()?.parse().ok()?;
+    let deliveries = words.next()?.parse().ok()?;
+    let alone = words.next() == Some("1");
+    Some((
+        key,
+        Seen {
+            crashes,
+            deliveries,
+            alone,
+        },
+    ))
 }
 
 /// The line asking a worker to stop.
@@ -219,19 +246,12 @@ impl Control {
                 let line = String::from_utf8_lossy(&buf);
                 let line = line.trim_end();
                 let mut words = line.split_whitespace();
-                match (words.next(), words.next(), words.next(), words.next()) {
-                    (Some("stop"), ..) => break,
-                    (Some("verdict"), Some(key), Some(crashes), Some(deliveries)) => {
-                        let (Ok(key), Ok(crashes), Ok(deliveries)) = (
-                            u64::from_str_radix(key, 16),
-                            crashes.parse::<u32>(),
-                            deliveries.parse::<u32>(),
-                        ) else {
+                match words.next() {
+                    Some("stop") => break,
+                    Some("verdict") => {
+                        let Some((key, seen)) = parse_verdict(words) else {
+                            tracing::warn!(line, "unreadable verdict from the supervisor");
                             continue;
-                        };
-                        let seen = Seen {
-                            crashes,
-                            deliveries,
                         };
                         let senders = waiting
                             .lock()
@@ -357,6 +377,28 @@ mod tests {
         assert_eq!(WorkerEvent::parse("consuming"), None);
         assert_eq!(WorkerEvent::parse("@commissaire check zz"), None);
         assert_eq!(WorkerEvent::parse("hello from a plugin"), None);
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_round_trip() {
+        for seen in [
+            Seen::default(),
+            Seen {
+                crashes: 2,
+                deliveries: 5,
+                alone: true,
+            },
+        ] {
+            let line = verdict_line(0xabc, seen);
+            let mut words = line.split_whitespace();
+            assert_eq!(words.next(), Some("verdict"));
+            assert_eq!(parse_verdict(words), Some((0xabc, seen)));
+        }
     }
 }
 

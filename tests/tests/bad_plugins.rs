@@ -1,6 +1,6 @@
 //! Misbehaving plugins (issue 33): the last good version keeps serving
-//! after a failed roll, a stuck `init` is caught, plugin output and worker
-//! memory are bounded. The plugin is `tests/fixtures/plugin-misbehave`
+//! after a failed roll, a stuck `init` is caught, a crash blames only its
+//! culprit, plugin output and worker memory are bounded. The plugin is `tests/fixtures/plugin-misbehave`
 //! (service `bp`), built in several versions; queues are `bp-…`.
 
 use std::path::Path;
@@ -468,4 +468,109 @@ fn a_second_file_exporting_the_same_service_rolls_nothing() {
     for id in 0..20 {
         assert_eq!(version(&host, id), (200, json!("v1")));
     }
+}
+
+/// Healthy requests, and the segfaulting ones sent among them, of
+/// [`segfaulting_requests_are_refused_and_their_healthy_neighbours_answered`].
+const PINGS: usize = 3000;
+/// Rounds of segfaulting requests, evenly among the pings.
+const SEGV_ROUNDS: usize = 10;
+/// Segfaulting requests sent together in each round.
+const SEGV_AT_ONCE: usize = 3;
+/// The default `crash_limit`.
+const CRASH_LIMIT: usize = 3;
+
+/// Whether load request `i` is a segfaulting one (the first
+/// [`SEGV_AT_ONCE`] of each round).
+fn is_segv(i: usize) -> bool {
+    let round = (PINGS + SEGV_ROUNDS * SEGV_AT_ONCE) / SEGV_ROUNDS;
+    i % round >= round / 2 && i % round < round / 2 + SEGV_AT_ONCE
+}
+
+/// Segfaulting requests among 3,000 pings at 16 in flight (`workers = 2`,
+/// each worker running up to 16): a worker that dies running several
+/// requests blames none of them, each runs alone when it comes back, and
+/// only a crash while alone counts. So no ping is refused, each segfault
+/// is refused after exactly `crash_limit` crashes of its own, and a dead
+/// worker is replaced at once when it was the service's last.
+#[test]
+fn segfaulting_requests_are_refused_and_their_healthy_neighbours_answered() {
+    use commissaire_e2e::load::{Load, Progress};
+    let plugins = plugin_dir_with("v1");
+    let (host, _queues) = start("", plugins.path());
+    let total = PINGS + SEGV_ROUNDS * SEGV_AT_ONCE;
+    let segvs = (0..total).filter(|i| is_segv(*i)).count();
+    assert_eq!(segvs, SEGV_ROUNDS * SEGV_AT_ONCE);
+    let load = Load {
+        exchange: host.spec.exchange.clone(),
+        total,
+        concurrency: 16,
+        deadline: Duration::from_secs(240),
+        request: std::sync::Arc::new(|i| {
+            let method = if is_segv(i) { "bp.segv" } else { "bp.ping" };
+            (method.to_owned(), json!([]))
+        }),
+        broker: None,
+        give_up_after: None,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let report = rt.block_on(load.run(std::sync::Arc::new(Progress::default())));
+    let refusal = format!("request crashed the worker {CRASH_LIMIT} times");
+    let log = host.stderr();
+    let counts = report
+        .tally
+        .judge("pings and segfaults", |i, reply| {
+            if is_segv(*i) {
+                (reply["error"]["code"] == -32603 && reply["error"]["message"] == *refusal)
+                    .then_some("segv refused")
+            } else {
+                (reply["result"] == "pong").then_some("pong")
+            }
+        })
+        .with_context(log.clone());
+    let deaths = log.matches("signal 11 (SIGSEGV)").count();
+    let own = log.matches("a crash of its own").count();
+    let crowds = log.matches("requests were running side by side").count();
+    let refused_pings = counts.wrong.iter().filter(|(i, _)| !is_segv(*i)).count();
+    let backed_off = log
+        .lines()
+        .filter(|l| l.contains("restart_in_ms=") && !l.ends_with("restart_in_ms=0"))
+        .count();
+    eprintln!(
+        "{PINGS} pings, {SEGV_AT_ONCE} segv at a time in {SEGV_ROUNDS} rounds, 16 in flight: \
+         {refused_pings} pings not answered pong, {} segv refused, {} duplicated, \
+         {deaths} worker deaths by SIGSEGV ({own} crashes of a request of its own, \
+         {crowds} with several running; {backed_off} restarts backed off), \
+         longest time without a reply {:.2}s, {:.1}s in all",
+        counts.outcome("segv refused"),
+        counts.duplicated,
+        report.max_gap.as_secs_f64(),
+        report.elapsed.as_secs_f64()
+    );
+    counts
+        .lost_none()
+        .outcome_exactly("pong", PINGS)
+        .outcome_exactly("segv refused", segvs)
+        // Only a worker dying with several requests running can answer one
+        // twice (one that had replied, not acked): at most a worker's
+        // concurrency per such death.
+        .duplicated_at_most(crowds * 16, "a worker's window per death beside others");
+    // Restarting the service's last worker at once: no wait as long as the
+    // 2 s a backoff may last.
+    assert!(
+        report.max_gap < Duration::from_secs(2),
+        "{:?} without a reply\n{log}",
+        report.max_gap
+    );
+    // Exactly crash_limit crashes of its own per segfault (none for a
+    // ping), and every other death was one with several running.
+    assert_eq!(own, segvs * CRASH_LIMIT, "{log}");
+    assert_eq!(deaths, own + crowds, "{log}");
+    assert!(crowds <= segvs, "{crowds} deaths beside others\n{log}");
+    wait_until(
+        Duration::from_secs(30),
+        "bp's 2 workers consuming",
+        &host,
+        || service_health(&host, "bp")["consuming"] == 2,
+    );
 }

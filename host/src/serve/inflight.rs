@@ -3,10 +3,18 @@
 //! running when the worker died.
 //!
 //! A worker mirrors the table into its *slot file*: one 16-byte record per
-//! slot, the request's key and a running flag, written with `pwrite` as a
-//! handler starts and ends (no syscall beyond that, no message to the
-//! supervisor on the request path). When the worker dies, the supervisor
-//! reads the records still flagged running.
+//! slot, the request's key and a flag, written with `pwrite` as a request
+//! arrives (*held*), as its handler starts (*running*) and as it is settled
+//! (no syscall beyond that, no message to the supervisor on the request
+//! path). When the worker dies, the supervisor reads the records still
+//! flagged: a request running may have killed the worker, one held had not
+//! started and only comes back because of the death (see
+//! [`crate::supervise::crashes`]).
+//!
+//! Entering the running table goes through the *lane*: a request suspected
+//! of crashing the worker runs alone (it waits for the running ones to
+//! finish, and the ones arriving meanwhile wait for it), so that if the
+//! worker dies, it dies with one request running, the culprit.
 
 use std::fs::File;
 use std::hash::{Hash, Hasher};
@@ -15,11 +23,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+
 use super::inbound::Inbound;
 use super::placement::SLOW;
 use crate::bus::Incoming;
 
 const RECORD: u64 = 16;
+/// A record's flag: its handler started.
+const RUNNING: u64 = 1;
+/// A record's flag: arrived, not started (waiting for its verdict or its
+/// turn in the lane).
+const HELD: u64 = 2;
 
 /// A request's identity across redeliveries: routing key, `reply_to`,
 /// `correlation_id` and body (a broker redelivers all four unchanged).
@@ -33,17 +48,35 @@ pub fn request_key(incoming: &Incoming) -> u64 {
     h.finish().max(1)
 }
 
+enum Entry {
+    Held,
+    Running(Arc<Inbound>),
+}
+
+impl Entry {
+    fn running(&self) -> Option<&Arc<Inbound>> {
+        match self {
+            Self::Running(inbound) => Some(inbound),
+            Self::Held => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Table {
-    entries: Vec<Option<Arc<Inbound>>>,
+    entries: Vec<Option<Entry>>,
     free: Vec<usize>,
 }
 
-/// The running requests of this process.
+/// The requests of this process: held (arrived, not started) and running.
 #[derive(Default)]
 pub struct InFlight {
     table: Mutex<Table>,
     slots: Option<File>,
+    /// Shared by the requests running side by side, taken whole by one
+    /// running alone. Fair: once one waits to run alone, requests arriving
+    /// after it wait behind it.
+    lane: Arc<RwLock<()>>,
 }
 
 impl std::fmt::Debug for InFlight {
@@ -78,6 +111,7 @@ impl InFlight {
         Ok(Self {
             table: Mutex::default(),
             slots: Some(file),
+            lane: Arc::default(),
         })
     }
 
@@ -86,32 +120,42 @@ impl InFlight {
         self.slots.is_some()
     }
 
-    /// Records a request in flight until the returned guard is dropped.
-    pub fn enter(self: &Arc<Self>, inbound: Arc<Inbound>) -> Entered {
-        let key = inbound.key();
-        let slot = self.insert(inbound);
-        self.write(slot, key, 1);
-        Entered {
-            table: self.clone(),
-            slot,
-        }
-    }
-
-    fn insert(&self, running: Arc<Inbound>) -> usize {
+    /// Records request `key` as held (arrived, not started) until the
+    /// returned guard is dropped or [`Held::enter`]s.
+    pub fn hold(self: &Arc<Self>, key: u64) -> Held {
         let slot = {
             let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
             match t.free.pop() {
                 Some(i) => {
-                    t.entries[i] = Some(running);
+                    t.entries[i] = Some(Entry::Held);
                     i
                 }
                 None => {
-                    t.entries.push(Some(running));
+                    t.entries.push(Some(Entry::Held));
                     t.entries.len() - 1
                 }
             }
         };
-        slot
+        self.write(slot, key, HELD);
+        Held {
+            table: self.clone(),
+            slot,
+            key,
+            entered: false,
+        }
+    }
+
+    /// Holds and enters at once, beside the others (tests only: the
+    /// request path waits for its turn in the lane).
+    #[cfg(test)]
+    fn enter(self: &Arc<Self>, inbound: Arc<Inbound>) -> Entered {
+        let lane = self
+            .lane
+            .clone()
+            .try_read_owned()
+            .map(LaneGuard::beside)
+            .expect("nobody runs alone in this test");
+        self.hold(inbound.key()).enter_now(inbound, lane)
     }
 
     fn leave(&self, slot: usize) {
@@ -138,7 +182,7 @@ impl InFlight {
     pub fn overdue(&self, now: Instant, grace: Duration) -> Overdue {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         let mut found = Overdue::default();
-        for inbound in t.entries.iter().flatten() {
+        for inbound in t.entries.iter().flatten().filter_map(Entry::running) {
             let elapsed = now.saturating_duration_since(inbound.arrived());
             if inbound
                 .inline()
@@ -164,14 +208,19 @@ impl InFlight {
         t.entries
             .iter()
             .flatten()
+            .filter_map(Entry::running)
             .filter(|i| !i.is_settled())
             .count()
     }
 
-    /// How many requests are in flight.
+    /// How many requests are running (their handler started).
     pub fn len(&self) -> usize {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        t.entries.len() - t.free.len()
+        t.entries
+            .iter()
+            .flatten()
+            .filter(|e| e.running().is_some())
+            .count()
     }
 
     /// Whether none is.
@@ -180,10 +229,83 @@ impl InFlight {
     }
 }
 
-/// A request in flight, until dropped: then its record is cleared.
+/// A request arrived and not started, until dropped (then its record is
+/// cleared) or entered.
+pub struct Held {
+    table: Arc<InFlight>,
+    slot: usize,
+    key: u64,
+    entered: bool,
+}
+
+impl Held {
+    /// Waits for its turn in the lane (`alone`: for every running request
+    /// to finish, the ones arriving meanwhile waiting behind it), then
+    /// records it running until the returned guard is dropped.
+    pub async fn enter(self, inbound: Arc<Inbound>, alone: bool) -> Entered {
+        let lane = self.table.lane.clone();
+        let lane = if alone {
+            LaneGuard::alone(lane.write_owned().await)
+        } else {
+            LaneGuard::beside(lane.read_owned().await)
+        };
+        self.enter_now(inbound, lane)
+    }
+
+    fn enter_now(mut self, inbound: Arc<Inbound>, lane: LaneGuard) -> Entered {
+        self.entered = true;
+        let table = self.table.clone();
+        {
+            let mut t = table.table.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = t.entries.get_mut(self.slot) {
+                *entry = Some(Entry::Running(inbound));
+            }
+        }
+        table.write(self.slot, self.key, RUNNING);
+        Entered {
+            table,
+            slot: self.slot,
+            _lane: lane,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.entered {
+            self.table.leave(self.slot);
+        }
+    }
+}
+
+/// A request's place in the lane while it runs: beside others, or alone.
+struct LaneGuard {
+    _beside: Option<OwnedRwLockReadGuard<()>>,
+    _alone: Option<OwnedRwLockWriteGuard<()>>,
+}
+
+impl LaneGuard {
+    fn beside(guard: OwnedRwLockReadGuard<()>) -> Self {
+        Self {
+            _beside: Some(guard),
+            _alone: None,
+        }
+    }
+
+    fn alone(guard: OwnedRwLockWriteGuard<()>) -> Self {
+        Self {
+            _beside: None,
+            _alone: Some(guard),
+        }
+    }
+}
+
+/// A request running, until dropped: then its record is cleared, and the
+/// lane let go.
 pub struct Entered {
     table: Arc<InFlight>,
     slot: usize,
+    _lane: LaneGuard,
 }
 
 impl Drop for Entered {
@@ -197,18 +319,33 @@ const fn libc_o_nofollow() -> i32 {
     0o400000
 }
 
-/// The keys of the requests that were running when the worker that wrote
-/// the slot file at `path` stopped.
-pub fn running_keys(path: &Path) -> std::io::Result<Vec<u64>> {
+/// What a worker held when it stopped, by request key.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SlotRecords {
+    /// Their handler had started.
+    pub running: Vec<u64>,
+    /// Arrived, not started.
+    pub held: Vec<u64>,
+}
+
+/// The requests running and held when the worker that wrote the slot file
+/// at `path` stopped.
+pub fn slot_records(path: &Path) -> std::io::Result<SlotRecords> {
     let bytes = std::fs::read(path)?;
-    Ok(bytes
-        .chunks_exact(RECORD as usize)
-        .filter_map(|r| {
-            let key = u64::from_le_bytes(r[..8].try_into().ok()?);
-            let flag = u64::from_le_bytes(r[8..].try_into().ok()?);
-            (flag != 0 && key != 0).then_some(key)
-        })
-        .collect())
+    let mut found = SlotRecords::default();
+    for r in bytes.chunks_exact(RECORD as usize) {
+        let (Ok(key), Ok(flag)) = (r[..8].try_into(), r[8..].try_into()) else {
+            continue;
+        };
+        let (key, flag) = (u64::from_le_bytes(key), u64::from_le_bytes(flag));
+        match flag {
+            _ if key == 0 => {}
+            RUNNING => found.running.push(key),
+            HELD => found.held.push(key),
+            _ => {}
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -268,8 +405,8 @@ mod tests {
         assert_eq!((table.len(), table.unsettled()), (2, 0));
     }
 
-    #[test]
-    fn the_slot_file_holds_exactly_the_requests_in_flight() {
+    #[tokio::test]
+    async fn the_slot_file_holds_exactly_the_requests_held_and_running() {
         let dir = std::env::temp_dir().join(format!("slots-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("slots");
@@ -277,20 +414,65 @@ mod tests {
         let (k1, r1) = inbound("[1]", Duration::from_secs(60));
         let (k2, r2) = inbound("[2]", Duration::from_secs(60));
         let (k3, r3) = inbound("[3]", Duration::from_secs(60));
+        let (k4, _) = inbound("[4]", Duration::from_secs(60));
         assert_ne!(k1, k2);
         let e1 = table.enter(r1);
         let e2 = table.enter(r2);
         drop(e1);
-        let _e3 = table.enter(r3);
-        let mut keys = running_keys(&path).unwrap();
-        keys.sort_unstable();
-        let mut expected = vec![k2, k3];
-        expected.sort_unstable();
-        assert_eq!(keys, expected);
-        assert_eq!(table.len(), 2);
+        let _e3 = table.hold(k3).enter(r3, false).await;
+        let held = table.hold(k4);
+        let mut records = slot_records(&path).unwrap();
+        records.running.sort_unstable();
+        let mut running = vec![k2, k3];
+        running.sort_unstable();
+        assert_eq!(
+            records,
+            SlotRecords {
+                running,
+                held: vec![k4]
+            }
+        );
+        assert_eq!(table.len(), 2, "held is not running");
         drop(e2);
-        assert_eq!(running_keys(&path).unwrap(), vec![k3]);
+        drop(held);
+        assert_eq!(
+            slot_records(&path).unwrap(),
+            SlotRecords {
+                running: vec![k3],
+                held: vec![]
+            }
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_running_alone_waits_for_the_running_ones_and_holds_the_next() {
+        let table = Arc::new(InFlight::default());
+        let (k1, r1) = inbound("[1]", Duration::from_secs(60));
+        let (k2, r2) = inbound("[2]", Duration::from_secs(60));
+        let (k3, r3) = inbound("[3]", Duration::from_secs(60));
+        let first = table.hold(k1).enter(r1, false).await;
+        let alone = tokio::spawn({
+            let table = table.clone();
+            async move { table.hold(k2).enter(r2, true).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!alone.is_finished(), "it waits for the running one");
+        // Arriving while it waits: behind it.
+        let next = tokio::spawn({
+            let table = table.clone();
+            async move { table.hold(k3).enter(r3, false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!next.is_finished());
+        drop(first);
+        let alone = alone.await.unwrap();
+        assert_eq!(table.len(), 1, "alone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!next.is_finished(), "held until the one alone is done");
+        drop(alone);
+        let _next = next.await.unwrap();
+        assert_eq!(table.len(), 1);
     }
 
     #[test]

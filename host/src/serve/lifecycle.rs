@@ -4,8 +4,9 @@
 //!
 //! Every way out is a method of [`Inbound`] (its states are written down
 //! there). A request delivered again and again is refused after
-//! `crash_limit` crashes or `crash_limit + `[`EXTRA_DELIVERIES`]
-//! deliveries.
+//! `crash_limit` crashes of its own (see [`crate::supervise::crashes`]) or
+//! `crash_limit + `[`EXTRA_DELIVERIES`] deliveries not caused by another
+//! request's crash.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -26,7 +27,9 @@ use crate::trace::TraceContext;
 
 /// Deliveries beyond `crash_limit` a request may have, whatever brought it
 /// back (a lost connection while its reply went out, a shutdown past its
-/// timeout, a Redis visibility timeout), before it is refused.
+/// timeout, a Redis visibility timeout), before it is refused. Its worker's
+/// death does not count, a bounded number of times (see
+/// `supervise::crashes`).
 pub const EXTRA_DELIVERIES: u32 = 3;
 
 /// What serving one service takes: shared by its consumers' deliveries.
@@ -87,6 +90,9 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     let inflight = &s.process.inflight;
     let key = inbound.key;
     let incoming = &inbound.incoming;
+    // Held from here: if the worker dies before it runs, its coming back
+    // is the death's doing, not its own (see `supervise::crashes`).
+    let held = inflight.hold(key);
 
     // What cannot be handled is answered, or dropped, before it is parsed.
     let size = incoming.body.len();
@@ -133,10 +139,13 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
 
     // A redelivered request may be the one that killed the last workers,
-    // or one that keeps coming back for another reason.
+    // or one that keeps coming back for another reason. One suspected of a
+    // crash runs alone, so that a crash while it runs is its own.
+    let mut alone = false;
     if incoming.redelivered {
         if let Some(control) = &s.process.control {
             let seen = control.check(key).await;
+            alone = seen.alone;
             let refusal = if seen.crashes >= s.crash_limit {
                 Some(format!("request crashed the worker {} times", seen.crashes))
             } else if seen.deliveries > s.crash_limit + EXTRA_DELIVERIES {
@@ -161,10 +170,17 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
 
     // From here to its settlement (decoding, the handler, the reply, the
-    // ack), a crash of this worker counts against the request. Not while it
-    // waited for its verdict above: requests redelivered beside a poison
-    // one wait there together, and would be blamed for its crashes.
-    let _entered = inflight.enter(inbound.clone());
+    // ack), a crash of this worker may be the request's doing: alone, it is
+    // counted against it; beside others, they are all suspects. Not while
+    // it waited for its verdict or its turn above: requests redelivered
+    // beside a poison one wait there together.
+    let _entered = held.enter(inbound.clone(), alone).await;
+    if alone {
+        // The requests that ran before it are answered: their acks go out
+        // now, not with a batch its crash would lose (and answer them
+        // twice).
+        s.bus.flush_acks().await;
+    }
     let Some(handled) = run_handler(&s, &inbound).await else {
         return;
     };

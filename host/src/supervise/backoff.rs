@@ -66,14 +66,21 @@ impl Supervisor {
         }
         for (name, index) in due {
             if self.spawn(&name, index).is_none() {
-                self.schedule(&name, index, true);
+                self.schedule(&name, index, true, false);
             }
         }
     }
 
     /// Plans the restart of worker `index` of `service`, backing off when
-    /// workers keep dying young.
-    pub(super) fn schedule(&mut self, service: &str, index: u16, died_young: bool) -> Duration {
+    /// workers keep dying young, unless `at_once` (see
+    /// [`super::exits`]).
+    pub(super) fn schedule(
+        &mut self,
+        service: &str,
+        index: u16,
+        died_young: bool,
+        at_once: bool,
+    ) -> Duration {
         let Some(state) = self.services.get_mut(service) else {
             return Duration::ZERO;
         };
@@ -86,6 +93,7 @@ impl Supervisor {
             slot.quick_deaths = 0;
         }
         let delay = match slot.quick_deaths {
+            _ if at_once => Duration::ZERO,
             0 | 1 => Duration::ZERO,
             n => backoff(n - 1),
         };

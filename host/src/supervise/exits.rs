@@ -94,7 +94,7 @@ impl Supervisor {
             .push((id, worker.service.clone(), control, Instant::now()));
         let what = describe_exit(status);
         let service = worker.service.clone();
-        let running = crate::serve::inflight::running_keys(&worker.slot_file).unwrap_or_default();
+        let slots = crate::serve::inflight::slot_records(&worker.slot_file).unwrap_or_default();
         let _ = std::fs::remove_file(&worker.slot_file);
         let lived = worker.started.elapsed();
         // Another worker holds this index (a roll in progress): no restart.
@@ -126,7 +126,7 @@ impl Supervisor {
             // its line is out. Its slot needs a worker only when the old
             // one is gone too.
             if orphan {
-                self.schedule(&service, worker.index, true);
+                self.schedule(&service, worker.index, true, false);
             }
             return;
         }
@@ -147,17 +147,28 @@ impl Supervisor {
         if status.code() == Some(EXIT_RECYCLE) {
             let restarts = self.services.get(&service).map_or(0, |s| s.restarts) + 1;
             tracing::warn!(service, pid = worker.pid, status = %what, restarts, "worker recycled after a hung handler; starting a fresh one");
+            self.crashes.worker_recycled(&slots.running);
+            self.crashes.worker_recycled(&slots.held);
         } else {
             if !failed_start {
                 self.metrics.crashed(&service);
             }
-            for key in &running {
-                let count = self.crashes.count_crash(*key);
+            let limit = self.config.service(&service).crash_limit;
+            let blame = self.crashes.worker_died(&slots.running, &slots.held, limit);
+            if let Some((key, crashes)) = blame.culprit {
                 tracing::warn!(
                     service,
                     key = format!("{key:x}"),
-                    crashes = count,
-                    "a request was running when the worker died"
+                    crashes,
+                    crash_limit = limit,
+                    "a request was running alone when the worker died: a crash of its own"
+                );
+            }
+            if blame.suspects > 0 {
+                tracing::warn!(
+                    service,
+                    suspects = blame.suspects,
+                    "requests were running side by side when the worker died: each runs alone when it comes back, to find the culprit"
                 );
             }
         }
@@ -166,16 +177,28 @@ impl Supervisor {
             return;
         }
         let recycled = status.code() == Some(EXIT_RECYCLE);
+        // A worker that served and died running requests: a request crash,
+        // which `crash_limit` bounds. If no other worker of its service
+        // lives, backing off would leave the service unserved: restart at
+        // once. Deaths without a request (a plugin whose init crashes)
+        // keep their backoff, so that they never spin.
+        let sole = !self
+            .workers
+            .values()
+            .any(|w| w.service == service && !w.retiring);
+        let request_crash = worker.ever_consumed && !slots.running.is_empty();
         let delay = self.schedule(
             &service,
             worker.index,
             !recycled && lived < HEALTHY_LIFETIME,
+            sole && request_crash,
         );
         let restarts = self.services.get(&service).map_or(0, |s| s.restarts);
         if !recycled {
             tracing::error!(
                 service, pid = worker.pid, status = %what, restarts,
-                running = running.len(), restart_in_ms = delay.as_millis() as u64,
+                running = slots.running.len(), held = slots.held.len(),
+                restart_in_ms = delay.as_millis() as u64,
                 "worker died; restarting it"
             );
         }

@@ -292,9 +292,7 @@ impl Supervisor {
                 // The worker that ran this request before may have died a
                 // moment ago: account for every death first.
                 self.reap();
-                let seen = self.crashes.seen(key);
-                seen.deliveries = seen.deliveries.saturating_add(1);
-                let seen = *seen;
+                let seen = self.crashes.check(key);
                 if let Some(w) = self.workers.get(&id) {
                     w.send(verdict_line(key, seen));
                 }

@@ -227,7 +227,7 @@ impl Supervisor {
                 None => {
                     run.failed.insert(service.clone());
                     if old.is_none() {
-                        self.schedule(&service, index, true);
+                        self.schedule(&service, index, true, false);
                     }
                 }
             }

@@ -332,7 +332,7 @@ impl Supervisor {
             let (service, index) = (w.service.clone(), w.index);
             self.metrics.rss_recycled(&service);
             if self.spawn(&service, index).is_none() {
-                self.schedule(&service, index, true);
+                self.schedule(&service, index, true, false);
             }
         }
     }
