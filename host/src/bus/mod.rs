@@ -40,10 +40,36 @@ impl BusKind {
             _ => Err(BusError::UnsupportedUri(crate::redact::redact_uri(uri))),
         }
     }
+}
 
-    /// Whether other processes share it (worker processes need that).
-    pub fn is_shared(self) -> bool {
-        self != Self::Memory
+/// What a bus URI means to the rest of the host. Each transport answers
+/// for its own URIs (`bus/<name>/`), so that the configuration and the
+/// supervisor never ask which transport it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusTraits {
+    /// Other processes share the bus (worker processes need that).
+    pub shared: bool,
+    /// A delivery left unsettled this long goes to another consumer, its
+    /// consumer alive or not (Redis's `visibility_timeout`); `None`: only
+    /// when its consumer goes.
+    pub redelivers_after: Option<std::time::Duration>,
+    /// What a dead consumer held stays held until someone hands it back
+    /// ([`BusTransport::restore_consumer`]); false: the broker notices.
+    pub hand_back_dead_consumers: bool,
+}
+
+/// The traits of the bus `uri` names, once its transport has checked the
+/// URI (a failover list, a Redis option…); the error says what is wrong
+/// with it, for a configuration error.
+pub fn traits(uri: &str) -> Result<BusTraits, String> {
+    let kind = BusKind::of(uri).map_err(|e| e.to_string())?;
+    if uri.contains(';') && kind != BusKind::Amqp {
+        return Err(amqp::FAILOVER_ONLY.to_owned());
+    }
+    match kind {
+        BusKind::Memory => Ok(memory::TRAITS),
+        BusKind::Amqp => amqp::traits(uri),
+        BusKind::Redis => redis::traits(uri),
     }
 }
 
@@ -476,4 +502,31 @@ pub async fn connect_as(uri: &str, owner: Option<&str>) -> Result<Arc<dyn BusTra
         }
         BusKind::Redis => Arc::new(redis::RedisBus::connect_as(uri, owner).await?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_transport_answers_for_its_uris() {
+        let t = traits("memory://").unwrap();
+        assert!(!t.shared && !t.hand_back_dead_consumers);
+        let t = traits("amqp://h1;amqps://h2").unwrap();
+        assert!(t.shared && t.redelivers_after.is_none());
+        let t = traits("redis://h/0?visibility_timeout=7").unwrap();
+        assert_eq!(t.redelivers_after, Some(std::time::Duration::from_secs(7)));
+        assert!(t.hand_back_dead_consumers);
+        for uri in [
+            "amqp://h1;redis://h2",
+            "redis://h1;amqp://h2",
+            "memory://;amqp://h",
+        ] {
+            assert_eq!(traits(uri).unwrap_err(), amqp::FAILOVER_ONLY, "{uri}");
+        }
+        assert!(traits("nats://h")
+            .unwrap_err()
+            .contains("unsupported bus URI"));
+        assert!(traits("redis://h/0?visibility_timeout=-1").is_err());
+    }
 }

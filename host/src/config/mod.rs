@@ -181,6 +181,8 @@ pub struct HostConfig {
     /// On Redis, the bus URI's `visibility_timeout` (`None` on other
     /// buses), and where the URI was given, for errors.
     pub visibility_timeout: Option<(Duration, String)>,
+    /// What the bus URI means to the host (see [`crate::bus::BusTraits`]).
+    pub bus_traits: crate::bus::BusTraits,
 }
 
 /// Whether a delivery held for `handler_timeout + handler_grace` is still
@@ -331,21 +333,10 @@ impl HostConfig {
             &file_name,
             &text,
         )?;
-        if bus_uri.contains(';') {
-            let kinds: Vec<_> = bus_uri
-                .split(';')
-                .map(|u| crate::bus::BusKind::of(u.trim()).ok())
-                .collect();
-            if kinds.iter().any(|k| *k != Some(crate::bus::BusKind::Amqp)) {
-                return Err(ConfigError {
-                    location: uri_source,
-                    message: format!(
-                        "bus URI {}: a failover list takes amqp:// and amqps:// URIs only",
-                        crate::redact::redact_uri(&bus_uri)
-                    ),
-                });
-            }
-        }
+        let bus_traits = crate::bus::traits(&bus_uri).map_err(|message| ConfigError {
+            location: uri_source.clone(),
+            message: format!("bus URI {}: {message}", crate::redact::redact_uri(&bus_uri)),
+        })?;
         let max_message_bytes = match &file.bus.max_message_bytes {
             None => DEFAULT_MAX_MESSAGE_BYTES,
             Some(v) => match usize::try_from(*v.get_ref()) {
@@ -430,7 +421,7 @@ impl HostConfig {
                 ),
             });
         }
-        if !crate::bus::BusKind::of(&bus_uri).is_ok_and(crate::bus::BusKind::is_shared) {
+        if !bus_traits.shared {
             if let Some((name, location)) = worker_processes.first() {
                 return Err(ConfigError {
                     location: (*location).clone(),
@@ -442,32 +433,24 @@ impl HostConfig {
                 });
             }
         }
-        let visibility_timeout = match crate::bus::BusKind::of(&bus_uri) {
-            Ok(crate::bus::BusKind::Redis) => {
-                let (_, options) =
-                    crate::bus::redis::parse_uri(&bus_uri).map_err(|message| ConfigError {
-                        location: uri_source.clone(),
-                        message: format!(
-                            "bus URI {}: {message}",
-                            crate::redact::redact_uri(&bus_uri)
-                        ),
-                    })?;
+        let visibility_timeout = match bus_traits.redelivers_after {
+            Some(visibility) => {
                 for (name, settings) in &services {
                     visibility_covers(
                         name,
                         settings.handler_timeout,
                         false,
                         handler_grace,
-                        options.visibility_timeout,
+                        visibility,
                     )
                     .map_err(|message| ConfigError {
                         location: settings.location.clone().unwrap_or_default(),
                         message,
                     })?;
                 }
-                Some((options.visibility_timeout, uri_source.clone()))
+                Some((visibility, uri_source.clone()))
             }
-            _ => None,
+            None => None,
         };
         if !queue_prefix.is_empty() && exchange == DEFAULT_EXCHANGE {
             warnings.push(format!(
@@ -503,6 +486,7 @@ impl HostConfig {
             shutdown_timeout,
             handler_grace,
             visibility_timeout,
+            bus_traits,
         })
     }
 

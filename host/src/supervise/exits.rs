@@ -56,10 +56,7 @@ impl Supervisor {
         let Some(client) = self.client.clone() else {
             return;
         };
-        if !matches!(
-            crate::bus::BusKind::of(&self.config.bus_uri),
-            Ok(crate::bus::BusKind::Redis)
-        ) {
+        if !self.config.bus_traits.hand_back_dead_consumers {
             return;
         }
         let (service, owner, pid) = (worker.service.clone(), worker.bus_owner.clone(), worker.pid);

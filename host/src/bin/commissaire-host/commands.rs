@@ -36,7 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..Overrides::default()
                 },
             )?;
-            if !bus::BusKind::of(&config.bus_uri)?.is_shared() {
+            if !config.bus_traits.shared {
                 // The embedded bus lives in this process: serve here.
                 runtime()?.block_on(async {
                     tokio::spawn(ignore_sighup());

@@ -37,6 +37,25 @@ mod consume;
 mod reply;
 mod wire;
 
+/// Why a failover list is refused: only AMQP fails over.
+pub const FAILOVER_ONLY: &str = "a failover list takes amqp:// and amqps:// URIs only";
+
+/// A broker shared by every worker, which gives back what a dead
+/// consumer held by itself; every URI of a failover list must be AMQP.
+pub fn traits(uri: &str) -> Result<super::BusTraits, String> {
+    let all_amqp = uri
+        .split(';')
+        .all(|u| super::BusKind::of(u.trim()).ok() == Some(super::BusKind::Amqp));
+    if !all_amqp {
+        return Err(FAILOVER_ONLY.to_owned());
+    }
+    Ok(super::BusTraits {
+        shared: true,
+        redelivers_after: None,
+        hand_back_dead_consumers: false,
+    })
+}
+
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 

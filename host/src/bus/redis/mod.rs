@@ -86,6 +86,18 @@ pub use keys::{
 };
 pub use options::{parse_uri, RedisOptions, DEFAULT_VISIBILITY_TIMEOUT};
 
+/// kombu's transport: shared; an unacked delivery goes back to its queue
+/// after the URI's `visibility_timeout`, and what a dead consumer held
+/// waits for that unless handed back.
+pub fn traits(uri: &str) -> Result<super::BusTraits, String> {
+    let (_, options) = parse_uri(uri)?;
+    Ok(super::BusTraits {
+        shared: true,
+        redelivers_after: Some(options.visibility_timeout),
+        hand_back_dead_consumers: true,
+    })
+}
+
 use connection::{command_config, refused, Identity, Inner};
 
 /// A Redis connection speaking kombu's Redis transport.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 
+use super::BusTraits;
 use super::{
     topic, BusError, BusTransport, Consumer, Incoming, Outgoing, PrefetchSlots, Settle, Settlement,
     Sink,
@@ -23,6 +24,14 @@ struct State {
     bindings: Vec<(String, String, String)>,
     queues: HashMap<String, Queue>,
 }
+
+/// In one process: workers cannot share it, and nothing outlives its
+/// consumer.
+pub const TRAITS: BusTraits = BusTraits {
+    shared: false,
+    redelivers_after: None,
+    hand_back_dead_consumers: false,
+};
 
 /// The embedded bus.
 #[derive(Default, Clone)]
