@@ -75,6 +75,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(back.exchange, w.exchange);
     assert_eq!(back.routing_key, w.routing_key);
     assert_eq!(back.reply_to, w.reply_to);
-    assert_eq!(back.correlation_id, w.correlation_id);
+    assert_eq!(
+        back.correlation_id,
+        w.correlation_id.map(String::into_bytes)
+    );
     assert!(!back.redelivered);
 });

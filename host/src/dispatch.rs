@@ -9,28 +9,9 @@ use std::time::Instant;
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
+use crate::bus::Incoming;
 use crate::plugin::{PluginLibrary, ServiceInstance};
 use crate::protocol::{error_body, parse_request, result_body};
-
-/// A message as the bus delivered it.
-#[derive(Debug, Clone, Copy)]
-pub struct Delivery<'a> {
-    /// The exchange it came through.
-    pub exchange: &'a str,
-    /// Its routing key, e.g. `simple.add`.
-    pub routing_key: &'a str,
-    /// The raw body.
-    pub body: &'a [u8],
-    /// The `reply_to` property: where the reply goes; none for a
-    /// notification.
-    pub reply_to: Option<&'a str>,
-    /// The `correlation_id` property, for the handler.
-    pub correlation_id: Option<&'a str>,
-    /// Whether the broker delivered it before.
-    pub redelivered: bool,
-    /// The `traceparent` of the host's span for it.
-    pub traceparent: Option<&'a str>,
-}
 
 /// A reply to publish to the default exchange with routing key `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,21 +73,30 @@ impl Service {
 
     /// Handles one delivery: parses it, calls the handler (synchronously:
     /// the bus layer runs this where blocking is fine), and builds the reply
-    /// when the request had a `reply_to`.
-    pub fn handle(&self, delivery: &Delivery<'_>, bus: &dyn HostBus) -> Handled {
+    /// when the request had a `reply_to`. `traceparent` is the host's span
+    /// for it, which the handler's own bus requests are children of.
+    pub fn handle(
+        &self,
+        delivery: &Incoming,
+        traceparent: Option<&str>,
+        bus: &dyn HostBus,
+    ) -> Handled {
         let started = Instant::now();
         let mut holder = None;
-        let outcome = match parse_request(delivery.body, delivery.routing_key, &mut holder) {
+        let outcome = match parse_request(&delivery.body, &delivery.routing_key, &mut holder) {
             Ok(request) => {
                 let meta = RequestMeta {
-                    exchange: delivery.exchange,
-                    routing_key: delivery.routing_key,
+                    exchange: &delivery.exchange,
+                    routing_key: &delivery.routing_key,
                     method: &request.method,
                     id_json: request.id_json,
-                    reply_to: delivery.reply_to,
-                    correlation_id: delivery.correlation_id,
+                    reply_to: delivery.reply_to.as_deref(),
+                    correlation_id: delivery
+                        .correlation_id
+                        .as_deref()
+                        .and_then(|c| std::str::from_utf8(c).ok()),
                     redelivered: delivery.redelivered,
-                    traceparent: delivery.traceparent,
+                    traceparent,
                 };
                 let result = self.instance.call(meta, bus, request.params);
                 let latency_us = started.elapsed().as_micros() as u64;
@@ -133,7 +123,7 @@ impl Service {
             }
             Err(rejected) => {
                 crate::throttled!(warn!(
-                    service = %self.name, routing_key = delivery.routing_key,
+                    service = %self.name, routing_key = %delivery.routing_key,
                     id = rejected.id_json, code = rejected.error.code,
                     error = %rejected.error.message, "request rejected"
                 ));
@@ -144,8 +134,8 @@ impl Service {
             Ok(body) => (body, None),
             Err((id, e)) => (error_body(&id, &e), Some(e.code)),
         };
-        let reply = delivery.reply_to.map(|to| Reply {
-            to: to.to_owned(),
+        let reply = delivery.reply_to.as_ref().map(|to| Reply {
+            to: to.clone(),
             body,
         });
         Handled {

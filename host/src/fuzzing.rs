@@ -6,34 +6,10 @@
 use lapin::types::ShortString;
 use lapin::BasicProperties;
 
-/// A kombu envelope as the Redis consumer reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// `properties.delivery_info.exchange`.
-    pub exchange: String,
-    /// `properties.delivery_info.routing_key`.
-    pub routing_key: String,
-    /// The body, base64-decoded when `body_encoding` says so.
-    pub body: Vec<u8>,
-    /// `properties.reply_to`.
-    pub reply_to: Option<String>,
-    /// `properties.correlation_id`.
-    pub correlation_id: Option<String>,
-    /// Marked redelivered (by kombu's restore or ours).
-    pub redelivered: bool,
-}
-
-/// Reads a Redis envelope as the consumer does; `Err` says why it is
-/// dropped.
-pub fn read_redis_envelope(raw: &str) -> Result<Envelope, String> {
-    crate::bus::redis::envelope::read_envelope(raw).map(|r| Envelope {
-        exchange: r.exchange,
-        routing_key: r.routing_key,
-        body: r.body,
-        reply_to: r.reply_to,
-        correlation_id: r.correlation_id,
-        redelivered: r.redelivered,
-    })
+/// Reads a Redis envelope as the consumer does (the delivery it holds,
+/// unsettleable); `Err` says why it is dropped.
+pub fn read_redis_envelope(raw: &str) -> Result<crate::bus::Incoming, String> {
+    crate::bus::redis::envelope::read_envelope(raw)
 }
 
 /// Marks a parsed envelope redelivered, as a restore does.

@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use commissaire_e2e::{release_library, RoutingBus};
-use commissaire_host::dispatch::{Delivery, Service};
+use commissaire_host::bus::Incoming;
+use commissaire_host::dispatch::Service;
 use commissaire_host::plugin::PluginLibrary;
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::testing::TestService;
@@ -66,19 +67,19 @@ fn bench(c: &mut Criterion) {
     let service = Service::start(library, &json!({})).expect("simple starts");
     let bus = RoutingBus::default();
     let body = br#"{"jsonrpc":"2.0","id":"6f1c","method":"add","params":[1,2]}"#;
+    let delivery = Incoming {
+        exchange: "commissaire".to_owned(),
+        routing_key: "simple.add".to_owned(),
+        body: body.to_vec(),
+        reply_to: Some("reply".to_owned()),
+        correlation_id: None,
+        malformed: None,
+        traceparent: None,
+        redelivered: false,
+        settlement: None,
+    };
     c.bench_function("whole request: parse, call, reply body", |b| {
-        b.iter(|| {
-            let delivery = Delivery {
-                exchange: "commissaire",
-                routing_key: "simple.add",
-                body: black_box(body),
-                reply_to: Some("reply"),
-                correlation_id: None,
-                redelivered: false,
-                traceparent: None,
-            };
-            black_box(service.handle(&delivery, &bus))
-        })
+        b.iter(|| black_box(service.handle(black_box(&delivery), None, &bus)))
     });
 }
 

@@ -20,7 +20,8 @@ pub mod redis;
 pub mod redis_load;
 pub mod tally;
 
-use commissaire_host::dispatch::{Delivery, Service};
+use commissaire_host::bus::Incoming;
+use commissaire_host::dispatch::Service;
 use commissaire_host::plugin::PluginLibrary;
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
@@ -336,16 +337,22 @@ impl RoutingBus {
             .services
             .get(prefix)
             .unwrap_or_else(|| panic!("no service for {routing_key}"));
-        let delivery = Delivery {
-            exchange: "commissaire",
-            routing_key,
-            body,
-            reply_to,
-            correlation_id: Some("corr-1"),
+        let delivery = Incoming {
+            exchange: "commissaire".to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: body.to_vec(),
+            reply_to: reply_to.map(str::to_owned),
+            correlation_id: Some(b"corr-1".to_vec()),
+            malformed: None,
+            traceparent: None,
             redelivered: false,
-            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            settlement: None,
         };
-        let handled = service.handle(&delivery, self);
+        let handled = service.handle(
+            &delivery,
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            self,
+        );
         handled.reply.map(|r| {
             assert_eq!(r.to, reply_to.unwrap_or_default());
             serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("reply is not JSON: {e}"))

@@ -13,7 +13,7 @@ use commissaire_plugin_api::RpcError;
 
 use super::placement::InlineCall;
 use crate::bus::{BusError, BusTransport, Incoming, Outgoing, Settle};
-use crate::dispatch::{Delivery, Reply};
+use crate::dispatch::Reply;
 use crate::metrics::{Dropped, ServiceMetrics};
 use crate::protocol::{error_body, parse_request};
 use crate::trace::TraceContext;
@@ -120,20 +120,14 @@ impl Inbound {
         self.inline.get()
     }
 
-    pub(super) fn delivery(&self) -> Delivery<'_> {
-        let i = &self.incoming;
-        Delivery {
-            exchange: &i.exchange,
-            routing_key: &i.routing_key,
-            body: &i.body,
-            reply_to: i.reply_to.as_deref(),
-            correlation_id: i
-                .correlation_id
-                .as_deref()
-                .and_then(|c| std::str::from_utf8(c).ok()),
-            redelivered: i.redelivered,
-            traceparent: Some(&self.traceparent),
-        }
+    /// The delivery, for the handler.
+    pub(super) fn incoming(&self) -> &Incoming {
+        &self.incoming
+    }
+
+    /// The `traceparent` of the host's span for it.
+    pub(super) fn traceparent(&self) -> &str {
+        &self.traceparent
     }
 
     /// The way out of a handled request: its reply, if any, then the ack.

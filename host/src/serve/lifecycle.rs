@@ -215,9 +215,11 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
     let span = tracing::Span::current();
     let run = move || {
         span.in_scope(|| {
-            served
-                .service
-                .handle(&running.delivery(), &*served.handler_bus)
+            served.service.handle(
+                running.incoming(),
+                Some(running.traceparent()),
+                &*served.handler_bus,
+            )
         })
     };
     // Handlers are synchronous and may block. A method proven fast runs

@@ -15,7 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{now, refused, Inner, BLOCK_SECS};
-use super::envelope::{envelope, read_envelope, Received};
+use super::envelope::{envelope, read_envelope};
 use super::keys::{priority_list, queue_lists, UNACKED, UNACKED_INDEX};
 use super::restore::Side;
 use crate::bus::{
@@ -180,21 +180,6 @@ impl RedisSettlement {
     }
 }
 
-/// A delivery from a received envelope.
-pub(super) fn incoming(received: Received, settlement: Option<Box<dyn Settlement>>) -> Incoming {
-    Incoming {
-        exchange: received.exchange,
-        routing_key: received.routing_key,
-        body: received.body,
-        reply_to: received.reply_to,
-        correlation_id: received.correlation_id.map(String::into_bytes),
-        malformed: None,
-        traceparent: received.traceparent,
-        redelivered: received.redelivered,
-        settlement,
-    }
-}
-
 /// Takes up to `count` messages of `lists` (one script): their tags and
 /// envelopes, and the held-set mark they were taken under.
 async fn take(
@@ -283,7 +268,10 @@ async fn deliver(
         acked: AtomicBool::new(false),
     };
     match read_envelope(raw) {
-        Ok(received) => Some(incoming(received, Some(Box::new(settlement)))),
+        Ok(received) => Some(Incoming {
+            settlement: Some(Box::new(settlement)),
+            ..received
+        }),
         // Handed on, unreadable, so that the service counts and logs its
         // drop as it does every other refusal, and acks it.
         Err(reason) => {

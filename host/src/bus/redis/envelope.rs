@@ -5,7 +5,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::bus::Outgoing;
+use crate::bus::{Incoming, Outgoing};
 
 /// Standard base64 with padding, as Python's `base64.b64encode`.
 fn base64_encode(data: &[u8]) -> String {
@@ -89,20 +89,9 @@ pub fn envelope(message: &Outgoing<'_>) -> String {
     serde_json::to_string(&envelope).unwrap_or_default()
 }
 
-/// A received envelope, read leniently (kombu itself reads these fields
-/// and ignores the rest).
-#[derive(Debug)]
-pub(crate) struct Received {
-    pub exchange: String,
-    pub routing_key: String,
-    pub body: Vec<u8>,
-    pub reply_to: Option<String>,
-    pub correlation_id: Option<String>,
-    pub traceparent: Option<String>,
-    pub redelivered: bool,
-}
-
-pub(crate) fn read_envelope(raw: &str) -> Result<Received, String> {
+/// The delivery an envelope holds, not yet settleable (the consumer adds
+/// its settlement).
+pub(crate) fn read_envelope(raw: &str) -> Result<Incoming, String> {
     let v: Value = serde_json::from_str(raw).map_err(|e| format!("not JSON: {e}"))?;
     let properties = v
         .get("properties")
@@ -130,12 +119,13 @@ pub(crate) fn read_envelope(raw: &str) -> Result<Received, String> {
         Some(other) => other.to_string().into_bytes(),
     };
     let flag = |v: Option<&Value>| v.and_then(Value::as_bool).unwrap_or(false);
-    Ok(Received {
+    Ok(Incoming {
         exchange: text(info.and_then(|i| i.get("exchange"))).unwrap_or_default(),
         routing_key: text(info.and_then(|i| i.get("routing_key"))).unwrap_or_default(),
         body,
         reply_to: text(properties.get("reply_to")),
-        correlation_id: text(properties.get("correlation_id")),
+        correlation_id: text(properties.get("correlation_id")).map(String::into_bytes),
+        malformed: None,
         traceparent: v
             .get("headers")
             .and_then(|h| h.get(crate::trace::HEADER))
@@ -144,6 +134,7 @@ pub(crate) fn read_envelope(raw: &str) -> Result<Received, String> {
             .map(str::to_owned),
         redelivered: flag(info.and_then(|i| i.get("redelivered")))
             || flag(v.get("headers").and_then(|h| h.get("redelivered"))),
+        settlement: None,
     })
 }
 

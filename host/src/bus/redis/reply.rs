@@ -7,7 +7,6 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::RedisError;
 
 use super::connection::{Inner, BLOCK_SECS};
-use super::consumer::incoming;
 use super::envelope::read_envelope;
 use super::keys::{binding_key, binding_permanent_key, queue_lists, queue_of_list, SEP};
 use super::RedisBus;
@@ -161,7 +160,7 @@ pub(super) async fn open(
                     for raw in replies {
                         match read_envelope(&String::from_utf8_lossy(&raw)) {
                             Ok(received) => {
-                                if tx.send(incoming(received, None)).await.is_err() {
+                                if tx.send(received).await.is_err() {
                                     return;
                                 }
                             }
