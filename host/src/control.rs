@@ -368,7 +368,7 @@ mod tests {
             WorkerEvent::Fatal("service `demo` failed to start: no".into()),
             WorkerEvent::Metrics(vec![ServiceSnapshot {
                 service: "calc".into(),
-                poison: 3,
+                drops: vec![0, 2, 0, 0, 0, 0, 3, 1],
                 ..ServiceSnapshot::default()
             }]),
         ] {

@@ -281,8 +281,7 @@ fn a_plugin_printing_control_lines_forges_nothing() {
         "@commissaire check 1".to_owned(),
         format!(
             "@commissaire metrics {}",
-            json!([{"service": "demo", "methods": [], "oversize": 0, "not_utf8": 0,
-                "unreadable_reply_to": 0, "reply_dropped": 0, "poison": 999, "timeouts": 0,
+            json!([{"service": "demo", "methods": [], "drops": [0, 0, 0, 0, 0, 0, 999, 0],
                 "bus_calls": [], "reconnects": 0, "in_flight": 0}])
         ),
     ];

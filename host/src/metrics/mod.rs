@@ -88,25 +88,63 @@ impl MethodCounts {
     }
 }
 
-/// Requests dropped or refused before a handler, by why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dropped {
+/// Declares [`Dropped`] and its counters from one list: a reason added
+/// here is counted, reported by workers, added up by the supervisor and
+/// exported, with nothing else to edit.
+macro_rules! dropped_reasons {
+    ($($(#[doc = $doc:literal])* $why:ident => $metric:literal, $help:literal;)*) => {
+        /// Requests dropped or refused, by why (each its own counter).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Dropped {
+            $($(#[doc = $doc])* $why,)*
+        }
+
+        impl Dropped {
+            /// Every reason, in the order of its counter.
+            pub const ALL: &'static [Dropped] = &[$(Dropped::$why),*];
+
+            /// Its counter's name (`_total` is added on export).
+            pub fn metric(self) -> &'static str {
+                match self {
+                    $(Dropped::$why => $metric,)*
+                }
+            }
+
+            /// Its counter's help text.
+            pub fn help(self) -> &'static str {
+                match self {
+                    $(Dropped::$why => $help,)*
+                }
+            }
+        }
+    };
+}
+
+dropped_reasons! {
     /// A request over `max_message_bytes` (answered -32600).
-    Oversize,
+    Oversize => "commissaire_oversize_refused",
+        "Requests over max_message_bytes, answered -32600.";
     /// A property that is not UTF-8 (answered -32600).
-    NotUtf8,
+    NotUtf8 => "commissaire_not_utf8_refused",
+        "Requests with a property that is not UTF-8, answered -32600 or dropped.";
     /// Headers nested too deep (answered -32600).
-    TooDeep,
+    TooDeep => "commissaire_too_deep_refused",
+        "Requests whose headers nest deeper than 16 levels, answered -32600.";
     /// Not a message of the transport's format (acked without a reply).
-    NotAnEnvelope,
+    NotAnEnvelope => "commissaire_not_an_envelope_dropped",
+        "Messages on Redis that are not kombu envelopes, acked without a reply.";
     /// A `reply_to` that is not UTF-8: acked without a reply.
-    UnreadableReplyTo,
+    UnreadableReplyTo => "commissaire_unreadable_reply_to_dropped",
+        "Requests dropped because their reply_to is not UTF-8.";
     /// A reply that could not be published: its request acked and dropped.
-    ReplyDropped,
+    ReplyDropped => "commissaire_replies_dropped",
+        "Replies that could not be published: their requests acked and dropped.";
     /// Refused after crashing workers or coming back too often.
-    Poison,
+    Poison => "commissaire_poison_refused",
+        "Requests refused for crashing workers or coming back too often.";
     /// Its handler did not return in time (answered -32603).
-    Timeout,
+    Timeout => "commissaire_handler_timeouts",
+        "Requests answered -32603 because their handler passed its timeout.";
 }
 
 /// One service's counts in this process.
@@ -114,7 +152,7 @@ pub enum Dropped {
 pub struct ServiceMetrics {
     /// Per method, sorted by name, then [`UNKNOWN_METHOD`] last.
     methods: Vec<(Box<str>, MethodCounts)>,
-    drops: [AtomicU64; Dropped::Timeout as usize + 1],
+    drops: Box<[AtomicU64]>,
     bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
@@ -130,7 +168,7 @@ impl ServiceMetrics {
         list.push((Box::from(UNKNOWN_METHOD), MethodCounts::default()));
         Self {
             methods: list,
-            drops: Default::default(),
+            drops: Dropped::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             bus_calls: Mutex::default(),
         }
     }
@@ -188,7 +226,6 @@ impl ServiceMetrics {
     }
 
     fn snapshot(&self, service: &str, process: &ProcessFigures) -> ServiceSnapshot {
-        let d = |w: Dropped| self.drops[w as usize].load(Relaxed);
         ServiceSnapshot {
             service: service.to_owned(),
             methods: self
@@ -196,14 +233,7 @@ impl ServiceMetrics {
                 .iter()
                 .map(|(name, m)| m.snapshot(name))
                 .collect(),
-            oversize: d(Dropped::Oversize),
-            not_utf8: d(Dropped::NotUtf8),
-            too_deep: d(Dropped::TooDeep),
-            not_an_envelope: d(Dropped::NotAnEnvelope),
-            unreadable_reply_to: d(Dropped::UnreadableReplyTo),
-            reply_dropped: d(Dropped::ReplyDropped),
-            poison: d(Dropped::Poison),
-            timeouts: d(Dropped::Timeout),
+            drops: self.drops.iter().map(|n| n.load(Relaxed)).collect(),
             bus_calls: self
                 .bus_calls
                 .lock()
@@ -298,24 +328,9 @@ pub struct ServiceSnapshot {
     pub service: String,
     /// Per method.
     pub methods: Vec<MethodSnapshot>,
-    /// Requests over `max_message_bytes`.
-    pub oversize: u64,
-    /// Requests with a property that is not UTF-8.
-    pub not_utf8: u64,
-    /// Requests whose headers nest too deep.
+    /// Requests dropped or refused, by [`Dropped`] reason (its index).
     #[serde(default)]
-    pub too_deep: u64,
-    /// Messages dropped for not being of the transport's format.
-    #[serde(default)]
-    pub not_an_envelope: u64,
-    /// Requests dropped for a `reply_to` that is not UTF-8.
-    pub unreadable_reply_to: u64,
-    /// Replies that could not be published.
-    pub reply_dropped: u64,
-    /// Requests refused for crashing workers or coming back too often.
-    pub poison: u64,
-    /// Handlers past their timeout.
-    pub timeouts: u64,
+    pub drops: Vec<u64>,
     /// Handlers' bus calls: target, outcome, count.
     pub bus_calls: Vec<(String, String, u64)>,
     /// Bus connections lost and made again.
@@ -328,9 +343,40 @@ pub struct ServiceSnapshot {
     pub in_flight: u64,
 }
 
+impl ServiceSnapshot {
+    /// Requests dropped or refused for `why`.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.drops.get(why as usize).copied().unwrap_or(0)
+    }
+
+    /// Counts `n` more dropped for `why`.
+    pub fn add_dropped(&mut self, why: Dropped, n: u64) {
+        if self.drops.len() < Dropped::ALL.len() {
+            self.drops.resize(Dropped::ALL.len(), 0);
+        }
+        self.drops[why as usize] += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_drop_reason_has_its_own_counter() {
+        let names: std::collections::BTreeSet<_> =
+            Dropped::ALL.iter().map(|w| w.metric()).collect();
+        assert_eq!(names.len(), Dropped::ALL.len());
+        for (i, &why) in Dropped::ALL.iter().enumerate() {
+            assert_eq!(why as usize, i, "{why:?}");
+            assert!(why.metric().starts_with("commissaire_") && !why.help().is_empty());
+        }
+        let m = ServiceMetrics::new(["add"]);
+        m.dropped(Dropped::Timeout);
+        let snap = m.snapshot("s", &ProcessFigures::default());
+        assert_eq!(snap.dropped(Dropped::Timeout), 1);
+        assert_eq!(snap.dropped(Dropped::Poison), 0);
+    }
 
     #[test]
     fn unknown_methods_codes_and_targets_are_bounded() {

@@ -8,7 +8,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::http::HttpSnapshot;
-use super::{ServiceSnapshot, BUCKETS};
+use super::{Dropped, ServiceSnapshot, BUCKETS};
 
 /// What `/metrics` renders.
 pub trait Exporter: Send + Sync {
@@ -167,7 +167,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 14] = [
+        let simple: [Simple; 6] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -189,16 +189,6 @@ impl Collector for Views {
                 |v| v.rss_recycles,
             ),
             (
-                "commissaire_poison_refused",
-                "Requests refused for crashing workers or coming back too often.",
-                |v| v.counts.poison,
-            ),
-            (
-                "commissaire_handler_timeouts",
-                "Requests answered -32603 because their handler passed its timeout.",
-                |v| v.counts.timeouts,
-            ),
-            (
                 "commissaire_bus_reconnects",
                 "Bus connections of workers lost and made again.",
                 |v| v.counts.reconnects,
@@ -208,39 +198,17 @@ impl Collector for Views {
                 "Queues, bindings and reply queues of workers the broker lost and they declared again.",
                 |v| v.counts.redeclared,
             ),
-            (
-                "commissaire_oversize_refused",
-                "Requests over max_message_bytes, answered -32600.",
-                |v| v.counts.oversize,
-            ),
-            (
-                "commissaire_not_utf8_refused",
-                "Requests with a property that is not UTF-8, answered -32600 or dropped.",
-                |v| v.counts.not_utf8,
-            ),
-            (
-                "commissaire_too_deep_refused",
-                "Requests whose headers nest deeper than 16 levels, answered -32600.",
-                |v| v.counts.too_deep,
-            ),
-            (
-                "commissaire_not_an_envelope_dropped",
-                "Messages on Redis that are not kombu envelopes, acked without a reply.",
-                |v| v.counts.not_an_envelope,
-            ),
-            (
-                "commissaire_unreadable_reply_to_dropped",
-                "Requests dropped because their reply_to is not UTF-8.",
-                |v| v.counts.unreadable_reply_to,
-            ),
-            (
-                "commissaire_replies_dropped",
-                "Replies that could not be published: their requests acked and dropped.",
-                |v| v.counts.reply_dropped,
-            ),
         ];
         for (name, help, f) in &simple {
             counter(&mut enc, name, help, &per_service(views, f))?;
+        }
+        for &why in Dropped::ALL {
+            counter(
+                &mut enc,
+                why.metric(),
+                why.help(),
+                &per_service(views, |v| v.counts.dropped(why)),
+            )?;
         }
         let calls: Vec<(Labels<'_>, u64)> = views
             .iter()

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::http::HttpSnapshot;
 use crate::metrics::text::{render, Exporter, ServiceView, WorkerView};
-use crate::metrics::{MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
+use crate::metrics::{Dropped, MethodSnapshot, ServiceSnapshot, MAX_CODES, MAX_TARGETS, OTHER};
 
 /// Error codes per method, and bus-call targets per service, kept when
 /// adding up workers (each bounded on its own): beyond, [`OTHER`].
@@ -94,14 +94,9 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
                 .push((target.to_owned(), outcome.clone(), *n)),
         }
     }
-    into.oversize += from.oversize;
-    into.not_utf8 += from.not_utf8;
-    into.too_deep += from.too_deep;
-    into.not_an_envelope += from.not_an_envelope;
-    into.unreadable_reply_to += from.unreadable_reply_to;
-    into.reply_dropped += from.reply_dropped;
-    into.poison += from.poison;
-    into.timeouts += from.timeouts;
+    for &why in Dropped::ALL {
+        into.add_dropped(why, from.dropped(why));
+    }
     into.reconnects += from.reconnects;
     into.redeclared += from.redeclared;
     into.in_flight += from.in_flight;
@@ -259,7 +254,7 @@ mod tests {
                 buckets: vec![ok, 0],
                 errors: vec![("-32602".into(), 1)],
             }],
-            poison,
+            drops: vec![0, 0, 0, 0, 0, 0, poison],
             in_flight: 2,
             ..ServiceSnapshot::default()
         }
