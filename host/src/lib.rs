@@ -18,6 +18,7 @@ pub mod fd_limit;
 pub mod fuzzing;
 pub mod health;
 pub mod http;
+pub mod limits;
 pub mod listing;
 pub mod metrics;
 pub mod plugin;

@@ -22,39 +22,33 @@ pub use http::{HttpSettings, HttpToken};
 use service::file_services;
 pub use service::{QueueConfig, ServiceSettings};
 
+// The limits' defaults live with the limits; here for the settings that
+// name them.
+pub use crate::limits::{
+    DEFAULT_BUS_WAITS_PER_SLOT, DEFAULT_CONCURRENCY, DEFAULT_CRASH_LIMIT, DEFAULT_HANDLER_GRACE,
+    DEFAULT_HANDLER_TIMEOUT, DEFAULT_HTTP_HEADER_TIMEOUT, DEFAULT_HTTP_MAX_BUFFERED_BYTES,
+    DEFAULT_HTTP_MAX_CONNECTIONS, DEFAULT_HTTP_MAX_IN_FLIGHT, DEFAULT_MAX_MESSAGE_BYTES,
+};
+
 /// The exchange Commissaire uses unless told otherwise.
 pub const DEFAULT_EXCHANGE: &str = "commissaire";
 /// The bus when nothing names one: the embedded in-process bus.
 pub const DEFAULT_BUS_URI: &str = "memory://";
-/// Handlers in flight per queue, in each worker, unless configured.
-pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// How long a request waits for its reply (Commissaire's default).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a handler may run before its caller gets a timeout reply.
-pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
-/// How much longer a timed-out handler may run before its worker is
-/// recycled.
-pub const DEFAULT_HANDLER_GRACE: Duration = Duration::from_secs(10);
 /// How long stopping waits for in-flight handlers and their replies.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How many worker crashes a request may cause before it is refused.
-pub const DEFAULT_CRASH_LIMIT: u32 = 3;
 /// How long a plugin's `init` may run in a new worker before the worker
 /// is killed and the service counts as failed to start.
 pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The smallest `max_worker_rss`: below it a worker is over the cap
 /// before it serves anything, and would be replaced for ever.
 pub const MIN_WORKER_RSS: u64 = 32 * 1024 * 1024;
-/// The largest request (and reply) the host takes unless configured.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// How long an ack may wait to go out with others unless configured.
 pub const DEFAULT_ACK_WINDOW: Duration = Duration::from_millis(1);
 /// The longest ack window: a waiting ack holds a prefetch slot, and is
 /// lost (its request delivered again) if the worker dies.
 pub const MAX_ACK_WINDOW_US: u64 = 100_000;
-/// Handlers waiting in bus calls at once, per worker, per unit of
-/// `concurrency`, unless configured.
-pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
 /// Environment variable for the bus URI: wins over `[bus] uri` in the
 /// file, loses to `--bus-uri` (flag, then environment, then file).
 pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
@@ -63,16 +57,6 @@ pub const BUS_URI_ENV: &str = "COMMISSAIRE_BUS_URI";
 pub const HTTP_TOKEN_ENV: &str = "COMMISSAIRE_HTTP_TOKEN";
 /// The longest `[bus] queue_prefix`: a queue name is at most 255 bytes.
 pub const MAX_QUEUE_PREFIX_BYTES: usize = 64;
-/// Requests the HTTP endpoint relays at once unless configured.
-pub const DEFAULT_HTTP_MAX_IN_FLIGHT: usize = 1024;
-/// Connections the HTTP endpoint holds open at once unless configured.
-pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
-/// Bytes of request bodies the HTTP endpoint holds at once unless
-/// configured: sixteen bodies of the default `max_message_bytes`.
-pub const DEFAULT_HTTP_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
-/// How long a client has to send a whole request head, from its first byte
-/// (or from connecting), unless configured.
-pub const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A configuration error: where, and what is wrong, on one line.
 #[derive(Debug, thiserror::Error)]

@@ -102,6 +102,8 @@ macro_rules! dropped_reasons {
         impl Dropped {
             /// Every reason, in the order of its counter.
             pub const ALL: &'static [Dropped] = &[$(Dropped::$why),*];
+            /// How many reasons there are.
+            pub const COUNT: usize = Dropped::ALL.len();
 
             /// Its counter's name (`_total` is added on export).
             pub fn metric(self) -> &'static str {

@@ -170,17 +170,10 @@ impl Inbound {
         self.reply_then_ack(reply).await;
     }
 
-    /// Acks without a reply: nothing can be answered (one warning).
-    pub(super) async fn drop_unanswerable(&self, why: &str, counted: Dropped) {
-        self.metrics.dropped(counted);
+    /// Acks without a reply: nothing can be answered.
+    pub(super) async fn drop_unanswerable(&self) {
         self.metrics
             .request(&self.incoming.routing_key, Some(RpcError::INVALID_REQUEST));
-        crate::throttled!(warn!(
-            service = &*self.service,
-            queue = &*self.queue,
-            delivery_tag = %self.incoming.tag(),
-            "{why}: dropped without a reply"
-        ));
         self.ack().await;
     }
 

@@ -6,13 +6,15 @@
 //! there). A request delivered again and again is refused after
 //! `crash_limit` crashes of its own (see [`crate::supervise::crashes`]) or
 //! `crash_limit + `[`EXTRA_DELIVERIES`] deliveries not caused by another
-//! request's crash.
+//! request's crash; every limit a request is held to is
+//! [`crate::limits`]'.
+//!
+//! [`EXTRA_DELIVERIES`]: crate::limits::EXTRA_DELIVERIES
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use commissaire_plugin_api::RpcError;
 use tracing::Instrument as _;
 
 use super::handler_bus::HandlerBus;
@@ -20,17 +22,12 @@ use super::inbound::Inbound;
 use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
 use super::Process;
-use crate::bus::{BusTransport, Incoming, Malformed};
+use crate::bus::{BusTransport, Incoming};
 use crate::dispatch::{Handled, Service};
+use crate::limits::{Refusal, RequestLimits, Way};
 use crate::metrics::{Dropped, ServiceMetrics};
+use crate::throttle::LogThrottle;
 use crate::trace::TraceContext;
-
-/// Deliveries beyond `crash_limit` a request may have, whatever brought it
-/// back (a lost connection while its reply went out, a shutdown past its
-/// timeout, a Redis visibility timeout), before it is refused. Its worker's
-/// death does not count, a bounded number of times (see
-/// `supervise::crashes`).
-pub const EXTRA_DELIVERIES: u32 = 3;
 
 /// What serving one service takes: shared by its consumers' deliveries.
 pub(super) struct Served {
@@ -39,10 +36,8 @@ pub(super) struct Served {
     pub bus: Arc<dyn BusTransport>,
     pub handler_bus: Arc<HandlerBus>,
     pub placement: Arc<Placement>,
-    pub handler_timeout: Duration,
-    pub crash_limit: u32,
+    pub limits: RequestLimits,
     pub confirm_replies: bool,
-    pub max_message_bytes: usize,
     pub process: Process,
     pub metrics: Arc<ServiceMetrics>,
 }
@@ -61,9 +56,9 @@ fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound 
         service: s.name.clone(),
         bus: s.bus.clone(),
         confirm: s.confirm_replies,
-        max_message_bytes: s.max_message_bytes,
+        max_message_bytes: s.limits.max_message_bytes,
         arrived: Instant::now(),
-        timeout: s.handler_timeout,
+        timeout: s.limits.handler_timeout,
         inline: OnceLock::new(),
         claimed: AtomicBool::new(false),
         settled: AtomicBool::new(false),
@@ -95,47 +90,8 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     let held = inflight.hold(key);
 
     // What cannot be handled is answered, or dropped, before it is parsed.
-    let size = incoming.body.len();
-    if size > s.max_message_bytes {
-        crate::throttled!(warn!(
-            service = &*s.name, queue = &*inbound.queue, routing_key = %incoming.routing_key,
-            size, "request over max_message_bytes: answering -32600 without parsing it"
-        ));
-        let error = RpcError::invalid_request(format!(
-            "request of {size} bytes exceeds max_message_bytes ({})",
-            s.max_message_bytes
-        ));
-        inbound.claim();
-        s.metrics.dropped(Dropped::Oversize);
-        s.metrics.request(&incoming.routing_key, Some(error.code));
-        return inbound.refuse_with_id("null", &error).await;
-    }
-    if let Some(malformed) = incoming.malformed {
-        inbound.claim();
-        if malformed == Malformed::NotAnEnvelope {
-            return inbound
-                .drop_unanswerable(&malformed.to_string(), Dropped::NotAnEnvelope)
-                .await;
-        }
-        s.metrics.dropped(match malformed {
-            Malformed::TooDeep => Dropped::TooDeep,
-            _ => Dropped::NotUtf8,
-        });
-        if malformed.unanswerable() {
-            return inbound
-                .drop_unanswerable(
-                    "a request whose reply_to is not valid UTF-8",
-                    Dropped::UnreadableReplyTo,
-                )
-                .await;
-        }
-        crate::throttled!(warn!(
-            service = &*s.name, queue = &*inbound.queue, delivery_tag = %incoming.tag(),
-            reason = %malformed, "request with unreadable properties: answering -32600"
-        ));
-        return inbound
-            .refuse(&RpcError::invalid_request(malformed.to_string()))
-            .await;
+    if let Some(refusal) = s.limits.screen(incoming) {
+        return refuse(&s, &inbound, refusal).await;
     }
 
     // A redelivered request may be the one that killed the last workers,
@@ -146,25 +102,8 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
         if let Some(control) = &s.process.control {
             let seen = control.check(key).await;
             alone = seen.alone;
-            let refusal = if seen.crashes >= s.crash_limit {
-                Some(format!("request crashed the worker {} times", seen.crashes))
-            } else if seen.deliveries > s.crash_limit + EXTRA_DELIVERIES {
-                Some(format!(
-                    "request delivered {} times without being answered",
-                    seen.deliveries
-                ))
-            } else {
-                None
-            };
-            if let Some(refusal) = refusal {
-                crate::throttled!(error!(
-                    service = &*s.name, routing_key = %incoming.routing_key,
-                    crashes = seen.crashes, deliveries = seen.deliveries,
-                    "refusing a request: {refusal}"
-                ));
-                inbound.claim();
-                s.metrics.dropped(Dropped::Poison);
-                return inbound.refuse(&RpcError::internal_error(refusal)).await;
+            if let Some(refusal) = s.limits.judge(&seen) {
+                return refuse(&s, &inbound, refusal).await;
             }
         }
     }
@@ -194,6 +133,44 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
     s.metrics.request(&incoming.routing_key, handled.code);
     inbound.reply_then_ack(handled.reply).await;
+}
+
+/// One log line per refusal reason per interval.
+static REFUSAL_LOGS: [LogThrottle; Dropped::COUNT] =
+    [const { LogThrottle::new(crate::throttle::INTERVAL) }; Dropped::COUNT];
+
+/// Ends a request a limit refused (see [`crate::limits`]): counted, logged
+/// (a poison request as an error), answered or dropped, acked.
+async fn refuse(s: &Served, inbound: &Inbound, refusal: Refusal) {
+    inbound.claim();
+    s.metrics.dropped(refusal.dropped);
+    if let Some(also) = refusal.also {
+        s.metrics.dropped(also);
+    }
+    let incoming = &inbound.incoming;
+    if let Some(suppressed) = REFUSAL_LOGS[refusal.dropped as usize].admit() {
+        let (service, queue, tag) = (&*s.name, &*inbound.queue, incoming.tag());
+        let (routing_key, reason) = (&incoming.routing_key, &refusal.detail);
+        if refusal.dropped == Dropped::Poison {
+            tracing::error!(suppressed, service, queue, %routing_key, delivery_tag = %tag, %reason, "{}", refusal.log);
+        } else {
+            tracing::warn!(suppressed, service, queue, %routing_key, delivery_tag = %tag, %reason, "{}", refusal.log);
+        }
+    }
+    match refusal.way {
+        Way::Answer {
+            error,
+            read_id: false,
+        } => {
+            s.metrics.request(&incoming.routing_key, Some(error.code));
+            inbound.refuse_with_id("null", &error).await;
+        }
+        Way::Answer {
+            error,
+            read_id: true,
+        } => inbound.refuse(&error).await,
+        Way::Drop => inbound.drop_unanswerable().await,
+    }
 }
 
 /// Runs the handler where [`Placement`] says; returns what it did (no

@@ -23,6 +23,7 @@ use crate::config::QueueConfig;
 use crate::config::{HostConfig, ServiceSettings};
 use crate::dispatch::Service;
 use crate::error::HostError;
+use crate::limits::RequestLimits;
 use crate::plugin::{LoadErrorKind, PluginSet};
 
 /// Where `service`'s handlers run: as `inline_handlers` says, else learnt
@@ -159,10 +160,12 @@ pub async fn open_session(
             bus: bus.clone(),
             handler_bus: handler_bus.clone(),
             placement: Arc::new(placement(shared_name, service, settings)),
-            handler_timeout: settings.handler_timeout,
-            crash_limit: settings.crash_limit,
+            limits: RequestLimits {
+                max_message_bytes: config.max_message_bytes,
+                handler_timeout: settings.handler_timeout,
+                crash_limit: settings.crash_limit,
+            },
             confirm_replies: config.confirm_replies,
-            max_message_bytes: config.max_message_bytes,
             process: process.clone(),
             metrics,
         });
