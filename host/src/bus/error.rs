@@ -167,47 +167,25 @@ impl std::fmt::Display for ConnectError {
 pub enum ConnectCause {
     /// The URI cannot be read.
     Uri(String),
-    /// lapin's error (`amqp://`, `amqps://`).
-    Amqp(lapin::Error),
-    /// redis-rs's error (`redis://`, `rediss://`).
-    Redis(::redis::RedisError),
+    /// The client library's error, as its transport (`bus/<name>/`) reads
+    /// it.
+    Transport {
+        /// What a user reads: for a broker's refusal, the broker's own
+        /// words (`ACCESS_REFUSED - Login was refused …`).
+        words: String,
+        /// Whether retrying cannot help (a refused login, TLS failed…).
+        permanent: bool,
+        /// The library's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ConnectCause {
-    /// The message a user reads: for a broker's refusal, the broker's own
-    /// words (`ACCESS_REFUSED - Login was refused …`) rather than lapin's
-    /// wrapping of them.
     fn describe(&self) -> String {
         match self {
             Self::Uri(reason) => format!("bad URI: {reason}"),
-            Self::Amqp(e) => match e.kind() {
-                lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-                lapin::ErrorKind::IOError(io) if is_tls_failure(io) => format!("TLS failed: {io}"),
-                _ => e.to_string(),
-            },
-            // redis-rs writes `description - Kind: detail`; the kind is its
-            // Debug form, noise to a user.
-            Self::Redis(e) => {
-                let text = e.to_string();
-                match (text.split_once(" - "), e.detail()) {
-                    (Some((description, _)), Some(detail)) => format!("{description}: {detail}"),
-                    (Some((description, _)), None) => description.to_owned(),
-                    (None, _) => text,
-                }
-            }
+            Self::Transport { words, .. } => words.clone(),
         }
-    }
-}
-
-impl From<lapin::Error> for ConnectCause {
-    fn from(e: lapin::Error) -> Self {
-        Self::Amqp(e)
-    }
-}
-
-impl From<::redis::RedisError> for ConnectCause {
-    fn from(e: ::redis::RedisError) -> Self {
-        Self::Redis(e)
     }
 }
 
@@ -216,54 +194,33 @@ impl From<::redis::RedisError> for ConnectCause {
 /// wrong. Everything else (refused or dropped connections, a broker
 /// starting or stopping, timeouts) is worth retrying.
 pub fn is_permanent(error: &BusError) -> bool {
-    use ::redis::ErrorKind as RedisKind;
-    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-    let cause = match error {
+    match error {
         BusError::UnsupportedUri(_)
         | BusError::Refused { .. }
         | BusError::TooLong { .. }
-        | BusError::RoutingKey(_) => return true,
-        BusError::Connect { cause, .. } => &*cause.cause,
+        | BusError::RoutingKey(_) => true,
+        BusError::Connect { cause, .. } => match &*cause.cause {
+            ConnectCause::Uri(_) => true,
+            ConnectCause::Transport { permanent, .. } => *permanent,
+        },
         BusError::Operation { .. }
         | BusError::Lost { .. }
         | BusError::Unroutable { .. }
         | BusError::NoExchange { .. }
-        | BusError::Closed => return false,
-    };
-    match cause {
-        ConnectCause::Uri(_) => true,
-        ConnectCause::Amqp(e) => match e.kind() {
-            lapin::ErrorKind::ProtocolError(amqp) => matches!(
-                amqp.kind(),
-                // 403: the login; 530: the vhost (or the user's access to it); 402: a bad vhost name.
-                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH)
-            ),
-            lapin::ErrorKind::AuthProviderError(_)
-            | lapin::ErrorKind::InvalidProtocolVersion(_) => true,
-            lapin::ErrorKind::IOError(io) => is_tls_failure(io),
-            _ => false,
-        },
-        ConnectCause::Redis(e) => {
-            matches!(
-                e.kind(),
-                RedisKind::AuthenticationFailed | RedisKind::InvalidClientConfig
-            ) || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-                // SELECT of a database the server does not have.
-                || e.to_string().contains("refused to switch database")
-                || io_error_in(e).is_some_and(is_tls_failure)
-        }
+        | BusError::Closed => false,
     }
 }
 
 /// rustls reports a failed handshake or certificate check, and a TLS
 /// client talking to a plain port, as `InvalidData`; a dropped or refused
 /// connection has kinds of its own.
-fn is_tls_failure(e: &std::io::Error) -> bool {
+pub(super) fn is_tls_failure(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::InvalidData
 }
 
-fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+pub(super) fn io_error_in<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a std::io::Error> {
     let mut next = Some(e);
     while let Some(e) = next {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -277,88 +234,14 @@ fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
-
-    fn amqp(kind: lapin::ErrorKind) -> BusError {
-        BusError::connect(
-            "amqp://guest:s3cret@127.0.0.1:5672/%2f",
-            lapin::Error::from(kind),
-        )
-    }
-
-    fn refused(kind: AMQPErrorKind, text: &str) -> BusError {
-        amqp(lapin::ErrorKind::ProtocolError(AMQPError::new(
-            kind,
-            text.into(),
-        )))
-    }
-
-    fn io(kind: std::io::ErrorKind) -> BusError {
-        amqp(lapin::ErrorKind::IOError(std::sync::Arc::new(
-            std::io::Error::new(kind, "x"),
-        )))
-    }
-
-    fn redis(e: ::redis::RedisError) -> BusError {
-        BusError::connect("redis://:s3cret@127.0.0.1:6379/0", e)
-    }
 
     #[test]
-    fn refusals_that_retrying_cannot_change_are_permanent() {
-        let login = refused(
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
-            "ACCESS_REFUSED - Login was refused",
-        );
-        assert!(is_permanent(&login));
-        assert_eq!(
-            login.to_string(),
-            "cannot connect to amqp://guest:***@127.0.0.1:5672/%2f: ACCESS_REFUSED - Login was refused"
-        );
-        assert!(is_permanent(&refused(
-            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
-            "NOT_ALLOWED - vhost nope not found"
-        )));
-        assert!(is_permanent(&io(std::io::ErrorKind::InvalidData)));
+    fn what_no_transport_can_change_is_permanent() {
         assert!(is_permanent(&BusError::connect(
             "amqp://h:x/",
             ConnectCause::Uri("invalid port number".into())
         )));
         assert!(is_permanent(&BusError::UnsupportedUri("nats://h".into())));
-        let wrong_password = redis(
-            (
-                ::redis::ErrorKind::AuthenticationFailed,
-                "Password authentication failed",
-            )
-                .into(),
-        );
-        assert!(is_permanent(&wrong_password));
-        assert_eq!(
-            wrong_password.to_string(),
-            "cannot connect to redis://:***@127.0.0.1:6379/0: Password authentication failed"
-        );
-        assert!(is_permanent(&redis(
-            (
-                ::redis::ErrorKind::InvalidClientConfig,
-                "Invalid database number"
-            )
-                .into()
-        )));
-    }
-
-    #[test]
-    fn an_unreachable_or_restarting_broker_is_worth_retrying() {
-        assert!(!is_permanent(&io(std::io::ErrorKind::ConnectionRefused)));
-        assert!(!is_permanent(&io(std::io::ErrorKind::ConnectionReset)));
-        assert!(!is_permanent(&refused(
-            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
-            "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
-        )));
-        assert!(!is_permanent(&amqp(
-            lapin::ErrorKind::MissingHeartbeatError
-        )));
-        assert!(!is_permanent(&redis(::redis::RedisError::from(
-            std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
-        ))));
         assert!(!is_permanent(&BusError::Closed));
         assert!(!is_permanent(&BusError::op("declaring queue `q`", "x")));
     }

@@ -34,6 +34,7 @@ use wire::{field_table, publish_on};
 
 mod acks;
 mod consume;
+mod errors;
 mod reply;
 mod wire;
 

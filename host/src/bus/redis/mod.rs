@@ -72,6 +72,7 @@ mod bookkeeping_tests;
 mod connection;
 mod consumer;
 pub(crate) mod envelope;
+mod errors;
 pub mod keys;
 mod options;
 mod publish;
