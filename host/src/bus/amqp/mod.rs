@@ -109,6 +109,13 @@ impl AmqpBus {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect();
+        // lapin reports an unreadable URI as an I/O error: read each here,
+        // so that it counts as the permanent error it is.
+        for one in &uris {
+            if let Err(reason) = one.parse::<lapin::uri::AMQPUri>() {
+                return Err(BusError::connect(one, super::ConnectCause::Uri(reason)));
+            }
+        }
         let start = NEXT_BROKER.load(Ordering::Relaxed);
         let mut failure = BusError::UnsupportedUri(String::new());
         for k in 0..uris.len() {
