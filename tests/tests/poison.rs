@@ -764,8 +764,10 @@ fn a_worker_killed_while_requests_wait_for_its_slots_loses_and_blames_nothing() 
         let call = |i: usize| {
             let exchange = exchange.clone();
             tokio::spawn(async move {
+                // The sleeps outlast the set-up below (twenty callers
+                // connecting, rabbitmqctl polls) on a loaded machine.
                 let (key, params) = if i < 4 {
-                    ("demo.sleep", json!([5000]))
+                    ("demo.sleep", json!([15000]))
                 } else {
                     ("demo.echo", json!([i]))
                 };
