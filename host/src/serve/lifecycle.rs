@@ -4,7 +4,7 @@
 //!
 //! Every way out is a method of [`Inbound`] (its states are written down
 //! there). A request delivered again and again is refused after
-//! `crash_limit` crashes of its own (see [`crate::supervise::crashes`]) or
+//! `crash_limit` crashes of its own (counted by the supervisor) or
 //! `crash_limit + `[`EXTRA_DELIVERIES`] deliveries not caused by another
 //! request's crash; every limit a request is held to is
 //! [`crate::limits`]'.
