@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
         confirm: false,
         expires: None,
         traceparent: None,
+        deadline: None,
         reply_ttl: None,
     });
     let back = read_redis_envelope(&text).expect("the host's own envelope is refused");

@@ -144,6 +144,10 @@ impl RpcClient {
     ) -> Result<AwaitedReply, RequestError> {
         crate::bus::topic::check_routing_key(routing_key).map_err(BusError::from)?;
         let timeout = timeout.unwrap_or(self.default_timeout);
+        // A handler's request (this runs on its thread, before the first
+        // await) never outlives the request it serves.
+        let deadline = crate::deadline::after(timeout);
+        let deadline = crate::deadline::current().map_or(deadline, |d| d.min(deadline));
         let traceparent = TraceContext::child_of(parent).header();
         let id = uuid::Uuid::new_v4().to_string();
         let body = request_body(routing_key, Some(&id), params);
@@ -167,6 +171,7 @@ impl RpcClient {
                 confirm: false,
                 expires: Some(timeout),
                 traceparent: Some(&traceparent),
+                deadline: Some(deadline),
                 reply_ttl: None,
             })
             .await?;
@@ -219,6 +224,7 @@ impl RpcClient {
                 confirm: false,
                 expires: None,
                 traceparent: Some(&traceparent),
+                deadline: None,
                 reply_ttl: None,
             })
             .await
@@ -246,6 +252,7 @@ impl RpcClient {
                 confirm: true,
                 expires: None,
                 traceparent: Some(&traceparent),
+                deadline: None,
                 reply_ttl: Some(crate::bus::REPLY_TTL),
             })
             .await

@@ -11,6 +11,7 @@ pub mod bus;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod deadline;
 pub mod dispatch;
 pub mod error;
 pub mod fd_limit;

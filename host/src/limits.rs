@@ -5,6 +5,7 @@
 //! | --- | --- | --- | --- |
 //! | size | `[bus] max_message_bytes` | [`RequestLimits::screen`], on arrival; a reply in `serve::inbound` | -32600 (a reply: -32603); [`Dropped::Oversize`] |
 //! | readable properties | none: always | [`RequestLimits::screen`] | -32600 or dropped; [`Dropped::NotUtf8`], [`Dropped::TooDeep`], … |
+//! | the caller's deadline | the request's `deadline` header (`crate::deadline`) | [`RequestLimits::screen`]; a handler's bus calls wait no longer | -32603; [`Dropped::DeadlinePassed`] |
 //! | crashes, deliveries | `crash_limit` | [`RequestLimits::judge`], on a redelivery | -32603; [`Dropped::Poison`] |
 //! | deadline | `handler_timeout` (+ `[host] handler_grace`) | `serve::watchdog` | -32603; [`Dropped::Timeout`] |
 //! | in flight | `concurrency` | the consumer's prefetch, per queue | the rest waits in its queue |
@@ -110,7 +111,7 @@ pub enum Way {
 
 impl RequestLimits {
     /// What cannot be handled, found before the body is parsed: a request
-    /// too large, unreadable properties.
+    /// too large, unreadable properties, a caller's deadline passed.
     pub fn screen(&self, incoming: &Incoming) -> Option<Refusal> {
         let size = incoming.body.len();
         if size > self.max_message_bytes {
@@ -129,7 +130,32 @@ impl RequestLimits {
                 detail: format!("{size} bytes"),
             });
         }
-        let malformed = incoming.malformed?;
+        if let Some(refusal) = incoming.malformed.map(|m| self.unreadable(m)) {
+            return Some(refusal);
+        }
+        let deadline = incoming.deadline?;
+        let now = crate::deadline::now_ms();
+        if deadline > now {
+            return None;
+        }
+        let late = now - deadline;
+        Some(Refusal {
+            dropped: Dropped::DeadlinePassed,
+            also: None,
+            way: Way::Answer {
+                error: RpcError::internal_error(format!(
+                    "deadline passed {late} ms before the request could start"
+                )),
+                read_id: true,
+            },
+            log: "request whose caller's deadline passed: answering -32603 without running it"
+                .to_owned(),
+            detail: format!("{late} ms late"),
+        })
+    }
+
+    /// A request whose properties cannot be read as the host reads them.
+    fn unreadable(&self, malformed: Malformed) -> Refusal {
         let (dropped, way, log) = match malformed {
             Malformed::NotAnEnvelope => (
                 Dropped::NotAnEnvelope,
@@ -154,13 +180,13 @@ impl RequestLimits {
                 "request with unreadable properties: answering -32600".to_owned(),
             ),
         };
-        Some(Refusal {
+        Refusal {
             dropped,
             also: (dropped == Dropped::UnreadableReplyTo).then_some(Dropped::NotUtf8),
             way,
             log,
             detail: malformed.to_string(),
-        })
+        }
     }
 
     /// A redelivered request, judged on what the supervisor saw of it:
@@ -204,6 +230,7 @@ mod tests {
             malformed,
             traceparent: None,
             redelivered: false,
+            deadline: None,
             settlement: None,
         }
     }
@@ -243,6 +270,21 @@ mod tests {
             let r = limits.screen(&incoming(b"{}", Some(malformed))).unwrap();
             assert_eq!((r.dropped, code(&r)), (dropped, answer), "{malformed:?}");
         }
+    }
+
+    #[test]
+    fn a_request_whose_caller_gave_up_is_answered_without_running() {
+        let limits = RequestLimits::default();
+        let mut late = incoming(b"{}", None);
+        late.deadline = Some(crate::deadline::now_ms() - 1);
+        let r = limits.screen(&late).unwrap();
+        assert_eq!(
+            (r.dropped, code(&r)),
+            (Dropped::DeadlinePassed, Some(-32603))
+        );
+        let mut in_time = incoming(b"{}", None);
+        in_time.deadline = Some(crate::deadline::after(Duration::from_secs(5)));
+        assert_eq!(limits.screen(&in_time), None);
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
         malformed: None,
         traceparent: None,
         redelivered: false,
+        deadline: None,
         settlement: None,
     };
     c.bench_function("whole request: parse, call, reply body", |b| {

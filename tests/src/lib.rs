@@ -346,6 +346,7 @@ impl RoutingBus {
             malformed: None,
             traceparent: None,
             redelivered: false,
+            deadline: None,
             settlement: None,
         };
         let handled = service.handle(

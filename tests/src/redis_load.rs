@@ -117,6 +117,7 @@ impl RedisLoad {
                         // Only so that an unroutable request is an error.
                         expires: Some(Duration::from_secs(60)),
                         traceparent: None,
+                        deadline: None,
                         reply_ttl: None,
                     })
                     .await;

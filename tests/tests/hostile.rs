@@ -204,6 +204,7 @@ fn kombu_envelope(spec: &HostSpec, body: &[u8], reply_to: Option<&str>) -> Value
         confirm: false,
         expires: None,
         traceparent: None,
+        deadline: None,
         reply_ttl: None,
     });
     serde_json::from_str(&text).expect("envelope")

@@ -666,6 +666,7 @@ fn a_redis_reply_to_a_set_is_refused_at_once_and_the_request_is_dropped() {
         confirm: false,
         expires: None,
         traceparent: None,
+        deadline: None,
         reply_ttl: None,
     });
     redis_command(&uri, &["LPUSH", &spec.queue("demo"), &message]);

@@ -59,6 +59,7 @@ fn message<'a>(exchange: &'a str, routing_key: &'a str, body: &'a [u8]) -> Outgo
         confirm: false,
         expires: None,
         traceparent: None,
+        deadline: None,
         reply_ttl: None,
     }
 }
@@ -379,6 +380,7 @@ impl Caller {
                 confirm: false,
                 expires: None,
                 traceparent: None,
+                deadline: None,
                 reply_ttl: None,
             })
             .await

@@ -20,6 +20,7 @@ fn message<'a>(exchange: &'a str, routing_key: &'a str, expires: bool) -> Outgoi
         confirm: false,
         expires: expires.then_some(Duration::from_secs(5)),
         traceparent: None,
+        deadline: None,
         reply_ttl: None,
     }
 }

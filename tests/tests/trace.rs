@@ -78,14 +78,26 @@ impl Caller {
         params: Value,
         traceparent: Option<&str>,
     ) -> (Value, Option<String>) {
+        let mut headers = FieldTable::default();
+        if let Some(t) = traceparent {
+            headers.insert("traceparent".into(), AMQPValue::LongString(t.into()));
+        }
+        self.call_with(routing_key, params, headers).await
+    }
+
+    /// As [`Caller::call`], with these headers.
+    async fn call_with(
+        &mut self,
+        routing_key: &str,
+        params: Value,
+        headers: FieldTable,
+    ) -> (Value, Option<String>) {
         let method = routing_key.rsplit('.').next().unwrap_or_default();
         let body = json!({"jsonrpc": "2.0", "id": "t", "method": method, "params": params});
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_reply_to(self.reply_queue.as_str().into());
-        if let Some(t) = traceparent {
-            let mut headers = FieldTable::default();
-            headers.insert("traceparent".into(), AMQPValue::LongString(t.into()));
+        if !headers.inner().is_empty() {
             properties = properties.with_headers(headers);
         }
         self.channel
@@ -220,6 +232,117 @@ async fn without_a_valid_traceparent_a_request_starts_its_own_trace() {
     }
     traces.dedup();
     assert_eq!(traces.len(), 3, "each request a trace of its own");
+    let _ = caller.conn.close(200, "bye".into()).await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+fn deadline_header(deadline: u64) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert("deadline".into(), AMQPValue::LongLongInt(deadline as i64));
+    headers
+}
+
+fn deadline_of(properties: &BasicProperties) -> Option<u64> {
+    match properties.headers().as_ref()?.inner().get("deadline")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// A request's `deadline` (docs/protocol.md): one already passed is
+/// answered -32603 without running; a handler's own request carries what
+/// is left of its request's, and waits no longer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deadline_follows_the_call_chain_and_a_passed_one_runs_nothing() {
+    let host = TestHost::start(HostSpec::amqp());
+    let mut caller = Caller::connect(&host.spec.exchange).await;
+
+    let (reply, _) = caller
+        .call_with(
+            "demo.echo",
+            json!(["never run"]),
+            deadline_header(now_ms() - 1_000),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("deadline passed"), "{reply}");
+    assert!(
+        host.stderr().contains(
+            "request whose caller's deadline passed: answering -32603 without running it"
+        ),
+        "{}",
+        host.stderr()
+    );
+
+    // A handler's request to a key nobody answers: captured here.
+    let listen = format!("{}.nobody", unique("deadline-cap"));
+    let q = caller
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("capture queue");
+    caller
+        .channel
+        .queue_bind(
+            q.name().as_str().into(),
+            host.spec.exchange.as_str().into(),
+            listen.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut seen = consume(&caller.channel, q.name().as_str()).await;
+    let deadline = now_ms() + 3_000;
+    let (reply, _) = caller
+        .call_with(
+            "demo.ask",
+            json!({"routing_key": listen, "params": [1]}),
+            deadline_header(deadline),
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], -32603, "no answer came: {reply}");
+    let inner = next(&mut seen).await;
+    let inner_deadline = deadline_of(&inner.properties).expect("the inner request carries one");
+    assert!(inner_deadline <= deadline, "{inner_deadline} > {deadline}");
+    // It expires with what was left (`[bus] request_timeout` is 10 s).
+    let expiration: u64 = inner
+        .properties
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse().ok())
+        .expect("an expiration");
+    assert!(
+        expiration <= 3_000,
+        "waited {expiration} ms, more than was left"
+    );
+
+    // Without one, the handler's request has the handler's own time.
+    let (reply, _) = caller
+        .call(
+            "demo.ask",
+            json!({"routing_key": listen, "params": [2], "timeout_ms": 300}),
+            None,
+        )
+        .await;
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    let inner = next(&mut seen).await;
+    let inner_deadline = deadline_of(&inner.properties).expect("the inner request carries one");
+    assert!(inner_deadline > now_ms() - 10_000 && inner_deadline <= now_ms() + 300);
     let _ = caller.conn.close(200, "bye".into()).await;
 }
 

@@ -122,6 +122,9 @@ pub struct Outgoing<'a> {
     /// The W3C `traceparent` header to send (AMQP headers; kombu's
     /// `headers` on Redis).
     pub traceparent: Option<&'a str>,
+    /// The `deadline` header to send (see [`crate::deadline`]): set on the
+    /// host's own requests.
+    pub deadline: Option<u64>,
     /// Set on replies: how long the list they go to (on Redis) lives on
     /// unread after this push, each push setting it again. A caller pops
     /// its reply at once; one that gave up or died leaves a list that
@@ -220,6 +223,9 @@ pub struct Incoming {
     pub malformed: Option<Malformed>,
     /// The `traceparent` header, as sent (parsed by [`crate::trace`]).
     pub traceparent: Option<String>,
+    /// The `deadline` header: when its caller stops waiting (see
+    /// [`crate::deadline`]).
+    pub deadline: Option<u64>,
     /// Whether it was delivered before.
     pub redelivered: bool,
     /// How to settle it; `None` for auto-acked deliveries (replies).

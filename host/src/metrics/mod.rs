@@ -147,6 +147,10 @@ dropped_reasons! {
     /// Its handler did not return in time (answered -32603).
     Timeout => "commissaire_handler_timeouts",
         "Requests answered -32603 because their handler passed its timeout.";
+    /// Its caller's deadline passed before its handler started (answered
+    /// -32603).
+    DeadlinePassed => "commissaire_deadline_passed",
+        "Requests answered -32603 without running because their caller's deadline had passed.";
 }
 
 /// One service's counts in this process.

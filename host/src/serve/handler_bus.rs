@@ -162,6 +162,14 @@ impl HostBus for HandlerBus {
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
         let parent = parent(caller);
+        // No longer than what is left of the request that calls.
+        let timeout = crate::deadline::bounded(timeout.unwrap_or(self.client.default_timeout()));
+        if timeout.is_zero() {
+            self.metrics.bus_call(routing_key, false);
+            return Err(RpcError::internal_error(format!(
+                "not sent to `{routing_key}`: the calling request's deadline passed"
+            )));
+        }
         let waiting = self
             .enter()
             .inspect_err(|_| self.metrics.bus_call(routing_key, false))?;
@@ -170,7 +178,12 @@ impl HostBus for HandlerBus {
                 self.adjust_prefetch().await;
                 let reply = self
                     .client
-                    .request(routing_key, Some(params_json), timeout, parent.as_ref())
+                    .request(
+                        routing_key,
+                        Some(params_json),
+                        Some(timeout),
+                        parent.as_ref(),
+                    )
                     .await;
                 drop(waiting);
                 self.adjust_prefetch().await;

@@ -41,6 +41,9 @@ pub struct Inbound {
     pub(super) confirm: bool,
     pub(super) max_message_bytes: usize,
     pub(super) arrived: Instant,
+    /// When its caller stops waiting, in ms since the Unix epoch (its
+    /// `deadline` header, or its arrival plus `handler_timeout`).
+    pub(super) deadline: u64,
     pub(super) timeout: Duration,
     pub(super) inline: OnceLock<InlineCall>,
     /// Claimed: someone (its handler's path, or the watchdog) took the
@@ -238,6 +241,7 @@ impl Inbound {
             confirm: self.confirm,
             expires: None,
             traceparent: Some(&self.traceparent),
+            deadline: None,
             reply_ttl: Some(crate::bus::REPLY_TTL.max(self.timeout)),
         };
         let mut tries = 0;
@@ -292,6 +296,7 @@ impl Inbound {
             confirm: false,
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
             arrived: Instant::now(),
+            deadline: crate::deadline::after(timeout),
             timeout,
             inline: OnceLock::new(),
             claimed: AtomicBool::new(false),

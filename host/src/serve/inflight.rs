@@ -363,6 +363,7 @@ mod tests {
             malformed: None,
             traceparent: None,
             redelivered: false,
+            deadline: None,
             settlement: None,
         }
     }

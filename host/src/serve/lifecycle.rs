@@ -49,7 +49,16 @@ fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound 
         .as_deref()
         .and_then(TraceContext::parse);
     let trace = TraceContext::child_of(parent.as_ref());
+    // Its handler's time: `handler_timeout`, or less when its caller's
+    // deadline comes first (never more).
+    let own = crate::deadline::after(s.limits.handler_timeout);
+    let deadline = incoming.deadline.map_or(own, |d| d.min(own));
     Inbound {
+        timeout: s
+            .limits
+            .handler_timeout
+            .min(crate::deadline::remaining(deadline)),
+        deadline,
         incoming,
         queue,
         key,
@@ -58,7 +67,6 @@ fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound 
         confirm: s.confirm_replies,
         max_message_bytes: s.limits.max_message_bytes,
         arrived: Instant::now(),
-        timeout: s.limits.handler_timeout,
         inline: OnceLock::new(),
         claimed: AtomicBool::new(false),
         settled: AtomicBool::new(false),
@@ -192,11 +200,14 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
     let span = tracing::Span::current();
     let run = move || {
         span.in_scope(|| {
-            served.service.handle(
-                running.incoming(),
-                Some(running.traceparent()),
-                &*served.handler_bus,
-            )
+            // The handler's bus calls wait no longer than its request.
+            crate::deadline::with(Some(running.deadline), || {
+                served.service.handle(
+                    running.incoming(),
+                    Some(running.traceparent()),
+                    &*served.handler_bus,
+                )
+            })
         })
     };
     // Handlers are synchronous and may block. A method proven fast runs

@@ -13,7 +13,7 @@ use lapin::Channel;
 use std::sync::Arc;
 
 use super::acks::AckBatcher;
-use super::wire::{malformed, publish_on, traceparent};
+use super::wire::{deadline, malformed, publish_on, traceparent};
 use super::{lapin_error, short};
 use crate::bus::{BusError, ConsumerState, Incoming, Outgoing, Prefetch, Settle, Settlement, Sink};
 
@@ -271,6 +271,7 @@ pub(super) fn incoming(
         malformed: malformed(&delivery.exchange, &delivery.routing_key, properties),
         traceparent: properties.headers().as_ref().and_then(traceparent),
         redelivered: delivery.redelivered,
+        deadline: properties.headers().as_ref().and_then(deadline),
         settlement: settling.map(|settling| {
             AmqpSettlement::boxed(delivery.delivery_tag, delivery.acker, settling.clone())
         }),

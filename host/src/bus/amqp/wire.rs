@@ -57,6 +57,23 @@ pub(super) fn traceparent(headers: &FieldTable) -> Option<String> {
     std::str::from_utf8(bytes).ok().map(str::to_owned)
 }
 
+/// The `deadline` header of `headers`: an integer of any width, or its
+/// decimal text (see [`crate::deadline`]).
+pub(super) fn deadline(headers: &FieldTable) -> Option<u64> {
+    use lapin::types::AMQPValue as V;
+    match headers.inner().get(crate::deadline::HEADER)? {
+        V::LongLongInt(n) => u64::try_from(*n).ok(),
+        V::LongUInt(n) => Some(u64::from(*n)),
+        V::LongInt(n) => u64::try_from(*n).ok(),
+        V::Timestamp(n) => Some(*n),
+        V::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(crate::deadline::parse),
+        V::ShortString(s) => crate::deadline::parse(s.as_str()),
+        _ => None,
+    }
+}
+
 /// The first key or short-string value of `table` and of the tables and
 /// arrays in it that is not UTF-8, or [`Malformed::TooDeep`] for a table or
 /// array nested past [`MAX_HEADER_DEPTH`] (the headers themselves are at
@@ -133,12 +150,20 @@ fn properties(m: &Outgoing<'_>) -> Result<BasicProperties, BusError> {
             })?;
         properties = properties.with_correlation_id(id);
     }
-    if let Some(traceparent) = m.traceparent {
+    if m.traceparent.is_some() || m.deadline.is_some() {
         let mut headers = FieldTable::default();
-        headers.insert(
-            crate::trace::HEADER.into(),
-            lapin::types::AMQPValue::LongString(traceparent.into()),
-        );
+        if let Some(traceparent) = m.traceparent {
+            headers.insert(
+                crate::trace::HEADER.into(),
+                lapin::types::AMQPValue::LongString(traceparent.into()),
+            );
+        }
+        if let Some(deadline) = m.deadline.and_then(|d| i64::try_from(d).ok()) {
+            headers.insert(
+                crate::deadline::HEADER.into(),
+                lapin::types::AMQPValue::LongLongInt(deadline),
+            );
+        }
         properties = properties.with_headers(headers);
     }
     Ok(properties)
@@ -189,6 +214,40 @@ mod tests {
     fn check(bytes: &[u8]) -> Option<Malformed> {
         let (_, p) = lapin::protocol::basic::parse_properties(bytes).expect("the frame parses");
         malformed(&"ex".into(), &"rk".into(), &p)
+    }
+
+    #[test]
+    fn the_deadline_header_is_written_and_read_back() {
+        let out = Outgoing {
+            exchange: "ex",
+            routing_key: "simple.add",
+            body: b"{}",
+            reply_to: None,
+            correlation_id: None,
+            durable: false,
+            confirm: false,
+            expires: None,
+            traceparent: None,
+            deadline: Some(1_765_100_000_123),
+            reply_ttl: None,
+        };
+        let p = properties(&out).unwrap();
+        assert_eq!(
+            p.headers().as_ref().and_then(deadline),
+            Some(1_765_100_000_123)
+        );
+        let mut text = FieldTable::default();
+        text.insert(
+            crate::deadline::HEADER.into(),
+            lapin::types::AMQPValue::LongString("1765100000999".into()),
+        );
+        assert_eq!(deadline(&text), Some(1_765_100_000_999));
+        let mut negative = FieldTable::default();
+        negative.insert(
+            crate::deadline::HEADER.into(),
+            lapin::types::AMQPValue::LongLongInt(-1),
+        );
+        assert_eq!(deadline(&negative), None);
     }
 
     #[test]

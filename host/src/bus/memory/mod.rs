@@ -107,6 +107,7 @@ fn copy(m: &Incoming) -> Incoming {
         malformed: m.malformed,
         traceparent: m.traceparent.clone(),
         redelivered: m.redelivered,
+        deadline: m.deadline,
         settlement: None,
     }
 }
@@ -222,6 +223,7 @@ impl BusTransport for MemoryBus {
                 malformed: None,
                 traceparent: m.traceparent.map(str::to_owned),
                 redelivered: false,
+                deadline: m.deadline,
                 settlement: None,
             };
             // A queue nobody consumes any more still holds the message, as a
@@ -260,6 +262,7 @@ mod tests {
             confirm: false,
             expires: None,
             traceparent: None,
+            deadline: None,
             reply_ttl: None,
         }
     }

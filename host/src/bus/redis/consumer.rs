@@ -285,6 +285,7 @@ async fn deliver(
                 malformed: Some(Malformed::NotAnEnvelope),
                 traceparent: None,
                 redelivered: false,
+                deadline: None,
                 settlement: Some(Box::new(settlement)),
             })
         }

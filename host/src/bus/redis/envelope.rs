@@ -64,6 +64,9 @@ pub fn envelope(message: &Outgoing<'_>) -> String {
             Value::String(traceparent.to_owned()),
         );
     }
+    if let Some(deadline) = message.deadline {
+        headers.insert(crate::deadline::HEADER.to_owned(), Value::from(deadline));
+    }
     let envelope = EnvelopeOut {
         body: base64_encode(message.body),
         content_encoding: "utf-8",
@@ -134,6 +137,14 @@ pub(crate) fn read_envelope(raw: &str) -> Result<Incoming, String> {
             .map(str::to_owned),
         redelivered: flag(info.and_then(|i| i.get("redelivered")))
             || flag(v.get("headers").and_then(|h| h.get("redelivered"))),
+        deadline: v
+            .get("headers")
+            .and_then(|h| h.get(crate::deadline::HEADER))
+            .and_then(|d| match d {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => crate::deadline::parse(s),
+                _ => None,
+            }),
         settlement: None,
     })
 }
@@ -198,6 +209,7 @@ mod tests {
             confirm: false,
             expires: None,
             traceparent: None,
+            deadline: None,
             reply_ttl: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
@@ -223,6 +235,38 @@ mod tests {
         );
         let back = read_envelope(&text).unwrap();
         assert_eq!(back.body, br#"{"r": 1}"#);
+    }
+
+    #[test]
+    fn the_deadline_goes_in_kombu_s_headers_and_comes_back() {
+        let text = envelope(&Outgoing {
+            exchange: "ex",
+            routing_key: "simple.add",
+            body: b"{}",
+            reply_to: None,
+            correlation_id: None,
+            durable: false,
+            confirm: false,
+            expires: None,
+            traceparent: None,
+            deadline: Some(1_765_100_000_123),
+            reply_ttl: None,
+        });
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["headers"]["deadline"], 1_765_100_000_123_u64);
+        assert_eq!(
+            read_envelope(&text).unwrap().deadline,
+            Some(1_765_100_000_123)
+        );
+        let mut kombu: Value = serde_json::from_str(KOMBU_MESSAGE).unwrap();
+        assert_eq!(read_envelope(&kombu.to_string()).unwrap().deadline, None);
+        kombu["headers"]["deadline"] = Value::from("1765100000999");
+        assert_eq!(
+            read_envelope(&kombu.to_string()).unwrap().deadline,
+            Some(1_765_100_000_999)
+        );
+        kombu["headers"]["deadline"] = Value::from(-5);
+        assert_eq!(read_envelope(&kombu.to_string()).unwrap().deadline, None);
     }
 
     #[test]
