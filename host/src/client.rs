@@ -115,6 +115,11 @@ impl RpcClient {
         self.default_timeout
     }
 
+    /// The exchange its requests go through.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
     /// Sends a request with raw `params` JSON text (or none) and returns the
     /// raw reply body. The request's id is a fresh uuid, also sent as the
     /// correlation id. It carries a `traceparent`: a span in `parent`'s

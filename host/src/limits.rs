@@ -9,7 +9,7 @@
 //! | crashes, deliveries | `crash_limit` | [`RequestLimits::judge`], on a redelivery | -32603; [`Dropped::Poison`] |
 //! | deadline | `handler_timeout` (+ `[host] handler_grace`) | `serve::watchdog` | -32603; [`Dropped::Timeout`] |
 //! | in flight | `concurrency` | the consumer's prefetch, per queue | the rest waits in its queue |
-//! | waits on the bus | `max_bus_waits` | `serve::handler_bus` | -32603 to the handler's bus call |
+//! | waits on the bus | `max_bus_waits` | `serve::handler_bus` | calls wait without taking more deliveries; calls to the service itself run in their caller's thread |
 //! | HTTP in flight, connections, buffered bytes | `[http] max_*` | `http::budget` | 503 |
 //!
 //! Adding a per-request limit: its field and default here, its check in

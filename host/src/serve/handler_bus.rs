@@ -3,9 +3,15 @@
 //! While a handler waits for a reply, its slot does not count: the
 //! service's consumers may take one more delivery each, for it may be the
 //! very request the handler waits for (`wordy_add` calling `simple.add` on
-//! its own queue). That raise is capped by `max_bus_waits`: beyond it a bus
-//! call fails at once, so a burst of self-calls answers some with their
-//! result and the rest with a clear error, instead of taking every thread.
+//! its own queue). That raise is capped by `max_bus_waits`, which bounds
+//! the threads waiting handlers hold. Beyond it a call is never refused:
+//! - to another service, it waits for its reply without raising the
+//!   prefetch: the service takes no more deliveries until handlers finish
+//!   (the broker keeps the burst);
+//! - to this service itself, it runs here, on the calling handler's
+//!   thread: sent, it would queue behind the very deliveries whose handlers
+//!   wait, until their timeouts. At most [`MAX_NESTED`] deep; past that it
+//!   goes to the bus.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -14,15 +20,33 @@ use std::time::Duration;
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
-use crate::bus::Prefetch;
+use std::cell::Cell;
+
+use crate::bus::{Incoming, Prefetch};
 use crate::client::RpcClient;
+use crate::config::ServiceSettings;
+use crate::dispatch::Service;
 use crate::trace::TraceContext;
+
+/// How deep calls to the service itself run on their caller's thread
+/// (each inside the one before) once `max_bus_waits` handlers wait.
+pub const MAX_NESTED: u8 = 8;
+
+thread_local! {
+    /// Calls to the service itself running on this thread, one in another.
+    static NESTED: Cell<u8> = const { Cell::new(0) };
+}
 
 /// The bus of one service's handlers.
 pub struct HandlerBus {
     client: Arc<RpcClient>,
     runtime: tokio::runtime::Handle,
     service: Arc<str>,
+    /// The service, to run calls to itself here when the bus waits are
+    /// all taken.
+    serving: Arc<Service>,
+    /// Its queues' binding keys: a call they match is a call to itself.
+    bindings: Vec<String>,
     /// The service's consumers' prefetch limits (set once they consume).
     prefetch: OnceLock<Vec<Arc<dyn Prefetch>>>,
     concurrency: u16,
@@ -49,21 +73,28 @@ impl Drop for Waiting<'_> {
 }
 
 impl HandlerBus {
-    /// The bus for `service`'s handlers, with `concurrency` handler slots
-    /// and at most `max_waits` of them waiting on the bus at once.
+    /// The bus for `service`'s handlers, with `settings.concurrency`
+    /// handler slots and at most `settings.max_bus_waits` of them waiting
+    /// on the bus at once.
     pub fn new(
         client: Arc<RpcClient>,
-        service: Arc<str>,
-        concurrency: u16,
-        max_waits: u16,
+        serving: Arc<Service>,
+        settings: &ServiceSettings,
         metrics: Arc<crate::metrics::ServiceMetrics>,
     ) -> Self {
+        let (concurrency, max_waits) = (settings.concurrency, settings.max_bus_waits);
         let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
         Self {
             client,
             runtime: tokio::runtime::Handle::current(),
-            service,
+            service: Arc::from(serving.name()),
+            serving,
+            bindings: settings
+                .queues
+                .iter()
+                .map(|q| q.routing_key.clone())
+                .collect(),
             prefetch: OnceLock::new(),
             concurrency,
             max_waits,
@@ -96,25 +127,62 @@ impl HandlerBus {
     }
 
     /// Counts the calling handler in, unless `max_bus_waits` already wait.
-    fn enter(&self) -> Result<Waiting<'_>, RpcError> {
+    fn enter(&self) -> Option<Waiting<'_>> {
         let max = self.max_waits;
-        match self
-            .waiting
+        self.waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 (w < max).then_some(w + 1)
-            }) {
-            Ok(_) => Ok(Waiting(&self.waiting)),
-            Err(_) => {
-                crate::throttled!(warn!(
-                    service = &*self.service,
-                    max_bus_waits = max,
-                    "handlers' bus calls refused: max_bus_waits handlers already wait on the bus"
-                ));
-                Err(RpcError::internal_error(format!(
-                    "service `{}` already has {max} handlers waiting on the bus (max_bus_waits)",
-                    self.service
-                )))
-            }
+            })
+            .ok()
+            .map(|_| Waiting(&self.waiting))
+    }
+
+    /// Whether the broker would route `routing_key` to this service's own
+    /// queues (by AMQP's rules and kombu's alike, so that a call runs here
+    /// only where either broker would have brought it).
+    fn is_own(&self, routing_key: &str) -> bool {
+        self.bindings.iter().any(|b| {
+            crate::bus::topic::matches(b, routing_key)
+                && crate::bus::topic::kombu_matches(b, routing_key) == Some(true)
+        })
+    }
+
+    /// Runs a call to this service on this thread, as its handler would
+    /// run it from the bus: counted under its method, its result or error
+    /// returned.
+    fn run_here(
+        &self,
+        caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+    ) -> Result<String, RpcError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let parent = parent(caller);
+        let incoming = Incoming {
+            exchange: self.client.exchange().to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: crate::protocol::request_body(routing_key, Some(&id), Some(params_json)),
+            reply_to: Some(String::new()),
+            correlation_id: None,
+            malformed: None,
+            traceparent: None,
+            redelivered: false,
+            deadline: crate::deadline::current(),
+            settlement: None,
+        };
+        let traceparent = TraceContext::child_of(parent.as_ref()).header();
+        NESTED.with(|n| n.set(n.get() + 1));
+        let handled = self.blocking(|| self.serving.handle(&incoming, Some(&traceparent), self));
+        NESTED.with(|n| n.set(n.get().saturating_sub(1)));
+        self.metrics.request(routing_key, handled.code);
+        self.metrics.took(routing_key, handled.took);
+        let reply = handled.reply.map(|r| r.body).unwrap_or_default();
+        match crate::protocol::read_response(&reply) {
+            Ok(Ok(result)) => Ok(result.get().to_owned()),
+            Ok(Err(error)) => Err(error),
+            Err(why) => Err(RpcError::internal_error(format!(
+                "`{routing_key}` answered what is not a response: {why}"
+            ))),
         }
     }
 
@@ -170,12 +238,25 @@ impl HostBus for HandlerBus {
                 "not sent to `{routing_key}`: the calling request's deadline passed"
             )));
         }
-        let waiting = self
-            .enter()
-            .inspect_err(|_| self.metrics.bus_call(routing_key, false))?;
+        let waiting = self.enter();
+        if waiting.is_none() && self.is_own(routing_key) && NESTED.with(Cell::get) < MAX_NESTED {
+            crate::throttled!(info!(
+                service = &*self.service,
+                max_bus_waits = self.max_waits,
+                "max_bus_waits handlers wait on the bus: calls to the service itself run in their caller's thread"
+            ));
+            let result = self.run_here(caller, routing_key, params_json);
+            self.metrics.bus_call(routing_key, result.is_ok());
+            return result;
+        }
+        let raised = waiting.is_some();
         let reply = self.blocking(|| {
             self.runtime.block_on(async {
-                self.adjust_prefetch().await;
+                // Past the cap the call waits without a raise: the service
+                // takes no more deliveries until handlers finish.
+                if raised {
+                    self.adjust_prefetch().await;
+                }
                 let reply = self
                     .client
                     .request(
@@ -186,7 +267,9 @@ impl HostBus for HandlerBus {
                     )
                     .await;
                 drop(waiting);
-                self.adjust_prefetch().await;
+                if raised {
+                    self.adjust_prefetch().await;
+                }
                 reply
             })
         });

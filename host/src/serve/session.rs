@@ -149,9 +149,8 @@ pub async fn open_session(
         );
         let handler_bus = Arc::new(HandlerBus::new(
             client.clone(),
-            shared_name.clone(),
-            settings.concurrency,
-            settings.max_bus_waits,
+            service.clone(),
+            settings,
             metrics.clone(),
         ));
         let served = Arc::new(Served {
