@@ -745,7 +745,18 @@ fn five_thousand_self_calls_at_once_are_all_answered_and_the_service_keeps_servi
 /// more deliveries until some finish; the broker keeps the burst.
 #[test]
 fn a_burst_calling_another_service_queues_and_is_all_answered() {
-    let spec = spec(vec!["simple"]);
+    burst_calling_another_service(spec(vec!["simple"]));
+}
+
+/// The same on Redis.
+#[test]
+fn a_burst_calling_another_service_queues_and_is_all_answered_on_redis() {
+    let mut spec = HostSpec::redis(5);
+    spec.plugins = vec!["simple"];
+    burst_calling_another_service(spec);
+}
+
+fn burst_calling_another_service(spec: HostSpec) {
     let (wordy, add) = (spec.queue("wordy"), spec.queue("add"));
     let queue = |name: &str, key: &str| {
         format!(
@@ -754,9 +765,24 @@ fn a_burst_calling_another_service_queues_and_is_all_answered() {
     };
     let calling = TestHost::start_with_services(spec.clone(), &queue(&wordy, "simple.wordy_add"));
     let called = TestHost::start_with_services(spec.clone(), &queue(&add, "simple.add"));
-    let report = run_load(&spec.exchange, 2000, 2000, Duration::from_secs(90), |i| {
-        ("simple.wordy_add".to_owned(), json!([i, 1]))
-    });
+    let request = |i| ("simple.wordy_add".to_owned(), json!([i, 1]));
+    let report = if spec.bus_uri.starts_with("redis") {
+        let load = commissaire_e2e::redis_load::RedisLoad {
+            uri: spec.bus_uri.clone(),
+            exchange: spec.exchange.clone(),
+            total: 2000,
+            concurrency: 2000,
+            deadline: Duration::from_secs(90),
+            give_up_after: Duration::from_secs(60),
+            request: Arc::new(request),
+        };
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let report = rt.block_on(load.run(Arc::new(Progress::default())));
+        eprintln!("{report}");
+        report
+    } else {
+        run_load(&spec.exchange, 2000, 2000, Duration::from_secs(90), request)
+    };
     report
         .tally
         .judge(
