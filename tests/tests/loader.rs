@@ -17,7 +17,7 @@ fn refusal(lib_name: &str) -> String {
 fn our_plugins_load_with_their_methods() {
     let simple = load("simple");
     assert_eq!(simple.service_name, "simple");
-    assert_eq!(simple.api_version, "1.3.0");
+    assert_eq!(simple.api_version, "1.4.0");
     let add = simple
         .methods
         .iter()
