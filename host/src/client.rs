@@ -224,6 +224,39 @@ impl RpcClient {
             .await
     }
 
+    /// The exchange requests, notifications and publications go through.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// Publishes `body` unchanged on the exchange under `routing_key`, as a
+    /// notification goes (no `reply_to`, not persistent), in `parent`'s
+    /// trace or a new one: the raw bodies of Commissaire's
+    /// `producer.publish`, not JSON-RPC.
+    pub async fn publish_raw(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        parent: Option<&TraceContext>,
+    ) -> Result<(), BusError> {
+        crate::bus::topic::check_routing_key(routing_key)?;
+        let traceparent = TraceContext::child_of(parent).header();
+        self.bus
+            .publish(Outgoing {
+                exchange: &self.exchange,
+                routing_key,
+                body,
+                reply_to: None,
+                correlation_id: None,
+                durable: false,
+                confirm: false,
+                expires: None,
+                traceparent: Some(&traceparent),
+                reply_ttl: None,
+            })
+            .await
+    }
+
     /// Sends `{"jsonrpc":"2.0","id":…,"result":…}` to `queue`, in
     /// `parent`'s trace or a new one.
     pub async fn respond(

@@ -152,6 +152,7 @@ pub async fn open_session(
             shared_name.clone(),
             settings.concurrency,
             settings.max_bus_waits,
+            config.max_message_bytes,
             metrics.clone(),
         ));
         let served = Arc::new(Served {
