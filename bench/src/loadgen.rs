@@ -1,6 +1,7 @@
 //! Closed-loop load generator: keeps `--concurrency` requests in flight
 //! through one reply queue (correlation by id), warms up, then measures
-//! `--requests` calls of `simple.add` and checks every result.
+//! `--requests` calls of `simple.add` and checks every result (or of any
+//! method with `--params`, checking that each answers a result).
 //!
 //! `cargo run --release -p commissaire-bench --bin loadgen -- --concurrency 32`
 
@@ -23,9 +24,17 @@ struct Args {
     #[arg(long, default_value = "commissaire")]
     exchange: String,
     /// The routing key to call; params are `[i, 1]` and the result must be
-    /// `i + 1` (for `wordy_add`, the sentence saying so).
+    /// `i + 1` (for `wordy_add`, the sentence saying so), unless `--params`.
     #[arg(long, default_value = "simple.add")]
     routing_key: String,
+    /// The params of every request instead, as JSON text in which `{i}`
+    /// stands for the request's number modulo `--keys`; any result is
+    /// right, an error is not.
+    #[arg(long)]
+    params: Option<String>,
+    /// What `{i}` in `--params` counts up to.
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
     /// Requests in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -59,6 +68,8 @@ async fn run_window(client: &Arc<RpcClient>, args: &Args, count: usize) -> (Vec<
         let client = client.clone();
         let next = next.clone();
         let routing_key = args.routing_key.clone();
+        let template = args.params.clone();
+        let keys = args.keys.max(1);
         workers.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
@@ -67,19 +78,25 @@ async fn run_window(client: &Arc<RpcClient>, args: &Args, count: usize) -> (Vec<
                 if i >= count {
                     break;
                 }
-                let params = format!("[{i},1]");
+                let params = match &template {
+                    Some(t) => t.replace("{i}", &(i % keys).to_string()),
+                    None => format!("[{i},1]"),
+                };
                 let started = Instant::now();
                 let reply = client
                     .request(&routing_key, Some(&params), None, None)
                     .await;
                 latencies.push(started.elapsed());
-                let expected = if routing_key.ends_with(".wordy_add") {
-                    format!("\"Adding {i} plus 1 results in {}\"", i + 1)
+                let expected = if template.is_some() {
+                    None
+                } else if routing_key.ends_with(".wordy_add") {
+                    Some(format!("\"Adding {i} plus 1 results in {}\"", i + 1))
                 } else {
-                    (i + 1).to_string()
+                    Some((i + 1).to_string())
                 };
-                match reply {
-                    Ok(Ok(result)) if result.get() == expected => {}
+                match (reply, expected) {
+                    (Ok(Ok(_)), None) => {}
+                    (Ok(Ok(result)), Some(expected)) if result.get() == expected => {}
                     _ => errors += 1,
                 }
             }

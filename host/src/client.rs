@@ -115,11 +115,6 @@ impl RpcClient {
         self.default_timeout
     }
 
-    /// The exchange its requests go through.
-    pub fn exchange(&self) -> &str {
-        &self.exchange
-    }
-
     /// Sends a request with raw `params` JSON text (or none) and returns the
     /// raw reply body. The request's id is a fresh uuid, also sent as the
     /// correlation id. It carries a `traceparent`: a span in `parent`'s
@@ -223,6 +218,40 @@ impl RpcClient {
                 exchange: &self.exchange,
                 routing_key,
                 body: &body,
+                reply_to: None,
+                correlation_id: None,
+                durable: false,
+                confirm: false,
+                expires: None,
+                traceparent: Some(&traceparent),
+                deadline: None,
+                reply_ttl: None,
+            })
+            .await
+    }
+
+    /// The exchange requests, notifications and publications go through.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// Publishes `body` unchanged on the exchange under `routing_key`, as a
+    /// notification goes (no `reply_to`, not persistent), in `parent`'s
+    /// trace or a new one: the raw bodies of Commissaire's
+    /// `producer.publish`, not JSON-RPC.
+    pub async fn publish_raw(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        parent: Option<&TraceContext>,
+    ) -> Result<(), BusError> {
+        crate::bus::topic::check_routing_key(routing_key)?;
+        let traceparent = TraceContext::child_of(parent).header();
+        self.bus
+            .publish(Outgoing {
+                exchange: &self.exchange,
+                routing_key,
+                body,
                 reply_to: None,
                 correlation_id: None,
                 durable: false,

@@ -34,6 +34,7 @@
 //! `log` in plugins). In 1.2 a `request` timeout of 0 still means the host's
 //! default (1.1 plugins send it); 1.2 plugins send at least 1 ms for an
 //! explicit timeout. 1.3 — host callback `traceparent` (W3C trace context).
+//! 1.4 — host callback `publish` (a raw body, not a JSON-RPC envelope).
 
 use abi_stable::{
     declare_root_module_statics,
@@ -272,6 +273,14 @@ pub struct HostVTable {
     /// (1.3) The request's W3C `traceparent`: its trace and the span the
     /// host opened for it; empty when the host has none.
     pub(crate) traceparent: for<'a> extern "C" fn(&'a ErasedObject) -> RStr<'a>,
+    /// (1.4) Publishes `body` as it is, with no reply queue, to `exchange`
+    /// (empty: the exchange of the host's deployment) under `routing_key`.
+    pub(crate) publish: for<'a> extern "C" fn(
+        &'a ErasedObject,
+        exchange: RStr<'a>,
+        routing_key: RStr<'a>,
+        body: RStr<'a>,
+    ) -> RResult<(), RpcErrorAbi>,
 }
 
 /// The layout of [`HostVTableRef`] as this crate sees it.

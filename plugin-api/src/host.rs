@@ -86,6 +86,20 @@ pub trait HostBus: Send + Sync {
         id_json: &str,
         result_json: &str,
     ) -> Result<(), RpcError>;
+
+    /// (1.4) Publishes `body` unchanged, with no reply queue, to `exchange`
+    /// (empty: the deployment's) under `routing_key`. A host that does not
+    /// implement it answers the plugin as an older host would.
+    fn publish(
+        &self,
+        caller: &RequestMeta<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> Result<(), RpcError> {
+        let _ = (caller, exchange, routing_key, body);
+        Err(RpcError::host_unsupported("publish"))
+    }
 }
 
 /// Why a loaded library's root module is not accepted.
@@ -418,6 +432,23 @@ extern "C" fn respond<'a>(
     })
 }
 
+extern "C" fn publish<'a>(
+    data: &'a ErasedObject,
+    exchange: RStr<'a>,
+    routing_key: RStr<'a>,
+    body: RStr<'a>,
+) -> RResult<(), RpcErrorAbi> {
+    guarded("publish", || {
+        let env = env(data);
+        env.bus.publish(
+            &env.meta,
+            exchange.as_str(),
+            routing_key.as_str(),
+            body.as_str(),
+        )
+    })
+}
+
 /// `Message::log_*` (and everything a 1.1 plugin logs): the service name is
 /// the target, having no other.
 extern "C" fn log<'a>(data: &'a ErasedObject, level: u8, message: RStr<'a>) {
@@ -474,6 +505,7 @@ const HOST_VTABLE_WM: &WithMetadata<HostVTable> = &WithMetadata::new(HostVTable 
     exchange,
     log,
     traceparent,
+    publish,
 });
 
 /// This crate's host vtable.

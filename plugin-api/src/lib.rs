@@ -122,7 +122,9 @@
 //! correlation id and whether it was redelivered, and gives it the bus:
 //! [`Bus::request`] (the host's default timeout),
 //! [`Bus::request_with_timeout`], [`Bus::notify`] and [`Bus::respond`],
-//! like Commissaire's `BusMixin`.
+//! like Commissaire's `BusMixin`, and [`Bus::publish`] (hosts from 1.4) for
+//! a body of your own that is not a JSON-RPC message, as Commissaire
+//! services announced events.
 //!
 //! # Logging
 //!

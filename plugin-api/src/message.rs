@@ -157,7 +157,8 @@ impl fmt::Debug for Message<'_> {
 }
 
 /// The host's bus as seen from a handler: `request`, `notify` and
-/// `respond`, like Commissaire's `BusMixin`.
+/// `respond`, like Commissaire's `BusMixin`, and `publish` for a body that
+/// is not a JSON-RPC message.
 #[derive(Clone, Copy)]
 pub struct Bus<'a> {
     ctx: &'a CallCtx<'a>,
@@ -258,6 +259,45 @@ impl Bus<'_> {
         .into_result()
         .map_err(RpcError::from_abi)
     }
+
+    /// Publishes `body` exactly as given on the deployment's exchange under
+    /// `routing_key`, with no reply queue and no JSON-RPC envelope: what
+    /// Commissaire services sent with kombu's `producer.publish`, such as
+    /// the storage service's `notify.storage.<Class>.<event>` bodies
+    /// (`{"event": …, "class": …, "model": …}`). Use [`Bus::notify`] to
+    /// call another service's handler instead.
+    ///
+    /// The body is text (Commissaire's bodies are JSON, sent as
+    /// `application/json`); for a `serde` value, pass
+    /// `&serde_json::to_string(&value)?`, or format the text yourself when
+    /// its spacing or key order matters to its consumers. The host refuses
+    /// a body over its `[bus] max_message_bytes` and a routing key the bus
+    /// cannot carry.
+    ///
+    /// On hosts older than plugin-api 1.4 it fails with
+    /// [`RpcError::HOST_UNSUPPORTED`] (-32000) and publishes nothing.
+    ///
+    /// ```
+    /// # use commissaire_plugin_api::prelude::*;
+    /// # #[derive(Default)] pub struct Inventory;
+    /// # #[service(name = "inventory")]
+    /// # impl Inventory {
+    /// /// Announces a new item to whoever listens on `notify.inventory.*`.
+    /// fn on_add(&self, msg: &Message, name: String) -> Result<(), RpcError> {
+    ///     let body = json!({"event": "created", "name": name}).to_string();
+    ///     msg.bus().publish("notify.inventory.created", &body)
+    /// }
+    /// # }
+    /// ```
+    pub fn publish(&self, routing_key: &str, body: &str) -> Result<(), RpcError> {
+        let Some(publish) = self.ctx.host.publish() else {
+            return Err(RpcError::host_unsupported("publish"));
+        };
+        // An empty exchange is the ABI's "the deployment's exchange".
+        publish(self.ctx.data, "".into(), routing_key.into(), body.into())
+            .into_result()
+            .map_err(RpcError::from_abi)
+    }
 }
 
 impl fmt::Debug for Bus<'_> {
@@ -295,6 +335,10 @@ mod tests {
             let queue = msg.reply_to().unwrap_or("nowhere");
             msg.bus().respond(queue, msg.id(), json!({"done": true}))
         }
+
+        fn on_announce(&self, msg: &Message, body: String) -> Result<(), RpcError> {
+            msg.bus().publish("notify.caller.announced", &body)
+        }
     }
 
     fn caller() -> TestService<Caller> {
@@ -326,6 +370,18 @@ mod tests {
                 Some(Duration::from_millis(1)),
             ]
         );
+    }
+
+    #[test]
+    fn publish_sends_the_body_as_given() {
+        let svc = caller();
+        let body = r#"{"event": "created", "class": "Host"}"#;
+        assert_eq!(svc.call("announce", json!([body])), Ok(json!(null)));
+        assert_eq!(
+            svc.published(),
+            [("notify.caller.announced".to_owned(), body.to_owned())]
+        );
+        assert!(svc.notifications().is_empty());
     }
 
     #[test]

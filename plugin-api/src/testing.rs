@@ -54,14 +54,15 @@ type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 
 /// One service instance under test, with a recording test bus: requests to
 /// the service's own `name.*` come back into it, other routes are set with
-/// [`TestService::with_route`]; requests, notifications and `respond`s are
-/// recorded.
+/// [`TestService::with_route`]; requests, notifications, `respond`s and
+/// `publish`es are recorded.
 pub struct TestService<S: ServiceImpl> {
     handle: ServiceHandle,
     routes: Vec<(String, Route)>,
     requests: Mutex<Vec<(String, Value, Option<Duration>)>>,
     notifications: Mutex<Vec<(String, Value)>>,
     responses: Mutex<Vec<(String, Value, Value)>>,
+    published: Mutex<Vec<(String, String)>>,
     _service: std::marker::PhantomData<S>,
 }
 
@@ -86,6 +87,7 @@ impl<S: ServiceImpl> TestService<S> {
             requests: Mutex::default(),
             notifications: Mutex::default(),
             responses: Mutex::default(),
+            published: Mutex::default(),
             _service: std::marker::PhantomData,
         })
     }
@@ -168,6 +170,15 @@ impl<S: ServiceImpl> TestService<S> {
     /// The results handlers sent with `respond`: (queue, id, result).
     pub fn responses(&self) -> Vec<(String, Value, Value)> {
         self.responses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The raw bodies handlers sent with `publish`: (routing key, body as
+    /// given).
+    pub fn published(&self) -> Vec<(String, String)> {
+        self.published
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -268,6 +279,25 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(entry);
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        _caller: &RequestMeta<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> Result<(), RpcError> {
+        if !exchange.is_empty() {
+            return Err(RpcError::invalid_params(format!(
+                "the test bus publishes on the deployment's exchange only, not `{exchange}`"
+            )));
+        }
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((routing_key.to_owned(), body.to_owned()));
         Ok(())
     }
 }

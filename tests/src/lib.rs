@@ -298,6 +298,7 @@ pub fn load(lib_name: &str) -> PluginLibrary {
 pub struct RoutingBus {
     services: HashMap<String, Arc<Service>>,
     notified: std::sync::Mutex<Vec<(String, Value)>>,
+    published: std::sync::Mutex<Vec<(String, String, String)>>,
 }
 
 impl RoutingBus {
@@ -372,6 +373,12 @@ impl RoutingBus {
     pub fn notified(&self) -> Vec<(String, Value)> {
         self.notified.lock().map(|v| v.clone()).unwrap_or_default()
     }
+
+    /// Raw bodies handlers published: (exchange as given, routing key,
+    /// body).
+    pub fn published(&self) -> Vec<(String, String, String)> {
+        self.published.lock().map(|v| v.clone()).unwrap_or_default()
+    }
 }
 
 impl HostBus for RoutingBus {
@@ -413,6 +420,19 @@ impl HostBus for RoutingBus {
         _id_json: &str,
         _result_json: &str,
     ) -> Result<(), RpcError> {
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        _caller: &RequestMeta<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> Result<(), RpcError> {
+        if let Ok(mut v) = self.published.lock() {
+            v.push((exchange.to_owned(), routing_key.to_owned(), body.to_owned()));
+        }
         Ok(())
     }
 }

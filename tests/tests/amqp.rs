@@ -367,6 +367,70 @@ async fn a_notification_runs_its_handler() {
     caller.close().await;
 }
 
+/// A handler's `publish` (plugin-api 1.4) puts its body on the
+/// deployment's exchange byte for byte, as a notification (no `reply_to`),
+/// and refuses an unusable routing key with an error the handler sees.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handler_publishes_a_raw_body() {
+    let host = TestHost::start(HostSpec::amqp());
+    let caller = AmqpCaller::connect(&host.spec.exchange).await;
+    let observer = commissaire_host::bus::connect(&commissaire_e2e::host::amqp_uri())
+        .await
+        .unwrap();
+    let watch = commissaire_e2e::host::unique("observe");
+    observer
+        .declare_queue(
+            &host.spec.exchange,
+            &watch,
+            "observe.*",
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let (sink, seen) = commissaire_host::bus::channel_sink();
+    let _consumer = observer.consume(&watch, 1, sink).await.unwrap();
+
+    let call = |params: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": "p-1", "method": "announce", "params": params});
+        let caller = &caller;
+        async move {
+            caller
+                .call(
+                    "demo.announce",
+                    body.to_string().as_bytes(),
+                    ReplyQueue::AutoDelete,
+                    None,
+                )
+                .await
+                .body
+        }
+    };
+    // Python's spacing and key order: kept, as nothing re-encodes it.
+    let raw = r#"{"event": "created", "class": "Host", "model": {"b": 1, "a": 2}}"#;
+    let reply = call(json!(["observe.raw", raw])).await;
+    assert_eq!(reply["result"], json!(null), "{reply}");
+    let published = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("published")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&published.body), raw);
+    assert_eq!(published.routing_key, "observe.raw");
+    assert_eq!(published.exchange, host.spec.exchange);
+    assert_eq!(published.reply_to, None);
+
+    let reply = call(json!(["", "{}"])).await;
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    // Nothing else went out.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), seen.recv())
+            .await
+            .is_err()
+    );
+    observer.close().await;
+    commissaire_e2e::host::cleanup_broker("", &[watch]);
+    caller.close().await;
+}
+
 #[test]
 fn call_and_notify_commands() {
     let host = TestHost::start(HostSpec::amqp());

@@ -17,7 +17,7 @@ fn refusal(lib_name: &str) -> String {
 fn our_plugins_load_with_their_methods() {
     let simple = load("simple");
     assert_eq!(simple.service_name, "simple");
-    assert_eq!(simple.api_version, "1.3.0");
+    assert_eq!(simple.api_version, "1.4.0");
     let add = simple
         .methods
         .iter()
@@ -170,10 +170,17 @@ fn this_versions_plugins_work_in_a_1_1_host() {
     assert!(!log.contains("words=old"), "{log}");
     let (reply, _) = in_1_1_host("demo", "parse", r#"["[1"]"#);
     assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    // `publish` came with 1.4: refused in words, nothing crashes.
+    let (reply, log) = in_1_1_host("demo", "announce", r#"["notify.demo.x", "{}"]"#);
+    assert_eq!(reply["error"]["code"], -32000, "{log}");
+    assert_eq!(
+        reply["error"]["message"],
+        "this host does not support `publish`; it needs a newer commissaire-host"
+    );
 }
 
 #[test]
-fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
+fn a_newer_plugin_loads_and_uses_what_this_host_has() {
     let newer = load("fixture_newer");
     assert_eq!(newer.api_version, "1.4.0");
     let bus = RoutingBus::serving(&["fixture_newer", "simple"]);
@@ -186,12 +193,14 @@ fn a_newer_plugin_loads_and_sees_what_this_host_lacks() {
         bus.call("newer.exchange", json!([]))["result"],
         "commissaire"
     );
+    // Its 1.4 `publish` is this host's: the frozen plugin's call arrives
+    // as it made it (the deployment's exchange, `x`, `{}`).
     let reply = bus.call("newer.publish", json!([]));
-    assert_eq!(reply["error"]["code"], -32000, "{reply}");
-    assert!(reply["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("lacks `publish`"));
+    assert_eq!(reply["result"], json!(null), "{reply}");
+    assert_eq!(
+        bus.published(),
+        [(String::new(), "x".to_owned(), "{}".to_owned())]
+    );
     // It got this host's logger at load (a 1.2 entry it knows too).
     assert_eq!(bus.call("newer.log", json!([]))["result"], json!(null));
 }

@@ -19,7 +19,7 @@ fn lists_services_versions_methods_and_first_doc_lines() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("libsimple.so\n  service simple 0.1.0 (plugin-api 1.3.0)\n"),
+        text.contains("libsimple.so\n  service simple 0.1.0 (plugin-api 1.4.0)\n"),
         "{text}"
     );
     assert!(

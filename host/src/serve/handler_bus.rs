@@ -43,14 +43,16 @@ pub struct HandlerBus {
     runtime: tokio::runtime::Handle,
     service: Arc<str>,
     /// The service, to run calls to itself here when the bus waits are
-    /// all taken.
-    serving: Arc<Service>,
+    /// all taken (none: they go to the bus).
+    serving: Option<Arc<Service>>,
     /// Its queues' binding keys: a call they match is a call to itself.
     bindings: Vec<String>,
     /// The service's consumers' prefetch limits (set once they consume).
     prefetch: OnceLock<Vec<Arc<dyn Prefetch>>>,
     concurrency: u16,
     max_waits: u16,
+    /// The largest body a handler may `publish` (`[bus] max_message_bytes`).
+    max_message_bytes: usize,
     /// Handlers now waiting in a bus request.
     waiting: AtomicU16,
     /// The prefetch limit last set.
@@ -75,11 +77,12 @@ impl Drop for Waiting<'_> {
 impl HandlerBus {
     /// The bus for `service`'s handlers, with `settings.concurrency`
     /// handler slots and at most `settings.max_bus_waits` of them waiting
-    /// on the bus at once.
+    /// on the bus at once, and raw bodies of at most `max_message_bytes`.
     pub fn new(
         client: Arc<RpcClient>,
-        serving: Arc<Service>,
+        service: Arc<str>,
         settings: &ServiceSettings,
+        max_message_bytes: usize,
         metrics: Arc<crate::metrics::ServiceMetrics>,
     ) -> Self {
         let (concurrency, max_waits) = (settings.concurrency, settings.max_bus_waits);
@@ -88,8 +91,8 @@ impl HandlerBus {
         Self {
             client,
             runtime: tokio::runtime::Handle::current(),
-            service: Arc::from(serving.name()),
-            serving,
+            service,
+            serving: None,
             bindings: settings
                 .queues
                 .iter()
@@ -98,11 +101,19 @@ impl HandlerBus {
             prefetch: OnceLock::new(),
             concurrency,
             max_waits,
+            max_message_bytes,
             waiting: AtomicU16::new(0),
             limit: tokio::sync::Mutex::new(concurrency),
             multi_thread,
             metrics,
         }
+    }
+
+    /// Lets calls to `serving` itself run on their caller's thread once
+    /// `max_bus_waits` handlers wait.
+    pub fn serving(mut self, serving: Arc<Service>) -> Self {
+        self.serving = Some(serving);
+        self
     }
 
     /// Whether handlers may run on a runtime thread (see `placement`).
@@ -152,6 +163,7 @@ impl HandlerBus {
     /// returned.
     fn run_here(
         &self,
+        serving: &Service,
         caller: &RequestMeta<'_>,
         routing_key: &str,
         params_json: &str,
@@ -172,7 +184,7 @@ impl HandlerBus {
         };
         let traceparent = TraceContext::child_of(parent.as_ref()).header();
         NESTED.with(|n| n.set(n.get() + 1));
-        let handled = self.blocking(|| self.serving.handle(&incoming, Some(&traceparent), self));
+        let handled = self.blocking(|| serving.handle(&incoming, Some(&traceparent), self));
         NESTED.with(|n| n.set(n.get().saturating_sub(1)));
         self.metrics.request(routing_key, handled.code);
         self.metrics.took(routing_key, handled.took);
@@ -239,13 +251,16 @@ impl HostBus for HandlerBus {
             )));
         }
         let waiting = self.enter();
-        if waiting.is_none() && self.is_own(routing_key) && NESTED.with(Cell::get) < MAX_NESTED {
+        let here = self.serving.as_ref().filter(|_| {
+            waiting.is_none() && self.is_own(routing_key) && NESTED.with(Cell::get) < MAX_NESTED
+        });
+        if let Some(serving) = here {
             crate::throttled!(info!(
                 service = &*self.service,
                 max_bus_waits = self.max_waits,
                 "max_bus_waits handlers wait on the bus: calls to the service itself run in their caller's thread"
             ));
-            let result = self.run_here(caller, routing_key, params_json);
+            let result = self.run_here(serving, caller, routing_key, params_json);
             self.metrics.bus_call(routing_key, result.is_ok());
             return result;
         }
@@ -312,5 +327,130 @@ impl HostBus for HandlerBus {
             )
         })
         .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+
+    /// Only on the deployment's exchange: a plugin has no business on
+    /// another (the reply exchanges of Redis callers, `amq.*`).
+    fn publish(
+        &self,
+        caller: &RequestMeta<'_>,
+        exchange: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> Result<(), RpcError> {
+        let ours = self.client.exchange();
+        if !exchange.is_empty() && exchange != ours {
+            self.metrics.bus_call(routing_key, false);
+            return Err(RpcError::invalid_params(format!(
+                "a handler publishes on the deployment's exchange `{ours}` only, not `{exchange}`"
+            )));
+        }
+        if body.len() > self.max_message_bytes {
+            self.metrics.bus_call(routing_key, false);
+            return Err(RpcError::internal_error(format!(
+                "the body of {} bytes exceeds max_message_bytes ({})",
+                body.len(),
+                self.max_message_bytes
+            )));
+        }
+        let parent = parent(caller);
+        self.blocking(|| {
+            self.runtime.block_on(self.client.publish_raw(
+                routing_key,
+                body.as_bytes(),
+                parent.as_ref(),
+            ))
+        })
+        .inspect(|()| self.metrics.bus_call(routing_key, true))
+        .inspect_err(|_| self.metrics.bus_call(routing_key, false))
+        .map_err(|e| RpcError::internal_error(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use commissaire_plugin_api::host::{HostBus, RequestMeta};
+
+    use super::HandlerBus;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::{channel_sink, BusTransport};
+    use crate::client::RpcClient;
+
+    const META: RequestMeta<'static> = RequestMeta {
+        exchange: "commissaire",
+        routing_key: "storage.save",
+        method: "save",
+        id_json: "\"1\"",
+        reply_to: Some("reply"),
+        correlation_id: None,
+        redelivered: false,
+        traceparent: None,
+    };
+
+    /// A handler's raw body goes out byte for byte on the deployment's
+    /// exchange, up to `max_message_bytes`, and nowhere else.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn publish_is_bounded_and_stays_on_the_deployments_exchange() {
+        let bus: Arc<dyn BusTransport> = Arc::new(MemoryBus::new());
+        bus.declare_exchange("commissaire").await.unwrap();
+        bus.declare_queue("commissaire", "watch", "notify.#", &Default::default())
+            .await
+            .unwrap();
+        let (sink, seen) = channel_sink();
+        let _consumer = bus.consume("watch", 8, sink).await.unwrap();
+        let client = RpcClient::start(
+            bus.clone(),
+            "commissaire",
+            Duration::from_secs(1),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let metrics = crate::metrics::Metrics::default().service("storage", []);
+        let settings = crate::config::ServiceSettings {
+            concurrency: 1,
+            max_bus_waits: 1,
+            ..crate::config::ServiceSettings::defaults("storage")
+        };
+        let handler_bus = Arc::new(HandlerBus::new(
+            client,
+            "storage".into(),
+            &settings,
+            1024,
+            metrics,
+        ));
+
+        let publish = |exchange: &'static str, key: &'static str, body: String| {
+            let handler_bus = handler_bus.clone();
+            tokio::task::spawn_blocking(move || handler_bus.publish(&META, exchange, key, &body))
+        };
+        let body = r#"{"event": "created", "class": "Host"}"#.to_owned();
+        publish("", "notify.storage.Host.created", body.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        publish("commissaire", "notify.b", "x".repeat(1024))
+            .await
+            .unwrap()
+            .unwrap();
+        let too_big = publish("", "notify.c", "x".repeat(1025)).await.unwrap();
+        assert_eq!(
+            too_big.unwrap_err().message,
+            "the body of 1025 bytes exceeds max_message_bytes (1024)"
+        );
+        let elsewhere = publish("amq.topic", "notify.d", "{}".into()).await.unwrap();
+        assert_eq!(elsewhere.unwrap_err().code, -32602);
+        let no_key = publish("", "", "{}".into()).await.unwrap();
+        assert!(no_key.is_err());
+
+        let first = seen.recv().await.unwrap();
+        assert_eq!(first.body, body.as_bytes());
+        assert_eq!(first.routing_key, "notify.storage.Host.created");
+        assert_eq!(first.reply_to, None);
+        assert_eq!(seen.recv().await.unwrap().body.len(), 1024);
+        assert!(seen.is_empty());
     }
 }

@@ -134,6 +134,17 @@ impl Demo {
         msg.bus().notify(&routing_key, params)
     }
 
+    /// Publishes `body` as it is (no JSON-RPC envelope) to `routing_key`,
+    /// as Commissaire services announce events.
+    fn on_announce(
+        &self,
+        msg: &Message,
+        routing_key: String,
+        body: String,
+    ) -> Result<(), RpcError> {
+        msg.bus().publish(&routing_key, &body)
+    }
+
     /// Requests `routing_key` with `params` over the bus and returns its
     /// result: within `timeout_ms` when given, else the host's default
     /// (`[bus] request_timeout`).

@@ -433,27 +433,64 @@ fn lookup(e: StorageError, model: &Model) -> StorageError {
     }
 }
 
-/// Sends `notify.storage.<Class>.<event>` with `{event, class, model}`.
+/// Publishes `notify.storage.<Class>.<event>` with the body the original's
+/// kombu producer sent: `{"event": …, "class": …, "model": …}` itself (no
+/// JSON-RPC envelope), in that order, as Python's `json.dumps` spells it.
 /// A notification that cannot be sent is logged, never the caller's
 /// failure: the change is stored.
 fn announce(msg: &Message, event: Event, model: &Model) {
     let class: &ModelClass = model.class;
     let routing_key = format!("notify.storage.{}.{}", class.name, event.name());
-    let body = json!({
-        "event": event.name(),
-        "class": class.name,
-        "model": model.to_dict_safe(),
-    });
-    if let Err(e) = msg.bus().notify(&routing_key, body) {
+    let body = notification_body(event, model);
+    if let Err(e) = msg.bus().publish(&routing_key, &body) {
         if let Some(left_out) = NOTIFY_FAILED_LOG.allow() {
             tracing::warn!(%routing_key, error = %e.message, left_out, "cannot send the storage notification");
         }
     }
 }
 
+/// The text of a notification (see [`announce`]).
+fn notification_body(event: Event, model: &Model) -> String {
+    let mut body = String::from("{\"event\": ");
+    pyfmt::write_json_str(&mut body, event.name());
+    body.push_str(", \"class\": ");
+    pyfmt::write_json_str(&mut body, model.class.name);
+    body.push_str(", \"model\": ");
+    body.push_str(&model.to_json_safe());
+    body.push('}');
+    body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notification_bodies_are_the_originals_text() {
+        // The `notify` sample of wire.txt, as the original sent it.
+        let host = Model::new(
+            models::class("Host").unwrap(),
+            &json!({"address": "192.168.152.110", "status": "active", "os": "fedora",
+                    "cpus": 1, "memory": 1234, "space": 12345}),
+        )
+        .unwrap();
+        assert_eq!(
+            notification_body(Event::Deleted, &host),
+            r#"{"event": "deleted", "class": "Host", "model": {"address": "192.168.152.110", "status": "active", "os": "fedora", "cpus": 1, "memory": 1234, "space": 12345, "last_check": "", "source": ""}}"#
+        );
+        // Hidden attributes are left out (`to_dict_safe`).
+        let cluster = Model::new(
+            models::class("Cluster").unwrap(),
+            &json!({"name": "c", "hostset": ["10.0.0.1"]}),
+        )
+        .unwrap();
+        let body = notification_body(Event::Created, &cluster);
+        assert!(
+            body.starts_with(r#"{"event": "created", "class": "Cluster", "model": {"name": "c", "#),
+            "{body}"
+        );
+        assert!(!body.contains("hostset"), "{body}");
+    }
 
     #[test]
     fn store_paths_are_percent_encoded_but_slashes() {

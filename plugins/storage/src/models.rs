@@ -381,15 +381,27 @@ impl Model {
     /// with Python's separators, as the original writes it (other readers
     /// of etcd see the same text).
     pub fn to_json(&self) -> String {
+        self.json_of(|_| true)
+    }
+
+    /// `to_json_safe()`: [`Model::to_json`] without the hidden attributes,
+    /// the `model` of a notification as the original's `json.dumps` wrote
+    /// it.
+    pub fn to_json_safe(&self) -> String {
+        self.json_of(|name| !self.class.hidden.contains(&name))
+    }
+
+    /// The attributes `keep` keeps, in declaration order, as `json.dumps`.
+    fn json_of(&self, keep: impl Fn(&str) -> bool) -> String {
         let mut out = String::from("{");
-        for (i, (name, _)) in self.class.attrs.iter().enumerate() {
+        let kept = self.class.attrs.iter().filter(|(name, _)| keep(name));
+        for (i, (name, _)) in kept.enumerate() {
             if i > 0 {
                 out.push_str(", ");
             }
-            let value = self.get(name).unwrap_or(&Value::Null);
-            out.push_str(&Value::String((*name).to_owned()).to_string());
+            pyfmt::write_json_str(&mut out, name);
             out.push_str(": ");
-            out.push_str(&value.to_string());
+            pyfmt::write_json(&mut out, self.get(name).unwrap_or(&Value::Null));
         }
         out.push('}');
         out
