@@ -53,13 +53,13 @@ for server in reference host; do
     n=$requests; [ "$c" = 1 ] && n=$requests_c1
     rm -f "$work"/cg.*
     if [ "$server" = reference ]; then
-      valgrind -q --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+      valgrind -q --tool=callgrind --compress-strings=no --callgrind-out-file="$work/cg.%p" \
         target/release/reference --bus-uri "$uri" --exchange "$exchange" --queue "$queue" \
         --prefetch 64 2> "$work/server.log" &
       pid=$!; wait_ready "$work/server.log" "ready" 60
     else
       COMMISSAIRE_LOG=warn,commissaire_host::supervise=info \
-        valgrind -q --tool=callgrind --trace-children=yes --callgrind-out-file="$work/cg.%p" \
+        valgrind -q --tool=callgrind --compress-strings=no --trace-children=yes --callgrind-out-file="$work/cg.%p" \
         target/release/commissaire-host run --config "$work/host.toml" --bus-uri "$uri" 2> "$work/server.log" &
       pid=$!; wait_ready "$work/server.log" "every service is consuming" 60
     fi
