@@ -10,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::acks::AckBatcher;
@@ -35,43 +36,41 @@ pub(super) struct Ending {
     pub(super) state: Arc<tokio::sync::watch::Sender<ConsumerState>>,
 }
 
-/// Hands each delivery of a lapin consumer to `sink`, as a task lapin
-/// spawns from its I/O thread: no stream to poll, no channel hop. `ending`
-/// says when the consumer ends: cancelled by the broker, or its channel or
-/// connection failed. (A consumer we cancel ourselves has no delegate any
-/// more when its end comes: see [`AmqpConsumers::cancel`].)
-fn deliver_to(
+/// Hands each delivery of a lapin consumer to `sink`, as a task of its
+/// own, until the consumer's stream ends. Polled from the runtime, not
+/// through a delegate: lapin sends a delegate's future through its internal
+/// RPC task, which spawns it and then wakes the I/O thread, a hand-off
+/// more per delivery. `ending` says when the consumer ends: cancelled by
+/// the broker, or its channel or connection failed; not when `stopping`
+/// (we cancelled it ourselves).
+async fn serve_consumer(
+    mut consumer: lapin::Consumer,
     sink: Sink,
     settling: Settling,
     ending: Option<Ending>,
-) -> impl lapin::ConsumerDelegate {
-    move |delivery: lapin::message::DeliveryResult| {
-        let answer = match delivery {
-            Ok(Some(delivery)) => Some(sink(incoming(delivery, Some(&settling)))),
-            Ok(None) => {
-                if let Some(ending) = &ending {
-                    // A `basic.cancel` from the broker leaves the channel
-                    // open; a failed channel or connection does not.
-                    if settling.channel.status().connected() {
-                        ending.state.send_replace(ConsumerState::Cancelled);
-                    } else {
-                        ending.ended.cancel();
-                    }
-                }
-                None
+    stopping: Arc<AtomicBool>,
+) {
+    while let Some(delivery) = consumer.next().await {
+        match delivery {
+            Ok(delivery) => {
+                tokio::spawn(sink(incoming(delivery, Some(&settling))));
             }
             Err(e) => {
                 tracing::error!(error = %e, "consuming failed");
                 if let Some(ending) = &ending {
                     ending.ended.cancel();
                 }
-                None
+                return;
             }
-        };
-        async move {
-            if let Some(answer) = answer {
-                answer.await;
-            }
+        }
+    }
+    if let Some(ending) = ending.filter(|_| !stopping.load(Ordering::Acquire)) {
+        // A `basic.cancel` from the broker leaves the channel open; a
+        // failed channel or connection does not.
+        if settling.channel.status().connected() {
+            ending.state.send_replace(ConsumerState::Cancelled);
+        } else {
+            ending.ended.cancel();
         }
     }
 }
@@ -92,6 +91,8 @@ pub(super) struct AmqpConsumers {
     sink: Sink,
     base: (lapin::Consumer, u16),
     overflow: tokio::sync::Mutex<Vec<(lapin::Consumer, u16)>>,
+    /// Set once we cancel every consumer: their ends are ours, not news.
+    stopping: Arc<AtomicBool>,
 }
 
 impl AmqpConsumers {
@@ -104,7 +105,16 @@ impl AmqpConsumers {
         prefetch: u16,
         ending: Ending,
     ) -> Result<Arc<Self>, BusError> {
-        let base = start_consumer(&settling, queue, &sink, prefetch, Some(ending)).await?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let base = start_consumer(
+            &settling,
+            queue,
+            &sink,
+            prefetch,
+            Some(ending),
+            stopping.clone(),
+        )
+        .await?;
         Ok(Arc::new(Self {
             channel: settling.channel.clone(),
             settling,
@@ -112,11 +122,13 @@ impl AmqpConsumers {
             sink,
             base: (base, prefetch.max(1)),
             overflow: tokio::sync::Mutex::default(),
+            stopping,
         }))
     }
 
     /// Cancels every consumer (on stop).
     pub(super) async fn cancel_all(&self) {
+        self.stopping.store(true, Ordering::Release);
         let overflow = std::mem::take(&mut *self.overflow.lock().await);
         let all = std::iter::once(self.base.0.clone()).chain(overflow.into_iter().map(|o| o.0));
         for consumer in all {
@@ -127,21 +139,13 @@ impl AmqpConsumers {
     }
 
     /// Cancels `consumer`. Deliveries the broker sent before it took the
-    /// cancel still arrive, but lapin no longer hands them to the delegate
-    /// once `basic.cancel` is sent: they are drained from the consumer's
-    /// stream into the sink, never left unacked on the channel.
+    /// cancel still arrive: its task hands them to the sink until its
+    /// stream ends, never leaving them unacked on the channel.
     async fn cancel(&self, consumer: lapin::Consumer) -> Result<(), BusError> {
         self.channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await
             .map_err(|e| BusError::op("basic.cancel", e))?;
-        let (settling, sink) = (self.settling.clone(), self.sink.clone());
-        tokio::spawn(async move {
-            let mut consumer = consumer;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                tokio::spawn(sink(incoming(delivery, Some(&settling))));
-            }
-        });
         Ok(())
     }
 }
@@ -152,6 +156,7 @@ async fn start_consumer(
     sink: &Sink,
     prefetch: u16,
     ending: Option<Ending>,
+    stopping: Arc<AtomicBool>,
 ) -> Result<lapin::Consumer, BusError> {
     let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
     let channel = &settling.channel;
@@ -168,7 +173,13 @@ async fn start_consumer(
         )
         .await
         .map_err(fail)?;
-    consumer.set_delegate(deliver_to(sink.clone(), settling.clone(), ending));
+    tokio::spawn(serve_consumer(
+        consumer.clone(),
+        sink.clone(),
+        settling.clone(),
+        ending,
+        stopping,
+    ));
     Ok(consumer)
 }
 
@@ -181,8 +192,15 @@ impl Prefetch for AmqpConsumers {
             .fold(self.base.1, |sum, o| sum.saturating_add(o.1));
         if limit > total {
             let more = limit - total;
-            let consumer =
-                start_consumer(&self.settling, &self.queue, &self.sink, more, None).await?;
+            let consumer = start_consumer(
+                &self.settling,
+                &self.queue,
+                &self.sink,
+                more,
+                None,
+                self.stopping.clone(),
+            )
+            .await?;
             overflow.push((consumer, more));
             return Ok(());
         }
