@@ -123,8 +123,8 @@ impl AmqpBus {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(fail)?;
-        // A failed connection does not reach every consumer (lapin 4, with
-        // a delegate): watch the connection itself.
+        // A failed connection does not reach consumers that have a delegate
+        // (lapin 4): watch the connection itself.
         let lost = tokio_util::sync::CancellationToken::new();
         let mut events = connection.events_listener();
         let on_error = lost.clone();
