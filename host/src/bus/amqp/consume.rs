@@ -10,7 +10,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::acks::AckBatcher;
@@ -36,41 +35,43 @@ pub(super) struct Ending {
     pub(super) state: Arc<tokio::sync::watch::Sender<ConsumerState>>,
 }
 
-/// Hands each delivery of a lapin consumer to `sink`, as a task of its
-/// own, until the consumer's stream ends. Polled from the runtime, not
-/// through a delegate: lapin sends a delegate's future through its internal
-/// RPC task, which spawns it and then wakes the I/O thread, a hand-off
-/// more per delivery. `ending` says when the consumer ends: cancelled by
-/// the broker, or its channel or connection failed; not when `stopping`
-/// (we cancelled it ourselves).
-async fn serve_consumer(
-    mut consumer: lapin::Consumer,
+/// Hands each delivery of a lapin consumer to `sink`, as a task lapin
+/// spawns from its I/O thread: no stream to poll, no channel hop. `ending`
+/// says when the consumer ends: cancelled by the broker, or its channel or
+/// connection failed. (A consumer we cancel ourselves has no delegate any
+/// more when its end comes: see [`AmqpConsumers::cancel`].)
+fn deliver_to(
     sink: Sink,
     settling: Settling,
     ending: Option<Ending>,
-    stopping: Arc<AtomicBool>,
-) {
-    while let Some(delivery) = consumer.next().await {
-        match delivery {
-            Ok(delivery) => {
-                tokio::spawn(sink(incoming(delivery, Some(&settling))));
+) -> impl lapin::ConsumerDelegate {
+    move |delivery: lapin::message::DeliveryResult| {
+        let answer = match delivery {
+            Ok(Some(delivery)) => Some(sink(incoming(delivery, Some(&settling)))),
+            Ok(None) => {
+                if let Some(ending) = &ending {
+                    // A `basic.cancel` from the broker leaves the channel
+                    // open; a failed channel or connection does not.
+                    if settling.channel.status().connected() {
+                        ending.state.send_replace(ConsumerState::Cancelled);
+                    } else {
+                        ending.ended.cancel();
+                    }
+                }
+                None
             }
             Err(e) => {
                 tracing::error!(error = %e, "consuming failed");
                 if let Some(ending) = &ending {
                     ending.ended.cancel();
                 }
-                return;
+                None
             }
-        }
-    }
-    if let Some(ending) = ending.filter(|_| !stopping.load(Ordering::Acquire)) {
-        // A `basic.cancel` from the broker leaves the channel open; a
-        // failed channel or connection does not.
-        if settling.channel.status().connected() {
-            ending.state.send_replace(ConsumerState::Cancelled);
-        } else {
-            ending.ended.cancel();
+        };
+        async move {
+            if let Some(answer) = answer {
+                answer.await;
+            }
         }
     }
 }
@@ -91,8 +92,6 @@ pub(super) struct AmqpConsumers {
     sink: Sink,
     base: (lapin::Consumer, u16),
     overflow: tokio::sync::Mutex<Vec<(lapin::Consumer, u16)>>,
-    /// Set once we cancel every consumer: their ends are ours, not news.
-    stopping: Arc<AtomicBool>,
 }
 
 impl AmqpConsumers {
@@ -105,16 +104,7 @@ impl AmqpConsumers {
         prefetch: u16,
         ending: Ending,
     ) -> Result<Arc<Self>, BusError> {
-        let stopping = Arc::new(AtomicBool::new(false));
-        let base = start_consumer(
-            &settling,
-            queue,
-            &sink,
-            prefetch,
-            Some(ending),
-            stopping.clone(),
-        )
-        .await?;
+        let base = start_consumer(&settling, queue, &sink, prefetch, Some(ending)).await?;
         Ok(Arc::new(Self {
             channel: settling.channel.clone(),
             settling,
@@ -122,13 +112,11 @@ impl AmqpConsumers {
             sink,
             base: (base, prefetch.max(1)),
             overflow: tokio::sync::Mutex::default(),
-            stopping,
         }))
     }
 
     /// Cancels every consumer (on stop).
     pub(super) async fn cancel_all(&self) {
-        self.stopping.store(true, Ordering::Release);
         let overflow = std::mem::take(&mut *self.overflow.lock().await);
         let all = std::iter::once(self.base.0.clone()).chain(overflow.into_iter().map(|o| o.0));
         for consumer in all {
@@ -139,13 +127,21 @@ impl AmqpConsumers {
     }
 
     /// Cancels `consumer`. Deliveries the broker sent before it took the
-    /// cancel still arrive: its task hands them to the sink until its
-    /// stream ends, never leaving them unacked on the channel.
+    /// cancel still arrive, but lapin no longer hands them to the delegate
+    /// once `basic.cancel` is sent: they are drained from the consumer's
+    /// stream into the sink, never left unacked on the channel.
     async fn cancel(&self, consumer: lapin::Consumer) -> Result<(), BusError> {
         self.channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await
             .map_err(|e| BusError::op("basic.cancel", e))?;
+        let (settling, sink) = (self.settling.clone(), self.sink.clone());
+        tokio::spawn(async move {
+            let mut consumer = consumer;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                tokio::spawn(sink(incoming(delivery, Some(&settling))));
+            }
+        });
         Ok(())
     }
 }
@@ -156,7 +152,6 @@ async fn start_consumer(
     sink: &Sink,
     prefetch: u16,
     ending: Option<Ending>,
-    stopping: Arc<AtomicBool>,
 ) -> Result<lapin::Consumer, BusError> {
     let fail = |e| BusError::op(format!("consuming `{queue}`"), e);
     let channel = &settling.channel;
@@ -173,13 +168,7 @@ async fn start_consumer(
         )
         .await
         .map_err(fail)?;
-    tokio::spawn(serve_consumer(
-        consumer.clone(),
-        sink.clone(),
-        settling.clone(),
-        ending,
-        stopping,
-    ));
+    consumer.set_delegate(deliver_to(sink.clone(), settling.clone(), ending));
     Ok(consumer)
 }
 
@@ -192,15 +181,8 @@ impl Prefetch for AmqpConsumers {
             .fold(self.base.1, |sum, o| sum.saturating_add(o.1));
         if limit > total {
             let more = limit - total;
-            let consumer = start_consumer(
-                &self.settling,
-                &self.queue,
-                &self.sink,
-                more,
-                None,
-                self.stopping.clone(),
-            )
-            .await?;
+            let consumer =
+                start_consumer(&self.settling, &self.queue, &self.sink, more, None).await?;
             overflow.push((consumer, more));
             return Ok(());
         }
