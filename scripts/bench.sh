@@ -80,6 +80,7 @@ for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
                        ("host-confirm", "workers = 1, confirm_replies = true"),
                        ("host-handover", "workers = 1, inline_handlers = false"),
                        ("host-inline", "workers = 1, inline_handlers = true"),
+                       ("host-ack0", "workers = 1, ack_window_us = 0"),
                        ("base", "workers = 1, the BASE_BIN build")):
     if not any(variant in d for d in rows.values()):
         continue
