@@ -12,7 +12,6 @@
 
 mod budget;
 mod connection;
-mod envelope;
 mod guard;
 
 use std::borrow::Cow;
@@ -40,8 +39,8 @@ use serde_json::value::RawValue;
 
 use tokio::sync::Semaphore;
 
+use crate::protocol::{Envelope, EnvelopeError};
 use budget::{BodyBudget, Held};
-use envelope::{Envelope, EnvelopeError};
 
 use crate::client::{RequestError, SharedClient};
 use crate::config::HttpSettings;

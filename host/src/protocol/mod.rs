@@ -5,9 +5,11 @@
 //! metrics, the fuzz targets) comes here, and nothing here knows where the
 //! bytes came from.
 
+mod relay;
 mod request;
 mod response;
 
+pub use relay::{Envelope, EnvelopeError};
 pub use request::{parse_request, request_body, Rejected, Request};
 pub use response::{error_body, read_response, result_body, Response};
 

@@ -447,7 +447,7 @@ mod tests {
         assert!(no_key.is_err());
 
         // The embedded bus hands deliveries on in tasks: in any order.
-        let mut got = vec![seen.recv().await.unwrap(), seen.recv().await.unwrap()];
+        let mut got = [seen.recv().await.unwrap(), seen.recv().await.unwrap()];
         got.sort_by_key(|d| d.body.len());
         assert_eq!(got[0].body, body.as_bytes());
         assert_eq!(got[0].routing_key, "notify.storage.Host.created");

@@ -1,4 +1,5 @@
-//! Reading a relayed request's body without copying it: the members the
+//! Reading a request body as the HTTP endpoint relays it (leniently: its
+//! members as sent, for the relay to check), without copying it: the members the
 //! relay needs (`id`, `method`, `params`), each left as the text it is in
 //! the body. A body of 16 MiB costs 16 MiB: read into a `serde_json::Value`
 //! it cost that again, and far more for a long array (a `Value` takes 32
@@ -11,7 +12,7 @@ use serde_json::value::RawValue;
 
 /// Why a body is not a request the relay can send.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum EnvelopeError {
+pub enum EnvelopeError {
     /// Not JSON (-32700).
     #[error("body is not valid JSON: {0}")]
     NotJson(serde_json::Error),
@@ -24,18 +25,18 @@ pub(super) enum EnvelopeError {
 /// value: the caller checks them). As a `Value` would read them: a member
 /// present twice counts as its last value, and `null` counts as present.
 #[derive(Debug, Default)]
-pub(super) struct Envelope<'a> {
+pub struct Envelope<'a> {
     /// `id`, if present.
-    pub(super) id: Option<&'a RawValue>,
+    pub id: Option<&'a RawValue>,
     /// `method`, if present.
-    pub(super) method: Option<&'a RawValue>,
+    pub method: Option<&'a RawValue>,
     /// `params`, if present.
-    pub(super) params: Option<&'a RawValue>,
+    pub params: Option<&'a RawValue>,
 }
 
 impl Envelope<'_> {
     /// Whether `method` is absent or the string `expected`.
-    pub(super) fn method_is(&self, expected: &str) -> bool {
+    pub fn method_is(&self, expected: &str) -> bool {
         self.method.is_none_or(|m| {
             serde_json::from_str::<std::borrow::Cow<'_, str>>(m.get()).is_ok_and(|m| m == expected)
         })
@@ -45,7 +46,7 @@ impl Envelope<'_> {
 impl<'a> Envelope<'a> {
     /// Reads `body`: JSON as `serde_json::Value` accepts it (numbers
     /// within range, depth at most 128), holding an object.
-    pub(super) fn read(body: &'a [u8]) -> Result<Self, EnvelopeError> {
+    pub fn read(body: &'a [u8]) -> Result<Self, EnvelopeError> {
         // A first pass checks the whole body as `Value` would, allocating
         // nothing: what it refuses is -32700, as before this reader
         // existed; the second pass cannot fail but on the body's shape.
