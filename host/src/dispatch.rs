@@ -97,6 +97,9 @@ impl Service {
                         .and_then(|c| std::str::from_utf8(c).ok()),
                     redelivered: delivery.redelivered,
                     traceparent,
+                    // Set by the request's life around its handler (see
+                    // `crate::deadline`), else the header as sent.
+                    deadline: crate::deadline::current().or(delivery.deadline),
                 };
                 let result = self.instance.call(meta, bus, request.params);
                 let latency_us = started.elapsed().as_micros() as u64;

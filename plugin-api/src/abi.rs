@@ -34,7 +34,8 @@
 //! `log` in plugins). In 1.2 a `request` timeout of 0 still means the host's
 //! default (1.1 plugins send it); 1.2 plugins send at least 1 ms for an
 //! explicit timeout. 1.3 — host callback `traceparent` (W3C trace context).
-//! 1.4 — host callback `publish` (a raw body, not a JSON-RPC envelope).
+//! 1.4 — host callbacks `publish` (a raw body, not a JSON-RPC envelope)
+//! and `deadline` (when the request's caller stops waiting).
 
 use abi_stable::{
     declare_root_module_statics,
@@ -281,6 +282,9 @@ pub struct HostVTable {
         routing_key: RStr<'a>,
         body: RStr<'a>,
     ) -> RResult<(), RpcErrorAbi>,
+    /// (1.4) When the request's caller stops waiting, in milliseconds since
+    /// the Unix epoch; 0 when the host knows none.
+    pub(crate) deadline: for<'a> extern "C" fn(&'a ErasedObject) -> u64,
 }
 
 /// The layout of [`HostVTableRef`] as this crate sees it.

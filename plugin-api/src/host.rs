@@ -50,6 +50,10 @@ pub struct RequestMeta<'a> {
     /// (in the caller's trace, when the caller sent one); the handler's own
     /// bus requests are its children.
     pub traceparent: Option<&'a str>,
+    /// When the request's caller stops waiting, in milliseconds since the
+    /// Unix epoch (its `deadline`, or its arrival plus the handler's
+    /// timeout).
+    pub deadline: Option<u64>,
 }
 
 /// The bus operations a handler may use, implemented by the host.
@@ -382,6 +386,9 @@ extern "C" fn exchange(data: &ErasedObject) -> RStr<'_> {
 extern "C" fn traceparent(data: &ErasedObject) -> RStr<'_> {
     env(data).meta.traceparent.unwrap_or_default().into()
 }
+extern "C" fn deadline(data: &ErasedObject) -> u64 {
+    env(data).meta.deadline.unwrap_or(0)
+}
 
 extern "C" fn request<'a>(
     data: &'a ErasedObject,
@@ -506,6 +513,7 @@ const HOST_VTABLE_WM: &WithMetadata<HostVTable> = &WithMetadata::new(HostVTable 
     log,
     traceparent,
     publish,
+    deadline,
 });
 
 /// This crate's host vtable.

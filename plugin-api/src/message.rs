@@ -94,6 +94,29 @@ impl<'a> Message<'a> {
         Some(f(self.ctx.data).as_str()).filter(|t| !t.is_empty())
     }
 
+    /// When this request's caller stops waiting, on hosts from plugin-api
+    /// 1.4: the `deadline` it was sent with, or its arrival plus the
+    /// handler's timeout, whichever comes first. The handler's own bus
+    /// requests wait no longer than that, and carry it on; a handler with
+    /// slow work of its own (an HTTP call, a loop) should bound it by
+    /// [`Message::remaining`] too.
+    pub fn deadline(&self) -> Option<std::time::SystemTime> {
+        let f = self.ctx.host.deadline()?;
+        let ms = f(self.ctx.data);
+        (ms > 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    }
+
+    /// The time left until [`Message::deadline`] (zero once it passed);
+    /// `None` on hosts older than plugin-api 1.4.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        let deadline = self.deadline()?;
+        Some(
+            deadline
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+
     /// The trace id of [`Message::traceparent`]: 32 hex digits, the same in
     /// the logs of every service the request went through.
     pub fn trace_id(&self) -> Option<&'a str> {

@@ -46,6 +46,10 @@ use crate::export::{Exports, ServiceImpl};
 use crate::host::{with_call_ctx, HostBus, RequestMeta};
 use crate::RpcError;
 
+/// The handler time every call of the test kit has
+/// ([`crate::Message::remaining`] counts down from it).
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The `traceparent` every call of the test kit carries
 /// ([`crate::Message::traceparent`]).
 pub const TEST_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -141,6 +145,12 @@ impl<S: ServiceImpl> TestService<S> {
             correlation_id: None,
             redelivered: false,
             traceparent: Some(TEST_TRACEPARENT),
+            // As a host gives a request without a deadline of its own: its
+            // arrival plus the default handler timeout.
+            deadline: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|now| u64::try_from((now + TEST_TIMEOUT).as_millis()).ok()),
         };
         with_call_ctx(S::NAME, meta, self, |ctx| {
             (Exports::<S>::VTABLE.call())(self.handle, ctx, method.into(), params.into())

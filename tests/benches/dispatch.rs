@@ -47,6 +47,7 @@ fn meta() -> RequestMeta<'static> {
         correlation_id: None,
         redelivered: false,
         traceparent: None,
+        deadline: None,
     }
 }
 

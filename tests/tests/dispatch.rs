@@ -246,7 +246,8 @@ fn message_tells_the_handler_about_its_request() {
                "reply_to": "reply-queue", "correlation_id": "corr-1",
                "redelivered": false, "exchange": "commissaire",
                "trace_id": "0af7651916cd43dd8448eb211c80319c",
-               "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+               "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+               "remaining_ms": null})
     );
 }
 

@@ -331,6 +331,20 @@ async fn a_deadline_follows_the_call_chain_and_a_passed_one_runs_nothing() {
         "waited {expiration} ms, more than was left"
     );
 
+    // The handler sees what is left of it.
+    let (reply, _) = caller
+        .call_with("demo.whoami", json!([]), deadline_header(now_ms() + 5_000))
+        .await;
+    let left = reply["result"]["remaining_ms"]
+        .as_u64()
+        .expect("remaining_ms");
+    assert!(left > 0 && left <= 5_000, "{reply}");
+    let (reply, _) = caller.call("demo.whoami", json!([]), None).await;
+    let left = reply["result"]["remaining_ms"]
+        .as_u64()
+        .expect("remaining_ms");
+    assert!(left > 5_000 && left <= 60_000, "handler_timeout's: {reply}");
+
     // Without one, the handler's request has the handler's own time.
     let (reply, _) = caller
         .call(

@@ -388,6 +388,7 @@ mod tests {
         correlation_id: None,
         redelivered: false,
         traceparent: None,
+        deadline: None,
     };
 
     /// A handler's raw body goes out byte for byte on the deployment's

@@ -87,6 +87,7 @@ impl Demo {
             "exchange": msg.exchange(),
             "trace_id": msg.trace_id(),
             "traceparent": msg.traceparent(),
+            "remaining_ms": msg.remaining().map(|r| r.as_millis() as u64),
         }))
     }
 
@@ -189,6 +190,15 @@ mod tests {
         assert_eq!(svc.call("ping", Value::Null), Ok(json!("pong")));
         assert_eq!(svc.call("echo", json!(["hi"])), Ok(json!("hi")));
         assert_eq!(svc.call("fail", json!([])).unwrap_err().code, -20000);
+    }
+
+    #[test]
+    fn a_handler_knows_the_time_left() {
+        let svc = TestService::<Demo>::new();
+        let seen = svc.call("whoami", json!([])).unwrap();
+        let left = seen["remaining_ms"].as_u64().unwrap();
+        let full = commissaire_plugin_api::testing::TEST_TIMEOUT.as_millis() as u64;
+        assert!(left <= full && left > full - 5_000, "{seen}");
     }
 
     #[test]
