@@ -148,6 +148,15 @@
 //! pass on to anything else the handler calls (an HTTP API, say). The
 //! handler's own [`Bus`] calls carry it already. Hosts from plugin-api 1.3.
 //!
+//! # Deadlines
+//!
+//! A request has a deadline: its caller's (the `deadline` a caller sent),
+//! or its arrival plus the service's `handler_timeout`, whichever comes
+//! first. [`Message::deadline`] and [`Message::remaining`] tell it; the
+//! handler's own [`Bus`] requests wait no longer and carry it on, so a call
+//! chain gives up together. Bound any slow work of your own by it too.
+//! Hosts from plugin-api 1.4.
+//!
 //! # Testing
 //!
 //! [`testing::TestService`] calls your handlers in your own `cargo test`,
