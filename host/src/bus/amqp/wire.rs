@@ -65,7 +65,6 @@ pub(super) fn deadline(headers: &FieldTable) -> Option<u64> {
         V::LongLongInt(n) => u64::try_from(*n).ok(),
         V::LongUInt(n) => Some(u64::from(*n)),
         V::LongInt(n) => u64::try_from(*n).ok(),
-        V::Timestamp(n) => Some(*n),
         V::LongString(s) => std::str::from_utf8(s.as_bytes())
             .ok()
             .and_then(crate::deadline::parse),
