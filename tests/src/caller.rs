@@ -33,6 +33,7 @@ pub struct AmqpCaller {
     channel: Channel,
     exchange: String,
     content_type: String,
+    reply_timeout: Duration,
 }
 
 impl std::fmt::Debug for AmqpCaller {
@@ -66,7 +67,15 @@ impl AmqpCaller {
             channel,
             exchange: exchange.to_owned(),
             content_type: "application/json".to_owned(),
+            reply_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// The same caller, waiting up to `timeout` for each reply (30 s
+    /// unless told).
+    pub fn with_reply_timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout;
+        self
     }
 
     /// The same caller, its requests sent with `content_type` (kombu's
@@ -181,9 +190,9 @@ impl AmqpCaller {
         .expect("publish");
         // Generous: a test's own build of the fixtures may load the
         // machine; a deadlock still shows (no reply ever comes).
-        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        let delivery = tokio::time::timeout(self.reply_timeout, consumer.next())
             .await
-            .expect("a reply within 30 s")
+            .unwrap_or_else(|_| panic!("a reply within {:?}", self.reply_timeout))
             .expect("consumer open")
             .expect("delivery");
         if !no_ack {

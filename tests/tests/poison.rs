@@ -828,7 +828,11 @@ fn a_worker_killed_while_requests_wait_for_its_slots_loses_and_blames_nothing() 
                 };
                 let method = key.rsplit('.').next().unwrap_or_default();
                 let body = json!({"jsonrpc": "2.0", "id": i, "method": method, "params": params});
-                let caller = AmqpCaller::connect(&exchange).await;
+                // The killed worker's two sleeps are suspects when they
+                // come back: each runs alone, one after the other.
+                let caller = AmqpCaller::connect(&exchange)
+                    .await
+                    .with_reply_timeout(Duration::from_secs(90));
                 let reply = caller
                     .call(
                         key,
