@@ -49,15 +49,14 @@ fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound 
         .as_deref()
         .and_then(TraceContext::parse);
     let trace = TraceContext::child_of(parent.as_ref());
-    // Its handler's time: `handler_timeout`, or less when its caller's
-    // deadline comes first (never more).
+    // The deadline its handler's bus calls and `msg.remaining()` keep to:
+    // its caller's, or `handler_timeout` from now, whichever comes first.
+    // The watchdog keeps `handler_timeout`: answering at the caller's own
+    // deadline would only race the caller giving up.
     let own = crate::deadline::after(s.limits.handler_timeout);
     let deadline = incoming.deadline.map_or(own, |d| d.min(own));
     Inbound {
-        timeout: s
-            .limits
-            .handler_timeout
-            .min(crate::deadline::remaining(deadline)),
+        timeout: s.limits.handler_timeout,
         deadline,
         incoming,
         queue,
