@@ -118,6 +118,35 @@ impl Caller {
     }
 }
 
+/// A queue of the caller's own bound to `key` on `exchange`: what the
+/// host sends there is seen (and answered by nobody).
+async fn capture(caller: &Caller, exchange: &str, key: &str) -> String {
+    let q = caller
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("capture queue");
+    caller
+        .channel
+        .queue_bind(
+            q.name().as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    q.name().to_string()
+}
+
 async fn consume(channel: &Channel, queue: &str) -> Consumer {
     channel
         .basic_consume(
@@ -159,32 +188,7 @@ async fn a_traceparent_reaches_the_handler_its_reply_its_requests_and_the_log() 
     // The handler's own request (demo.relay notifies a key we listen on)
     // is in the same trace, as a span of its own.
     let listen = format!("{}.seen", unique("trace-cap"));
-    let captured = {
-        let q = caller
-            .channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("capture queue");
-        caller
-            .channel
-            .queue_bind(
-                q.name().as_str().into(),
-                host.spec.exchange.as_str().into(),
-                listen.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        q.name().to_string()
-    };
+    let captured = capture(&caller, &host.spec.exchange, &listen).await;
     let mut seen = consume(&caller.channel, &captured).await;
     let (reply, on_reply) = caller
         .call(
@@ -283,30 +287,8 @@ async fn a_deadline_follows_the_call_chain_and_a_passed_one_runs_nothing() {
 
     // A handler's request to a key nobody answers: captured here.
     let listen = format!("{}.nobody", unique("deadline-cap"));
-    let q = caller
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("capture queue");
-    caller
-        .channel
-        .queue_bind(
-            q.name().as_str().into(),
-            host.spec.exchange.as_str().into(),
-            listen.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let mut seen = consume(&caller.channel, q.name().as_str()).await;
+    let captured = capture(&caller, &host.spec.exchange, &listen).await;
+    let mut seen = consume(&caller.channel, &captured).await;
     let deadline = now_ms() + 3_000;
     let (reply, _) = caller
         .call_with(
