@@ -183,6 +183,7 @@ mod host_log;
 mod message;
 mod params;
 mod plugin_log;
+pub mod runtime;
 pub mod testing;
 
 /// Turns an `impl` block's `on_<method>` functions into the bus methods of
@@ -241,6 +242,10 @@ pub use serde;
 /// The serde_json crate, for [`Value`](serde_json::Value) and
 /// [`json!`](serde_json::json).
 pub use serde_json;
+/// The tokio crate whose runtime runs this plugin's async handlers (see
+/// [Async handlers](crate#async-handlers)); a plugin may depend on
+/// `tokio` 1.x directly instead, which is the same crate.
+pub use tokio;
 /// The tracing crate: its events in a plugin reach the host's log (see
 /// [Logging](crate#logging)).
 pub use tracing;
@@ -255,7 +260,9 @@ pub mod prelude {
 /// Used by the code `#[service]` generates. Not part of the stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::{encode_result, lib_header, ServiceImpl};
+    pub use crate::export::{
+        block_on, boxed, encode_result, lib_header, HandlerFuture, ServiceImpl,
+    };
     pub use crate::params::Args as ParsedArgs;
     pub use abi_stable::library::LibHeader;
     pub use serde_json;
