@@ -21,6 +21,12 @@ impl Simple {
         let sum: i64 = msg.bus().request("simple.add", [x, y])?;
         Ok(format!("Adding {x} plus {y} results in {sum}"))
     }
+
+    /// Adds two integers by calling `simple.add` over the bus, as an async
+    /// handler: no thread waits for the reply.
+    async fn on_async_add(&self, msg: &Message, x: i64, y: i64) -> Result<i64, RpcError> {
+        msg.bus().request_async("simple.add", [x, y]).await
+    }
 }
 
 #[cfg(test)]
