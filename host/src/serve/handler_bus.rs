@@ -381,10 +381,11 @@ impl HostBus for HandlerBus {
         reply?.map(|raw| raw.get().to_owned())
     }
 
-    /// As [`HandlerBus::request`], on the runtime: no thread waits. Past
-    /// the cap, a call to the service itself runs here, awaited (or on the
-    /// blocking pool, to a sync handler), not queued behind the deliveries
-    /// whose handlers wait for it.
+    /// As [`HandlerBus::request`], on the runtime: no thread waits. A
+    /// call to the service itself raises the prefetch as a sync handler's
+    /// does; past the cap it runs here, awaited (or on the blocking pool,
+    /// to a sync handler), not queued behind the deliveries whose handlers
+    /// wait for it.
     fn request_async(
         &self,
         caller: &RequestMeta<'_>,
@@ -405,13 +406,18 @@ impl HostBus for HandlerBus {
                 "not sent to `{routing_key}`: the calling request's deadline passed"
             ))));
         }
-        let waiting = self.enter();
+        // Only a call to the service itself raises the prefetch: it may be
+        // the very delivery the slots wait for. A call to another service
+        // keeps its slot, and the broker keeps the rest of a burst; no
+        // thread waits either way.
+        let own = self.is_own(routing_key);
+        let waiting = if own { self.enter() } else { None };
         let (metrics, routing_key, params) = (
             self.metrics.clone(),
             routing_key.to_owned(),
             params_json.to_owned(),
         );
-        if waiting.is_none() && self.is_own(&routing_key) {
+        if waiting.is_none() && own {
             if let (Some(serving), Some(me)) = (self.serving.clone(), self.me.upgrade()) {
                 crate::throttled!(info!(
                     service = &*self.service,
