@@ -85,7 +85,9 @@ impl Service {
     /// (run with [`Service::handle_async`]).
     pub fn runs_async(&self, routing_key: &str) -> bool {
         !self.async_methods.is_empty()
-            && self.async_methods.contains(crate::protocol::method_of(routing_key))
+            && self
+                .async_methods
+                .contains(crate::protocol::method_of(routing_key))
     }
 
     /// Handles one delivery: parses it, calls the handler (synchronously:
@@ -132,12 +134,10 @@ impl Service {
             Ok(request) => {
                 let meta = request_meta(delivery, &request, traceparent, deadline);
                 let result = match self.instance.call_async(meta, bus, request.params) {
-                    Some(mut pending) => {
-                        match tokio::time::timeout_at(limit, &mut pending).await {
-                            Ok(result) => result,
-                            Err(_) => return Ran::TimedOut(pending),
-                        }
-                    }
+                    Some(mut pending) => match tokio::time::timeout_at(limit, &mut pending).await {
+                        Ok(result) => result,
+                        Err(_) => return Ran::TimedOut(pending),
+                    },
                     None => Err(RpcError::internal_error(format!(
                         "the plugin of `{}` cannot run async handlers",
                         self.name

@@ -69,10 +69,8 @@ fn async_burst(spec: HostSpec, total: usize, concurrency: u16) -> (i64, i64) {
              queues = [{{ name = \"{name}\", routing_key = \"{key}\" }}]\n"
         )
     };
-    let calling = TestHost::start_with_services(
-        spec.clone(),
-        &queue(&calling_queue, "simple.async_add"),
-    );
+    let calling =
+        TestHost::start_with_services(spec.clone(), &queue(&calling_queue, "simple.async_add"));
     let called = TestHost::start_with_services(spec.clone(), &queue(&called_queue, "simple.add"));
     let worker = *calling.worker_pids("simple").first().expect("a worker");
     // Warmed up: the plugin's runtime starts with the first async call.
@@ -88,9 +86,10 @@ fn async_burst(spec: HostSpec, total: usize, concurrency: u16) -> (i64, i64) {
     let (rss_after, threads_after) = rss_and_threads(worker);
     report
         .tally
-        .judge(&format!("{total} async_add awaiting simple.add"), |i, reply| {
-            (reply["result"] == json!(i + 1)).then_some("result")
-        })
+        .judge(
+            &format!("{total} async_add awaiting simple.add"),
+            |i, reply| (reply["result"] == json!(i + 1)).then_some("result"),
+        )
         .with_context(calling.stderr())
         .each_answered_once()
         .errors_exactly(0);

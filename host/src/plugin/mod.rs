@@ -108,11 +108,7 @@ pub struct MethodInfo {
     /// The result type.
     pub returns: String,
     /// An `async fn` handler (plugin-api ≥ 1.5).
-    #[serde(
-        rename = "async",
-        default,
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(rename = "async", default, skip_serializing_if = "std::ops::Not::not")]
     pub is_async: bool,
 }
 

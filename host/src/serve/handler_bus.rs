@@ -277,9 +277,8 @@ impl HandlerBus {
                     serving.handle(&incoming, Some(&traceparent), &*me)
                 })
             });
-            ran.await.map_err(|e| {
-                RpcError::internal_error(format!("the handler's task failed: {e}"))
-            })?
+            ran.await
+                .map_err(|e| RpcError::internal_error(format!("the handler's task failed: {e}")))?
         };
         self.answer(routing_key, handled)
     }
