@@ -5,7 +5,7 @@
 //! client would find no reactor if the host polled the handler's future.
 //! So the future never crosses the boundary: it runs here, on a runtime
 //! this crate owns inside the plugin, and the host only hears when it is
-//! done (see [`crate::abi::Completion`]).
+//! done (an FFI-safe completion: a context pointer and a function).
 //!
 //! The cost, paid by a plugin with async handlers only and only from its
 //! first async call: [`threads`] runtime threads (named

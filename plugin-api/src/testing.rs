@@ -73,7 +73,7 @@ struct Kit<S: ServiceImpl> {
     /// Itself, for the async calls it starts from its bus.
     me: Weak<Kit<S>>,
     handle: ServiceHandle,
-    routes: Vec<(String, Route)>,
+    routes: Mutex<Vec<(String, Route)>>,
     requests: Mutex<Vec<(String, Value, Option<Duration>)>>,
     notifications: Mutex<Vec<(String, Value)>>,
     responses: Mutex<Vec<(String, Value, Value)>>,
@@ -100,7 +100,7 @@ impl<S: ServiceImpl> TestService<S> {
             kit: Arc::new_cyclic(|me| Kit {
                 me: me.clone(),
                 handle,
-                routes: Vec::new(),
+                routes: Mutex::default(),
                 requests: Mutex::default(),
                 notifications: Mutex::default(),
                 responses: Mutex::default(),
@@ -114,14 +114,11 @@ impl<S: ServiceImpl> TestService<S> {
     /// key, or `prefix.*`) with `handler(method, params)`.
     #[must_use]
     pub fn with_route(
-        mut self,
+        self,
         pattern: &str,
         handler: impl Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync + 'static,
     ) -> Self {
-        match Arc::get_mut(&mut self.kit) {
-            Some(kit) => kit.routes.push((pattern.to_owned(), Box::new(handler))),
-            None => panic!("routes are added before the service's calls end"),
-        }
+        lock(&self.kit.routes).push((pattern.to_owned(), Box::new(handler)));
         self
     }
 
@@ -278,7 +275,8 @@ impl<S: ServiceImpl> Kit<S> {
             timeout,
         ));
         let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
-        if let Some((_, route)) = self.routes.iter().find(|(p, _)| matches(p, routing_key)) {
+        let routes = lock(&self.routes);
+        if let Some((_, route)) = routes.iter().find(|(p, _)| matches(p, routing_key)) {
             let result = route(method, decode("params", params_json)?)?;
             return Ok(Routed::Answer(result.to_string()));
         }

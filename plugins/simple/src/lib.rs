@@ -58,6 +58,18 @@ mod tests {
     }
 
     #[test]
+    fn async_add_awaits_add_over_the_bus() {
+        let svc = TestService::<Simple>::new();
+        assert_eq!(svc.call("async_add", json!([40, 2])), Ok(json!(42)));
+        let svc = TestService::<Simple>::new()
+            .with_route("simple.add", |_, _| Err(RpcError::new(409, "busy")));
+        assert_eq!(
+            svc.call("async_add", json!([1, 2])),
+            Err(RpcError::new(409, "busy"))
+        );
+    }
+
+    #[test]
     fn wordy_add_passes_on_the_error_of_add() {
         let svc = TestService::<Simple>::new()
             .with_route("simple.*", |_, _| Err(RpcError::new(409, "busy")));
