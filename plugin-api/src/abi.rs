@@ -216,9 +216,9 @@ pub struct PluginVTable {
     pub(crate) set_host_logger: extern "C" fn(logger: HostLogger),
     /// (1.5) Starts async method `method` on the plugin's own runtime and
     /// returns at once; `done` gets its result (or a -32603 when it was
-    /// cancelled) once the handler's future is gone. A sync method runs
-    /// on the runtime's blocking threads. Contract: `service` is live,
-    /// and `ctx.data` stays valid until `done` is called.
+    /// cancelled) once the handler's future is gone. Any other method is
+    /// answered -32601 at once. Contract: `service` is live, and
+    /// `ctx.data` stays valid until `done` is called.
     pub(crate) call_async: for<'a> extern "C" fn(
         service: ServiceHandle,
         ctx: &CallCtx<'a>,

@@ -40,8 +40,9 @@ pub trait ServiceImpl: Sized + Send + Sync + 'static {
     fn construct(config: serde_json::Value) -> Result<Self, RpcError>;
 
     /// Decodes `params` for `method`, calls the handler, encodes its result.
-    /// An async handler is run to its end on the plugin's runtime (for a
-    /// host older than plugin-api 1.5, which knows only this entry).
+    /// An async handler is driven to its end here, on the caller's thread,
+    /// with the plugin's runtime for its I/O (for a host older than
+    /// plugin-api 1.5, which knows only this entry).
     fn dispatch(&self, msg: &Message<'_>, method: &str, params: &str) -> Result<String, RpcError>;
 
     /// Whether `method` is an `async fn` handler.
@@ -52,36 +53,48 @@ pub trait ServiceImpl: Sized + Send + Sync + 'static {
 
     /// The future of async method `method`, which decodes `params`, runs
     /// the handler and encodes its result; `None` for any other method.
-    fn dispatch_async(
+    /// The message lives for `'m` only: the future may not keep it longer.
+    fn dispatch_async<'m>(
         self: Arc<Self>,
-        msg: Message<'static>,
+        msg: Message<'m>,
         method: &str,
         params: String,
-    ) -> Option<HandlerFuture> {
+    ) -> Option<HandlerFuture<'m>> {
         let _ = (msg, method, params);
         None
     }
 }
 
 /// An async handler's future, as `#[service]` boxes it.
-pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<String, RpcError>> + Send + 'static>>;
+pub type HandlerFuture<'m> = Pin<Box<dyn Future<Output = Result<String, RpcError>> + Send + 'm>>;
 
 /// Boxes an async handler's future (the type the macro's code needs).
-pub fn boxed<F>(future: F) -> HandlerFuture
+pub fn boxed<'m, F>(future: F) -> HandlerFuture<'m>
 where
-    F: Future<Output = Result<String, RpcError>> + Send + 'static,
+    F: Future<Output = Result<String, RpcError>> + Send + 'm,
 {
     Box::pin(future)
 }
 
-/// Runs an async handler to its end on the plugin's runtime, for a caller
-/// that waits (a host older than plugin-api 1.5 calls every method
-/// through the sync entry).
+/// Drives an async handler to its end for a caller that waits (a host
+/// older than plugin-api 1.5 calls every method through the sync entry),
+/// with the plugin's runtime for its I/O. On a thread of a runtime (a
+/// sync bus call from inside an async handler), on a scoped thread of its
+/// own, where blocking is allowed.
 pub fn block_on<F>(service: &str, future: F) -> Result<String, RpcError>
 where
-    F: Future<Output = Result<String, RpcError>>,
+    F: Future<Output = Result<String, RpcError>> + Send,
 {
-    crate::runtime::runtime(service)?.block_on(future)
+    let runtime = crate::runtime::runtime(service)?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime.block_on(future);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime.block_on(future))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Encodes a handler's result.
@@ -246,32 +259,13 @@ impl<S: ServiceImpl> Exports<S> {
         // holding this context is gone.
         let ctx = unsafe { ctx.extended() };
         let msg = Message::from_ctx(&ctx);
-        let future = match S::dispatch_async(service.clone(), msg, method, params.to_owned()) {
-            Some(future) => future,
-            // A sync method: on the blocking pool, never on the runtime's
-            // own threads.
-            None => {
-                let (method, params) = (method.to_owned(), params.to_owned());
-                boxed(async move {
-                    let blocking = tokio::task::spawn_blocking(move || {
-                        let msg = Message::from_ctx(&ctx);
-                        catch_unwind(AssertUnwindSafe(|| {
-                            service.dispatch(&msg, &method, &params)
-                        }))
-                        .unwrap_or_else(|panic| {
-                            Err(RpcError::internal_error(format!(
-                                "the handler of `{method}` panicked: {}",
-                                panic_text(panic.as_ref())
-                            )))
-                        })
-                    });
-                    blocking.await.unwrap_or_else(|e| {
-                        Err(RpcError::internal_error(format!(
-                            "the handler's task failed: {e}"
-                        )))
-                    })
-                })
-            }
+        // Only async methods: a sync one would run where a cancellation
+        // cannot stop it, past the life of the call's data.
+        let Some(future) = S::dispatch_async(service, msg, method, params.to_owned()) else {
+            finish.send(RResult::RErr(
+                RpcError::method_not_found(&format!("{method} (as an async handler)")).into_abi(),
+            ));
+            return AsyncHandle(std::ptr::null());
         };
         let task = runtime.spawn(Guarded {
             future: Some(future),
@@ -324,7 +318,7 @@ impl Drop for Finish {
 /// becoming a -32603, and tells the host once the future is gone, whether
 /// it ended or was cancelled (dropped).
 struct Guarded {
-    future: Option<HandlerFuture>,
+    future: Option<HandlerFuture<'static>>,
     finish: Finish,
     method: String,
 }

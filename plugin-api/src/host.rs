@@ -405,22 +405,27 @@ pub(crate) fn start_async(
     on_done: Box<dyn FnOnce(CallResult) + Send>,
 ) -> Option<RunningCall> {
     let (call_async, end) = (vtable.call_async()?, vtable.end_async()?);
-    let call = AsyncCall::new(service, meta, bus, on_done);
+    // Raw from here: the plugin owns the call until it calls `done`, and
+    // the pointers below are derived from this one, never from a `Box`
+    // that moves.
+    let data = Box::into_raw(AsyncCall::new(service, meta, bus, on_done));
+    // SAFETY: `data` is live (just made); the field's address is stable
+    // until `call_done` frees it.
+    let env = unsafe { std::ptr::addr_of!((*data).env) };
     let ctx = CallCtx {
         host: HOST_VTABLE,
         // SAFETY: `ErasedObject` is a zero-sized opaque type; the pointer
         // only travels to our own callbacks, which cast it back to
         // `HostEnv`, while the call lives (until `call_done`).
-        data: unsafe { &*std::ptr::from_ref(&call.env).cast::<ErasedObject>() },
+        data: unsafe { &*env.cast::<ErasedObject>() },
     };
-    let method = call.env.meta.method;
-    let data = Box::into_raw(call);
     let done = Completion {
         data: data.cast_const().cast::<ErasedObject>(),
         done: call_done,
     };
-    // From here the plugin owns `data` until it calls `done`.
-    let handle = call_async(handle, &ctx, method.into(), params.into(), done);
+    // `meta.method` is the caller's: it outlives this call even if the
+    // plugin calls `done`, freeing the call's copy, before it returns.
+    let handle = call_async(handle, &ctx, meta.method.into(), params.into(), done);
     Some(RunningCall { handle, end })
 }
 
@@ -440,10 +445,13 @@ struct OwnedMeta {
 /// An async call's data: lives from `call_async` until the plugin calls
 /// [`call_done`], on the heap, so that its address is stable.
 struct AsyncCall {
-    /// What the callbacks see; borrows `owned` and `bus` below, which are
-    /// on the heap and dropped after it.
+    /// What the callbacks see; borrows `owned` and `_bus` below, which are
+    /// on the heap and freed after it.
     env: HostEnv<'static>,
-    _owned: Box<OwnedMeta>,
+    /// From `Box::into_raw`, freed in `Drop`: a `Box` field would claim
+    /// unique access each time the struct moves, which `env`'s references
+    /// into it contradict.
+    owned: std::ptr::NonNull<OwnedMeta>,
     _bus: Arc<dyn HostBus>,
     on_done: Option<Box<dyn FnOnce(CallResult) + Send>>,
 }
@@ -455,7 +463,7 @@ impl AsyncCall {
         bus: Arc<dyn HostBus>,
         on_done: Box<dyn FnOnce(CallResult) + Send>,
     ) -> Box<Self> {
-        let owned = Box::new(OwnedMeta {
+        let owned = std::ptr::NonNull::from(Box::leak(Box::new(OwnedMeta {
             service: service.to_owned(),
             exchange: meta.exchange.to_owned(),
             routing_key: meta.routing_key.to_owned(),
@@ -464,12 +472,12 @@ impl AsyncCall {
             reply_to: meta.reply_to.map(str::to_owned),
             correlation_id: meta.correlation_id.map(str::to_owned),
             traceparent: meta.traceparent.map(str::to_owned),
-        });
-        // SAFETY: `owned` and `bus` point at heap values that this struct
-        // owns and never changes; `env`, declared first, is dropped before
-        // them, and nothing hands its references out beyond the call.
+        })));
+        // SAFETY: `owned` and `bus` point at heap values this struct owns,
+        // never changes and frees only after `env` (see `Drop`); nothing
+        // hands `env`'s references out beyond the call.
         let (o, b): (&'static OwnedMeta, &'static dyn HostBus) =
-            unsafe { (&*std::ptr::from_ref(&*owned), &*Arc::as_ptr(&bus)) };
+            unsafe { (owned.as_ref(), &*Arc::as_ptr(&bus)) };
         let env = HostEnv {
             service: &o.service,
             meta: RequestMeta {
@@ -487,10 +495,18 @@ impl AsyncCall {
         };
         Box::new(Self {
             env,
-            _owned: owned,
+            owned,
             _bus: bus,
             on_done: Some(on_done),
         })
+    }
+}
+
+impl Drop for AsyncCall {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::leak` in `new`, freed only here; `env`'s
+        // references into it die with `self`.
+        drop(unsafe { Box::from_raw(self.owned.as_ptr()) });
     }
 }
 

@@ -114,7 +114,8 @@
 //! with the same arguments, `msg: &Message`, errors and `?`. Await I/O in
 //! it instead of blocking: [`Bus::request_async`] for another service,
 //! and any tokio-based library (an HTTP, Redis or etcd client,
-//! `tokio::time::sleep`) for the rest. No thread waits while it does.
+//! `tokio::time::sleep` with tokio's `time` feature in your own
+//! `Cargo.toml`) for the rest. No thread waits while it does.
 //!
 //! ```
 //! # use commissaire_plugin_api::prelude::*;
@@ -156,6 +157,15 @@
 //! as [`Bus::request`] does: the plugin still works, only without the gain.
 //! `commissaire-host plugins` lists async handlers as `async name(…)`;
 //! [`testing::TestService`] runs them as the host does.
+//!
+//! Known limits: an async handler's `tracing` events carry the service but
+//! not the method and request id (they are emitted on the plugin's
+//! threads, not in the host's call; [`Message::log_info`] and its siblings
+//! carry them); and when a service's every slot holds an async handler
+//! waiting on another service that calls back into it (A → B → A), the
+//! call back waits in the broker: only calls to the service itself let it
+//! take more deliveries, so give such a service a `concurrency` above the
+//! calls it may have in flight.
 //!
 //! # The service value
 //!

@@ -225,12 +225,14 @@ impl<'a> Bus<'a> {
         timeout_ms: u64,
     ) -> Result<R, RpcError> {
         let params = encode("params", params)?;
-        let reply = (self.ctx.host.request())(
-            self.ctx.data,
-            routing_key.into(),
-            params.as_str().into(),
-            timeout_ms,
-        );
+        let reply = blocking(|| {
+            (self.ctx.host.request())(
+                self.ctx.data,
+                routing_key.into(),
+                params.as_str().into(),
+                timeout_ms,
+            )
+        });
         decode_reply(routing_key, reply)
     }
 
@@ -410,6 +412,19 @@ impl<'a> Bus<'a> {
 impl fmt::Debug for Bus<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Bus")
+    }
+}
+
+/// Runs a host call that waits. On a thread of a multi-threaded runtime
+/// (an async handler calling [`Bus::request`], which it should not), the
+/// thread's other tasks move to another thread first, so that they are
+/// not stuck behind the wait.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

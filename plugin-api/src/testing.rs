@@ -54,7 +54,7 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// ([`crate::Message::traceparent`]).
 pub const TEST_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
+type Route = Arc<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 
 /// One service instance under test, with a recording test bus: requests to
 /// the service's own `name.*` come back into it, other routes are set with
@@ -118,7 +118,7 @@ impl<S: ServiceImpl> TestService<S> {
         pattern: &str,
         handler: impl Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync + 'static,
     ) -> Self {
-        lock(&self.kit.routes).push((pattern.to_owned(), Box::new(handler)));
+        lock(&self.kit.routes).push((pattern.to_owned(), Arc::new(handler)));
         self
     }
 
@@ -275,8 +275,12 @@ impl<S: ServiceImpl> Kit<S> {
             timeout,
         ));
         let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
-        let routes = lock(&self.routes);
-        if let Some((_, route)) = routes.iter().find(|(p, _)| matches(p, routing_key)) {
+        // Out of the lock: a route may take its time.
+        let route = lock(&self.routes)
+            .iter()
+            .find(|(p, _)| matches(p, routing_key))
+            .map(|(_, route)| route.clone());
+        if let Some(route) = route {
             let result = route(method, decode("params", params_json)?)?;
             return Ok(Routed::Answer(result.to_string()));
         }
@@ -358,8 +362,19 @@ impl<S: ServiceImpl> HostBus for Kit<S> {
     ) {
         let method = match self.route(routing_key, params_json, timeout) {
             Ok(Routed::Itself(method)) if S::is_async(&method) => method,
+            // A sync handler, off the runtime's threads, as the host runs
+            // it.
             Ok(Routed::Itself(method)) => {
-                return reply.send(self.call_raw(&method, params_json, Some("test-reply")))
+                let (Some(kit), Ok(runtime)) =
+                    (self.me.upgrade(), crate::runtime::runtime(S::NAME))
+                else {
+                    return reply.send(Err(RpcError::internal_error("the test service is gone")));
+                };
+                let params = params_json.to_owned();
+                runtime.spawn_blocking(move || {
+                    reply.send(kit.call_raw(&method, &params, Some("test-reply")));
+                });
+                return;
             }
             Ok(Routed::Answer(json)) => return reply.send(Ok(json)),
             Err(e) => return reply.send(Err(e)),

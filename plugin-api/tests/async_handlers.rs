@@ -36,6 +36,13 @@ impl Waiter {
         msg.bus().request_async("waiter.inc", [once]).await
     }
 
+    /// The blocking bus request inside an async handler (which it should
+    /// not use): it still works, to a sync and to an async method.
+    async fn on_inc_blocking(&self, msg: &Message, x: i64) -> Result<i64, RpcError> {
+        let once: i64 = msg.bus().request("waiter.add", [x, 1])?;
+        msg.bus().request("waiter.inc", [once])
+    }
+
     /// What the message says, after an `.await`.
     async fn on_who(&self, msg: &Message) -> Result<Value, RpcError> {
         tokio::task::yield_now().await;
@@ -93,6 +100,12 @@ fn async_handlers_await_the_bus_and_each_other() {
             "waiter.add"
         ]
     );
+}
+
+#[test]
+fn a_blocking_request_inside_an_async_handler_still_works() {
+    let svc = TestService::<Waiter>::new();
+    assert_eq!(svc.call("inc_blocking", json!([1])), Ok(json!(3)));
 }
 
 #[test]

@@ -71,6 +71,9 @@ struct Raise {
     max_waits: u16,
     /// Handlers now waiting in a bus request.
     waiting: AtomicU16,
+    /// Async handlers' calls to the service itself running in the worker
+    /// (past the cap), at most `max_waits`: beyond, they go to the broker.
+    here: AtomicU16,
     /// The prefetch limit last set.
     limit: tokio::sync::Mutex<u16>,
 }
@@ -78,6 +81,31 @@ struct Raise {
 /// Counts a handler out of the waiting ones when its call ends, however
 /// it ends.
 struct Waiting(Arc<Raise>);
+
+/// Counts an in-worker call out when it ends.
+struct Here(Arc<Raise>);
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        self.0.here.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Raise {
+    /// Counts an async handler's call to the service itself in, to run in
+    /// the worker, unless `max_bus_waits` already do (a handler calling
+    /// itself without end runs out of them, then waits on the broker
+    /// until its deadline).
+    fn run_here(self: &Arc<Self>) -> Option<Here> {
+        let max = self.max_waits;
+        self.here
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Here(self.clone()))
+    }
+}
 
 impl Drop for Waiting {
     fn drop(&mut self) {
@@ -116,6 +144,7 @@ impl HandlerBus {
                 concurrency,
                 max_waits,
                 waiting: AtomicU16::new(0),
+                here: AtomicU16::new(0),
                 limit: tokio::sync::Mutex::new(concurrency),
             }),
             max_message_bytes,
@@ -329,8 +358,14 @@ impl HostBus for HandlerBus {
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
         let parent = parent(caller);
-        // No longer than what is left of the request that calls.
-        let timeout = crate::deadline::bounded(timeout.unwrap_or(self.client.default_timeout()));
+        // No longer than what is left of the request that calls (its
+        // deadline as the handler sees it: a thread a handler runs on, or
+        // an async handler's, which has no deadline of this host's).
+        let timeout = timeout.unwrap_or(self.client.default_timeout());
+        let timeout = match caller.deadline {
+            Some(d) => timeout.min(crate::deadline::remaining(d)),
+            None => crate::deadline::bounded(timeout),
+        };
         if timeout.is_zero() {
             self.metrics.bus_call(routing_key, false);
             return Err(RpcError::internal_error(format!(
@@ -416,7 +451,10 @@ impl HostBus for HandlerBus {
             routing_key.to_owned(),
             params_json.to_owned(),
         );
-        if waiting.is_none() && own {
+        let here = (waiting.is_none() && own)
+            .then(|| self.raise.run_here())
+            .flatten();
+        if let Some(here) = here {
             if let (Some(serving), Some(me)) = (self.serving.clone(), self.me.upgrade()) {
                 crate::throttled!(info!(
                     service = &*self.service,
@@ -428,6 +466,7 @@ impl HostBus for HandlerBus {
                     let result = me
                         .run_here_async(serving, parent, &routing_key, &params, deadline, timeout)
                         .await;
+                    drop(here);
                     metrics.bus_call(&routing_key, result.is_ok());
                     reply.send(result);
                 });

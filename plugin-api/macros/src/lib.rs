@@ -176,12 +176,12 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                 ::core::matches!(method, #(#async_names)|*)
             }
 
-            fn dispatch_async(
+            fn dispatch_async<'m>(
                 self: ::std::sync::Arc<Self>,
-                msg: ::commissaire_plugin_api::Message<'static>,
+                msg: ::commissaire_plugin_api::Message<'m>,
                 method: &str,
                 params: ::std::string::String,
-            ) -> ::core::option::Option<::commissaire_plugin_api::__private::HandlerFuture> {
+            ) -> ::core::option::Option<::commissaire_plugin_api::__private::HandlerFuture<'m>> {
                 let _ = &msg;
                 match method {
                     #(#async_arms)*
