@@ -212,6 +212,29 @@ impl HandlerBus {
         })
     }
 
+    /// A call to this service run in the worker, as the bus would have
+    /// delivered it (with a reply queue, so that it is answered).
+    fn call_to_itself(
+        &self,
+        routing_key: &str,
+        params_json: &str,
+        deadline: Option<u64>,
+    ) -> Incoming {
+        let id = uuid::Uuid::new_v4().to_string();
+        Incoming {
+            exchange: self.client.exchange().to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: crate::protocol::request_body(routing_key, Some(&id), Some(params_json)),
+            reply_to: Some(String::new()),
+            correlation_id: None,
+            malformed: None,
+            traceparent: None,
+            redelivered: false,
+            deadline,
+            settlement: None,
+        }
+    }
+
     /// Runs a call to this service on this thread, as its handler would
     /// run it from the bus: counted under its method, its result or error
     /// returned.
@@ -222,20 +245,8 @@ impl HandlerBus {
         routing_key: &str,
         params_json: &str,
     ) -> Result<String, RpcError> {
-        let id = uuid::Uuid::new_v4().to_string();
         let parent = parent(caller);
-        let incoming = Incoming {
-            exchange: self.client.exchange().to_owned(),
-            routing_key: routing_key.to_owned(),
-            body: crate::protocol::request_body(routing_key, Some(&id), Some(params_json)),
-            reply_to: Some(String::new()),
-            correlation_id: None,
-            malformed: None,
-            traceparent: None,
-            redelivered: false,
-            deadline: crate::deadline::current(),
-            settlement: None,
-        };
+        let incoming = self.call_to_itself(routing_key, params_json, crate::deadline::current());
         let traceparent = TraceContext::child_of(parent.as_ref()).header();
         NESTED.with(|n| n.set(n.get() + 1));
         let handled = self.blocking(|| serving.handle(&incoming, Some(&traceparent), self));
@@ -269,19 +280,7 @@ impl HandlerBus {
         deadline: Option<u64>,
         timeout: Duration,
     ) -> Result<String, RpcError> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let incoming = Incoming {
-            exchange: self.client.exchange().to_owned(),
-            routing_key: routing_key.to_owned(),
-            body: crate::protocol::request_body(routing_key, Some(&id), Some(params_json)),
-            reply_to: Some(String::new()),
-            correlation_id: None,
-            malformed: None,
-            traceparent: None,
-            redelivered: false,
-            deadline,
-            settlement: None,
-        };
+        let incoming = self.call_to_itself(routing_key, params_json, deadline);
         let traceparent = TraceContext::child_of(parent.as_ref()).header();
         let handled = if serving.runs_async(routing_key) {
             let bus: Arc<dyn HostBus> = self.clone();
