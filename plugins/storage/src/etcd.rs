@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::config::{ConfigError, HandlerDef};
 use crate::error::StorageError;
+use crate::tls;
 
 /// How long a connection to etcd may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,9 +85,18 @@ pub struct EtcdClient {
 }
 
 impl EtcdClient {
-    /// A client of the etcd at `server_url` (`http://host:port`).
-    pub fn new(server_url: &str) -> Self {
+    /// A client of the etcd `handler` names (`server_url`, and over
+    /// `https://` its `certificate_*` files, read here: a bad one is an
+    /// error now, not on a request).
+    pub fn new(handler: &HandlerDef) -> Result<Self, ConfigError> {
+        let server_url = handler.server_url();
+        let tls = if handler.uses_tls() {
+            tls::tls_config(&handler.name, handler.tls_files())?
+        } else {
+            tls::no_tls()
+        };
         let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(CALL_TIMEOUT))
@@ -93,10 +104,10 @@ impl EtcdClient {
             .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .build()
             .into();
-        Self {
+        Ok(Self {
             base: server_url.trim_end_matches('/').to_owned(),
             agent,
-        }
+        })
     }
 
     fn url(&self, key: &str) -> String {
