@@ -82,6 +82,9 @@ pub struct Deleted {
 pub struct EtcdClient {
     base: String,
     agent: ureq::Agent,
+    /// Whether it speaks TLS, and shows etcd a client certificate (for
+    /// the hint when etcd refuses the handshake).
+    tls: Option<tls::Shown>,
 }
 
 impl EtcdClient {
@@ -90,13 +93,18 @@ impl EtcdClient {
     /// error now, not on a request).
     pub fn new(handler: &HandlerDef) -> Result<Self, ConfigError> {
         let server_url = handler.server_url();
-        let tls = if handler.uses_tls() {
-            tls::tls_config(&handler.name, handler.tls_files())?
+        let (config, tls) = if handler.uses_tls() {
+            let files = handler.tls_files();
+            let shown = match files.client {
+                Some(_) => tls::Shown::ClientCert,
+                None => tls::Shown::Nothing,
+            };
+            (tls::tls_config(&handler.name, files)?, Some(shown))
         } else {
-            tls::no_tls()
+            (tls::no_tls(), None)
         };
         let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
+            .tls_config(config)
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(CALL_TIMEOUT))
@@ -107,6 +115,7 @@ impl EtcdClient {
         Ok(Self {
             base: server_url.trim_end_matches('/').to_owned(),
             agent,
+            tls,
         })
     }
 
@@ -150,7 +159,7 @@ impl EtcdClient {
         response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<(u16, Value), StorageError> {
         let down = |why: String| StorageError::EtcdDown(format!("{why} (etcd at {})", self.base));
-        let mut response = response.map_err(|e| down(e.to_string()))?;
+        let mut response = response.map_err(|e| down(tls::why_failed(&e, self.tls)))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()

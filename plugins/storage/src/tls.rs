@@ -133,6 +133,71 @@ pub fn no_tls() -> TlsConfig {
         .build()
 }
 
+/// What a TLS handler shows etcd of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// No client certificate.
+    Nothing,
+    /// The client certificate of `certificate_path`.
+    ClientCert,
+}
+
+/// Why a call to etcd failed, said in terms of the handler's keys when
+/// TLS may be why (`tls`: how the handler speaks TLS, if it does).
+pub fn why_failed(e: &ureq::Error, tls: Option<Shown>) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError, Error as Tls};
+    use std::io::ErrorKind;
+    let Some(shown) = tls else {
+        return e.to_string();
+    };
+    let refused = match shown {
+        Shown::Nothing => {
+            format!("etcd asks for a client certificate: set \"{CERT_KEY}\" and \"{KEY_KEY}\"")
+        }
+        Shown::ClientCert => format!("etcd refused the client certificate of \"{CERT_KEY}\""),
+    };
+    let rustls_error = match e {
+        ureq::Error::Rustls(e) => Some(e),
+        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<Tls>()),
+        _ => None,
+    };
+    let Some(tls) = rustls_error else {
+        // etcd refuses a client in TLS 1.3 after the client's side of the
+        // handshake is done: the alert saying why is lost when the
+        // request's write meets the closed connection first.
+        return match e {
+            ureq::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+                ) =>
+            {
+                format!("{e}: etcd closed the TLS connection; if that is because {refused}")
+            }
+            _ => e.to_string(),
+        };
+    };
+    let hint = match tls {
+        Tls::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => format!(
+            "etcd's certificate is not from a CA of \"{CA_KEY}\" (or of the system's store \
+             without it)"
+        ),
+        Tls::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "etcd's certificate is not for the host of \"server_url\"".into(),
+        Tls::AlertReceived(
+            Alert::BadCertificate
+            | Alert::CertificateRequired
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown,
+        ) => refused,
+        _ => return format!("TLS: {tls}"),
+    };
+    format!("TLS: {tls}: {hint}")
+}
+
 /// What is wrong with a PEM file, in words of our own: the parser's
 /// messages quote the offending line, which may be key material.
 fn not_pem(e: &ureq::Error) -> String {
