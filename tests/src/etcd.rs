@@ -11,7 +11,7 @@ use crate::workspace_root;
 /// drop.
 #[derive(Debug)]
 pub struct PrivateEtcd {
-    /// Its client URL, `http://127.0.0.1:<port>`.
+    /// Its client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub url: String,
     dir: tempfile::TempDir,
 }
@@ -20,15 +20,44 @@ fn script() -> PathBuf {
     workspace_root().join("scripts/etcd.sh")
 }
 
+/// How a [`PrivateEtcd`] speaks to its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdTls {
+    /// `http://`.
+    Plain,
+    /// `https://` only, with a certificate from a CA of its own.
+    Server,
+    /// `https://` only, and clients must show a certificate from that CA
+    /// (`--client-cert-auth`).
+    Mutual,
+}
+
 impl PrivateEtcd {
     /// Starts one and waits until its keys API answers.
     pub fn start() -> Self {
+        Self::start_with(EtcdTls::Plain)
+    }
+
+    /// Starts one speaking `tls`; its certificates (`scripts/tls-ca.sh`:
+    /// `ca.pem`, `server.*`, `client.*`) are in [`Self::tls_file`], and
+    /// go with it on drop.
+    pub fn start_with(tls: EtcdTls) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let out = Command::new(script())
-            .arg("up")
-            .arg(dir.path())
-            .output()
-            .expect("run scripts/etcd.sh");
+        let mut up = Command::new(script());
+        up.arg("up").arg(dir.path());
+        if tls != EtcdTls::Plain {
+            let certs = dir.path().join("tls");
+            let made = Command::new(workspace_root().join("scripts/tls-ca.sh"))
+                .arg(&certs)
+                .status()
+                .expect("run scripts/tls-ca.sh");
+            assert!(made.success(), "scripts/tls-ca.sh failed");
+            up.arg("--tls").arg(&certs);
+        }
+        if tls == EtcdTls::Mutual {
+            up.arg("--client-cert-auth");
+        }
+        let out = up.output().expect("run scripts/etcd.sh");
         assert!(
             out.status.success(),
             "scripts/etcd.sh up failed (etcd installed? scripts/ensure-brokers.sh installs it): {}",
@@ -36,6 +65,12 @@ impl PrivateEtcd {
         );
         let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         Self { url, dir }
+    }
+
+    /// A file of its test CA (`ca.pem`, `client.pem`, `client.key`...), for
+    /// an etcd started with TLS.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("tls").join(name)
     }
 
     fn pid(&self) -> String {

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use commissaire_e2e::etcd::{PrivateCustodia, PrivateEtcd};
+use commissaire_e2e::etcd::{EtcdTls, PrivateCustodia, PrivateEtcd};
 use commissaire_e2e::host::{cleanup_broker, unique, AmqpCaller, HostSpec, ReplyQueue, TestHost};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
@@ -48,7 +48,11 @@ impl Rig {
 
     /// The plugin configured by `config(etcd url)`.
     async fn start_with(config: impl FnOnce(&str) -> String) -> Self {
-        let etcd = PrivateEtcd::start();
+        Self::start_on(PrivateEtcd::start(), |etcd| config(&etcd.url)).await
+    }
+
+    /// The plugin configured by `config(etcd)`, on `etcd`.
+    async fn start_on(etcd: PrivateEtcd, config: impl FnOnce(&PrivateEtcd) -> String) -> Self {
         let queue = unique("st-storage");
         let notify_queue = unique("st-notify");
         let spec = HostSpec {
@@ -56,8 +60,7 @@ impl Rig {
             exchange: unique("st-ex"),
             ..HostSpec::amqp()
         };
-        let host =
-            TestHost::start_with_services(spec, &storage_service(&queue, &config(&etcd.url)));
+        let host = TestHost::start_with_services(spec, &storage_service(&queue, &config(&etcd)));
         let caller = AmqpCaller::connect(&host.spec.exchange).await;
         let events = listen(&host.spec.exchange, &notify_queue).await;
         Self {
@@ -650,6 +653,188 @@ async fn etcd_down_is_a_clear_error_not_a_hang() {
     }
     // The service still answers what needs no etcd.
     assert!(rig.ok("list_store_handlers", json!([])).await.is_array());
+}
+
+/// A path for a TOML string.
+fn toml_path(path: &std::path::Path) -> String {
+    format!("\"{}\"", path.display())
+}
+
+/// An etcd error reply whose message says why TLS failed.
+fn assert_tls_failed(method: &str, e: &Value, url: &str, why: &str) {
+    assert_etcd_failed(method, e, url, why);
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(message.contains("due to TLS: "), "{method}: {e}");
+}
+
+/// etcd serving only TLS, with a certificate of a test CA: a handler
+/// trusting that CA (`certificate_ca_path`) saves, reads and lists; one
+/// trusting another CA is refused on every call, with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_over_tls_trusts_the_configured_ca_only() {
+    let other_ca = tempfile::tempdir().expect("temp dir");
+    let made =
+        std::process::Command::new(commissaire_e2e::workspace_root().join("scripts/tls-ca.sh"))
+            .arg(other_ca.path())
+            .status()
+            .expect("run scripts/tls-ca.sh");
+    assert!(made.success());
+    let wrong = toml_path(&other_ca.path().join("ca.pem"));
+    let mut rig = Rig::start_on(PrivateEtcd::start_with(EtcdTls::Server), |etcd| {
+        let (url, ca) = (&etcd.url, toml_path(&etcd.tls_file("ca.pem")));
+        format!(
+            "{{ storage_handlers = [\
+               {{ type = \"etcd\", name = \"st-tls\", server_url = \"{url}\", certificate_ca_path = {ca}, models = [\"Host*\"] }}, \
+               {{ type = \"etcd\", name = \"st-wrong-ca\", server_url = \"{url}\", certificate_ca_path = {wrong}, models = [\"Cluster*\"] }}] }}"
+        )
+    })
+    .await;
+    assert!(rig.etcd.url.starts_with("https://"), "{}", rig.etcd.url);
+
+    let saved = rig
+        .ok(
+            "save",
+            params("Host", json!({"address": "10.7.7.7", "cpus": 2})),
+        )
+        .await;
+    assert_eq!(saved["cpus"], 2);
+    let (key, event) = rig.event().await;
+    assert_eq!(key, "notify.storage.Host.created");
+    assert_eq!(event["model"]["address"], "10.7.7.7");
+    let got = rig
+        .ok("get", params("Host", json!({"address": "10.7.7.7"})))
+        .await;
+    assert_eq!(got, saved);
+    let listed = rig.ok("list", json!({"model_type_name": "Hosts"})).await;
+    assert_eq!(listed, json!([saved]));
+
+    for (method, p) in [
+        ("save", params("Cluster", json!({"name": "st-tls-c"}))),
+        ("get", params("Cluster", json!({"name": "st-tls-c"}))),
+    ] {
+        let e = rig.err(method, p).await;
+        assert_tls_failed(
+            method,
+            &e,
+            &rig.etcd.url,
+            // BadSignature: both test CAs have the same name.
+            "etcd's certificate is not from a CA of \"certificate_ca_path\"",
+        );
+    }
+    // What went wrong on one handler left the other alone.
+    rig.ok("delete", params("Host", json!({"address": "10.7.7.7"})))
+        .await;
+}
+
+/// etcd requiring client certificates (`--client-cert-auth`): a handler
+/// with `certificate_path` and `certificate_key_path` is let in; one with
+/// the CA only is refused on its first call, with the reason, and the
+/// service goes on serving the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_with_a_client_certificate_and_without() {
+    let rig = Rig::start_on(PrivateEtcd::start_with(EtcdTls::Mutual), |etcd| {
+        let url = &etcd.url;
+        let (ca, cert, key) = (
+            toml_path(&etcd.tls_file("ca.pem")),
+            toml_path(&etcd.tls_file("client.pem")),
+            toml_path(&etcd.tls_file("client.key")),
+        );
+        format!(
+            "{{ storage_handlers = [\
+               {{ type = \"etcd\", name = \"st-mtls\", server_url = \"{url}\", certificate_ca_path = {ca}, \
+                  certificate_path = {cert}, certificate_key_path = {key}, models = [\"Host*\"] }}, \
+               {{ type = \"etcd\", name = \"st-no-cert\", server_url = \"{url}\", certificate_ca_path = {ca}, models = [\"Cluster*\"] }}] }}"
+        )
+    })
+    .await;
+
+    let saved = rig
+        .ok("save", params("Host", json!({"address": "10.8.8.8"})))
+        .await;
+    let got = rig
+        .ok("get", params("Host", json!({"address": "10.8.8.8"})))
+        .await;
+    assert_eq!(got, saved);
+
+    let e = rig
+        .err("save", params("Cluster", json!({"name": "st-no-cert"})))
+        .await;
+    // etcd's alert, or the connection it closed when the request's write
+    // came first (TLS 1.3): either way the message says what to set.
+    assert_etcd_failed(
+        "save",
+        &e,
+        &rig.etcd.url,
+        "etcd asks for a client certificate: set \"certificate_path\" and \"certificate_key_path\"",
+    );
+
+    rig.ok("delete", params("Host", json!({"address": "10.8.8.8"})))
+        .await;
+}
+
+/// A TLS file that is missing or not what its key says stops the
+/// service's start: the host exits 1 with one line naming the key and the
+/// path, and never a line of the key.
+#[test]
+fn bad_tls_files_stop_the_start_naming_the_key_and_the_path() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let made =
+        std::process::Command::new(commissaire_e2e::workspace_root().join("scripts/tls-ca.sh"))
+            .arg(certs.path())
+            .status()
+            .expect("run scripts/tls-ca.sh");
+    assert!(made.success());
+    let file = |name: &str| certs.path().join(name);
+    let missing = file("missing.pem");
+    let server_key = std::fs::read_to_string(file("server.key")).expect("server.key");
+    for (files, expected) in [
+        (
+            format!("certificate_ca_path = {}", toml_path(&missing)),
+            format!(
+                "\"certificate_ca_path\" {}: cannot read it",
+                missing.display()
+            ),
+        ),
+        (
+            format!("certificate_ca_path = {}", toml_path(&file("server.key"))),
+            format!(
+                "\"certificate_ca_path\" {}: holds no PEM certificate",
+                file("server.key").display()
+            ),
+        ),
+        (
+            format!(
+                "certificate_ca_path = {}, certificate_path = {}, certificate_key_path = {}",
+                toml_path(&file("ca.pem")),
+                toml_path(&file("client.pem")),
+                toml_path(&file("server.key"))
+            ),
+            format!(
+                "\"certificate_key_path\" {}: not a usable client certificate and key",
+                file("server.key").display()
+            ),
+        ),
+    ] {
+        let queue = unique("st-storage");
+        let spec = HostSpec {
+            plugins: vec!["storage"],
+            exchange: unique("st-ex"),
+            ..HostSpec::amqp()
+        };
+        let exchange = spec.exchange.clone();
+        let config = format!(
+            "{{ storage_handlers = [{{ type = \"etcd\", server_url = \"https://127.0.0.1:1\", {files} }}] }}"
+        );
+        let mut host = TestHost::start_expecting_failure(spec, &storage_service(&queue, &config));
+        let status = host.wait(Duration::from_secs(30));
+        let log = host.stderr();
+        cleanup_broker(&exchange, &[queue]);
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(log.contains(&expected), "{expected}\n{log}");
+        for line in server_key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!log.contains(line), "a line of the key in the log:\n{log}");
+        }
+    }
 }
 
 /// The envelopes of wire.txt (the original's replies during Commissaire's

@@ -18,12 +18,24 @@ const LATE_COMMANDS: Duration = Duration::from_secs(1);
 const LAST_WORDS: Duration = Duration::from_secs(2);
 
 impl Supervisor {
-    /// Collects the workers that exited.
+    /// Collects the workers that exited. One that exited because it
+    /// cannot start is collected once its control socket is read to the
+    /// end (or after [`LAST_WORDS`]): its reason may still be on the way,
+    /// and without it `run` would end saying only "could not start".
     pub(super) fn reap(&mut self) {
         let mut exited = Vec::new();
         for (id, worker) in &mut self.workers {
             match worker.child.try_wait() {
-                Ok(Some(status)) => exited.push((*id, status)),
+                Ok(Some(status)) => {
+                    if status.code() == Some(EXIT_FATAL) && worker.fatal.is_none() {
+                        let seen = *worker.exit_seen.get_or_insert_with(Instant::now);
+                        if !worker.control.is_finished() && seen.elapsed() < LAST_WORDS {
+                            continue;
+                        }
+                        worker.fatal = worker.last_words.get().cloned();
+                    }
+                    exited.push((*id, status));
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(pid = worker.pid, error = %e, "cannot check a worker"),
             }

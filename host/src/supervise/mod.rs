@@ -283,11 +283,9 @@ impl Supervisor {
             }
             // Read by the socket's reader, straight into the book.
             WorkerEvent::Metrics(_) => {}
-            WorkerEvent::Fatal(why) => {
-                if let Some(w) = self.workers.get_mut(&id) {
-                    w.fatal = Some(why);
-                }
-            }
+            // Kept by the socket's reader too, as the worker's last words
+            // (read when it is reaped).
+            WorkerEvent::Fatal(_) => {}
             WorkerEvent::Check(key) => {
                 // The worker that ran this request before may have died a
                 // moment ago: account for every death first.

@@ -4,6 +4,7 @@
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt as _;
@@ -78,6 +79,14 @@ pub(super) struct Worker {
     pub(super) fatal: Option<String>,
     /// Reads its control socket; finished once the worker closed it.
     pub(super) control: tokio::task::JoinHandle<()>,
+    /// Why it cannot start, as its control socket said: kept by the
+    /// reader itself, so that it is known once the reader finished, even
+    /// if the supervisor sees the exit before the event (see
+    /// [`Supervisor::reap`]).
+    pub(super) last_words: Arc<OnceLock<String>>,
+    /// When the supervisor first saw it exited, while waiting for its
+    /// last words.
+    pub(super) exit_seen: Option<Instant>,
 }
 
 impl Worker {
@@ -221,13 +230,17 @@ impl Supervisor {
                 }
             }
         });
+        let last_words = Arc::new(OnceLock::new());
         let control = tokio::spawn(read_control(
             reader,
-            id,
-            service.to_owned(),
-            pid,
-            self.events.clone(),
-            self.metrics.clone(),
+            Reporter {
+                id,
+                service: service.to_owned(),
+                pid,
+                events: self.events.clone(),
+                book: self.metrics.clone(),
+                last_words: last_words.clone(),
+            },
         ));
         if let Some(stdout) = child.stdout.take() {
             // Plugins' output, stdout and stderr: logged, bounded, never
@@ -258,6 +271,8 @@ impl Supervisor {
                 killed_in_init: false,
                 fatal: None,
                 control,
+                last_words,
+                exit_seen: None,
             },
         );
         Some(id)
@@ -348,22 +363,37 @@ fn control_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::n
     Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
 }
 
-/// Reads worker `id`'s control socket until it closes: its counts go
-/// straight to the book (so that they are all in once the socket closed),
-/// its other events to the supervisor's loop.
-async fn read_control(
-    reader: tokio::net::unix::OwnedReadHalf,
+/// Where a worker's control socket reports.
+struct Reporter {
     id: u64,
     service: String,
     pid: u32,
     events: mpsc::UnboundedSender<(u64, WorkerEvent)>,
-    book: std::sync::Arc<super::metrics::MetricsBook>,
-) {
+    book: Arc<super::metrics::MetricsBook>,
+    last_words: Arc<OnceLock<String>>,
+}
+
+/// Reads a worker's control socket until it closes: its counts go
+/// straight to the book (so that they are all in once the socket closed),
+/// and why it cannot start to its last words, for the same reason; its
+/// other events to the supervisor's loop.
+async fn read_control(reader: tokio::net::unix::OwnedReadHalf, to: Reporter) {
+    let Reporter {
+        id,
+        service,
+        pid,
+        events,
+        book,
+        last_words,
+    } = to;
     let mut input = tokio::io::BufReader::new(reader);
     loop {
         match read_line(&mut input, MAX_LINE).await {
             Ok(Line::Text(line)) => match WorkerEvent::parse(&line) {
                 Some(WorkerEvent::Metrics(snapshots)) => book.report(id, &service, snapshots),
+                Some(WorkerEvent::Fatal(why)) => {
+                    let _ = last_words.set(why);
+                }
                 Some(event) => {
                     if events.send((id, event)).is_err() {
                         break;

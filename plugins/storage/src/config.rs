@@ -5,6 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::models::{ModelClass, CLASSES};
+use crate::tls::{TlsFiles, CA_KEY, CERT_KEY, KEY_KEY};
 
 /// Where the original's etcd store looks when its entry names no server.
 pub const DEFAULT_ETCD_URL: &str = "http://127.0.0.1:2379";
@@ -59,6 +60,17 @@ impl HandlerDef {
             .get("server_url")
             .and_then(Value::as_str)
             .unwrap_or(DEFAULT_ETCD_URL)
+    }
+
+    /// The TLS files of an etcd handler: `certificate_ca_path`, and
+    /// `certificate_path` with `certificate_key_path`.
+    pub fn tls_files(&self) -> TlsFiles<'_> {
+        tls_files(&self.config)
+    }
+
+    /// Whether an etcd handler speaks TLS (`https://`).
+    pub fn uses_tls(&self) -> bool {
+        self.server_url().starts_with("https://")
     }
 }
 
@@ -256,20 +268,55 @@ fn check_etcd(config: &Map<String, Value>) -> Result<(), ConfigError> {
             )))
         }
     };
-    if config.get("certificate_path").is_some() != config.get("certificate_key_path").is_some() {
-        return Err(ConfigError(
-            "Both \"certificate_path\" and \"certificate_key_path\" must be provided \
-             to use a client side certificate"
-                .into(),
-        ));
+    for key in [CA_KEY, CERT_KEY, KEY_KEY] {
+        match config.get(key) {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "\"{key}\" must be a string (a file's path), not {other}"
+                )))
+            }
+        }
     }
-    if !url.starts_with("http://") {
+    let files = tls_files(config);
+    if given(config, CERT_KEY).is_some() != given(config, KEY_KEY).is_some() {
         return Err(ConfigError(format!(
-            "etcd server_url {url:?}: this version speaks plain http:// to etcd only \
-             (TLS and client certificates are not supported yet)"
+            "Both \"{CERT_KEY}\" and \"{KEY_KEY}\" must be provided \
+             to use a client side certificate"
         )));
     }
-    Ok(())
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+    match scheme {
+        "https" => Ok(()),
+        // The original meant to refuse this (its check looked for a
+        // misspelt `certificate-path` and never fired) and then ignored
+        // the files: a handler its operator believes secured is not.
+        "http" if files.any() => Err(ConfigError(format!(
+            "Server URL scheme must be \"https\" when using client side certificates \
+             or a CA (\"{CA_KEY}\", \"{CERT_KEY}\", \"{KEY_KEY}\"): got {url:?}"
+        ))),
+        "http" => Ok(()),
+        _ => Err(ConfigError(format!(
+            "etcd server_url {url:?}: must be http://host:port or https://host:port"
+        ))),
+    }
+}
+
+/// A non-empty string under `key` (the original tested the keys' truth:
+/// an empty path is no path).
+fn given<'a>(config: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    config
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// The TLS files an etcd handler's entry names.
+fn tls_files(config: &Map<String, Value>) -> TlsFiles<'_> {
+    TlsFiles {
+        ca: given(config, CA_KEY),
+        client: given(config, CERT_KEY).zip(given(config, KEY_KEY)),
+    }
 }
 
 /// Python's `fnmatch` on POSIX: `*`, `?`, `[seq]` and `[!seq]`, case
@@ -388,5 +435,53 @@ mod tests {
             err(json!({"storage_handlers": [{"type": "etcd", "models": ["HostCreds"]}]}))
                 .contains("No match for model: HostCreds")
         );
+    }
+
+    #[test]
+    fn tls_keys_as_the_original_read_them() {
+        let err = |c: Value| Routing::from_config(&c).unwrap_err().to_string();
+        let etcd = |extra: Value| {
+            let mut entry = json!({"type": "etcd", "server_url": "https://127.0.0.1:2379"});
+            for (k, v) in extra.as_object().unwrap() {
+                entry[k] = v.clone();
+            }
+            json!({ "storage_handlers": [entry] })
+        };
+        // A certificate without its key, and the other way round.
+        for half in [
+            json!({"certificate_path": "/c.pem"}),
+            json!({"certificate_key_path": "/c.key"}),
+            json!({"certificate_path": "/c.pem", "certificate_key_path": ""}),
+        ] {
+            assert!(
+                err(etcd(half.clone()))
+                    .contains("Both \"certificate_path\" and \"certificate_key_path\""),
+                "{half}"
+            );
+        }
+        // TLS files with a plain http:// server.
+        let mut plain = etcd(json!({"certificate_ca_path": "/ca.pem"}));
+        plain["storage_handlers"][0]["server_url"] = json!("http://127.0.0.1:2379");
+        assert!(err(plain).contains("must be \"https\""));
+        assert!(err(etcd(json!({"certificate_ca_path": 1}))).contains("must be a string"));
+        let mut ftp = etcd(json!({}));
+        ftp["storage_handlers"][0]["server_url"] = json!("ftp://127.0.0.1:2379");
+        assert!(err(ftp).contains("must be http://host:port or https://host:port"));
+
+        // Empty paths are no paths, as the original's truth tests had it.
+        let r = Routing::from_config(&etcd(json!({
+            "certificate_ca_path": "/ca.pem", "certificate_path": "", "certificate_key_path": ""
+        })))
+        .unwrap();
+        let h = &r.handlers[1];
+        assert!(h.uses_tls());
+        let files = h.tls_files();
+        assert_eq!((files.ca, files.client), (Some("/ca.pem"), None));
+        let r = Routing::from_config(&etcd(json!({
+            "certificate_path": "/c.pem", "certificate_key_path": "/c.key"
+        })))
+        .unwrap();
+        let files = r.handlers[1].tls_files();
+        assert_eq!((files.ca, files.client), (None, Some(("/c.pem", "/c.key"))));
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::config::{ConfigError, HandlerDef};
 use crate::error::StorageError;
+use crate::tls;
 
 /// How long a connection to etcd may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -80,12 +82,29 @@ pub struct Deleted {
 pub struct EtcdClient {
     base: String,
     agent: ureq::Agent,
+    /// Whether it speaks TLS, and shows etcd a client certificate (for
+    /// the hint when etcd refuses the handshake).
+    tls: Option<tls::Shown>,
 }
 
 impl EtcdClient {
-    /// A client of the etcd at `server_url` (`http://host:port`).
-    pub fn new(server_url: &str) -> Self {
+    /// A client of the etcd `handler` names (`server_url`, and over
+    /// `https://` its `certificate_*` files, read here: a bad one is an
+    /// error now, not on a request).
+    pub fn new(handler: &HandlerDef) -> Result<Self, ConfigError> {
+        let server_url = handler.server_url();
+        let (config, tls) = if handler.uses_tls() {
+            let files = handler.tls_files();
+            let shown = match files.client {
+                Some(_) => tls::Shown::ClientCert,
+                None => tls::Shown::Nothing,
+            };
+            (tls::tls_config(&handler.name, files)?, Some(shown))
+        } else {
+            (tls::no_tls(), None)
+        };
         let agent = ureq::Agent::config_builder()
+            .tls_config(config)
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(CALL_TIMEOUT))
@@ -93,10 +112,11 @@ impl EtcdClient {
             .max_idle_connections_per_host(IDLE_CONNECTIONS)
             .build()
             .into();
-        Self {
+        Ok(Self {
             base: server_url.trim_end_matches('/').to_owned(),
             agent,
-        }
+            tls,
+        })
     }
 
     fn url(&self, key: &str) -> String {
@@ -139,7 +159,7 @@ impl EtcdClient {
         response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<(u16, Value), StorageError> {
         let down = |why: String| StorageError::EtcdDown(format!("{why} (etcd at {})", self.base));
-        let mut response = response.map_err(|e| down(e.to_string()))?;
+        let mut response = response.map_err(|e| down(tls::why_failed(&e, self.tls)))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()

@@ -15,6 +15,7 @@ mod models;
 mod pyfmt;
 mod secrets;
 mod throttle;
+mod tls;
 
 /// Bytes a store's URL path keeps as they are: RFC 3986's unreserved set,
 /// and `/` between the path's segments.
@@ -93,8 +94,9 @@ impl Storage {
             .handlers
             .iter()
             .filter(|h| h.kind == StoreKind::Etcd)
-            .map(|h| (h.name.clone(), EtcdClient::new(h.server_url())))
-            .collect();
+            .map(|h| Ok((h.name.clone(), EtcdClient::new(h)?)))
+            .collect::<Result<_, config::ConfigError>>()
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
         for h in &routing.handlers {
             let classes: Vec<&str> = h.classes.iter().map(|c| c.name).collect();
             tracing::info!(
