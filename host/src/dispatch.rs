@@ -134,9 +134,12 @@ impl Service {
             Ok(request) => {
                 let meta = request_meta(delivery, &request, traceparent, deadline);
                 let result = match self.instance.call_async(meta, bus, request.params) {
-                    Some(mut pending) => match tokio::time::timeout_at(limit, &mut pending).await {
-                        Ok(result) => result,
-                        Err(_) => return Ran::TimedOut(pending),
+                    Some(mut pending) => match pending.ended() {
+                        Some(result) => result,
+                        None => match tokio::time::timeout_at(limit, &mut pending).await {
+                            Ok(result) => result,
+                            Err(_) => return Ran::TimedOut(pending),
+                        },
                     },
                     None => Err(RpcError::internal_error(format!(
                         "the plugin of `{}` cannot run async handlers",

@@ -267,11 +267,23 @@ impl<S: ServiceImpl> Exports<S> {
             ));
             return AsyncHandle(std::ptr::null());
         };
-        let task = runtime.spawn(Guarded {
+        let mut guarded = Guarded {
             future: Some(future),
             finish,
             method: method.to_owned(),
-        });
+        };
+        // A first poll here, in the runtime's context, on the host's thread:
+        // a handler with nothing to wait for (or whose first `.await` is
+        // ready) ends without a hop to the runtime's threads and back. Its
+        // waker is a no-op: a future still pending is polled again by the
+        // runtime at once, and registers the runtime's waker then.
+        let entered = runtime.enter();
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        if Pin::new(&mut guarded).poll(&mut noop).is_ready() {
+            return AsyncHandle(std::ptr::null());
+        }
+        drop(entered);
+        let task = runtime.spawn(guarded);
         let handle = Box::new(task.abort_handle());
         AsyncHandle(Box::into_raw(handle).cast::<ErasedObject>())
     }

@@ -344,6 +344,16 @@ impl fmt::Debug for PendingCall {
 }
 
 impl PendingCall {
+    /// The handler's result if it has ended already (a handler with nothing
+    /// to wait for ends inside `call_async`): no timer, no wake-up.
+    pub fn ended(&mut self) -> Option<Result<RString, RpcError>> {
+        let result = self.rx.try_recv().ok()?;
+        if let Some(handle) = self.handle.take() {
+            handle.end(false);
+        }
+        Some(result.into_result().map_err(RpcError::from_abi))
+    }
+
     /// Cancels the handler now, if it still runs; the future then resolves
     /// once the plugin dropped the handler's future (at once, unless the
     /// handler blocks its thread).
