@@ -119,7 +119,9 @@ impl Service {
     /// Handles one delivery whose handler is an `async fn`: as
     /// [`Service::handle`], awaiting the handler on the plugin's runtime
     /// with no thread held, until `limit`. Past it the handler is still
-    /// running, and its call is handed back to be cancelled.
+    /// running, and its call is handed back to be cancelled. With
+    /// `poll_here`, the handler's first poll runs on this thread: for a
+    /// method proven quick, which then ends with no hop between threads.
     pub async fn handle_async(
         &self,
         delivery: &Incoming,
@@ -127,13 +129,17 @@ impl Service {
         bus: Arc<dyn HostBus>,
         deadline: Option<u64>,
         limit: tokio::time::Instant,
+        poll_here: bool,
     ) -> Ran {
         let started = Instant::now();
         let mut holder = None;
         let outcome = match parse_request(&delivery.body, &delivery.routing_key, &mut holder) {
             Ok(request) => {
                 let meta = request_meta(delivery, &request, traceparent, deadline);
-                let result = match self.instance.call_async(meta, bus, request.params) {
+                let call = self
+                    .instance
+                    .call_async(meta, bus, request.params, poll_here);
+                let result = match call {
                     Some(mut pending) => match pending.ended() {
                         Some(result) => result,
                         None => match tokio::time::timeout_at(limit, &mut pending).await {

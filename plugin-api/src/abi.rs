@@ -216,14 +216,18 @@ pub struct PluginVTable {
     pub(crate) set_host_logger: extern "C" fn(logger: HostLogger),
     /// (1.5) Starts async method `method` on the plugin's own runtime and
     /// returns at once; `done` gets its result (or a -32603 when it was
-    /// cancelled) once the handler's future is gone. Any other method is
-    /// answered -32601 at once. Contract: `service` is live, and
-    /// `ctx.data` stays valid until `done` is called.
+    /// cancelled) once the handler's future is gone. With `poll_here`, the
+    /// future is first polled on the calling thread (in the runtime's
+    /// context), so that a handler with nothing to wait for ends there and
+    /// `done` is called before this returns. Any other method is answered
+    /// -32601 at once. Contract: `service` is live, and `ctx.data` stays
+    /// valid until `done` is called.
     pub(crate) call_async: for<'a> extern "C" fn(
         service: ServiceHandle,
         ctx: &CallCtx<'a>,
         method: RStr<'a>,
         params: RStr<'a>,
+        poll_here: bool,
         done: Completion,
     ) -> AsyncHandle,
     /// (1.5) Releases the handle of an async call; with `cancel`, drops

@@ -223,11 +223,19 @@ impl<S: ServiceImpl> Exports<S> {
         ctx: &CallCtx<'a>,
         method: RStr<'a>,
         params: RStr<'a>,
+        poll_here: bool,
         done: Completion,
     ) -> AsyncHandle {
         let finish = Finish(Some(done));
         let started = catch_unwind(AssertUnwindSafe(|| {
-            Self::start(service, ctx, method.as_str(), params.as_str(), finish)
+            Self::start(
+                service,
+                ctx,
+                method.as_str(),
+                params.as_str(),
+                poll_here,
+                finish,
+            )
         }));
         // A panic dropped `finish`, which told the host.
         started.unwrap_or(AsyncHandle(std::ptr::null()))
@@ -238,6 +246,7 @@ impl<S: ServiceImpl> Exports<S> {
         ctx: &CallCtx<'_>,
         method: &str,
         params: &str,
+        poll_here: bool,
         mut finish: Finish,
     ) -> AsyncHandle {
         let runtime = match crate::runtime::runtime(S::NAME) {
@@ -272,17 +281,18 @@ impl<S: ServiceImpl> Exports<S> {
             finish,
             method: method.to_owned(),
         };
-        // A first poll here, in the runtime's context, on the host's thread:
-        // a handler with nothing to wait for (or whose first `.await` is
-        // ready) ends without a hop to the runtime's threads and back. Its
-        // waker is a no-op: a future still pending is polled again by the
-        // runtime at once, and registers the runtime's waker then.
-        let entered = runtime.enter();
-        let mut noop = Context::from_waker(std::task::Waker::noop());
-        if Pin::new(&mut guarded).poll(&mut noop).is_ready() {
-            return AsyncHandle(std::ptr::null());
+        // A first poll here, in the runtime's context, on the host's thread
+        // (when the host found the method quick): a handler with nothing to
+        // wait for ends without a hop to the runtime's threads and back.
+        // Its waker is a no-op: a future still pending is polled again by
+        // the runtime at once, and registers the runtime's waker then.
+        if poll_here {
+            let _entered = runtime.enter();
+            let mut noop = Context::from_waker(std::task::Waker::noop());
+            if Pin::new(&mut guarded).poll(&mut noop).is_ready() {
+                return AsyncHandle(std::ptr::null());
+            }
         }
-        drop(entered);
         let task = runtime.spawn(guarded);
         let handle = Box::new(task.abort_handle());
         AsyncHandle(Box::into_raw(handle).cast::<ErasedObject>())

@@ -299,14 +299,17 @@ impl ServiceInstance {
 impl ServiceInstance {
     /// Starts `meta.method`, an async handler, on the plugin's runtime,
     /// with raw `params` JSON text; the returned future is its result.
-    /// Dropping the future (at a deadline, say) cancels the handler. `None`
-    /// for a plugin older than plugin-api 1.5 (call it with
+    /// Dropping the future (at a deadline, say) cancels the handler. With
+    /// `poll_here`, its first poll runs on this thread (for a handler known
+    /// to reach its first `.await`, or its end, at once). `None` for a
+    /// plugin older than plugin-api 1.5 (call it with
     /// [`ServiceInstance::call`]).
     pub fn call_async(
         &self,
         meta: RequestMeta<'_>,
         bus: Arc<dyn HostBus>,
         params: &str,
+        poll_here: bool,
     ) -> Option<PendingCall> {
         let service = self.vtable.service_name().as_str();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -317,6 +320,7 @@ impl ServiceInstance {
             meta,
             bus,
             params,
+            poll_here,
             Box::new(move |result| {
                 let _ = tx.send(result);
             }),
@@ -412,6 +416,7 @@ pub(crate) fn start_async(
     meta: RequestMeta<'_>,
     bus: Arc<dyn HostBus>,
     params: &str,
+    poll_here: bool,
     on_done: Box<dyn FnOnce(CallResult) + Send>,
 ) -> Option<RunningCall> {
     let (call_async, end) = (vtable.call_async()?, vtable.end_async()?);
@@ -435,7 +440,14 @@ pub(crate) fn start_async(
     };
     // `meta.method` is the caller's: it outlives this call even if the
     // plugin calls `done`, freeing the call's copy, before it returns.
-    let handle = call_async(handle, &ctx, meta.method.into(), params.into(), done);
+    let handle = call_async(
+        handle,
+        &ctx,
+        meta.method.into(),
+        params.into(),
+        poll_here,
+        done,
+    );
     Some(RunningCall { handle, end })
 }
 

@@ -209,7 +209,9 @@ impl<S: ServiceImpl> Kit<S> {
         let meta = meta(&routing_key, method, reply_to);
         if S::is_async(method) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<CallResult>(1);
-            let running = self.start(meta, params, move |result| {
+            // Polled first on this thread, as the host does for a method
+            // proven quick (a self-route below is not).
+            let running = self.start(meta, params, true, move |result| {
                 let _ = tx.send(result);
             })?;
             // Waits here, on the test's thread, never on the runtime's.
@@ -239,6 +241,7 @@ impl<S: ServiceImpl> Kit<S> {
         &self,
         meta: RequestMeta<'_>,
         params: &str,
+        poll_here: bool,
         on_done: impl FnOnce(CallResult) + Send + 'static,
     ) -> Result<crate::host::RunningCall, RpcError> {
         let bus: Arc<dyn HostBus> = self
@@ -252,6 +255,7 @@ impl<S: ServiceImpl> Kit<S> {
             meta,
             bus,
             params,
+            poll_here,
             Box::new(on_done),
         )
         .ok_or_else(|| RpcError::internal_error("this plugin-api has no async calls"))
@@ -381,7 +385,7 @@ impl<S: ServiceImpl> HostBus for Kit<S> {
         };
         let routing_key = format!("{}.{method}", S::NAME);
         let meta = meta(&routing_key, &method, Some("test-reply"));
-        let started = self.start(meta, params_json, move |result| {
+        let started = self.start(meta, params_json, false, move |result| {
             reply.send(
                 result
                     .into_result()

@@ -233,16 +233,18 @@ impl ServiceInstance {
         self.instance.call(meta, bus, params)
     }
 
-    /// Starts async handler `meta.method` on the plugin's runtime; the
-    /// future is its result, and dropping it cancels the handler. `None`
+    /// Starts async handler `meta.method` on the plugin's runtime (its
+    /// first poll on this thread with `poll_here`); the future is its
+    /// result, and dropping it cancels the handler. `None`
     /// for a plugin built before async handlers (plugin-api 1.5).
     pub fn call_async(
         &self,
         meta: RequestMeta<'_>,
         bus: std::sync::Arc<dyn HostBus>,
         params: &str,
+        poll_here: bool,
     ) -> Option<PendingCall> {
-        self.instance.call_async(meta, bus, params)
+        self.instance.call_async(meta, bus, params, poll_here)
     }
 }
 

@@ -285,8 +285,10 @@ impl HandlerBus {
         let handled = if serving.runs_async(routing_key) {
             let bus: Arc<dyn HostBus> = self.clone();
             let limit = tokio::time::Instant::now() + timeout;
+            // On the plugin's runtime from its first poll: nothing has
+            // proven it quick here.
             match serving
-                .handle_async(&incoming, Some(&traceparent), bus, deadline, limit)
+                .handle_async(&incoming, Some(&traceparent), bus, deadline, limit, false)
                 .await
             {
                 Ran::Done(handled) => handled,

@@ -246,6 +246,11 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
 async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
     let limit = tokio::time::Instant::from_std(inbound.arrived + s.limits.handler_timeout);
     let bus: Arc<dyn HostBus> = s.handler_bus.clone();
+    // A method whose whole handler proved quick (see `placement`) has its
+    // first poll here, on the runtime thread, and ends there; the others
+    // run on the plugin's runtime from the start.
+    let method = s.placement.method(&inbound.incoming.routing_key);
+    let poll_here = s.placement.inline(method);
     let ran = s
         .service
         .handle_async(
@@ -254,14 +259,17 @@ async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Ha
             bus,
             Some(inbound.deadline),
             limit,
+            poll_here,
         )
         .await;
     match ran {
         Ran::Done(handled) => {
+            s.placement.record(method, handled.took);
             s.metrics.took(&inbound.incoming.routing_key, handled.took);
             Some(handled)
         }
         Ran::TimedOut(mut pending) => {
+            s.placement.record(method, s.limits.handler_timeout);
             if inbound.claim() {
                 answer_timed_out(inbound).await;
             }
