@@ -32,6 +32,9 @@ pub struct Handled {
     pub took: std::time::Duration,
     /// The error code it was answered with; `None` for a result.
     pub code: Option<i64>,
+    /// What the handler's panic said, if it panicked (see
+    /// [`crate::quarantine::is_panic`]).
+    pub panic: Option<String>,
 }
 
 /// One service of one plugin, ready to answer deliveries.
@@ -133,9 +136,15 @@ impl Service {
                 Err((rejected.id_json.to_owned(), rejected.error))
             }
         };
+        let mut panic = None;
         let (body, code) = match outcome {
             Ok(body) => (body, None),
-            Err((id, e)) => (error_body(&id, &e), Some(e.code)),
+            Err((id, e)) => {
+                if crate::quarantine::is_panic(e.code, &e.message) {
+                    panic = Some(e.message.clone());
+                }
+                (error_body(&id, &e), Some(e.code))
+            }
         };
         let reply = delivery.reply_to.as_ref().map(|to| Reply {
             to: to.clone(),
@@ -145,6 +154,7 @@ impl Service {
             reply,
             took: started.elapsed(),
             code,
+            panic,
         }
     }
 }
