@@ -89,13 +89,33 @@ pub struct Entry {
     pub redelivered: bool,
 }
 
-/// A request's fingerprint: FNV-1a over the service, the routing key and
-/// the body, each with its length (stable across processes and builds,
-/// unlike `DefaultHasher`).
+/// A request's fingerprint: FNV-1a (stable across processes and builds,
+/// unlike `DefaultHasher`) over the service, the routing key and the body
+/// without its JSON-RPC `id`, each part with its length. The id is the
+/// caller's bookkeeping: the same poison sent by a thousand callers, or
+/// retried, is one fingerprint; a body that is not a JSON-RPC request is
+/// taken whole.
 pub fn fingerprint(service: &str, routing_key: &str, body: &[u8]) -> u64 {
+    let mut holder = None;
+    let id = match crate::protocol::parse_request(body, routing_key, &mut holder) {
+        Ok(request) => request.id_json,
+        Err(rejected) => rejected.id_json,
+    };
+    // The id's place in the body, when it was read from it (not from a
+    // body encoded twice, nor the "null" of a request without one).
+    let (start, base) = (id.as_ptr() as usize, body.as_ptr() as usize);
+    if start >= base && start + id.len() <= base + body.len() {
+        let at = start - base;
+        let (before, after) = (&body[..at], &body[at + id.len()..]);
+        return fnv(&[service.as_bytes(), routing_key.as_bytes(), before, after]);
+    }
+    fnv(&[service.as_bytes(), routing_key.as_bytes(), body])
+}
+
+fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [service.as_bytes(), routing_key.as_bytes(), body] {
-        for b in (part.len() as u64).to_le_bytes().iter().chain(part) {
+    for part in parts {
+        for b in (part.len() as u64).to_le_bytes().iter().chain(*part) {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -289,6 +309,14 @@ mod tests {
         assert_ne!(a, fingerprint("t", "s.m", b"x"));
         // Lengths are hashed: moving bytes between parts changes it.
         assert_ne!(fingerprint("ab", "c", b""), fingerprint("a", "bc", b""));
+        // The caller's id is not the request's.
+        let call = |id: &str, params: &str| {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"m","params":{params}}}"#);
+            fingerprint("s", "s.m", body.as_bytes())
+        };
+        assert_eq!(call("1", "[1]"), call("\"other\"", "[1]"));
+        assert_ne!(call("1", "[1]"), call("1", "[2]"));
+        assert_ne!(call("1", "[1]"), call("1", "[1 ]"));
     }
 
     #[test]

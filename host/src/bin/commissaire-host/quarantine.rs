@@ -262,8 +262,9 @@ fn replay_in_child(
     }
     let output = child.wait_with_output().context("the replay process")?;
     let mut out = std::io::stdout().lock();
+    // The reply, result or error, as the child printed it.
+    out.write_all(&output.stdout)?;
     if output.status.success() {
-        out.write_all(&output.stdout)?;
         return Ok(ExitCode::SUCCESS);
     }
     use std::os::unix::process::ExitStatusExt as _;
