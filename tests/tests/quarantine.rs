@@ -390,3 +390,23 @@ fn quarantine_0_keeps_nothing() {
         0
     );
 }
+
+#[test]
+fn a_handler_past_its_timeout_is_quarantined_once_answered() {
+    let host = TestHost::start(amqp_spec("handler_timeout = 1\n"));
+    let call = command(&host, &["call", "demo.sleep", "[3000]", "--timeout", "30"]);
+    assert_eq!(call.code, Some(2), "{}", call.stderr);
+    assert!(
+        call.stderr.contains("did not return within 1s"),
+        "{}",
+        call.stderr
+    );
+    let lines = list_until(&host, "the timeout kept", |lines| lines.len() == 1);
+    assert!(
+        lines[0].contains("timeout") && lines[0].contains("sleep") && lines[0].ends_with("count 1"),
+        "{}",
+        lines[0]
+    );
+    let show = command(&host, &["quarantine", "show", id_of(&lines[0])]);
+    assert!(show.stdout.contains("3000"), "{}", show.stdout);
+}
