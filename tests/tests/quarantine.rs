@@ -410,3 +410,30 @@ fn a_handler_past_its_timeout_is_quarantined_once_answered() {
     let show = command(&host, &["quarantine", "show", id_of(&lines[0])]);
     assert!(show.stdout.contains("3000"), "{}", show.stdout);
 }
+
+/// Not a check: the figures docs/quarantine.md quotes. 5,000 panicking
+/// requests, 64 in flight, with the quarantine on and off, three times
+/// each; prints how long each flood took (with 64 in flight, the mean
+/// answer time is that × 64 / 5,000). `cargo test -p commissaire-e2e
+/// --test quarantine -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn answer_time_with_and_without_the_quarantine() {
+    for round in 0..3 {
+        for bound in [1000, 0] {
+            let host = TestHost::start(amqp_spec(&format!("quarantine = {bound}\n")));
+            let report = flood(&host, 5000);
+            let errors = report
+                .replies
+                .values()
+                .filter(|r| r["error"]["code"] == -32603)
+                .count();
+            eprintln!(
+                "round {round}, quarantine = {bound}: {errors} answered -32603 in {:.2} s \
+                 (mean answer {:.1} ms)",
+                report.elapsed.as_secs_f64(),
+                report.elapsed.as_secs_f64() * 64.0 / 5.0
+            );
+        }
+    }
+}
