@@ -281,6 +281,10 @@ fn a_flood_of_one_poison_is_one_entry(spec: HostSpec) {
     });
     assert!(lines[0].contains("panic"), "{}", lines[0]);
     let kept = stored(&host);
+    eprintln!(
+        "{} after the flood; {kept} entries stored, bound 50",
+        lines[0]
+    );
     assert!((1..=50).contains(&kept), "{kept} entries stored, bound 50");
     // Workers report their counts to the supervisor every few seconds.
     let series = "commissaire_quarantined_total{service=\"demo\",reason=\"panic\"}";
@@ -353,6 +357,10 @@ fn many_poisons_keep_at_most_the_bound(spec: HostSpec) {
         lines.join("\n")
     );
     let kept = stored(&host);
+    eprintln!(
+        "{DIFFERENT} different: {} listed, {kept} entries stored, bound {BOUND}",
+        lines.len()
+    );
     assert!(
         (1..=BOUND).contains(&kept),
         "{kept} entries stored, bound {BOUND}"
