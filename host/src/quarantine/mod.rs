@@ -185,3 +185,79 @@ impl Quarantine {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+
+    fn incoming(body: &str) -> Incoming {
+        Incoming {
+            exchange: "x".into(),
+            routing_key: "s.boom".into(),
+            body: body.as_bytes().to_vec(),
+            reply_to: Some("r".into()),
+            correlation_id: None,
+            malformed: None,
+            traceparent: None,
+            deadline: None,
+            redelivered: false,
+            settlement: None,
+        }
+    }
+
+    async fn summaries(bus: &Arc<dyn BusTransport>) -> (Vec<entry::Summary>, usize) {
+        let raw = bus.quarantine_read("q.quarantine").await.unwrap();
+        let n = raw.len();
+        (
+            entry::summarize(raw.iter().filter_map(|b| Entry::from_bytes(b))),
+            n,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_one_entry_whose_count_catches_up() {
+        let bus: Arc<dyn BusTransport> = Arc::new(MemoryBus::new());
+        let all = crate::metrics::Metrics::default();
+        let q = Quarantine::new(Arc::from("s"), 5, all.service("s", []));
+        for id in 0..1000 {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"boom","params":[]}}"#);
+            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom");
+        }
+        // The count of the burst is written within REWRITE_EVERY.
+        let started = Instant::now();
+        loop {
+            let (list, stored) = summaries(&bus).await;
+            if list.first().is_some_and(|s| s.count == 1000) {
+                assert_eq!(list.len(), 1);
+                assert!(stored <= 2, "{stored} stored: the first, then the count");
+                break;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Different ones: never more than the bound.
+        for n in 0..50 {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"boom","params":[{n}]}}"#);
+            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(summaries(&bus).await.1 <= 5);
+        let counts = &all.snapshot(0)[0];
+        assert_eq!(counts.quarantined(Reason::Panic), 1050);
+        assert_eq!(counts.quarantine_bound, 5);
+    }
+
+    #[tokio::test]
+    async fn a_bound_of_0_keeps_nothing() {
+        let bus: Arc<dyn BusTransport> = Arc::new(MemoryBus::new());
+        let all = crate::metrics::Metrics::default();
+        let q = Quarantine::new(Arc::from("s"), 0, all.service("s", []));
+        q.keep(&bus, "q", &incoming("{}"), Reason::Timeout, "late");
+        let counts = &all.snapshot(0)[0];
+        assert_eq!(counts.quarantined(Reason::Timeout), 0, "not counted");
+        assert_eq!(counts.quarantine_bound, 0);
+        assert!(is_panic(-32603, "the handler of `m` panicked: x"));
+        assert!(!is_panic(-32603, "the handler did not return within 1s"));
+    }
+}

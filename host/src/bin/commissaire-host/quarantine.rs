@@ -101,7 +101,8 @@ async fn dispatch(
                 };
                 removed = bus.quarantine_remove(&queue_of(queue), &pick).await?;
             }
-            writeln!(out, "{removed} entries removed")?;
+            let entries = if removed == 1 { "entry" } else { "entries" };
+            writeln!(out, "{removed} {entries} removed")?;
             Ok(ExitCode::SUCCESS)
         }
         QuarantineCommand::Replay {
