@@ -3,7 +3,9 @@
 # and commissaire-host serving libsimple.so (VARIANTS: host = the defaults,
 # workers = 1; host-w2 = workers = 2; host-confirm = confirm_replies = true;
 # host-handover = inline_handlers = false; host-inline = inline_handlers =
-# true; host-ack0 = ack_window_us = 0, each request acked on its own),
+# true; host-ack0 = ack_window_us = 0, each request acked on its own;
+# host-async = the defaults, calling `simple.add_async`, the same sum as an
+# async handler),
 # alternately, ROUNDS rounds, each measured by loadgen at concurrency 1 and 32
 # on the same broker. Prints every figure, the ratio host/reference per round,
 # and the median ratios. BASE_BIN=path adds the variant `base`: that
@@ -37,12 +39,12 @@ ticks() { cat "/proc/$1/stat" $(pgrep -P "$1" | sed 's|.*|/proc/&/stat|') 2>/dev
 broker_ticks() { cat $(pgrep -f beam.smp | sed 's|.*|/proc/&/stat|') 2>/dev/null | awk '{t += $14 + $15} END {print t}'; }
 hz=$(getconf CLK_TCK)
 
-measure() { # label server-pid
+measure() { # label server-pid [routing-key]
   for c in 1 32; do
     local s0 b0 line s1 b1
     s0=$(ticks "$2"); b0=$(broker_ticks)
     line=$(target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
-      --requests "$requests" --warmup 2000 --json)
+      --routing-key "${3:-simple.add}" --requests "$requests" --warmup 2000 --json)
     s1=$(ticks "$2"); b1=$(broker_ticks)
     # CPU microseconds per request (warm-up included), server and broker.
     echo "$1 ${line%\}},\"server_cpu_us\":$(( (s1 - s0) * 1000000 / hz / (requests + 2000) )),\"broker_cpu_us\":$(( (b1 - b0) * 1000000 / hz / (requests + 2000) ))}"
@@ -58,13 +60,14 @@ for r in $(seq 1 "$rounds"); do
 
   # `base` runs once a round, whether or not VARIANTS names it too.
   for variant in $(printf '%s\n' ${VARIANTS:-host host-w2} | grep -vx base) ${BASE_BIN:+base}; do
-    bin=target/release/commissaire-host config=$variant
+    bin=target/release/commissaire-host config=$variant key=simple.add
     if [ "$variant" = base ]; then bin=$BASE_BIN config=host; fi
+    if [ "$variant" = host-async ]; then config=host key=simple.add_async; fi
     # (`supervisor`: the module's name in older builds.)
     COMMISSAIRE_LOG=warn,commissaire_host::supervise=info,commissaire_host::supervisor=info "$bin" run \
       --config "$work/$config.toml" --bus-uri "$uri" 2> "$work/host.log" &
     pid=$!; wait_ready "$work/host.log" "every service is consuming"
-    measure "$r $variant" "$pid" | tee -a "$results"
+    measure "$r $variant" "$pid" "$key" | tee -a "$results"
     kill -TERM "$pid"; wait "$pid" || true
   done
 done
@@ -81,6 +84,7 @@ for variant, label in (("host", "workers = 1"), ("host-w2", "workers = 2"),
                        ("host-handover", "workers = 1, inline_handlers = false"),
                        ("host-inline", "workers = 1, inline_handlers = true"),
                        ("host-ack0", "workers = 1, ack_window_us = 0"),
+                       ("host-async", "workers = 1, simple.add_async (an async handler)"),
                        ("base", "workers = 1, the BASE_BIN build")):
     if not any(variant in d for d in rows.values()):
         continue

@@ -8,6 +8,10 @@
 # 2-core machine do not move.
 #
 #   scripts/request-cost.sh [REQUESTS] [REQUESTS_C1]     (default 5000, 2000)
+#   SERVERS="reference host host-async" scripts/request-cost.sh
+#
+# host-async: the same host, called on `simple.add_async` (the same sum
+# as an async handler): what the async path costs against the sync one.
 #
 # Counted: only the measured window. Each server gets WARMUP requests
 # first, then its counters are zeroed (`callgrind_control -z`), loadgen
@@ -48,7 +52,8 @@ control() {
 
 results="$work/results"
 : > "$results"
-for server in reference host; do
+for server in ${SERVERS:-reference host}; do
+  key=simple.add; [ "$server" = host-async ] && key=simple.add_async
   for c in 32 1; do
     n=$requests; [ "$c" = 1 ] && n=$requests_c1
     rm -f "$work"/cg.*
@@ -64,11 +69,11 @@ for server in reference host; do
       pid=$!; wait_ready "$work/server.log" "every service is consuming" 60
     fi
     target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
-      --requests "$warmup" --warmup 0 --json > /dev/null
+      --routing-key "$key" --requests "$warmup" --warmup 0 --json > /dev/null
     control -z "$pid"
     started=$(date +%s.%N)
     target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
-      --requests "$n" --warmup 0 --json > "$work/load.json"
+      --routing-key "$key" --requests "$n" --warmup 0 --json > "$work/load.json"
     control -d "$pid"
     window=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {print b - a}')
     control -z "$pid"
@@ -77,7 +82,7 @@ for server in reference host; do
     for p in $(server_pids "$pid"); do
       # The first dump is the window, the second the idle seconds.
       role=$(grep -a -m1 '^cmd:' "$work/cg.$p.1" | grep -q ' worker' && echo worker || echo main)
-      [ "$server" = host ] && [ "$role" = main ] && role=supervisor
+      [ "$server" != reference ] && [ "$role" = main ] && role=supervisor
       [ "$server" = reference ] && role=reference
       echo "$server $c $n $window $role $(grep -a -m1 '^summary:' "$work/cg.$p.1" | cut -d' ' -f2) $(grep -a -m1 '^summary:' "$work/cg.$p.2" | cut -d' ' -f2) $(cat "$work/load.json")" >> "$results"
       if [ -n "${CALLGRIND_DIR:-}" ]; then
@@ -100,7 +105,7 @@ print("instructions per request, RabbitMQ, under callgrind (in all: the window's
       f" load: less each process's idle rate over {idle:.0f} s times the window)")
 print(f"{'server':<10} {'c':>3} {'requests':>8} {'window s':>8}  {'process':<11} {'in all':>8} {'load':>8}  {'idle Ir/s':>10}")
 totals = {}
-for (server, c), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != 32, kv[0][0] != "host")):
+for (server, c), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != 32, kv[0][0])):
     n, w = r["n"], r["window"]
     t_all = t_load = 0.0
     for role, (ir, ir_idle) in sorted(r["roles"].items()):
@@ -113,8 +118,9 @@ for (server, c), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != 32, kv[0]
         print(f"{server:<10} {c:>3} {n:>8} {w:>8.1f}  {'both':<11} {t_all:>8.0f} {t_load:>8.0f}")
 print()
 for c in (32, 1):
-    if ("host", c) in totals and ("reference", c) in totals:
-        h, ref = totals[("host", c)], totals[("reference", c)]
-        print(f"c={c:<2}: host {h[0]:.0f} / reference {ref[0]:.0f} = {h[0] / ref[0]:.3f} in all;"
-              f" {h[1]:.0f} / {ref[1]:.0f} = {h[1] / ref[1]:.3f} load")
+    for server, base in (("host", "reference"), ("host-async", "reference"), ("host-async", "host")):
+        if (server, c) in totals and (base, c) in totals:
+            h, ref = totals[(server, c)], totals[(base, c)]
+            print(f"c={c:<2}: {server} {h[0]:.0f} / {base} {ref[0]:.0f} = {h[0] / ref[0]:.3f} in all;"
+                  f" {h[1]:.0f} / {ref[1]:.0f} = {h[1] / ref[1]:.3f} load")
 PY

@@ -35,7 +35,9 @@
 //! default (1.1 plugins send it); 1.2 plugins send at least 1 ms for an
 //! explicit timeout. 1.3 — host callback `traceparent` (W3C trace context).
 //! 1.4 — host callbacks `publish` (a raw body, not a JSON-RPC envelope)
-//! and `deadline` (when the request's caller stops waiting).
+//! and `deadline` (when the request's caller stops waiting). 1.5 — async
+//! handlers: plugin entries `call_async` and `end_async`, host callback
+//! `request_async`, all completing through a [`Completion`].
 
 use abi_stable::{
     declare_root_module_statics,
@@ -106,10 +108,42 @@ pub struct RpcErrorAbi {
 /// What a handler call returns: the result's JSON text, or an error.
 pub(crate) type CallResult = RResult<RString, RpcErrorAbi>;
 
+/// (1.5) How the other side learns that an asynchronous operation ended:
+/// `done(data, result)`, called exactly once, from any thread. No future
+/// crosses the boundary (the two sides' `std` and tokio may differ), only
+/// this pair: the side that started the operation owns `data` and frees
+/// it in `done`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct Completion {
+    /// The starting side's state for this operation.
+    pub(crate) data: *const ErasedObject,
+    /// Delivers the result and releases `data`.
+    pub(crate) done: extern "C" fn(data: *const ErasedObject, result: CallResult),
+}
+
+// SAFETY: `done` may be called from any thread by contract, and `data` is
+// only ever passed back to it; each side builds its `data` from `Send`
+// state.
+unsafe impl Send for Completion {}
+
+/// (1.5) The plugin's handle on one async call, made by `call_async` and
+/// given back to `end_async` exactly once; null when the call completed
+/// before it could start.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct AsyncHandle(pub(crate) *const ErasedObject);
+
+// SAFETY: the handle points at a tokio `AbortHandle`, which is `Send` and
+// `Sync`.
+unsafe impl Send for AsyncHandle {}
+// SAFETY: see `Send`.
+unsafe impl Sync for AsyncHandle {}
+
 /// Everything a call hands to the plugin about the host and the message.
 /// Only the host half of this crate builds one, around data of its own.
 #[repr(C)]
-#[derive(StableAbi)]
+#[derive(StableAbi, Clone, Copy)]
 pub struct CallCtx<'a> {
     /// The host's callbacks; checked at load time via
     /// [`PluginRoot::host_vtable_layout`].
@@ -117,6 +151,32 @@ pub struct CallCtx<'a> {
     pub(crate) host: HostVTableRef,
     /// The host's per-call data, passed back to every callback.
     pub(crate) data: &'a ErasedObject,
+}
+
+// SAFETY: the host half builds a `CallCtx` only around data whose parts
+// are `Sync` (`&str`s, `&dyn HostBus` / `Arc<dyn HostBus>`, and `HostBus`
+// is `Send + Sync`) and whose callbacks take `&` only, so they may be
+// called from any thread while the data lives; the vtable is static. An
+// async handler's future holds its `Message` across `.await`s and moves
+// between the plugin runtime's threads.
+unsafe impl Send for CallCtx<'_> {}
+// SAFETY: see `Send`.
+unsafe impl Sync for CallCtx<'_> {}
+
+impl CallCtx<'_> {
+    /// This context with its data's lifetime extended, for an async call.
+    ///
+    /// # Safety
+    ///
+    /// The result must not be used after the host frees the data, which it
+    /// does when the call's `done` is called.
+    pub(crate) unsafe fn extended(&self) -> CallCtx<'static> {
+        CallCtx {
+            host: self.host,
+            // SAFETY: the caller keeps the data's real lifetime.
+            data: unsafe { &*std::ptr::from_ref(self.data) },
+        }
+    }
 }
 
 /// The plugin's entry points.
@@ -154,6 +214,21 @@ pub struct PluginVTable {
     /// level the host records; called at load, before `new_service`, and
     /// again on a later load of the same library.
     pub(crate) set_host_logger: extern "C" fn(logger: HostLogger),
+    /// (1.5) Starts async method `method` on the plugin's own runtime and
+    /// returns at once; `done` gets its result (or a -32603 when it was
+    /// cancelled) once the handler's future is gone. A sync method runs
+    /// on the runtime's blocking threads. Contract: `service` is live,
+    /// and `ctx.data` stays valid until `done` is called.
+    pub(crate) call_async: for<'a> extern "C" fn(
+        service: ServiceHandle,
+        ctx: &CallCtx<'a>,
+        method: RStr<'a>,
+        params: RStr<'a>,
+        done: Completion,
+    ) -> AsyncHandle,
+    /// (1.5) Releases the handle of an async call; with `cancel`, drops
+    /// its future first if it still runs (its `done` then follows).
+    pub(crate) end_async: extern "C" fn(handle: AsyncHandle, cancel: bool),
 }
 
 /// Log levels as they cross the boundary.
@@ -285,6 +360,16 @@ pub struct HostVTable {
     /// (1.4) When the request's caller stops waiting, in milliseconds since
     /// the Unix epoch; 0 when the host knows none.
     pub(crate) deadline: for<'a> extern "C" fn(&'a ErasedObject) -> u64,
+    /// (1.5) Sends a request and returns at once; `done` gets the result's
+    /// JSON text or the error, from any thread. `timeout_ms` as for
+    /// `request`.
+    pub(crate) request_async: for<'a> extern "C" fn(
+        &'a ErasedObject,
+        routing_key: RStr<'a>,
+        params_json: RStr<'a>,
+        timeout_ms: u64,
+        done: Completion,
+    ),
 }
 
 /// The layout of [`HostVTableRef`] as this crate sees it.

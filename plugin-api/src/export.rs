@@ -1,9 +1,13 @@
 //! The plugin half of the ABI, instantiated by `#[service]` for one type.
 
 use std::any::Any;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use abi_stable::library::{CheckTypeLayout, LibHeader, RootModuleResult};
 use abi_stable::marker_type::ErasedObject;
@@ -11,8 +15,9 @@ use abi_stable::prefix_type::{PrefixTypeTrait, WithMetadata};
 use abi_stable::std_types::{RResult, RStr, RString};
 
 use crate::abi::{
-    CallCtx, CallResult, HostLogger, PluginRoot, PluginRootRef, PluginVTable, PluginVTableRef,
-    RpcErrorAbi, ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
+    AsyncHandle, CallCtx, CallResult, Completion, HostLogger, PluginRoot, PluginRootRef,
+    PluginVTable, PluginVTableRef, RpcErrorAbi, ServiceHandle, API_VERSION, HOST_VTABLE_LAYOUT,
+    PLUGIN_VTABLE_LAYOUT,
 };
 use crate::{Message, RpcError};
 
@@ -35,7 +40,48 @@ pub trait ServiceImpl: Sized + Send + Sync + 'static {
     fn construct(config: serde_json::Value) -> Result<Self, RpcError>;
 
     /// Decodes `params` for `method`, calls the handler, encodes its result.
+    /// An async handler is run to its end on the plugin's runtime (for a
+    /// host older than plugin-api 1.5, which knows only this entry).
     fn dispatch(&self, msg: &Message<'_>, method: &str, params: &str) -> Result<String, RpcError>;
+
+    /// Whether `method` is an `async fn` handler.
+    fn is_async(method: &str) -> bool {
+        let _ = method;
+        false
+    }
+
+    /// The future of async method `method`, which decodes `params`, runs
+    /// the handler and encodes its result; `None` for any other method.
+    fn dispatch_async(
+        self: Arc<Self>,
+        msg: Message<'static>,
+        method: &str,
+        params: String,
+    ) -> Option<HandlerFuture> {
+        let _ = (msg, method, params);
+        None
+    }
+}
+
+/// An async handler's future, as `#[service]` boxes it.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<String, RpcError>> + Send + 'static>>;
+
+/// Boxes an async handler's future (the type the macro's code needs).
+pub fn boxed<F>(future: F) -> HandlerFuture
+where
+    F: Future<Output = Result<String, RpcError>> + Send + 'static,
+{
+    Box::pin(future)
+}
+
+/// Runs an async handler to its end on the plugin's runtime, for a caller
+/// that waits (a host older than plugin-api 1.5 calls every method
+/// through the sync entry).
+pub fn block_on<F>(service: &str, future: F) -> Result<String, RpcError>
+where
+    F: Future<Output = Result<String, RpcError>>,
+{
+    crate::runtime::runtime(service)?.block_on(future)
 }
 
 /// Encodes a handler's result.
@@ -74,6 +120,8 @@ impl<S: ServiceImpl> Exports<S> {
         call: Self::call,
         description: RStr::from_str(S::DESCRIPTION),
         set_host_logger: Self::set_host_logger,
+        call_async: Self::call_async,
+        end_async,
     });
 
     /// The plugin vtable of `S`.
@@ -104,7 +152,9 @@ impl<S: ServiceImpl> Exports<S> {
         });
         match built {
             Ok(Ok(service)) => {
-                let ptr = Box::into_raw(Box::new(service)).cast::<ErasedObject>();
+                // An `Arc`: an async call's task holds the service until
+                // its future is gone, even past `drop_service`.
+                let ptr = Arc::into_raw(Arc::new(service)).cast::<ErasedObject>();
                 RResult::ROk(ServiceHandle(ptr))
             }
             Ok(Err(e)) => RResult::RErr(e.into_abi()),
@@ -120,12 +170,12 @@ impl<S: ServiceImpl> Exports<S> {
     }
 
     extern "C" fn drop_service(service: ServiceHandle) {
-        // SAFETY: `service` was made by `new_service` from a `Box<S>`; the
-        // host half (`ServiceInstance`, the test kit) owns it and drops it
-        // once, after its last call.
-        let boxed = unsafe { Box::from_raw(service.0.cast::<S>().cast_mut()) };
+        // SAFETY: `service` was made by `new_service` from an `Arc<S>`; the
+        // host half (`ServiceInstance`, the test kit) owns that reference
+        // and drops it once, after its last call.
+        let shared = unsafe { Arc::from_raw(service.0.cast::<S>()) };
         // A panicking Drop must not unwind into the host.
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(shared)));
     }
 
     extern "C" fn call<'a>(
@@ -134,8 +184,8 @@ impl<S: ServiceImpl> Exports<S> {
         method: RStr<'a>,
         params: RStr<'a>,
     ) -> CallResult {
-        // SAFETY: `service` was made by `new_service` from a `Box<S>` and the
-        // host half keeps it alive for as long as it calls.
+        // SAFETY: `service` was made by `new_service` from an `Arc<S>` and
+        // the host half keeps it alive for as long as it calls.
         let service = unsafe { &*service.0.cast::<S>() };
         let msg = Message::from_ctx(ctx);
         let method = method.as_str();
@@ -155,9 +205,170 @@ impl<S: ServiceImpl> Exports<S> {
         }
     }
 
+    extern "C" fn call_async<'a>(
+        service: ServiceHandle,
+        ctx: &CallCtx<'a>,
+        method: RStr<'a>,
+        params: RStr<'a>,
+        done: Completion,
+    ) -> AsyncHandle {
+        let finish = Finish(Some(done));
+        let started = catch_unwind(AssertUnwindSafe(|| {
+            Self::start(service, ctx, method.as_str(), params.as_str(), finish)
+        }));
+        // A panic dropped `finish`, which told the host.
+        started.unwrap_or(AsyncHandle(std::ptr::null()))
+    }
+
+    fn start(
+        service: ServiceHandle,
+        ctx: &CallCtx<'_>,
+        method: &str,
+        params: &str,
+        mut finish: Finish,
+    ) -> AsyncHandle {
+        let runtime = match crate::runtime::runtime(S::NAME) {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                finish.send(RResult::RErr(e.into_abi()));
+                return AsyncHandle(std::ptr::null());
+            }
+        };
+        let ptr = service.0.cast::<S>();
+        // SAFETY: `service` was made by `new_service` from an `Arc<S>` and
+        // is live during this call; the task takes a reference of its own.
+        let service = unsafe {
+            Arc::increment_strong_count(ptr);
+            Arc::from_raw(ptr)
+        };
+        // SAFETY: by `call_async`'s contract the host keeps `ctx.data`
+        // valid until `done`, which `Guarded` calls only once the future
+        // holding this context is gone.
+        let ctx = unsafe { ctx.extended() };
+        let msg = Message::from_ctx(&ctx);
+        let future = match S::dispatch_async(service.clone(), msg, method, params.to_owned()) {
+            Some(future) => future,
+            // A sync method: on the blocking pool, never on the runtime's
+            // own threads.
+            None => {
+                let (method, params) = (method.to_owned(), params.to_owned());
+                boxed(async move {
+                    let blocking = tokio::task::spawn_blocking(move || {
+                        let msg = Message::from_ctx(&ctx);
+                        catch_unwind(AssertUnwindSafe(|| {
+                            service.dispatch(&msg, &method, &params)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(RpcError::internal_error(format!(
+                                "the handler of `{method}` panicked: {}",
+                                panic_text(panic.as_ref())
+                            )))
+                        })
+                    });
+                    blocking.await.unwrap_or_else(|e| {
+                        Err(RpcError::internal_error(format!(
+                            "the handler's task failed: {e}"
+                        )))
+                    })
+                })
+            }
+        };
+        let task = runtime.spawn(Guarded {
+            future: Some(future),
+            finish,
+            method: method.to_owned(),
+        });
+        let handle = Box::new(task.abort_handle());
+        AsyncHandle(Box::into_raw(handle).cast::<ErasedObject>())
+    }
+
     extern "C" fn set_host_logger(logger: HostLogger) {
         // Installing a subscriber must not unwind into the host.
         let _ = catch_unwind(|| crate::plugin_log::set_host_logger(logger, S::NAME));
+    }
+}
+
+extern "C" fn end_async(handle: AsyncHandle, cancel: bool) {
+    if handle.0.is_null() {
+        return;
+    }
+    // SAFETY: a non-null handle was made by `call_async` from a
+    // `Box<AbortHandle>`, and the host gives it back exactly once.
+    let abort = unsafe { Box::from_raw(handle.0.cast::<tokio::task::AbortHandle>().cast_mut()) };
+    if cancel {
+        abort.abort();
+    }
+}
+
+/// The host's [`Completion`] of one async call: called once, with the
+/// result, or with a cancellation error when dropped unsent.
+struct Finish(Option<Completion>);
+
+impl Finish {
+    fn send(&mut self, result: CallResult) {
+        if let Some(c) = self.0.take() {
+            (c.done)(c.data, result);
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.send(RResult::RErr(
+            RpcError::internal_error("the handler was cancelled").into_abi(),
+        ));
+    }
+}
+
+/// An async call's task: polls the handler's future, a panic in it
+/// becoming a -32603, and tells the host once the future is gone, whether
+/// it ended or was cancelled (dropped).
+struct Guarded {
+    future: Option<HandlerFuture>,
+    finish: Finish,
+    method: String,
+}
+
+impl Future for Guarded {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else {
+            return Poll::Ready(());
+        };
+        let result = match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(json))) => RResult::ROk(RString::from(json)),
+            Ok(Poll::Ready(Err(e))) => RResult::RErr(e.into_abi()),
+            Err(panic) => RResult::RErr(
+                RpcError::internal_error(format!(
+                    "the handler of `{}` panicked: {}",
+                    this.method,
+                    panic_text(panic.as_ref())
+                ))
+                .into_abi(),
+            ),
+        };
+        // Gone before the host hears, which then frees the message's data.
+        this.drop_future();
+        this.finish.send(result);
+        Poll::Ready(())
+    }
+}
+
+impl Guarded {
+    fn drop_future(&mut self) {
+        let future = self.future.take();
+        // A panicking Drop must not unwind into the runtime.
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(future)));
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // The future first: `finish` (dropped after this) tells the host.
+        self.drop_future();
     }
 }
 

@@ -9,7 +9,11 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use abi_stable::abi_stability::abi_checking::{check_layout_compatibility, AbiInstabilityErrors};
@@ -19,8 +23,9 @@ use abi_stable::std_types::{ROption, RResult, RStr, RString};
 use abi_stable::type_layout::{TLData, TLFieldOrFunction, TypeLayout};
 
 use crate::abi::{
-    log_level, CallCtx, CallResult, HostLogger, HostVTable, HostVTableRef, LogRecord,
-    PluginVTableRef, RpcErrorAbi, ServiceHandle, HOST_VTABLE_LAYOUT, PLUGIN_VTABLE_LAYOUT,
+    log_level, AsyncHandle, CallCtx, CallResult, Completion, HostLogger, HostVTable, HostVTableRef,
+    LogRecord, PluginVTableRef, RpcErrorAbi, ServiceHandle, HOST_VTABLE_LAYOUT,
+    PLUGIN_VTABLE_LAYOUT,
 };
 use crate::{host_log, RpcError};
 
@@ -91,6 +96,21 @@ pub trait HostBus: Send + Sync {
         result_json: &str,
     ) -> Result<(), RpcError>;
 
+    /// (1.5) Sends a request for an async handler and returns at once;
+    /// `reply` gets the result's JSON text or the error, from any thread.
+    /// The default waits here, in [`HostBus::request`]: right for a bus
+    /// that answers at once (the test kit's routes), not for a real one.
+    fn request_async(
+        &self,
+        caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+        reply: ReplyTo,
+    ) {
+        reply.send(self.request(caller, routing_key, params_json, timeout));
+    }
+
     /// (1.4) Publishes `body` unchanged, with no reply queue, to `exchange`
     /// (empty: the deployment's) under `routing_key`. A host that does not
     /// implement it answers the plugin as an older host would.
@@ -103,6 +123,41 @@ pub trait HostBus: Send + Sync {
     ) -> Result<(), RpcError> {
         let _ = (caller, exchange, routing_key, body);
         Err(RpcError::host_unsupported("publish"))
+    }
+}
+
+/// Where the reply of an async handler's bus request goes: sent once,
+/// from any thread. Dropped unsent, it answers -32603, so the handler
+/// never waits for a reply that cannot come.
+pub struct ReplyTo(Option<Completion>);
+
+impl ReplyTo {
+    /// Hands the reply to the waiting handler.
+    pub fn send(mut self, reply: Result<String, RpcError>) {
+        self.complete(match reply {
+            Ok(json) => RResult::ROk(RString::from(json)),
+            Err(e) => RResult::RErr(e.into_abi()),
+        });
+    }
+
+    fn complete(&mut self, result: CallResult) {
+        if let Some(c) = self.0.take() {
+            (c.done)(c.data, result);
+        }
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        self.complete(RResult::RErr(
+            RpcError::internal_error("the host dropped the request").into_abi(),
+        ));
+    }
+}
+
+impl fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplyTo")
     }
 }
 
@@ -239,6 +294,218 @@ impl ServiceInstance {
                 .map_err(RpcError::from_abi)
         })
     }
+}
+
+impl ServiceInstance {
+    /// Starts `meta.method`, an async handler, on the plugin's runtime,
+    /// with raw `params` JSON text; the returned future is its result.
+    /// Dropping the future (at a deadline, say) cancels the handler. `None`
+    /// for a plugin older than plugin-api 1.5 (call it with
+    /// [`ServiceInstance::call`]).
+    pub fn call_async(
+        &self,
+        meta: RequestMeta<'_>,
+        bus: Arc<dyn HostBus>,
+        params: &str,
+    ) -> Option<PendingCall> {
+        let service = self.vtable.service_name().as_str();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let handle = start_async(
+            self.vtable,
+            self.handle,
+            service,
+            meta,
+            bus,
+            params,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        )?;
+        Some(PendingCall {
+            rx,
+            handle: Some(handle),
+        })
+    }
+}
+
+/// An async handler under way: resolves to its result; dropped before
+/// that, it cancels the handler (its future is dropped in the plugin).
+pub struct PendingCall {
+    rx: tokio::sync::oneshot::Receiver<CallResult>,
+    handle: Option<RunningCall>,
+}
+
+impl fmt::Debug for PendingCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingCall")
+            .field("running", &self.handle.is_some())
+            .finish()
+    }
+}
+
+impl PendingCall {
+    /// Cancels the handler now, if it still runs; the future then resolves
+    /// once the plugin dropped the handler's future (at once, unless the
+    /// handler blocks its thread).
+    pub fn cancel(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.end(true);
+        }
+    }
+}
+
+impl Future for PendingCall {
+    type Output = Result<RString, RpcError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(result)) => result.into_result().map_err(RpcError::from_abi),
+            Poll::Ready(Err(_)) => Err(RpcError::internal_error(
+                "the plugin ended the call without an answer",
+            )),
+        };
+        if let Some(handle) = self.handle.take() {
+            handle.end(false);
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for PendingCall {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// The plugin's handle on an async call, with the entry that releases it.
+pub(crate) struct RunningCall {
+    handle: AsyncHandle,
+    end: extern "C" fn(AsyncHandle, bool),
+}
+
+impl RunningCall {
+    /// Releases the handle, cancelling the call first if `cancel`.
+    pub(crate) fn end(self, cancel: bool) {
+        (self.end)(self.handle, cancel);
+    }
+}
+
+/// Starts async method `meta.method` of the plugin service `handle`;
+/// `on_done` gets its result once, from any thread. `None` (and `on_done`
+/// never called) for a plugin without async calls.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_async(
+    vtable: PluginVTableRef,
+    handle: ServiceHandle,
+    service: &str,
+    meta: RequestMeta<'_>,
+    bus: Arc<dyn HostBus>,
+    params: &str,
+    on_done: Box<dyn FnOnce(CallResult) + Send>,
+) -> Option<RunningCall> {
+    let (call_async, end) = (vtable.call_async()?, vtable.end_async()?);
+    let call = AsyncCall::new(service, meta, bus, on_done);
+    let ctx = CallCtx {
+        host: HOST_VTABLE,
+        // SAFETY: `ErasedObject` is a zero-sized opaque type; the pointer
+        // only travels to our own callbacks, which cast it back to
+        // `HostEnv`, while the call lives (until `call_done`).
+        data: unsafe { &*std::ptr::from_ref(&call.env).cast::<ErasedObject>() },
+    };
+    let method = call.env.meta.method;
+    let data = Box::into_raw(call);
+    let done = Completion {
+        data: data.cast_const().cast::<ErasedObject>(),
+        done: call_done,
+    };
+    // From here the plugin owns `data` until it calls `done`.
+    let handle = call_async(handle, &ctx, method.into(), params.into(), done);
+    Some(RunningCall { handle, end })
+}
+
+/// The owned copy of a request's meta that an async call's [`HostEnv`]
+/// borrows.
+struct OwnedMeta {
+    service: String,
+    exchange: String,
+    routing_key: String,
+    method: String,
+    id_json: String,
+    reply_to: Option<String>,
+    correlation_id: Option<String>,
+    traceparent: Option<String>,
+}
+
+/// An async call's data: lives from `call_async` until the plugin calls
+/// [`call_done`], on the heap, so that its address is stable.
+struct AsyncCall {
+    /// What the callbacks see; borrows `owned` and `bus` below, which are
+    /// on the heap and dropped after it.
+    env: HostEnv<'static>,
+    _owned: Box<OwnedMeta>,
+    _bus: Arc<dyn HostBus>,
+    on_done: Option<Box<dyn FnOnce(CallResult) + Send>>,
+}
+
+impl AsyncCall {
+    fn new(
+        service: &str,
+        meta: RequestMeta<'_>,
+        bus: Arc<dyn HostBus>,
+        on_done: Box<dyn FnOnce(CallResult) + Send>,
+    ) -> Box<Self> {
+        let owned = Box::new(OwnedMeta {
+            service: service.to_owned(),
+            exchange: meta.exchange.to_owned(),
+            routing_key: meta.routing_key.to_owned(),
+            method: meta.method.to_owned(),
+            id_json: meta.id_json.to_owned(),
+            reply_to: meta.reply_to.map(str::to_owned),
+            correlation_id: meta.correlation_id.map(str::to_owned),
+            traceparent: meta.traceparent.map(str::to_owned),
+        });
+        // SAFETY: `owned` and `bus` point at heap values that this struct
+        // owns and never changes; `env`, declared first, is dropped before
+        // them, and nothing hands its references out beyond the call.
+        let (o, b): (&'static OwnedMeta, &'static dyn HostBus) =
+            unsafe { (&*std::ptr::from_ref(&*owned), &*Arc::as_ptr(&bus)) };
+        let env = HostEnv {
+            service: &o.service,
+            meta: RequestMeta {
+                exchange: &o.exchange,
+                routing_key: &o.routing_key,
+                method: &o.method,
+                id_json: &o.id_json,
+                reply_to: o.reply_to.as_deref(),
+                correlation_id: o.correlation_id.as_deref(),
+                redelivered: meta.redelivered,
+                traceparent: o.traceparent.as_deref(),
+                deadline: meta.deadline,
+            },
+            bus: b,
+        };
+        Box::new(Self {
+            env,
+            _owned: owned,
+            _bus: bus,
+            on_done: Some(on_done),
+        })
+    }
+}
+
+/// The [`Completion`] of an async call: hands on its result, frees its
+/// data.
+extern "C" fn call_done(data: *const ErasedObject, result: CallResult) {
+    // SAFETY: `data` was made by `start_async` from a `Box<AsyncCall>`,
+    // and the plugin calls this exactly once, after the handler's future
+    // (the last user of the call's data) is gone.
+    let mut call = unsafe { Box::from_raw(data.cast::<AsyncCall>().cast_mut()) };
+    if let Some(on_done) = call.on_done.take() {
+        // Must not unwind into the plugin.
+        let _ = catch_unwind(AssertUnwindSafe(move || on_done(result)));
+    }
+    drop(call);
 }
 
 impl Drop for ServiceInstance {
@@ -456,6 +723,28 @@ extern "C" fn publish<'a>(
     })
 }
 
+extern "C" fn request_async<'a>(
+    data: &'a ErasedObject,
+    routing_key: RStr<'a>,
+    params_json: RStr<'a>,
+    timeout_ms: u64,
+    done: Completion,
+) {
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+    let reply = ReplyTo(Some(done));
+    // A panic drops `reply`, which answers -32603.
+    let _ = catch_unwind(AssertUnwindSafe(move || {
+        let env = env(data);
+        env.bus.request_async(
+            &env.meta,
+            routing_key.as_str(),
+            params_json.as_str(),
+            timeout,
+            reply,
+        );
+    }));
+}
+
 /// `Message::log_*` (and everything a 1.1 plugin logs): the service name is
 /// the target, having no other.
 extern "C" fn log<'a>(data: &'a ErasedObject, level: u8, message: RStr<'a>) {
@@ -514,6 +803,7 @@ const HOST_VTABLE_WM: &WithMetadata<HostVTable> = &WithMetadata::new(HostVTable 
     traceparent,
     publish,
     deadline,
+    request_async,
 });
 
 /// This crate's host vtable.

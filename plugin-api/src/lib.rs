@@ -108,6 +108,55 @@
 //! - A panic in a handler becomes a -32603 reply, and the service goes on.
 //!   Do not build plugins with `panic = "abort"`: the host refuses them.
 //!
+//! # Async handlers
+//!
+//! A handler may be an `async fn`, beside sync ones in the same `impl`,
+//! with the same arguments, `msg: &Message`, errors and `?`. Await I/O in
+//! it instead of blocking: [`Bus::request_async`] for another service,
+//! and any tokio-based library (an HTTP, Redis or etcd client,
+//! `tokio::time::sleep`) for the rest. No thread waits while it does.
+//!
+//! ```
+//! # use commissaire_plugin_api::prelude::*;
+//! # #[derive(Default)] pub struct Inventory;
+//! # #[service(name = "inventory")]
+//! # impl Inventory {
+//! /// Counts the hosts the registry knows, asking it over the bus.
+//! async fn on_count(&self, msg: &Message, pattern: String) -> Result<usize, RpcError> {
+//!     let hosts: Vec<String> = msg.bus().request_async("registry.list_hosts", [&pattern]).await?;
+//!     Ok(hosts.len())
+//! }
+//! # }
+//! ```
+//!
+//! Use them for handlers that wait (on other services, on a database, on
+//! the network); a handler that computes is as well sync. Inside an
+//! `async fn`, never block the thread (`std::thread::sleep`, a blocking
+//! client, a long loop): the watchdog answers its caller at
+//! `handler_timeout`, but cannot cancel it, and recycles the worker once
+//! the grace period is over, as for a hung sync handler. Its future must be
+//! `Send` (no `Rc` or `MutexGuard` held across an `.await`).
+//!
+//! How it runs: a plugin's copy of tokio is not the host's, so an async
+//! handler's future is never polled by the host. It runs on a runtime this
+//! crate owns inside the plugin (so libraries find their reactor and
+//! timers there), and the host awaits an FFI-safe completion with no
+//! thread of its own. At `handler_timeout` the host drops the future
+//! (cancelling the handler at its current `.await`) and answers -32603,
+//! and the slot is free at once. The cost, for a plugin with async
+//! handlers only, from its first async call: [`runtime::threads`] threads
+//! (`COMMISSAIRE_PLUGIN_THREADS`; by default the CPUs, at most 4) per
+//! worker, and a few microseconds per call for the hand-over between the
+//! two runtimes. A service's `concurrency` still bounds how many requests
+//! a worker takes at once; for async handlers it can be set high
+//! (hundreds), since a waiting one costs only its future's memory.
+//!
+//! A host older than plugin-api 1.5 runs an async handler to its end on its
+//! own handler thread (blocking it), and [`Bus::request_async`] waits there
+//! as [`Bus::request`] does: the plugin still works, only without the gain.
+//! `commissaire-host plugins` lists async handlers as `async name(…)`;
+//! [`testing::TestService`] runs them as the host does.
+//!
 //! # The service value
 //!
 //! Built once per worker, by `Default` or by an
@@ -121,7 +170,9 @@
 //! [`Message`] tells the handler its routing key, method, id, `reply_to`,
 //! correlation id and whether it was redelivered, and gives it the bus:
 //! [`Bus::request`] (the host's default timeout),
-//! [`Bus::request_with_timeout`], [`Bus::notify`] and [`Bus::respond`],
+//! [`Bus::request_with_timeout`], their awaitable [`Bus::request_async`]
+//! and [`Bus::request_async_with_timeout`] (hosts from 1.5, for async
+//! handlers), [`Bus::notify`] and [`Bus::respond`],
 //! like Commissaire's `BusMixin`, and [`Bus::publish`] (hosts from 1.4) for
 //! a body of your own that is not a JSON-RPC message, as Commissaire
 //! services announced events.
@@ -183,6 +234,7 @@ mod host_log;
 mod message;
 mod params;
 mod plugin_log;
+pub mod runtime;
 pub mod testing;
 
 /// Turns an `impl` block's `on_<method>` functions into the bus methods of
@@ -241,6 +293,10 @@ pub use serde;
 /// The serde_json crate, for [`Value`](serde_json::Value) and
 /// [`json!`](serde_json::json).
 pub use serde_json;
+/// The tokio crate whose runtime runs this plugin's async handlers (see
+/// [Async handlers](crate#async-handlers)); a plugin may depend on
+/// `tokio` 1.x directly instead, which is the same crate.
+pub use tokio;
 /// The tracing crate: its events in a plugin reach the host's log (see
 /// [Logging](crate#logging)).
 pub use tracing;
@@ -255,7 +311,9 @@ pub mod prelude {
 /// Used by the code `#[service]` generates. Not part of the stable API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::export::{encode_result, lib_header, ServiceImpl};
+    pub use crate::export::{
+        block_on, boxed, encode_result, lib_header, HandlerFuture, ServiceImpl,
+    };
     pub use crate::params::Args as ParsedArgs;
     pub use abi_stable::library::LibHeader;
     pub use serde_json;

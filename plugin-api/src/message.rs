@@ -2,12 +2,16 @@
 //! way back onto the bus.
 
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
+
+use abi_stable::marker_type::ErasedObject;
+use abi_stable::std_types::RResult;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::abi::{log_level, CallCtx};
+use crate::abi::{log_level, CallCtx, CallResult, Completion};
 use crate::RpcError;
 
 /// The request a handler is answering, like `message` in a Python
@@ -27,13 +31,13 @@ use crate::RpcError;
 /// # }
 /// ```
 pub struct Message<'a> {
-    ctx: &'a CallCtx<'a>,
+    ctx: CallCtx<'a>,
 }
 
 impl<'a> Message<'a> {
     /// Wraps the context the host passed to the plugin.
-    pub(crate) fn from_ctx(ctx: &'a CallCtx<'a>) -> Self {
-        Self { ctx }
+    pub(crate) fn from_ctx(ctx: &CallCtx<'a>) -> Self {
+        Self { ctx: *ctx }
     }
 
     /// The routing key the request was published with, e.g. `simple.add`.
@@ -184,10 +188,10 @@ impl fmt::Debug for Message<'_> {
 /// is not a JSON-RPC message.
 #[derive(Clone, Copy)]
 pub struct Bus<'a> {
-    ctx: &'a CallCtx<'a>,
+    ctx: CallCtx<'a>,
 }
 
-impl Bus<'_> {
+impl<'a> Bus<'a> {
     /// Sends a request to `routing_key` (e.g. `simple.add`) and waits for its
     /// reply, up to the host's default timeout (10 s unless configured).
     /// Returns the decoded result, or the error the other service answered
@@ -226,14 +230,94 @@ impl Bus<'_> {
             routing_key.into(),
             params.as_str().into(),
             timeout_ms,
-        )
-        .into_result()
-        .map_err(RpcError::from_abi)?;
-        serde_json::from_str(reply.as_str()).map_err(|e| {
-            RpcError::internal_error(format!(
-                "the reply of `{routing_key}` does not fit the expected type: {e}"
-            ))
-        })
+        );
+        decode_reply(routing_key, reply)
+    }
+
+    /// The awaitable [`Bus::request`], for an `async fn` handler: the
+    /// request is sent at once, and no thread waits for its reply.
+    ///
+    /// ```
+    /// # use commissaire_plugin_api::prelude::*;
+    /// # #[derive(Default)] pub struct Inventory;
+    /// # #[service(name = "inventory")]
+    /// # impl Inventory {
+    /// /// Asks `simple.add` for 2 + 3, without holding a thread meanwhile.
+    /// async fn on_sum(&self, msg: &Message) -> Result<i64, RpcError> {
+    ///     msg.bus().request_async("simple.add", [2, 3]).await
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// On hosts older than plugin-api 1.5 (which run an async handler to
+    /// its end on their own thread) it is the blocking [`Bus::request`].
+    pub fn request_async<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: impl Serialize,
+    ) -> impl Future<Output = Result<R, RpcError>> + Send + 'a {
+        self.request_async_ms(routing_key, &params, 0)
+    }
+
+    /// Like [`Bus::request_async`], waiting up to `timeout` instead of the
+    /// host's default (rounded up to whole milliseconds, as
+    /// [`Bus::request_with_timeout`]).
+    pub fn request_async_with_timeout<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: impl Serialize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<R, RpcError>> + Send + 'a {
+        let ms = timeout.as_nanos().div_ceil(1_000_000).max(1);
+        self.request_async_ms(routing_key, &params, u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    /// Sends now (the params are encoded before the first `.await`, so the
+    /// future holds none of the caller's borrows), awaits the reply.
+    fn request_async_ms<R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        params: &impl Serialize,
+        timeout_ms: u64,
+    ) -> impl Future<Output = Result<R, RpcError>> + Send + 'a {
+        let ctx = self.ctx;
+        let routing_key = routing_key.to_owned();
+        let sent = encode("params", params).map(|params| match ctx.host.request_async() {
+            Some(start) => {
+                let (tx, rx) = tokio::sync::oneshot::channel::<CallResult>();
+                let data = Box::into_raw(Box::new(tx)).cast::<ErasedObject>();
+                let done = Completion {
+                    data,
+                    done: reply_arrived,
+                };
+                start(
+                    ctx.data,
+                    routing_key.as_str().into(),
+                    params.as_str().into(),
+                    timeout_ms,
+                    done,
+                );
+                Ok(rx)
+            }
+            // An older host runs the whole handler on a thread of its own.
+            None => Err((ctx.host.request())(
+                ctx.data,
+                routing_key.as_str().into(),
+                params.as_str().into(),
+                timeout_ms,
+            )),
+        });
+        async move {
+            let reply = match sent? {
+                Ok(rx) => rx.await.unwrap_or_else(|_| {
+                    RResult::RErr(
+                        RpcError::internal_error("the host dropped the request").into_abi(),
+                    )
+                }),
+                Err(reply) => reply,
+            };
+            decode_reply(&routing_key, reply)
+        }
     }
 
     /// Sends a notification: the other service runs its handler and sends
@@ -327,6 +411,30 @@ impl fmt::Debug for Bus<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Bus")
     }
+}
+
+/// The [`Completion`] of `request_async`: hands the reply to the awaiting
+/// future, if it is still there.
+extern "C" fn reply_arrived(data: *const ErasedObject, result: CallResult) {
+    // SAFETY: `data` was made by `request_async_ms` from a
+    // `Box<oneshot::Sender>`, and the host calls this exactly once.
+    let tx = unsafe {
+        Box::from_raw(
+            data.cast::<tokio::sync::oneshot::Sender<CallResult>>()
+                .cast_mut(),
+        )
+    };
+    // The handler may have been cancelled meanwhile: nobody to tell.
+    let _ = tx.send(result);
+}
+
+fn decode_reply<R: DeserializeOwned>(routing_key: &str, reply: CallResult) -> Result<R, RpcError> {
+    let reply = reply.into_result().map_err(RpcError::from_abi)?;
+    serde_json::from_str(reply.as_str()).map_err(|e| {
+        RpcError::internal_error(format!(
+            "the reply of `{routing_key}` does not fit the expected type: {e}"
+        ))
+    })
 }
 
 fn encode(what: &str, value: &impl Serialize) -> Result<String, RpcError> {

@@ -36,14 +36,14 @@
 //! subscriber, if it sets one.
 
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::abi::ServiceHandle;
+use crate::abi::{CallResult, ServiceHandle};
 use crate::export::{Exports, ServiceImpl};
-use crate::host::{with_call_ctx, HostBus, RequestMeta};
+use crate::host::{start_async, with_call_ctx, HostBus, ReplyTo, RequestMeta};
 use crate::RpcError;
 
 /// The handler time every call of the test kit has
@@ -60,9 +60,20 @@ type Route = Box<dyn Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync>;
 /// the service's own `name.*` come back into it, other routes are set with
 /// [`TestService::with_route`]; requests, notifications, `respond`s and
 /// `publish`es are recorded.
+///
+/// An `async fn` handler runs on the plugin's runtime, as under the host;
+/// [`TestService::call`] waits for it (at most [`TEST_TIMEOUT`]), from a
+/// `#[test]` or a `#[tokio::test]` alike.
 pub struct TestService<S: ServiceImpl> {
+    kit: Arc<Kit<S>>,
+}
+
+/// The service and its test bus, shared with the async calls under way.
+struct Kit<S: ServiceImpl> {
+    /// Itself, for the async calls it starts from its bus.
+    me: Weak<Kit<S>>,
     handle: ServiceHandle,
-    routes: Vec<(String, Route)>,
+    routes: Mutex<Vec<(String, Route)>>,
     requests: Mutex<Vec<(String, Value, Option<Duration>)>>,
     notifications: Mutex<Vec<(String, Value)>>,
     responses: Mutex<Vec<(String, Value, Value)>>,
@@ -86,13 +97,16 @@ impl<S: ServiceImpl> TestService<S> {
             .into_result()
             .map_err(RpcError::from_abi)?;
         Ok(Self {
-            handle,
-            routes: Vec::new(),
-            requests: Mutex::default(),
-            notifications: Mutex::default(),
-            responses: Mutex::default(),
-            published: Mutex::default(),
-            _service: std::marker::PhantomData,
+            kit: Arc::new_cyclic(|me| Kit {
+                me: me.clone(),
+                handle,
+                routes: Mutex::default(),
+                requests: Mutex::default(),
+                notifications: Mutex::default(),
+                responses: Mutex::default(),
+                published: Mutex::default(),
+                _service: std::marker::PhantomData,
+            }),
         })
     }
 
@@ -100,11 +114,11 @@ impl<S: ServiceImpl> TestService<S> {
     /// key, or `prefix.*`) with `handler(method, params)`.
     #[must_use]
     pub fn with_route(
-        mut self,
+        self,
         pattern: &str,
         handler: impl Fn(&str, Value) -> Result<Value, RpcError> + Send + Sync + 'static,
     ) -> Self {
-        self.routes.push((pattern.to_owned(), Box::new(handler)));
+        lock(&self.kit.routes).push((pattern.to_owned(), Box::new(handler)));
         self
     }
 
@@ -135,23 +149,83 @@ impl<S: ServiceImpl> TestService<S> {
         params: &str,
         reply_to: Option<&str>,
     ) -> Result<String, RpcError> {
+        self.kit.call_raw(method, params, reply_to)
+    }
+
+    /// The requests handlers sent over the bus: (routing key, params,
+    /// timeout; `None` for the host's default).
+    pub fn requests(&self) -> Vec<(String, Value, Option<Duration>)> {
+        self.kit.requests()
+    }
+
+    /// The notifications handlers sent: (routing key, params).
+    pub fn notifications(&self) -> Vec<(String, Value)> {
+        lock(&self.kit.notifications).clone()
+    }
+
+    /// The results handlers sent with `respond`: (queue, id, result).
+    pub fn responses(&self) -> Vec<(String, Value, Value)> {
+        lock(&self.kit.responses).clone()
+    }
+
+    /// The bodies handlers sent with `publish`: (routing key, body).
+    pub fn published(&self) -> Vec<(String, String)> {
+        lock(&self.kit.published).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The meta of a test call of `method`.
+fn meta<'a>(routing_key: &'a str, method: &'a str, reply_to: Option<&'a str>) -> RequestMeta<'a> {
+    RequestMeta {
+        exchange: "commissaire",
+        routing_key,
+        method,
+        id_json: "\"test\"",
+        reply_to,
+        correlation_id: None,
+        redelivered: false,
+        traceparent: Some(TEST_TRACEPARENT),
+        // As a host gives a request without a deadline of its own: its
+        // arrival plus the default handler timeout.
+        deadline: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|now| u64::try_from((now + TEST_TIMEOUT).as_millis()).ok()),
+    }
+}
+
+impl<S: ServiceImpl> Kit<S> {
+    fn call_raw(
+        &self,
+        method: &str,
+        params: &str,
+        reply_to: Option<&str>,
+    ) -> Result<String, RpcError> {
         let routing_key = format!("{}.{method}", S::NAME);
-        let meta = RequestMeta {
-            exchange: "commissaire",
-            routing_key: &routing_key,
-            method,
-            id_json: "\"test\"",
-            reply_to,
-            correlation_id: None,
-            redelivered: false,
-            traceparent: Some(TEST_TRACEPARENT),
-            // As a host gives a request without a deadline of its own: its
-            // arrival plus the default handler timeout.
-            deadline: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()
-                .and_then(|now| u64::try_from((now + TEST_TIMEOUT).as_millis()).ok()),
-        };
+        let meta = meta(&routing_key, method, reply_to);
+        if S::is_async(method) {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<CallResult>(1);
+            let running = self.start(meta, params, move |result| {
+                let _ = tx.send(result);
+            })?;
+            // Waits here, on the test's thread, never on the runtime's.
+            let result = rx.recv_timeout(TEST_TIMEOUT);
+            running.end(result.is_err());
+            return match result {
+                Ok(result) => result
+                    .into_result()
+                    .map(String::from)
+                    .map_err(RpcError::from_abi),
+                Err(_) => Err(RpcError::internal_error(format!(
+                    "`{method}` did not end within {}s",
+                    TEST_TIMEOUT.as_secs()
+                ))),
+            };
+        }
         with_call_ctx(S::NAME, meta, self, |ctx| {
             (Exports::<S>::VTABLE.call())(self.handle, ctx, method.into(), params.into())
                 .into_result()
@@ -160,39 +234,67 @@ impl<S: ServiceImpl> TestService<S> {
         })
     }
 
-    /// The requests handlers sent over the bus: (routing key, params,
-    /// timeout; `None` for the host's default).
-    pub fn requests(&self) -> Vec<(String, Value, Option<Duration>)> {
-        self.requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Starts async `meta.method`; `on_done` gets its result.
+    fn start(
+        &self,
+        meta: RequestMeta<'_>,
+        params: &str,
+        on_done: impl FnOnce(CallResult) + Send + 'static,
+    ) -> Result<crate::host::RunningCall, RpcError> {
+        let bus: Arc<dyn HostBus> = self
+            .me
+            .upgrade()
+            .ok_or_else(|| RpcError::internal_error("the test service is gone"))?;
+        start_async(
+            Exports::<S>::VTABLE,
+            self.handle,
+            S::NAME,
+            meta,
+            bus,
+            params,
+            Box::new(on_done),
+        )
+        .ok_or_else(|| RpcError::internal_error("this plugin-api has no async calls"))
     }
 
-    /// The notifications handlers sent: (routing key, params).
-    pub fn notifications(&self) -> Vec<(String, Value)> {
-        self.notifications
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn requests(&self) -> Vec<(String, Value, Option<Duration>)> {
+        lock(&self.requests).clone()
     }
 
-    /// The results handlers sent with `respond`: (queue, id, result).
-    pub fn responses(&self) -> Vec<(String, Value, Value)> {
-        self.responses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Records a request and finds what answers it: a route's answer, or
+    /// the method of the service itself to call.
+    fn route(
+        &self,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Routed, RpcError> {
+        lock(&self.requests).push((
+            routing_key.to_owned(),
+            decode("params", params_json)?,
+            timeout,
+        ));
+        let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
+        let routes = lock(&self.routes);
+        if let Some((_, route)) = routes.iter().find(|(p, _)| matches(p, routing_key)) {
+            let result = route(method, decode("params", params_json)?)?;
+            return Ok(Routed::Answer(result.to_string()));
+        }
+        if matches(&format!("{}.*", S::NAME), routing_key) {
+            return Ok(Routed::Itself(method.to_owned()));
+        }
+        Err(RpcError::method_not_found(&format!(
+            "{routing_key} (no route in the test bus)"
+        )))
     }
+}
 
-    /// The raw bodies handlers sent with `publish`: (routing key, body as
-    /// given).
-    pub fn published(&self) -> Vec<(String, String)> {
-        self.published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
+/// Where the test bus sends a request.
+enum Routed {
+    /// A route answered this.
+    Answer(String),
+    /// This method of the service under test answers it.
+    Itself(String),
 }
 
 impl<S: ServiceImpl> Default for TestService<S> {
@@ -201,7 +303,7 @@ impl<S: ServiceImpl> Default for TestService<S> {
     }
 }
 
-impl<S: ServiceImpl> Drop for TestService<S> {
+impl<S: ServiceImpl> Drop for Kit<S> {
     fn drop(&mut self) {
         (Exports::<S>::VTABLE.drop_service())(self.handle);
     }
@@ -230,7 +332,7 @@ fn decode(what: &str, text: &str) -> Result<Value, RpcError> {
         .map_err(|e| RpcError::invalid_params(format!("{what} is not JSON: {e}")))
 }
 
-impl<S: ServiceImpl> HostBus for TestService<S> {
+impl<S: ServiceImpl> HostBus for Kit<S> {
     fn request(
         &self,
         _caller: &RequestMeta<'_>,
@@ -238,25 +340,45 @@ impl<S: ServiceImpl> HostBus for TestService<S> {
         params_json: &str,
         timeout: Option<Duration>,
     ) -> Result<String, RpcError> {
-        self.requests
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((
-                routing_key.to_owned(),
-                decode("params", params_json)?,
-                timeout,
-            ));
-        let method = routing_key.rsplit('.').next().unwrap_or(routing_key);
-        if let Some((_, route)) = self.routes.iter().find(|(p, _)| matches(p, routing_key)) {
-            let result = route(method, decode("params", params_json)?)?;
-            return Ok(result.to_string());
+        match self.route(routing_key, params_json, timeout)? {
+            Routed::Answer(json) => Ok(json),
+            Routed::Itself(method) => self.call_raw(&method, params_json, Some("test-reply")),
         }
-        if matches(&format!("{}.*", S::NAME), routing_key) {
-            return self.call_raw(method, params_json, Some("test-reply"));
+    }
+
+    /// A request to an async method of the service itself is started, not
+    /// waited for: the runtime's threads are never blocked.
+    fn request_async(
+        &self,
+        _caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+        reply: ReplyTo,
+    ) {
+        let method = match self.route(routing_key, params_json, timeout) {
+            Ok(Routed::Itself(method)) if S::is_async(&method) => method,
+            Ok(Routed::Itself(method)) => {
+                return reply.send(self.call_raw(&method, params_json, Some("test-reply")))
+            }
+            Ok(Routed::Answer(json)) => return reply.send(Ok(json)),
+            Err(e) => return reply.send(Err(e)),
+        };
+        let routing_key = format!("{}.{method}", S::NAME);
+        let meta = meta(&routing_key, &method, Some("test-reply"));
+        let started = self.start(meta, params_json, move |result| {
+            reply.send(
+                result
+                    .into_result()
+                    .map(String::from)
+                    .map_err(RpcError::from_abi),
+            );
+        });
+        // The handle ends at once: the call runs on, and answers `reply`.
+        match started {
+            Ok(running) => running.end(false),
+            Err(e) => tracing::error!(error = %e, "cannot start an async call"),
         }
-        Err(RpcError::method_not_found(&format!(
-            "{routing_key} (no route in the test bus)"
-        )))
     }
 
     fn notify(

@@ -19,11 +19,22 @@ fn lists_services_versions_methods_and_first_doc_lines() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("libsimple.so\n  service simple 0.1.0 (plugin-api 1.4.0)\n"),
+        text.contains("libsimple.so\n  service simple 0.1.0 (plugin-api 1.5.0)\n"),
+        "{text}"
+    );
+    // Signatures in one column, their first doc sentence in the next.
+    let add = text
+        .lines()
+        .find(|l| l.starts_with("    add(x: i64, y: i64) -> i64  "))
+        .unwrap_or_else(|| panic!("no add line: {text}"));
+    assert!(add.ends_with("  Adds two integers."), "{text}");
+    // Async handlers are marked.
+    assert!(
+        text.contains("    async async_add(x: i64, y: i64) -> i64  "),
         "{text}"
     );
     assert!(
-        text.contains("    add(x: i64, y: i64) -> i64           Adds two integers.\n"),
+        text.contains("    async nap(ms: u64) -> String  "),
         "{text}"
     );
     assert!(

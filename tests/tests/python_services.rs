@@ -44,15 +44,20 @@ impl Broker {
 }
 
 /// What of the host's is on the broker: on RabbitMQ the queues and
-/// exchanges named after processes `pids`, on Redis every key the
-/// database holds.
+/// exchanges named after processes `pids` (no pids: of any process of
+/// this machine, for a snapshot before they start: after 32,768 processes
+/// a pid comes back, and another test's killed caller may have left a
+/// queue under it), on Redis every key the database holds.
 fn host_objects(broker: Broker, uri: &str, pids: &[u32]) -> BTreeSet<String> {
     match broker {
         Broker::Amqp => {
-            let prefixes: Vec<String> = pids
+            let mut prefixes: Vec<String> = pids
                 .iter()
                 .map(|pid| format!("{}{pid}-", local_prefix()))
                 .collect();
+            if pids.is_empty() {
+                prefixes.push(local_prefix());
+            }
             let mut found = BTreeSet::new();
             for what in ["list_queues", "list_exchanges"] {
                 let listed = Command::new("rabbitmqctl")
@@ -404,10 +409,13 @@ fn the_host_and_a_python_service_share_a_queue(broker: Broker) {
             let bus = commissaire_host::bus::connect(&spec.bus_uri)
                 .await
                 .expect("connect");
+            // Python takes what RabbitMQ gives it (kombu sets no prefetch)
+            // and declares a queue per reply: on a loaded machine its half
+            // of the 200 may take a while.
             let client = commissaire_host::client::RpcClient::start(
                 bus,
                 &spec.exchange,
-                Duration::from_secs(20),
+                Duration::from_secs(60),
                 ReplyQueueKind::Named,
             )
             .await

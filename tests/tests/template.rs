@@ -19,6 +19,15 @@ fn the_template_builds_into_a_plugin_the_host_serves() {
         .find(|m| m.name == "greet")
         .expect("greet");
     assert_eq!(greet.signature(), "greet(person: Person) -> String");
+    let everyone = plugin
+        .methods
+        .iter()
+        .find(|m| m.name == "greet_everyone")
+        .expect("greet_everyone");
+    assert_eq!(
+        everyone.signature(),
+        "async greet_everyone() -> Vec<String>"
+    );
     let bus = RoutingBus::from_libraries(&[plugin]);
     assert_eq!(
         bus.call("hello.greet", json!([{"name": "Ada"}]))["result"],

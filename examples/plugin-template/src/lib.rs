@@ -56,10 +56,15 @@ impl Hello {
 
     /// Greets everyone `directory.list_people` knows.
     ///
-    /// Takes the message, to use the bus.
-    fn on_greet_everyone(&self, msg: &Message) -> Result<Vec<String>, RpcError> {
+    /// Takes the message, to use the bus; `async`, so that no thread waits
+    /// for the directory's answer (`msg.bus().request(…)` is the blocking
+    /// form, for a sync handler).
+    async fn on_greet_everyone(&self, msg: &Message) -> Result<Vec<String>, RpcError> {
         tracing::debug!(reply_to = ?msg.reply_to(), "asking the directory");
-        let people: Vec<Person> = msg.bus().request("directory.list_people", json!([]))?;
+        let people: Vec<Person> = msg
+            .bus()
+            .request_async("directory.list_people", json!([]))
+            .await?;
         people.into_iter().map(|p| self.on_greet(p)).collect()
     }
 }

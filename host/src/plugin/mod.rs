@@ -15,7 +15,7 @@ use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::sabi_types::VersionNumber;
 use abi_stable::std_types::RString;
 use commissaire_plugin_api::host::{
-    CheckError, HostBus, Plugin, PluginRootRef, RequestMeta, API_VERSION,
+    CheckError, HostBus, PendingCall, Plugin, PluginRootRef, RequestMeta, API_VERSION,
 };
 use commissaire_plugin_api::RpcError;
 use serde::{Deserialize, Serialize};
@@ -107,17 +107,27 @@ pub struct MethodInfo {
     pub params: Vec<ParamInfo>,
     /// The result type.
     pub returns: String,
+    /// An `async fn` handler (plugin-api ≥ 1.5).
+    #[serde(rename = "async", default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_async: bool,
 }
 
 impl MethodInfo {
-    /// `add(x: i64, y: i64) -> i64`.
+    /// `add(x: i64, y: i64) -> i64`; `async sum(…) -> i64` for an async
+    /// handler.
     pub fn signature(&self) -> String {
         let params: Vec<String> = self
             .params
             .iter()
             .map(|p| format!("{}: {}", p.name, p.ty))
             .collect();
-        format!("{}({}) -> {}", self.name, params.join(", "), self.returns)
+        let kind = if self.is_async { "async " } else { "" };
+        format!(
+            "{kind}{}({}) -> {}",
+            self.name,
+            params.join(", "),
+            self.returns
+        )
     }
 }
 
@@ -221,6 +231,18 @@ impl ServiceInstance {
         params: &str,
     ) -> Result<RString, RpcError> {
         self.instance.call(meta, bus, params)
+    }
+
+    /// Starts async handler `meta.method` on the plugin's runtime; the
+    /// future is its result, and dropping it cancels the handler. `None`
+    /// for a plugin built before async handlers (plugin-api 1.5).
+    pub fn call_async(
+        &self,
+        meta: RequestMeta<'_>,
+        bus: std::sync::Arc<dyn HostBus>,
+        params: &str,
+    ) -> Option<PendingCall> {
+        self.instance.call_async(meta, bus, params)
     }
 }
 

@@ -14,10 +14,10 @@
 //!   goes to the bus.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use commissaire_plugin_api::host::{HostBus, RequestMeta};
+use commissaire_plugin_api::host::{HostBus, ReplyTo, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
 use std::cell::Cell;
@@ -25,7 +25,7 @@ use std::cell::Cell;
 use crate::bus::{Incoming, Prefetch};
 use crate::client::RpcClient;
 use crate::config::ServiceSettings;
-use crate::dispatch::Service;
+use crate::dispatch::{Handled, Ran, Service};
 use crate::trace::TraceContext;
 
 /// How deep calls to the service itself run on their caller's thread
@@ -39,6 +39,9 @@ thread_local! {
 
 /// The bus of one service's handlers.
 pub struct HandlerBus {
+    /// Itself, for the calls to the service itself that async handlers
+    /// make past the cap (set by [`HandlerBus::shared`]).
+    me: Weak<HandlerBus>,
     client: Arc<RpcClient>,
     runtime: tokio::runtime::Handle,
     service: Arc<str>,
@@ -47,16 +50,10 @@ pub struct HandlerBus {
     serving: Option<Arc<Service>>,
     /// Its queues' binding keys: a call they match is a call to itself.
     bindings: Vec<String>,
-    /// The service's consumers' prefetch limits (set once they consume).
-    prefetch: OnceLock<Vec<Arc<dyn Prefetch>>>,
-    concurrency: u16,
-    max_waits: u16,
+    /// The prefetch raise of waiting handlers.
+    raise: Arc<Raise>,
     /// The largest body a handler may `publish` (`[bus] max_message_bytes`).
     max_message_bytes: usize,
-    /// Handlers now waiting in a bus request.
-    waiting: AtomicU16,
-    /// The prefetch limit last set.
-    limit: tokio::sync::Mutex<u16>,
     /// On the multi-threaded runtime, where a handler may be running on a
     /// runtime thread (see `placement`): a bus call first hands the
     /// thread's other work over (a no-op if the handler already did).
@@ -64,13 +61,27 @@ pub struct HandlerBus {
     metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
+/// The prefetch raise: while handlers wait on the bus, the service's
+/// consumers take one more delivery each, up to `max_bus_waits`.
+struct Raise {
+    service: Arc<str>,
+    /// The service's consumers' prefetch limits (set once they consume).
+    prefetch: OnceLock<Vec<Arc<dyn Prefetch>>>,
+    concurrency: u16,
+    max_waits: u16,
+    /// Handlers now waiting in a bus request.
+    waiting: AtomicU16,
+    /// The prefetch limit last set.
+    limit: tokio::sync::Mutex<u16>,
+}
+
 /// Counts a handler out of the waiting ones when its call ends, however
 /// it ends.
-struct Waiting<'a>(&'a AtomicU16);
+struct Waiting(Arc<Raise>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -89,21 +100,25 @@ impl HandlerBus {
         let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
         Self {
+            me: Weak::new(),
             client,
             runtime: tokio::runtime::Handle::current(),
-            service,
+            service: service.clone(),
             serving: None,
             bindings: settings
                 .queues
                 .iter()
                 .map(|q| q.routing_key.clone())
                 .collect(),
-            prefetch: OnceLock::new(),
-            concurrency,
-            max_waits,
+            raise: Arc::new(Raise {
+                service: service.clone(),
+                prefetch: OnceLock::new(),
+                concurrency,
+                max_waits,
+                waiting: AtomicU16::new(0),
+                limit: tokio::sync::Mutex::new(concurrency),
+            }),
             max_message_bytes,
-            waiting: AtomicU16::new(0),
-            limit: tokio::sync::Mutex::new(concurrency),
             multi_thread,
             metrics,
         }
@@ -116,6 +131,15 @@ impl HandlerBus {
         self
     }
 
+    /// Shares it, knowing itself: async handlers' calls to the service
+    /// itself past the cap run here too.
+    pub fn shared(self) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            ..self
+        })
+    }
+
     /// Whether handlers may run on a runtime thread (see `placement`).
     pub fn multi_thread(&self) -> bool {
         self.multi_thread
@@ -125,7 +149,7 @@ impl HandlerBus {
     /// calling the bus before (deliveries start with the first consumer)
     /// raises nothing.
     pub fn set_prefetch(&self, prefetch: Vec<Arc<dyn Prefetch>>) {
-        let _ = self.prefetch.set(prefetch);
+        let _ = self.raise.prefetch.set(prefetch);
     }
 
     /// Runs `f`, which blocks on the runtime, from a handler.
@@ -138,14 +162,15 @@ impl HandlerBus {
     }
 
     /// Counts the calling handler in, unless `max_bus_waits` already wait.
-    fn enter(&self) -> Option<Waiting<'_>> {
-        let max = self.max_waits;
-        self.waiting
+    fn enter(&self) -> Option<Waiting> {
+        let max = self.raise.max_waits;
+        self.raise
+            .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 (w < max).then_some(w + 1)
             })
             .ok()
-            .map(|_| Waiting(&self.waiting))
+            .map(|_| Waiting(self.raise.clone()))
     }
 
     /// Whether the broker would route `routing_key` to this service's own
@@ -186,6 +211,11 @@ impl HandlerBus {
         NESTED.with(|n| n.set(n.get() + 1));
         let handled = self.blocking(|| serving.handle(&incoming, Some(&traceparent), self));
         NESTED.with(|n| n.set(n.get().saturating_sub(1)));
+        self.answer(routing_key, handled)
+    }
+
+    /// A call run here, counted under its method: its result or error.
+    fn answer(&self, routing_key: &str, handled: Handled) -> Result<String, RpcError> {
         self.metrics.request(routing_key, handled.code);
         self.metrics.took(routing_key, handled.took);
         let reply = handled.reply.map(|r| r.body).unwrap_or_default();
@@ -198,6 +228,63 @@ impl HandlerBus {
         }
     }
 
+    /// Runs an async handler's call to this service here, as its handler
+    /// would run it from the bus, within `timeout`: an async one awaited,
+    /// a sync one on the blocking pool.
+    async fn run_here_async(
+        self: Arc<Self>,
+        serving: Arc<Service>,
+        parent: Option<TraceContext>,
+        routing_key: &str,
+        params_json: &str,
+        deadline: Option<u64>,
+        timeout: Duration,
+    ) -> Result<String, RpcError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let incoming = Incoming {
+            exchange: self.client.exchange().to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: crate::protocol::request_body(routing_key, Some(&id), Some(params_json)),
+            reply_to: Some(String::new()),
+            correlation_id: None,
+            malformed: None,
+            traceparent: None,
+            redelivered: false,
+            deadline,
+            settlement: None,
+        };
+        let traceparent = TraceContext::child_of(parent.as_ref()).header();
+        let handled = if serving.runs_async(routing_key) {
+            let bus: Arc<dyn HostBus> = self.clone();
+            let limit = tokio::time::Instant::now() + timeout;
+            match serving
+                .handle_async(&incoming, Some(&traceparent), bus, deadline, limit)
+                .await
+            {
+                Ran::Done(handled) => handled,
+                // Dropped: cancelled.
+                Ran::TimedOut(_) => {
+                    return Err(RpcError::internal_error(format!(
+                        "`{routing_key}` did not answer within {}s",
+                        timeout.as_secs_f64()
+                    )))
+                }
+            }
+        } else {
+            let me = self.clone();
+            let ran = tokio::task::spawn_blocking(move || {
+                crate::deadline::with(deadline, || {
+                    serving.handle(&incoming, Some(&traceparent), &*me)
+                })
+            });
+            ran.await
+                .map_err(|e| RpcError::internal_error(format!("the handler's task failed: {e}")))?
+        };
+        self.answer(routing_key, handled)
+    }
+}
+
+impl Raise {
     /// Brings the consumers' prefetch in line with the waiting handlers:
     /// raised ahead (twice what is needed) and lowered only once it is
     /// `concurrency` above what is needed, since a change costs a broker
@@ -257,7 +344,7 @@ impl HostBus for HandlerBus {
         if let Some(serving) = here {
             crate::throttled!(info!(
                 service = &*self.service,
-                max_bus_waits = self.max_waits,
+                max_bus_waits = self.raise.max_waits,
                 "max_bus_waits handlers wait on the bus: calls to the service itself run in their caller's thread"
             ));
             let result = self.run_here(serving, caller, routing_key, params_json);
@@ -270,7 +357,7 @@ impl HostBus for HandlerBus {
                 // Past the cap the call waits without a raise: the service
                 // takes no more deliveries until handlers finish.
                 if raised {
-                    self.adjust_prefetch().await;
+                    self.raise.adjust_prefetch().await;
                 }
                 let reply = self
                     .client
@@ -283,7 +370,7 @@ impl HostBus for HandlerBus {
                     .await;
                 drop(waiting);
                 if raised {
-                    self.adjust_prefetch().await;
+                    self.raise.adjust_prefetch().await;
                 }
                 reply
             })
@@ -291,6 +378,84 @@ impl HostBus for HandlerBus {
         self.metrics
             .bus_call(routing_key, matches!(reply, Ok(Ok(_))));
         reply?.map(|raw| raw.get().to_owned())
+    }
+
+    /// As [`HandlerBus::request`], on the runtime: no thread waits. A
+    /// call to the service itself raises the prefetch as a sync handler's
+    /// does; past the cap it runs here, awaited (or on the blocking pool,
+    /// to a sync handler), not queued behind the deliveries whose handlers
+    /// wait for it.
+    fn request_async(
+        &self,
+        caller: &RequestMeta<'_>,
+        routing_key: &str,
+        params_json: &str,
+        timeout: Option<Duration>,
+        reply: ReplyTo,
+    ) {
+        let parent = parent(caller);
+        let timeout = timeout.unwrap_or(self.client.default_timeout());
+        // No longer than what is left of the request that calls.
+        let timeout = caller
+            .deadline
+            .map_or(timeout, |d| timeout.min(crate::deadline::remaining(d)));
+        if timeout.is_zero() {
+            self.metrics.bus_call(routing_key, false);
+            return reply.send(Err(RpcError::internal_error(format!(
+                "not sent to `{routing_key}`: the calling request's deadline passed"
+            ))));
+        }
+        // Only a call to the service itself raises the prefetch: it may be
+        // the very delivery the slots wait for. A call to another service
+        // keeps its slot, and the broker keeps the rest of a burst; no
+        // thread waits either way.
+        let own = self.is_own(routing_key);
+        let waiting = if own { self.enter() } else { None };
+        let (metrics, routing_key, params) = (
+            self.metrics.clone(),
+            routing_key.to_owned(),
+            params_json.to_owned(),
+        );
+        if waiting.is_none() && own {
+            if let (Some(serving), Some(me)) = (self.serving.clone(), self.me.upgrade()) {
+                crate::throttled!(info!(
+                    service = &*self.service,
+                    max_bus_waits = self.raise.max_waits,
+                    "max_bus_waits handlers wait on the bus: calls to the service itself run here"
+                ));
+                let deadline = caller.deadline;
+                self.runtime.spawn(async move {
+                    let result = me
+                        .run_here_async(serving, parent, &routing_key, &params, deadline, timeout)
+                        .await;
+                    metrics.bus_call(&routing_key, result.is_ok());
+                    reply.send(result);
+                });
+                return;
+            }
+        }
+        let client = self.client.clone();
+        self.runtime.spawn(async move {
+            let raise = waiting.as_ref().map(|w| w.0.clone());
+            // Past the cap the call waits without a raise: the service
+            // takes no more deliveries until handlers finish.
+            if let Some(raise) = &raise {
+                raise.adjust_prefetch().await;
+            }
+            let answer = client
+                .request(&routing_key, Some(&params), Some(timeout), parent.as_ref())
+                .await;
+            drop(waiting);
+            if let Some(raise) = &raise {
+                raise.adjust_prefetch().await;
+            }
+            metrics.bus_call(&routing_key, matches!(answer, Ok(Ok(_))));
+            reply.send(match answer {
+                Ok(Ok(raw)) => Ok(raw.get().to_owned()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            });
+        });
     }
 
     fn notify(

@@ -15,15 +15,17 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use commissaire_plugin_api::host::HostBus;
 use tracing::Instrument as _;
 
 use super::handler_bus::HandlerBus;
 use super::inbound::Inbound;
 use super::inflight::request_key;
 use super::placement::{InlineCall, Placement};
+use super::watchdog::answer_timed_out;
 use super::Process;
 use crate::bus::{BusTransport, Incoming};
-use crate::dispatch::{Handled, Service};
+use crate::dispatch::{Handled, Ran, Service};
 use crate::limits::{Refusal, RequestLimits, Way};
 use crate::metrics::{Dropped, ServiceMetrics};
 use crate::throttle::LogThrottle;
@@ -193,6 +195,9 @@ async fn refuse(s: &Served, inbound: &Inbound, refusal: Refusal) {
 /// handler's task failed (the request then stays unsettled for
 /// redelivery).
 async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
+    if s.service.runs_async(&inbound.incoming.routing_key) {
+        return run_async_handler(s, inbound).await;
+    }
     let method = s.placement.method(&inbound.incoming.routing_key);
     let inline = s.placement.inline(method);
     if inline {
@@ -239,4 +244,38 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
     s.placement.record(method, handled.took);
     s.metrics.took(&inbound.incoming.routing_key, handled.took);
     Some(handled)
+}
+
+/// Runs an `async fn` handler, awaited here with no thread held. At
+/// `handler_timeout` it is cancelled and its caller answered at once (the
+/// request settled, its slot free); the request stays in flight until the
+/// plugin has dropped the handler's future, so that one blocking its
+/// thread is still the watchdog's to see as hung.
+async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
+    let limit = tokio::time::Instant::from_std(inbound.arrived + s.limits.handler_timeout);
+    let bus: Arc<dyn HostBus> = s.handler_bus.clone();
+    let ran = s
+        .service
+        .handle_async(
+            inbound.incoming(),
+            Some(inbound.traceparent()),
+            bus,
+            Some(inbound.deadline),
+            limit,
+        )
+        .await;
+    match ran {
+        Ran::Done(handled) => {
+            s.metrics.took(&inbound.incoming.routing_key, handled.took);
+            Some(handled)
+        }
+        Ran::TimedOut(mut pending) => {
+            if inbound.claim() {
+                answer_timed_out(inbound).await;
+            }
+            pending.cancel();
+            let _ = pending.await;
+            None
+        }
+    }
 }

@@ -147,16 +147,15 @@ pub async fn open_session(
             name,
             service.library().methods.iter().map(|m| m.name.as_str()),
         );
-        let handler_bus = Arc::new(
-            HandlerBus::new(
-                client.clone(),
-                shared_name.clone(),
-                settings,
-                config.max_message_bytes,
-                metrics.clone(),
-            )
-            .serving(service.clone()),
-        );
+        let handler_bus = HandlerBus::new(
+            client.clone(),
+            shared_name.clone(),
+            settings,
+            config.max_message_bytes,
+            metrics.clone(),
+        )
+        .serving(service.clone())
+        .shared();
         let served = Arc::new(Served {
             service: service.clone(),
             name: shared_name.clone(),

@@ -165,7 +165,9 @@ pub fn start(
     }
 }
 
-async fn answer_timed_out(inbound: &Inbound) {
+/// Answers a request whose handler ran past its timeout (the caller of
+/// this claimed it).
+pub(super) async fn answer_timed_out(inbound: &Inbound) {
     let timeout = inbound.timeout();
     crate::throttled!(error!(
         service = inbound.service(),

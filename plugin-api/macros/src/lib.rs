@@ -10,7 +10,7 @@ use syn::{
     Meta, Pat, PathArguments, ReturnType, Type,
 };
 
-/// Exposes every `fn on_<name>(&self, [msg: &Message,] args…) -> Result<T, E>`
+/// Exposes every `[async] fn on_<name>(&self, [msg: &Message,] args…) -> Result<T, E>`
 /// of the `impl` block as bus method `<name>` of service `name`, and exports
 /// the plugin's root module. Documented, with examples, in
 /// `commissaire-plugin-api`, which re-exports it.
@@ -33,6 +33,8 @@ struct Method {
     fn_ident: syn::Ident,
     doc: String,
     takes_msg: bool,
+    /// An `async fn`.
+    is_async: bool,
     params: Vec<Param>,
     returns: String,
     /// The declared return type, for spanning conversion errors.
@@ -63,7 +65,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         ));
     }
 
-    let block: ItemImpl = syn::parse2(item)?;
+    let mut block: ItemImpl = syn::parse2(item)?;
+    elide_message_lifetimes(&mut block);
     if let Some((_, path, _)) = &block.trait_ {
         return Err(syn::Error::new(
             path.span(),
@@ -105,8 +108,10 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         })
     };
 
-    let arms = methods.iter().map(|m| {
-        let bus_name = &m.bus_name;
+    // The body that decodes the params (`method`, `params` and `msg` in
+    // scope), calls the handler and encodes its result; `.await`ed for an
+    // async handler.
+    let body = |m: &Method| {
         let fn_ident = &m.fn_ident;
         let names = m.params.iter().map(|p| p.ident.to_string());
         let gets = m.params.iter().enumerate().map(|(i, p)| {
@@ -116,19 +121,72 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             quote_spanned!(ty.span()=> __args.get::<#ty>(#i, #pname, #optional)?)
         });
         let msg_arg = m.takes_msg.then(|| quote!(msg,));
+        let awaited = m.is_async.then(|| quote!(.await));
         // Spanned at the return type: an error type that does not convert
         // is reported there.
         let call = quote_spanned!(m.output.span()=>
-            self.#fn_ident(#msg_arg #(#gets),*)
+            self.#fn_ident(#msg_arg #(#gets),*)#awaited
                 .map_err(::commissaire_plugin_api::__private::into_rpc_error)
         );
         quote! {
-            #bus_name => {
-                let __args = ::commissaire_plugin_api::__private::ParsedArgs::parse(
-                    method, params, &[#(#names),*],
-                )?;
-                let __result = #call?;
-                ::commissaire_plugin_api::__private::encode_result(method, &__result)
+            let __args = ::commissaire_plugin_api::__private::ParsedArgs::parse(
+                method, params, &[#(#names),*],
+            )?;
+            let __result = #call?;
+            ::commissaire_plugin_api::__private::encode_result(method, &__result)
+        }
+    };
+    let arms = methods.iter().map(|m| {
+        let bus_name = &m.bus_name;
+        let body = body(m);
+        if m.is_async {
+            // A host older than plugin-api 1.5 calls it here and waits.
+            quote! {
+                #bus_name => ::commissaire_plugin_api::__private::block_on(
+                    <Self as ::commissaire_plugin_api::__private::ServiceImpl>::NAME,
+                    async { #body },
+                ),
+            }
+        } else {
+            quote! { #bus_name => { #body } }
+        }
+    });
+    let async_methods: Vec<&Method> = methods.iter().filter(|m| m.is_async).collect();
+    let async_names = async_methods.iter().map(|m| &m.bus_name);
+    let async_arms = async_methods.iter().map(|m| {
+        let bus_name = &m.bus_name;
+        let body = body(m);
+        let msg = m.takes_msg.then(|| quote!(let msg = &msg;));
+        // Spanned at the handler: a future that is not `Send` (it holds an
+        // `Rc` or a `MutexGuard` across an `.await`) is reported there.
+        quote_spanned! {m.fn_ident.span()=>
+            #bus_name => ::core::option::Option::Some(
+                ::commissaire_plugin_api::__private::boxed(async move {
+                    let method = #bus_name;
+                    let params: &str = &params;
+                    #msg
+                    #body
+                }),
+            ),
+        }
+    });
+    let async_entries = (!async_methods.is_empty()).then(|| {
+        quote! {
+            fn is_async(method: &str) -> bool {
+                ::core::matches!(method, #(#async_names)|*)
+            }
+
+            fn dispatch_async(
+                self: ::std::sync::Arc<Self>,
+                msg: ::commissaire_plugin_api::Message<'static>,
+                method: &str,
+                params: ::std::string::String,
+            ) -> ::core::option::Option<::commissaire_plugin_api::__private::HandlerFuture> {
+                let _ = &msg;
+                match method {
+                    #(#async_arms)*
+                    _ => ::core::option::Option::None,
+                }
             }
         }
     });
@@ -137,7 +195,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         methods
             .iter()
             .map(|m| {
-                serde_json::json!({
+                let mut method = serde_json::json!({
                     "name": m.bus_name,
                     "doc": m.doc,
                     "params": m.params.iter().map(|p| serde_json::json!({
@@ -146,7 +204,12 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                         "optional": p.optional,
                     })).collect::<Vec<_>>(),
                     "returns": m.returns,
-                })
+                });
+                // Only when true: older hosts and listings know no such key.
+                if m.is_async {
+                    method["async"] = serde_json::Value::Bool(true);
+                }
+                method
             })
             .collect(),
     )
@@ -186,6 +249,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                     ),
                 }
             }
+
+            #async_entries
         }
 
         const _: () = {
@@ -199,7 +264,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
 
 fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
     let sig = &f.sig;
-    let shape = "expected `fn on_<method>(&self, [msg: &Message,] args…) -> Result<T, E>`";
+    let shape = "expected `[async] fn on_<method>(&self, [msg: &Message,] args…) -> Result<T, E>`";
     if bus_name.is_empty() {
         return Err(syn::Error::new(
             sig.ident.span(),
@@ -285,10 +350,38 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
         fn_ident: sig.ident.clone(),
         doc: doc_text(&f.attrs),
         takes_msg,
+        is_async: sig.asyncness.is_some(),
         params,
         returns,
         output,
     })
+}
+
+/// Writes `&Message` as `&Message<'_>` in `async fn` handlers, where Rust
+/// does not elide the lifetime of a path (E0726): authors write `&Message`
+/// in both kinds alike.
+fn elide_message_lifetimes(block: &mut ItemImpl) {
+    for item in &mut block.items {
+        let ImplItem::Fn(f) = item else { continue };
+        if f.sig.asyncness.is_none() {
+            continue;
+        }
+        for input in &mut f.sig.inputs {
+            let FnArg::Typed(t) = input else { continue };
+            if !is_message_ref(&t.ty) {
+                continue;
+            }
+            if let Type::Reference(r) = &mut *t.ty {
+                if let Type::Path(p) = &mut *r.elem {
+                    if let Some(last) = p.path.segments.last_mut() {
+                        if last.arguments.is_none() {
+                            last.arguments = PathArguments::AngleBracketed(syn::parse_quote!(<'_>));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `&Message`, `&Message<'_>`, `&commissaire_plugin_api::Message<'a>`.

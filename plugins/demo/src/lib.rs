@@ -75,6 +75,37 @@ impl Demo {
         Ok("slept".to_owned())
     }
 
+    /// Sleeps `ms` milliseconds on the plugin's runtime, then answers
+    /// "napped": an async handler that waits without holding a thread
+    /// (cancelled at `handler_timeout`).
+    async fn on_nap(&self, ms: u64) -> Result<String, RpcError> {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok("napped".to_owned())
+    }
+
+    /// Blocks its runtime thread for `ms` milliseconds inside an async
+    /// handler, as a misbehaving one would: the watchdog's to catch.
+    async fn on_block(&self, ms: u64) -> Result<String, RpcError> {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        Ok("blocked".to_owned())
+    }
+
+    /// Increments `key` in the Redis at `url` with an async client: a
+    /// real library, on the plugin's runtime (its reactor, its timers).
+    async fn on_redis_incr(&self, url: String, key: String) -> Result<i64, RpcError> {
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| RpcError::invalid_params(format!("the Redis URL: {e}")))?;
+        let mut redis = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| RpcError::internal_error(format!("cannot reach Redis: {e}")))?;
+        redis::cmd("INCR")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .map_err(|e| RpcError::internal_error(format!("INCR failed: {e}")))
+    }
+
     /// Tells what the handler sees of its message.
     fn on_whoami(&self, msg: &Message) -> Result<Value, RpcError> {
         Ok(json!({
