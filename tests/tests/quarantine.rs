@@ -399,10 +399,12 @@ fn quarantine_0_keeps_nothing() {
     );
 }
 
-#[test]
-fn a_handler_past_its_timeout_is_quarantined_once_answered() {
+/// `method` (sleeping 3 s) past a 1 s `handler_timeout`: answered -32603,
+/// then kept once as a timeout.
+fn a_handler_past_its_timeout_is_kept(method: &str) {
     let host = TestHost::start(amqp_spec("handler_timeout = 1\n"));
-    let call = command(&host, &["call", "demo.sleep", "[3000]", "--timeout", "30"]);
+    let key = format!("demo.{method}");
+    let call = command(&host, &["call", &key, "[3000]", "--timeout", "30"]);
     assert_eq!(call.code, Some(2), "{}", call.stderr);
     assert!(
         call.stderr.contains("did not return within 1s"),
@@ -411,12 +413,22 @@ fn a_handler_past_its_timeout_is_quarantined_once_answered() {
     );
     let lines = list_until(&host, "the timeout kept", |lines| lines.len() == 1);
     assert!(
-        lines[0].contains("timeout") && lines[0].contains("sleep") && lines[0].ends_with("count 1"),
+        lines[0].contains("timeout") && lines[0].contains(method) && lines[0].ends_with("count 1"),
         "{}",
         lines[0]
     );
     let show = command(&host, &["quarantine", "show", id_of(&lines[0])]);
     assert!(show.stdout.contains("3000"), "{}", show.stdout);
+}
+
+#[test]
+fn a_handler_past_its_timeout_is_quarantined_once_answered() {
+    a_handler_past_its_timeout_is_kept("sleep");
+}
+
+#[test]
+fn an_async_handler_past_its_timeout_is_quarantined_once_answered() {
+    a_handler_past_its_timeout_is_kept("nap");
 }
 
 /// Not a check: the figures docs/quarantine.md quotes. 5,000 panicking
