@@ -198,9 +198,10 @@ pub enum QuarantineCommand {
         #[command(flatten)]
         bus: BusArgs,
     },
-    /// Sends the request again, as it was, to the live service and prints
-    /// the answer; or, with --plugin, runs it against that plugin file in
-    /// a process of its own, without the bus, and prints what the handler
+    /// Sends the request's params again to the live service (a new id,
+    /// the caller's trace context) and prints the answer; or, with
+    /// --plugin, runs the request as stored against that plugin file in a
+    /// process of its own, without the bus, and prints what the handler
     /// answers or how it crashes.
     #[command(after_help = ENVIRONMENT)]
     Replay {
