@@ -33,6 +33,9 @@ pub struct Handled {
     pub took: std::time::Duration,
     /// The error code it was answered with; `None` for a result.
     pub code: Option<i64>,
+    /// What the handler's panic said, if it panicked (see
+    /// [`crate::quarantine::is_panic`]).
+    pub panic: Option<String>,
 }
 
 /// One service of one plugin, ready to answer deliveries.
@@ -236,9 +239,15 @@ fn request_meta<'a>(
 
 /// The reply to `delivery`, if it wants one, and what it took.
 fn reply(delivery: &Incoming, outcome: Outcome, started: Instant) -> Handled {
+    let mut panic = None;
     let (body, code) = match outcome {
         Ok(body) => (body, None),
-        Err((id, e)) => (error_body(&id, &e), Some(e.code)),
+        Err((id, e)) => {
+            if crate::quarantine::is_panic(e.code, &e.message) {
+                panic = Some(e.message.clone());
+            }
+            (error_body(&id, &e), Some(e.code))
+        }
     };
     let reply = delivery.reply_to.as_ref().map(|to| Reply {
         to: to.clone(),
@@ -248,5 +257,6 @@ fn reply(delivery: &Incoming, outcome: Outcome, started: Instant) -> Handled {
         reply,
         took: started.elapsed(),
         code,
+        panic,
     }
 }

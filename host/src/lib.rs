@@ -24,6 +24,7 @@ pub mod listing;
 pub mod metrics;
 pub mod plugin;
 pub mod protocol;
+pub mod quarantine;
 pub mod redact;
 pub mod retry;
 pub mod serve;

@@ -8,6 +8,7 @@
 //! | the caller's deadline | the request's `deadline` header (`crate::deadline`) | [`RequestLimits::screen`]; a handler's bus calls wait no longer | -32603; [`Dropped::DeadlinePassed`] |
 //! | crashes, deliveries | `crash_limit` | [`RequestLimits::judge`], on a redelivery | -32603; [`Dropped::Poison`] |
 //! | deadline | `handler_timeout` (+ `[host] handler_grace`) | `serve::watchdog` | -32603; [`Dropped::Timeout`] |
+//! | quarantine | `quarantine` (entries per queue) | `crate::quarantine` | the oldest entry is dropped |
 //! | in flight | `concurrency` | the consumer's prefetch, per queue | the rest waits in its queue |
 //! | waits on the bus | `max_bus_waits` | `serve::handler_bus` | calls wait without taking more deliveries; calls to the service itself run in their caller's thread |
 //! | HTTP in flight, connections, buffered bytes | `[http] max_*` | `http::budget` | 503 |
@@ -40,6 +41,10 @@ pub const DEFAULT_CONCURRENCY: u16 = 16;
 pub const DEFAULT_BUS_WAITS_PER_SLOT: u16 = 4;
 /// How many worker crashes a request may cause before it is refused.
 pub const DEFAULT_CRASH_LIMIT: u32 = 3;
+/// Entries each quarantine keeps unless configured (`[[service]]
+/// quarantine`; 0 turns it off): past it, the oldest goes (see
+/// [`crate::quarantine`]).
+pub const DEFAULT_QUARANTINE: u32 = 1000;
 /// Deliveries beyond `crash_limit` a request may have, whatever brought it
 /// back (a lost connection while its reply went out, a shutdown past its
 /// timeout, a Redis visibility timeout), before it is refused. Its worker's

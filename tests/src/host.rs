@@ -392,20 +392,18 @@ impl Drop for TestHost {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Each service queue, and its quarantine (`<queue>.quarantine`).
+        let queues: Vec<String> = SERVICES
+            .iter()
+            .map(|(_, service)| self.spec.queue(service))
+            .flat_map(|q| [format!("{q}.quarantine"), q])
+            .collect();
         if self.spec.bus_uri.starts_with("amqp") {
             let spec = self.spec.clone();
-            cleanup_broker_at(
-                first_uri(&spec.bus_uri),
-                &spec.exchange,
-                &SERVICES.map(|(_, service)| spec.queue(service)),
-            );
+            cleanup_broker_at(first_uri(&spec.bus_uri), &spec.exchange, &queues);
         } else if self.spec.bus_uri.starts_with("redis") {
             let spec = &self.spec;
-            cleanup_redis(
-                &spec.bus_uri,
-                &spec.exchange,
-                &[spec.queue("simple"), spec.queue("demo")],
-            );
+            cleanup_redis(&spec.bus_uri, &spec.exchange, &queues);
         }
     }
 }

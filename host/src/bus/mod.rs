@@ -469,6 +469,45 @@ pub trait BusTransport: Send + Sync + 'static {
     async fn restore_consumer(&self, _owner: &str) -> Result<usize, BusError> {
         Ok(0)
     }
+
+    /// Stores `entry` in the quarantine `name` (see [`crate::quarantine`]),
+    /// which keeps the newest `bound` entries: a durable queue on
+    /// RabbitMQ, a list on Redis, made on first use.
+    async fn quarantine_keep(
+        &self,
+        name: &str,
+        _entry: &[u8],
+        _bound: u32,
+    ) -> Result<(), BusError> {
+        Err(no_quarantine(name))
+    }
+
+    /// Every entry of the quarantine `name`, oldest first, left in place
+    /// (none if it does not exist).
+    async fn quarantine_read(&self, name: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        Err(no_quarantine(name))
+    }
+
+    /// Removes the entries of the quarantine `name` that `drop` picks,
+    /// leaving the others in place; returns how many went.
+    async fn quarantine_remove(
+        &self,
+        name: &str,
+        _drop: &crate::bus::PickEntries,
+    ) -> Result<usize, BusError> {
+        Err(no_quarantine(name))
+    }
+}
+
+/// Which entries of a quarantine to remove
+/// ([`BusTransport::quarantine_remove`]).
+pub type PickEntries = dyn for<'a> Fn(&'a [u8]) -> bool + Send + Sync;
+
+fn no_quarantine(name: &str) -> BusError {
+    BusError::op(
+        format!("using quarantine `{name}`"),
+        "this transport keeps no quarantine",
+    )
 }
 
 /// A sink that queues deliveries on a channel, for tests and tools that

@@ -127,6 +127,8 @@ pub(super) struct ServiceSection {
     pub(super) workers: Option<Spanned<NonZeroU16>>,
     pub(super) handler_timeout: Option<Spanned<f64>>,
     pub(super) crash_limit: Option<std::num::NonZeroU32>,
+    /// Entries each of its quarantines keeps (0: off).
+    pub(super) quarantine: Option<u32>,
     pub(super) inline_handlers: Option<bool>,
     pub(super) max_bus_waits: Option<u16>,
     /// Seconds a plugin's `init` may take in a new worker.

@@ -12,6 +12,7 @@ use super::{
     line_col, seconds, ConfigError, DEFAULT_BUS_WAITS_PER_SLOT, DEFAULT_CONCURRENCY,
     DEFAULT_CRASH_LIMIT, DEFAULT_HANDLER_TIMEOUT, DEFAULT_INIT_TIMEOUT, MIN_WORKER_RSS,
 };
+use crate::limits::DEFAULT_QUARANTINE;
 
 /// One queue a service consumes, bound with its routing key.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -43,6 +44,9 @@ pub struct ServiceSettings {
     pub handler_timeout: Duration,
     /// Worker crashes a request may cause before it is refused.
     pub crash_limit: u32,
+    /// Entries each of its quarantines keeps, the oldest dropped past it
+    /// (0: no quarantine; see [`crate::quarantine`]).
+    pub quarantine: u32,
     /// Run handlers on the async runtime's threads without handing the
     /// thread over first (`Some(true)`), always hand it over
     /// (`Some(false)`), or learn it per method (`None`, the default: see
@@ -81,6 +85,7 @@ impl ServiceSettings {
             workers: 1,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             crash_limit: DEFAULT_CRASH_LIMIT,
+            quarantine: DEFAULT_QUARANTINE,
             inline_handlers: None,
             max_bus_waits: DEFAULT_CONCURRENCY.saturating_mul(DEFAULT_BUS_WAITS_PER_SLOT),
             init_timeout: DEFAULT_INIT_TIMEOUT,
@@ -164,6 +169,7 @@ pub(super) fn file_services(
             crash_limit: section
                 .crash_limit
                 .map_or(DEFAULT_CRASH_LIMIT, std::num::NonZeroU32::get),
+            quarantine: section.quarantine.unwrap_or(DEFAULT_QUARANTINE),
             inline_handlers: section.inline_handlers,
             max_bus_waits: section
                 .max_bus_waits

@@ -160,6 +160,9 @@ pub struct ServiceMetrics {
     methods: Vec<(Box<str>, MethodCounts)>,
     drops: Box<[AtomicU64]>,
     bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Requests quarantined, by [`crate::quarantine::Reason`] (its index).
+    quarantined: [AtomicU64; 3],
+    quarantine_bound: AtomicU64,
 }
 
 impl ServiceMetrics {
@@ -176,6 +179,8 @@ impl ServiceMetrics {
             methods: list,
             drops: Dropped::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             bus_calls: Mutex::default(),
+            quarantined: Default::default(),
+            quarantine_bound: AtomicU64::new(0),
         }
     }
 
@@ -205,6 +210,16 @@ impl ServiceMetrics {
     /// Counts a request dropped or refused for `why`.
     pub fn dropped(&self, why: Dropped) {
         self.drops[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request quarantined for `why`.
+    pub fn quarantined(&self, why: crate::quarantine::Reason) {
+        self.quarantined[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Sets the quarantine's configured bound (entries per queue; 0: off).
+    pub fn set_quarantine_bound(&self, bound: u32) {
+        self.quarantine_bound.store(u64::from(bound), Relaxed);
     }
 
     /// Counts a handler's own bus call to `routing_key`: its target is the
@@ -250,6 +265,8 @@ impl ServiceMetrics {
             reconnects: process.reconnects,
             redeclared: process.redeclared,
             in_flight: process.in_flight,
+            quarantined: self.quarantined.iter().map(|n| n.load(Relaxed)).collect(),
+            quarantine_bound: self.quarantine_bound.load(Relaxed),
         }
     }
 }
@@ -347,12 +364,23 @@ pub struct ServiceSnapshot {
     pub redeclared: u64,
     /// Requests in flight now (a gauge).
     pub in_flight: u64,
+    /// Requests quarantined, by [`crate::quarantine::Reason`] (its index).
+    #[serde(default)]
+    pub quarantined: Vec<u64>,
+    /// The quarantine's configured bound (a gauge; 0: off).
+    #[serde(default)]
+    pub quarantine_bound: u64,
 }
 
 impl ServiceSnapshot {
     /// Requests dropped or refused for `why`.
     pub fn dropped(&self, why: Dropped) -> u64 {
         self.drops.get(why as usize).copied().unwrap_or(0)
+    }
+
+    /// Requests quarantined for `why`.
+    pub fn quarantined(&self, why: crate::quarantine::Reason) -> u64 {
+        self.quarantined.get(why as usize).copied().unwrap_or(0)
     }
 
     /// Counts `n` more dropped for `why`.

@@ -210,6 +210,32 @@ impl Collector for Views {
                 &per_service(views, |v| v.counts.dropped(why)),
             )?;
         }
+        let quarantined: Vec<(Labels<'_>, u64)> = views
+            .iter()
+            .flat_map(|v| {
+                crate::quarantine::Reason::ALL.iter().map(|why| {
+                    (
+                        vec![
+                            ("service", v.counts.service.as_str()),
+                            ("reason", why.as_str()),
+                        ],
+                        v.counts.quarantined(*why),
+                    )
+                })
+            })
+            .collect();
+        counter(
+            &mut enc,
+            "commissaire_quarantined",
+            "Requests quarantined (refused as poison, handler panicked or timed out), repeats included.",
+            &quarantined,
+        )?;
+        gauge(
+            &mut enc,
+            "commissaire_quarantine_bound",
+            "Entries each quarantine of the service keeps (the oldest dropped past it); 0: off.",
+            &per_service(views, |v| v.counts.quarantine_bound),
+        )?;
         let calls: Vec<(Labels<'_>, u64)> = views
             .iter()
             .flat_map(|v| {

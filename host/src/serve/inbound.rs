@@ -57,6 +57,7 @@ pub struct Inbound {
     pub(super) trace: TraceContext,
     pub(super) traceparent: String,
     pub(super) metrics: Arc<ServiceMetrics>,
+    pub(super) quarantine: Arc<crate::quarantine::Quarantine>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -156,6 +157,13 @@ impl Inbound {
                 Err(rejected) => rejected.id_json,
             };
         self.refuse_with_id(id_json, error).await;
+    }
+
+    /// Keeps the request in its service's quarantine, beside its path
+    /// (see [`crate::quarantine`]): call it once it is answered.
+    pub fn quarantine(&self, reason: crate::quarantine::Reason, detail: &str) {
+        self.quarantine
+            .keep(&self.bus, &self.queue, &self.incoming, reason, detail);
     }
 
     /// Counts a request refused (or dropped) for `why`.
@@ -304,6 +312,11 @@ impl Inbound {
             traceparent: trace.header(),
             trace,
             metrics: crate::metrics::Metrics::default().service("s", []),
+            quarantine: crate::quarantine::Quarantine::new(
+                Arc::from("s"),
+                0,
+                crate::metrics::Metrics::default().service("s", []),
+            ),
         }
     }
 }

@@ -42,6 +42,7 @@ pub(super) struct Served {
     pub confirm_replies: bool,
     pub process: Process,
     pub metrics: Arc<ServiceMetrics>,
+    pub quarantine: Arc<crate::quarantine::Quarantine>,
 }
 
 /// The request as it arrives: nothing claimed, nothing settled.
@@ -74,6 +75,7 @@ fn arrive(s: &Served, queue: Arc<str>, incoming: Incoming, key: u64) -> Inbound 
         traceparent: trace.header(),
         trace,
         metrics: s.metrics.clone(),
+        quarantine: s.quarantine.clone(),
     }
 }
 
@@ -142,6 +144,9 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
     s.metrics.request(&incoming.routing_key, handled.code);
     inbound.reply_then_ack(handled.reply).await;
+    if let Some(panic) = &handled.panic {
+        inbound.quarantine(crate::quarantine::Reason::Panic, panic);
+    }
 }
 
 /// One log line per refusal reason per interval.
@@ -179,6 +184,9 @@ async fn refuse(s: &Served, inbound: &Inbound, refusal: Refusal) {
             read_id: true,
         } => inbound.refuse(&error).await,
         Way::Drop => inbound.drop_unanswerable().await,
+    }
+    if refusal.dropped == Dropped::Poison {
+        inbound.quarantine(crate::quarantine::Reason::Poison, &refusal.detail);
     }
 }
 

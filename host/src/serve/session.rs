@@ -169,6 +169,11 @@ pub async fn open_session(
             },
             confirm_replies: config.confirm_replies,
             process: process.clone(),
+            quarantine: crate::quarantine::Quarantine::new(
+                Arc::from(name),
+                settings.quarantine,
+                metrics.clone(),
+            ),
             metrics,
         });
         let mut consumers = Vec::new();

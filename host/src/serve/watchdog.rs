@@ -182,6 +182,7 @@ pub(super) async fn answer_timed_out(inbound: &Inbound) {
         timeout.as_secs_f64()
     ));
     inbound.refuse(&error).await;
+    inbound.quarantine(crate::quarantine::Reason::Timeout, &error.message);
 }
 
 #[cfg(test)]

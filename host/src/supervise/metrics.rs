@@ -97,6 +97,13 @@ fn add(into: &mut ServiceSnapshot, from: &ServiceSnapshot) {
     for &why in Dropped::ALL {
         into.add_dropped(why, from.dropped(why));
     }
+    if into.quarantined.len() < from.quarantined.len() {
+        into.quarantined.resize(from.quarantined.len(), 0);
+    }
+    for (to, n) in into.quarantined.iter_mut().zip(&from.quarantined) {
+        *to += n;
+    }
+    into.quarantine_bound = into.quarantine_bound.max(from.quarantine_bound);
     into.reconnects += from.reconnects;
     into.redeclared += from.redeclared;
     into.in_flight += from.in_flight;

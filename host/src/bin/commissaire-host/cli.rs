@@ -62,6 +62,7 @@ impl Cli {
             | Command::Worker { bus, .. }
             | Command::Call { bus, .. }
             | Command::Notify { bus, .. } => bus.config.as_deref(),
+            Command::Quarantine(q) => q.bus().config.as_deref(),
             Command::Plugins { .. } => None,
         }
     }
@@ -150,6 +151,11 @@ pub enum Command {
         #[command(flatten)]
         bus: BusArgs,
     },
+    /// Requests kept because they were refused as poison, made their
+    /// handler panic, or timed out: list, show, replay, turn into a test,
+    /// drop (see docs/quarantine.md). The same bus options as `call`.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Lists the plugins in a directory: service, versions, methods. Exits
     /// non-zero if any file was refused.
     Plugins {
@@ -166,6 +172,114 @@ pub enum Command {
         #[arg(long)]
         allow_insecure_plugins: bool,
     },
+}
+
+/// `quarantine`'s subcommands. An ID is `QUEUE:FINGERPRINT`, as `list`
+/// prints it.
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// One line per quarantined request (repeats counted, not listed):
+    /// id, last time, reason, method, body size, trace id, count.
+    #[command(after_help = ENVIRONMENT)]
+    List {
+        /// Only this service's quarantines (default: every service of the
+        /// config file).
+        service: Option<String>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Prints a request in full: properties, headers, the body
+    /// pretty-printed with passwords and tokens replaced, control
+    /// characters escaped.
+    #[command(after_help = ENVIRONMENT)]
+    Show {
+        /// The entry, as `list` prints it.
+        id: String,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Sends the request's params again to the live service (a new id,
+    /// the caller's trace context) and prints the answer; or, with
+    /// --plugin, runs the request as stored against that plugin file in a
+    /// process of its own, without the bus, and prints what the handler
+    /// answers or how it crashes.
+    #[command(after_help = ENVIRONMENT)]
+    Replay {
+        /// The entry, as `list` prints it.
+        id: String,
+        /// Send it under this routing key instead of its own.
+        #[arg(long, value_name = "ROUTING_KEY", conflicts_with = "plugin")]
+        to: Option<String>,
+        /// Run it against this plugin file (a fixed build, say) instead.
+        #[arg(long, value_name = "FILE")]
+        plugin: Option<PathBuf>,
+        /// With --plugin: load a plugin file others could change (as
+        /// `run`'s).
+        #[arg(long)]
+        allow_insecure_plugins: bool,
+        /// Seconds to wait for the live service's answer (as `call`'s).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Prints a #[test] for the plugin's own test suite that calls the
+    /// handler through plugin-api's TestService with exactly that
+    /// request's params.
+    #[command(after_help = ENVIRONMENT)]
+    Test {
+        /// The entry, as `list` prints it.
+        id: String,
+        /// The plugin's service type (default: the service name in
+        /// CamelCase).
+        #[arg(long = "type", value_name = "TYPE")]
+        service_type: Option<String>,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Removes an entry (every entry of its fingerprint), or with --all
+    /// every entry of a service's quarantines (default: every service of
+    /// the config file).
+    #[command(after_help = ENVIRONMENT)]
+    Drop {
+        /// The entry; with --all, a service.
+        target: Option<String>,
+        /// Every entry.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
+    /// Internal: `replay --plugin`'s child process (the entry and the
+    /// plugin's config on stdin).
+    #[command(hide = true)]
+    RunEntry {
+        /// The plugin file.
+        #[arg(long)]
+        plugin: PathBuf,
+        /// As `replay`'s.
+        #[arg(long)]
+        allow_insecure_plugins: bool,
+    },
+}
+
+impl QuarantineCommand {
+    /// Its bus options.
+    pub fn bus(&self) -> &BusArgs {
+        static NONE: BusArgs = BusArgs {
+            config: None,
+            bus_uri: None,
+            bus_exchange: None,
+        };
+        match self {
+            Self::List { bus, .. }
+            | Self::Show { bus, .. }
+            | Self::Replay { bus, .. }
+            | Self::Test { bus, .. }
+            | Self::Drop { bus, .. } => bus,
+            Self::RunEntry { .. } => &NONE,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -183,6 +183,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Command::Quarantine(command) => crate::quarantine::run(command),
         Command::Plugins {
             dir,
             json,
@@ -216,7 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// A client for `call` and `notify`; `reply_queue` is where its replies
 /// would come (`notify` expects none: it asks for direct reply-to, which
 /// has nothing to declare or delete).
-async fn connect_client(
+pub(crate) async fn connect_client(
     config: &HostConfig,
     reply_queue: bus::ReplyQueueKind,
 ) -> anyhow::Result<std::sync::Arc<RpcClient>> {

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod logging;
+mod quarantine;
 mod signals;
 
 use std::process::ExitCode;

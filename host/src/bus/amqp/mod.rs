@@ -35,6 +35,7 @@ use wire::{field_table, publish_on};
 mod acks;
 mod consume;
 mod errors;
+mod quarantine;
 mod reply;
 mod wire;
 
@@ -256,6 +257,22 @@ fn refusal_or_lost(operation: String, e: &lapin::Error) -> BusError {
 impl BusTransport for AmqpBus {
     fn describe(&self) -> String {
         self.uri.clone()
+    }
+
+    async fn quarantine_keep(&self, name: &str, entry: &[u8], bound: u32) -> Result<(), BusError> {
+        quarantine::keep(&self.connection, name, entry, bound).await
+    }
+
+    async fn quarantine_read(&self, name: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        quarantine::read(&self.connection, name).await
+    }
+
+    async fn quarantine_remove(
+        &self,
+        name: &str,
+        drop: &crate::bus::PickEntries,
+    ) -> Result<usize, BusError> {
+        quarantine::remove(&self.connection, name, drop).await
     }
 
     async fn declare_exchange(&self, exchange: &str) -> Result<(), BusError> {

@@ -23,6 +23,8 @@ type Queue = (
 struct State {
     bindings: Vec<(String, String, String)>,
     queues: HashMap<String, Queue>,
+    /// Quarantines, by name: the newest entries at the back.
+    quarantines: HashMap<String, std::collections::VecDeque<Vec<u8>>>,
 }
 
 /// In one process: workers cannot share it, and nothing outlives its
@@ -116,6 +118,39 @@ fn copy(m: &Incoming) -> Incoming {
 impl BusTransport for MemoryBus {
     fn describe(&self) -> String {
         "memory://".to_owned()
+    }
+
+    async fn quarantine_keep(&self, name: &str, entry: &[u8], bound: u32) -> Result<(), BusError> {
+        let mut state = self.state();
+        let kept = state.quarantines.entry(name.to_owned()).or_default();
+        kept.push_back(entry.to_vec());
+        while kept.len() > bound as usize {
+            kept.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn quarantine_read(&self, name: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        let state = self.state();
+        Ok(state
+            .quarantines
+            .get(name)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn quarantine_remove(
+        &self,
+        name: &str,
+        drop: &crate::bus::PickEntries,
+    ) -> Result<usize, BusError> {
+        let mut state = self.state();
+        let Some(kept) = state.quarantines.get_mut(name) else {
+            return Ok(0);
+        };
+        let before = kept.len();
+        kept.retain(|e| !drop(e));
+        Ok(before - kept.len())
     }
 
     async fn declare_exchange(&self, _exchange: &str) -> Result<(), BusError> {

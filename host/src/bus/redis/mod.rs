@@ -76,6 +76,7 @@ mod errors;
 pub mod keys;
 mod options;
 mod publish;
+mod quarantine;
 mod reply;
 mod restore;
 mod scripts;
@@ -194,6 +195,22 @@ impl RedisBus {
 impl BusTransport for RedisBus {
     fn describe(&self) -> String {
         self.inner.uri.clone()
+    }
+
+    async fn quarantine_keep(&self, name: &str, entry: &[u8], bound: u32) -> Result<(), BusError> {
+        quarantine::keep(&self.inner, name, entry, bound).await
+    }
+
+    async fn quarantine_read(&self, name: &str) -> Result<Vec<Vec<u8>>, BusError> {
+        quarantine::read(&self.inner, name).await
+    }
+
+    async fn quarantine_remove(
+        &self,
+        name: &str,
+        drop: &crate::bus::PickEntries,
+    ) -> Result<usize, BusError> {
+        quarantine::remove(&self.inner, name, drop).await
     }
 
     /// kombu keeps exchanges in its clients only: nothing to store.
