@@ -239,6 +239,29 @@ async fn without_a_valid_traceparent_a_request_starts_its_own_trace() {
     let _ = caller.conn.close(200, "bye".into()).await;
 }
 
+/// An async handler still running at its caller's deadline, well before
+/// `handler_timeout`, is cancelled then and its caller answered: nobody
+/// waits for it any more, and its slot is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_async_handler_is_cancelled_at_its_callers_deadline() {
+    let mut spec = HostSpec::amqp();
+    spec.service_toml = "workers = 1\nconcurrency = 1\n".to_owned();
+    let host = TestHost::start(spec);
+    let mut caller = Caller::connect(&host.spec.exchange).await;
+    let (reply, _) = caller
+        .call_with("demo.nap", json!([60_000]), deadline_header(now_ms() + 1_500))
+        .await;
+    assert_eq!(reply["error"]["code"], -32603, "{reply}");
+    assert_eq!(
+        reply["error"]["message"], "deadline passed while the handler ran: it was cancelled",
+        "{reply}"
+    );
+    // The only slot is free: this one runs.
+    let (reply, _) = caller.call("demo.nap", json!([1]), None).await;
+    assert_eq!(reply["result"], "napped", "{reply}");
+    let _ = caller.conn.close(200, "bye".into()).await;
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

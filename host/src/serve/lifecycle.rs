@@ -16,6 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use commissaire_plugin_api::host::HostBus;
+use commissaire_plugin_api::RpcError;
 use tracing::Instrument as _;
 
 use super::handler_bus::HandlerBus;
@@ -149,6 +150,24 @@ async fn live(s: Arc<Served>, inbound: Arc<Inbound>) {
     }
 }
 
+/// How much sooner than `handler_timeout` a caller's deadline must be to
+/// count as the caller's (both are rounded to milliseconds on the way).
+const CALLERS_MARGIN: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Answers a request whose async handler was cancelled at its caller's
+/// deadline.
+async fn answer_deadline_passed(inbound: &Inbound) {
+    crate::throttled!(warn!(
+        service = inbound.service(),
+        routing_key = inbound.routing_key(),
+        trace_id = %inbound.trace().trace_id(),
+        "the caller's deadline passed while its async handler ran: cancelled, answering -32603"
+    ));
+    inbound.count_dropped(Dropped::DeadlinePassed);
+    let error = RpcError::internal_error("deadline passed while the handler ran: it was cancelled");
+    inbound.refuse(&error).await;
+}
+
 /// One log line per refusal reason per interval.
 static REFUSAL_LOGS: [LogThrottle; Dropped::COUNT] =
     [const { LogThrottle::new(crate::throttle::INTERVAL) }; Dropped::COUNT];
@@ -246,13 +265,19 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
     Some(handled)
 }
 
-/// Runs an `async fn` handler, awaited here with no thread held. At
-/// `handler_timeout` it is cancelled and its caller answered at once (the
-/// request settled, its slot free); the request stays in flight until the
-/// plugin has dropped the handler's future, so that one blocking its
-/// thread is still the watchdog's to see as hung.
+/// Runs an `async fn` handler, awaited here with no thread held. At its
+/// deadline (its caller's, or `handler_timeout`) it is cancelled and its
+/// caller answered at once (the request settled, its slot free); the
+/// request stays in flight until the plugin has dropped the handler's
+/// future, so that one blocking its thread is still the watchdog's to see
+/// as hung.
 async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
-    let limit = tokio::time::Instant::from_std(inbound.arrived + s.limits.handler_timeout);
+    let timeout_at = inbound.arrived + s.limits.handler_timeout;
+    // Nobody waits past the caller's deadline: unlike a sync handler's
+    // thread, an async handler's slot is worth taking back then.
+    let deadline_at = Instant::now() + crate::deadline::remaining(inbound.deadline);
+    let callers = deadline_at + CALLERS_MARGIN < timeout_at;
+    let limit = tokio::time::Instant::from_std(timeout_at.min(deadline_at));
     let bus: Arc<dyn HostBus> = s.handler_bus.clone();
     // A method whose whole handler proved quick (see `placement`) has its
     // first poll here, on the runtime thread, and ends there; the others
@@ -279,7 +304,11 @@ async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Ha
         Ran::TimedOut(mut pending) => {
             s.placement.record(method, s.limits.handler_timeout);
             if inbound.claim() {
-                answer_timed_out(inbound).await;
+                if callers {
+                    answer_deadline_passed(inbound).await;
+                } else {
+                    answer_timed_out(inbound).await;
+                }
             }
             pending.cancel();
             let _ = pending.await;
