@@ -12,6 +12,8 @@
 #
 # host-async: the same host, called on `simple.add_async` (the same sum
 # as an async handler): what the async path costs against the sync one.
+# BASE_BIN=path/to/commissaire-host adds the server `base`: that build,
+# with the libsimple.so beside it, for an A/B of two builds in one run.
 #
 # Counted: only the measured window. Each server gets WARMUP requests
 # first, then its counters are zeroed (`callgrind_control -z`), loadgen
@@ -52,8 +54,15 @@ control() {
 
 results="$work/results"
 : > "$results"
-for server in ${SERVERS:-reference host}; do
+if [ -n "${BASE_BIN:-}" ]; then
+  mkdir -p "$work/base-plugins"
+  cp "$(dirname "$BASE_BIN")/libsimple.so" "$work/base-plugins/"
+  sed "s|^dir = .*|dir = \"$work/base-plugins\"|" "$work/host.toml" > "$work/base.toml"
+fi
+for server in ${SERVERS:-reference host} ${BASE_BIN:+base}; do
   key=simple.add; [ "$server" = host-async ] && key=simple.add_async
+  bin=target/release/commissaire-host config=$work/host.toml
+  [ "$server" = base ] && bin=$BASE_BIN config=$work/base.toml
   for c in 32 1; do
     n=$requests; [ "$c" = 1 ] && n=$requests_c1
     rm -f "$work"/cg.*
@@ -65,7 +74,7 @@ for server in ${SERVERS:-reference host}; do
     else
       COMMISSAIRE_LOG=warn,commissaire_host::supervise=info \
         valgrind -q --tool=callgrind --compress-strings=no --trace-children=yes --callgrind-out-file="$work/cg.%p" \
-        target/release/commissaire-host run --config "$work/host.toml" --bus-uri "$uri" 2> "$work/server.log" &
+        "$bin" run --config "$config" --bus-uri "$uri" 2> "$work/server.log" &
       pid=$!; wait_ready "$work/server.log" "every service is consuming" 60
     fi
     target/release/loadgen --bus-uri "$uri" --exchange "$exchange" --concurrency "$c" \
@@ -118,7 +127,8 @@ for (server, c), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != 32, kv[0]
         print(f"{server:<10} {c:>3} {n:>8} {w:>8.1f}  {'both':<11} {t_all:>8.0f} {t_load:>8.0f}")
 print()
 for c in (32, 1):
-    for server, base in (("host", "reference"), ("host-async", "reference"), ("host-async", "host")):
+    for server, base in (("host", "reference"), ("host-async", "reference"), ("host-async", "host"),
+                         ("base", "reference"), ("host", "base")):
         if (server, c) in totals and (base, c) in totals:
             h, ref = totals[(server, c)], totals[(base, c)]
             print(f"c={c:<2}: {server} {h[0]:.0f} / {base} {ref[0]:.0f} = {h[0] / ref[0]:.3f} in all;"
