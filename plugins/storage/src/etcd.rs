@@ -27,7 +27,8 @@ use crate::deadline::Deadline;
 use crate::error::StorageError;
 use crate::tls;
 
-/// How long a connection to etcd may take to open.
+/// How long a connection to etcd may take to open (TCP, and then the
+/// TLS handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one call to etcd may take in all (less when the request's
 /// deadline is nearer).
@@ -313,7 +314,13 @@ impl tower_service::Service<Uri> for Connector {
                 return Ok(TokioIo::new(EtcdStream::Plain(tcp)));
             };
             let name = rustls::pki_types::ServerName::try_from(host)?;
-            let stream = tls.connect(name, tcp).await?;
+            // Bounded here too: the pool may finish a connection whose
+            // call gave up, and a hung etcd must not keep it forever.
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(name, tcp))
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "timeout: the TLS handshake")
+                })??;
             Ok(TokioIo::new(EtcdStream::Tls(Box::new(stream))))
         })
     }
