@@ -95,7 +95,7 @@ pub fn build_all() {
             // A library that is not a plugin, for the loader's refusal.
             "-p",
             "commissaire-plugin-api-macros",
-            // This crate too: its dependencies (ureq's rustls) unify the
+            // This crate too: its dependencies (lapin's rustls) unify the
             // features as `cargo test` does, so the host, lapin and rustls
             // are not built a second time with other features.
             "-p",

@@ -1,17 +1,24 @@
-//! A blocking client of custodia's secrets API over its Unix socket, as
+//! An async client of custodia's secrets API over its Unix socket, as
 //! the original's custodia store speaks it: HTTP/1.1 with
 //! `REMOTE_USER: commissaire`, one connection per call (custodia closes
 //! each), every call bounded in time.
 
-use std::io::{Read as _, Write as _};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// How long a read or write on the socket may wait.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use crate::deadline::Deadline;
+
+/// How long one call to custodia may take in all (less when the
+/// request's deadline is nearer).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest answer read (a secret is a few KiB).
-const MAX_ANSWER: u64 = 1024 * 1024;
+const MAX_ANSWER: usize = 1024 * 1024;
 
 /// An answer: its status, reason phrase and body.
 #[derive(Debug)]
@@ -57,95 +64,99 @@ impl CustodiaClient {
         format!("http+unix://{quoted}{path}")
     }
 
-    /// Sends `method path` with `body` (and its content type).
-    pub fn call(
+    /// Sends `method path` with `body` (and its content type), within
+    /// [`CALL_TIMEOUT`] and the request's `deadline`.
+    pub async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<(&str, &[u8])>,
         accept: Option<&str>,
+        deadline: Deadline,
     ) -> Result<Answer, CustodiaDown> {
-        self.exchange(method, path, body, accept)
-            .map_err(|source| CustodiaDown {
-                socket: self.socket.display().to_string(),
-                source,
-            })
+        let limit = deadline.limit(CALL_TIMEOUT);
+        let answer = tokio::time::timeout(limit, self.exchange(method, path, body, accept))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timeout: no answer within {} ms", limit.as_millis()),
+                ))
+            });
+        answer.map_err(|source| CustodiaDown {
+            socket: self.socket.display().to_string(),
+            source,
+        })
     }
 
-    fn exchange(
+    async fn exchange(
         &self,
         method: &str,
         path: &str,
         body: Option<(&str, &[u8])>,
         accept: Option<&str>,
     ) -> std::io::Result<Answer> {
-        let mut stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let mut head = format!(
-            "{method} {} HTTP/1.1\r\nHost: localhost\r\nREMOTE_USER: commissaire\r\nConnection: close\r\n",
-            crate::url_path(path)
-        );
-        if let Some(accept) = accept {
-            head.push_str(&format!("Accept: {accept}\r\n"));
-        }
+        let stream = UnixStream::connect(&self.socket).await?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        // The connection's own task, ended with this call (answered,
+        // timed out or dropped) so that a hung custodia keeps nothing.
+        let _connection = AbortOnDrop(tokio::spawn(connection).abort_handle());
         let (content_type, data) = body.unwrap_or(("", b""));
-        if body.is_some() {
-            head.push_str(&format!("Content-Type: {content_type}\r\n"));
+        let mut request = Request::builder()
+            .method(method)
+            .uri(crate::url_path(path))
+            .header("Host", "localhost")
+            .header("REMOTE_USER", "commissaire")
+            .header("Connection", "close");
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
         }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", data.len()));
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(data)?;
-        let mut raw = Vec::new();
-        (&mut stream).take(MAX_ANSWER).read_to_end(&mut raw)?;
-        parse(&raw).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "an answer that is not HTTP",
-            )
+        if body.is_some() {
+            request = request.header("Content-Type", content_type);
+        }
+        let request = request
+            .header("Content-Length", data.len())
+            .body(Full::new(Bytes::copy_from_slice(data)))
+            .map_err(std::io::Error::other)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(std::io::Error::other)?;
+        let status = response.status();
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned())
+            .or_else(|| status.canonical_reason().map(str::to_owned))
+            .unwrap_or_default();
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes()
+            .to_vec();
+        Ok(Answer {
+            status: status.as_u16(),
+            reason,
+            body,
         })
     }
 }
 
-/// Status, reason and body of an HTTP/1.x answer read to its end.
-fn parse(raw: &[u8]) -> Option<Answer> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let mut parts = status_line.splitn(3, ' ');
-    let _version = parts.next()?;
-    let status: u16 = parts.next()?.parse().ok()?;
-    let reason = parts.next().unwrap_or_default().to_owned();
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                let len: usize = value.trim().parse().ok()?;
-                body.truncate(len);
-            }
-        }
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    Some(Answer {
-        status,
-        reason,
-        body,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_an_answer() {
-        let a = parse(b"HTTP/1.0 404 Not Found\r\nContent-Length: 2\r\n\r\nabXX").unwrap();
-        assert_eq!(
-            (a.status, a.reason.as_str(), a.body.as_slice()),
-            (404, "Not Found", &b"ab"[..])
-        );
-        assert!(parse(b"garbage").is_none());
-    }
 
     #[test]
     fn the_originals_url() {

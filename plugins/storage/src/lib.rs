@@ -9,6 +9,7 @@ use commissaire_plugin_api::prelude::*;
 
 mod config;
 mod custodia;
+mod deadline;
 mod error;
 mod etcd;
 mod models;
@@ -26,6 +27,18 @@ const URL_PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERI
     .remove(b'~')
     .remove(b'/');
 
+/// Bytes a form value keeps as they are (RFC 3986's unreserved set).
+const FORM_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `value` in an `application/x-www-form-urlencoded` body.
+fn form_value(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, FORM_VALUE).to_string()
+}
+
 /// `path` for an etcd or custodia URL: any primary key reaches the store
 /// as sent (`/a/b c?d#é` is `/a/b%20c%3Fd%23%C3%A9`).
 fn url_path(path: &str) -> String {
@@ -34,6 +47,7 @@ fn url_path(path: &str) -> String {
 
 use config::{HandlerDef, Routing, StoreKind};
 use custodia::CustodiaClient;
+use deadline::Deadline;
 use error::{StorageError, ETCD_KEY_NOT_FOUND};
 use etcd::EtcdClient;
 use models::{Model, ModelClass};
@@ -117,7 +131,7 @@ impl Storage {
 
     /// Saves one model, or a list of models of one class, applying the
     /// class's defaults; answers the full saved model(s).
-    fn on_save(
+    async fn on_save(
         &self,
         msg: &Message,
         model_type_name: String,
@@ -126,29 +140,30 @@ impl Storage {
         let (models, many) = build_all(&model_type_name, &model_json_data)?;
         let mut saved = Vec::with_capacity(models.len());
         for model in models {
-            saved.push(self.save(msg, model)?.to_dict());
+            saved.push(self.save(msg, model).await?.to_dict());
         }
         Ok(one_or_many(saved, many))
     }
 
     /// Reads one model, or a list of models of one class, identified by
     /// their primary keys; answers the full stored model(s).
-    fn on_get(
+    async fn on_get(
         &self,
+        msg: &Message,
         model_type_name: String,
         model_json_data: Value,
     ) -> Result<Value, StorageError> {
         let (models, many) = build_all(&model_type_name, &model_json_data)?;
         let mut found = Vec::with_capacity(models.len());
         for model in models {
-            found.push(self.get(&model)?.to_dict());
+            found.push(self.get(&model, Deadline::of(msg)).await?.to_dict());
         }
         Ok(one_or_many(found, many))
     }
 
     /// Deletes one model, or a list of models of one class; answers
     /// `null`.
-    fn on_delete(
+    async fn on_delete(
         &self,
         msg: &Message,
         model_type_name: String,
@@ -156,14 +171,18 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let (models, _) = build_all(&model_type_name, &model_json_data)?;
         for model in models {
-            self.delete(msg, &model)?;
+            self.delete(msg, &model).await?;
         }
         Ok(())
     }
 
     /// Lists every stored model of a list class (`Hosts`, `Clusters`,
     /// `Networks`, `ContainerManagerConfigs`).
-    fn on_list(&self, model_type_name: String) -> Result<Vec<Value>, StorageError> {
+    async fn on_list(
+        &self,
+        msg: &Message,
+        model_type_name: String,
+    ) -> Result<Vec<Value>, StorageError> {
         let class = models::class(&model_type_name)?;
         let list = Model::new(class, &json!({}))?;
         let Store::Etcd(client) = self.store(self.handler(&list)?)? else {
@@ -183,7 +202,7 @@ impl Storage {
             )));
         };
         let item_class = models::class(item_class)?;
-        let node = match client.get(&key, true) {
+        let node = match client.get(&key, true, Deadline::of(msg)).await {
             Ok(node) => node,
             // The original answers -32600 here; see README.md.
             Err(StorageError::Etcd { code, .. }) if code == ETCD_KEY_NOT_FOUND => {
@@ -313,22 +332,22 @@ impl Storage {
         }
     }
 
-    fn save(&self, msg: &Message, model: Model) -> Result<Model, StorageError> {
+    async fn save(&self, msg: &Message<'_>, model: Model) -> Result<Model, StorageError> {
         let store = self.store(self.handler(&model)?)?;
         model.validate()?;
         let client = match store {
             Store::Etcd(client) => client,
             Store::Custodia(custodia) => {
-                secrets::save(custodia, &model)?;
+                secrets::save(custodia, &model, Deadline::of(msg)).await?;
                 return Ok(model);
             }
         };
         let key = etcd_key(&model)?;
         let mut text = model.to_json();
         if model.class.name == "Host" {
-            text = merge_stored(client, &key, &text)?;
+            text = merge_stored(client, &key, &text, Deadline::of(msg)).await?;
         }
-        let written = client.set(&key, &text)?;
+        let written = client.set(&key, &text, Deadline::of(msg)).await?;
         let stored: Value = written
             .node
             .value
@@ -347,17 +366,20 @@ impl Storage {
         Ok(saved)
     }
 
-    fn get(&self, model: &Model) -> Result<Model, StorageError> {
+    async fn get(&self, model: &Model, deadline: Deadline) -> Result<Model, StorageError> {
         let client = match self.store(self.handler(model)?)? {
             Store::Etcd(client) => client,
             Store::Custodia(custodia) => {
-                let found = secrets::get(custodia, model)?;
+                let found = secrets::get(custodia, model, deadline).await?;
                 found.validate()?;
                 return Ok(found);
             }
         };
         let key = etcd_key(model)?;
-        let node = client.get(&key, false).map_err(|e| lookup(e, model))?;
+        let node = client
+            .get(&key, false, deadline)
+            .await
+            .map_err(|e| lookup(e, model))?;
         let Some(text) = node.value else {
             return Err(StorageError::TypeError(
                 "the JSON object must be str, bytes or bytearray, not NoneType".into(),
@@ -369,13 +391,18 @@ impl Storage {
         Ok(found)
     }
 
-    fn delete(&self, msg: &Message, model: &Model) -> Result<(), StorageError> {
+    async fn delete(&self, msg: &Message<'_>, model: &Model) -> Result<(), StorageError> {
         let client = match self.store(self.handler(model)?)? {
             Store::Etcd(client) => client,
-            Store::Custodia(custodia) => return secrets::delete(custodia, model),
+            Store::Custodia(custodia) => {
+                return secrets::delete(custodia, model, Deadline::of(msg)).await
+            }
         };
         let key = etcd_key(model)?;
-        let deleted = client.delete(&key).map_err(|e| lookup(e, model))?;
+        let deleted = client
+            .delete(&key, Deadline::of(msg))
+            .await
+            .map_err(|e| lookup(e, model))?;
         let prev: Value = deleted
             .prev_node
             .and_then(|n| n.value)
@@ -392,8 +419,13 @@ impl Storage {
 /// A Host's new text merged over what its key holds: keys the stored
 /// record has and the model does not (the credentials a HostCreds kept in
 /// the same key) survive the save. The new values win; see README.md.
-fn merge_stored(client: &EtcdClient, key: &str, text: &str) -> Result<String, StorageError> {
-    let stored = match client.get(key, false) {
+async fn merge_stored(
+    client: &EtcdClient,
+    key: &str,
+    text: &str,
+    deadline: Deadline,
+) -> Result<String, StorageError> {
+    let stored = match client.get(key, false, deadline).await {
         Ok(node) => node.value,
         Err(StorageError::Etcd { code, .. }) if code == ETCD_KEY_NOT_FOUND => None,
         Err(e) => return Err(e),

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use crate::custodia::{Answer, CustodiaClient};
+use crate::deadline::Deadline;
 use crate::error::StorageError;
 use crate::models::Model;
 
@@ -23,15 +24,17 @@ fn paths(model: &Model) -> Result<(String, String), StorageError> {
     Ok((container, key))
 }
 
-fn call(
+async fn call(
     custodia: &CustodiaClient,
     method: &str,
     path: &str,
     body: Option<(&str, &[u8])>,
     accept: Option<&str>,
+    deadline: Deadline,
 ) -> Result<Answer, StorageError> {
     custodia
-        .call(method, path, body, accept)
+        .call(method, path, body, accept, deadline)
+        .await
         .map_err(|e| StorageError::CustodiaDown(e.to_string()))
 }
 
@@ -67,10 +70,15 @@ fn ok(answer: &Answer) -> bool {
 }
 
 /// Makes the key container (custodia answers 409 when it exists), then
-/// writes the model.
-pub fn save(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError> {
+/// writes the model. Each call is bounded by
+/// the request's `deadline` too.
+pub async fn save(
+    custodia: &CustodiaClient,
+    model: &Model,
+    deadline: Deadline,
+) -> Result<(), StorageError> {
     let (container, key) = paths(model)?;
-    let made = call(custodia, "POST", &container, None, None)?;
+    let made = call(custodia, "POST", &container, None, None, deadline).await?;
     if !ok(&made) && made.status != 409 {
         return Err(http_error(custodia, &container, &made));
     }
@@ -81,7 +89,9 @@ pub fn save(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError
         &key,
         Some(("application/octet-stream", json.as_bytes())),
         None,
-    )?;
+        deadline,
+    )
+    .await?;
     if !ok(&put) {
         return Err(http_error(custodia, &key, &put));
     }
@@ -89,7 +99,11 @@ pub fn save(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError
 }
 
 /// Reads the model.
-pub fn get(custodia: &CustodiaClient, model: &Model) -> Result<Model, StorageError> {
+pub async fn get(
+    custodia: &CustodiaClient,
+    model: &Model,
+    deadline: Deadline,
+) -> Result<Model, StorageError> {
     let (_, key) = paths(model)?;
     let got = call(
         custodia,
@@ -97,7 +111,9 @@ pub fn get(custodia: &CustodiaClient, model: &Model) -> Result<Model, StorageErr
         &key,
         None,
         Some("application/octet-stream"),
-    )?;
+        deadline,
+    )
+    .await?;
     if !ok(&got) {
         return Err(not_found_is_lookup(custodia, &key, &got, model));
     }
@@ -106,9 +122,13 @@ pub fn get(custodia: &CustodiaClient, model: &Model) -> Result<Model, StorageErr
 }
 
 /// Deletes the model.
-pub fn delete(custodia: &CustodiaClient, model: &Model) -> Result<(), StorageError> {
+pub async fn delete(
+    custodia: &CustodiaClient,
+    model: &Model,
+    deadline: Deadline,
+) -> Result<(), StorageError> {
     let (_, key) = paths(model)?;
-    let gone = call(custodia, "DELETE", &key, None, None)?;
+    let gone = call(custodia, "DELETE", &key, None, None, deadline).await?;
     if !ok(&gone) {
         return Err(not_found_is_lookup(custodia, &key, &gone, model));
     }

@@ -10,10 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::RootCertStore;
-use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::ConfigError;
 
@@ -49,33 +48,32 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The TLS settings of an etcd agent for `files` (`handler` names the
-/// handler in errors).
-pub fn tls_config(handler: &str, files: TlsFiles<'_>) -> Result<TlsConfig, ConfigError> {
-    let provider = provider();
+/// The TLS settings of an etcd handler's connections for `files`
+/// (`handler` names the handler in errors), built and checked here: a
+/// key rustls cannot sign with, or one that does not belong to its
+/// certificate, is an error now, not on the first connection.
+pub fn tls_config(handler: &str, files: TlsFiles<'_>) -> Result<Arc<ClientConfig>, ConfigError> {
     let bad = |key: &str, path: &str, why: String| {
         ConfigError(format!(
             "etcd handler \"{handler}\": \"{key}\" {path}: {why}"
         ))
     };
 
-    let (roots, store) = match files.ca {
+    let store = match files.ca {
         Some(path) => {
             let certs = certificates(&read(path).map_err(|e| bad(CA_KEY, path, e))?)
                 .map_err(|e| bad(CA_KEY, path, e))?;
             let mut store = RootCertStore::empty();
-            for (i, cert) in certs.iter().enumerate() {
-                store
-                    .add(CertificateDer::from(cert.der().to_vec()))
-                    .map_err(|e| {
-                        bad(
-                            CA_KEY,
-                            path,
-                            format!("certificate {} is not a usable CA certificate: {e}", i + 1),
-                        )
-                    })?;
+            for (i, cert) in certs.into_iter().enumerate() {
+                store.add(cert).map_err(|e| {
+                    bad(
+                        CA_KEY,
+                        path,
+                        format!("certificate {} is not a usable CA certificate: {e}", i + 1),
+                    )
+                })?;
             }
-            (certs, store)
+            store
         }
         None => system_roots().map_err(|why| {
             ConfigError(format!(
@@ -85,52 +83,26 @@ pub fn tls_config(handler: &str, files: TlsFiles<'_>) -> Result<TlsConfig, Confi
         })?,
     };
 
-    let client = match files.client {
-        None => None,
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError(format!("etcd handler \"{handler}\": TLS: {e}")))?
+        .with_root_certificates(store);
+    let config = match files.client {
+        None => builder.with_no_client_auth(),
         Some((cert_path, key_path)) => {
             let chain = certificates(&read(cert_path).map_err(|e| bad(CERT_KEY, cert_path, e))?)
                 .map_err(|e| bad(CERT_KEY, cert_path, e))?;
             let key_pem = read(key_path).map_err(|e| bad(KEY_KEY, key_path, e))?;
-            let (key, rustls_key) = private_key(&key_pem).map_err(|e| bad(KEY_KEY, key_path, e))?;
-            // What ureq will build on the first connection, built now: it
-            // checks that the key is one rustls can sign with and that it
-            // belongs to the certificate (ureq would panic on either).
-            rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| ConfigError(format!("etcd handler \"{handler}\": TLS: {e}")))?
-                .with_root_certificates(store)
-                .with_client_auth_cert(
-                    chain
-                        .iter()
-                        .map(|c| CertificateDer::from(c.der().to_vec()))
-                        .collect(),
-                    rustls_key,
-                )
-                .map_err(|e| {
-                    ConfigError(format!(
-                        "etcd handler \"{handler}\": \"{CERT_KEY}\" {cert_path} with \
-                         \"{KEY_KEY}\" {key_path}: not a usable client certificate and key: {e}"
-                    ))
-                })?;
-            Some(ClientCert::new_with_certs(&chain, key))
+            let key = private_key(&key_pem).map_err(|e| bad(KEY_KEY, key_path, e))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                ConfigError(format!(
+                    "etcd handler \"{handler}\": \"{CERT_KEY}\" {cert_path} with \
+                     \"{KEY_KEY}\" {key_path}: not a usable client certificate and key: {e}"
+                ))
+            })?
         }
     };
-
-    Ok(TlsConfig::builder()
-        .root_certs(RootCerts::new_with_certs(&roots))
-        .client_cert(client)
-        .unversioned_rustls_crypto_provider(provider)
-        .build())
-}
-
-/// The settings of a plain `http://` handler: never used for a
-/// connection, but set so that nothing falls back to roots this build
-/// does not have (a redirect to `https://` fails verification instead).
-pub fn no_tls() -> TlsConfig {
-    TlsConfig::builder()
-        .root_certs(RootCerts::Specific(Arc::new(Vec::new())))
-        .unversioned_rustls_crypto_provider(provider())
-        .build()
+    Ok(Arc::new(config))
 }
 
 /// What a TLS handler shows etcd of itself.
@@ -142,13 +114,37 @@ pub enum Shown {
     ClientCert,
 }
 
+/// The errors `e` stands on, itself first.
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// `e` and its causes in one line, each said once (`client error
+/// (Connect): tcp connect error: Connection refused (os error 111)`).
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    for cause in chain(e) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 /// Why a call to etcd failed, said in terms of the handler's keys when
 /// TLS may be why (`tls`: how the handler speaks TLS, if it does).
-pub fn why_failed(e: &ureq::Error, tls: Option<Shown>) -> String {
+pub fn why_failed(e: &(dyn std::error::Error + 'static), tls: Option<Shown>) -> String {
     use rustls::{AlertDescription as Alert, CertificateError, Error as Tls};
     use std::io::ErrorKind;
+    let said = describe(e);
     let Some(shown) = tls else {
-        return e.to_string();
+        return said;
     };
     let refused = match shown {
         Shown::Nothing => {
@@ -156,25 +152,33 @@ pub fn why_failed(e: &ureq::Error, tls: Option<Shown>) -> String {
         }
         Shown::ClientCert => format!("etcd refused the client certificate of \"{CERT_KEY}\""),
     };
-    let rustls_error = match e {
-        ureq::Error::Rustls(e) => Some(e),
-        ureq::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<Tls>()),
-        _ => None,
-    };
+    let rustls_error = chain(e).find_map(|c| {
+        c.downcast_ref::<Tls>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<Tls>())
+        })
+    });
     let Some(tls) = rustls_error else {
         // etcd refuses a client in TLS 1.3 after the client's side of the
         // handshake is done: the alert saying why is lost when the
         // request's write meets the closed connection first.
-        return match e {
-            ureq::Error::Io(io)
-                if matches!(
-                    io.kind(),
-                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
-                ) =>
-            {
-                format!("{e}: etcd closed the TLS connection; if that is because {refused}")
-            }
-            _ => e.to_string(),
+        let closed = chain(e).any(|c| {
+            c.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_incomplete_message)
+                || c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        ErrorKind::BrokenPipe
+                            | ErrorKind::ConnectionReset
+                            | ErrorKind::UnexpectedEof
+                    )
+                })
+        });
+        return if closed {
+            format!("{said}: etcd closed the TLS connection; if that is because {refused}")
+        } else {
+            said
         };
     };
     let hint = match tls {
@@ -200,13 +204,6 @@ pub fn why_failed(e: &ureq::Error, tls: Option<Shown>) -> String {
 
 /// What is wrong with a PEM file, in words of our own: the parser's
 /// messages quote the offending line, which may be key material.
-fn not_pem(e: &ureq::Error) -> String {
-    match e {
-        ureq::Error::Pem(e) => pem_why(e),
-        _ => "not valid PEM".into(),
-    }
-}
-
 fn pem_why(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error;
     let why = match e {
@@ -223,35 +220,40 @@ fn read(path: &str) -> Result<Vec<u8>, String> {
     std::fs::read(Path::new(path)).map_err(|e| format!("cannot read it: {e}"))
 }
 
+/// Every section of a PEM file, in order.
+fn sections(pem: &[u8]) -> Result<Vec<(SectionKind, Vec<u8>)>, String> {
+    <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_why(&e))
+}
+
 /// Every certificate of a PEM file, in order; at least one.
-fn certificates(pem: &[u8]) -> Result<Vec<Certificate<'static>>, String> {
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(pem) {
-        // A key next to the certificates is allowed, and skipped.
-        if let PemItem::Certificate(c) = item.map_err(|e| not_pem(&e))? {
-            certs.push(c);
-        }
-    }
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    // A key next to the certificates is allowed, and skipped.
+    let certs: Vec<CertificateDer<'static>> = sections(pem)?
+        .into_iter()
+        .filter(|(kind, _)| *kind == SectionKind::Certificate)
+        .map(|(_, der)| CertificateDer::from(der))
+        .collect();
     if certs.is_empty() {
         return Err("holds no PEM certificate".into());
     }
     Ok(certs)
 }
 
-/// The one private key of a PEM file, as ureq sends it and as rustls
-/// checks it (ureq does not say which kind of key it read).
-fn private_key(pem: &[u8]) -> Result<(PrivateKey<'static>, PrivateKeyDer<'static>), String> {
-    let mut keys = Vec::new();
-    for item in ureq::tls::parse_pem(pem) {
-        if let PemItem::PrivateKey(k) = item.map_err(|e| not_pem(&e))? {
-            keys.push(k);
-        }
-    }
-    match keys.len() {
-        1 => {
-            let checked = PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_why(&e))?;
-            Ok((keys.remove(0), checked))
-        }
+/// The one private key of a PEM file.
+fn private_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    let keys = sections(pem)?
+        .into_iter()
+        .filter(|(kind, _)| {
+            matches!(
+                kind,
+                SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey
+            )
+        })
+        .count();
+    match keys {
+        1 => PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_why(&e)),
         0 => Err("holds no unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)".into()),
         n => Err(format!("holds {n} private keys, not one")),
     }
@@ -259,10 +261,10 @@ fn private_key(pem: &[u8]) -> Result<(PrivateKey<'static>, PrivateKeyDer<'static
 
 /// The system's CA certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` when
 /// set, else the distribution's bundle).
-fn system_roots() -> Result<(Vec<Certificate<'static>>, RootCertStore), String> {
+fn system_roots() -> Result<RootCertStore, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut store = RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(found.certs.iter().cloned());
+    let (added, _) = store.add_parsable_certificates(found.certs);
     if added == 0 {
         let why = found
             .errors
@@ -271,12 +273,7 @@ fn system_roots() -> Result<(Vec<Certificate<'static>>, RootCertStore), String> 
             .unwrap_or_default();
         return Err(format!("no CA certificates in the system's store{why}"));
     }
-    let certs = found
-        .certs
-        .iter()
-        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-        .collect();
-    Ok((certs, store))
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -320,8 +317,16 @@ mod tests {
             },
         )
         .expect("loads");
-        assert!(config.client_cert().is_some());
-        assert!(matches!(config.root_certs(), RootCerts::Specific(r) if r.len() == 1));
+        assert!(config.client_auth_cert_resolver.has_certs());
+        let ca_only = tls_config(
+            "h",
+            TlsFiles {
+                ca: Some(&ca),
+                client: None,
+            },
+        )
+        .expect("loads");
+        assert!(!ca_only.client_auth_cert_resolver.has_certs());
     }
 
     #[test]
