@@ -249,7 +249,11 @@ async fn an_async_handler_is_cancelled_at_its_callers_deadline() {
     let host = TestHost::start(spec);
     let mut caller = Caller::connect(&host.spec.exchange).await;
     let (reply, _) = caller
-        .call_with("demo.nap", json!([60_000]), deadline_header(now_ms() + 1_500))
+        .call_with(
+            "demo.nap",
+            json!([60_000]),
+            deadline_header(now_ms() + 1_500),
+        )
         .await;
     assert_eq!(reply["error"]["code"], -32603, "{reply}");
     assert_eq!(
