@@ -125,6 +125,7 @@ fn aborting_request_lands_once_with_its_count(spec: HostSpec) {
 
     let show = command(&host, &["quarantine", "show", &id]);
     assert_eq!(show.code, Some(0), "{}", show.stderr);
+    eprintln!("{}", show.stdout);
     for expected in [
         "reason:         poison",
         // The refusing worker's own line (the lines of the workers that
@@ -416,6 +417,7 @@ fn a_panicking_handler_s_log_lines_are_kept() {
     assert!(lines[0].contains("panic"), "{}", lines[0]);
     let show = command(&host, &["quarantine", "show", id_of(&lines[0])]);
     assert_eq!(show.code, Some(0), "{}", show.stderr);
+    eprintln!("{}", show.stdout);
     let log = show
         .stdout
         .split_once("\nlog (")

@@ -210,7 +210,8 @@ pub fn show(s: &Summary) -> String {
     let _ = writeln!(out, "body ({} bytes):", bytes.len());
     out.push_str(&body(&bytes));
     out.push('\n');
-    let _ = writeln!(out, "log ({} lines):", e.log.len());
+    let plural = if e.log.len() == 1 { "" } else { "s" };
+    let _ = writeln!(out, "log ({} line{plural}):", e.log.len());
     for line in &e.log {
         let _ = writeln!(out, "  {}", log_line(line));
     }
