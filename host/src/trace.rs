@@ -99,6 +99,13 @@ impl fmt::Display for TraceContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceId(u128);
 
+impl TraceId {
+    /// Its 128 bits.
+    pub fn value(self) -> u128 {
+        self.0
+    }
+}
+
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)

@@ -125,8 +125,12 @@ fn aborting_request_lands_once_with_its_count(spec: HostSpec) {
 
     let show = command(&host, &["quarantine", "show", &id]);
     assert_eq!(show.code, Some(0), "{}", show.stderr);
+    eprintln!("{}", show.stdout);
     for expected in [
         "reason:         poison",
+        // The refusing worker's own line (the lines of the workers that
+        // died are gone with them).
+        "ERROR commissaire_host::serve::lifecycle: refusing a request",
         "\"method\": \"abort\"",
         "routing key:    demo.abort",
     ] {
@@ -397,6 +401,41 @@ fn quarantine_0_keeps_nothing() {
         host.metric("commissaire_quarantined_total{service=\"demo\",reason=\"panic\"}"),
         0
     );
+}
+
+/// A handler that logs, then panics: its entry keeps the line it logged,
+/// which `show` prints (escaped, a password field redacted).
+#[test]
+fn a_panicking_handler_s_log_lines_are_kept() {
+    let host = TestHost::start(amqp_spec(""));
+    let words = r#"hello\u001b[2J password=\"hunter2\""#;
+    let params = format!(r#"["{words}"]"#);
+    let call = command(&host, &["call", "demo.log_and_panic", &params]);
+    assert_eq!(call.code, Some(2), "{}", call.stderr);
+    assert!(call.stderr.contains("-32603"), "{}", call.stderr);
+    let lines = list_until(&host, "the panic kept", |lines| lines.len() == 1);
+    assert!(lines[0].contains("panic"), "{}", lines[0]);
+    let show = command(&host, &["quarantine", "show", id_of(&lines[0])]);
+    assert_eq!(show.code, Some(0), "{}", show.stderr);
+    eprintln!("{}", show.stdout);
+    let log = show
+        .stdout
+        .split_once("\nlog (")
+        .map(|(_, log)| log)
+        .unwrap_or_else(|| panic!("no log in:\n{}", show.stdout));
+    let kept = log
+        .lines()
+        .find(|l| l.contains("about to panic"))
+        .unwrap_or_else(|| panic!("the handler's line is not kept:\n{}", show.stdout));
+    assert!(
+        kept.contains("WARN") && kept.contains("hello\\u{1b}[2J"),
+        "{kept}"
+    );
+    assert!(
+        kept.contains("password=«redacted»") && !kept.contains("hunter2"),
+        "{kept}"
+    );
+    assert!(!show.stdout.contains('\x1b'), "{}", show.stdout);
 }
 
 /// `method` (sleeping 3 s) past a 1 s `handler_timeout`: answered -32603,

@@ -87,6 +87,12 @@ pub struct Entry {
     pub deadline: Option<u64>,
     /// Whether the broker had delivered it before.
     pub redelivered: bool,
+    /// The worker's last log lines about it (see
+    /// [`super::capture`]), oldest first, as logged: escape and redact
+    /// them to show them. Absent from entries stored before it was kept
+    /// (read as none).
+    #[serde(default)]
+    pub log: Vec<String>,
 }
 
 /// A request's fingerprint: FNV-1a (stable across processes and builds,
@@ -159,6 +165,7 @@ impl Entry {
             traceparent: incoming.traceparent.clone(),
             deadline: incoming.deadline,
             redelivered: incoming.redelivered,
+            log: Vec::new(),
         }
     }
 
@@ -287,6 +294,23 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
         assert_eq!(parse_id(&e.id()), Some(("demo", e.fingerprint.as_str())));
+    }
+
+    #[test]
+    fn an_entry_stored_before_log_lines_were_kept_reads_back() {
+        let mut e = Entry::of("demo", "demo", &incoming(b"{}"), Reason::Panic, "d", "o", 5);
+        e.log = vec!["a line".into()];
+        let mut stored: serde_json::Value = serde_json::from_slice(&e.to_bytes()).unwrap();
+        stored.as_object_mut().unwrap().remove("log");
+        let old = Entry::from_bytes(&serde_json::to_vec(&stored).unwrap()).unwrap();
+        assert!(old.log.is_empty());
+        assert_eq!(
+            Entry {
+                log: e.log.clone(),
+                ..old
+            },
+            e
+        );
     }
 
     #[test]

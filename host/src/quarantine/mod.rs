@@ -9,9 +9,12 @@
 //!   (pure).
 //! - [`render`]: what the commands print (pure).
 //! - [`offline`]: an entry replayed against a plugin file, without a bus.
+//! - [`capture`]: the worker's last log lines about each request, which
+//!   an entry keeps.
 //! - here: [`Quarantine`], which a worker calls after a request's answer
 //!   went out; it writes beside the request's path, never in it.
 
+pub mod capture;
 pub mod dedupe;
 pub mod entry;
 pub mod offline;
@@ -85,9 +88,10 @@ impl Quarantine {
         })
     }
 
-    /// Keeps `incoming`, delivered from `queue`, for `reason`: counted at
-    /// once, written beside the caller (spawned, bounded); returns at once.
-    /// Call it once the request is answered.
+    /// Keeps `incoming`, delivered from `queue`, for `reason`, with the
+    /// log lines [`capture`] holds of `trace` (its request's trace id):
+    /// counted at once, written beside the caller (spawned, bounded);
+    /// returns at once. Call it once the request is answered.
     pub fn keep(
         self: &Arc<Self>,
         bus: &Arc<dyn BusTransport>,
@@ -95,6 +99,7 @@ impl Quarantine {
         incoming: &Incoming,
         reason: Reason,
         detail: &str,
+        trace: crate::trace::TraceId,
     ) {
         if self.bound == 0 {
             return;
@@ -103,7 +108,7 @@ impl Quarantine {
         let fp = entry::fingerprint(&self.service, &incoming.routing_key, &incoming.body);
         let now = Instant::now();
         let action = self.lock().record(fp, now, || {
-            let e = Entry::of(
+            let mut e = Entry::of(
                 &self.service,
                 queue,
                 incoming,
@@ -112,7 +117,9 @@ impl Quarantine {
                 origin(),
                 crate::deadline::now_ms(),
             );
-            let size = e.body_base64.len() + e.detail.len();
+            e.log = capture::global().lines(trace.value());
+            let size =
+                e.body_base64.len() + e.detail.len() + e.log.iter().map(String::len).sum::<usize>();
             (Arc::new(e), size)
         });
         match action {
@@ -206,6 +213,10 @@ mod tests {
         }
     }
 
+    fn trace() -> crate::trace::TraceId {
+        crate::trace::TraceContext::child_of(None).trace_id()
+    }
+
     async fn summaries(bus: &Arc<dyn BusTransport>) -> (Vec<entry::Summary>, usize) {
         let raw = bus.quarantine_read("q.quarantine").await.unwrap();
         let n = raw.len();
@@ -222,7 +233,7 @@ mod tests {
         let q = Quarantine::new(Arc::from("s"), 5, all.service("s", []));
         for id in 0..1000 {
             let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"boom","params":[]}}"#);
-            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom");
+            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom", trace());
         }
         // The count of the burst is written within REWRITE_EVERY.
         let started = Instant::now();
@@ -239,7 +250,7 @@ mod tests {
         // Different ones: never more than the bound.
         for n in 0..50 {
             let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"boom","params":[{n}]}}"#);
-            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom");
+            q.keep(&bus, "q", &incoming(&body), Reason::Panic, "boom", trace());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(summaries(&bus).await.1 <= 5);
@@ -253,7 +264,7 @@ mod tests {
         let bus: Arc<dyn BusTransport> = Arc::new(MemoryBus::new());
         let all = crate::metrics::Metrics::default();
         let q = Quarantine::new(Arc::from("s"), 0, all.service("s", []));
-        q.keep(&bus, "q", &incoming("{}"), Reason::Timeout, "late");
+        q.keep(&bus, "q", &incoming("{}"), Reason::Timeout, "late", trace());
         let counts = &all.snapshot(0)[0];
         assert_eq!(counts.quarantined(Reason::Timeout), 0, "not counted");
         assert_eq!(counts.quarantine_bound, 0);

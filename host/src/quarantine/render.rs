@@ -84,6 +84,61 @@ pub fn body(bytes: &[u8]) -> String {
     }
 }
 
+/// A log line as `show` prints it: the values of fields whose names are
+/// secret (`password=…`, quoted or not) replaced, passwords in URIs
+/// removed, control characters escaped.
+pub fn log_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while !rest.is_empty() {
+        let end = rest.find(' ').map_or(rest.len(), |at| at + 1);
+        let token = &rest[..end];
+        match token.split_once('=') {
+            Some((key, value)) if is_secret(key) => {
+                out.push_str(key);
+                out.push('=');
+                out.push_str(REDACTED);
+                // A quoted value runs to its closing quote, spaces and all.
+                let skip = if value.starts_with('"') {
+                    quoted_len(&rest[key.len() + 1..])
+                } else {
+                    token.trim_end().len() - key.len() - 1
+                };
+                rest = &rest[key.len() + 1 + skip..];
+                continue;
+            }
+            _ if token.contains("://") => {
+                let uri = token.trim_end();
+                out.push_str(&crate::redact::redact_uri(uri));
+                out.push_str(&token[uri.len()..]);
+            }
+            _ => out.push_str(token),
+        }
+        rest = &rest[end..];
+    }
+    escape(&out, false)
+}
+
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SECRET_KEYS.iter().any(|s| key.contains(s))
+}
+
+/// The length of the Debug-quoted string `text` opens with (to its
+/// unescaped closing quote, or all of it).
+fn quoted_len(text: &str) -> usize {
+    let mut escaped = false;
+    for (at, c) in text.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return at + 1,
+            _ => {}
+        }
+    }
+    text.len()
+}
+
 /// A time in ms since the Unix epoch, as `2026-12-07T15:27:47.123Z`.
 pub fn utc(ms: u64) -> String {
     let (days, rest) = ((ms / 86_400_000) as i64, ms % 86_400_000);
@@ -155,6 +210,11 @@ pub fn show(s: &Summary) -> String {
     let _ = writeln!(out, "body ({} bytes):", bytes.len());
     out.push_str(&body(&bytes));
     out.push('\n');
+    let plural = if e.log.len() == 1 { "" } else { "s" };
+    let _ = writeln!(out, "log ({} line{plural}):", e.log.len());
+    for line in &e.log {
+        let _ = writeln!(out, "  {}", log_line(line));
+    }
     out
 }
 
@@ -250,6 +310,22 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         assert!(shown.contains("\"user\": \"u\""), "{shown}");
+    }
+
+    #[test]
+    fn log_lines_are_redacted_and_escaped() {
+        let line = "2026-12-07T15:27:47.123Z ERROR demo: failed \x1b[2J password=\"a b\\\" c\" \
+                    api_token=t0k uri=amqp://guest:s3cret@h/ n=1";
+        let shown = log_line(line);
+        for secret in ["a b", " c", "t0k", "s3cret", "\x1b"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("password=«redacted» api_token=«redacted» "),
+            "{shown}"
+        );
+        assert!(shown.contains("uri=amqp://guest:***@h/ n=1"), "{shown}");
+        assert!(shown.contains("failed \\u{1b}[2J"), "{shown}");
     }
 
     #[test]

@@ -162,8 +162,14 @@ impl Inbound {
     /// Keeps the request in its service's quarantine, beside its path
     /// (see [`crate::quarantine`]): call it once it is answered.
     pub fn quarantine(&self, reason: crate::quarantine::Reason, detail: &str) {
-        self.quarantine
-            .keep(&self.bus, &self.queue, &self.incoming, reason, detail);
+        self.quarantine.keep(
+            &self.bus,
+            &self.queue,
+            &self.incoming,
+            reason,
+            detail,
+            self.trace.trace_id(),
+        );
     }
 
     /// Counts a request refused (or dropped) for `why`.

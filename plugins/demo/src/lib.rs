@@ -61,6 +61,13 @@ impl Demo {
         panic!("demo panic on request")
     }
 
+    /// Logs `words` as a warning, then panics: the quarantine keeps the
+    /// line with the request (`quarantine show`).
+    fn on_log_and_panic(&self, words: String) -> Result<(), RpcError> {
+        tracing::warn!(%words, "about to panic");
+        panic!("demo panic after logging")
+    }
+
     /// Aborts the whole process, as a segfault in native code would: on a
     /// broker only this worker dies, its requests go to another worker,
     /// and after `crash_limit` crashes the request is refused with -32603.

@@ -1,5 +1,8 @@
 //! Logs: `tracing` events on stderr, filtered by `COMMISSAIRE_LOG`.
 
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
 /// Dependencies whose events are off unless the filter names them: lapin
 /// logs every connection failure at error level with its internal
 /// structures, and the host reports each of those failures itself, once.
@@ -59,10 +62,17 @@ where
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_owned());
     let filter = log_filter(&filter);
+    // The quarantine's capture sits above the filter: it sees (and
+    // formats) only what the log prints, and prints nothing itself.
+    let capture = commissaire_host::quarantine::capture::CaptureLayer::new(
+        commissaire_host::quarantine::capture::global(),
+    );
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(writer)
         .with_ansi(ansi)
+        .finish()
+        .with(capture)
         .init();
 }
 
