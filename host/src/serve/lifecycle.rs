@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 use super::handler_bus::HandlerBus;
 use super::inbound::Inbound;
 use super::inflight::request_key;
-use super::placement::{InlineCall, Placement};
+use super::placement::{InlineCall, Method, Placement};
 use super::watchdog::answer_timed_out;
 use super::Process;
 use crate::bus::{BusTransport, Incoming};
@@ -214,10 +214,10 @@ async fn refuse(s: &Served, inbound: &Inbound, refusal: Refusal) {
 /// handler's task failed (the request then stays unsettled for
 /// redelivery).
 async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
-    if s.service.runs_async(&inbound.incoming.routing_key) {
-        return run_async_handler(s, inbound).await;
-    }
     let method = s.placement.method(&inbound.incoming.routing_key);
+    if method.is_some_and(|m| m.is_async()) {
+        return run_async_handler(s, inbound, method).await;
+    }
     let inline = s.placement.inline(method);
     if inline {
         if let Some(m) = method {
@@ -271,7 +271,11 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
 /// request stays in flight until the plugin has dropped the handler's
 /// future, so that one blocking its thread is still the watchdog's to see
 /// as hung.
-async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled> {
+async fn run_async_handler(
+    s: &Arc<Served>,
+    inbound: &Arc<Inbound>,
+    method: Option<&Arc<Method>>,
+) -> Option<Handled> {
     let timeout_at = inbound.arrived + s.limits.handler_timeout;
     // Nobody waits past the caller's deadline: unlike a sync handler's
     // thread, an async handler's slot is worth taking back then.
@@ -282,7 +286,6 @@ async fn run_async_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Ha
     // A method whose whole handler proved quick (see `placement`) has its
     // first poll here, on the runtime thread, and ends there; the others
     // run on the plugin's runtime from the start.
-    let method = s.placement.method(&inbound.incoming.routing_key);
     let poll_here = s.placement.inline(method);
     let ran = s
         .service

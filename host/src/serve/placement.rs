@@ -43,11 +43,18 @@ const HANDED_OVER: u8 = 2;
 #[derive(Debug)]
 pub struct Method {
     name: Box<str>,
+    /// Its handler is an `async fn` (its first poll is what runs inline).
+    is_async: bool,
     state: AtomicU8,
     fast_streak: AtomicU32,
 }
 
 impl Method {
+    /// Whether its handler is an `async fn`.
+    pub fn is_async(&self) -> bool {
+        self.is_async
+    }
+
     /// Whether its handler now runs inline.
     pub fn is_inline(&self) -> bool {
         self.state.load(Ordering::Relaxed) == INLINE
@@ -72,14 +79,15 @@ impl Placement {
     /// Placement for `methods` of `service`.
     pub fn new<'a>(
         service: Arc<str>,
-        methods: impl IntoIterator<Item = &'a str>,
+        methods: impl IntoIterator<Item = (&'a str, bool)>,
         forced: Option<bool>,
     ) -> Self {
         let methods = methods
             .into_iter()
-            .map(|name| {
+            .map(|(name, is_async)| {
                 let method = Method {
                     name: name.into(),
+                    is_async,
                     state: AtomicU8::new(PROBATION),
                     fast_streak: AtomicU32::new(0),
                 };
@@ -175,7 +183,11 @@ mod tests {
     use super::*;
 
     fn placement(forced: Option<bool>) -> Placement {
-        Placement::new(Arc::from("simple"), ["add", "sleep"], forced)
+        Placement::new(
+            Arc::from("simple"),
+            [("add", false), ("sleep", false)],
+            forced,
+        )
     }
 
     #[test]

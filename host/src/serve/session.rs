@@ -36,7 +36,11 @@ fn placement(name: Arc<str>, service: &Service, settings: &ServiceSettings) -> P
     } else {
         Some(false)
     };
-    let methods = service.library().methods.iter().map(|m| m.name.as_str());
+    let methods = service
+        .library()
+        .methods
+        .iter()
+        .map(|m| (m.name.as_str(), m.is_async));
     Placement::new(name, methods, forced)
 }
 
