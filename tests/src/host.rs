@@ -175,9 +175,18 @@ pub struct TestHost {
     /// The plugin directory made for it, unless the spec gave one.
     _plugins: Option<tempfile::TempDir>,
     plugins_dir: PathBuf,
+    /// More queues to delete once it has stopped (see [`TestHost::also_clean`]).
+    also_clean: Vec<String>,
 }
 
 impl TestHost {
+    /// Deletes `queues` too (and their quarantines) when it is dropped,
+    /// after it has stopped: deleted while it runs, a queue of its own is
+    /// declared again (it recovers its topology).
+    pub fn also_clean(&mut self, queues: impl IntoIterator<Item = String>) {
+        self.also_clean.extend(queues);
+    }
+
     /// Starts the host and waits until `/healthz` says every service is
     /// consuming.
     pub fn start(spec: HostSpec) -> Self {
@@ -246,6 +255,7 @@ impl TestHost {
             http,
             tmpdir,
             config,
+            also_clean: Vec::new(),
             stderr_path,
             _dir: dir,
             _plugins: plugins,
@@ -396,6 +406,7 @@ impl Drop for TestHost {
         let queues: Vec<String> = SERVICES
             .iter()
             .map(|(_, service)| self.spec.queue(service))
+            .chain(self.also_clean.drain(..))
             .flat_map(|q| [format!("{q}.quarantine"), q])
             .collect();
         if self.spec.bus_uri.starts_with("amqp") {

@@ -69,9 +69,12 @@ fn async_burst(spec: HostSpec, total: usize, concurrency: u16) -> (i64, i64) {
              queues = [{{ name = \"{name}\", routing_key = \"{key}\" }}]\n"
         )
     };
-    let calling =
+    let mut calling =
         TestHost::start_with_services(spec.clone(), &queue(&calling_queue, "simple.async_add"));
-    let called = TestHost::start_with_services(spec.clone(), &queue(&called_queue, "simple.add"));
+    calling.also_clean([calling_queue.clone()]);
+    let mut called =
+        TestHost::start_with_services(spec.clone(), &queue(&called_queue, "simple.add"));
+    called.also_clean([called_queue.clone()]);
     let worker = *calling.worker_pids("simple").first().expect("a worker");
     // Warmed up: the plugin's runtime starts with the first async call.
     let warm = run_load(&spec, 50, 50, |i| {

@@ -76,7 +76,11 @@ fn start(bp_toml: &str, plugins: &Path) -> (TestHost, Queues) {
         "[[service]]\nname = \"bp\"\nworkers = 2\nqueues = [{{ name = \"{bp}\", routing_key = \"bp.*\" }}]\n{bp_toml}\n\
          [[service]]\nname = \"simple\"\nworkers = 2\nqueues = [{{ name = \"{simple}\", routing_key = \"simple.*\" }}]\n"
     );
-    (TestHost::start_with_services(spec, &services), queues)
+    let mut host = TestHost::start_with_services(spec, &services);
+    // Deleted once the host has stopped (a running host declares them
+    // again); `Queues` still deletes them for a host that failed to start.
+    host.also_clean([bp, simple]);
+    (host, queues)
 }
 
 /// A process's resident memory, in bytes (0 once it is gone).

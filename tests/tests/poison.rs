@@ -763,8 +763,11 @@ fn burst_calling_another_service(spec: HostSpec) {
             "[[service]]\nname = \"simple\"\nqueues = [{{ name = \"{name}\", routing_key = \"{key}\" }}]\n"
         )
     };
-    let calling = TestHost::start_with_services(spec.clone(), &queue(&wordy, "simple.wordy_add"));
-    let called = TestHost::start_with_services(spec.clone(), &queue(&add, "simple.add"));
+    let mut calling =
+        TestHost::start_with_services(spec.clone(), &queue(&wordy, "simple.wordy_add"));
+    calling.also_clean([wordy.clone()]);
+    let mut called = TestHost::start_with_services(spec.clone(), &queue(&add, "simple.add"));
+    called.also_clean([add.clone()]);
     let request = |i| ("simple.wordy_add".to_owned(), json!([i, 1]));
     let report = if spec.bus_uri.starts_with("redis") {
         let load = commissaire_e2e::redis_load::RedisLoad {

@@ -60,7 +60,9 @@ impl Rig {
             exchange: unique("st-ex"),
             ..HostSpec::amqp()
         };
-        let host = TestHost::start_with_services(spec, &storage_service(&queue, &config(&etcd)));
+        let mut host =
+            TestHost::start_with_services(spec, &storage_service(&queue, &config(&etcd)));
+        host.also_clean([queue.clone()]);
         let caller = AmqpCaller::connect(&host.spec.exchange).await;
         let events = listen(&host.spec.exchange, &notify_queue).await;
         Self {
