@@ -160,7 +160,7 @@ pub struct ServiceMetrics {
     methods: Vec<(Box<str>, MethodCounts)>,
     drops: Box<[AtomicU64]>,
     bus_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// Requests quarantined, by [`crate::quarantine::Reason`] (its index).
+    /// Requests quarantined, by [`QuarantineReason`] (its index).
     quarantined: [AtomicU64; 3],
     quarantine_bound: AtomicU64,
 }
@@ -213,7 +213,7 @@ impl ServiceMetrics {
     }
 
     /// Counts a request quarantined for `why`.
-    pub fn quarantined(&self, why: crate::quarantine::Reason) {
+    pub fn quarantined(&self, why: QuarantineReason) {
         self.quarantined[why as usize].fetch_add(1, Relaxed);
     }
 
@@ -364,7 +364,7 @@ pub struct ServiceSnapshot {
     pub redeclared: u64,
     /// Requests in flight now (a gauge).
     pub in_flight: u64,
-    /// Requests quarantined, by [`crate::quarantine::Reason`] (its index).
+    /// Requests quarantined, by [`QuarantineReason`] (its index).
     #[serde(default)]
     pub quarantined: Vec<u64>,
     /// The quarantine's configured bound (a gauge; 0: off).
@@ -379,7 +379,7 @@ impl ServiceSnapshot {
     }
 
     /// Requests quarantined for `why`.
-    pub fn quarantined(&self, why: crate::quarantine::Reason) -> u64 {
+    pub fn quarantined(&self, why: QuarantineReason) -> u64 {
         self.quarantined.get(why as usize).copied().unwrap_or(0)
     }
 
@@ -389,6 +389,33 @@ impl ServiceSnapshot {
             self.drops.resize(Dropped::ALL.len(), 0);
         }
         self.drops[why as usize] += n;
+    }
+}
+
+/// Why a request was quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineReason {
+    /// Refused after crashing `crash_limit` workers (or coming back too
+    /// often).
+    Poison,
+    /// Its handler panicked (answered -32603).
+    Panic,
+    /// Its handler passed `handler_timeout` (answered -32603).
+    Timeout,
+}
+
+impl QuarantineReason {
+    /// Every reason, in the order of its counter.
+    pub const ALL: [Self; 3] = [Self::Poison, Self::Panic, Self::Timeout];
+
+    /// Its label in `/metrics` and `list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poison => "poison",
+            Self::Panic => "panic",
+            Self::Timeout => "timeout",
+        }
     }
 }
 

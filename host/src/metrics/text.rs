@@ -213,7 +213,7 @@ impl Collector for Views {
         let quarantined: Vec<(Labels<'_>, u64)> = views
             .iter()
             .flat_map(|v| {
-                crate::quarantine::Reason::ALL.iter().map(|why| {
+                super::QuarantineReason::ALL.iter().map(|why| {
                     (
                         vec![
                             ("service", v.counts.service.as_str()),

@@ -16,32 +16,8 @@ pub const FORMAT: u32 = 1;
 /// unparsed.
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024 * 1024;
 
-/// Why a request was quarantined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// Refused after crashing `crash_limit` workers (or coming back too
-    /// often).
-    Poison,
-    /// Its handler panicked (answered -32603).
-    Panic,
-    /// Its handler passed `handler_timeout` (answered -32603).
-    Timeout,
-}
-
-impl Reason {
-    /// Every reason, in the order of its counter.
-    pub const ALL: [Reason; 3] = [Reason::Poison, Reason::Panic, Reason::Timeout];
-
-    /// Its label in `/metrics` and `list`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Poison => "poison",
-            Self::Panic => "panic",
-            Self::Timeout => "timeout",
-        }
-    }
-}
+/// Why a request was quarantined (counted in `/metrics` by reason).
+pub use crate::metrics::QuarantineReason as Reason;
 
 /// One quarantined request, as stored. The same request quarantined again
 /// by the same process is stored again with a higher `count`: the latest

@@ -8,7 +8,6 @@
 //! - [`dedupe`]: a burst of the same request stored once, with a count
 //!   (pure).
 //! - [`render`]: what the commands print (pure).
-//! - [`offline`]: an entry replayed against a plugin file, without a bus.
 //! - [`capture`]: the worker's last log lines about each request, which
 //!   an entry keeps.
 //! - here: [`Quarantine`], which a worker calls after a request's answer
@@ -17,7 +16,6 @@
 pub mod capture;
 pub mod dedupe;
 pub mod entry;
-pub mod offline;
 pub mod render;
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};

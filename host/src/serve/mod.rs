@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod inflight;
 pub mod lifecycle;
 pub mod placement;
+pub mod replay;
 pub mod session;
 pub mod watchdog;
 pub mod worker;

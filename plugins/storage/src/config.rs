@@ -19,10 +19,7 @@ const ETCD_MODULE: &str = "commissaire.storage.etcd";
 /// The custodia store's module in the original: its handler name.
 const CUSTODIA_MODULE: &str = "commissaire_service.storage.custodia";
 
-/// A configuration the service cannot start with.
-#[derive(Debug, thiserror::Error)]
-#[error("storage configuration: {0}")]
-pub struct ConfigError(pub String);
+pub use crate::error::ConfigError;
 
 /// The kind of store a handler is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

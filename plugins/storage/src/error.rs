@@ -128,3 +128,8 @@ impl From<StorageError> for RpcError {
         e.into_rpc()
     }
 }
+
+/// A configuration the service cannot start with.
+#[derive(Debug, thiserror::Error)]
+#[error("storage configuration: {0}")]
+pub struct ConfigError(pub String);

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::{PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// The CA file that verifies the server, a handler key.
 pub const CA_KEY: &str = "certificate_ca_path";

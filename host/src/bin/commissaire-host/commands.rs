@@ -7,10 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use commissaire_host::client::{self, RpcClient};
-use commissaire_host::config::{HostConfig, Overrides};
+use commissaire_host::client;
+use commissaire_host::config::Overrides;
 use commissaire_host::plugin::{PluginSet, Trust};
-use commissaire_host::redact::redact_uri;
 use commissaire_host::supervise::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
 use commissaire_host::{bus, control, listing, serve};
 
@@ -143,7 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .transpose()
                 .context("--timeout")?;
             runtime()?.block_on(async {
-                let client = connect_client(&config, config.reply_queue).await?;
+                let client = crate::bus_client::connect_client(&config, config.reply_queue).await?;
                 let parent = env_traceparent();
                 let reply = client
                     .request(&routing_key, params.as_deref(), timeout, parent.as_ref())
@@ -173,7 +172,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let params = checked_params(params)?;
             bus::topic::check_routing_key(&routing_key)?;
             runtime()?.block_on(async {
-                let client = connect_client(&config, bus::ReplyQueueKind::Direct).await?;
+                let client =
+                    crate::bus_client::connect_client(&config, bus::ReplyQueueKind::Direct).await?;
                 let parent = env_traceparent();
                 let sent = client
                     .notify(&routing_key, params.as_deref(), parent.as_ref())
@@ -212,29 +212,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
-}
-
-/// A client for `call` and `notify`; `reply_queue` is where its replies
-/// would come (`notify` expects none: it asks for direct reply-to, which
-/// has nothing to declare or delete).
-pub(crate) async fn connect_client(
-    config: &HostConfig,
-    reply_queue: bus::ReplyQueueKind,
-) -> anyhow::Result<std::sync::Arc<RpcClient>> {
-    if config.bus_uri.starts_with("memory:") {
-        bail!(
-            "memory:// is the embedded bus of one host process: another process cannot reach it. \
-             Call a host running on memory:// through its HTTP endpoint \
-             (curl -H 'Content-Type: application/json' -d '{{\"id\":1,\"params\":[1,2]}}' \
-             http://127.0.0.1:8080/rpc/simple.add), \
-             or give --bus-uri amqp://…"
-        );
-    }
-    let bus = bus::connect(&config.bus_uri)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e} (the bus URI came from {})", config.bus_uri_source))?;
-    tracing::debug!(bus = %redact_uri(&config.bus_uri), "connected");
-    Ok(RpcClient::start(bus, &config.exchange, config.request_timeout, reply_queue).await?)
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {

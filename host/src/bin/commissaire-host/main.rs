@@ -1,6 +1,7 @@
 //! The `commissaire-host` command: [`cli`] parses it, [`commands`] does
 //! what it asks; [`logging`] and [`signals`] serve every process it runs.
 
+mod bus_client;
 mod cli;
 mod commands;
 mod logging;

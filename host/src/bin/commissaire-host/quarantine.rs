@@ -10,10 +10,11 @@ use commissaire_host::bus::{self, BusTransport};
 use commissaire_host::config::{HostConfig, Overrides};
 use commissaire_host::plugin::Trust;
 use commissaire_host::quarantine::entry::{parse_id, summarize, Summary, MAX_ENTRY_BYTES};
-use commissaire_host::quarantine::{offline, queue_of, render, Entry};
+use commissaire_host::quarantine::{queue_of, render, Entry};
+use commissaire_host::serve::replay;
 
+use crate::bus_client::connect_client;
 use crate::cli::QuarantineCommand;
-use crate::commands::connect_client;
 use crate::{load_config, runtime};
 
 pub fn run(command: QuarantineCommand) -> anyhow::Result<ExitCode> {
@@ -307,7 +308,7 @@ fn run_entry(plugin: &std::path::Path, allow_insecure_plugins: bool) -> anyhow::
     } else {
         Trust::OwnerOnly
     };
-    let (reply, service) = offline::replay(plugin, trust, &config, &entry)?;
+    let (reply, service) = replay::replay(plugin, trust, &config, &entry)?;
     if service != entry.service {
         eprintln!(
             "note: {} serves `{service}`; the entry was quarantined by `{}`",

@@ -8,11 +8,11 @@ use std::path::Path;
 use commissaire_plugin_api::host::{HostBus, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
-use super::Entry;
 use crate::bus::Incoming;
 use crate::dispatch::Service;
 use crate::plugin::trust::{self, Kind, Owners};
 use crate::plugin::{PluginLibrary, Trust};
+use crate::quarantine::Entry;
 
 /// What a replayed handler's bus calls get.
 const NO_BUS: &str = "replayed without a bus (quarantine replay --plugin): bus calls fail";
