@@ -37,7 +37,8 @@
 //! 1.4 — host callbacks `publish` (a raw body, not a JSON-RPC envelope)
 //! and `deadline` (when the request's caller stops waiting). 1.5 — async
 //! handlers: plugin entries `call_async` and `end_async`, host callback
-//! `request_async`, all completing through a [`Completion`].
+//! `request_async`, all completing through a [`Completion`]. 1.6 — plugin
+//! entry `contract` (the service's OpenRPC document).
 
 use abi_stable::{
     declare_root_module_statics,
@@ -233,6 +234,9 @@ pub struct PluginVTable {
     /// (1.5) Releases the handle of an async call; with `cancel`, drops
     /// its future first if it still runs (its `done` then follows).
     pub(crate) end_async: extern "C" fn(handle: AsyncHandle, cancel: bool),
+    /// (1.6) The service's contract: its OpenRPC document as JSON text,
+    /// built at the first call and kept; empty when it could not be built.
+    pub(crate) contract: extern "C" fn() -> RStr<'static>,
 }
 
 /// Log levels as they cross the boundary.

@@ -45,6 +45,12 @@ pub trait ServiceImpl: Sized + Send + Sync + 'static {
     /// plugin-api 1.5, which knows only this entry).
     fn dispatch(&self, msg: &Message<'_>, method: &str, params: &str) -> Result<String, RpcError>;
 
+    /// The service's OpenRPC document (JSON text, built once); empty for
+    /// none.
+    fn contract() -> &'static str {
+        ""
+    }
+
     /// Whether `method` is an `async fn` handler.
     fn is_async(method: &str) -> bool {
         let _ = method;
@@ -135,6 +141,7 @@ impl<S: ServiceImpl> Exports<S> {
         set_host_logger: Self::set_host_logger,
         call_async: Self::call_async,
         end_async,
+        contract: Self::contract,
     });
 
     /// The plugin vtable of `S`.
@@ -179,6 +186,15 @@ impl<S: ServiceImpl> Exports<S> {
                 ))
                 .into_abi(),
             ),
+        }
+    }
+
+    extern "C" fn contract() -> RStr<'static> {
+        // A panic while building it (in an author's `JsonSchema` impl)
+        // must not unwind into the host: the plugin then has no contract.
+        match catch_unwind(S::contract) {
+            Ok(text) => RStr::from_str(text),
+            Err(_) => RStr::from_str(""),
         }
     }
 

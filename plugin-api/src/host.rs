@@ -227,6 +227,13 @@ impl Plugin {
         self.vtable.methods_json().as_str()
     }
 
+    /// The service's contract, an OpenRPC document (JSON text); `None`
+    /// before plugin-api 1.6, or when the plugin could not build it.
+    pub fn contract(&self) -> Option<&'static str> {
+        let contract = self.vtable.contract()?;
+        Some(contract().as_str()).filter(|c| !c.is_empty())
+    }
+
     /// The service's description; `None` before plugin-api 1.1.
     pub fn description(&self) -> Option<&'static str> {
         self.vtable.description().map(|d| d.as_str())

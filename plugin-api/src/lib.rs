@@ -236,6 +236,7 @@
 extern crate self as commissaire_plugin_api;
 
 mod abi;
+mod contract;
 mod error;
 mod export;
 #[doc(hidden)]
@@ -296,6 +297,14 @@ pub use commissaire_plugin_api_macros::service;
 pub use error::RpcError;
 pub use message::{Bus, Message};
 
+/// The method every service answers with its contract (see
+/// [Contracts](crate#contracts)).
+pub use contract::{DISCOVER_METHOD, OPENRPC_VERSION};
+/// The schemars crate the contract's schemas come from: derive
+/// [`JsonSchema`](schemars::JsonSchema) on your own argument and result
+/// types (depending on `schemars = "1"` directly, as for `serde`) and
+/// they are described in the service's contract.
+pub use schemars;
 /// The serde crate this API is built with. To derive `Deserialize` on your
 /// own argument types, depend on `serde` directly (its derive refers to the
 /// `serde` crate by name).
@@ -325,6 +334,12 @@ pub mod __private {
         block_on, boxed, encode_result, lib_header, HandlerFuture, ServiceImpl,
     };
     pub use crate::params::Args as ParsedArgs;
+    /// The contract's builder (see `contract.rs`).
+    pub mod contract {
+        pub use crate::contract::{
+            ContractBuilder, Described, MethodSpec, Probe, Undescribed, DISCOVER_METHOD,
+        };
+    }
     pub use abi_stable::library::LibHeader;
     pub use serde_json;
 

@@ -122,6 +122,13 @@ impl<S: ServiceImpl> TestService<S> {
         self
     }
 
+    /// The service's contract, the OpenRPC document the host serves for
+    /// it (see [Contracts](crate#contracts)), as the plugin exports it.
+    pub fn contract() -> Value {
+        let text = (Exports::<S>::VTABLE.contract().map_or("", |f| f().as_str())).to_owned();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
     /// Calls `method` with `params` (an array, an object, or `Value::Null`
     /// for none) as a request, returning the decoded result or error.
     pub fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {

@@ -182,7 +182,7 @@ fn this_versions_plugins_work_in_a_1_1_host() {
 #[test]
 fn a_newer_plugin_loads_and_uses_what_this_host_has() {
     let newer = load("fixture_newer");
-    assert_eq!(newer.api_version, "1.6.0");
+    assert_eq!(newer.api_version, "1.7.0");
     let bus = RoutingBus::serving(&["fixture_newer", "simple"]);
     assert_eq!(
         bus.call("newer.ping", json!([]))["result"],

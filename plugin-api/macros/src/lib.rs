@@ -39,6 +39,12 @@ struct Method {
     returns: String,
     /// The declared return type, for spanning conversion errors.
     output: Type,
+    /// The result type (the `Result`'s `Ok`), for the contract.
+    ok: Type,
+    /// Declared by `#[rpc_error(code, "message")]`.
+    errors: Vec<(Expr, LitStr)>,
+    /// Marked `#[notification]`.
+    notification: bool,
 }
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
@@ -79,8 +85,6 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             "#[service] does not support generic service types",
         ));
     }
-    let self_ty = &block.self_ty;
-
     let mut methods = Vec::new();
     let mut has_init = false;
     for item in &block.items {
@@ -92,6 +96,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             methods.push(parse_method(f, bus_name)?);
         }
     }
+    strip_contract_attributes(&mut block);
+    let self_ty = &block.self_ty;
     if methods.is_empty() {
         return Err(syn::Error::new(
             self_ty.span(),
@@ -215,6 +221,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     )
     .to_string();
     let description = doc_text(&block.attrs);
+    let contract = contract_fn(&methods);
     let export_name = syn::Ident::new(
         &abi_stable_shared::mangled_root_module_loader_name(),
         Span::call_site(),
@@ -250,6 +257,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                 }
             }
 
+            #contract
+
             #async_entries
         }
 
@@ -269,6 +278,13 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
         return Err(syn::Error::new(
             sig.ident.span(),
             "`on_` needs a method name after it",
+        ));
+    }
+    if bus_name == "rpc_discover" {
+        return Err(syn::Error::new(
+            sig.ident.span(),
+            "`rpc_discover` is answered by the host with the service's contract; \
+             choose another name",
         ));
     }
     let mut inputs = sig.inputs.iter().peekable();
@@ -331,12 +347,12 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
             optional: is_option(&t.ty),
         });
     }
-    let (returns, output) = match &sig.output {
+    let (returns, output, ok) = match &sig.output {
         ReturnType::Type(_, ty) => {
-            let ok = result_ok_type(ty).map(type_text).ok_or_else(|| {
+            let ok = result_ok_type(ty).ok_or_else(|| {
                 syn::Error::new_spanned(ty, format!("a handler returns a `Result`: {shape}"))
             })?;
-            (ok, (**ty).clone())
+            (type_text(ok), (**ty).clone(), ok.clone())
         }
         ReturnType::Default => {
             return Err(syn::Error::new(
@@ -345,6 +361,36 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
             ))
         }
     };
+    let mut errors = Vec::new();
+    let mut notification = false;
+    for attr in &f.attrs {
+        if attr.path().is_ident("rpc_error") {
+            let args = attr.parse_args_with(
+                syn::punctuated::Punctuated::<Expr, syn::Token![,]>::parse_terminated,
+            )?;
+            let mut args = args.into_iter();
+            let code = args.next();
+            let message = match args.next() {
+                Some(Expr::Lit(ExprLit {
+                    lit: Lit::Str(s), ..
+                })) => Some(s),
+                _ => None,
+            };
+            match (code, message, args.next()) {
+                (Some(code), Some(message), None) => errors.push((code, message)),
+                _ => {
+                    return Err(syn::Error::new_spanned(
+                        attr,
+                        "expected `#[rpc_error(CODE, \"message\")]`, e.g. \
+                         `#[rpc_error(-32004, \"no such host\")]`",
+                    ))
+                }
+            }
+        } else if attr.path().is_ident("notification") {
+            attr.meta.require_path_only()?;
+            notification = true;
+        }
+    }
     Ok(Method {
         bus_name: bus_name.to_owned(),
         fn_ident: sig.ident.clone(),
@@ -354,7 +400,89 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
         params,
         returns,
         output,
+        ok,
+        errors,
+        notification,
     })
+}
+
+/// Removes `#[rpc_error]` and `#[notification]`, which only the contract
+/// reads, from the handlers.
+fn strip_contract_attributes(block: &mut ItemImpl) {
+    for item in &mut block.items {
+        let ImplItem::Fn(f) = item else { continue };
+        if f.sig.ident.to_string().starts_with("on_") {
+            f.attrs
+                .retain(|a| !a.path().is_ident("rpc_error") && !a.path().is_ident("notification"));
+        }
+    }
+}
+
+/// `ServiceImpl::contract`: the service's OpenRPC document, built at its
+/// first call. Each type's schema is chosen at that type (see `Probe` in
+/// plugin-api): one without a JSON Schema is "any", with a deprecation
+/// warning at the type as the author's build-time notice.
+fn contract_fn(methods: &[Method]) -> TokenStream2 {
+    let blocks = methods.iter().map(|m| {
+        let schema = |ty: &Type| {
+            quote_spanned! {ty.span()=>
+                (&::commissaire_plugin_api::__private::contract::Probe::<#ty>::new())
+                    .describe_schema(__builder.generator())
+            }
+        };
+        let params = m.params.iter().map(|p| {
+            let name = p.ident.to_string();
+            let required = !p.optional;
+            let schema = schema(&p.ty);
+            quote!((#name, #required, #schema))
+        });
+        let result = schema(&m.ok);
+        let name = &m.bus_name;
+        let doc = &m.doc;
+        let is_async = m.is_async;
+        let notification = m.notification;
+        let errors = m
+            .errors
+            .iter()
+            .map(|(code, message)| quote!((#code, #message)));
+        quote! {
+            let __params = ::std::vec![#(#params),*];
+            let __result = #result;
+            __builder.method(
+                ::commissaire_plugin_api::__private::contract::MethodSpec {
+                    name: #name,
+                    doc: #doc,
+                    is_async: #is_async,
+                    notification: #notification,
+                    errors: &[#(#errors),*],
+                },
+                __params,
+                __result,
+            );
+        }
+    });
+    quote! {
+        // The borrow of each `Probe` picks its branch.
+        #[allow(clippy::needless_borrow)]
+        fn contract() -> &'static str {
+            static CONTRACT: ::std::sync::OnceLock<::std::string::String> =
+                ::std::sync::OnceLock::new();
+            CONTRACT.get_or_init(|| {
+                #[allow(unused_imports)]
+                use ::commissaire_plugin_api::__private::contract::{
+                    Described as _, Undescribed as _,
+                };
+                let mut __builder =
+                    ::commissaire_plugin_api::__private::contract::ContractBuilder::new();
+                #(#blocks)*
+                __builder.finish(
+                    <Self as ::commissaire_plugin_api::__private::ServiceImpl>::NAME,
+                    <Self as ::commissaire_plugin_api::__private::ServiceImpl>::VERSION,
+                    <Self as ::commissaire_plugin_api::__private::ServiceImpl>::DESCRIPTION,
+                )
+            })
+        }
+    }
 }
 
 /// Writes `&Message` as `&Message<'_>` in `async fn` handlers, where Rust
