@@ -146,6 +146,8 @@ pub struct PluginLibrary {
     pub description: Option<String>,
     /// Its methods.
     pub methods: Vec<MethodInfo>,
+    /// Its contract, an OpenRPC document (JSON text; plugin-api ≥ 1.6).
+    pub contract: Option<String>,
     plugin: Plugin,
 }
 
@@ -204,6 +206,7 @@ impl PluginLibrary {
                 .filter(|d| !d.is_empty())
                 .map(str::to_owned),
             methods,
+            contract: plugin.contract().map(str::to_owned),
             plugin,
         })
     }
