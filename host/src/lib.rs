@@ -10,6 +10,7 @@
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod contract;
 pub mod control;
 pub mod deadline;
 pub mod dispatch;

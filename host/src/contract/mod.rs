@@ -1,0 +1,295 @@
+//! Services' contracts: the OpenRPC document a plugin exports (plugin-api
+//! ≥ 1.6), read as data. Pure: no I/O; discovery, the commands and the
+//! roll use it.
+//!
+//! A plugin built before contracts has none; the host then derives one
+//! from its method list (names, which arguments are optional, no types),
+//! marked `x-derived`, so that discovery still answers and a roll still
+//! notices a removed method.
+
+use serde_json::{json, Map, Value};
+
+use crate::plugin::{MethodInfo, PluginLibrary};
+
+pub use commissaire_plugin_api::{DISCOVER_METHOD, OPENRPC_VERSION};
+
+/// Why a document is not a contract this host can read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContractError {
+    /// Not JSON.
+    #[error("not JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// JSON, but not an OpenRPC document as plugins write them.
+    #[error("not an OpenRPC document: {0}")]
+    Shape(&'static str),
+}
+
+/// One service's contract.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contract {
+    doc: Value,
+}
+
+/// One method of a contract, borrowed from its document.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodView<'c> {
+    raw: &'c Value,
+}
+
+/// One parameter of a method.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamView<'c> {
+    /// Its name.
+    pub name: &'c str,
+    /// Whether a call must give it.
+    pub required: bool,
+    /// Its JSON Schema (`true` for any value).
+    pub schema: &'c Value,
+}
+
+impl Contract {
+    /// The contract of `library`: its own, or one derived from its method
+    /// list when it has none (or an unreadable one, which is logged).
+    pub fn of(library: &PluginLibrary) -> Self {
+        if let Some(text) = &library.contract {
+            match Self::parse(text) {
+                Ok(contract) => return contract,
+                Err(e) => tracing::warn!(
+                    service = %library.service_name, plugin = %library.path.display(),
+                    error = %e, "the plugin's contract is unreadable; using its method list"
+                ),
+            }
+        }
+        Self::derived(
+            &library.service_name,
+            &library.plugin_version,
+            library.description.as_deref(),
+            &library.methods,
+        )
+    }
+
+    /// Reads a document (a plugin's, or a discovery answer).
+    pub fn parse(text: &str) -> Result<Self, ContractError> {
+        Self::from_value(serde_json::from_str(text)?)
+    }
+
+    /// Checks that `doc` has what this host reads: `openrpc`, `info.title`
+    /// and `methods`, each method with a `name` and `params`.
+    pub fn from_value(doc: Value) -> Result<Self, ContractError> {
+        if !doc["openrpc"].is_string() {
+            return Err(ContractError::Shape("no `openrpc` version"));
+        }
+        if !doc["info"]["title"].is_string() {
+            return Err(ContractError::Shape("no `info.title`"));
+        }
+        let Some(methods) = doc["methods"].as_array() else {
+            return Err(ContractError::Shape("no `methods` array"));
+        };
+        for m in methods {
+            if !m["name"].is_string() {
+                return Err(ContractError::Shape("a method without a `name`"));
+            }
+            let Some(params) = m["params"].as_array() else {
+                return Err(ContractError::Shape("a method without a `params` array"));
+            };
+            if params.iter().any(|p| !p["name"].is_string()) {
+                return Err(ContractError::Shape("a parameter without a `name`"));
+            }
+        }
+        Ok(Self { doc })
+    }
+
+    /// The contract of a plugin built before contracts: its methods and
+    /// which arguments are optional, every type "any".
+    pub fn derived(
+        service: &str,
+        version: &str,
+        description: Option<&str>,
+        methods: &[MethodInfo],
+    ) -> Self {
+        let methods: Vec<Value> = methods
+            .iter()
+            .map(|m| {
+                let params: Vec<Value> = m
+                    .params
+                    .iter()
+                    .map(|p| json!({ "name": p.name, "required": !p.optional, "schema": true }))
+                    .collect();
+                let mut method = json!({
+                    "name": m.name,
+                    "paramStructure": "either",
+                    "params": params,
+                    "result": { "name": "result", "schema": true },
+                });
+                if !m.doc.is_empty() {
+                    method["description"] = m.doc.clone().into();
+                }
+                if m.is_async {
+                    method["x-async"] = true.into();
+                }
+                method
+            })
+            .collect();
+        let mut info = Map::new();
+        info.insert("title".into(), service.into());
+        info.insert("version".into(), version.into());
+        if let Some(d) = description {
+            info.insert("description".into(), d.into());
+        }
+        Self {
+            doc: json!({
+                "openrpc": OPENRPC_VERSION,
+                "info": info,
+                "methods": methods,
+                "x-derived": true,
+            }),
+        }
+    }
+
+    /// Whether the host derived it from a method list: the plugin has no
+    /// contract of its own.
+    pub fn is_derived(&self) -> bool {
+        self.doc["x-derived"] == true
+    }
+
+    /// The service's name (`info.title`).
+    pub fn service(&self) -> &str {
+        self.doc["info"]["title"].as_str().unwrap_or_default()
+    }
+
+    /// The plugin's version (`info.version`).
+    pub fn version(&self) -> &str {
+        self.doc["info"]["version"].as_str().unwrap_or_default()
+    }
+
+    /// The whole document.
+    pub fn document(&self) -> &Value {
+        &self.doc
+    }
+
+    /// The document as JSON text.
+    pub fn to_json(&self) -> String {
+        self.doc.to_string()
+    }
+
+    /// Its methods, in the document's order.
+    pub fn methods(&self) -> impl Iterator<Item = MethodView<'_>> {
+        self.doc["methods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|raw| MethodView { raw })
+    }
+
+    /// The method called `name`.
+    pub fn method(&self, name: &str) -> Option<MethodView<'_>> {
+        self.methods().find(|m| m.name() == name)
+    }
+
+    /// The shared schemas `$ref`s point into (`components.schemas`).
+    pub fn components(&self) -> Option<&Map<String, Value>> {
+        self.doc["components"]["schemas"].as_object()
+    }
+}
+
+impl<'c> MethodView<'c> {
+    /// Its name.
+    pub fn name(&self) -> &'c str {
+        self.raw["name"].as_str().unwrap_or_default()
+    }
+
+    /// Its doc comment (`description`), or "".
+    pub fn doc(&self) -> &'c str {
+        self.raw["description"].as_str().unwrap_or_default()
+    }
+
+    /// Its first sentence (`summary`), or "".
+    pub fn summary(&self) -> &'c str {
+        self.raw["summary"].as_str().unwrap_or_default()
+    }
+
+    /// Its parameters, in order.
+    pub fn params(&self) -> impl Iterator<Item = ParamView<'c>> {
+        self.raw["params"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| ParamView {
+                name: p["name"].as_str().unwrap_or_default(),
+                required: p["required"] == true,
+                schema: p.get("schema").unwrap_or(&Value::Bool(true)),
+            })
+    }
+
+    /// Its result's schema; `None` for a notification-only method.
+    pub fn result(&self) -> Option<&'c Value> {
+        let result = self.raw.get("result")?;
+        Some(result.get("schema").unwrap_or(&Value::Bool(true)))
+    }
+
+    /// Whether the handler is an `async fn`.
+    pub fn is_async(&self) -> bool {
+        self.raw["x-async"] == true
+    }
+
+    /// Whether callers expect no result (`#[notification]`).
+    pub fn is_notification(&self) -> bool {
+        self.raw["x-notification"] == true || self.raw.get("result").is_none()
+    }
+
+    /// Its declared errors: (code, message).
+    pub fn errors(&self) -> impl Iterator<Item = (i64, &'c str)> {
+        self.raw["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["code"].as_i64()?, e["message"].as_str().unwrap_or(""))))
+    }
+
+    /// The method as it stands in the document.
+    pub fn raw(&self) -> &'c Value {
+        self.raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::ParamInfo;
+
+    #[test]
+    fn a_plugin_without_a_contract_gets_one_from_its_method_list() {
+        let methods = [MethodInfo {
+            name: "add".into(),
+            doc: "Adds.".into(),
+            params: vec![
+                ParamInfo {
+                    name: "x".into(),
+                    ty: "i64".into(),
+                    optional: false,
+                },
+                ParamInfo {
+                    name: "y".into(),
+                    ty: "Option<i64>".into(),
+                    optional: true,
+                },
+            ],
+            returns: "i64".into(),
+            is_async: false,
+        }];
+        let contract = Contract::derived("old", "0.1.0", None, &methods);
+        assert!(contract.is_derived());
+        let reread = Contract::parse(&contract.to_json()).expect("a document");
+        let add = reread.method("add").expect("add");
+        let params: Vec<(&str, bool)> = add.params().map(|p| (p.name, p.required)).collect();
+        assert_eq!(params, [("x", true), ("y", false)]);
+        assert_eq!(add.result(), Some(&Value::Bool(true)));
+    }
+
+    #[test]
+    fn a_document_without_methods_is_refused() {
+        let e = Contract::parse(r#"{"openrpc":"1.3.2","info":{"title":"x","version":"1"}}"#)
+            .expect_err("no methods");
+        assert_eq!(e.to_string(), "not an OpenRPC document: no `methods` array");
+    }
+}
