@@ -14,15 +14,18 @@
 //!
 //! [dependencies]
 //! commissaire-plugin-api = { path = "../../plugin-api" }
-//! # Only for `#[derive(Deserialize)]` on your own argument types: serde's
-//! # derive needs `serde` as a direct dependency.
+//! # Only for your own argument types: `#[derive(Deserialize)]` needs
+//! # `serde` as a direct dependency, `#[derive(JsonSchema)]` (their schema
+//! # in the service's contract) `schemars`.
 //! serde = { version = "1", features = ["derive"] }
+//! schemars = "1"
 //! ```
 //!
 //! # A service
 //!
 //! ```
 //! use commissaire_plugin_api::prelude::*;
+//! use schemars::JsonSchema;
 //! use serde::Deserialize;
 //!
 //! /// Keeps an inventory of hosts. (This doc comment is the service's
@@ -32,7 +35,7 @@
 //! }
 //!
 //! /// A host, as callers send it: `{"address": "10.0.0.1", "port": 22}`.
-//! #[derive(Debug, Deserialize)]
+//! #[derive(Debug, Deserialize, JsonSchema)]
 //! pub struct Host {
 //!     address: String,
 //!     port: Option<u16>,
@@ -66,6 +69,7 @@
 //!     }
 //!
 //!     /// Takes the message to see who asked and to use the bus.
+//!     #[rpc_error(-20000, "the registry is empty")]
 //!     fn on_check(&self, msg: &Message, address: String) -> Result<bool, RpcError> {
 //!         tracing::debug!(%address, reply_to = ?msg.reply_to(), "checking");
 //!         let known: Vec<String> = msg.bus().request("registry.list_hosts", json!([]))?;
@@ -166,6 +170,38 @@
 //! call back waits in the broker: only calls to the service itself let it
 //! take more deliveries, so give such a service a `concurrency` above the
 //! calls it may have in flight.
+//!
+//! # Contracts
+//!
+//! Every service describes itself: `#[service]` writes its contract, an
+//! [OpenRPC](https://spec.open-rpc.org) 1.3 document, from what it already
+//! sees. Callers get it from the running deployment (the host answers
+//! `<service>.rpc_discover`; `commissaire-host describe inventory`), the
+//! HTTP endpoint serves it at `/openrpc.json`, `commissaire-host plugins
+//! DIR --openrpc` prints it offline, and a SIGHUP roll refuses a new
+//! version whose contract would break the callers of the running one.
+//!
+//! - **Methods** are the `on_<name>` handlers, with the doc comment as
+//!   `description` (its first sentence as `summary`), `x-async` for an
+//!   `async fn`.
+//! - **Arguments** keep their names and positions; an `Option` is not
+//!   `required`. Each has the JSON Schema of its type (draft 7), from
+//!   [`schemars`]: the standard types have one, and your own types get
+//!   one with `#[derive(JsonSchema)]` beside `Deserialize` (shared
+//!   definitions go to `components.schemas`). A type without one is "any
+//!   value" in the contract, and the build says so with a warning at the
+//!   argument; it never fails.
+//! - **The result** is the schema of the `Ok` type.
+//! - **Errors** a handler answers with on purpose are declared above it,
+//!   one `#[rpc_error(CODE, "message")]` each, as on `check` above.
+//! - **`#[notification]`** above a handler says callers send it no
+//!   `reply_to` and expect no result: the contract has no `result` for it.
+//!
+//! [`testing::TestService::contract`] returns the document in your tests.
+//! `rpc_discover` is the host's: a handler of that name is refused.
+//! Hosts older than plugin-api 1.6 ignore the contract; this host derives
+//! one (names and which arguments are optional, every type "any") for
+//! plugins built before it.
 //!
 //! # The service value
 //!
