@@ -48,7 +48,7 @@ fn url_path(path: &str) -> String {
 use config::{HandlerDef, Routing, StoreKind};
 use custodia::CustodiaClient;
 use deadline::Deadline;
-use error::{StorageError, ETCD_KEY_NOT_FOUND};
+use error::{StorageError, ETCD_KEY_NOT_FOUND, STORAGE_LOOKUP_ERROR};
 use etcd::EtcdClient;
 use models::{Model, ModelClass};
 use throttle::Throttle;
@@ -131,6 +131,8 @@ impl Storage {
 
     /// Saves one model, or a list of models of one class, applying the
     /// class's defaults; answers the full saved model(s).
+    #[rpc_error(-32600, "the model class, its data or the store failed: `data.exception` names the Python exception the original service raised")]
+    #[rpc_error(-32700, "`model_json_data` is a string that is not JSON")]
     async fn on_save(
         &self,
         msg: &Message,
@@ -147,6 +149,12 @@ impl Storage {
 
     /// Reads one model, or a list of models of one class, identified by
     /// their primary keys; answers the full stored model(s).
+    #[rpc_error(
+        STORAGE_LOOKUP_ERROR,
+        "the model is not in the store (StorageLookupError); `data` carries the model"
+    )]
+    #[rpc_error(-32600, "the model class, its data or the store failed: `data.exception` names the Python exception the original service raised")]
+    #[rpc_error(-32700, "`model_json_data` is a string that is not JSON")]
     async fn on_get(
         &self,
         msg: &Message,
@@ -163,6 +171,12 @@ impl Storage {
 
     /// Deletes one model, or a list of models of one class; answers
     /// `null`.
+    #[rpc_error(
+        STORAGE_LOOKUP_ERROR,
+        "the model is not in the store (StorageLookupError); `data` carries the model"
+    )]
+    #[rpc_error(-32600, "the model class, its data or the store failed: `data.exception` names the Python exception the original service raised")]
+    #[rpc_error(-32700, "`model_json_data` is a string that is not JSON")]
     async fn on_delete(
         &self,
         msg: &Message,
@@ -178,6 +192,7 @@ impl Storage {
 
     /// Lists every stored model of a list class (`Hosts`, `Clusters`,
     /// `Networks`, `ContainerManagerConfigs`).
+    #[rpc_error(-32600, "the class is not a list class, or the store failed: `data.exception` names the Python exception the original service raised")]
     async fn on_list(
         &self,
         msg: &Message,
