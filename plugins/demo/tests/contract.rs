@@ -1,11 +1,13 @@
 //! The `demo` service's contract: a valid OpenRPC 1.x document that says
-//! what its handlers take and give.
+//! what its handlers take and give, whose param schemas accept exactly the
+//! params its real handlers bind.
 
 #[path = "../../../tests/fixtures/openrpc/conformance.rs"]
 mod conformance;
 
 use commissaire_plugin_api::prelude::*;
 use commissaire_plugin_api::testing::TestService;
+use conformance::{Case, Params};
 use demo::Demo;
 
 #[test]
@@ -109,4 +111,62 @@ fn async_handlers_are_marked_async() {
         .filter(|name| conformance::method(&doc, name).get("x-async") == Some(&json!(true)))
         .collect();
     assert_eq!(marked, ["nap", "block", "redis_incr"]);
+}
+
+/// How the property treats each method: called with generated params, or
+/// skipped for the reason given.
+fn cases() -> Vec<Case> {
+    vec![
+        Case::call("ping"),
+        Case::call("echo"),
+        Case::call("fail"),
+        Case::call("greet"),
+        Case::call("raise").refusing_when(asks_for_invalid_params),
+        Case::skip("panic", "panics on purpose"),
+        Case::skip("log_and_panic", "panics on purpose"),
+        Case::skip("abort", "aborts the test process on purpose"),
+        Case::call("sleep").small(&["ms"]),
+        Case::call("nap").small(&["ms"]),
+        Case::call("block").small(&["ms"]),
+        Case::skip(
+            "redis_incr",
+            "reaches Redis over the network (and answers -32602 to a URL its client cannot parse)",
+        ),
+        Case::call("whoami"),
+        Case::call("parse"),
+        Case::call("chatter"),
+        Case::skip("print", "writes to the test's stdout"),
+        Case::call("relay"),
+        Case::call("announce"),
+        Case::call("ask"),
+        Case::call("later"),
+    ]
+}
+
+/// `raise` answers with the code it is given: -32602 when asked for it.
+/// The contract (any `i64`) cannot say it.
+fn asks_for_invalid_params(args: &conformance::Args) -> bool {
+    conformance::integer(&args["code"]) == Some(RpcError::INVALID_PARAMS.into())
+}
+
+#[test]
+fn the_param_schemas_accept_exactly_what_the_handlers_bind() {
+    let svc = TestService::<Demo>::new();
+    conformance::assert_params_match_handlers(
+        &TestService::<Demo>::contract(),
+        &cases(),
+        |method, params| svc.call(method, params),
+    );
+}
+
+#[test]
+fn raise_refuses_by_meaning_only_when_asked_to() {
+    let doc = TestService::<Demo>::contract();
+    let svc = TestService::<Demo>::new();
+    let params = json!([RpcError::INVALID_PARAMS, "as asked"]);
+    assert_eq!(Params::of(&doc, "raise").refusal(&params), None);
+    assert_eq!(
+        svc.call("raise", params),
+        Err(RpcError::new(RpcError::INVALID_PARAMS, "as asked"))
+    );
 }

@@ -1,11 +1,13 @@
 //! The `simple` service's contract: a valid OpenRPC 1.x document that says
-//! what its handlers take and give.
+//! what its handlers take and give, whose param schemas accept exactly the
+//! params its real handlers bind.
 
 #[path = "../../../tests/fixtures/openrpc/conformance.rs"]
 mod conformance;
 
 use commissaire_plugin_api::prelude::*;
 use commissaire_plugin_api::testing::TestService;
+use conformance::{Case, Params};
 use simple::Simple;
 
 #[test]
@@ -61,4 +63,44 @@ fn async_handlers_are_marked_async() {
         );
     }
     assert_eq!(conformance::method(&doc, "async_add")["x-async"], true);
+}
+
+/// Whether `x + y` overflows an `i64`: `add` answers -32602 to it, and the
+/// methods that call `add` pass that on. The contract cannot say it.
+fn sum_overflows(args: &conformance::Args) -> bool {
+    match (
+        conformance::integer(&args["x"]),
+        conformance::integer(&args["y"]),
+    ) {
+        (Some(x), Some(y)) => i64::try_from(x + y).is_err(),
+        _ => false,
+    }
+}
+
+#[test]
+fn the_param_schemas_accept_exactly_what_the_handlers_bind() {
+    let svc = TestService::<Simple>::new();
+    let cases = ["add", "wordy_add", "add_async", "async_add"]
+        .map(|method| Case::call(method).refusing_when(sum_overflows));
+    conformance::assert_params_match_handlers(
+        &TestService::<Simple>::contract(),
+        &cases,
+        |method, params| svc.call(method, params),
+    );
+}
+
+#[test]
+fn an_overflowing_sum_is_refused_by_meaning_not_by_the_contract() {
+    let doc = TestService::<Simple>::contract();
+    let svc = TestService::<Simple>::new();
+    for method in conformance::method_names(&doc) {
+        let params = json!({"x": i64::MAX, "y": 1});
+        assert_eq!(Params::of(&doc, method).refusal(&params), None, "{method}");
+        let refused = svc.call(method, params).expect_err(method);
+        assert_eq!(refused.code, RpcError::INVALID_PARAMS, "{method}");
+        assert!(
+            refused.message.contains("overflows"),
+            "{method}: {refused:?}"
+        );
+    }
 }
