@@ -106,6 +106,12 @@ fn decode<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
         Ok(decoded) => return Ok(decoded),
         Err(e) => e,
     };
+    // Only a float met where something else was wanted (serde words it
+    // "floating point `2.0`") is worth a second decode: another failure (a
+    // string, a deep or large wrong value) costs what it did before.
+    if !first.to_string().contains("floating point") {
+        return Err(first);
+    }
     let Ok(mut value) = serde_json::from_str::<Value>(text) else {
         return Err(first);
     };
