@@ -101,8 +101,9 @@
 //! - Arguments are owned `Deserialize` types (`String`, not `&str`),
 //!   filled from a JSON array by position or from a JSON object by name;
 //!   `Option` arguments may be left out. A mismatch is answered with
-//!   -32602 naming the argument. Your own types need `serde` as a direct
-//!   dependency for `#[derive(Deserialize)]`.
+//!   -32602 naming the argument. An integer takes a float with no
+//!   fractional part (`2.0`) as that integer, as JSON Schema does. Your own
+//!   types need `serde` as a direct dependency for `#[derive(Deserialize)]`.
 //! - It returns `Result<T, E>`: `T` any `Serialize` type, `E` any error that
 //!   converts into [`RpcError`]. Return an `RpcError` for a code of your
 //!   choice (it reaches the caller untouched); `std::io::Error`,

@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::RpcError;
 
@@ -83,7 +84,7 @@ impl<'p> Args<'p> {
             Args::Named(pairs) => pairs.iter().find(|(k, _)| k == name).map(|(_, v)| *v),
         };
         match raw {
-            Some(raw) => serde_json::from_str(raw.get())
+            Some(raw) => decode(raw.get())
                 .map_err(|e| RpcError::invalid_params(format!("invalid argument `{name}`: {e}"))),
             None if optional => serde_json::from_str("null")
                 .map_err(|e| RpcError::invalid_params(format!("invalid argument `{name}`: {e}"))),
@@ -91,6 +92,80 @@ impl<'p> Args<'p> {
                 "missing argument `{name}`"
             ))),
         }
+    }
+}
+
+/// Decodes one argument. A float with no fractional part (`2.0`) where
+/// the type wants an integer is taken as that integer: the service's
+/// contract (JSON Schema, draft 6 on) counts it as one, and a caller who
+/// checked their params against it must not then be refused. Only a failed
+/// decode is retried, so that a fitting argument, and a `Value` one, decode
+/// exactly as sent; a retry that fails too reports the first error.
+fn decode<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
+    let first = match serde_json::from_str(text) {
+        Ok(decoded) => return Ok(decoded),
+        Err(e) => e,
+    };
+    // Only a float met where something else was wanted (serde words it
+    // "floating point `2.0`") is worth a second decode: another failure (a
+    // string, a deep or large wrong value) costs what it did before.
+    if !first.to_string().contains("floating point") {
+        return Err(first);
+    }
+    let Ok(mut value) = serde_json::from_str::<Value>(text) else {
+        return Err(first);
+    };
+    if !integral_floats_to_integers(&mut value) {
+        return Err(first);
+    }
+    // Through text, not `T::deserialize(value)`: the same decoder as the
+    // first attempt (a `RawValue` inside `T` needs it).
+    serde_json::from_str(&value.to_string()).map_err(|_| first)
+}
+
+/// Rewrites every float in `value` that is an integer within the 64-bit
+/// types' range as that integer; tells whether there was any.
+fn integral_floats_to_integers(value: &mut Value) -> bool {
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    const TWO_64: f64 = 18_446_744_073_709_551_616.0;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Exact: in these ranges an integral f64 converts without loss
+            // (and `-0.0` is 0).
+            let integer = if f.fract() != 0.0 {
+                None
+            } else if (-TWO_63..0.0).contains(&f) {
+                Some(Value::from(f as i64))
+            } else if (0.0..TWO_64).contains(&f) {
+                Some(Value::from(f as u64))
+            } else {
+                None
+            };
+            match integer {
+                Some(integer) => {
+                    *value = integer;
+                    true
+                }
+                None => false,
+            }
+        }
+        // Every member is rewritten: no short cut after the first.
+        Value::Array(items) => {
+            let mut any = false;
+            for item in items {
+                any |= integral_floats_to_integers(item);
+            }
+            any
+        }
+        Value::Object(members) => {
+            let mut any = false;
+            for member in members.values_mut() {
+                any |= integral_floats_to_integers(member);
+            }
+            any
+        }
+        _ => false,
     }
 }
 
@@ -243,6 +318,43 @@ mod tests {
     fn an_unknown_name_is_refused_as_it_is_met() {
         let err = xy(r#"{"z": [1, 2, 3], "x": 1}"#).expect_err("refused");
         assert_eq!(err.message, "unknown argument `z` for `add` (takes: x, y)");
+    }
+
+    #[test]
+    fn an_integral_float_is_the_integer_the_contract_counts_it() {
+        assert_eq!(xy("[2.0, -0.0]"), Ok((2, Some(0))));
+        assert_eq!(xy(r#"{"x": 1e3, "y": null}"#), Ok((1000, None)));
+        assert_eq!(xy("[-9223372036854775808.0]"), Ok((i64::MIN, None)));
+        // Not integers, or not `i64`s: refused with the first decode's error.
+        for params in ["[2.5]", "[9223372036854775808.0]", "[1e30]", r#"["2.0"]"#] {
+            let err = xy(params).expect_err(params);
+            assert_eq!(err.code, RpcError::INVALID_PARAMS, "{params}");
+            assert!(
+                err.message
+                    .starts_with("invalid argument `x`: invalid type:"),
+                "{params}: {}",
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn integral_floats_are_integers_inside_arguments_too_but_values_stay_as_sent() {
+        let params = "[[1.0, 2.0], 18446744073709549568.0]";
+        let args = Args::parse("m", params, &["v", "u"]).expect("two arguments");
+        assert_eq!(args.get::<Vec<i64>>(0, "v", false), Ok(vec![1, 2]));
+        assert_eq!(
+            args.get::<u64>(1, "u", false),
+            Ok(18_446_744_073_709_549_568)
+        );
+        assert_eq!(
+            args.get::<Value>(0, "v", false),
+            Ok(serde_json::json!([1.0, 2.0]))
+        );
+        assert_eq!(
+            args.get::<f64>(1, "u", false),
+            Ok(18_446_744_073_709_549_568.0)
+        );
     }
 
     #[test]

@@ -387,7 +387,12 @@ fn parse_method(f: &ImplItemFn, bus_name: &str) -> syn::Result<Method> {
                 }
             }
         } else if attr.path().is_ident("notification") {
-            attr.meta.require_path_only()?;
+            if !matches!(attr.meta, Meta::Path(_)) {
+                return Err(syn::Error::new_spanned(
+                    attr,
+                    "`#[notification]` takes no arguments",
+                ));
+            }
             notification = true;
         }
     }
@@ -676,6 +681,83 @@ mod tests {
             "{message}"
         );
         assert_eq!(covered, "i64");
+    }
+
+    #[test]
+    fn declared_errors_reach_the_contract_and_leave_the_handler() {
+        let out = accepted(
+            r#"impl T {
+                #[rpc_error(-32004, "no such host")]
+                #[rpc_error(CONFLICT, "taken")]
+                fn on_a(&self) -> Result<(), RpcError> { Ok(()) }
+            }"#,
+        );
+        assert!(
+            out.contains(r#"errors : & [(- 32004 , "no such host") , (CONFLICT , "taken")]"#),
+            "{out}"
+        );
+        // Only the contract reads it: no attribute of that name is left
+        // for the compiler to reject.
+        assert!(!out.contains("# [rpc_error"), "{out}");
+    }
+
+    #[test]
+    fn a_malformed_rpc_error_is_an_error_at_that_attribute() {
+        for attribute in [
+            "#[rpc_error(-32004)]",
+            r#"#[rpc_error("no such host", -32004)]"#,
+            r#"#[rpc_error(-32004, "no such host", 1)]"#,
+            "#[rpc_error(-32004, no_such_host)]",
+        ] {
+            let (message, covered) = error(&format!(
+                "impl T {{ {attribute} fn on_a(&self) -> Result<(), RpcError> {{ Ok(()) }} }}"
+            ));
+            assert!(
+                message.starts_with("expected `#[rpc_error(CODE, \"message\")]`"),
+                "{attribute}: {message}"
+            );
+            assert_eq!(covered, attribute);
+        }
+        let (message, covered) =
+            error("impl T { #[rpc_error] fn on_a(&self) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(message.contains("parentheses"), "{message}");
+        assert_eq!(covered, "rpc_error");
+    }
+
+    #[test]
+    fn rpc_discover_is_the_hosts_to_answer() {
+        let (message, covered) =
+            error("impl T { fn on_rpc_discover(&self) -> Result<(), RpcError> { Ok(()) } }");
+        assert!(
+            message.starts_with("`rpc_discover` is answered by the host"),
+            "{message}"
+        );
+        assert_eq!(covered, "on_rpc_discover");
+    }
+
+    #[test]
+    fn a_notification_is_marked_in_the_contract_only() {
+        let out = accepted(
+            "impl T {
+                #[notification]
+                fn on_tell(&self, x: i64) -> Result<(), RpcError> { Ok(()) }
+                fn on_ask(&self) -> Result<(), RpcError> { Ok(()) }
+            }",
+        );
+        assert!(
+            out.contains(r#"name : "tell" , doc : "" , is_async : false , notification : true"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"name : "ask" , doc : "" , is_async : false , notification : false"#),
+            "{out}"
+        );
+        assert!(!out.contains("# [notification]"), "{out}");
+        let (message, covered) = error(
+            "impl T { #[notification(always)] fn on_tell(&self) -> Result<(), RpcError> { Ok(()) } }",
+        );
+        assert_eq!(message, "`#[notification]` takes no arguments");
+        assert_eq!(covered, "#[notification(always)]");
     }
 
     #[test]
