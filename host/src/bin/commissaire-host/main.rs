@@ -5,6 +5,7 @@ mod bus_client;
 mod cli;
 mod commands;
 mod logging;
+mod plugins;
 mod quarantine;
 mod signals;
 
