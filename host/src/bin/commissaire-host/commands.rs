@@ -1,6 +1,6 @@
 //! What each subcommand does: `run` (the embedded bus in this process, or
 //! the supervisor of worker processes), `worker` (started by the
-//! supervisor), `call`, `notify` and `plugins`.
+//! supervisor), `call`, `notify`, `describe` and `plugins`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -182,6 +182,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sent?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Describe {
+            target,
+            json,
+            bus,
+            timeout,
+        } => {
+            let config = load_config(&bus, Overrides::default())?;
+            let timeout = timeout
+                .map(client::timeout_from_secs)
+                .transpose()
+                .context("--timeout")?;
+            crate::contracts::describe(&config, &target, json, timeout)
         }
         Command::Quarantine(command) => crate::quarantine::run(command),
         Command::Plugins {
