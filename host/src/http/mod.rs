@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `POST /rpc/{routing_key}` relays a JSON-RPC request
-//! over the bus; `GET /healthz` says whether every service is consuming;
+//! over the bus; `GET /openrpc.json` describes what it relays (see
+//! [`openrpc`]); `GET /healthz` says whether every service is consuming;
 //! `GET /metrics` gives every service's counts in Prometheus text.
 //!
 //! Before a request is relayed it must carry the bearer token (when one is
@@ -13,6 +14,7 @@
 mod budget;
 mod connection;
 mod guard;
+mod openrpc;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -44,6 +46,7 @@ use budget::{BodyBudget, Held};
 
 use crate::client::{RequestError, SharedClient};
 use crate::config::HttpSettings;
+use crate::discovery::ContractCache;
 use crate::error::HostError;
 use crate::health::Health;
 use crate::metrics::http::{HttpCounts, HttpRefusal};
@@ -62,6 +65,17 @@ const FIRST_CHUNK_BYTES: usize = 64 * 1024;
 /// [`AppState::large_publish`]).
 const LARGE_BODY_BYTES: usize = 1024 * 1024;
 
+/// How long a service's contract is trusted before it is asked again: a
+/// roll's new methods show within this.
+pub const CONTRACT_TTL: Duration = Duration::from_secs(30);
+
+/// How long a discovery request may take: a service answers it from
+/// memory, so one slower than this is busy or gone.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Services whose contracts are kept at once.
+const MAX_CONTRACTS: usize = 256;
+
 #[derive(Clone)]
 struct AppState {
     client: Arc<SharedClient>,
@@ -77,6 +91,8 @@ struct AppState {
     large_publish: Arc<Semaphore>,
     counts: Arc<HttpCounts>,
     max_body: usize,
+    /// The contracts of the services relayed, as asked over the bus.
+    contracts: Arc<ContractCache>,
 }
 
 impl AppState {
@@ -97,6 +113,11 @@ impl AppState {
             large_publish: Arc::new(Semaphore::new(1)),
             counts: Arc::default(),
             max_body,
+            contracts: Arc::new(ContractCache::new(
+                CONTRACT_TTL,
+                DISCOVERY_TIMEOUT,
+                MAX_CONTRACTS,
+            )),
         }
     }
 }
@@ -121,6 +142,7 @@ fn routes(state: AppState) -> Router {
     }
     Router::new()
         .route("/rpc/{routing_key}", rpc_route)
+        .route("/openrpc.json", get(openrpc_document))
         .route("/healthz", get(healthz))
         .route("/metrics", get(scrape))
         .with_state(state)
@@ -263,17 +285,8 @@ async fn rpc(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    if let Some(token) = &state.settings.token {
-        if !guard::bearer_matches(&parts.headers, token) {
-            let mut response = refuse(
-                StatusCode::UNAUTHORIZED,
-                "this endpoint needs `Authorization: Bearer <token>`",
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    if let Some(refused) = unauthorized(&state, &parts.headers) {
+        return refused;
     }
     let routing_key = match routing_key {
         Ok(Path(key)) => key,
@@ -365,6 +378,58 @@ async fn rpc(
         .and_then(|h| h.to_str().ok())
         .and_then(crate::trace::TraceContext::parse);
     relay(&state, &routing_key, body, held, timeout, parent.as_ref()).await
+}
+
+/// 401 for a request without the endpoint's token, when it has one.
+fn unauthorized(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let token = state.settings.token.as_ref()?;
+    if guard::bearer_matches(headers, token) {
+        return None;
+    }
+    let mut response = refuse(
+        StatusCode::UNAUTHORIZED,
+        "this endpoint needs `Authorization: Bearer <token>`",
+    );
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(response)
+}
+
+/// `GET /openrpc.json`: the methods relayed here, from the contracts of
+/// the services this host serves and those `[http] allow` names. A service
+/// that does not answer discovery is left out.
+async fn openrpc_document(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let client = match state.client.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "GET /openrpc.json: the bus is unreachable");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                RpcError::internal_error("the bus is unreachable"),
+            );
+        }
+    };
+    let allow = state.settings.allow.as_deref();
+    let services = openrpc::candidates(state.health.snapshot().into_keys(), allow);
+    let asked = services.into_iter().map(|service| {
+        let (client, contracts) = (client.clone(), state.contracts.clone());
+        async move {
+            let contract = contracts.get(&client, &service).await?;
+            Some((service, contract))
+        }
+    });
+    let found: Vec<_> = futures_util::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let doc = openrpc::combined(&found, |key| guard::is_allowed(allow, key));
+    (StatusCode::OK, Json(doc)).into_response()
 }
 
 /// Sends a checked request over the bus and answers with its reply. The
