@@ -6,12 +6,17 @@
 //! from its method list (names, which arguments are optional, no types),
 //! marked `x-derived`, so that discovery still answers and a roll still
 //! notices a removed method.
+//!
+//! [`validate`] checks a call's params against a contract.
+
+mod validate;
 
 use serde_json::{json, Map, Value};
 
 use crate::plugin::{MethodInfo, PluginLibrary};
 
 pub use commissaire_plugin_api::{DISCOVER_METHOD, OPENRPC_VERSION};
+pub use validate::ParamProblem;
 
 /// Why a document is not a contract this host can read.
 #[derive(Debug, thiserror::Error)]
@@ -24,10 +29,12 @@ pub enum ContractError {
     Shape(&'static str),
 }
 
-/// One service's contract.
+/// One service's contract. Clones share its compiled parameter checks;
+/// two contracts are equal when their documents are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Contract {
     doc: Value,
+    checks: validate::CompiledChecks,
 }
 
 /// One method of a contract, borrowed from its document.
@@ -96,7 +103,10 @@ impl Contract {
                 return Err(ContractError::Shape("a parameter without a `name`"));
             }
         }
-        Ok(Self { doc })
+        Ok(Self {
+            doc,
+            checks: validate::CompiledChecks::default(),
+        })
     }
 
     /// The contract of a plugin built before contracts: its methods and
@@ -143,6 +153,7 @@ impl Contract {
                 "methods": methods,
                 "x-derived": true,
             }),
+            checks: validate::CompiledChecks::default(),
         }
     }
 
