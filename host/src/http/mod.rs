@@ -8,7 +8,8 @@
 //! through, declare a JSON body, ask for a sane timeout, find a free
 //! in-flight slot and room for its body among those held
 //! (`[http] max_buffered_bytes`), and send its body, within size and time,
-//! in that order. The body is held until the request is on the bus, not
+//! in that order; with `[http] validate`, its params must fit its
+//! service's contract. The body is held until the request is on the bus, not
 //! while it waits for the reply.
 
 mod budget;
@@ -510,6 +511,11 @@ async fn relay(
             ),
         };
     };
+    if state.settings.validate {
+        if let Some(refused) = check_params(state, &client, routing_key, params, id).await {
+            return refused;
+        }
+    }
     // The body goes before the reply comes: the id is kept apart.
     let id = id.to_owned();
     let sent = {
@@ -528,6 +534,40 @@ async fn relay(
         Err(e) => Err(e),
     };
     answer(&id, reply)
+}
+
+/// `[http] validate`: the answer to a request whose params its service's
+/// contract refuses, as the service would give it (-32602 naming the
+/// parameter), or `None` to relay it. A service without a contract, and a
+/// method its contract lacks, go to the bus: the service is the judge of
+/// what it has (a method a roll just added may not be in the contract
+/// kept here yet).
+async fn check_params(
+    state: &AppState,
+    client: &crate::client::RpcClient,
+    routing_key: &str,
+    params: Option<&str>,
+    id: &RawValue,
+) -> Option<Response> {
+    let service = crate::protocol::service_of(routing_key);
+    let contract = state.contracts.get(client, service).await?;
+    // Read into values only here: relaying passes the text on as sent.
+    let params: Option<serde_json::Value> = match params.map(serde_json::from_str).transpose() {
+        Ok(params) => params,
+        Err(_) => return None,
+    };
+    let method = crate::protocol::method_of(routing_key);
+    let problem = match contract.check_params(method, params.as_ref()) {
+        Ok(()) | Err(crate::contract::ParamProblem::UnknownMethod { .. }) => return None,
+        Err(problem) => problem,
+    };
+    state.counts.refused(HttpRefusal::InvalidParams);
+    tracing::debug!(%routing_key, error = %problem, "HTTP request refused: its params do not fit the contract");
+    Some(error_response(
+        StatusCode::OK,
+        Some(id),
+        problem.to_rpc_error(),
+    ))
 }
 
 /// The caller's turn to publish `params`, when they are large: waiting

@@ -140,6 +140,11 @@ pub enum Command {
         /// request_timeout in the config file; 10 when neither gives one.
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
+        /// Ask the service for its contract first (as `describe` does) and
+        /// check the params against it: params that do not fit are said
+        /// (which parameter, and why) and exit 2 without being sent.
+        #[arg(long)]
+        check: bool,
     },
     /// Sends a notification: the handler runs, nothing comes back.
     #[command(after_help = ENVIRONMENT)]

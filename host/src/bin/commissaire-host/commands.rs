@@ -133,6 +133,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             params,
             bus,
             timeout,
+            check,
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
@@ -143,6 +144,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("--timeout")?;
             runtime()?.block_on(async {
                 let client = crate::bus_client::connect_client(&config, config.reply_queue).await?;
+                if check {
+                    let checked = crate::contracts::check_call(
+                        &client,
+                        &routing_key,
+                        params.as_deref(),
+                        timeout,
+                    )
+                    .await;
+                    if !matches!(checked, Ok(ExitCode::SUCCESS)) {
+                        client.bus().close().await;
+                        return checked;
+                    }
+                }
                 let parent = env_traceparent();
                 let reply = client
                     .request(&routing_key, params.as_deref(), timeout, parent.as_ref())

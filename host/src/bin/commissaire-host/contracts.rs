@@ -1,15 +1,18 @@
 //! The commands that ask a running service for its contract: `describe`,
-//! and `call --check` before it sends.
+//! and `call --check` before it sends (one discovery request: a call names
+//! one service).
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use commissaire_host::client::RpcClient;
 use commissaire_host::config::HostConfig;
-use commissaire_host::contract::Contract;
+use commissaire_host::contract::{Contract, ParamProblem};
 use commissaire_host::discovery::{self, DiscoveryError};
 use commissaire_host::{bus, describe, protocol};
+use serde_json::Value;
 
 /// What `describe TARGET` names: a service, and maybe one of its methods.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +78,56 @@ pub(crate) fn describe(
             .context("cannot write to stdout")?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `call --check`: asks the callee's service for its contract and checks
+/// `params` against it. `SUCCESS` to send the call; else the exit to end
+/// with, the reason said: 2 for params the contract refuses (the error the
+/// service would answer), an error when there is no contract to check
+/// against.
+pub(crate) async fn check_call(
+    client: &RpcClient,
+    routing_key: &str,
+    params: Option<&str>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let service = protocol::service_of(routing_key);
+    let contract = match discovery::discover(client, service, timeout).await {
+        Ok(contract) => contract,
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "--check: no contract from `{service}` to check against (send without --check \
+                     to call it unchecked)"
+                )
+            })
+        }
+    };
+    let params: Option<Value> = params
+        .map(serde_json::from_str)
+        .transpose()
+        .context("PARAMS_JSON")?;
+    match contract.check_params(protocol::method_of(routing_key), params.as_ref()) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(problem) => {
+            let error = problem.to_rpc_error();
+            eprintln!("error {}: {}", error.code, error.message);
+            let version = contract.version();
+            if let ParamProblem::UnknownMethod { method } = &problem {
+                eprintln!(
+                    "not sent: `{service}` (version {version}) has no method `{method}` (its \
+                     methods: {})",
+                    method_names(&contract)
+                );
+            } else {
+                eprintln!(
+                    "not sent: `{routing_key}` does not take these params (checked against \
+                     `{service}`'s contract, version {version})"
+                );
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
 }
 
 /// The exit of a discovery that brought no contract: a JSON-RPC error is
