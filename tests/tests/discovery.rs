@@ -338,3 +338,25 @@ fn http_validate_answers_minus_32602_naming_the_parameter() {
     );
     assert_never_reached_the_service(&host, "a request [http] validate refused");
 }
+
+#[test]
+fn plugins_openrpc_prints_offline_what_discovery_answers() {
+    let mut spec = HostSpec::amqp();
+    spec.plugins = vec!["simple", "fixture_older"];
+    let host = TestHost::start(spec);
+    let offline = Command::new(host_bin())
+        .args(["plugins", "--openrpc"])
+        .arg(host.plugins_dir())
+        .output()
+        .expect("run plugins --openrpc");
+    assert!(offline.status.success(), "{}", text(&offline.stderr));
+    let offline: Value = serde_json::from_slice(&offline.stdout).expect("JSON");
+    assert_simple_contract(&offline["simple"]);
+    assert_eq!(offline["older"]["x-derived"], true, "{offline}");
+    for service in ["simple", "older"] {
+        let out = command(&host, &["describe", service, "--json"]);
+        let online: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{service}: {e}: {}", text(&out.stderr)));
+        assert_eq!(online, offline[service], "{service}");
+    }
+}
