@@ -1,4 +1,4 @@
-//! What `commissaire-host plugins DIR` prints (`--json`, `--openrpc`).
+//! What `commissaire-host plugins DIR` prints.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -110,21 +110,6 @@ pub fn render_text(set: &PluginSet) -> String {
 /// The same as JSON, for scripts.
 pub fn render_json(set: &PluginSet) -> serde_json::Value {
     serde_json::to_value(Listing::of(set)).unwrap_or_default()
-}
-
-/// Each service's contract, by service name: what its discovery request
-/// answers once it is served (derived from the method list for a plugin
-/// built before contracts).
-pub fn render_openrpc(set: &PluginSet) -> serde_json::Value {
-    let contracts: serde_json::Map<String, serde_json::Value> = set
-        .plugins
-        .iter()
-        .map(|p| {
-            let contract = crate::contract::Contract::of(p);
-            (p.service_name.clone(), contract.document().clone())
-        })
-        .collect();
-    serde_json::Value::Object(contracts)
 }
 
 /// The first sentence of a doc comment, whole: doc comments wrap

@@ -192,11 +192,6 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// Print each service's contract instead, as a JSON object by
-        /// service name: the OpenRPC documents its discovery request will
-        /// answer once served (refused files go to stderr).
-        #[arg(long, conflicts_with = "json")]
-        openrpc: bool,
         /// Load plugins that someone other than root and the host's user
         /// could change: a file, or a directory on its real path up to /,
         /// owned by another user or writable by group or others (refused

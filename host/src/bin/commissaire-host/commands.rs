@@ -214,7 +214,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugins {
             dir,
             json,
-            openrpc,
             allow_insecure_plugins,
         } => {
             let trust = if allow_insecure_plugins {
@@ -223,14 +222,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Trust::OwnerOnly
             };
             let set = PluginSet::load_dir(&dir, trust)?;
-            let text = if openrpc {
-                for e in &set.refused {
-                    eprintln!("{}: refused: {}", e.path.display(), e.kind);
-                }
-                let mut t = serde_json::to_string_pretty(&listing::render_openrpc(&set))?;
-                t.push('\n');
-                t
-            } else if json {
+            let text = if json {
                 let mut t = serde_json::to_string_pretty(&listing::render_json(&set))?;
                 t.push('\n');
                 t
