@@ -7,8 +7,11 @@
 //! marked `x-derived`, so that discovery still answers and a roll still
 //! notices a removed method.
 //!
-//! [`validate`] checks a call's params against a contract.
+//! [`Contract::check_params`] checks a call's params against a contract;
+//! [`compat`] compares two versions of one.
 
+pub mod compat;
+mod inclusion;
 mod validate;
 
 use serde_json::{json, Map, Value};
@@ -16,6 +19,7 @@ use serde_json::{json, Map, Value};
 use crate::plugin::{MethodInfo, PluginLibrary};
 
 pub use commissaire_plugin_api::{DISCOVER_METHOD, OPENRPC_VERSION};
+pub use compat::{compare, Change, Difference};
 pub use validate::ParamProblem;
 
 /// Why a document is not a contract this host can read.

@@ -171,7 +171,7 @@ impl Contract {
             };
             if let Some(Some(validator)) = validators.get(index) {
                 if let Err(e) = validator.validate(value) {
-                    let shown = e.masked_with(shown(e.instance()));
+                    let shown = e.masked_with(shown_value(e.instance()));
                     let at = e.instance_path().to_string();
                     let reason = if at.is_empty() {
                         shown.to_string()
@@ -243,7 +243,7 @@ fn takes_anything(schema: &Value) -> bool {
 
 /// A refused value as a message shows it: whole when short, cut
 /// otherwise (a value may be a 16 MiB HTTP body).
-fn shown(value: &Value) -> String {
+pub(super) fn shown_value(value: &Value) -> String {
     const LONGEST: usize = 40;
     let text = value.to_string();
     if text.chars().count() <= LONGEST {

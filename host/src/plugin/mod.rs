@@ -171,6 +171,18 @@ impl PluginLibrary {
         })
     }
 
+    /// Loads the plugin at `path` if `trust` trusts the file and its path
+    /// (see [`trust`]).
+    pub fn load_trusted(path: &Path, trust: Trust) -> Result<Self, LoadError> {
+        if trust == Trust::OwnerOnly {
+            trust::check(path, Kind::File, Owners::of_this_process()).map_err(|e| LoadError {
+                path: path.to_owned(),
+                kind: e.into(),
+            })?;
+        }
+        Self::load(path)
+    }
+
     fn load_inner(path: &Path) -> Result<Self, LoadErrorKind> {
         let header = lib_header_from_path(path).map_err(|e| match e {
             LibraryError::OpenError { err, .. } => {
@@ -361,16 +373,7 @@ impl PluginSet {
         let mut set = PluginSet::default();
         let mut by_name: HashMap<String, PathBuf> = HashMap::new();
         for path in files {
-            if trust == Trust::OwnerOnly {
-                if let Err(e) = trust::check(&path, Kind::File, owners) {
-                    set.refused.push(LoadError {
-                        path,
-                        kind: e.into(),
-                    });
-                    continue;
-                }
-            }
-            match PluginLibrary::load(&path) {
+            match PluginLibrary::load_trusted(&path, trust) {
                 Ok(plugin) => {
                     if let Some(first) = by_name.get(&plugin.service_name) {
                         set.refused.push(LoadError {

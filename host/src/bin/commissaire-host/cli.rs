@@ -19,6 +19,13 @@ Environment:
 A setting comes from its flag, else its environment variable, else the config file; a bus
 URI or token set in one place but hidden by another is named in one warning at start.";
 
+/// `plugins`' exit statuses.
+const PLUGINS_EXIT: &str = "\
+Exit status:
+  plugins DIR             0: every file loaded; 1: a file was refused, or DIR cannot be used
+  plugins --diff OLD NEW  0: NEW is compatible with OLD; 1: NEW breaks callers of OLD;
+                          2: OLD or NEW cannot be loaded";
+
 /// Serves Commissaire bus services from plugin libraries.
 #[derive(Debug, Parser)]
 #[command(name = "commissaire-host", version, about, after_help = ENVIRONMENT)]
@@ -184,14 +191,28 @@ pub enum Command {
     /// drop (see docs/quarantine.md). The same bus options as `call`.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
-    /// Lists the plugins in a directory: service, versions, methods. Exits
-    /// non-zero if any file was refused.
+    /// Lists the plugins in a directory: service, versions, methods, and
+    /// "(no contract)" for a plugin built before contracts. `--openrpc`
+    /// prints each service's contract instead; `--diff OLD NEW` compares
+    /// two versions of a plugin as a SIGHUP roll does.
+    #[command(after_help = PLUGINS_EXIT)]
     Plugins {
         /// The plugin directory.
-        dir: PathBuf,
+        #[arg(required_unless_present = "diff", conflicts_with = "diff")]
+        dir: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Print a JSON object mapping each service to its OpenRPC
+        /// document (a plugin without its own gets one derived from its
+        /// method list, marked "x-derived": true).
+        #[arg(long, conflicts_with = "json")]
+        openrpc: bool,
+        /// Compare the contract of plugin file OLD with that of NEW: one
+        /// line per difference, BREAKING where callers of OLD may fail
+        /// against NEW, then the verdict.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], conflicts_with = "openrpc")]
+        diff: Option<Vec<PathBuf>>,
         /// Load plugins that someone other than root and the host's user
         /// could change: a file, or a directory on its real path up to /,
         /// owned by another user or writable by group or others (refused

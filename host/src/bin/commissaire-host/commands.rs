@@ -1,6 +1,7 @@
 //! What each subcommand does: `run` (the embedded bus in this process, or
 //! the supervisor of worker processes), `worker` (started by the
-//! supervisor), `call`, `notify`, `describe` and `plugins`.
+//! supervisor), `call`, `notify` and `describe` (contracts asked for:
+//! [`crate::contracts`]); `plugins` is [`crate::plugins`].
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use commissaire_host::client;
 use commissaire_host::config::Overrides;
 use commissaire_host::plugin::{PluginSet, Trust};
 use commissaire_host::supervise::{self, SupervisorOptions, WORKER_BUS_URI_ENV};
-use commissaire_host::{bus, control, listing, serve};
+use commissaire_host::{bus, control, serve};
 
 use crate::cli::{Cli, Command};
 use crate::signals::{ignore_sighup, shutdown_signal};
@@ -214,6 +215,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugins {
             dir,
             json,
+            openrpc,
+            diff,
             allow_insecure_plugins,
         } => {
             let trust = if allow_insecure_plugins {
@@ -221,22 +224,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Trust::OwnerOnly
             };
-            let set = PluginSet::load_dir(&dir, trust)?;
-            let text = if json {
-                let mut t = serde_json::to_string_pretty(&listing::render_json(&set))?;
-                t.push('\n');
-                t
-            } else {
-                listing::render_text(&set)
-            };
-            std::io::stdout()
-                .write_all(text.as_bytes())
-                .context("cannot write to stdout")?;
-            Ok(if set.refused.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            match (dir, diff.as_deref()) {
+                (_, Some([old, new])) => Ok(crate::plugins::diff(old, new, json, trust)),
+                (Some(dir), _) => crate::plugins::list(&dir, json, openrpc, trust),
+                // clap requires one or the other, and two files to --diff.
+                _ => bail!("give a plugin directory, or --diff OLD NEW"),
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod contracts;
 mod logging;
+mod plugins;
 mod quarantine;
 mod signals;
 
