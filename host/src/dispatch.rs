@@ -11,6 +11,7 @@ use commissaire_plugin_api::host::{HostBus, PendingCall, RequestMeta};
 use commissaire_plugin_api::RpcError;
 
 use crate::bus::Incoming;
+use crate::contract::{Contract, DISCOVER_METHOD};
 use crate::plugin::{PluginLibrary, ServiceInstance};
 use crate::protocol::{error_body, parse_request, result_body, Rejected, Request};
 
@@ -45,6 +46,9 @@ pub struct Service {
     instance: ServiceInstance,
     /// The methods whose handler is an `async fn`.
     async_methods: std::collections::HashSet<String>,
+    /// The answer to a discovery request: the service's contract, read
+    /// once (the plugin is never asked).
+    discovery: RString,
 }
 
 impl fmt::Debug for Service {
@@ -66,11 +70,13 @@ impl Service {
             .filter(|m| m.is_async)
             .map(|m| m.name.clone())
             .collect();
+        let discovery = RString::from(Contract::of(&library).to_json());
         Ok(Arc::new(Self {
             name: library.service_name.clone(),
             library,
             instance,
             async_methods,
+            discovery,
         }))
     }
 
@@ -82,6 +88,12 @@ impl Service {
     /// The plugin it comes from.
     pub fn library(&self) -> &PluginLibrary {
         &self.library
+    }
+
+    /// Whether `routing_key` names the discovery method, which the host
+    /// answers itself at once (see [`DISCOVER_METHOD`]).
+    pub fn is_discovery(routing_key: &str) -> bool {
+        crate::protocol::method_of(routing_key) == DISCOVER_METHOD
     }
 
     /// Whether the handler of `routing_key`'s method is an `async fn`
@@ -109,9 +121,13 @@ impl Service {
             Ok(request) => {
                 // Set by the request's life around its handler (see
                 // `crate::deadline`), else the header as sent.
-                let deadline = crate::deadline::current().or(delivery.deadline);
-                let meta = request_meta(delivery, &request, traceparent, deadline);
-                let result = self.instance.call(meta, bus, request.params);
+                let result = if request.method == DISCOVER_METHOD {
+                    Ok(self.discovery.clone())
+                } else {
+                    let deadline = crate::deadline::current().or(delivery.deadline);
+                    let meta = request_meta(delivery, &request, traceparent, deadline);
+                    self.instance.call(meta, bus, request.params)
+                };
                 self.judge(&request, result, started)
             }
             Err(rejected) => self.rejected(delivery, rejected),
@@ -137,6 +153,9 @@ impl Service {
         let started = Instant::now();
         let mut holder = None;
         let outcome = match parse_request(&delivery.body, &delivery.routing_key, &mut holder) {
+            Ok(request) if request.method == DISCOVER_METHOD => {
+                self.judge(&request, Ok(self.discovery.clone()), started)
+            }
             Ok(request) => {
                 let meta = request_meta(delivery, &request, traceparent, deadline);
                 let call = self

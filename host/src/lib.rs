@@ -13,6 +13,8 @@ pub mod config;
 pub mod contract;
 pub mod control;
 pub mod deadline;
+pub mod describe;
+pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod fd_limit;

@@ -116,6 +116,8 @@ pub(super) struct HttpSection {
     pub(super) max_buffered_bytes: Option<Spanned<i64>>,
     /// Seconds a request head may take.
     pub(super) header_timeout: Option<Spanned<f64>>,
+    /// Check params against the callee's contract before relaying.
+    pub(super) validate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

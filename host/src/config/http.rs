@@ -1,4 +1,5 @@
-//! `[http]`: the endpoint's token, allow-list, origins and limits.
+//! `[http]`: the endpoint's token, allow-list, origins, limits and
+//! whether it checks params.
 
 use std::time::Duration;
 
@@ -59,6 +60,10 @@ pub struct HttpSettings {
     pub max_buffered_bytes: usize,
     /// How long a client has to send a whole request head.
     pub header_timeout: Duration,
+    /// Check a request's params against its service's contract (asked
+    /// over the bus, kept a while) and answer -32602 without relaying
+    /// them when they do not fit.
+    pub validate: bool,
 }
 
 impl Default for HttpSettings {
@@ -71,6 +76,7 @@ impl Default for HttpSettings {
             max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             max_buffered_bytes: DEFAULT_HTTP_MAX_BUFFERED_BYTES,
             header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            validate: false,
         }
     }
 }
@@ -171,6 +177,7 @@ pub(super) fn http_settings(
             file,
             text,
         )?,
+        validate: section.validate.unwrap_or(false),
     })
 }
 

@@ -382,13 +382,14 @@ fn worker_settings_and_their_defaults() {
 fn http_settings_and_their_defaults() {
     let c = load_text(EXAMPLE, &Overrides::default(), None).unwrap();
     assert_eq!(c.http, HttpSettings::default());
+    assert!(!c.http.validate, "off unless asked for");
     assert_eq!(c.http.max_in_flight, 1024);
     assert_eq!(c.http.max_buffered_bytes, 256 << 20);
     assert_eq!(c.http.header_timeout, Duration::from_secs(10));
     let text = "[http]\ntoken = \"s3cret\"\nallow = [\"simple.*\", \"demo.ping\"]\n\
                 cors_origins = [\"https://Ops.example.com:8443\"]\n\
                 max_in_flight = 8\nmax_connections = 16\nmax_buffered_bytes = 33554432\n\
-                header_timeout = 2.5\n";
+                header_timeout = 2.5\nvalidate = true\n";
     let c = load_text(text, &Overrides::default(), None).unwrap();
     assert_eq!(c.http_listen, None);
     assert_eq!(
@@ -403,6 +404,7 @@ fn http_settings_and_their_defaults() {
     assert_eq!((c.http.max_in_flight, c.http.max_connections), (8, 16));
     assert_eq!(c.http.max_buffered_bytes, 32 << 20);
     assert_eq!(c.http.header_timeout, Duration::from_millis(2500));
+    assert!(c.http.validate);
     assert!(
         !format!("{c:?}").contains("s3cret"),
         "the token is never printed"

@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `POST /rpc/{routing_key}` relays a JSON-RPC request
-//! over the bus; `GET /healthz` says whether every service is consuming;
+//! over the bus; `GET /openrpc.json` describes what it relays (see
+//! [`openrpc`]); `GET /healthz` says whether every service is consuming;
 //! `GET /metrics` gives every service's counts in Prometheus text.
 //!
 //! Before a request is relayed it must carry the bearer token (when one is
@@ -7,12 +8,14 @@
 //! through, declare a JSON body, ask for a sane timeout, find a free
 //! in-flight slot and room for its body among those held
 //! (`[http] max_buffered_bytes`), and send its body, within size and time,
-//! in that order. The body is held until the request is on the bus, not
+//! in that order; with `[http] validate`, its params must fit its
+//! service's contract. The body is held until the request is on the bus, not
 //! while it waits for the reply.
 
 mod budget;
 mod connection;
 mod guard;
+mod openrpc;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -44,6 +47,7 @@ use budget::{BodyBudget, Held};
 
 use crate::client::{RequestError, SharedClient};
 use crate::config::HttpSettings;
+use crate::discovery::ContractCache;
 use crate::error::HostError;
 use crate::health::Health;
 use crate::metrics::http::{HttpCounts, HttpRefusal};
@@ -62,6 +66,17 @@ const FIRST_CHUNK_BYTES: usize = 64 * 1024;
 /// [`AppState::large_publish`]).
 const LARGE_BODY_BYTES: usize = 1024 * 1024;
 
+/// How long a service's contract is trusted before it is asked again: a
+/// roll's new methods show within this.
+pub const CONTRACT_TTL: Duration = Duration::from_secs(30);
+
+/// How long a discovery request may take: a service answers it from
+/// memory, so one slower than this is busy or gone.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Services whose contracts are kept at once.
+const MAX_CONTRACTS: usize = 256;
+
 #[derive(Clone)]
 struct AppState {
     client: Arc<SharedClient>,
@@ -77,6 +92,8 @@ struct AppState {
     large_publish: Arc<Semaphore>,
     counts: Arc<HttpCounts>,
     max_body: usize,
+    /// The contracts of the services relayed, as asked over the bus.
+    contracts: Arc<ContractCache>,
 }
 
 impl AppState {
@@ -97,6 +114,11 @@ impl AppState {
             large_publish: Arc::new(Semaphore::new(1)),
             counts: Arc::default(),
             max_body,
+            contracts: Arc::new(ContractCache::new(
+                CONTRACT_TTL,
+                DISCOVERY_TIMEOUT,
+                MAX_CONTRACTS,
+            )),
         }
     }
 }
@@ -121,6 +143,7 @@ fn routes(state: AppState) -> Router {
     }
     Router::new()
         .route("/rpc/{routing_key}", rpc_route)
+        .route("/openrpc.json", get(openrpc_document))
         .route("/healthz", get(healthz))
         .route("/metrics", get(scrape))
         .with_state(state)
@@ -263,17 +286,8 @@ async fn rpc(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    if let Some(token) = &state.settings.token {
-        if !guard::bearer_matches(&parts.headers, token) {
-            let mut response = refuse(
-                StatusCode::UNAUTHORIZED,
-                "this endpoint needs `Authorization: Bearer <token>`",
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    if let Some(refused) = unauthorized(&state, &parts.headers) {
+        return refused;
     }
     let routing_key = match routing_key {
         Ok(Path(key)) => key,
@@ -367,6 +381,58 @@ async fn rpc(
     relay(&state, &routing_key, body, held, timeout, parent.as_ref()).await
 }
 
+/// 401 for a request without the endpoint's token, when it has one.
+fn unauthorized(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let token = state.settings.token.as_ref()?;
+    if guard::bearer_matches(headers, token) {
+        return None;
+    }
+    let mut response = refuse(
+        StatusCode::UNAUTHORIZED,
+        "this endpoint needs `Authorization: Bearer <token>`",
+    );
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(response)
+}
+
+/// `GET /openrpc.json`: the methods relayed here, from the contracts of
+/// the services this host serves and those `[http] allow` names. A service
+/// that does not answer discovery is left out.
+async fn openrpc_document(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let client = match state.client.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "GET /openrpc.json: the bus is unreachable");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                RpcError::internal_error("the bus is unreachable"),
+            );
+        }
+    };
+    let allow = state.settings.allow.as_deref();
+    let services = openrpc::candidates(state.health.snapshot().into_keys(), allow);
+    let asked = services.into_iter().map(|service| {
+        let (client, contracts) = (client.clone(), state.contracts.clone());
+        async move {
+            let contract = contracts.get(&client, &service).await?;
+            Some((service, contract))
+        }
+    });
+    let found: Vec<_> = futures_util::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let doc = openrpc::combined(&found, |key| guard::is_allowed(allow, key));
+    (StatusCode::OK, Json(doc)).into_response()
+}
+
 /// Sends a checked request over the bus and answers with its reply. The
 /// body, and the bytes it `held` of the budget, are let go once the
 /// request is on the bus.
@@ -445,6 +511,11 @@ async fn relay(
             ),
         };
     };
+    if state.settings.validate {
+        if let Some(refused) = check_params(state, &client, routing_key, params, id).await {
+            return refused;
+        }
+    }
     // The body goes before the reply comes: the id is kept apart.
     let id = id.to_owned();
     let sent = {
@@ -463,6 +534,40 @@ async fn relay(
         Err(e) => Err(e),
     };
     answer(&id, reply)
+}
+
+/// `[http] validate`: the answer to a request whose params its service's
+/// contract refuses, as the service would give it (-32602 naming the
+/// parameter), or `None` to relay it. A service without a contract, and a
+/// method its contract lacks, go to the bus: the service is the judge of
+/// what it has (a method a roll just added may not be in the contract
+/// kept here yet).
+async fn check_params(
+    state: &AppState,
+    client: &crate::client::RpcClient,
+    routing_key: &str,
+    params: Option<&str>,
+    id: &RawValue,
+) -> Option<Response> {
+    let service = crate::protocol::service_of(routing_key);
+    let contract = state.contracts.get(client, service).await?;
+    // Read into values only here: relaying passes the text on as sent.
+    let params: Option<serde_json::Value> = match params.map(serde_json::from_str).transpose() {
+        Ok(params) => params,
+        Err(_) => return None,
+    };
+    let method = crate::protocol::method_of(routing_key);
+    let problem = match contract.check_params(method, params.as_ref()) {
+        Ok(()) | Err(crate::contract::ParamProblem::UnknownMethod { .. }) => return None,
+        Err(problem) => problem,
+    };
+    state.counts.refused(HttpRefusal::InvalidParams);
+    tracing::debug!(%routing_key, error = %problem, "HTTP request refused: its params do not fit the contract");
+    Some(error_response(
+        StatusCode::OK,
+        Some(id),
+        problem.to_rpc_error(),
+    ))
 }
 
 /// The caller's turn to publish `params`, when they are large: waiting

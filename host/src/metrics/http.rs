@@ -48,6 +48,9 @@ http_refusals! {
     BodyTooLarge = "body_too_large",
     /// A body that did not arrive in time, refused 408.
     BodyTimeout = "body_timeout",
+    /// A request whose params its service's contract refuses (`[http]
+    /// validate`), answered -32602 without relaying it.
+    InvalidParams = "invalid_params",
 }
 
 /// The HTTP endpoint's counters and gauges.

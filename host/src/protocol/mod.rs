@@ -25,9 +25,25 @@ pub fn method_of(routing_key: &str) -> &str {
     }
 }
 
+/// The service a routing key names: everything before its method
+/// (`simple.add` names `simple`; `simple` alone names itself).
+pub fn service_of(routing_key: &str) -> &str {
+    match routing_key.bytes().rposition(|b| b == b'.') {
+        Some(dot) => &routing_key[..dot],
+        None => routing_key,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::method_of;
+    use super::{method_of, service_of};
+
+    #[test]
+    fn the_service_is_what_comes_before_the_method() {
+        assert_eq!(service_of("simple.add"), "simple");
+        assert_eq!(service_of("a.b.c"), "a.b");
+        assert_eq!(service_of("simple"), "simple");
+    }
 
     #[test]
     fn the_method_is_the_last_segment() {

@@ -218,7 +218,8 @@ async fn run_handler(s: &Arc<Served>, inbound: &Arc<Inbound>) -> Option<Handled>
     if method.is_some_and(|m| m.is_async()) {
         return run_async_handler(s, inbound, method).await;
     }
-    let inline = s.placement.inline(method);
+    // The host answers discovery itself, from memory: nothing to hand over.
+    let inline = s.placement.inline(method) || Service::is_discovery(&inbound.incoming.routing_key);
     if inline {
         if let Some(m) = method {
             let _ = inbound

@@ -147,10 +147,11 @@ pub async fn open_session(
     for Prepared { service, settings } in services {
         let name = service.name();
         let shared_name: Arc<str> = Arc::from(name);
-        let metrics = process.metrics.service(
-            name,
-            service.library().methods.iter().map(|m| m.name.as_str()),
-        );
+        // Discovery is counted by name, as any method.
+        let methods = service.library().methods.iter().map(|m| m.name.as_str());
+        let metrics = process
+            .metrics
+            .service(name, methods.chain([crate::contract::DISCOVER_METHOD]));
         let handler_bus = HandlerBus::new(
             client.clone(),
             shared_name.clone(),

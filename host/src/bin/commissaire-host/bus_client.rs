@@ -1,5 +1,5 @@
 //! The bus client of the commands that call a running deployment (`call`,
-//! `notify`, `quarantine`).
+//! `notify`, `describe`, `quarantine`).
 
 use anyhow::bail;
 use commissaire_host::bus;

@@ -68,7 +68,8 @@ impl Cli {
             Command::Run { bus, .. }
             | Command::Worker { bus, .. }
             | Command::Call { bus, .. }
-            | Command::Notify { bus, .. } => bus.config.as_deref(),
+            | Command::Notify { bus, .. }
+            | Command::Describe { bus, .. } => bus.config.as_deref(),
             Command::Quarantine(q) => q.bus().config.as_deref(),
             Command::Plugins { .. } => None,
         }
@@ -146,6 +147,11 @@ pub enum Command {
         /// request_timeout in the config file; 10 when neither gives one.
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
+        /// Ask the service for its contract first (as `describe` does) and
+        /// check the params against it: params that do not fit are said
+        /// (which parameter, and why) and exit 2 without being sent.
+        #[arg(long)]
+        check: bool,
     },
     /// Sends a notification: the handler runs, nothing comes back.
     #[command(after_help = ENVIRONMENT)]
@@ -157,6 +163,28 @@ pub enum Command {
         params: Option<String>,
         #[command(flatten)]
         bus: BusArgs,
+    },
+    /// Asks a running service for its contract (the discovery request,
+    /// `SERVICE.rpc_discover`) and prints it: each method's parameters and
+    /// result with their types, whether it is async or a notification, its
+    /// doc and the errors it declares. A JSON-RPC error goes to stderr and
+    /// exits 2 (a service without discovery answers -32601); no reply or
+    /// no bus exits 1.
+    #[command(after_help = ENVIRONMENT)]
+    Describe {
+        /// The service (`simple`), or a routing key of it (`simple.add`:
+        /// only that method; `simple.*`: the whole service).
+        #[arg(value_name = "ROUTING_KEY|SERVICE")]
+        target: String,
+        /// Print the OpenRPC document as the service sent it (the whole
+        /// document, whatever method is named).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        bus: BusArgs,
+        /// Seconds to wait for the answer, as `call`'s.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
     },
     /// Requests kept because they were refused as poison, made their
     /// handler panic, or timed out: list, show, replay, turn into a test,
@@ -311,7 +339,7 @@ mod tests {
     fn help_names_every_environment_variable() {
         use clap::CommandFactory as _;
         let mut cli = Cli::command();
-        for sub in ["run", "call", "notify"] {
+        for sub in ["run", "call", "notify", "describe"] {
             let help = cli
                 .find_subcommand_mut(sub)
                 .map(|c| c.render_long_help().to_string())

@@ -1,6 +1,7 @@
 //! What each subcommand does: `run` (the embedded bus in this process, or
 //! the supervisor of worker processes), `worker` (started by the
-//! supervisor), `call` and `notify`; `plugins` is [`crate::plugins`].
+//! supervisor), `call`, `notify` and `describe` (contracts asked for:
+//! [`crate::contracts`]); `plugins` is [`crate::plugins`].
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -133,6 +134,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             params,
             bus,
             timeout,
+            check,
         } => {
             let config = load_config(&bus, Overrides::default())?;
             let params = checked_params(params)?;
@@ -143,6 +145,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("--timeout")?;
             runtime()?.block_on(async {
                 let client = crate::bus_client::connect_client(&config, config.reply_queue).await?;
+                if check {
+                    let checked = crate::contracts::check_call(
+                        &client,
+                        &routing_key,
+                        params.as_deref(),
+                        timeout,
+                    )
+                    .await;
+                    if !matches!(checked, Ok(ExitCode::SUCCESS)) {
+                        client.bus().close().await;
+                        return checked;
+                    }
+                }
                 let parent = env_traceparent();
                 let reply = client
                     .request(&routing_key, params.as_deref(), timeout, parent.as_ref())
@@ -182,6 +197,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sent?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Describe {
+            target,
+            json,
+            bus,
+            timeout,
+        } => {
+            let config = load_config(&bus, Overrides::default())?;
+            let timeout = timeout
+                .map(client::timeout_from_secs)
+                .transpose()
+                .context("--timeout")?;
+            crate::contracts::describe(&config, &target, json, timeout)
         }
         Command::Quarantine(command) => crate::quarantine::run(command),
         Command::Plugins {

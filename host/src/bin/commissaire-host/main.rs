@@ -4,6 +4,7 @@
 mod bus_client;
 mod cli;
 mod commands;
+mod contracts;
 mod logging;
 mod plugins;
 mod quarantine;
