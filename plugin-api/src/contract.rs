@@ -174,10 +174,13 @@ pub trait Described {
 
 impl<T: ?Sized + JsonSchema> Described for Probe<T> {
     fn describe_schema(&self, generator: &mut SchemaGenerator) -> Value {
-        // Transforms reach only the shared definitions; an inline schema
-        // (`i64`'s) gets its bounds here.
+        // The settings' transforms (draft 7's, the integer bounds) reach
+        // only the shared definitions by themselves: an inline schema
+        // (`i64`'s, a tuple's) gets them here.
         let mut schema = generator.subschema_for::<T>();
-        IntegerBounds.transform(&mut schema);
+        for transform in generator.transforms_mut() {
+            transform.transform(&mut schema);
+        }
         schema.to_value()
     }
 }

@@ -110,6 +110,8 @@ pub fn build_all() {
             "mistyped",
             "major2",
             "panic-abort",
+            "simple-compatible",
+            "simple-breaking",
         ] {
             let dir = fixtures.join(format!("plugin-{name}"));
             let _ = std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"));

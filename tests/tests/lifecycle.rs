@@ -4,7 +4,8 @@
 //! handler that outlives `shutdown_timeout` hands its request back;
 //! `SIGHUP` starts a new plugin's workers and stops a removed one's (one
 //! without a `[[service]]` entry: removing a configured one is refused);
-//! workers never see the HTTP token nor carry the bus URI on their
+//! a roll to a plugin whose contract breaks callers is refused while the
+//! old version serves on, and a compatible one rolls; workers never see the HTTP token nor carry the bus URI on their
 //! command line.
 
 use std::path::Path;
@@ -250,6 +251,103 @@ async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_ser
     assert_eq!(
         caller.next(Duration::from_secs(30)).await.body["result"],
         "pong"
+    );
+    caller.close().await;
+}
+
+/// Sends `simple.add` requests one after another until `done` says so,
+/// and counts the replies that are not `1 + 2 = 3`.
+async fn add_until(caller: &mut RawCaller, done: impl Fn() -> bool) -> (u32, u32) {
+    let (mut sent, mut wrong) = (0u32, 0u32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !done() && std::time::Instant::now() < deadline {
+        caller
+            .send("simple.add", &request("l", "add", json!([1, 2])), None)
+            .await;
+        sent += 1;
+        if caller.next(Duration::from_secs(30)).await.body["result"] != 3 {
+            wrong += 1;
+        }
+    }
+    (sent, wrong)
+}
+
+/// A SIGHUP roll compares each served service's new contract with the
+/// running one: a plugin that would break the service's callers (a
+/// required argument added, a method removed, a type changed) is not
+/// rolled, and the old version answers on without an error; a compatible
+/// one (a new method, a new optional argument) rolls.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_roll_that_breaks_callers_is_refused_and_a_compatible_one_goes_through() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    install("simple", dir.path(), "libsimple.so");
+    let mut spec = spec(&["simple"]);
+    spec.plugins_dir = Some(dir.path().to_owned());
+    let host = TestHost::start(spec);
+    let mut caller = RawCaller::connect(&host.spec.exchange).await;
+
+    install("fixture_simple_breaking", dir.path(), "libsimple.so");
+    host.signal("HUP");
+    let refused = || host.stderr().contains("upgrade refused");
+    let (sent, wrong) = add_until(&mut caller, refused).await;
+    assert!(
+        refused(),
+        "no refusal after {sent} requests: {}",
+        host.stderr()
+    );
+    assert_eq!(
+        wrong, 0,
+        "{wrong} of {sent} requests failed during the refused roll"
+    );
+    let log = host.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upgrade refused"))
+        .unwrap_or_default();
+    for difference in ["`add`", "`z`", "`wordy_add`", "`add_async`"] {
+        assert!(line.contains(difference), "{difference} not named: {line}");
+    }
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("upgrade refused"))
+            .count(),
+        1,
+        "one line: {log}"
+    );
+    assert_eq!(
+        host.metric("commissaire_upgrades_refused_total{service=\"simple\"}"),
+        1
+    );
+    assert!(
+        host.metric(
+            "commissaire_upgrade_breaking_changes{service=\"simple\",change=\"method_removed\"}"
+        ) >= 1
+    );
+    // The old version serves: it has no `version` method.
+    caller
+        .send("simple.version", &request("v", "version", json!([])), None)
+        .await;
+    let reply = caller.next(Duration::from_secs(30)).await;
+    assert_eq!(reply.body["error"]["code"], -32601, "{}", reply.body);
+
+    install("fixture_simple_compatible", dir.path(), "libsimple.so");
+    host.signal("HUP");
+    wait_for_host(&host, Duration::from_secs(90), "the roll", || {
+        host.stderr().contains("roll finished")
+    });
+    caller
+        .send("simple.version", &request("v", "version", json!([])), None)
+        .await;
+    let reply = caller.next(Duration::from_secs(30)).await;
+    assert_eq!(reply.body["result"], "compatible", "{}", reply.body);
+    caller
+        .send("simple.add", &request("a", "add", json!([1, 2])), None)
+        .await;
+    assert_eq!(caller.next(Duration::from_secs(30)).await.body["result"], 3);
+    assert_eq!(
+        host.stderr().matches("upgrade refused").count(),
+        1,
+        "the compatible roll was not refused"
     );
     caller.close().await;
 }

@@ -33,6 +33,8 @@ pub(super) struct HostSection {
     /// Seconds a timed-out handler may still run before its worker is
     /// recycled.
     pub(super) handler_grace: Option<Spanned<f64>>,
+    /// Let a SIGHUP roll swap in a plugin whose contract breaks callers.
+    pub(super) allow_breaking_upgrades: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

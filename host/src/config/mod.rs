@@ -108,6 +108,8 @@ pub struct Overrides {
     pub http_listen: Option<SocketAddr>,
     /// `--allow-insecure-plugins`.
     pub allow_insecure_plugins: bool,
+    /// `run --allow-breaking`.
+    pub allow_breaking_upgrades: bool,
 }
 
 /// The configuration in effect.
@@ -162,6 +164,10 @@ pub struct HostConfig {
     /// How long a timed-out handler may still run before its worker is
     /// recycled.
     pub handler_grace: Duration,
+    /// A SIGHUP roll may swap in a plugin whose contract breaks its
+    /// callers (`[host] allow_breaking_upgrades`, `run --allow-breaking`);
+    /// by default such a roll is refused for that service.
+    pub allow_breaking_upgrades: bool,
     /// On Redis, the bus URI's `visibility_timeout` (`None` on other
     /// buses), and where the URI was given, for errors.
     pub visibility_timeout: Option<(Duration, String)>,
@@ -469,6 +475,8 @@ impl HostConfig {
             services,
             shutdown_timeout,
             handler_grace,
+            allow_breaking_upgrades: overrides.allow_breaking_upgrades
+                || file.host.allow_breaking_upgrades.unwrap_or(false),
             visibility_timeout,
             bus_traits,
         })

@@ -44,6 +44,10 @@ pub struct ServiceView {
     pub init_timeouts: u64,
     /// Workers replaced for passing `max_worker_rss`.
     pub rss_recycles: u64,
+    /// SIGHUP rolls refused because the new plugin would break callers.
+    pub upgrades_refused: u64,
+    /// The last refused roll's breaking differences, by kind.
+    pub breaking_changes: Vec<(&'static str, u64)>,
     /// The worker processes running now.
     pub processes: Vec<WorkerView>,
 }
@@ -167,7 +171,7 @@ impl Collector for Views {
             "Worker processes by state.",
             &workers,
         )?;
-        let simple: [Simple; 6] = [
+        let simple: [Simple; 7] = [
             (
                 "commissaire_worker_restarts",
                 "Workers started again after one ended (died, recycled).",
@@ -189,6 +193,11 @@ impl Collector for Views {
                 |v| v.rss_recycles,
             ),
             (
+                "commissaire_upgrades_refused",
+                "SIGHUP rolls refused because the new plugin's contract would break callers.",
+                |v| v.upgrades_refused,
+            ),
+            (
                 "commissaire_bus_reconnects",
                 "Bus connections of workers lost and made again.",
                 |v| v.counts.reconnects,
@@ -202,6 +211,23 @@ impl Collector for Views {
         for (name, help, f) in &simple {
             counter(&mut enc, name, help, &per_service(views, f))?;
         }
+        let breaking: Vec<(Labels<'_>, u64)> = views
+            .iter()
+            .flat_map(|v| {
+                v.breaking_changes.iter().map(|(change, n)| {
+                    (
+                        vec![("service", v.counts.service.as_str()), ("change", *change)],
+                        *n,
+                    )
+                })
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "commissaire_upgrade_breaking_changes",
+            "The breaking differences, by kind, of the service's last refused upgrade (none once one goes through).",
+            &breaking,
+        )?;
         for &why in Dropped::ALL {
             counter(
                 &mut enc,

@@ -19,6 +19,9 @@ pub(super) struct ServiceState {
     pub(super) copies: Option<super::plugin_copies::Copies>,
     /// A worker loading [`Self::copies`] consumed.
     pub(super) proven: bool,
+    /// The contract of [`Self::copies`]: what a roll's new plugin is
+    /// compared with (see [`super::contracts`]).
+    pub(super) contract: Option<crate::contract::Contract>,
     pub(super) restarts: u32,
     /// Per worker index: deaths in a row of short-lived workers, and when
     /// to start the next one.
@@ -32,12 +35,13 @@ pub(super) struct SlotState {
 }
 
 impl Supervisor {
-    pub(super) fn add_service(&mut self, name: &str) {
+    pub(super) fn add_service(&mut self, name: &str, contract: Option<crate::contract::Contract>) {
         let workers = self.config.service(name).workers;
         let copies = self.copies.current().cloned();
         let state = self.services.entry(name.to_owned()).or_default();
         state.workers = workers;
         state.copies = copies;
+        state.contract = contract;
         for index in 0..workers {
             state.slots.insert(
                 index,

@@ -29,6 +29,10 @@ struct ServiceBook {
     crashes: u64,
     init_timeouts: u64,
     rss_recycles: u64,
+    upgrades_refused: u64,
+    /// The breaking differences of its last refused upgrade, by kind;
+    /// empty once an upgrade goes through.
+    breaking_changes: Vec<(&'static str, u64)>,
     workers: Vec<(&'static str, u64)>,
     processes: Vec<WorkerView>,
     /// When each live worker last reported (they do at least every 2 s).
@@ -186,6 +190,25 @@ impl MetricsBook {
         self.with(|services| services.entry(service.to_owned()).or_default().rss_recycles += 1);
     }
 
+    /// A roll of `service` was refused: its new plugin's breaking
+    /// differences, by kind.
+    pub(super) fn upgrade_refused(&self, service: &str, changes: Vec<(&'static str, u64)>) {
+        self.with(|services| {
+            let book = services.entry(service.to_owned()).or_default();
+            book.upgrades_refused += 1;
+            book.breaking_changes = changes;
+        });
+    }
+
+    /// A roll of `service` goes ahead: no refusal stands.
+    pub(super) fn upgrade_accepted(&self, service: &str) {
+        self.with(|services| {
+            if let Some(book) = services.get_mut(service) {
+                book.breaking_changes.clear();
+            }
+        });
+    }
+
     /// A worker of `service` is started again.
     pub(super) fn restarted(&self, service: &str) {
         self.with(|services| services.entry(service.to_owned()).or_default().restarts += 1);
@@ -227,6 +250,8 @@ impl Exporter for MetricsBook {
                         crashes: book.crashes,
                         init_timeouts: book.init_timeouts,
                         rss_recycles: book.rss_recycles,
+                        upgrades_refused: book.upgrades_refused,
+                        breaking_changes: book.breaking_changes.clone(),
                         processes: book.processes.clone(),
                     }
                 })

@@ -19,6 +19,7 @@
 //! - [`output`]: plugins' output, bounded and throttled.
 
 pub mod backoff;
+mod contracts;
 pub mod crashes;
 pub mod exits;
 pub mod metrics;
@@ -170,6 +171,14 @@ pub struct SupervisorOptions {
     pub fail_fast: bool,
 }
 
+/// What [`Supervisor::check_plugins`] found: the services of the new
+/// copies (checked against the config) and their contracts.
+struct Checked {
+    services: Vec<String>,
+    contracts: std::collections::BTreeMap<String, crate::contract::Contract>,
+    copies: Copies,
+}
+
 struct Supervisor {
     config: HostConfig,
     options: SupervisorOptions,
@@ -203,13 +212,30 @@ struct Supervisor {
     notifier: notify::Notifier,
     /// When workers' memory was last checked against `max_worker_rss`.
     memory_checked: Instant,
+    /// Crash checks waiting for the death of the worker that ran their
+    /// request (see [`Supervisor::defer_check`]).
+    pending_checks: Vec<PendingCheck>,
 }
+
+/// A worker's crash check of request `key`, answered once worker
+/// `blocker` is reaped, or at `until`.
+struct PendingCheck {
+    asker: u64,
+    key: u64,
+    blocker: u64,
+    until: Instant,
+}
+
+/// How long a crash check waits for the death of the worker that ran its
+/// request: the broker redelivers as soon as the dying worker's socket
+/// closes, a moment before the process can be reaped.
+const CHECK_WAIT: Duration = Duration::from_secs(1);
 
 impl Supervisor {
     /// Checks and copies the plugins for a roll, and lists the services
     /// of the copies, checked against the config. The copies are the
     /// caller's to [`PluginCopies::adopt`]; on an error, none are left.
-    async fn check_plugins(&mut self) -> Result<(Vec<String>, Copies), SupervisorError> {
+    async fn check_plugins(&mut self) -> Result<Checked, SupervisorError> {
         let taken = self.copies.take(&self.config.plugins_dir)?;
         for refused in &taken.refused {
             tracing::warn!(file = %refused.path.display(), reason = %refused.kind, "plugin skipped");
@@ -235,8 +261,22 @@ impl Supervisor {
                     .map_err(HostError::from)?;
                 Ok(services)
             });
+        let listed = match listed {
+            Ok(services) => contracts::list_contracts(
+                &self.options.exe,
+                &taken.copies,
+                self.config.plugin_trust,
+            )
+            .await
+            .map(|contracts| Checked {
+                services,
+                contracts,
+                copies: taken.copies.clone(),
+            }),
+            Err(e) => Err(e),
+        };
         match listed {
-            Ok(services) => Ok((services, taken.copies)),
+            Ok(checked) => Ok(checked),
             Err(e) => {
                 self.copies.discard(&taken.copies);
                 Err(e)
@@ -290,11 +330,57 @@ impl Supervisor {
                 // The worker that ran this request before may have died a
                 // moment ago: account for every death first.
                 self.reap();
-                let seen = self.crashes.check(key);
-                if let Some(w) = self.workers.get(&id) {
-                    w.send(verdict_line(key, seen));
+                if !self.defer_check(id, key) {
+                    self.answer_check(id, key);
                 }
             }
+        }
+    }
+
+    /// Tells worker `asker` what is known of request `key`, counting
+    /// this delivery.
+    fn answer_check(&mut self, asker: u64, key: u64) {
+        let seen = self.crashes.check(key);
+        if let Some(w) = self.workers.get(&asker) {
+            w.send(verdict_line(key, seen));
+        }
+    }
+
+    /// Whether the check of `key` must wait: another worker's slot file
+    /// still shows the request, so that worker is dying (its socket closed
+    /// and the broker redelivered) but not yet reaped, and its death is
+    /// not yet counted. Answered by [`Supervisor::settle_checks`].
+    fn defer_check(&mut self, asker: u64, key: u64) -> bool {
+        let blocker = self.workers.iter().find(|(id, w)| {
+            **id != asker
+                && crate::serve::inflight::slot_records(&w.slot_file)
+                    .is_ok_and(|s| s.running.contains(&key) || s.held.contains(&key))
+        });
+        let Some((blocker, _)) = blocker else {
+            return false;
+        };
+        self.pending_checks.push(PendingCheck {
+            asker,
+            key,
+            blocker: *blocker,
+            until: Instant::now() + CHECK_WAIT,
+        });
+        true
+    }
+
+    /// Answers the deferred checks whose blocking worker is reaped, or
+    /// whose wait is over (the same request running twice at once, say).
+    fn settle_checks(&mut self) {
+        if self.pending_checks.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, waiting) = std::mem::take(&mut self.pending_checks)
+            .into_iter()
+            .partition(|c| now >= c.until || !self.workers.contains_key(&c.blocker));
+        self.pending_checks = waiting;
+        for c in due {
+            self.answer_check(c.asker, c.key);
         }
     }
 
@@ -387,6 +473,7 @@ pub async fn supervise(
         hand_backs: tokio_util::task::TaskTracker::new(),
         notifier: notify::Notifier::from_env(),
         memory_checked: Instant::now(),
+        pending_checks: Vec::new(),
     };
     let result = run_loop(
         &mut s,
@@ -416,10 +503,11 @@ async fn run_loop(
         Some(addr) => Some(crate::http::bind(addr).await?),
         None => None,
     };
-    let (services, copies) = s.check_plugins().await?;
-    s.copies.adopt(copies);
-    for name in services {
-        s.add_service(&name);
+    let checked = s.check_plugins().await?;
+    s.copies.adopt(checked.copies);
+    for name in checked.services {
+        let contract = checked.contracts.get(&name).cloned();
+        s.add_service(&name, contract);
     }
     let http_stop = CancellationToken::new();
     let client = Arc::new(SharedClient::reconnecting(
@@ -510,6 +598,7 @@ async fn run_loop(
         s.check_inits();
         s.check_memory();
         s.reap();
+        s.settle_checks();
         s.sweep_copies();
         s.spawn_due();
         if !s.started && s.all_started() {

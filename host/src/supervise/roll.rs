@@ -11,12 +11,14 @@
 //! file was not a plugin, …) fails the roll of its service only: that
 //! service stays on its last good version, the roll goes on with the
 //! others, and one line at the end names the services not rolled. The
-//! next SIGHUP tries them again.
+//! next SIGHUP tries them again. A service whose new plugin would break
+//! its callers is not rolled at all (see [`super::contracts`]).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::plugin_copies::Copies;
-use super::Supervisor;
+use super::{Checked, Supervisor};
+use crate::contract::Contract;
 
 /// One worker slot being given a new worker during a SIGHUP roll.
 pub(super) struct Roll {
@@ -32,12 +34,15 @@ pub(super) struct Roll {
 pub(super) struct RollRun {
     /// What it brings.
     pub(super) copies: Copies,
+    /// The contracts of the services of [`Self::copies`].
+    pub(super) contracts: BTreeMap<String, Contract>,
     /// Slots still to roll, by service and index.
     pub(super) queue: VecDeque<(String, u16)>,
     /// The slot being rolled.
     pub(super) current: Option<Roll>,
-    /// Services whose new worker did not start: they keep their last good
-    /// version, and their other slots are not rolled.
+    /// Services whose new worker did not start, or whose new plugin
+    /// would break their callers: they keep their last good version, and
+    /// their other slots are not rolled.
     pub(super) failed: BTreeSet<String>,
     /// Slots rolled.
     pub(super) rolled: usize,
@@ -51,7 +56,7 @@ impl Supervisor {
             return;
         }
         self.abandon_roll();
-        let (services, copies) = match self.check_plugins().await {
+        let checked = match self.check_plugins().await {
             Ok(checked) => checked,
             Err(e) => {
                 let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
@@ -63,13 +68,21 @@ impl Supervisor {
                 return;
             }
         };
+        let Checked {
+            services,
+            contracts,
+            copies,
+        } = checked;
+        // Before anything moves: a service whose new plugin would break
+        // its callers stays as it is.
+        let refused = self.refuse_breaking(&contracts);
         // New plugins start on these copies; the services already served
         // move to them slot by slot, as their new workers prove them.
         self.copies.adopt(copies.clone());
         for name in &services {
             if !self.services.contains_key(name) {
                 tracing::info!(service = %name, "new plugin: starting its workers");
-                self.add_service(name);
+                self.add_service(name, contracts.get(name).cloned());
             }
         }
         let gone: Vec<String> = self
@@ -90,13 +103,15 @@ impl Supervisor {
         }
         let mut queue = VecDeque::new();
         for (name, state) in &mut self.services {
-            if state.copies.as_ref().map(|c| c.roll) == Some(copies.roll) {
+            if state.copies.as_ref().map(|c| c.roll) == Some(copies.roll) || refused.contains(name)
+            {
                 continue;
             }
             if !state.proven {
                 // No version of it ever served: there is nothing to keep,
                 // and its restarts load the new copies from now on.
                 state.copies = Some(copies.clone());
+                state.contract = contracts.get(name).cloned();
             }
             queue.extend(state.slots.keys().map(|index| (name.clone(), *index)));
         }
@@ -107,9 +122,10 @@ impl Supervisor {
         );
         self.roll = Some(RollRun {
             copies,
+            contracts,
             queue,
             current: None,
-            failed: BTreeSet::new(),
+            failed: refused,
             rolled: 0,
         });
     }
@@ -180,6 +196,7 @@ impl Supervisor {
                 if let Some(state) = self.services.get_mut(&current.service) {
                     state.copies = Some(run.copies.clone());
                     state.proven = true;
+                    state.contract = run.contracts.get(&current.service).cloned();
                 }
                 current.retired_old = true;
                 run.rolled += 1;

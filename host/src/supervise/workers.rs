@@ -110,6 +110,27 @@ impl Worker {
 /// Lists the services of a roll's plugin copies by running `plugins
 /// --json` on them (a plugin that crashes while loading takes down that
 /// child, not us); refusals are logged with the original file's name.
+/// `commissaire-host plugins FORMAT DIR`, run in a child: it loads every
+/// plugin, so it gets only what it needs of our environment (no bus URI,
+/// no secrets a plugin's code could read).
+pub(super) fn listing_command(
+    exe: &Path,
+    dir: &Path,
+    trust: crate::plugin::Trust,
+    format: &str,
+) -> Command {
+    let mut command = Command::new(exe);
+    command.arg("plugins").arg(format).arg(dir);
+    if trust == crate::plugin::Trust::AnyPermissions {
+        command.arg("--allow-insecure-plugins");
+    }
+    command
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
+        .stdin(Stdio::null());
+    command
+}
+
 pub(super) async fn list_services(
     exe: &Path,
     copies: &Copies,
@@ -120,17 +141,7 @@ pub(super) async fn list_services(
         dir: copies.original(dir).display().to_string(),
         reason,
     };
-    // The child loads every plugin: it gets only what it needs of our
-    // environment (no bus URI, no secrets a plugin's code could read).
-    let mut command = Command::new(exe);
-    command.arg("plugins").arg("--json").arg(dir);
-    if trust == crate::plugin::Trust::AnyPermissions {
-        command.arg("--allow-insecure-plugins");
-    }
-    let output = command
-        .env_clear()
-        .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
-        .stdin(Stdio::null())
+    let output = listing_command(exe, dir, trust, "--json")
         .output()
         .await
         .map_err(|e| fail(e.to_string()))?;

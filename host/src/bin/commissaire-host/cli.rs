@@ -110,6 +110,12 @@ pub enum Command {
         /// can run code in the host).
         #[arg(long)]
         allow_insecure_plugins: bool,
+        /// Let a SIGHUP roll swap in a plugin whose contract breaks its
+        /// callers (a method removed, a required parameter added, a type
+        /// changed); refused by default, the old version serving on. As
+        /// [host] allow_breaking_upgrades = true.
+        #[arg(long)]
+        allow_breaking: bool,
     },
     /// Internal: one worker process of `run`.
     #[command(hide = true)]

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http_listen,
             fail_fast,
             allow_insecure_plugins,
+            allow_breaking,
         } => {
             let config = load_config(
                 &bus,
@@ -33,6 +34,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     plugins_dir: plugins_dir.clone(),
                     http_listen,
                     allow_insecure_plugins,
+                    allow_breaking_upgrades: allow_breaking,
                     ..Overrides::default()
                 },
             )?;
