@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct Point {
     x: i32,
     label: Option<String>,
@@ -53,8 +53,38 @@ fn arg<T: DeserializeOwned + Serialize>(v: Option<&Value>, optional: bool) -> Op
         None if optional => Value::Null,
         None => return None,
     };
-    let typed: T = serde_json::from_value(v).ok()?;
+    let typed: T = match serde_json::from_value(v.clone()) {
+        Ok(typed) => typed,
+        // The binding takes an integral float as the integer the
+        // contract's JSON Schema counts it as.
+        Err(_) => serde_json::from_value(integers(v)).ok()?,
+    };
     serde_json::to_value(typed).ok()
+}
+
+/// `v` with every integral float in the 64-bit integers' range (-2^63 to
+/// below 2^64) an integer, as the binding's second reading has it.
+fn integers(v: Value) -> Value {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let two_63 = 9_223_372_036_854_775_808.0;
+            if f.fract() != 0.0 {
+                Value::Number(n)
+            } else if (-two_63..0.0).contains(&f) {
+                Value::from(f as i64)
+            } else if (0.0..2.0 * two_63).contains(&f) {
+                Value::from(f as u64)
+            } else {
+                Value::Number(n)
+            }
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(integers).collect()),
+        Value::Object(members) => {
+            Value::Object(members.into_iter().map(|(k, v)| (k, integers(v))).collect())
+        }
+        other => other,
+    }
 }
 
 /// What the handler should see for `params`, by a plain reading: `None`

@@ -17,7 +17,11 @@ fn refusal(lib_name: &str) -> String {
 fn our_plugins_load_with_their_methods() {
     let simple = load("simple");
     assert_eq!(simple.service_name, "simple");
-    assert_eq!(simple.api_version, "1.5.0");
+    assert_eq!(simple.api_version, "1.6.0");
+    assert!(
+        simple.contract.is_some(),
+        "a 1.6 plugin carries its contract"
+    );
     let add = simple
         .methods
         .iter()
@@ -88,6 +92,7 @@ fn an_older_plugin_loads_and_works_in_this_host() {
     let older = load("fixture_older");
     assert_eq!(older.api_version, "1.0.0");
     assert_eq!(older.description, None, "1.0 had no description entry");
+    assert_eq!(older.contract, None, "1.0 had no contract entry");
     let bus = RoutingBus::serving(&["fixture_older", "simple"]);
     assert_eq!(
         bus.call("older.ping", json!([]))["result"],
