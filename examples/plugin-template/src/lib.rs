@@ -1,6 +1,7 @@
 //! The `hello` service: a commissaire-host plugin to copy and rename.
 
 use commissaire_plugin_api::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Greets people. (The doc comment of the `#[service]` impl is the
@@ -27,7 +28,9 @@ impl Default for Config {
 }
 
 /// Someone to greet, as callers send it: `{"name": "Ada", "title": "Countess"}`.
-#[derive(Debug, Deserialize)]
+/// (`JsonSchema`: its schema is in the service's contract, which callers
+/// read with `commissaire-host describe hello`.)
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct Person {
     name: String,
     title: Option<String>,
@@ -47,7 +50,13 @@ impl Hello {
     /// Greets `person`.
     ///
     /// Bus method `greet`: `[{"name": "Ada"}]` or `{"person": {"name": "Ada"}}`.
+    /// An error the handler answers on purpose is declared for the
+    /// contract, above it.
+    #[rpc_error(-32010, "the name is empty")]
     fn on_greet(&self, person: Person) -> Result<String, RpcError> {
+        if person.name.trim().is_empty() {
+            return Err(RpcError::new(-32010, "the name is empty"));
+        }
         Ok(match person.title {
             Some(title) => format!("{}, {title} {}!", self.greeting, person.name),
             None => format!("{}, {}!", self.greeting, person.name),
@@ -100,6 +109,24 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn an_empty_name_is_the_declared_error() {
+        let svc = TestService::<Hello>::new();
+        let err = svc.call("greet", json!([{"name": " "}])).unwrap_err();
+        assert_eq!(err.code, -32010);
+    }
+
+    #[test]
+    fn the_contract_describes_greet() {
+        let contract = TestService::<Hello>::contract();
+        let greet = &contract["methods"][0];
+        assert_eq!(greet["name"], "greet");
+        assert_eq!(greet["params"][0]["name"], "person");
+        assert_eq!(greet["errors"][0]["code"], -32010);
+        let person = &contract["components"]["schemas"]["Person"];
+        assert_eq!(person["required"], json!(["name"]));
     }
 
     #[test]
