@@ -187,7 +187,8 @@ impl<T: ?Sized + JsonSchema> Described for Probe<T> {
 
 /// The branch for a type without one: its contract says "any value".
 pub trait Undescribed {
-    /// "Any value" (`true`).
+    /// "Any value", marked as the schema of a type without one (hosts
+    /// compare it as unknown, not as "any").
     #[deprecated(
         note = "this type does not implement `schemars::JsonSchema`, so the service's \
                 contract says it takes any value; add `#[derive(schemars::JsonSchema)]` to \
@@ -195,7 +196,7 @@ pub trait Undescribed {
     )]
     fn describe_schema(&self, generator: &mut SchemaGenerator) -> Value {
         let _ = generator;
-        Value::Bool(true)
+        serde_json::json!({ "x-undescribed": true })
     }
 }
 
@@ -244,7 +245,7 @@ mod tests {
         assert_eq!(int["maximum"], i64::MAX);
         #[allow(deprecated)]
         let any = (&Probe::<Opaque>::new()).describe_schema(builder.generator());
-        assert_eq!(any, Value::Bool(true));
+        assert_eq!(any, json!({ "x-undescribed": true }));
     }
 
     #[test]

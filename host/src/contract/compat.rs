@@ -163,7 +163,10 @@ pub fn compare(old: &Contract, new: &Contract) -> Vec<Difference> {
     let sides = Sides {
         old: old.document(),
         new: new.document(),
-        typed: !old.is_derived() && !new.is_derived(),
+        // A derived new side (a rollback to a plugin built before
+        // contracts) is compared as typed: its "any" results cannot be
+        // proven to stay within the old types.
+        typed: !old.is_derived(),
     };
     for before in old.methods() {
         match new.method(before.name()) {
@@ -458,6 +461,48 @@ mod tests {
 
     fn one(label: &'static str, breaking: bool, detail: &str) -> Vec<(&'static str, bool, String)> {
         vec![(label, breaking, detail.to_owned())]
+    }
+
+    #[test]
+    fn a_type_described_at_last_is_not_a_change_of_type() {
+        let undescribed = json!({"x-undescribed": true});
+        let old = with_add(add(|m| m["params"][1]["schema"] = undescribed.clone()));
+        let new = with_add(add(|_| {}));
+        assert!(
+            !is_breaking(&compare(&old, &new)),
+            "{:?}",
+            compare(&old, &new)
+        );
+    }
+
+    #[test]
+    fn a_rollback_to_a_plugin_without_a_contract_cannot_be_proven() {
+        let typed = with_add(add(|_| {}));
+        let info = |name: &str| ParamInfo {
+            name: name.into(),
+            ty: "i64".into(),
+            optional: false,
+        };
+        let methods = ["ping", "add"].map(|name| MethodInfo {
+            name: name.into(),
+            doc: String::new(),
+            params: if name == "add" {
+                vec![info("x"), info("y")]
+            } else {
+                vec![]
+            },
+            returns: "i64".into(),
+            is_async: false,
+        });
+        let derived = Contract::derived("simple", "0.0.9", None, &methods);
+        let back = compare(&typed, &derived);
+        assert!(
+            back.iter()
+                .any(|d| d.change == Change::ResultType && d.is_breaking()),
+            "{back:?}"
+        );
+        // The other way, the first typed version, rolls.
+        assert!(!is_breaking(&compare(&derived, &typed)));
     }
 
     #[test]

@@ -96,15 +96,27 @@ impl Contract {
         let Some(methods) = doc["methods"].as_array() else {
             return Err(ContractError::Shape("no `methods` array"));
         };
+        // Names are how every reader finds a method or a parameter: one
+        // named twice would be checked by one entry and compared by another.
+        let mut names = std::collections::HashSet::new();
         for m in methods {
-            if !m["name"].is_string() {
+            let Some(name) = m["name"].as_str() else {
                 return Err(ContractError::Shape("a method without a `name`"));
+            };
+            if !names.insert(name) {
+                return Err(ContractError::Shape("a method named twice"));
             }
             let Some(params) = m["params"].as_array() else {
                 return Err(ContractError::Shape("a method without a `params` array"));
             };
-            if params.iter().any(|p| !p["name"].is_string()) {
-                return Err(ContractError::Shape("a parameter without a `name`"));
+            let mut params_seen = std::collections::HashSet::new();
+            for p in params {
+                let Some(param) = p["name"].as_str() else {
+                    return Err(ContractError::Shape("a parameter without a `name`"));
+                };
+                if !params_seen.insert(param) {
+                    return Err(ContractError::Shape("a parameter named twice"));
+                }
             }
         }
         Ok(Self {
@@ -299,6 +311,28 @@ mod tests {
         let params: Vec<(&str, bool)> = add.params().map(|p| (p.name, p.required)).collect();
         assert_eq!(params, [("x", true), ("y", false)]);
         assert_eq!(add.result(), Some(&Value::Bool(true)));
+    }
+
+    #[test]
+    fn a_method_or_parameter_named_twice_is_refused() {
+        let m = r#"{"name":"a","params":[]}"#;
+        let twice = format!(
+            r#"{{"openrpc":"1.3.2","info":{{"title":"x","version":"1"}},"methods":[{m},{m}]}}"#
+        );
+        let e = Contract::parse(&twice).expect_err("a twice");
+        assert_eq!(
+            e.to_string(),
+            "not an OpenRPC document: a method named twice"
+        );
+        let p = r#"{"name":"a","params":[{"name":"x"},{"name":"x"}]}"#;
+        let twice = format!(
+            r#"{{"openrpc":"1.3.2","info":{{"title":"x","version":"1"}},"methods":[{p}]}}"#
+        );
+        let e = Contract::parse(&twice).expect_err("x twice");
+        assert_eq!(
+            e.to_string(),
+            "not an OpenRPC document: a parameter named twice"
+        );
     }
 
     #[test]

@@ -59,6 +59,11 @@ impl Supervisor {
     pub(super) fn refuse_breaking(&mut self, new: &BTreeMap<String, Contract>) -> BTreeSet<String> {
         let mut refused = BTreeSet::new();
         for (name, state) in &self.services {
+            // A version that never served has no callers to break: the
+            // fix of a plugin that crash-loops at start must roll.
+            if !state.proven {
+                continue;
+            }
             let (Some(running), Some(next)) = (&state.contract, new.get(name)) else {
                 continue;
             };

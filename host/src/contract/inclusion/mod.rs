@@ -175,9 +175,20 @@ struct Walk<'d> {
     /// The same for [`Walk::same`].
     equal_in_progress: HashSet<(usize, usize)>,
     depth: usize,
+    /// Comparisons made: past [`MOST_STEPS`], nothing more is proven (a
+    /// schema shared many times over is compared as often as it is met).
+    steps: usize,
     /// [`Walk::same`] sets annotations aside.
     loose: bool,
 }
+
+/// The comparisons one question may take. What the plugins write needs a
+/// few hundred; a document made to be slow (a schema shared at every
+/// level, huge enums) is "cannot prove" instead of a stalled roll.
+const MOST_STEPS: usize = 200_000;
+
+/// Values of an `enum` tried one by one, at most.
+const MOST_VALUES: usize = 1024;
 
 impl<'d> Walk<'d> {
     fn new(wide_doc: &'d Value, narrow_doc: &'d Value, loose: bool) -> Self {
@@ -187,8 +198,15 @@ impl<'d> Walk<'d> {
             in_progress: HashSet::new(),
             equal_in_progress: HashSet::new(),
             depth: 0,
+            steps: 0,
             loose,
         }
+    }
+
+    /// Counts one comparison; `false` once the budget is spent.
+    fn step(&mut self) -> bool {
+        self.steps += 1;
+        self.steps <= MOST_STEPS
     }
 
     fn includes(&mut self, wide: &Value, narrow: &Value, at: &str) -> Result<(), Gap> {
@@ -200,6 +218,9 @@ impl<'d> Walk<'d> {
         );
         if self.depth >= DEEPEST {
             return Err(unproven(at, "the schemas nest too deeply to follow"));
+        }
+        if !self.step() {
+            return Err(unproven(at, "the schemas are too large to compare"));
         }
         if !self.in_progress.insert(key) {
             return Ok(());
@@ -213,6 +234,13 @@ impl<'d> Walk<'d> {
 
     fn includes_resolved(&mut self, wide: &Value, narrow: &Value, at: &str) -> Result<(), Gap> {
         if takes_anything(wide) || narrow == &Value::Bool(false) || self.same(wide, narrow) {
+            return Ok(());
+        }
+        // A type the plugin could not describe (no `JsonSchema`) is said
+        // "any" without being any: when its author derives the schema the
+        // handler takes and returns what it did, so nothing is known to
+        // have changed (as between a derived contract and a typed one).
+        if undescribed(wide) || undescribed(narrow) {
             return Ok(());
         }
         let empty = Map::new();
@@ -250,6 +278,14 @@ impl<'d> Walk<'d> {
         }
         // Finitely many values: each is tried.
         if let Some(finite) = finite_values(narrow_obj) {
+            if finite.len() > MOST_VALUES {
+                return Err(unproven(at, "an `enum` too long to try"));
+            }
+            // The checker asserts no format, and the handler's reading of
+            // one (a date, a UUID) is its own: not provable by trying.
+            if let Some(format) = opaque_format(wide, self.wide_doc) {
+                return Err(unproven(at, &format!("a `{format}` format")));
+            }
             let accepted = checker(wide, self.wide_doc, at)?;
             return match finite.iter().find(|v| !accepted.is_valid(v)) {
                 Some(v) => Err(values(at, &shown_value(v))),
@@ -585,7 +621,7 @@ impl<'d> Walk<'d> {
             return false;
         };
         let key = (a as *const Value as usize, b as *const Value as usize);
-        if self.depth >= DEEPEST {
+        if self.depth >= DEEPEST || !self.step() {
             return false;
         }
         if !self.equal_in_progress.insert(key) {
@@ -612,6 +648,39 @@ impl<'d> Walk<'d> {
         self.equal_in_progress.remove(&key);
         equal
     }
+}
+
+/// Marked by plugin-api as the schema of a type without one.
+fn undescribed(schema: &Value) -> bool {
+    schema.get("x-undescribed") == Some(&Value::Bool(true))
+}
+
+/// A `format` in `schema` (or, when it has a `$ref`, anywhere in `doc`'s
+/// components) that says more than a number's range.
+fn opaque_format(schema: &Value, doc: &Value) -> Option<String> {
+    fn find(v: &Value, refs: &mut bool) -> Option<String> {
+        match v {
+            Value::Object(m) => {
+                *refs |= m.contains_key("$ref");
+                if let Some(Value::String(f)) = m.get("format") {
+                    if numeric_format(f).is_none() {
+                        return Some(f.clone());
+                    }
+                }
+                m.values().find_map(|v| find(v, refs))
+            }
+            Value::Array(a) => a.iter().find_map(|v| find(v, refs)),
+            _ => None,
+        }
+    }
+    let mut refs = false;
+    find(schema, &mut refs).or_else(|| {
+        if refs {
+            find(&doc["components"], &mut false)
+        } else {
+            None
+        }
+    })
 }
 
 pub(super) fn values(at: &str, what: &str) -> Gap {

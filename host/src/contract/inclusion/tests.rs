@@ -371,3 +371,36 @@ fn unread_constraints_must_stand_unchanged() {
         Err("strings of more than 8 characters".to_owned())
     );
 }
+
+#[test]
+fn an_enum_into_a_format_is_not_proven_by_trying_its_values() {
+    // `Day` becoming a `NaiveDate`: "Today" is no date, whatever the
+    // format-blind checker says.
+    let day = json!({"type": "string", "enum": ["Today", "Tomorrow"]});
+    let date = json!({"type": "string", "format": "date"});
+    let gap = takes(date, day).expect_err("not proven");
+    assert!(gap.contains("`date` format"), "{gap}");
+    // An integer format's range is read, not tried.
+    assert_eq!(takes(int("int64"), json!({"enum": [1, 2]})), Ok(()));
+}
+
+#[test]
+fn a_schema_shared_at_every_level_is_too_large_to_compare_not_a_stall() {
+    // S_i = {a: S_{i+1}, b: S_{i+1}}: 2^40 paths to the leaf.
+    let mut components = serde_json::Map::new();
+    for i in 0..40 {
+        let next = json!({ "$ref": format!("#/components/schemas/S{}", i + 1) });
+        components.insert(
+            format!("S{i}"),
+            json!({"type": "object", "properties": {"a": next, "b": next}}),
+        );
+    }
+    let mut old = components.clone();
+    old.insert("S40".into(), json!({"type": "integer"}));
+    let mut new = components;
+    new.insert("S40".into(), json!({"type": "number"}));
+    let (old, new) = (doc(Value::Object(old)), doc(Value::Object(new)));
+    let root = json!({ "$ref": "#/components/schemas/S0" });
+    let gap = accepts_all(&root, &new, &root, &old).expect_err("not proven");
+    assert!(gap.to_string().contains("too large to compare"), "{gap}");
+}
