@@ -27,7 +27,15 @@ pub enum DiscoveryError {
     /// Its answer is no contract.
     #[error("its answer is not a contract: {0}")]
     Unreadable(#[from] ContractError),
+    /// Its answer is larger than any contract a plugin writes.
+    #[error("its answer ({0} bytes) is larger than a contract may be ({MAX_CONTRACT_BYTES})")]
+    TooLarge(usize),
 }
+
+/// The largest discovery answer read. The plugins here write 2 to 9 KB;
+/// an answer comes from whoever consumes the routing key, and the HTTP
+/// endpoint compiles checks from it.
+pub const MAX_CONTRACT_BYTES: usize = 1 << 20;
 
 impl DiscoveryError {
     /// Whether the service answered that it has no discovery method.
@@ -58,10 +66,14 @@ pub async fn discover_text(
     service: &str,
     timeout: Option<Duration>,
 ) -> Result<Box<RawValue>, DiscoveryError> {
-    client
+    let text = client
         .request(&discovery_key(service), None, timeout, None)
         .await?
-        .map_err(DiscoveryError::Refused)
+        .map_err(DiscoveryError::Refused)?;
+    if text.get().len() > MAX_CONTRACT_BYTES {
+        return Err(DiscoveryError::TooLarge(text.get().len()));
+    }
+    Ok(text)
 }
 
 /// Contracts asked of the bus, each kept for a while: a burst of callers
@@ -142,6 +154,29 @@ impl ContractCache {
         found.contract.clone()
     }
 
+    /// As [`ContractCache::get`], but an answer older than `fresh` is
+    /// asked again first: before refusing a call by a contract that a
+    /// roll may have changed since. One request for a burst of callers
+    /// (the first replaces the answer, the others wait for the new one).
+    pub async fn get_fresh(
+        &self,
+        client: &RpcClient,
+        service: &str,
+        fresh: Duration,
+    ) -> Option<Arc<Contract>> {
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let stale = slots
+                .get(service)
+                .and_then(|slot| slot.found.get())
+                .is_some_and(|found| found.at.elapsed() >= fresh);
+            if stale {
+                slots.remove(service);
+            }
+        }
+        self.get(client, service).await
+    }
+
     /// The slot to read `service`'s answer from: the current one, or a new
     /// one in place of an answer past its time.
     fn slot(&self, service: &str) -> Arc<Slot> {
@@ -165,9 +200,15 @@ impl ContractCache {
         slot
     }
 
-    /// Forgets answers past their time, else the oldest one.
+    /// Forgets answers past their time and questions nobody waits for
+    /// any more (their asker gave up), else the oldest answer, else any
+    /// one: the cache never holds more than its capacity.
     fn make_room(&self, slots: &mut HashMap<Box<str>, Arc<Slot>>) {
-        slots.retain(|_, s| s.found.get().is_none_or(|f| f.at.elapsed() < self.ttl));
+        slots.retain(|_, s| match s.found.get() {
+            Some(f) => f.at.elapsed() < self.ttl,
+            // Only the map holds it: no caller awaits this answer.
+            None => Arc::strong_count(s) > 1,
+        });
         if slots.len() < self.capacity {
             return;
         }
@@ -175,8 +216,10 @@ impl ContractCache {
             .iter()
             .filter_map(|(name, s)| Some((s.found.get()?.at, name.clone())))
             .min()
-            .map(|(_, name)| name);
+            .map(|(_, name)| name)
+            .or_else(|| slots.keys().next().cloned());
         if let Some(name) = oldest {
+            // Its waiters keep their own handle on it and get their answer.
             slots.remove(&name);
         }
     }
@@ -203,6 +246,25 @@ mod tests {
         let mut names: Vec<&str> = slots.keys().map(|k| &**k).collect();
         names.sort_unstable();
         assert_eq!(names, ["b", "c"]);
+    }
+
+    #[test]
+    fn a_question_nobody_waits_for_makes_room_and_the_cache_never_overflows() {
+        let cache = ContractCache::new(Duration::from_secs(60), Duration::from_secs(1), 2);
+        // Asked, then the asker went away: only the map holds the slot.
+        drop(cache.slot("gone"));
+        let waited = cache.slot("waited");
+        let _ = cache.slot("new");
+        {
+            let slots = cache.slots.lock().expect("lock");
+            assert!(!slots.contains_key("gone"));
+            assert!(slots.contains_key("waited") && slots.contains_key("new"));
+        }
+        // Every slot awaited: one still goes.
+        let _held = cache.slot("new");
+        let _also = cache.slot("third");
+        assert!(cache.slots.lock().expect("lock").len() <= 2);
+        drop(waited);
     }
 
     #[test]

@@ -78,6 +78,24 @@ pub fn scrub(text: &str, uri: &str) -> String {
     out
 }
 
+/// `text` as it is safe to print to a terminal: control characters (but
+/// `\n` when `keep_newlines`), and the bidirectional overrides that
+/// reorder a terminal's text, escaped. Whatever came from outside (a
+/// request, a discovery answer) goes through it before a command prints
+/// it.
+pub fn escape(text: &str, keep_newlines: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c == '\n' && keep_newlines) || !(c.is_control() || bidi) {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,9 @@
 //! The check never refuses what the handler would take: `format` is not
 //! asserted (a handler's decoding, not the schema, says which strings it
 //! takes), and a schema that does not compile accepts anything (logged
-//! once). A handler may still refuse what the check let through (`1.0`
-//! for an `i64`, which JSON Schema calls an integer).
+//! once). A handler may still refuse what the check let through: what a
+//! handler decides after binding (an overflowing sum), and what a schema
+//! cannot say (a serde `alias`, a custom `Deserialize`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -189,47 +190,79 @@ impl Contract {
     }
 }
 
+/// The bytes of components compiled into one contract's checks, at most:
+/// each parameter whose schema has a `$ref` carries its own copy of them.
+/// The plugins here need a few KB; a document made to be costly (a
+/// discovery answer is anyone's) leaves its remaining parameters
+/// unchecked, which the service checks anyway.
+const COMPILE_BUDGET: usize = 32 << 20;
+
 /// Every parameter's validator, by method; `None` for a parameter that
-/// takes any value.
+/// takes any value, or that is not checked here.
 fn compile(contract: &Contract) -> HashMap<String, Vec<Option<Validator>>> {
     let components = contract.document().get("components");
-    contract
-        .methods()
-        .map(|method| {
-            let validators = method
-                .params()
-                .map(|param| {
-                    if takes_anything(param.schema) {
-                        return None;
-                    }
-                    // `$ref`s point into the document's components: the
-                    // parameter's schema is compiled as a document of its
-                    // own that carries them.
-                    let mut root = Map::new();
-                    root.insert("allOf".into(), json!([param.schema]));
-                    if let Some(components) = components {
-                        root.insert("components".into(), components.clone());
-                    }
-                    match jsonschema::options()
-                        .with_draft(Draft::Draft7)
-                        .should_validate_formats(false)
-                        .build(&Value::Object(root))
-                    {
-                        Ok(validator) => Some(validator),
-                        Err(e) => {
-                            tracing::warn!(
-                                service = contract.service(), method = method.name(),
-                                param = param.name, error = %e,
-                                "a parameter's schema does not compile; calls are not checked against it"
-                            );
-                            None
-                        }
-                    }
-                })
-                .collect();
-            (method.name().to_owned(), validators)
-        })
-        .collect()
+    let components_bytes = components.map_or(0, |c| c.to_string().len());
+    let mut spent = 0usize;
+    let mut over_budget = false;
+    let mut out = HashMap::new();
+    for method in contract.methods() {
+        let mut validators = Vec::new();
+        for param in method.params() {
+            if takes_anything(param.schema) {
+                validators.push(None);
+                continue;
+            }
+            // `$ref`s point into the document's components: such a
+            // parameter's schema is compiled as a document of its own
+            // that carries them.
+            let mut root = Map::new();
+            root.insert("allOf".into(), json!([param.schema]));
+            if has_ref(param.schema) {
+                spent = spent.saturating_add(components_bytes);
+                if spent > COMPILE_BUDGET {
+                    over_budget = true;
+                    validators.push(None);
+                    continue;
+                }
+                if let Some(components) = components {
+                    root.insert("components".into(), components.clone());
+                }
+            }
+            let built = jsonschema::options()
+                .with_draft(Draft::Draft7)
+                .should_validate_formats(false)
+                .build(&Value::Object(root));
+            validators.push(match built {
+                Ok(validator) => Some(validator),
+                Err(e) => {
+                    tracing::warn!(
+                        service = contract.service(), method = method.name(),
+                        param = param.name, error = %e,
+                        "a parameter's schema does not compile; calls are not checked against it"
+                    );
+                    None
+                }
+            });
+        }
+        out.insert(method.name().to_owned(), validators);
+    }
+    if over_budget {
+        tracing::warn!(
+            service = contract.service(),
+            components_bytes,
+            "the contract is too costly to check in full; some parameters are left to the service"
+        );
+    }
+    out
+}
+
+/// Whether `schema` has a `$ref` anywhere.
+fn has_ref(schema: &Value) -> bool {
+    match schema {
+        Value::Object(m) => m.contains_key("$ref") || m.values().any(has_ref),
+        Value::Array(a) => a.iter().any(has_ref),
+        _ => false,
+    }
 }
 
 /// `true` or `{}`: the schema of a type without one, or of any JSON value.

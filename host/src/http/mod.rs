@@ -536,6 +536,13 @@ async fn relay(
     answer(&id, reply)
 }
 
+/// Params larger than this are not checked under `[http] validate`.
+const MAX_CHECKED_PARAMS_BYTES: usize = 64 * 1024;
+
+/// A contract that refuses a call is asked again first when older than
+/// this (see [`ContractCache::get_fresh`]).
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
 /// `[http] validate`: the answer to a request whose params its service's
 /// contract refuses, as the service would give it (-32602 naming the
 /// parameter), or `None` to relay it. A service without a contract, and a
@@ -549,18 +556,35 @@ async fn check_params(
     params: Option<&str>,
     id: &RawValue,
 ) -> Option<Response> {
+    // A large body is relayed unchecked: reading it into values would
+    // cost many times its size outside the endpoint's byte budget, and
+    // the service checks it anyway.
+    if params.is_some_and(|p| p.len() > MAX_CHECKED_PARAMS_BYTES) {
+        return None;
+    }
     let service = crate::protocol::service_of(routing_key);
+    let method = crate::protocol::method_of(routing_key);
     let contract = state.contracts.get(client, service).await?;
+    contract.method(method)?;
     // Read into values only here: relaying passes the text on as sent.
     let params: Option<serde_json::Value> = match params.map(serde_json::from_str).transpose() {
         Ok(params) => params,
         Err(_) => return None,
     };
-    let method = crate::protocol::method_of(routing_key);
-    let problem = match contract.check_params(method, params.as_ref()) {
-        Ok(()) | Err(crate::contract::ParamProblem::UnknownMethod { .. }) => return None,
-        Err(problem) => problem,
+    let refused = |contract: &crate::contract::Contract| match contract
+        .check_params(method, params.as_ref())
+    {
+        Ok(()) | Err(crate::contract::ParamProblem::UnknownMethod { .. }) => None,
+        Err(problem) => Some(problem),
     };
+    refused(&contract)?;
+    // Refused by the contract kept here: unless it is quite new, ask the
+    // service again first, since a roll may have widened its params.
+    let contract = state
+        .contracts
+        .get_fresh(client, service, RECHECK_AFTER)
+        .await?;
+    let problem = refused(&contract)?;
     state.counts.refused(HttpRefusal::InvalidParams);
     tracing::debug!(%routing_key, error = %problem, "HTTP request refused: its params do not fit the contract");
     Some(error_response(

@@ -22,20 +22,7 @@ const SECRET_KEYS: [&str; 8] = [
 /// What a secret's value is shown as.
 pub const REDACTED: &str = "«redacted»";
 
-/// `text` with control characters (but `\n` when `keep_newlines`), and
-/// the bidirectional overrides that reorder a terminal's text, escaped.
-pub fn escape(text: &str, keep_newlines: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if (c == '\n' && keep_newlines) || !(c.is_control() || bidi) {
-            out.push(c);
-        } else {
-            let _ = write!(out, "{}", c.escape_default());
-        }
-    }
-    out
-}
+pub use crate::redact::escape;
 
 /// Bytes that may not be UTF-8, escaped: valid text as [`escape`], other
 /// bytes as `\xNN`.

@@ -75,7 +75,7 @@ impl Supervisor {
         } = checked;
         // Before anything moves: a service whose new plugin would break
         // its callers stays as it is.
-        let refused = self.refuse_breaking(&contracts);
+        let refused = self.refuse_breaking(&contracts).await;
         // New plugins start on these copies; the services already served
         // move to them slot by slot, as their new workers prove them.
         self.copies.adopt(copies.clone());

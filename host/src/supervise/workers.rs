@@ -127,8 +127,25 @@ pub(super) fn listing_command(
     command
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "COMMISSAIRE_LOG"))
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Its caller gives up after LISTING_TIMEOUT: the child goes too.
+        .kill_on_drop(true);
     command
+}
+
+/// How long listing the plugins (loading each one in a child) may take: a
+/// plugin whose loading hangs must not hold up the supervisor.
+pub(super) const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs a listing child to its end, or fails after [`LISTING_TIMEOUT`].
+pub(super) async fn listing_output(mut command: Command) -> Result<std::process::Output, String> {
+    match tokio::time::timeout(LISTING_TIMEOUT, command.output()).await {
+        Ok(output) => output.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "loading the plugins took more than {} s",
+            LISTING_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 pub(super) async fn list_services(
@@ -141,10 +158,9 @@ pub(super) async fn list_services(
         dir: copies.original(dir).display().to_string(),
         reason,
     };
-    let output = listing_command(exe, dir, trust, "--json")
-        .output()
+    let output = listing_output(listing_command(exe, dir, trust, "--json"))
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(fail)?;
     let listing: Listing = serde_json::from_slice(&output.stdout).map_err(|_| {
         let stderr = String::from_utf8_lossy(&output.stderr);
         fail(

@@ -11,6 +11,7 @@ use commissaire_host::client::RpcClient;
 use commissaire_host::config::HostConfig;
 use commissaire_host::contract::{Contract, ParamProblem};
 use commissaire_host::discovery::{self, DiscoveryError};
+use commissaire_host::redact::escape;
 use commissaire_host::{bus, describe, protocol};
 use serde_json::Value;
 
@@ -64,14 +65,16 @@ pub(crate) fn describe(
                 bail!(
                     "service `{}` has no method `{method}` (its methods: {})",
                     target.service,
-                    method_names(&contract)
+                    escape(&method_names(&contract), false)
                 );
             }
         }
+        // The JSON as sent (serde escapes control characters); the text
+        // escaped: it came from whoever answered on the bus.
         let out = if json {
             format!("{}\n", text.get())
         } else {
-            describe::render_text(&contract, target.method)
+            escape(&describe::render_text(&contract, target.method), true)
         };
         std::io::stdout()
             .write_all(out.as_bytes())
@@ -111,13 +114,13 @@ pub(crate) async fn check_call(
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(problem) => {
             let error = problem.to_rpc_error();
-            eprintln!("error {}: {}", error.code, error.message);
-            let version = contract.version();
+            eprintln!("error {}: {}", error.code, escape(&error.message, false));
+            let version = escape(contract.version(), false);
             if let ParamProblem::UnknownMethod { method } = &problem {
                 eprintln!(
                     "not sent: `{service}` (version {version}) has no method `{method}` (its \
                      methods: {})",
-                    method_names(&contract)
+                    escape(&method_names(&contract), false)
                 );
             } else {
                 eprintln!(
@@ -136,7 +139,11 @@ fn refused(service: &str, e: DiscoveryError) -> anyhow::Result<ExitCode> {
     match e {
         DiscoveryError::Refused(error) => {
             let data = error.data.map(|d| format!(" {d}")).unwrap_or_default();
-            eprintln!("error {}: {}{data}", error.code, error.message);
+            eprintln!(
+                "error {}: {}",
+                error.code,
+                escape(&format!("{}{data}", error.message), false)
+            );
             if error.code == commissaire_plugin_api::RpcError::METHOD_NOT_FOUND {
                 eprintln!(
                     "`{service}` has no discovery method: an original Python service, or one \

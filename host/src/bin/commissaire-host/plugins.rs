@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use commissaire_host::contract::{self, Contract};
 use commissaire_host::listing::{self, DiffListing};
 use commissaire_host::plugin::{PluginLibrary, PluginSet, Trust};
+use commissaire_host::redact::escape;
 
 /// `plugins DIR [--json | --openrpc]`: exits non-zero if a file was
 /// refused.
@@ -24,7 +25,7 @@ pub fn list(dir: &Path, json: bool, openrpc: bool, trust: Trust) -> anyhow::Resu
     } else if json {
         pretty(&listing::render_json(&set))?
     } else {
-        listing::render_text(&set)
+        escape(&listing::render_text(&set), true)
     };
     write_out(&text)?;
     Ok(if set.refused.is_empty() {
@@ -56,7 +57,7 @@ fn compared(old: &Path, new: &Path, json: bool, trust: Trust) -> anyhow::Result<
     let text = if json {
         pretty(&listing)?
     } else {
-        listing.render_text()
+        escape(&listing.render_text(), true)
     };
     write_out(&text)?;
     Ok(listing.is_breaking())
