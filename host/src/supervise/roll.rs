@@ -40,10 +40,12 @@ pub(super) struct RollRun {
     pub(super) queue: VecDeque<(String, u16)>,
     /// The slot being rolled.
     pub(super) current: Option<Roll>,
-    /// Services whose new worker did not start, or whose new plugin
-    /// would break their callers: they keep their last good version, and
-    /// their other slots are not rolled.
+    /// Services whose new worker did not start: they keep their last good
+    /// version, and their other slots are not rolled.
     pub(super) failed: BTreeSet<String>,
+    /// Services whose new plugin would break their callers: not rolled
+    /// at all (see [`super::contracts`]).
+    pub(super) refused: BTreeSet<String>,
     /// Slots rolled.
     pub(super) rolled: usize,
 }
@@ -125,7 +127,8 @@ impl Supervisor {
             contracts,
             queue,
             current: None,
-            failed: refused,
+            failed: BTreeSet::new(),
+            refused,
             rolled: 0,
         });
     }
@@ -249,10 +252,14 @@ impl Supervisor {
                 }
             }
         }
+        // Refused upgrades were said when the roll began, each with its
+        // differences; the next SIGHUP refuses them again.
+        let refused: Vec<&str> = run.refused.iter().map(String::as_str).collect();
         if run.failed.is_empty() {
             tracing::info!(
                 workers = run.rolled,
                 roll = run.copies.roll,
+                refused = %refused.join(", "),
                 "roll finished"
             );
         } else {
