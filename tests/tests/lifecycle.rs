@@ -255,18 +255,23 @@ async fn sighup_after_removing_a_configured_plugin_is_refused_and_it_goes_on_ser
     caller.close().await;
 }
 
-/// Sends `simple.add` requests one after another until `done` says so,
-/// and counts the replies that are not `1 + 2 = 3`.
+/// Sends `simple.add` requests, 16 at a time, until `done` says so, and
+/// counts the replies that are not `1 + 2 = 3`.
 async fn add_until(caller: &mut RawCaller, done: impl Fn() -> bool) -> (u32, u32) {
+    const AT_ONCE: u32 = 16;
     let (mut sent, mut wrong) = (0u32, 0u32);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while !done() && std::time::Instant::now() < deadline {
-        caller
-            .send("simple.add", &request("l", "add", json!([1, 2])), None)
-            .await;
-        sent += 1;
-        if caller.next(Duration::from_secs(30)).await.body["result"] != 3 {
-            wrong += 1;
+        for _ in 0..AT_ONCE {
+            caller
+                .send("simple.add", &request("l", "add", json!([1, 2])), None)
+                .await;
+        }
+        sent += AT_ONCE;
+        for _ in 0..AT_ONCE {
+            if caller.next(Duration::from_secs(30)).await.body["result"] != 3 {
+                wrong += 1;
+            }
         }
     }
     (sent, wrong)
