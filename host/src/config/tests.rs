@@ -518,3 +518,23 @@ fn line_and_column() {
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
     assert_eq!(line_col("ab", 0), (1, 1));
 }
+
+#[test]
+fn breaking_upgrades_are_refused_unless_the_file_or_the_flag_allows_them() {
+    let none = Overrides::default();
+    assert!(!load_text("", &none, None).unwrap().allow_breaking_upgrades);
+    let file = "[host]\nallow_breaking_upgrades = true\n";
+    assert!(
+        load_text(file, &none, None)
+            .unwrap()
+            .allow_breaking_upgrades
+    );
+    let flag = Overrides {
+        allow_breaking_upgrades: true,
+        ..Overrides::default()
+    };
+    assert!(load_text("", &flag, None).unwrap().allow_breaking_upgrades);
+    let typo = "[host]\nallow_breaking_upgrade = true\n";
+    let e = load_text(typo, &none, None).unwrap_err();
+    assert!(e.contains("allow_breaking_upgrade"), "{e}");
+}
