@@ -453,17 +453,61 @@ fn ten_thousand_abandoned_requests_leave_no_pending_entry() {
     assert_no_panic(&host);
 }
 
-/// `commissaire_http_connections`, scraped on a connection the endpoint
-/// closes once it has answered (read to its end here).
-fn connections_closing(addr: SocketAddr) -> Option<u64> {
-    let mut stream = TcpStream::connect(addr).ok()?;
+/// The value of `series`, scraped on `stream`, which stays open: one
+/// request, its answer read to its length (or its last chunk).
+fn metric_kept(stream: &mut TcpStream, series: &str) -> Option<u64> {
+    use std::io::BufRead as _;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut reader = std::io::BufReader::new(&mut *stream);
+    let (mut length, mut chunked) = (None, false);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+        chunked |= line.starts_with("transfer-encoding:") && line.contains("chunked");
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).ok()?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).ok()?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        body.resize(length?, 0);
+        reader.read_exact(&mut body).ok()?;
+    }
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// The value of `series`, scraped on `stream` (open, no request sent on it
+/// yet), which the endpoint then closes.
+fn metric_on(stream: &mut TcpStream, series: &str) -> Option<u64> {
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("commissaire_http_connections "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
 }
@@ -497,16 +541,17 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
         )
     };
 
-    // Four connections that never send a byte, opened when the endpoint
-    // holds no other (the scrape's own connection aside). The scrape asks
-    // the endpoint to close it: one closed by its client only lingers
-    // until the endpoint reads its end, and a lingering idle connection
-    // is what the fourth waiting one would evict.
+    // Four connections waiting, opened when the endpoint holds no other.
+    // The first is the scrape's own, kept open (idle since its last
+    // answer, the longest): a scrape on a connection of its own would
+    // linger after its client closed it, until the endpoint read its end,
+    // and be what the next admission evicts.
+    let mut scraper = TcpStream::connect(addr).expect("connect");
     wait_until(Duration::from_secs(10), "no other connection", || {
-        connections_closing(addr) == Some(1)
+        metric_kept(&mut scraper, "commissaire_http_connections") == Some(1)
     });
-    let mut waiting: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(addr).expect("connect"))
+    let mut waiting: Vec<TcpStream> = std::iter::once(scraper)
+        .chain((0..3).map(|_| TcpStream::connect(addr).expect("connect")))
         .collect();
     let r = rpc(addr).expect("a request past four waiting connections");
     assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
@@ -524,18 +569,23 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
             "a younger waiting connection was closed: {read:?}"
         );
     }
-    // One eviction counted, that one: none later either. Counted once
-    // they are gone, so that the scrape's own connection, beside a request
-    // connection the endpoint may not have seen closed yet, makes no room.
+    // One eviction counted, that one. Read on the youngest waiting
+    // connection itself: a scrape on a new one would be admitted at
+    // max_connections, and make room by evicting another.
+    let youngest = &mut waiting[3];
+    youngest.set_nonblocking(false).expect("blocking again");
+    assert_eq!(
+        metric_on(
+            youngest,
+            r#"commissaire_http_refused_total{reason="evicted"}"#
+        ),
+        Some(1)
+    );
     drop(waiting);
     wait_until(
         Duration::from_secs(10),
         "the waiting connections gone",
         || host.metric("commissaire_http_connections") == 1,
-    );
-    assert_eq!(
-        host.metric(r#"commissaire_http_refused_total{reason="evicted"}"#),
-        1
     );
 
     // Four connections serving requests (waiting for a reply nobody
