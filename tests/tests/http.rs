@@ -498,20 +498,6 @@ fn metric_kept(stream: &mut TcpStream, series: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// The value of `series`, scraped on `stream` (open, no request sent on it
-/// yet), which the endpoint then closes.
-fn metric_on(stream: &mut TcpStream, series: &str) -> Option<u64> {
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-}
-
 /// Whether the endpoint closed (or reset) `stream`, waiting at most
 /// `patience` for it.
 fn closed_by_the_endpoint(stream: &mut TcpStream, patience: Duration) -> bool {
@@ -529,7 +515,7 @@ fn closed_by_the_endpoint(stream: &mut TcpStream, patience: Duration) -> bool {
 #[test]
 fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
     let mut spec = HostSpec::amqp();
-    spec.http_toml = "max_connections = 4\n".to_owned();
+    spec.http_toml = "max_connections = 5\n".to_owned();
     let host = TestHost::start(spec);
     let addr = host.http;
     let add = json!({"id": 1, "params": [1, 2]}).to_string();
@@ -541,18 +527,21 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
         )
     };
 
-    // Four connections waiting, opened when the endpoint holds no other.
-    // The first is the scrape's own, kept open (idle since its last
-    // answer, the longest): a scrape on a connection of its own would
-    // linger after its client closed it, until the endpoint read its end,
-    // and be what the next admission evicts.
+    // Four connections that never send a byte, beside the scrape's own,
+    // kept open: a scrape on a connection of its own would linger after
+    // its client closed it, until the endpoint read its end, and be what
+    // the next admission evicts. Its last answer comes once the four are
+    // admitted: idle since then, it is younger than all four.
     let mut scraper = TcpStream::connect(addr).expect("connect");
     wait_until(Duration::from_secs(10), "no other connection", || {
         metric_kept(&mut scraper, "commissaire_http_connections") == Some(1)
     });
-    let mut waiting: Vec<TcpStream> = std::iter::once(scraper)
-        .chain((0..3).map(|_| TcpStream::connect(addr).expect("connect")))
+    let mut waiting: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
+    wait_until(Duration::from_secs(10), "the four admitted", || {
+        metric_kept(&mut scraper, "commissaire_http_connections") == Some(5)
+    });
     let r = rpc(addr).expect("a request past four waiting connections");
     assert_eq!((r.status, &r.body["result"]), (200, &json!(3)), "{r:?}");
     assert!(
@@ -569,46 +558,45 @@ fn at_max_connections_the_longest_wait_makes_room_unless_all_are_served() {
             "a younger waiting connection was closed: {read:?}"
         );
     }
-    // One eviction counted, that one. Read on the youngest waiting
-    // connection itself: a scrape on a new one would be admitted at
-    // max_connections, and make room by evicting another.
-    let youngest = &mut waiting[3];
-    youngest.set_nonblocking(false).expect("blocking again");
+    // One eviction counted, that one. Read on the scrape's connection:
+    // a scrape on a new one would be admitted at max_connections, and
+    // make room by evicting another.
     assert_eq!(
-        metric_on(
-            youngest,
+        metric_kept(
+            &mut scraper,
             r#"commissaire_http_refused_total{reason="evicted"}"#
         ),
         Some(1)
     );
     drop(waiting);
+    drop(scraper);
     wait_until(
         Duration::from_secs(10),
         "the waiting connections gone",
         || host.metric("commissaire_http_connections") == 1,
     );
 
-    // Four connections serving requests (waiting for a reply nobody
-    // sends): never evicted, so a fifth is closed at once.
+    // Five connections serving requests (waiting for a reply nobody
+    // sends): never evicted, so a sixth is closed at once.
     let key = format!("{}.x", unique("nobody"));
     let parked = Parked::new(&host.spec.exchange, &key);
     let request = format!(
         "POST /rpc/{key}?timeout=60 HTTP/1.1\r\nHost: x\r\n{JSON}\r\nContent-Length: 8\r\n\r\n{{\"id\":1}}"
     );
-    let serving: Vec<TcpStream> = (0..4)
+    let serving: Vec<TcpStream> = (0..5)
         .map(|_| {
             let mut s = TcpStream::connect(addr).expect("connect");
             s.write_all(request.as_bytes()).expect("send");
             s
         })
         .collect();
-    wait_until(Duration::from_secs(10), "four requests relayed", || {
-        parked.messages() == 4
+    wait_until(Duration::from_secs(10), "five requests relayed", || {
+        parked.messages() == 5
     });
     let mut extra = TcpStream::connect(addr).expect("the kernel still accepts");
     assert!(
         closed_by_the_endpoint(&mut extra, Duration::from_secs(5)),
-        "a fifth connection was kept"
+        "a sixth connection was kept"
     );
     drop(serving);
     wait_until(Duration::from_secs(10), "a place free again", || {
