@@ -284,27 +284,26 @@ mod tests {
     use super::*;
     use crate::plugin::ParamInfo;
 
-    #[test]
-    fn a_plugin_without_a_contract_gets_one_from_its_method_list() {
-        let methods = [MethodInfo {
+    /// The method list of a plugin built before contracts:
+    /// `add(x: i64, y: Option<i64>) -> i64`.
+    pub(super) fn old_add() -> [MethodInfo; 1] {
+        let param = |name: &str, ty: &str, optional| ParamInfo {
+            name: name.into(),
+            ty: ty.into(),
+            optional,
+        };
+        [MethodInfo {
             name: "add".into(),
             doc: "Adds.".into(),
-            params: vec![
-                ParamInfo {
-                    name: "x".into(),
-                    ty: "i64".into(),
-                    optional: false,
-                },
-                ParamInfo {
-                    name: "y".into(),
-                    ty: "Option<i64>".into(),
-                    optional: true,
-                },
-            ],
+            params: vec![param("x", "i64", false), param("y", "Option<i64>", true)],
             returns: "i64".into(),
             is_async: false,
-        }];
-        let contract = Contract::derived("old", "0.1.0", None, &methods);
+        }]
+    }
+
+    #[test]
+    fn a_plugin_without_a_contract_gets_one_from_its_method_list() {
+        let contract = Contract::derived("old", "0.1.0", None, &old_add());
         assert!(contract.is_derived());
         let reread = Contract::parse(&contract.to_json()).expect("a document");
         let add = reread.method("add").expect("add");

@@ -289,7 +289,6 @@ pub(super) fn shown_value(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::{MethodInfo, ParamInfo};
 
     /// A document as `#[service]` writes it: `add(x: i64, y: Option<i64>)`,
     /// `place(at: Point)` with a shared `Point`, `mood(m: Mood)`.
@@ -477,25 +476,7 @@ mod tests {
 
     #[test]
     fn a_derived_contract_checks_names_count_and_required_only() {
-        let methods = [MethodInfo {
-            name: "add".into(),
-            doc: String::new(),
-            params: vec![
-                ParamInfo {
-                    name: "x".into(),
-                    ty: "i64".into(),
-                    optional: false,
-                },
-                ParamInfo {
-                    name: "y".into(),
-                    ty: "Option<i64>".into(),
-                    optional: true,
-                },
-            ],
-            returns: "i64".into(),
-            is_async: false,
-        }];
-        let c = Contract::derived("old", "0.1.0", None, &methods);
+        let c = Contract::derived("old", "0.1.0", None, &crate::contract::tests::old_add());
         assert_eq!(
             c.check_params("add", Some(&json!(["any", {"thing": 1}]))),
             Ok(())
